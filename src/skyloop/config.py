@@ -1,0 +1,65 @@
+"""Settings: one value object passed to every command; nothing else reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ExecutionSettings", "Settings"]
+
+
+class ExecutionSettings(BaseModel):
+    """How steps are executed on this machine."""
+
+    backend: str = "local"
+    """Default backend: `local` (warm worker processes) or `inline` (in-process, for debugging)."""
+    max_cpus: float | None = None
+    """CPUs the local backend may hand out; default: the machine's logical CPUs."""
+    max_memory: int | None = None
+    """Bytes of memory the local backend may hand out; default: the machine's total memory."""
+    max_gpus: int | None = None
+    """GPUs the local backend may hand out; default: 0 (none detected without CUDA)."""
+    max_workers: int | None = None
+    """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
+    lease_seconds: float = 30.0
+    """A run's lease: another process may adopt the run when no heartbeat came for this long."""
+    heartbeat_seconds: float = 5.0
+    """How often a live orchestrator renews its lease."""
+
+
+class Settings(BaseSettings):
+    """Everything skyloop needs to know about where it stores state and how it runs."""
+
+    model_config = SettingsConfigDict(env_prefix="SKYLOOP_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".skyloop")
+    """Folder for the SQLite DB, the artifact store and step logs."""
+    db_url: str | None = None
+    """SQLAlchemy URL of the metadata DB; default: SQLite at `<home>/skyloop.db`."""
+    artifacts_url: str | None = None
+    """fsspec URL of the artifact store; default: `<home>/artifacts`."""
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
+    """Execution backends and resource limits."""
+
+    @property
+    def resolved_db_url(self) -> str:
+        """The DB URL in use."""
+        return self.db_url or f"sqlite:///{self.home / 'skyloop.db'}"
+
+    @property
+    def resolved_artifacts_url(self) -> str:
+        """The artifact store URL in use."""
+        return self.artifacts_url or str(self.home / "artifacts")
+
+    @property
+    def logs_dir(self) -> Path:
+        """Folder holding one log file per step attempt."""
+        return self.home / "logs"
+
+    @classmethod
+    def for_home(cls, home: Path | str, **overrides: object) -> Settings:
+        """Settings rooted at `home`, ignoring the environment (for tests and embedding)."""
+        return cls.model_construct(home=Path(home), db_url=None, artifacts_url=None,
+                                   execution=ExecutionSettings(), **overrides)

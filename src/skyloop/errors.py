@@ -1,0 +1,85 @@
+"""The one error tree of skyloop.
+
+Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map them::
+
+    SkyloopError
+    ├── SpecError          invalid pipeline/deployment spec or parameters (names the field and the fix)
+    │   └── CycleError     a DAG with a cycle (names the cycle)
+    ├── NotFound           a run, step, artifact or model that does not exist
+    ├── Conflict           the action clashes with current state (e.g. a run owned by a live process)
+    ├── StoreError         the metadata DB or artifact store failed (a foreign error translated)
+    │   └── IntegrityError an artifact whose bytes no longer match its digest
+    ├── BackendError       an execution backend could not start or lost its workers
+    ├── StepFailed         a step failed after its retries (carries the step and the reason)
+    ├── ModelLoadError     a model could not be loaded
+    └── AuthError          authentication or authorisation failed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "Conflict",
+    "CycleError",
+    "IntegrityError",
+    "ModelLoadError",
+    "AuthError",
+    "NotFound",
+    "SkyloopError",
+    "SpecError",
+    "StepFailed",
+    "StoreError",
+]
+
+
+class SkyloopError(Exception):
+    """Root of every error skyloop raises on purpose."""
+
+
+class SpecError(SkyloopError):
+    """A spec, a parameter or a pipeline definition is invalid."""
+
+
+class CycleError(SpecError):
+    """The pipeline graph has a cycle."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        self.cycle = cycle
+        super().__init__("pipeline has a cycle: " + " -> ".join([*cycle, cycle[0]]))
+
+
+class NotFound(SkyloopError):
+    """The named object does not exist."""
+
+
+class Conflict(SkyloopError):
+    """The request clashes with the current state."""
+
+
+class StoreError(SkyloopError):
+    """The metadata DB or the artifact store failed."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match their recorded digest."""
+
+
+class BackendError(SkyloopError):
+    """An execution backend failed."""
+
+
+class StepFailed(SkyloopError):
+    """A step failed for good (after its retries)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        self.step = step
+        self.reason = reason
+        super().__init__(f"step {step!r} failed: {reason}")
+
+
+class ModelLoadError(SkyloopError):
+    """A model could not be loaded."""
+
+
+class AuthError(SkyloopError):
+    """Authentication or authorisation failed."""

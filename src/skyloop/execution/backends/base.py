@@ -1,0 +1,39 @@
+"""The contract between the orchestrator and an execution backend.
+
+A backend launches single step attempts with their resources and reports how each ended. It knows
+nothing of DAGs, caching or the metadata DB: the orchestrator decides what to launch and when.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from skyloop.execution.tasks import TaskLaunch, TaskResult
+from skyloop.spec.resources import Resources
+
+__all__ = ["Backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Launches step attempts and reports their ends."""
+
+    name: str
+
+    def start(self) -> None:
+        """Get ready to take launches (start workers, connect to a cluster)."""
+
+    def capacity(self) -> Resources:
+        """Total resources this backend may hand out at once."""
+
+    def submit(self, launch: TaskLaunch) -> None:
+        """Start the attempt; its end is reported by a later `wait`."""
+
+    def wait(self, timeout: float) -> list[TaskResult]:
+        """Results of attempts that ended, blocking up to `timeout` seconds for at least one."""
+
+    def cancel(self, key: str) -> None:
+        """Stop a running attempt; its end (CANCELLED) is reported by `wait`."""
+
+    def shutdown(self) -> None:
+        """Stop every worker this backend started."""

@@ -1,0 +1,102 @@
+"""What a backend is given (`TaskLaunch`) and what it gives back (`TaskResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from skyloop.spec.pipeline import StepRef
+from skyloop.spec.resources import Resources
+from skyloop.store.artifacts import ArtifactRef
+
+__all__ = ["Element", "Gathered", "InputValue", "Literal_", "TaskLaunch", "TaskResult", "TaskState"]
+
+
+class TaskState(StrEnum):
+    """States of one step attempt. The terminal ones say why it ended."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    CACHED = "CACHED"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    CRASHED = "CRASHED"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    CANCELLED = "CANCELLED"
+    UPSTREAM_FAILED = "UPSTREAM_FAILED"
+
+    @property
+    def done(self) -> bool:
+        """Whether the attempt has ended."""
+        return self not in (TaskState.PENDING, TaskState.RUNNING)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the step's outputs are available (or the step was rightly skipped)."""
+        return self in (TaskState.SUCCEEDED, TaskState.CACHED, TaskState.SKIPPED)
+
+
+@dataclass(frozen=True)
+class Literal_:
+    """A parameter or constant passed by value."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """The outputs of a mapped task, passed on as one list."""
+
+    refs: tuple[ArtifactRef, ...]
+
+
+@dataclass(frozen=True)
+class Element:
+    """Item `index` of a list-valued input (the fan-out of `.map`)."""
+
+    source: ArtifactRef | Literal_
+    index: int
+
+
+InputValue = ArtifactRef | Gathered | Element | Literal_
+
+
+@dataclass
+class TaskLaunch:
+    """One step attempt for a backend to run."""
+
+    key: str
+    """Unique id of the attempt (the step run id)."""
+    task_name: str
+    step: StepRef
+    inputs: dict[str, InputValue]
+    output_names: list[str]
+    multi_output: bool
+    resources: Resources
+    timeout: float | None
+    log_path: str
+    artifacts_url: str
+    fn_payload: bytes | None = None
+    """The function pickled by value, when it cannot be imported by reference (a notebook, `__main__`)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the step (e.g. `CUDA_VISIBLE_DEVICES`)."""
+
+
+@dataclass
+class TaskResult:
+    """How an attempt ended."""
+
+    key: str
+    state: TaskState
+    outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+    error: str | None = None
+    """One line saying what went wrong."""
+    traceback: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    worker: str | None = None
+    max_rss: int | None = None
+    """Peak resident memory of the attempt in bytes, where the backend measures it."""

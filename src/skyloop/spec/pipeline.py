@@ -1,0 +1,205 @@
+"""The `PipelineSpec`: the compiled, declarative form of a pipeline (round-trips through YAML)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from skyloop.spec.resources import Resources
+
+__all__ = [
+    "CacheSpec",
+    "Condition",
+    "ConstInput",
+    "InputBinding",
+    "OutputDecl",
+    "ParamInput",
+    "ParamSpec",
+    "PipelineSpec",
+    "RetrySpec",
+    "StepRef",
+    "TaskInput",
+    "TaskSpec",
+]
+
+_NAME = r"^[A-Za-z_][A-Za-z0-9_\-\.]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepRef(_Model):
+    """Where a step's function lives: an importable module, or a file path, plus its qualified name."""
+
+    module: str
+    """Dotted module name (`examples.train`) or a path to a `.py` file."""
+    qualname: str
+    """The function's qualified name inside the module."""
+
+    @property
+    def path(self) -> str:
+        """`module:qualname`, the form users write."""
+        return f"{self.module}:{self.qualname}"
+
+    @classmethod
+    def parse(cls, text: str) -> StepRef:
+        """`pkg.mod:func` or `path/file.py:func`."""
+        module, sep, qualname = text.rpartition(":")
+        if not sep or not module or not qualname:
+            raise ValueError(f"step reference {text!r} must look like 'package.module:function'")
+        return cls(module=module, qualname=qualname)
+
+
+class RetrySpec(_Model):
+    """How often, and after how long, a failed step is tried again."""
+
+    retries: int = Field(default=0, ge=0)
+    delay: float = Field(default=0.0, ge=0)
+    """Seconds before the first retry."""
+    backoff: float = Field(default=1.0, ge=1.0)
+    """Factor applied to the delay after each retry."""
+
+
+class CacheSpec(_Model):
+    """Content-addressed caching of a step's outputs."""
+
+    enabled: bool = True
+    version: str = ""
+    """Bump to invalidate cached results without touching the code."""
+
+
+class OutputDecl(_Model):
+    """One named output of a step."""
+
+    name: str = Field(pattern=_NAME)
+    type: str = "Any"
+    """Readable type, e.g. `float`, `pandas.DataFrame`, `list[int]`."""
+
+
+class TaskInput(_Model):
+    """An input bound to another task's output."""
+
+    kind: Literal["task"] = "task"
+    task: str
+    output: str = "output"
+
+
+class ParamInput(_Model):
+    """An input bound to a pipeline parameter."""
+
+    kind: Literal["param"] = "param"
+    param: str
+
+
+class ConstInput(_Model):
+    """An input bound to a constant written in the pipeline body (JSON-able)."""
+
+    kind: Literal["const"] = "const"
+    value: Any
+
+
+InputBinding = Annotated[TaskInput | ParamInput | ConstInput, Field(discriminator="kind")]
+
+Operator = Literal["truthy", "falsy", "==", "!=", "<", "<=", ">", ">="]
+
+
+class Condition(_Model):
+    """A task runs only when all its conditions hold; otherwise it is SKIPPED."""
+
+    source: InputBinding
+    op: Operator = "truthy"
+    value: Any = None
+
+    def describe(self) -> str:
+        """`evaluate.accuracy >= 0.9`."""
+        src = self.source
+        left = (f"{src.task}.{src.output}" if isinstance(src, TaskInput)
+                else f"params.{src.param}" if isinstance(src, ParamInput) else repr(src.value))
+        if self.op == "truthy":
+            return left
+        if self.op == "falsy":
+            return f"not {left}"
+        return f"{left} {self.op} {self.value!r}"
+
+
+class TaskSpec(_Model):
+    """One node of the DAG: a step invocation with its input bindings."""
+
+    name: str = Field(pattern=_NAME)
+    """Unique inside the pipeline."""
+    step: StepRef
+    inputs: dict[str, InputBinding] = Field(default_factory=dict)
+    input_types: dict[str, str] = Field(default_factory=dict)
+    """Declared type of each input parameter of the step function."""
+    outputs: list[OutputDecl] = Field(default_factory=lambda: [OutputDecl(name="output")])
+    multi_output: bool = False
+    """Whether the function returns a NamedTuple whose fields are the outputs."""
+    map_over: list[str] = Field(default_factory=list)
+    """Inputs whose list value is fanned out element-wise (zip); outputs are then gathered into lists."""
+    when: list[Condition] = Field(default_factory=list)
+    after: list[str] = Field(default_factory=list)
+    """Extra ordering edges to tasks whose outputs are not consumed."""
+    resources: Resources = Field(default_factory=Resources)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds; a step still running then is killed and marked TIMED_OUT."""
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    priority: int = 0
+
+    @model_validator(mode="after")
+    def _check_map(self) -> TaskSpec:
+        for name in self.map_over:
+            if name not in self.inputs:
+                raise ValueError(f"map_over names {name!r}, which is not an input of task {self.name!r}; "
+                                 f"inputs are {sorted(self.inputs)}")
+        return self
+
+    def upstream(self) -> set[str]:
+        """Names of the tasks this one waits for."""
+        deps = {b.task for b in self.inputs.values() if isinstance(b, TaskInput)}
+        deps.update(c.source.task for c in self.when if isinstance(c.source, TaskInput))
+        deps.update(self.after)
+        return deps
+
+
+class ParamSpec(_Model):
+    """A pipeline parameter."""
+
+    name: str = Field(pattern=_NAME)
+    type: str = "Any"
+    default: Any = None
+    required: bool = False
+
+
+class PipelineSpec(_Model):
+    """A compiled pipeline: parameters, tasks and outputs."""
+
+    api_version: Literal["skyloop/v1"] = "skyloop/v1"
+    kind: Literal["Pipeline"] = "Pipeline"
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    source: StepRef | None = None
+    """The `@pipeline` function this spec was compiled from, if any."""
+    params: list[ParamSpec] = Field(default_factory=list)
+    tasks: list[TaskSpec]
+    outputs: dict[str, TaskInput] = Field(default_factory=dict)
+    """Named pipeline outputs, each bound to a task output."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        seen: set[str] = set()
+        for task in tasks:
+            if task.name in seen:
+                raise ValueError(f"task name {task.name!r} is used twice; task names must be unique")
+            seen.add(task.name)
+        return tasks
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called `name`."""
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)

@@ -1,0 +1,109 @@
+"""Content-addressed artifact blobs on any fsspec filesystem (a local folder by default)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from skyloop.errors import IntegrityError, NotFound, StoreError
+from skyloop.store.serializers import deserialize, serialize, type_name
+
+__all__ = ["ArtifactRef", "ArtifactStore"]
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A stored value: its sha256, how it was serialized, its type and size."""
+
+    digest: str
+    serializer: str
+    type_name: str
+    size: int
+
+
+class ArtifactStore:
+    """Blobs named by the sha256 of their bytes: `<root>/<ab>/<abcdef...>`.
+
+    Writes go to a temporary name and are renamed into place, so a reader never sees half a blob
+    and a crash leaves at most a stray temporary file. Equal bytes are stored once.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(f"cannot open artifact store {url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self._local = self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol or ())
+        self._made: set[str] = set()
+
+    def _path(self, digest: str) -> str:
+        return f"{self.root}/{digest[:2]}/{digest}"
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store `data` (once) and return its sha256."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(digest)
+        try:
+            if self.fs.exists(path):
+                return digest
+            folder = path.rsplit("/", 1)[0]
+            if folder not in self._made:
+                self.fs.makedirs(folder, exist_ok=True)
+                self._made.add(folder)
+            tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
+            if self._local:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write artifact {digest[:12]} to {self.url}: {exc}") from exc
+        return digest
+
+    def get_bytes(self, digest: str, verify: bool = False) -> bytes:
+        """The bytes stored under `digest`."""
+        path = self._path(digest)
+        try:
+            if self._local:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            else:
+                data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise NotFound(f"artifact {digest} is not in the store {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read artifact {digest[:12]} from {self.url}: {exc}") from exc
+        if verify and hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"artifact {digest} is corrupt: its bytes no longer match its sha256")
+        return bytes(data)
+
+    def put(self, value: object) -> ArtifactRef:
+        """Serialize and store `value`."""
+        serializer, data = serialize(value)
+        return ArtifactRef(self.put_bytes(data), serializer, type_name(value), len(data))
+
+    def get(self, ref: ArtifactRef, verify: bool = False) -> Any:
+        """Load the value behind `ref`."""
+        return deserialize(ref.serializer, self.get_bytes(ref.digest, verify=verify))
+
+    def exists(self, digest: str) -> bool:
+        """Whether the blob is present."""
+        return bool(self.fs.exists(self._path(digest)))
+
+    def delete(self, digest: str) -> None:
+        """Remove the blob (missing is fine)."""
+        try:
+            self.fs.rm_file(self._path(digest))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot delete artifact {digest[:12]}: {exc}") from exc

@@ -1,0 +1,162 @@
+"""Type-aware serializers: each artifact records which one wrote it."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SERIALIZERS", "Serializer", "deserialize", "serialize", "type_name"]
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def type_name(value: object) -> str:
+    """`numpy.ndarray`, `int`, `pandas.core.frame.DataFrame` -> readable type of a value."""
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_plain(value: object, depth: int = 0) -> bool:
+    # Exact types only: a tuple or an int subclass would not come back as itself from JSON.
+    if depth > 64:
+        return False
+    if type(value) in _PLAIN:
+        return not (type(value) is float and value != value)  # NaN does not round-trip as itself
+    if type(value) is list:
+        return all(_is_plain(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())  # type: ignore[attr-defined]
+    return False
+
+
+def _json_dump(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _json_load(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def _is_ndarray(value: object) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    return type(value) is np.ndarray and value.dtype != object
+
+
+def _npy_dump(value: Any) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, value, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(data: bytes) -> Any:
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _is_dataframe(value: object) -> bool:
+    cls = type(value)
+    if cls.__module__.split(".")[0] != "pandas" or cls.__name__ != "DataFrame":
+        return False
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    # Parquet needs string column names; other frames fall back to joblib.
+    return all(isinstance(c, str) for c in value.columns)  # type: ignore[attr-defined]
+
+
+def _parquet_dump(value: Any) -> bytes:
+    buf = io.BytesIO()
+    value.to_parquet(buf, engine="pyarrow", index=True)
+    return buf.getvalue()
+
+
+def _parquet_load(data: bytes) -> Any:
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+
+
+def _joblib_dump(value: Any) -> bytes:
+    try:
+        import joblib
+    except ImportError:  # pragma: no cover - joblib is a dependency
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    buf = io.BytesIO()
+    joblib.dump(value, buf)
+    return buf.getvalue()
+
+
+def _joblib_load(data: bytes) -> Any:
+    import joblib
+
+    return joblib.load(io.BytesIO(data))
+
+
+def _pickle_dump(value: Any) -> bytes:
+    import cloudpickle
+
+    return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _pickle_load(data: bytes) -> Any:
+    return pickle.loads(data)
+
+
+@dataclass(frozen=True)
+class Serializer:
+    """A named pair of functions that turn a value into bytes and back."""
+
+    name: str
+    matches: Callable[[object], bool]
+    dump: Callable[[Any], bytes]
+    load: Callable[[bytes], Any]
+
+
+SERIALIZERS: dict[str, Serializer] = {
+    s.name: s
+    for s in (
+        Serializer("json", _is_plain, _json_dump, _json_load),
+        Serializer("npy", _is_ndarray, _npy_dump, _npy_load),
+        Serializer("parquet", _is_dataframe, _parquet_dump, _parquet_load),
+        Serializer("joblib", lambda v: True, _joblib_dump, _joblib_load),
+        # Not chosen automatically: read-compatibility for values written by cloudpickle.
+        Serializer("pickle", lambda v: False, _pickle_dump, _pickle_load),
+    )
+}
+
+
+def serialize(value: object) -> tuple[str, bytes]:
+    """The first serializer that accepts `value`, and the bytes it writes."""
+    for serializer in SERIALIZERS.values():
+        if serializer.matches(value):
+            try:
+                return serializer.name, serializer.dump(value)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                if serializer.name != "joblib":
+                    continue
+                # Lambdas and local classes: joblib cannot, cloudpickle can.
+                try:
+                    return "pickle", _pickle_dump(value)
+                except Exception:
+                    raise TypeError(f"cannot serialize a value of type {type_name(value)}: {exc}") from exc
+    raise TypeError(f"no serializer for {type_name(value)}")  # pragma: no cover - joblib matches all
+
+
+def deserialize(serializer: str, data: bytes) -> Any:
+    """The value that `serializer` wrote as `data`."""
+    try:
+        load = SERIALIZERS[serializer].load
+    except KeyError:
+        raise ValueError(f"unknown serializer {serializer!r}; known: {sorted(SERIALIZERS)}") from None
+    return load(data)
