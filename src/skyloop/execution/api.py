@@ -1,0 +1,169 @@
+"""`skyloop.run(...)`: compile or load a pipeline, check it, run it on a backend, return the `Run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from skyloop.config import Settings
+from skyloop.errors import SpecError
+from skyloop.execution.backends.base import Backend
+from skyloop.execution.loading import load_file_module, resolve
+from skyloop.execution.orchestrator import Observer, Orchestrator, Prepared
+from skyloop.execution.params import resolve_params
+from skyloop.execution.run import Run
+from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
+from skyloop.pipelines.step import Step
+from skyloop.pipelines.validate import validate_spec
+from skyloop.spec.pipeline import PipelineSpec, StepRef
+from skyloop.store.runs import get_run
+from skyloop.store.workspace import Workspace
+
+__all__ = ["BACKENDS", "dump_spec", "load_spec", "load_target", "make_backend", "prepare", "run"]
+
+BACKENDS = ("inline", "local", "ray")
+
+Target = Pipeline[Any, Any] | CompiledPipeline | PipelineSpec | str | Path
+
+
+def format_validation(exc: ValidationError, source: str) -> str:
+    """One line per problem: `tasks.1.timeout: Input should be greater than 0`."""
+    lines = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{where}: {err['msg']}")
+    return f"invalid pipeline spec {source}: " + "; ".join(lines)
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read a YAML or JSON pipeline spec; step files are found relative to the spec's folder."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{str(path)!r} is not valid YAML: {exc}") from None
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation(exc, repr(str(path)))) from None
+    for task in spec.tasks:
+        if task.step.module.endswith(".py") and not Path(task.step.module).is_absolute():
+            task.step = StepRef(module=str((file.parent / task.step.module).resolve()), qualname=task.step.qualname)
+    return spec
+
+
+def dump_spec(spec: PipelineSpec, relative_to: Path | None = None) -> str:
+    """The spec as YAML; step file paths are written relative to `relative_to` when given."""
+    data = spec.model_dump(mode="json", exclude_defaults=False)
+    if relative_to is not None:
+        base = relative_to.resolve()
+        for task in data["tasks"]:
+            module = task["step"]["module"]
+            if module.endswith(".py") and Path(module).is_absolute():
+                task["step"]["module"] = str(Path(module).relative_to(base, walk_up=True))
+        if data.get("source") and data["source"]["module"].endswith(".py"):
+            data["source"]["module"] = str(Path(data["source"]["module"]).relative_to(base, walk_up=True))
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_target(text: str) -> Pipeline[Any, Any] | PipelineSpec:
+    """`file.py:pipeline`, `package.module:pipeline`, or a `.yaml`/`.json` spec file."""
+    if text.endswith((".yaml", ".yml", ".json")):
+        return load_spec(text)
+    module, sep, name = text.rpartition(":")
+    if not sep or not module or not name:
+        raise SpecError(f"{text!r} must look like FILE.py:PIPELINE, package.module:PIPELINE or FILE.yaml")
+    if module.endswith(".py"):
+        obj = getattr(load_file_module(module), name, None)
+        if obj is None:
+            raise SpecError(f"{module!r} defines no {name!r}")
+    else:
+        obj = resolve(StepRef(module=module, qualname=name))
+    if not isinstance(obj, Pipeline):
+        raise SpecError(f"{text!r} is a {type(obj).__name__}, not a @pipeline")
+    return obj
+
+
+def _resolve_steps(spec: PipelineSpec) -> dict[str, Step[Any, Any]]:
+    steps: dict[str, Step[Any, Any]] = {}
+    for task in spec.tasks:
+        obj = resolve(task.step)
+        if isinstance(obj, Step):
+            steps[task.name] = obj
+        elif callable(obj):
+            steps[task.name] = Step(obj)
+        else:
+            raise SpecError(f"task {task.name!r}: {task.step.path} is not a function")
+    return steps
+
+
+def prepare(target: Target, params: dict[str, Any] | None = None) -> Prepared:
+    """Compile or load the pipeline, resolve its steps, validate everything, check the parameters."""
+    if isinstance(target, str | Path):
+        target = load_target(str(target))
+    if isinstance(target, Pipeline):
+        target = target.build()
+    if isinstance(target, CompiledPipeline):
+        spec, steps = target.spec, target.steps
+    else:
+        spec, steps = target, _resolve_steps(target)
+        validate_spec(spec, steps)
+    return Prepared(spec, steps, resolve_params(spec, params or {}))
+
+
+def make_backend(name: str, settings: Settings) -> Backend:
+    """The backend called `name`, configured from `settings`."""
+    if name == "inline":
+        from skyloop.execution.backends.inline import InlineBackend
+
+        return InlineBackend()
+    if name == "local":
+        from skyloop.execution.backends.local import LocalBackend
+
+        return LocalBackend(settings.execution)
+    if name == "ray":
+        raise SpecError("the ray backend is not available yet in this version; use --backend local")
+    raise SpecError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def run(target: Target | None = None, params: dict[str, Any] | None = None, *, backend: str | None = None,
+        settings: Settings | None = None, observer: Observer | None = None, resume: str | None = None) -> Run:
+    """Run a pipeline (or resume run `resume`) to its end and return the `Run`.
+
+    `target` is a `@pipeline`, a compiled spec, or a path: `file.py:pipeline` or `spec.yaml`.
+    """
+    settings = settings or Settings()
+    workspace = Workspace.open(settings)
+    try:
+        if resume is not None:
+            with workspace.db.session() as session:
+                row = get_run(session, resume)
+                stored = PipelineSpec.model_validate(row.spec)
+                stored_params, backend = row.params, backend or row.backend
+            prepared = prepare(stored, stored_params)
+            if isinstance(target, Pipeline | CompiledPipeline):  # notebook steps cannot be re-imported
+                built = target.build() if isinstance(target, Pipeline) else target
+                prepared.steps.update({k: v for k, v in built.steps.items() if k in prepared.steps})
+        elif target is None:
+            raise SpecError("run() needs a pipeline, a spec, or resume=RUN_ID")
+        else:
+            prepared = prepare(target, params)
+        engine = make_backend(backend or settings.execution.backend, settings)
+        engine.start()
+        try:
+            orchestrator = Orchestrator(settings, workspace.db, workspace.store, engine, observer)
+            if resume is not None:
+                run_id = orchestrator.resume(resume, prepared)
+            else:
+                run_id = orchestrator.start(prepared)
+        finally:
+            engine.shutdown()
+        return Run(workspace, run_id)
+    except BaseException:
+        workspace.close()
+        raise

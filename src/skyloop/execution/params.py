@@ -1,0 +1,57 @@
+"""Validate pipeline parameters against the spec's declared types."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from skyloop.errors import SpecError
+from skyloop.pipelines.types import parse_type
+from skyloop.spec.pipeline import PipelineSpec
+
+__all__ = ["parse_cli_params", "resolve_params"]
+
+
+def resolve_params(spec: PipelineSpec, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and each value checked against its declared type."""
+    declared = {p.name: p for p in spec.params}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise SpecError(f"pipeline {spec.name!r} has no parameter {unknown[0]!r}; parameters are {sorted(declared)}")
+    values: dict[str, Any] = {}
+    for name, decl in declared.items():
+        if name not in given:
+            if decl.required:
+                raise SpecError(f"parameter {name!r} ({decl.type}) is required; pass it with -p {name}=VALUE")
+            values[name] = decl.default
+            continue
+        try:
+            values[name] = TypeAdapter(parse_type(decl.type)).validate_python(given[name])
+        except ValidationError as exc:
+            raise SpecError(f"parameter {name!r} expects {decl.type}, got {given[name]!r}: "
+                            f"{exc.errors()[0]['msg']}") from None
+        try:
+            json.dumps(values[name])
+        except (TypeError, ValueError):
+            raise SpecError(f"parameter {name!r} must be JSON-like (numbers, strings, lists, dicts)") from None
+    return values
+
+
+def parse_cli_params(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
+    """`["n=3", "name=x"]` -> values: JSON where it parses, else the plain string (then type-checked)."""
+    declared = {p.name: p.type for p in spec.params}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise SpecError(f"parameter {pair!r} must look like NAME=VALUE")
+        if declared.get(name) == "str":
+            values[name] = raw
+            continue
+        try:
+            values[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[name] = raw
+    return values

@@ -1,0 +1,208 @@
+"""The code that runs inside a `local` worker process: take launches from the pipe, run them, answer.
+
+The parent starts the worker with `BOOT` (see `skyloop.execution.backends.local`), which copies the
+parent's `sys.path` and calls `serve`. This module is imported by every worker before its first task,
+so it imports only the standard library at module level; `skyloop.execution.worker` (and with it
+pydantic and fsspec) is imported once the process is up, and step code on first use.
+
+The protocol on the connection: the worker sends `READY` once it can take work, then for every
+`TaskLaunch` it receives it sends one `TaskResult`; `None` (or end of file) asks it to exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from skyloop.execution.tasks import TaskLaunch, TaskResult
+    from skyloop.store.artifacts import ArtifactStore
+
+__all__ = ["READY", "PeakMemory", "scoped_environ", "serve"]
+
+READY = "ready"
+"""What a worker sends once it has imported what it needs and waits for launches."""
+
+_PARENT_POLL_SECONDS = 0.5
+# ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+@contextlib.contextmanager
+def scoped_environ(env: dict[str, str]) -> Iterator[None]:
+    """Overlay `env` on `os.environ` for the block, then put back what was there."""
+    if not env:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class PeakMemory:
+    """Peak resident memory of this process (and its waited-for children) during a stretch of work.
+
+    On Linux, writing `5` to `/proc/self/clear_refs` resets the kernel's high-water mark (`VmHWM`),
+    so the peak is exact per task and costs two small file operations. Elsewhere the lifetime
+    `ru_maxrss` is the best available figure (an upper bound).
+    """
+
+    def __init__(self) -> None:
+        self._resettable = True
+        self._children_before = 0
+
+    def reset(self) -> None:
+        """Start a new measurement."""
+        self._children_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if self._resettable:
+            try:
+                fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+                try:
+                    os.write(fd, b"5")
+                finally:
+                    os.close(fd)
+            except OSError:
+                self._resettable = False
+
+    def peak(self) -> int:
+        """Bytes: the largest resident size seen since `reset`."""
+        own = self._hwm() if self._resettable else None
+        if own is None:
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # The children's figure is a lifetime maximum too: it only says something if it grew.
+        if children > self._children_before:
+            own = max(own, children * _MAXRSS_UNIT)
+        return own
+
+    @staticmethod
+    def _hwm() -> int | None:
+        try:
+            with open("/proc/self/status", "rb") as fh:
+                status = fh.read()
+        except OSError:
+            return None
+        start = status.find(b"VmHWM:")
+        if start < 0:
+            return None
+        return int(status[start + 6:status.index(b"kB", start)]) * 1024
+
+
+class _Runner:
+    """Runs launches in this process with their logs, environment and memory accounted for."""
+
+    def __init__(self) -> None:
+        from skyloop.execution.worker import execute
+        from skyloop.store.artifacts import ArtifactStore
+
+        self._execute = execute
+        self._store_type = ArtifactStore
+        self._stores: dict[str, ArtifactStore] = {}
+        self._log_dirs: set[str] = set()
+        self._memory = PeakMemory()
+        # The worker's own stdout/stderr, put back after each task's redirection.
+        self._saved_fds = (os.dup(1), os.dup(2))
+
+    def run(self, launch: TaskLaunch) -> TaskResult:
+        """Run one attempt; step errors become a FAILED result, never an exception."""
+        try:
+            store = self._stores.get(launch.artifacts_url)
+            if store is None:
+                store = self._stores[launch.artifacts_url] = self._store_type(launch.artifacts_url)
+            with self._captured(launch.log_path), scoped_environ(launch.env):
+                self._memory.reset()
+                result = self._execute(launch, store)
+                result.max_rss = self._memory.peak()
+        except BaseException as exc:  # a step calling sys.exit() must not end the worker
+            return _failed(launch, exc)
+        return result
+
+    @contextlib.contextmanager
+    def _captured(self, log_path: str) -> Iterator[None]:
+        # File descriptors, not sys.stdout: output of C extensions and child processes lands too.
+        folder = os.path.dirname(log_path)
+        if folder and folder not in self._log_dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._log_dirs.add(folder)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        stdout, stderr = sys.stdout, sys.stderr
+        _flush(stdout, stderr)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            _flush(sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
+            os.dup2(self._saved_fds[0], 1)
+            os.dup2(self._saved_fds[1], 2)
+
+
+def _flush(*streams: Any) -> None:
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _failed(launch: TaskLaunch, exc: BaseException) -> TaskResult:
+    import traceback
+
+    from skyloop.execution.tasks import TaskResult, TaskState
+
+    return TaskResult(key=launch.key, state=TaskState.FAILED, error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(), ended_at=time.time())
+
+
+def _die() -> None:
+    """Exit now, taking the step's child processes along (the worker leads its process group)."""
+    if os.getpgrp() == os.getpid():
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # A thread rather than PR_SET_PDEATHSIG: that fires when the parent *thread* that started us
+    # exits, and the orchestrator may start workers from a short-lived thread.
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                _die()
+            time.sleep(_PARENT_POLL_SECONDS)
+
+    threading.Thread(target=watch, name="skyloop-parent-watch", daemon=True).start()
+
+
+def serve(conn: Connection, parent_pid: int) -> None:
+    """The worker's main loop: run each launch received on `conn` until told to stop."""
+    _watch_parent(parent_pid)
+    faulthandler.enable()  # a segfaulting step leaves its traceback in its log (fd 2)
+    runner = _Runner()
+    try:
+        conn.send(READY)
+        while True:
+            launch = conn.recv()
+            if launch is None:
+                return
+            conn.send(runner.run(launch))
+    except (EOFError, OSError):
+        _die()  # the parent closed the pipe or went away

@@ -1,0 +1,113 @@
+"""Batched metadata writes of the run loop: one transaction per loop turn, committed before launching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, update
+
+from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
+from skyloop.store import lineage
+from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.db import Database
+from skyloop.store.models import StepRunRow
+from skyloop.store.runs import add_event, utcnow
+
+__all__ = ["Recorder", "input_edges"]
+
+
+def input_edges(inputs: dict[str, InputValue]) -> list[tuple[str, str, int]]:
+    """Lineage edges `(name, digest, position)` for the artifacts an attempt reads."""
+    edges: list[tuple[str, str, int]] = []
+    for name, value in inputs.items():
+        if isinstance(value, ArtifactRef):
+            edges.append((name, value.digest, -1))
+        elif isinstance(value, Gathered):
+            edges.extend((name, ref.digest, i) for i, ref in enumerate(value.refs))
+        elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
+            edges.append((name, value.source.digest, value.index))
+    return edges
+
+
+def _ts(seconds: float | None) -> datetime | None:
+    return datetime.fromtimestamp(seconds, UTC) if seconds is not None else None
+
+
+@dataclass
+class Recorder:
+    """Collects the writes of one loop turn and applies them in one transaction."""
+
+    db: Database
+    run_id: str
+    _inserts: list[dict[str, Any]] = field(default_factory=list)
+    _updates: list[dict[str, Any]] = field(default_factory=list)
+    _artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    _edges: list[tuple[str, str, list[tuple[str, str, int]]]] = field(default_factory=list)
+    _touched: set[str] = field(default_factory=set)
+    _events: list[tuple[str, str, str | None, dict[str, Any]]] = field(default_factory=list)
+
+    def attempt(self, *, step_run_id: str, task: str, map_index: int, attempt: int, state: str, step_ref: str,
+                resources: dict[str, Any], code_hash: str | None = None, cache_key: str | None = None,
+                inputs: dict[str, InputValue] | None = None, log_path: str | None = None,
+                error: str | None = None, cached_from: str | None = None,
+                outputs: dict[str, ArtifactRef] | None = None) -> None:
+        """A new attempt row (RUNNING before launch, or already ended: CACHED, SKIPPED, ...)."""
+        now = utcnow()
+        ended = state not in ("RUNNING", "PENDING")
+        self._inserts.append({
+            "id": step_run_id, "run_id": self.run_id, "task": task, "map_index": map_index, "attempt": attempt,
+            "state": state, "step_ref": step_ref, "code_hash": code_hash, "cache_key": cache_key,
+            "resources": resources, "created_at": now, "started_at": now, "ended_at": now if ended else None,
+            "error": error, "traceback": None, "log_path": log_path, "worker": None, "max_rss": None,
+            "cached_from": cached_from,
+        })
+        if inputs:
+            self._edges.append((step_run_id, "in", input_edges(inputs)))
+        if outputs:
+            self._touched.update(ref.digest for ref in outputs.values())
+            self._edges.append((step_run_id, "out", [(n, r.digest, -1) for n, r in outputs.items()]))
+
+    def finished(self, result: TaskResult) -> None:
+        """An attempt's end as the backend reported it."""
+        self._updates.append({
+            "b_id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
+            "error": result.error, "traceback": result.traceback, "worker": result.worker,
+            "max_rss": result.max_rss,
+        })
+        for ref in result.outputs.values():
+            self._artifacts[ref.digest] = ref
+        if result.outputs:
+            self._edges.append((result.key, "out", [(n, r.digest, -1) for n, r in result.outputs.items()]))
+
+    def event(self, kind: str, message: str = "", step_run_id: str | None = None, **data: Any) -> None:
+        """A run event to record with this turn."""
+        self._events.append((kind, message, step_run_id, data))
+
+    @property
+    def pending(self) -> bool:
+        """Whether anything waits to be written."""
+        return bool(self._inserts or self._updates or self._edges or self._events)
+
+    def flush(self) -> None:
+        """Write everything collected, in one transaction (artifact rows before the edges to them)."""
+        if not self.pending:
+            return
+        with self.db.session() as session:
+            if self._artifacts:
+                lineage.record_artifacts(session, self._artifacts.values())
+            if self._inserts:
+                session.execute(insert(StepRunRow), self._inserts)
+            if self._updates:
+                table = StepRunRow.__table__
+                stmt = update(table).where(table.c.id == bindparam("b_id"))
+                session.connection().execute(stmt, self._updates)
+            for step_run_id, direction, edges in self._edges:
+                lineage.record_edges(session, step_run_id, direction, edges)
+            if self._touched:
+                lineage.touch(session, self._touched)
+            for kind, message, step_run_id, data in self._events:
+                add_event(session, self.run_id, kind, message, step_run_id, **data)
+        self._inserts, self._updates, self._edges, self._events = [], [], [], []
+        self._artifacts, self._touched = {}, set()

@@ -1,0 +1,129 @@
+"""Placeholders a pipeline body handles while it is compiled: task outputs and parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from skyloop.errors import SpecError
+from skyloop.spec.pipeline import Condition, InputBinding, ParamInput, TaskInput
+
+__all__ = ["OutputRef", "ParamRef", "Ref", "TaskHandle"]
+
+
+class Ref:
+    """Something a pipeline body can pass to a step or test in `when(...)`."""
+
+    type: Any = Any
+
+    def binding(self) -> InputBinding:
+        """The spec binding this placeholder stands for."""
+        raise NotImplementedError
+
+    def _compare(self, op: str, value: Any) -> Condition:
+        if isinstance(value, Ref):
+            raise SpecError("a condition compares an output with a constant; compare two outputs in a step")
+        return Condition(source=self.binding(), op=op, value=value)  # type: ignore[arg-type]
+
+    def __eq__(self, value: object) -> Condition:  # type: ignore[override]
+        return self._compare("==", value)
+
+    def __ne__(self, value: object) -> Condition:  # type: ignore[override]
+        return self._compare("!=", value)
+
+    def __lt__(self, value: Any) -> Condition:
+        return self._compare("<", value)
+
+    def __le__(self, value: Any) -> Condition:
+        return self._compare("<=", value)
+
+    def __gt__(self, value: Any) -> Condition:
+        return self._compare(">", value)
+
+    def __ge__(self, value: Any) -> Condition:
+        return self._compare(">=", value)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __bool__(self) -> bool:
+        raise SpecError(
+            "a step output or parameter has no value while the pipeline is compiled: use "
+            "`with when(output >= 0.9): ...` instead of `if`, and do arithmetic inside a step"
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        raise SpecError("a single step output cannot be unpacked while compiling; use `.map` to fan out")
+
+
+class OutputRef(Ref):
+    """One named output of a task."""
+
+    def __init__(self, task: str, output: str, type_: Any = Any, gathered: bool = False) -> None:
+        self.task = task
+        self.output = output
+        self.type = type_
+        self.gathered = gathered
+        """True for the outputs of a mapped task: downstream steps receive a list."""
+
+    def binding(self) -> TaskInput:
+        return TaskInput(task=self.task, output=self.output)
+
+    def __repr__(self) -> str:
+        return f"<output {self.task}.{self.output}>"
+
+
+class ParamRef(Ref):
+    """A pipeline parameter."""
+
+    def __init__(self, name: str, type_: Any = Any) -> None:
+        self.name = name
+        self.type = type_
+
+    def binding(self) -> ParamInput:
+        return ParamInput(param=self.name)
+
+    def __repr__(self) -> str:
+        return f"<param {self.name}>"
+
+
+class TaskHandle(OutputRef):
+    """What calling a step in a pipeline body returns.
+
+    For a single-output step it is that output; for a NamedTuple step, read outputs as attributes
+    (`split.train`) or unpack them (`train, test = split(...)`).
+    """
+
+    def __init__(self, task: str, outputs: dict[str, Any], multi: bool, gathered: bool) -> None:
+        first = next(iter(outputs))
+        super().__init__(task, first, outputs[first], gathered)
+        self._outputs = {n: OutputRef(task, n, t, gathered) for n, t in outputs.items()}
+        self._multi = multi
+        self.after_tasks: list[str] = []
+
+    def _single(self) -> None:
+        if self._multi:
+            raise SpecError(f"step {self.task!r} has several outputs {list(self._outputs)}; "
+                            f"pick one, e.g. `{self.task}.{next(iter(self._outputs))}`")
+
+    def binding(self) -> TaskInput:
+        self._single()
+        return super().binding()
+
+    def __getattr__(self, name: str) -> OutputRef:
+        outputs = self.__dict__.get("_outputs", {})
+        if name in outputs:
+            return outputs[name]  # type: ignore[no-any-return]
+        raise AttributeError(f"step {self.__dict__.get('task')!r} has no output {name!r}; "
+                             f"outputs are {list(outputs)}")
+
+    def __iter__(self) -> Iterator[OutputRef]:
+        if not self._multi:
+            return super().__iter__()  # type: ignore[no-any-return]
+        return iter(self._outputs.values())
+
+    def __getitem__(self, index: int) -> OutputRef:
+        return list(self._outputs.values())[index]
+
+    def __repr__(self) -> str:
+        return f"<task {self.task} outputs={list(self._outputs)}>"

@@ -1,0 +1,78 @@
+"""Readable type names for specs, and the compatibility check between connected steps."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+__all__ = ["compatible", "element_type", "parse_type", "type_str"]
+
+_NUMERIC_WIDENING = {(int, float), (int, complex), (float, complex), (bool, int), (bool, float)}
+
+
+def type_str(tp: Any) -> str:
+    """`int`, `list[float]`, `pandas.core.frame.DataFrame`, `Any`."""
+    if tp is Any or tp is None or tp is typing.Any:
+        return "Any" if tp is not None else "None"
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
+    text = repr(tp)
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def compatible(produced: Any, wanted: Any) -> bool:
+    """Whether a value typed `produced` may be passed where `wanted` is declared (lenient on generics)."""
+    if produced in (Any, None) or wanted in (Any, None) or isinstance(wanted, typing.TypeVar):
+        return True
+    if isinstance(produced, typing.TypeVar):
+        return True
+    if _is_union(wanted):
+        return any(compatible(produced, arm) for arm in typing.get_args(wanted))
+    if _is_union(produced):
+        return all(compatible(arm, wanted) for arm in typing.get_args(produced))
+    p_origin = typing.get_origin(produced) or produced
+    w_origin = typing.get_origin(wanted) or wanted
+    if not isinstance(p_origin, type) or not isinstance(w_origin, type):
+        return True  # Literal, Annotated, protocols: not worth refusing a pipeline over
+    if (p_origin, w_origin) in _NUMERIC_WIDENING:
+        return True
+    try:
+        if not issubclass(p_origin, w_origin):
+            return False
+    except TypeError:
+        return True
+    p_args, w_args = typing.get_args(produced), typing.get_args(wanted)
+    if p_args and w_args and len(p_args) == len(w_args) and Ellipsis not in p_args + w_args:
+        return all(compatible(p, w) for p, w in zip(p_args, w_args, strict=True))
+    return True
+
+
+def element_type(tp: Any) -> Any:
+    """The item type of a list-like type (what `.map` hands each call), else Any."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, set, frozenset) or (isinstance(origin, type) and args):
+        return args[0] if args else Any
+    return Any
+
+
+_PARSE_NAMES: dict[str, Any] = {
+    "Any": Any, "None": type(None), "int": int, "float": float, "str": str, "bool": bool,
+    "bytes": bytes, "list": list, "dict": dict, "tuple": tuple, "set": set,
+    "Optional": typing.Optional, "Union": typing.Union,
+}
+
+
+def parse_type(text: str) -> Any:
+    """Turn a spec's type string back into a type for parameter validation (Any when unknown)."""
+    try:
+        return eval(text, {"__builtins__": {}}, dict(_PARSE_NAMES))
+    except Exception:
+        return Any

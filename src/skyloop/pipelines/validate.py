@@ -1,0 +1,140 @@
+"""Check a `PipelineSpec`: references, cycles, missing inputs and types between connected steps."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from skyloop.errors import CycleError, SpecError
+from skyloop.pipelines.types import compatible, element_type, parse_type, type_str
+from skyloop.spec.pipeline import ConstInput, InputBinding, ParamInput, PipelineSpec, TaskInput, TaskSpec
+
+__all__ = ["find_cycle", "topological_order", "validate_spec"]
+
+
+def find_cycle(deps: Mapping[str, set[str]]) -> list[str] | None:
+    """One cycle in the graph `node -> nodes it waits for`, in dependency order, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(deps.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(deps):
+        if node not in state and (found := visit(node)):
+            return list(reversed(found))
+    return None
+
+
+def topological_order(spec: PipelineSpec) -> list[str]:
+    """Task names so that every task comes after those it waits for."""
+    deps = {t.name: t.upstream() for t in spec.tasks}
+    cycle = find_cycle(deps)
+    if cycle:
+        raise CycleError(cycle)
+    order: list[str] = []
+    done: set[str] = set()
+    remaining = [t.name for t in spec.tasks]
+    while remaining:
+        ready = [n for n in remaining if deps[n] <= done]
+        order.extend(ready)
+        done.update(ready)
+        remaining = [n for n in remaining if n not in done]
+    return order
+
+
+def _check_binding(spec: PipelineSpec, task: TaskSpec, where: str, binding: InputBinding,
+                   tasks: dict[str, TaskSpec]) -> None:
+    if isinstance(binding, TaskInput):
+        producer = tasks.get(binding.task)
+        if producer is None:
+            raise SpecError(f"{where} refers to task {binding.task!r}, which does not exist; "
+                            f"tasks are {sorted(tasks)}")
+        names = [o.name for o in producer.outputs]
+        if binding.output not in names:
+            raise SpecError(f"{where} refers to output {binding.output!r} of task {binding.task!r}, "
+                            f"which has outputs {names}")
+    elif isinstance(binding, ParamInput):
+        params = [p.name for p in spec.params]
+        if binding.param not in params:
+            raise SpecError(f"{where} refers to parameter {binding.param!r}, which the pipeline does not "
+                            f"declare; parameters are {params}")
+
+
+def _produced_type(spec: PipelineSpec, binding: InputBinding, steps: Mapping[str, Any],
+                   tasks: dict[str, TaskSpec], mapped: bool) -> Any:
+    if isinstance(binding, TaskInput):
+        producer = tasks[binding.task]
+        step = steps.get(binding.task)
+        one = step.output_types.get(binding.output, Any) if step is not None else Any
+        if producer.map_over:
+            return one if mapped else list[one]  # type: ignore[valid-type]
+    elif isinstance(binding, ParamInput):
+        one = parse_type(next(p.type for p in spec.params if p.name == binding.param))
+    else:
+        value = binding.value
+        if mapped:
+            return type(value[0]) if isinstance(value, list) and value else Any
+        return type(value) if value is not None else Any
+    return element_type(one) if mapped else one
+
+
+def _describe(binding: InputBinding) -> str:
+    if isinstance(binding, TaskInput):
+        return f"{binding.task}.{binding.output}"
+    if isinstance(binding, ParamInput):
+        return f"parameter {binding.param!r}"
+    return f"the constant {binding.value!r}"
+
+
+def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, TaskSpec],
+                steps: Mapping[str, Any]) -> None:
+    params = step.signature.parameters
+    for name in task.inputs:
+        if name not in params:
+            raise SpecError(f"task {task.name!r} binds input {name!r}, but step {task.step.path} takes "
+                            f"{list(params)}")
+    for name, param in params.items():
+        kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if name not in task.inputs and param.default is inspect.Parameter.empty and param.kind not in kinds:
+            raise SpecError(f"missing input: task {task.name!r} needs {name!r} (it has no default); "
+                            f"bind it to a step output, a parameter or a constant")
+    wanted_types = step.input_types
+    for name, binding in task.inputs.items():
+        if isinstance(binding, ConstInput) and binding.value is None:
+            continue
+        produced = _produced_type(spec, binding, steps, tasks, mapped=name in task.map_over)
+        wanted = wanted_types.get(name, Any)
+        if not compatible(produced, wanted):
+            raise SpecError(f"type mismatch: {_describe(binding)} gives {type_str(produced)} but "
+                            f"{task.name}.{name} expects {type_str(wanted)}")
+
+
+def validate_spec(spec: PipelineSpec, steps: Mapping[str, Any] | None = None) -> None:
+    """Raise `SpecError` naming the first problem; `steps` (task name -> Step) enables type checks."""
+    tasks = {t.name: t for t in spec.tasks}
+    for task in spec.tasks:
+        for name, binding in task.inputs.items():
+            _check_binding(spec, task, f"input {task.name}.{name}", binding, tasks)
+        for cond in task.when:
+            _check_binding(spec, task, f"condition of task {task.name!r}", cond.source, tasks)
+        for dep in task.after:
+            if dep not in tasks:
+                raise SpecError(f"task {task.name!r} runs after {dep!r}, which does not exist")
+    for name, binding in spec.outputs.items():
+        _check_binding(spec, spec.tasks[0], f"pipeline output {name!r}", binding, tasks)
+    topological_order(spec)
+    if steps:
+        for task in spec.tasks:
+            if task.name in steps:
+                _check_step(spec, task, steps[task.name], tasks, steps)

@@ -1,0 +1,118 @@
+"""Artifacts, lineage edges and pins in the metadata DB, and the queries over them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, exists, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from skyloop.errors import NotFound
+from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.models import Artifact, ArtifactPin, Lineage, RunRow, StepRunRow
+from skyloop.store.runs import ACTIVE_RUN_STATES, utcnow
+
+__all__ = [
+    "LineageEdge",
+    "collectable_artifacts",
+    "consumers",
+    "pin",
+    "producers",
+    "record_artifacts",
+    "record_edges",
+    "touch",
+    "unpin",
+]
+
+
+@dataclass(frozen=True)
+class LineageEdge:
+    """A step run that produced or consumed an artifact."""
+
+    run_id: str
+    step_run_id: str
+    task: str
+    map_index: int
+    name: str
+    direction: str
+
+
+def record_artifacts(session: Session, refs: Iterable[ArtifactRef]) -> None:
+    """Insert artifact rows (or revive and touch existing ones)."""
+    now = utcnow()
+    rows = [{"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300], "size": r.size,
+             "created_at": now, "last_used_at": now, "deleted_at": None} for r in refs]
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(Artifact).values(rows)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=[Artifact.digest],
+        set_={"last_used_at": stmt.excluded.last_used_at, "deleted_at": None},
+    ))
+
+
+def record_edges(session: Session, step_run_id: str, direction: str,
+                 edges: Iterable[tuple[str, str, int]]) -> None:
+    """Lineage edges `(name, digest, position)` between a step run and artifacts."""
+    rows = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
+             "position": position} for name, digest, position in edges]
+    if rows:
+        session.execute(Lineage.__table__.insert(), rows)
+
+
+def touch(session: Session, digests: Iterable[str]) -> None:
+    """Mark artifacts as just used (a cache hit keeps them from garbage collection)."""
+    digests = list(digests)
+    if digests:
+        session.execute(update(Artifact).where(Artifact.digest.in_(digests)).values(last_used_at=utcnow()))
+
+
+def _edges(session: Session, digest: str, direction: str) -> list[LineageEdge]:
+    if session.get(Artifact, digest) is None:
+        raise NotFound(f"no artifact {digest}")
+    query = (select(StepRunRow.run_id, Lineage.step_run_id, StepRunRow.task, StepRunRow.map_index, Lineage.name)
+             .join(StepRunRow, StepRunRow.id == Lineage.step_run_id)
+             .where(Lineage.artifact == digest, Lineage.direction == direction)
+             .order_by(StepRunRow.created_at))
+    return [LineageEdge(*row, direction=direction) for row in session.execute(query)]
+
+
+def producers(session: Session, digest: str) -> list[LineageEdge]:
+    """The step runs that wrote this artifact (several when equal bytes were produced twice)."""
+    return _edges(session, digest, "out")
+
+
+def consumers(session: Session, digest: str) -> list[LineageEdge]:
+    """The step runs that read this artifact."""
+    return _edges(session, digest, "in")
+
+
+def pin(session: Session, digest: str, holder: str) -> None:
+    """Keep an artifact from garbage collection on behalf of `holder` (e.g. `model:name/3`)."""
+    session.add(ArtifactPin(artifact=digest, holder=holder, created_at=utcnow()))
+
+
+def unpin(session: Session, digest: str, holder: str) -> None:
+    """Drop `holder`'s pin."""
+    for row in session.scalars(select(ArtifactPin).where(ArtifactPin.artifact == digest,
+                                                         ArtifactPin.holder == holder)):
+        session.delete(row)
+
+
+def collectable_artifacts(session: Session, older_than: datetime) -> Sequence[Artifact]:
+    """Artifacts unused since `older_than`, unpinned, and not touched by a run still in flight."""
+    pinned = exists().where(ArtifactPin.artifact == Artifact.digest)
+    live = exists().where(and_(
+        Lineage.artifact == Artifact.digest,
+        StepRunRow.id == Lineage.step_run_id,
+        RunRow.id == StepRunRow.run_id,
+        RunRow.status.in_(ACTIVE_RUN_STATES),
+    ))
+    query = select(Artifact).where(Artifact.deleted_at.is_(None), Artifact.last_used_at < older_than,
+                                   ~pinned, ~live)
+    return session.scalars(query).all()

@@ -1,0 +1,28 @@
+"""Alembic migrations of the metadata DB, run programmatically when a `Database` opens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection
+
+__all__ = ["HEAD", "alembic_config", "upgrade"]
+
+HEAD = "0001"
+"""The newest revision; a test checks it against the scripts so that the quick check stays right."""
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config pointing at this folder (and at `connection`, when given)."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(connection: Connection, revision: str = "head") -> None:
+    """Apply migrations up to `revision` on `connection`."""
+    command.upgrade(alembic_config(connection), revision)

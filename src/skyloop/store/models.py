@@ -1,0 +1,145 @@
+"""ORM models of the metadata DB (separate from the API schemas in `spec/`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["Artifact", "ArtifactPin", "Base", "Event", "Lineage", "RunRow", "StepRunRow"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
+
+
+class RunRow(Base):
+    """One execution of a pipeline."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pipeline: Mapped[str] = mapped_column(String(200), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(100))
+    """Which orchestrator process holds the run (host:pid:nonce)."""
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StepRunRow(Base):
+    """One attempt of one task (or of one element of a mapped task)."""
+
+    __tablename__ = "step_runs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "task", "map_index", "attempt", name="uq_step_attempt"),
+        Index("ix_step_runs_cache_key", "cache_key", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(200))
+    map_index: Mapped[int] = mapped_column(Integer, default=-1)
+    """Element of a mapped task, or -1 for an unmapped one (and for the parent of a fan-out)."""
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    step_ref: Mapped[str] = mapped_column(String(500))
+    code_hash: Mapped[str | None] = mapped_column(String(64))
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    resources: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    log_path: Mapped[str | None] = mapped_column(String(1000))
+    worker: Mapped[str | None] = mapped_column(String(100))
+    max_rss: Mapped[int | None] = mapped_column(BigInteger)
+    cached_from: Mapped[str | None] = mapped_column(String(32))
+    """The step run whose outputs a CACHED attempt reused."""
+
+
+class Artifact(Base):
+    """A stored value, named by the sha256 of its bytes."""
+
+    __tablename__ = "artifacts"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    serializer: Mapped[str] = mapped_column(String(20))
+    type_name: Mapped[str] = mapped_column(String(300))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    last_used_at: Mapped[datetime] = mapped_column(index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column()
+    """Set when garbage collection removed the blob; lineage rows stay."""
+
+
+class Lineage(Base):
+    """An edge between a step run and an artifact it read (`in`) or wrote (`out`)."""
+
+    __tablename__ = "lineage"
+    __table_args__ = (Index("ix_lineage_artifact", "artifact", "direction"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    step_run_id: Mapped[str] = mapped_column(ForeignKey("step_runs.id", ondelete="CASCADE"), index=True)
+    artifact: Mapped[str] = mapped_column(ForeignKey("artifacts.digest"))
+    direction: Mapped[str] = mapped_column(String(3))
+    name: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer, default=-1)
+    """Index within a gathered (list) input, else -1."""
+
+
+class ArtifactPin(Base):
+    """Something outside runs that keeps an artifact alive (e.g. a registered model version)."""
+
+    __tablename__ = "artifact_pins"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    artifact: Mapped[str] = mapped_column(ForeignKey("artifacts.digest"), index=True)
+    holder: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class Event(Base):
+    """A state change worth showing: run and step transitions, retries, adoption after a crash."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step_run_id: Mapped[str | None] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column()
+    kind: Mapped[str] = mapped_column(String(50))
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

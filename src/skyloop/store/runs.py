@@ -1,0 +1,151 @@
+"""Repository functions for runs, step runs and events (each takes the session explicitly)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from skyloop.errors import Conflict, NotFound
+from skyloop.store.models import Event, RunRow, StepRunRow
+
+__all__ = [
+    "ACTIVE_RUN_STATES",
+    "add_event",
+    "claim_run",
+    "create_run",
+    "get_run",
+    "list_runs",
+    "reap_expired_runs",
+    "release_run",
+    "renew_lease",
+    "step_runs",
+    "utcnow",
+]
+
+ACTIVE_RUN_STATES = ("PENDING", "RUNNING")
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, Any], params: dict[str, Any],
+               backend: str, owner: str, lease_seconds: float, priority: int = 0) -> RunRow:
+    """Insert a new RUNNING run owned by `owner`."""
+    now = utcnow()
+    row = RunRow(id=run_id, pipeline=pipeline, spec=spec, params=params, status="RUNNING", backend=backend,
+                 created_at=now, started_at=now, owner=owner, priority=priority,
+                 lease_expires_at=now + timedelta(seconds=lease_seconds))
+    session.add(row)
+    session.flush()  # no ORM relationships: the run row must exist before rows that point at it
+    add_event(session, run_id, "run.started", f"run of {pipeline} started on {backend}")
+    return row
+
+
+def get_run(session: Session, run_id: str) -> RunRow:
+    """The run with this id (a unique prefix of at least 6 characters works too)."""
+    row = session.get(RunRow, run_id)
+    if row is not None:
+        return row
+    if len(run_id) >= 6:
+        rows = session.scalars(select(RunRow).where(RunRow.id.startswith(run_id)).limit(2)).all()
+        if len(rows) == 1:
+            return rows[0]
+        if len(rows) > 1:
+            raise NotFound(f"run id prefix {run_id!r} is ambiguous; give more characters")
+    raise NotFound(f"no run with id {run_id!r}; `skyloop runs list` shows the runs")
+
+
+def list_runs(session: Session, *, limit: int = 50, pipeline: str | None = None,
+              status: str | None = None) -> Sequence[RunRow]:
+    """Newest runs first."""
+    query = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+    if pipeline:
+        query = query.where(RunRow.pipeline == pipeline)
+    if status:
+        query = query.where(RunRow.status == status.upper())
+    return session.scalars(query).all()
+
+
+def step_runs(session: Session, run_id: str) -> Sequence[StepRunRow]:
+    """Every attempt of every task of the run, oldest first."""
+    query = (select(StepRunRow).where(StepRunRow.run_id == run_id)
+             .order_by(StepRunRow.created_at, StepRunRow.task, StepRunRow.map_index, StepRunRow.attempt))
+    return session.scalars(query).all()
+
+
+def add_event(session: Session, run_id: str, kind: str, message: str = "", step_run_id: str | None = None,
+              **data: Any) -> None:
+    """Record a state change worth showing."""
+    session.add(Event(run_id=run_id, step_run_id=step_run_id, at=utcnow(), kind=kind, message=message, data=data))
+
+
+def renew_lease(session: Session, run_id: str, owner: str, lease_seconds: float) -> bool:
+    """Extend our lease; False when someone else took the run over."""
+    result = session.execute(
+        update(RunRow).where(RunRow.id == run_id, RunRow.owner == owner)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -> RunRow:
+    """Adopt a run whose owner is gone (lease expired or released); `Conflict` if it is alive."""
+    row = get_run(session, run_id)
+    now = utcnow()
+    if row.status == "SUCCEEDED":
+        raise Conflict(f"run {row.id} already succeeded; nothing to resume")
+    if row.owner and row.owner != owner and row.lease_expires_at and row.lease_expires_at > now:
+        wait = (row.lease_expires_at - now).total_seconds()
+        raise Conflict(f"run {row.id} is held by a live process ({row.owner}); "
+                       f"its lease expires in {wait:.0f}s if that process is gone")
+    # Conditional update: of two processes adopting at once, only one wins.
+    result = session.execute(
+        update(RunRow)
+        .where(RunRow.id == row.id, or_(RunRow.owner.is_(None), RunRow.owner == row.owner))
+        .values(owner=owner, status="RUNNING", ended_at=None, error=None,
+                lease_expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise Conflict(f"run {row.id} was adopted by another process just now")
+    session.refresh(row)
+    add_event(session, row.id, "run.adopted", f"run adopted by {owner}", previous_owner=row.owner)
+    return row
+
+
+def release_run(session: Session, run_id: str, owner: str, status: str, error: str | None = None) -> None:
+    """Finish the run and give up its lease."""
+    session.execute(
+        update(RunRow).where(RunRow.id == run_id, RunRow.owner == owner)
+        .values(status=status, error=error, ended_at=utcnow(), owner=None, lease_expires_at=None)
+    )
+    add_event(session, run_id, f"run.{status.lower()}", error or "")
+
+
+def reap_expired_runs(session: Session) -> list[str]:
+    """Fail runs whose orchestrator vanished (lease expired) and their RUNNING attempts.
+
+    The run can still be resumed; this only keeps nothing RUNNING forever.
+    """
+    now = utcnow()
+    expired = session.scalars(
+        select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < now)
+    ).all()
+    for row in expired:
+        reason = (f"orchestrator {row.owner} stopped renewing its lease; "
+                  f"resume with `skyloop run --resume {row.id}`")
+        session.execute(
+            update(StepRunRow).where(StepRunRow.run_id == row.id, StepRunRow.state.in_(("RUNNING", "PENDING")))
+            .values(state="CRASHED", ended_at=now, error="orchestrator lost while the step ran")
+        )
+        session.execute(
+            update(RunRow).where(RunRow.id == row.id, RunRow.owner == row.owner, RunRow.lease_expires_at < now)
+            .values(status="FAILED", error=reason, ended_at=now, owner=None, lease_expires_at=None)
+        )
+        add_event(session, row.id, "run.lost", reason)
+    return [row.id for row in expired]
