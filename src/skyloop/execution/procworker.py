@@ -64,25 +64,26 @@ class PeakMemory:
     """
 
     def __init__(self) -> None:
-        self._resettable = True
         self._children_before = 0
+        # Kept open: procfs regenerates the text on every read from offset 0.
+        self._clear_fd: int | None = None
+        self._status_fd: int | None = None
+        with contextlib.suppress(OSError):
+            self._status_fd = os.open("/proc/self/status", os.O_RDONLY)
+            self._clear_fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
 
     def reset(self) -> None:
         """Start a new measurement."""
         self._children_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if self._resettable:
+        if self._clear_fd is not None:
             try:
-                fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
-                try:
-                    os.write(fd, b"5")
-                finally:
-                    os.close(fd)
+                os.write(self._clear_fd, b"5")
             except OSError:
-                self._resettable = False
+                self._clear_fd = None
 
     def peak(self) -> int:
         """Bytes: the largest resident size seen since `reset`."""
-        own = self._hwm() if self._resettable else None
+        own = self._hwm() if self._clear_fd is not None else None
         if own is None:
             own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -91,13 +92,11 @@ class PeakMemory:
             own = max(own, children * _MAXRSS_UNIT)
         return own
 
-    @staticmethod
-    def _hwm() -> int | None:
-        try:
-            with open("/proc/self/status", "rb") as fh:
-                status = fh.read()
-        except OSError:
+    def _hwm(self) -> int | None:
+        # Not ru_maxrss: after a vfork-based exec that also counts the parent's peak.
+        if self._status_fd is None:
             return None
+        status = os.pread(self._status_fd, 8192, 0)
         start = status.find(b"VmHWM:")
         if start < 0:
             return None
@@ -159,8 +158,10 @@ class _Runner:
 
 def _flush(*streams: Any) -> None:
     for stream in streams:
-        with contextlib.suppress(Exception):
+        try:
             stream.flush()
+        except Exception:  # a closed or None stream left by the step
+            pass
 
 
 def _failed(launch: TaskLaunch, exc: BaseException) -> TaskResult:

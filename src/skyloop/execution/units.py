@@ -84,8 +84,9 @@ def evaluate(cond: Condition, params: dict[str, Any], tasks: dict[str, TaskProgr
         return bool(left)
     if cond.op == "falsy":
         return not left
+    right = params[cond.value_param] if cond.value_param else cond.value
     try:
-        return bool(_OPS[cond.op](left, cond.value))
+        return bool(_OPS[cond.op](left, right))
     except TypeError as exc:
         raise ValueError(f"condition `{cond.describe()}` cannot be evaluated: {exc}") from None
 

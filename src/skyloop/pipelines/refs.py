@@ -21,8 +21,11 @@ class Ref:
         raise NotImplementedError
 
     def _compare(self, op: str, value: Any) -> Condition:
+        if isinstance(value, ParamRef):
+            return Condition(source=self.binding(), op=op, value_param=value.name)  # type: ignore[arg-type]
         if isinstance(value, Ref):
-            raise SpecError("a condition compares an output with a constant; compare two outputs in a step")
+            raise SpecError("a condition compares an output with a constant or a parameter; "
+                            "compare two outputs inside a step")
         return Condition(source=self.binding(), op=op, value=value)  # type: ignore[arg-type]
 
     def __eq__(self, value: object) -> Condition:  # type: ignore[override]

@@ -128,6 +128,9 @@ def validate_spec(spec: PipelineSpec, steps: Mapping[str, Any] | None = None) ->
             _check_binding(spec, task, f"input {task.name}.{name}", binding, tasks)
         for cond in task.when:
             _check_binding(spec, task, f"condition of task {task.name!r}", cond.source, tasks)
+            if cond.value_param is not None:
+                _check_binding(spec, task, f"condition of task {task.name!r}", ParamInput(param=cond.value_param),
+                               tasks)
         for dep in task.after:
             if dep not in tasks:
                 raise SpecError(f"task {task.name!r} runs after {dep!r}, which does not exist")

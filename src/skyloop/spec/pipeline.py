@@ -111,6 +111,8 @@ class Condition(_Model):
     source: InputBinding
     op: Operator = "truthy"
     value: Any = None
+    value_param: str | None = None
+    """Compare with this pipeline parameter instead of the constant `value`."""
 
     def describe(self) -> str:
         """`evaluate.accuracy >= 0.9`."""
@@ -121,7 +123,8 @@ class Condition(_Model):
             return left
         if self.op == "falsy":
             return f"not {left}"
-        return f"{left} {self.op} {self.value!r}"
+        right = f"params.{self.value_param}" if self.value_param else repr(self.value)
+        return f"{left} {self.op} {right}"
 
 
 class TaskSpec(_Model):

@@ -68,14 +68,23 @@ class _Worker:
     def name(self) -> str:
         return f"local:{self.proc.pid}"
 
+    def alive(self) -> bool:
+        # Without reaping it: the process group id stays ours until `_reap` has killed the group.
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
+
     def accepts(self, launch: TaskLaunch) -> bool:
         # CUDA picks its devices once per process: a worker keeps the devices of its first task.
         return not self.used or self.devices == launch.env.get(_DEVICES)
 
 
-def _killpg(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+def _killpg(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker's process group; only before it is reaped, when the group id is surely ours."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _exit_message(pid: int, code: int | None) -> str:
@@ -154,7 +163,8 @@ class LocalBackend:
             for handle in wait_ready(handles, max(0.0, limit - now)):
                 owner = self._owners.get(handle)
                 if owner is not None:
-                    self._collect(owner, exited=not isinstance(handle, Connection))
+                    readable = isinstance(handle, Connection)
+                    self._collect(owner, exited=not readable, readable=readable)
             self._expire(time.monotonic())
             self._dispatch()
             if time.monotonic() >= end:
@@ -188,7 +198,7 @@ class LocalBackend:
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)
             else:
-                _killpg(worker.proc.pid)
+                _killpg(worker.proc)
         for worker in workers:
             self._reap(worker, kill=False)
         self._started = False
@@ -222,7 +232,7 @@ class LocalBackend:
     def _take_worker(self, launch: TaskLaunch) -> _Worker | None:
         for worker in reversed(self._idle):  # the most recently used is the warmest
             if worker.accepts(launch):
-                if worker.proc.poll() is None:
+                if worker.alive():
                     self._idle.remove(worker)
                     return worker
                 self._reap(worker, kill=True)  # died while idle
@@ -267,14 +277,16 @@ class LocalBackend:
 
     # -- ends of tasks ---------------------------------------------------------------------------
 
-    def _collect(self, worker: _Worker, exited: bool) -> None:
+    def _collect(self, worker: _Worker, exited: bool, readable: bool = False) -> None:
         """Read what the worker sent; if it has gone, report its task as crashed."""
         try:
-            while worker.conn.poll():
+            while readable or worker.conn.poll():
+                readable = False
                 message = worker.conn.recv()
                 if isinstance(message, TaskResult):
                     self._finish(worker, message)
-                elif message == READY:
+                    break  # nothing more comes before its next launch; an exit shows on the sentinel
+                if message == READY:
                     worker.ready = True
                     if worker.launch is not None:
                         self._arm(worker)
@@ -324,9 +336,8 @@ class LocalBackend:
         if worker in self._idle:
             self._idle.remove(worker)
         self._owners.pop(worker.conn, None)
-        pid = worker.proc.pid
         if kill:
-            _killpg(pid)
+            _killpg(worker.proc)
         if worker.pidfd is not None:
             self._owners.pop(worker.pidfd, None)
             wait_ready([worker.pidfd], _EXIT_GRACE_SECONDS)
@@ -334,7 +345,7 @@ class LocalBackend:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(_EXIT_GRACE_SECONDS)
         if worker.proc.returncode is None:
-            _killpg(pid)
+            _killpg(worker.proc)
             worker.proc.wait()
         worker.conn.close()
         if worker.pidfd is not None:

@@ -1,0 +1,49 @@
+"""`skyloop artifacts gc|lineage`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from skyloop.cli.main import console, state
+from skyloop.store.gc import collect_garbage, parse_age
+from skyloop.store.lineage import consumers, producers
+from skyloop.store.workspace import Workspace
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Manage stored artifacts.", no_args_is_help=True)
+
+
+@app.command()
+def gc(
+    older_than: Annotated[str, typer.Option("--older-than", help="Unused for this long: 30d, 12h, 15m.")] = "30d",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Delete artifacts unused for a while that no registered model and no live run references."""
+    report = collect_garbage(Workspace.open(state.settings()), parse_age(older_than), dry_run=dry_run)
+    if as_json:
+        print(json.dumps({"artifacts": report.artifacts, "bytes": report.bytes, "dry_run": report.dry_run,
+                          "digests": report.digests}))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {report.artifacts} artifact(s), {report.bytes:,} bytes")
+
+
+@app.command()
+def lineage(digest: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Which step runs produced an artifact and which consumed it."""
+    workspace = Workspace.open(state.settings())
+    with workspace.db.session() as session:
+        edges = producers(session, digest) + consumers(session, digest)
+    data = [{"direction": "produced by" if e.direction == "out" else "consumed by", "run": e.run_id,
+             "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges]
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for row in data:
+        index = f"[{row['map_index']}]" if row["map_index"] >= 0 else ""
+        console.print(f"{row['direction']}: run {row['run'][:12]} step {row['step']}{index} as {row['as']}")

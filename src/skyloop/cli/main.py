@@ -1,0 +1,87 @@
+"""The `skyloop` command: `run`, `runs`, `pipeline`, `artifacts`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from skyloop.cli.errors import exit_code
+from skyloop.config import Settings
+from skyloop.errors import SkyloopError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(name="skyloop", help="Run AI agent workflows in production.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class State:
+    """Options shared by every command."""
+
+    debug: bool = False
+    home: Path | None = None
+
+    def settings(self, **execution: Any) -> Settings:
+        """The settings for this invocation (environment, then --home, then command options)."""
+        settings = Settings() if self.home is None else Settings(home=self.home)
+        overrides = {k: v for k, v in execution.items() if v is not None}
+        if overrides:
+            settings.execution = settings.execution.model_copy(update=overrides)
+        return settings
+
+
+state = State()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    home: Annotated[Path | None, typer.Option("--home", help="skyloop home (DB, artifacts, logs).",
+                                              envvar="SKYLOOP_HOME")] = None,
+) -> None:
+    state.debug, state.home = debug, home
+
+
+def _register() -> None:
+    from skyloop.cli import artifacts, pipeline_cmd, run_cmd, runs
+
+    run_cmd.register(app)
+    app.add_typer(runs.app, name="runs")
+    app.add_typer(pipeline_cmd.app, name="pipeline")
+    app.add_typer(artifacts.app, name="artifacts")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning skyloop errors into one line and an exit code."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except SkyloopError as exc:
+        if state.debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exit_code(exc))
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if state.debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(70)

@@ -1,0 +1,39 @@
+"""Tables and JSON for runs, shared by `run` and `runs`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from skyloop.cli.progress import state_text
+from skyloop.execution.run import Run
+
+__all__ = ["run_json", "run_table"]
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    """A run as plain data for scripts."""
+    return {
+        "id": run.id, "pipeline": run.pipeline, "status": run.status, "error": run.error,
+        "backend": run.backend, "params": run.params,
+        "created_at": run.created_at, "started_at": run.started_at, "ended_at": run.ended_at,
+        "steps": {
+            name: {"state": info.state.value, "attempts": info.attempts, "units": info.units,
+                   "seconds": info.seconds, "error": info.error}
+            for name, info in run.steps.items()
+        },
+    }
+
+
+def run_table(run: Run) -> Table:
+    """The steps of a run with state, attempts, units and time."""
+    title = f"run {run.id}  {run.pipeline}  "
+    table = Table(title=title + run.status, title_justify="left")
+    for column in ("step", "state", "attempts", "units", "time", "error"):
+        table.add_column(column, overflow="fold")
+    for name, info in run.steps.items():
+        seconds = f"{info.seconds:.2f}s" if info.seconds is not None else ""
+        table.add_row(name, state_text(info.state.value), str(info.attempts), str(info.units), seconds,
+                      (info.error or "")[:200])
+    return table

@@ -1,0 +1,70 @@
+"""`skyloop run`: run a pipeline (or resume a run) with a live view of its steps."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from skyloop.cli.main import console, state
+from skyloop.cli.render import run_json, run_table
+from skyloop.errors import SpecError
+from skyloop.execution.api import load_target
+from skyloop.execution.params import parse_cli_params
+from skyloop.pipelines.pipeline import Pipeline
+from skyloop.spec.pipeline import PipelineSpec
+from skyloop.spec.resources import parse_memory
+
+__all__ = ["register"]
+
+
+def run(
+    target: Annotated[str | None, typer.Argument(help="FILE.py:PIPELINE, module:PIPELINE or SPEC.yaml")] = None,
+    param: Annotated[list[str] | None, typer.Option("-p", "--param", help="NAME=VALUE (repeatable)")] = None,
+    backend: Annotated[str | None, typer.Option(help="inline | local")] = None,
+    resume: Annotated[str | None, typer.Option(help="Resume this unfinished run.")] = None,
+    max_cpus: Annotated[float | None, typer.Option(help="CPUs the steps may use at once.")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Memory the steps may use at once, e.g. 8Gi.")] = None,
+    max_gpus: Annotated[int | None, typer.Option(help="GPUs the steps may use at once.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the finished run as JSON.")] = False,
+) -> None:
+    """Run a pipeline and show its steps as they go; exits non-zero when the run fails."""
+    from skyloop.cli.progress import LiveProgress
+    from skyloop.execution.api import run as run_pipeline
+
+    if target is None and resume is None:
+        raise SpecError("give a pipeline to run (FILE.py:PIPELINE or SPEC.yaml) or --resume RUN_ID")
+    memory = parse_memory(max_memory) if max_memory else None
+    settings = state.settings(max_cpus=max_cpus, max_memory=memory, max_gpus=max_gpus)
+    loaded: object = load_target(target) if target is not None else None
+    params = None
+    tasks: list[str] = []
+    if loaded is not None:
+        compiled = loaded.build() if isinstance(loaded, Pipeline) else None
+        spec = compiled.spec if compiled is not None else loaded
+        assert isinstance(spec, PipelineSpec)
+        params = parse_cli_params(spec, param or [])
+        tasks = [t.name for t in spec.tasks]
+        loaded = compiled if compiled is not None else loaded
+    out = console if not as_json else None
+    progress = LiveProgress(console, tasks) if out is not None else None
+    if progress is not None:
+        with progress:
+            result = run_pipeline(loaded, params, backend=backend, settings=settings, observer=progress,
+                                  resume=resume)
+    else:
+        result = run_pipeline(loaded, params, backend=backend, settings=settings, resume=resume)
+    if as_json:
+        print(json.dumps(run_json(result), indent=2, default=str))
+    else:
+        console.print(run_table(result))
+        if result.error:
+            console.print(f"[red]{result.error}[/]", highlight=False)
+    if not result.succeeded:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `run` to the CLI."""
+    app.command("run")(run)

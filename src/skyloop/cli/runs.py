@@ -1,0 +1,76 @@
+"""`skyloop runs list|show|logs`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from skyloop.cli.main import console, state
+from skyloop.cli.progress import state_text
+from skyloop.cli.render import run_json, run_table
+from skyloop.execution.run import Run
+from skyloop.store.runs import list_runs, reap_expired_runs
+from skyloop.store.workspace import Workspace
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Inspect pipeline runs.", no_args_is_help=True)
+
+
+def _workspace() -> Workspace:
+    workspace = Workspace.open(state.settings())
+    with workspace.db.session() as session:
+        reap_expired_runs(session)  # nothing stays RUNNING after its orchestrator died
+    return workspace
+
+
+@app.command("list")
+def list_(
+    limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 20,
+    pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The newest runs."""
+    workspace = _workspace()
+    with workspace.db.session() as session:
+        rows = list_runs(session, limit=limit, pipeline=pipeline, status=status)
+        data = [{"id": r.id, "pipeline": r.pipeline, "status": r.status, "backend": r.backend,
+                 "created_at": r.created_at, "ended_at": r.ended_at, "error": r.error} for r in rows]
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    table = Table(title="runs", title_justify="left")
+    for column in ("id", "pipeline", "status", "created", "seconds"):
+        table.add_column(column)
+    for r in data:
+        seconds = (r["ended_at"] - r["created_at"]).total_seconds() if r["ended_at"] else None
+        table.add_row(r["id"][:12], r["pipeline"], state_text(r["status"]),
+                      r["created_at"].strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.1f}" if seconds else "")
+    console.print(table)
+
+
+@app.command()
+def show(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One run: its steps, states, attempts and errors."""
+    run = Run(_workspace(), run_id)
+    if as_json:
+        print(json.dumps(run_json(run), indent=2, default=str))
+    else:
+        console.print(run_table(run))
+        if run.error:
+            console.print(f"[red]{run.error}[/]", highlight=False)
+
+
+@app.command()
+def logs(run_id: str, step: Annotated[str | None, typer.Argument(help="Only this step.")] = None) -> None:
+    """What the steps printed (every attempt)."""
+    run = Run(_workspace(), run_id)
+    for name in [step] if step else list(run.steps):
+        text = run.logs(name)
+        if text:
+            console.print(f"[bold]{name}[/]")
+            print(text)
