@@ -21,14 +21,13 @@ def compile(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the YAML here.")] = None,
 ) -> None:
     """Compile a pipeline to a YAML spec that `skyloop run SPEC.yaml` runs on its own."""
-    spec = prepare(load_target(target)).spec if output is None else None
+    spec = prepare(load_target(target)).spec
     if output is None:
-        assert spec is not None
         print(dump_spec(spec), end="")
         return
-    prepared = prepare(load_target(target))
-    output.write_text(dump_spec(prepared.spec, relative_to=output.parent))
-    console.print(f"wrote {output} ({len(prepared.spec.tasks)} tasks)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(dump_spec(spec, relative_to=output.parent))
+    console.print(f"wrote {output} ({len(spec.tasks)} tasks)")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,9 @@ def dump_spec(spec: PipelineSpec, relative_to: Path | None = None) -> str:
         for task in data["tasks"]:
             module = task["step"]["module"]
             if module.endswith(".py") and Path(module).is_absolute():
-                task["step"]["module"] = str(Path(module).relative_to(base, walk_up=True))
+                task["step"]["module"] = os.path.relpath(module, base)
         if data.get("source") and data["source"]["module"].endswith(".py"):
-            data["source"]["module"] = str(Path(data["source"]["module"]).relative_to(base, walk_up=True))
+            data["source"]["module"] = os.path.relpath(data["source"]["module"], base)
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -158,10 +158,8 @@ class _Runner:
 
 def _flush(*streams: Any) -> None:
     for stream in streams:
-        try:
+        with contextlib.suppress(Exception):  # a closed or None stream left by the step
             stream.flush()
-        except Exception:  # a closed or None stream left by the step
-            pass
 
 
 def _failed(launch: TaskLaunch, exc: BaseException) -> TaskResult:

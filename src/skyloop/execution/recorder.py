@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, func, insert, update
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database
-from skyloop.store.models import StepRunRow
+from skyloop.store.models import StepRunRow, UTCDateTime
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
@@ -73,6 +73,7 @@ class Recorder:
         """An attempt's end as the backend reported it."""
         self._updates.append({
             "b_id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
+            "b_started": _ts(result.started_at),
             "error": result.error, "traceback": result.traceback, "worker": result.worker,
             "max_rss": result.max_rss,
         })
@@ -101,7 +102,9 @@ class Recorder:
                 session.execute(insert(StepRunRow), self._inserts)
             if self._updates:
                 table = StepRunRow.__table__
-                stmt = update(table).where(table.c.id == bindparam("b_id"))
+                # Backends that cannot tell when the worker began keep the launch time.
+                started = func.coalesce(bindparam("b_started", type_=UTCDateTime()), table.c.started_at)
+                stmt = update(table).where(table.c.id == bindparam("b_id")).values(started_at=started)
                 session.connection().execute(stmt, self._updates)
             for step_run_id, direction, edges in self._edges:
                 lineage.record_edges(session, step_run_id, direction, edges)

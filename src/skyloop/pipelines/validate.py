@@ -32,7 +32,9 @@ def find_cycle(deps: Mapping[str, set[str]]) -> list[str] | None:
 
     for node in sorted(deps):
         if node not in state and (found := visit(node)):
-            return list(reversed(found))
+            cycle = list(reversed(found))  # in data-flow order: each feeds the next
+            start = cycle.index(min(cycle))
+            return cycle[start:] + cycle[:start]
     return None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from skyloop.errors import StoreError
@@ -64,6 +64,8 @@ class Database:
         except ImportError as exc:
             raise StoreError(f"the driver for {parsed.get_backend_name()} is missing ({exc}); "
                              "install the extra: pip install 'skyloop[postgres]'") from exc
+        except NoSuchModuleError as exc:
+            raise StoreError(f"unsupported metadata DB URL {url!r}: {exc}; use sqlite:/// or postgresql://") from exc
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +21,7 @@ __all__ = [
     "create_run",
     "get_run",
     "list_runs",
+    "owner_is_dead",
     "reap_expired_runs",
     "release_run",
     "renew_lease",
@@ -94,13 +97,30 @@ def renew_lease(session: Session, run_id: str, owner: str, lease_seconds: float)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def owner_is_dead(owner: str) -> bool:
+    """Whether `owner` (host:pid:nonce) is a process on this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -> RunRow:
-    """Adopt a run whose owner is gone (lease expired or released); `Conflict` if it is alive."""
+    """Adopt a run whose owner is gone (lease expired, released, or a dead local process);
+    `Conflict` if it is alive."""
     row = get_run(session, run_id)
     now = utcnow()
     if row.status == "SUCCEEDED":
         raise Conflict(f"run {row.id} already succeeded; nothing to resume")
-    if row.owner and row.owner != owner and row.lease_expires_at and row.lease_expires_at > now:
+    alive = row.lease_expires_at is not None and row.lease_expires_at > now
+    if row.owner and row.owner != owner and alive and not owner_is_dead(row.owner):
         wait = (row.lease_expires_at - now).total_seconds()
         raise Conflict(f"run {row.id} is held by a live process ({row.owner}); "
                        f"its lease expires in {wait:.0f}s if that process is gone")

@@ -1,0 +1,144 @@
+"""One `local` worker process as the parent sees it: how it is started, watched, killed and reaped.
+
+Workers are started as `python -c BOOT` and talk over a `multiprocessing` connection on a socket
+pair, rather than through `multiprocessing`'s spawn or forkserver start methods: those re-import the
+caller's `__main__` in every worker (re-running a pipeline script that lacks a main guard) and leave
+a resource-tracker or fork-server process behind. Each worker leads its own process group, so
+killing the group also ends the processes its step started. Unix only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_ready
+
+from skyloop.errors import BackendError
+from skyloop.execution.tasks import TaskLaunch
+
+__all__ = ["BOOT", "WorkerProcess"]
+
+BOOT = """\
+import sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+sys.path[:] = conn.recv()
+from skyloop.execution.procworker import serve
+serve(conn, int(sys.argv[2]))
+"""
+"""What a worker process runs: `python -c BOOT <connection fd> <parent pid>`."""
+
+_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """A worker process, its connection, and the task it runs (if any)."""
+
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    pidfd: int | None
+    """Readable once the process has exited (Linux 5.3+); else its end of the connection tells."""
+    spawned: float
+    ready: bool = False
+    """Whether it has said READY (its imports are done)."""
+    launch: TaskLaunch | None = None
+    started: float = 0.0
+    """Wall-clock time its current task started (or was handed over)."""
+    deadline: float | None = None
+    """Monotonic time by which it must be up (while booting) or its task done."""
+    used: bool = False
+    devices: str | None = None
+
+    @classmethod
+    def spawn(cls) -> WorkerProcess:
+        """Start a worker process; it takes launches as soon as it has booted."""
+        parent_end, child_end = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", BOOT, str(child_end.fileno()), str(os.getpid())],
+                pass_fds=(child_end.fileno(),), process_group=0, stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            parent_end.close()
+            raise BackendError(f"cannot start a local worker process: {exc}") from exc
+        finally:
+            child_end.close()
+        conn = Connection(parent_end.detach())
+        pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # os.pidfd_open: Linux 5.3+ only
+            pidfd = os.pidfd_open(proc.pid)
+        with contextlib.suppress(OSError):  # a worker that died at once shows up as crashed
+            conn.send(sys.path)
+        return cls(proc, conn, pidfd, spawned=time.monotonic())
+
+    @property
+    def name(self) -> str:
+        """How results name the worker: `local:<pid>`."""
+        return f"local:{self.proc.pid}"
+
+    @property
+    def handles(self) -> list[Connection | int]:
+        """What `multiprocessing.connection.wait` watches: a message, or the process's end."""
+        return [self.conn] if self.pidfd is None else [self.conn, self.pidfd]
+
+    def alive(self) -> bool:
+        """Whether the process still runs, asked without reaping it."""
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
+
+    def accepts(self, launch: TaskLaunch) -> bool:
+        """Whether the launch may run here: CUDA picks its devices once per process."""
+        return not self.used or self.devices == launch.env.get(_DEVICES)
+
+    def assign(self, launch: TaskLaunch) -> None:
+        """Make `launch` this worker's task (the caller sends it)."""
+        self.launch, self.used, self.devices = launch, True, launch.env.get(_DEVICES)
+
+    def send(self, message: TaskLaunch | None) -> None:
+        """Send a launch, or `None` to ask the worker to exit; a dead worker is noticed elsewhere."""
+        with contextlib.suppress(OSError):
+            self.conn.send(message)
+
+    def kill(self) -> None:
+        """SIGKILL the process group, while the worker is unreaped and the group id surely ours."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def reap(self, grace: float) -> None:
+        """Give the process `grace` seconds to exit, kill its group, reap it and close its handles.
+
+        The group is killed while the worker is still a zombie, so its id cannot have been reused:
+        that also ends whatever its steps left running.
+        """
+        if self.pidfd is not None:
+            wait_ready([self.pidfd], grace)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        self.kill()
+        self.proc.wait()
+        self.conn.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def exit_message(self) -> str:
+        """`worker process 1234 died with exit code -9 (signal SIGKILL)`."""
+        pid, code = self.proc.pid, self.proc.returncode
+        if code is None:
+            return f"worker process {pid} was lost"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"worker process {pid} died with exit code {code} (signal {signal.Signals(-code).name})"
+        return f"worker process {pid} died with exit code {code}"

@@ -1,0 +1,115 @@
+"""Bad input: one line naming the problem, a non-zero exit, and nothing half-written."""
+
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests_support import write
+
+GOOD = '''
+from skyloop import pipeline, step
+
+@step
+def number(n: int) -> int:
+    return n
+
+@step
+def text(s: str) -> str:
+    return s
+
+@pipeline
+def fine(n: int = 1):
+    return number(n)
+
+@pipeline
+def mismatched(n: int = 1):
+    return text(number(n))
+
+@pipeline
+def missing():
+    return number()
+'''
+
+CYCLIC = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: loop
+tasks:
+  - name: a
+    step: {module: steps.py, qualname: number}
+    inputs: {n: {kind: task, task: b, output: output}}
+  - name: b
+    step: {module: steps.py, qualname: number}
+    inputs: {n: {kind: task, task: a, output: output}}
+'''
+
+UNKNOWN_IMPORT = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: lost
+tasks:
+  - name: a
+    step: {module: no_such_package.steps, qualname: number}
+    inputs: {n: {kind: const, value: 1}}
+'''
+
+BAD_FIELD = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: bad
+tasks:
+  - name: a
+    step: {module: steps.py, qualname: number}
+    timeout: -5
+'''
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "files", "message"), [
+    (["run", "loop.yaml"], {"loop.yaml": CYCLIC}, "pipeline has a cycle: a -> b -> a"),
+    (["run", "lost.yaml"], {"lost.yaml": UNKNOWN_IMPORT}, "cannot import 'no_such_package.steps'"),
+    (["run", "bad.yaml"], {"bad.yaml": BAD_FIELD}, "tasks.0.timeout: Input should be greater than 0"),
+    (["run", "steps.py:fine", "-p", "n=abc"], {}, "parameter 'n' expects int, got 'abc'"),
+    (["run", "steps.py:fine", "-p", "m=1"], {}, "has no parameter 'm'"),
+    (["run", "steps.py:mismatched"], {}, "number.output gives int but text.s expects str"),
+    (["run", "steps.py:missing"], {}, "missing a required argument: 'n'"),
+    (["run", "steps.py:nothing"], {}, "defines no 'nothing'"),
+    (["run", "nofile.py:fine"], {}, "does not exist"),
+    (["runs", "show", "feedbeef00"], {}, "no run with id 'feedbeef00'"),
+    (["run", "steps.py:fine", "--backend", "warp"], {}, "unknown backend 'warp'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Path, args: list[str],
+                                                  files: dict[str, str], message: str) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    result = cli(*args)
+    assert result.returncode not in (0, 1, 70), result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    db = home / "skyloop.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("select count(*) from runs").fetchone() == (0,)
+            assert conn.execute("select count(*) from step_runs").fetchone() == (0,)
+            assert conn.execute("select count(*) from artifacts").fetchone() == (0,)
+    blobs = [p for p in (home / "artifacts").rglob("*") if p.is_file()] if (home / "artifacts").exists() else []
+    assert blobs == []
+
+
+def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    result = cli("--debug", "run", "steps.py:fine", "-p", "n=abc")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_write_helper_dedents(tmp_path: Path) -> None:
+    write(tmp_path / "x.txt", "\n    a\n    b\n")
+    assert (tmp_path / "x.txt").read_text() == textwrap.dedent("a\nb\n")

@@ -1,0 +1,148 @@
+"""The run loop on real backends: DAG shapes, caching, retries, timeouts, crashes, resources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from skyloop import Resources, Settings, pipeline, run, step
+from skyloop.execution.loading import load_file_module
+from skyloop.store.models import Event, StepRunRow
+from skyloop.store.workspace import Workspace
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def sample() -> ModuleType:
+    return load_file_module(HERE / "sample_pipelines.py")
+
+
+def _rows(settings: Settings, run_id: str) -> list[StepRunRow]:
+    ws = Workspace.open(settings)
+    with ws.db.session() as session:
+        return list(session.query(StepRunRow).filter_by(run_id=run_id).all())
+
+
+@pytest.mark.integration
+def test_diamond_and_fanout_on_local_never_overcommit(sample: ModuleType, settings: Settings) -> None:
+    settings.execution.max_cpus = 2
+    result = run(sample.diamond_fanout, {"n": 20, "pause": 0.05}, backend="local", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    assert result.steps["work"].units == 20
+    squares = sum(i * i for i in range(20))
+    assert result.outputs["output"] == squares + sum(range(20)) * 1000 + 19
+    assert result.output("work") == [i * i for i in range(20)]
+
+    # Every attempt's recorded interval holds its resources; at no instant may they exceed 2 cpus.
+    rows = [r for r in _rows(settings, result.id) if r.state == "SUCCEEDED"]
+    points = sorted({r.started_at for r in rows} | {r.ended_at for r in rows})
+    peak = 0.0
+    for t in points:
+        live = [r for r in rows if r.started_at <= t < r.ended_at]
+        peak = max(peak, sum(r.resources["cpus"] for r in live))
+    assert 1.0 < peak <= 2.0, peak  # ran in parallel, within the limit
+
+
+@pytest.mark.integration
+def test_rerun_is_all_cached_and_runs_nothing(sample: ModuleType, settings: Settings) -> None:
+    first = run(sample.diamond_fanout, {"n": 6, "pause": 0.0}, backend="local", settings=settings)
+    second = run(sample.diamond_fanout, {"n": 6, "pause": 0.0}, backend="local", settings=settings)
+    assert first.status == second.status == "SUCCEEDED"
+    assert {s.state.value for s in second.steps.values()} == {"CACHED"}
+    assert second.outputs == first.outputs
+    assert all(not info.log_paths for info in second.steps.values())  # nothing was launched
+    cached = _rows(settings, second.id)
+    assert all(r.cached_from for r in cached)
+    # A changed parameter misses the cache only where it flows.
+    third = run(sample.diamond_fanout, {"n": 6, "pause": 0.001}, backend="local", settings=settings)
+    states = {name: s.state.value for name, s in third.steps.items()}
+    assert states == {"source": "CACHED", "left": "CACHED", "right": "CACHED", "join": "CACHED",
+                      "work": "SUCCEEDED", "collect": "CACHED"}  # equal squares -> same collect inputs
+
+
+@pytest.mark.integration
+def test_condition_skips_and_runs(sample: ModuleType, settings: Settings) -> None:
+    ran = run(sample.gated, {"n": 3, "threshold": 20}, backend="inline", settings=settings)
+    assert ran.steps["describe"].state.value == "SUCCEEDED"
+    assert ran.outputs == {"output": "value=3"}
+    skipped = run(sample.gated, {"n": 1, "threshold": 20}, backend="inline", settings=settings)
+    assert skipped.status == "SUCCEEDED"
+    assert skipped.steps["describe"].state.value == "SKIPPED"
+
+
+@pytest.mark.integration
+def test_retries_after_failure_and_worker_crash(sample: ModuleType, settings: Settings, tmp_path: Path) -> None:
+    result = run(sample.retrying, {"marker": str(tmp_path / "flaky"), "crash_marker": str(tmp_path / "crash")},
+                 backend="local", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    assert result.outputs == {"flaky": 2, "crash": "survived"}
+    states = {(r.task, r.attempt): r.state for r in _rows(settings, result.id)}
+    assert states[("flaky", 1)] == "FAILED" and states[("flaky", 2)] == "SUCCEEDED"
+    assert states[("crashes_once", 1)] == "CRASHED" and states[("crashes_once", 2)] == "SUCCEEDED"
+    ws = Workspace.open(settings)
+    with ws.db.session() as session:
+        kinds = [e.kind for e in session.query(Event).filter_by(run_id=result.id)]
+    assert kinds.count("step.retry") == 2
+
+
+@pytest.mark.integration
+def test_timeout_kills_the_step(sample: ModuleType, settings: Settings) -> None:
+    result = run(sample.timing_out, {"seconds": 30.0}, backend="local", settings=settings)
+    assert result.status == "FAILED"
+    info = result.steps["too_slow"]
+    assert info.state.value == "TIMED_OUT"
+    assert info.seconds is not None and info.seconds < 10
+    assert "timed out" in (info.error or "")
+
+
+@pytest.mark.integration
+def test_failure_stops_dependents_but_not_independent_branches(sample: ModuleType, settings: Settings) -> None:
+    result = run(sample.partly_failing, {"n": 3}, backend="local", settings=settings)
+    assert result.status == "FAILED"
+    states = {n: s.state.value for n, s in result.steps.items()}
+    assert states["boom"] == "FAILED"
+    assert states["after_boom"] == "UPSTREAM_FAILED"
+    assert states["right"] == "SUCCEEDED"
+    assert "ValueError: bad value 3" in (result.steps["boom"].error or "")
+    assert "boom" in (result.error or "")
+
+
+def test_request_beyond_capacity_fails_with_the_numbers(sample: ModuleType, settings: Settings) -> None:
+    settings.execution.max_cpus = 2
+    result = run(sample.too_big, backend="local", settings=settings)
+    assert result.status == "FAILED"
+    assert "64" in (result.steps["greedy"].error or "") and "--max-cpus" in (result.error or "")
+
+
+@pytest.mark.integration
+def test_steps_defined_in_a_notebook_run_on_local_workers(settings: Settings) -> None:
+    factor = 7  # closed over: only pickling by value can carry it to a worker
+
+    @step(resources=Resources(cpus=0.5))
+    def times(x: int) -> int:
+        return x * factor
+
+    @pipeline
+    def nb(x: int = 3):
+        return times(x)
+
+    result = run(nb, {"x": 6}, backend="local", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    assert result.outputs == {"output": 42}
+
+
+def test_pipeline_logs_are_captured_per_attempt(sample: ModuleType, settings: Settings, tmp_path: Path) -> None:
+    @step
+    def chatty(n: int) -> int:
+        print(f"hello from the step {n}")
+        return n
+
+    @pipeline
+    def talk(n: int = 5):
+        return chatty(n)
+
+    result = run(talk, backend="inline", settings=settings)
+    assert "hello from the step 5" in result.logs("chatty")
