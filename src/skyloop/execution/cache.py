@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef
-from skyloop.store.models import Artifact, Lineage, StepRunRow
 
 __all__ = ["cache_key", "find_cached", "input_digest"]
 
@@ -34,19 +33,42 @@ def cache_key(code_hash: str, version: str, inputs: dict[str, InputValue]) -> st
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def find_cached(session: Session, key: str, output_names: list[str]) -> tuple[str, dict[str, ArtifactRef]] | None:
-    """The newest successful attempt with this key whose outputs all still exist, and those outputs."""
-    candidates = session.scalars(
-        select(StepRunRow.id).where(StepRunRow.cache_key == key, StepRunRow.state == "SUCCEEDED")
-        .order_by(StepRunRow.ended_at.desc()).limit(3)
-    ).all()
-    for step_run_id in candidates:
-        rows = session.execute(
-            select(Lineage.name, Artifact.digest, Artifact.serializer, Artifact.type_name, Artifact.size)
-            .join(Artifact, Artifact.digest == Lineage.artifact)
-            .where(Lineage.step_run_id == step_run_id, Lineage.direction == "out", Artifact.deleted_at.is_(None))
-        ).all()
-        outputs = {name: ArtifactRef(digest, ser, tn, size) for name, digest, ser, tn, size in rows}
-        if set(outputs) >= set(output_names):
-            return step_run_id, outputs
-    return None
+# Plain SQL built once: this runs for every step, and building the equivalent ORM statement each time
+# (SQLAlchemy's cache-key walk) cost more than the query itself.
+_LOOKUP = text(
+    "SELECT s.cache_key, s.id, s.ended_at, l.name, a.digest, a.serializer, a.type_name, a.size, "
+    "a.deleted_at, a.data "
+    "FROM step_runs s JOIN lineage l ON l.step_run_id = s.id AND l.direction = 'out' "
+    "JOIN artifacts a ON a.digest = l.artifact "
+    "WHERE s.cache_key IN :keys AND s.state = 'SUCCEEDED'"
+).bindparams(bindparam("keys", expanding=True))
+
+
+def find_cached(session: Session, keys: list[str], output_names: list[str]
+                ) -> dict[str, tuple[str, dict[str, ArtifactRef]]]:
+    """For each key with an earlier successful attempt whose outputs all still exist: that attempt's id
+    and outputs (the newest such attempt). One query per 500 keys."""
+    found: dict[str, tuple[str, dict[str, ArtifactRef]]] = {}
+    wanted = set(output_names)
+    unique = list(dict.fromkeys(keys))
+    for i in range(0, len(unique), 500):
+        rows = session.execute(_LOOKUP, {"keys": unique[i:i + 500]}).all()
+        attempts: dict[str, dict[str, ArtifactRef]] = {}
+        ended: dict[str, tuple[str, str]] = {}
+        broken: set[str] = set()
+        for key, step_run_id, ended_at, name, digest, serializer, type_name, size, deleted_at, data in rows:
+            if deleted_at is not None:
+                broken.add(step_run_id)
+            attempts.setdefault(step_run_id, {})[name] = ArtifactRef(digest, serializer, type_name, size,
+                                                                     bytes(data) if data is not None else None)
+            ended[step_run_id] = (key, str(ended_at))
+        newest: dict[str, tuple[str, str]] = {}
+        for step_run_id, outputs in attempts.items():
+            if step_run_id in broken or not wanted <= set(outputs):
+                continue
+            key, ended_at = ended[step_run_id]
+            if key not in newest or ended_at > newest[key][0]:
+                newest[key] = (ended_at, step_run_id)
+        for key, (_, step_run_id) in newest.items():
+            found[key] = (step_run_id, attempts[step_run_id])
+    return found

@@ -38,16 +38,16 @@ def load_prior(session: Session, run_id: str) -> Prior:
         return prior
     rows = session.execute(
         select(Lineage.step_run_id, Lineage.name, Artifact.digest, Artifact.serializer, Artifact.type_name,
-               Artifact.size, Artifact.deleted_at)
+               Artifact.size, Artifact.deleted_at, Artifact.data)
         .join(Artifact, Artifact.digest == Lineage.artifact)
         .where(Lineage.step_run_id.in_(list(ids)), Lineage.direction == "out")
     ).all()
     gone: set[tuple[str, int]] = set()
-    for step_run_id, name, digest, serializer, type_name, size, deleted_at in rows:
+    for step_run_id, name, digest, serializer, type_name, size, deleted_at, data in rows:
         unit = ids[step_run_id]
         if deleted_at is not None:
             gone.add(unit)
-        prior.outputs.setdefault(unit, {})[name] = ArtifactRef(digest, serializer, type_name, size)
+        prior.outputs.setdefault(unit, {})[name] = ArtifactRef(digest, serializer, type_name, size, data)
     for unit in ids.values():
         prior.outputs.setdefault(unit, {})
     for unit in gone:  # outputs garbage-collected since: that unit runs again

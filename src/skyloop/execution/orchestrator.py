@@ -24,11 +24,11 @@ from skyloop.execution.backends.base import Backend
 from skyloop.execution.cache import cache_key, find_cached
 from skyloop.execution.history import Prior, crash_orphans, load_prior
 from skyloop.execution.recorder import Recorder
-from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
+from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
 from skyloop.pipelines.step import Step, code_hash
 from skyloop.pipelines.validate import topological_order
-from skyloop.scheduling.policy import Candidate, select
+from skyloop.scheduling.policy import Candidate, ReadyQueue
 from skyloop.spec.pipeline import PipelineSpec, TaskSpec
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
@@ -150,13 +150,15 @@ class _RunState:
         self.store, self.backend = orch.store, orch.backend
         self.recorder = Recorder(orch.db, run_id)
         order = topological_order(self.spec)
-        self.tasks = {n: TaskProgress(self.spec.task(n), self.spec.task(n).upstream()) for n in order}
+        specs = {t.name: t for t in self.spec.tasks}
+        self.tasks = {n: TaskProgress(specs[n], specs[n].upstream()) for n in order}
         self.dependents: dict[str, list[str]] = {n: [] for n in order}
         for name, progress in self.tasks.items():
             for dep in progress.waiting_on:
                 self.dependents[dep].append(name)
         self.ready: deque[str] = deque(n for n in order if not self.tasks[n].waiting_on)
         self.pending: dict[int, Unit] = {}
+        self.queue = ReadyQueue()
         self.delayed: list[tuple[float, int, Unit]] = []
         self.running: dict[str, Unit] = {}
         self.capacity = self.backend.capacity()
@@ -228,27 +230,35 @@ class _RunState:
         step = self.steps[name]
         code = code_hash(step.fn)
         all_cached = True
-        with self.orch.db.session() as session:
-            for i, unit_in in enumerate(unit_inputs):
-                index = i if task.map_over else -1
-                done = self.prior.outputs.get((name, index))
-                if done is not None:
-                    progress.unit_outputs[index] = done
-                    all_cached = False
-                    continue
-                key = cache_key(code, task.cache.version, unit_in) if task.cache.enabled else None
-                hit = find_cached(session, key, [o.name for o in task.outputs]) if key else None
-                if hit is not None:
-                    attempt, step_run_id = self._next_attempt(name, index)
-                    self.recorder.attempt(step_run_id=step_run_id, task=name, map_index=index, attempt=attempt,
-                                          state="CACHED", step_ref=task.step.path, code_hash=code, cache_key=key,
-                                          resources=task.resources.model_dump(mode="json"), inputs=unit_in,
-                                          cached_from=hit[0], outputs=hit[1])
-                    progress.unit_outputs[index] = hit[1]
-                    continue
+        outputs = [o.name for o in task.outputs]
+        keyed: list[tuple[int, dict[str, InputValue], str | None]] = []
+        for i, unit_in in enumerate(unit_inputs):
+            index = i if task.map_over else -1
+            done = self.prior.outputs.get((name, index))
+            if done is not None:
+                progress.unit_outputs[index] = done
                 all_cached = False
-                self.seq += 1
-                self.pending[self.seq] = Unit(task, index, unit_in, key, self.seq)
+            else:
+                keyed.append((index, unit_in, cache_key(code, task.cache.version, unit_in)
+                              if task.cache.enabled else None))
+        wanted = [key for _, _, key in keyed if key]
+        hits = {}
+        if wanted:
+            with self.orch.db.session() as session:
+                hits = find_cached(session, wanted, outputs)
+        for index, unit_in, key in keyed:
+            hit = hits.get(key) if key else None
+            if hit is not None:
+                attempt, step_run_id = self._next_attempt(name, index)
+                self.recorder.attempt(step_run_id=step_run_id, task=name, map_index=index, attempt=attempt,
+                                      state="CACHED", step_ref=task.step.path, code_hash=code, cache_key=key,
+                                      resources=task.resources.model_dump(mode="json"), inputs=unit_in,
+                                      cached_from=hit[0], outputs=hit[1])
+                progress.unit_outputs[index] = hit[1]
+                continue
+            all_cached = False
+            self.seq += 1
+            self._enqueue(Unit(task, index, unit_in, key, self.seq))
         if len(progress.unit_outputs) == progress.size:
             return self._complete(progress, TaskState.CACHED if all_cached and progress.size else TaskState.SUCCEEDED)
         progress.state = TaskState.RUNNING
@@ -261,17 +271,20 @@ class _RunState:
             self.payloads[name] = None if step.importable else cloudpickle.dumps(step.fn)
         return self.payloads[name]
 
+    def _enqueue(self, unit: Unit) -> None:
+        self.pending[unit.seq] = unit
+        self.queue.push(Candidate(key=unit.seq, resources=unit.task.resources, priority=unit.task.priority,
+                                  seq=unit.seq))
+
     def launch_ready(self) -> list[TaskLaunch]:
         now = time.monotonic()
         while self.delayed and self.delayed[0][0] <= now:
-            _, seq, unit = heapq.heappop(self.delayed)
-            self.pending[seq] = unit
+            self._enqueue(heapq.heappop(self.delayed)[2])
         if not self.pending:
             return []
-        candidates = [Candidate(str(u.seq), u.task.resources, u.task.priority, u.seq) for u in self.pending.values()]
         launches = []
-        for cand in select(candidates, self.capacity - self.in_use):
-            unit = self.pending.pop(cand.seq)
+        for cand in self.queue.take(self.capacity - self.in_use):
+            unit = self.pending.pop(cand.key)
             task = unit.task
             unit.attempt, unit.step_run_id = self._next_attempt(task.name, unit.index)
             suffix = f"-{unit.index}" if unit.index >= 0 else ""

@@ -44,14 +44,18 @@ def topological_order(spec: PipelineSpec) -> list[str]:
     cycle = find_cycle(deps)
     if cycle:
         raise CycleError(cycle)
-    order: list[str] = []
-    done: set[str] = set()
-    remaining = [t.name for t in spec.tasks]
-    while remaining:
-        ready = [n for n in remaining if deps[n] <= done]
-        order.extend(ready)
-        done.update(ready)
-        remaining = [n for n in remaining if n not in done]
+    # Kahn's algorithm, keeping declaration order among tasks that are ready together.
+    waiting = {name: len(d) for name, d in deps.items()}
+    dependents: dict[str, list[str]] = {name: [] for name in deps}
+    for name, d in deps.items():
+        for dep in d:
+            dependents[dep].append(name)
+    order = [t.name for t in spec.tasks if not waiting[t.name]]
+    for name in order:  # grows while iterating
+        for child in dependents[name]:
+            waiting[child] -= 1
+            if not waiting[child]:
+                order.append(child)
     return order
 
 

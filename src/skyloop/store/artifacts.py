@@ -24,6 +24,8 @@ class ArtifactRef:
     serializer: str
     type_name: str
     size: int
+    data: bytes | None = None
+    """The bytes themselves when small enough to travel and be stored inline (no blob file)."""
 
 
 class ArtifactStore:
@@ -33,8 +35,13 @@ class ArtifactStore:
     and a crash leaves at most a stray temporary file. Equal bytes are stored once.
     """
 
-    def __init__(self, url: str) -> None:
+    INLINE_LIMIT = 2048
+    """Values whose bytes are at most this long are kept inline (in the ref and the DB row), not as files:
+    creating a file costs more than the whole orchestration of a small step."""
+
+    def __init__(self, url: str, inline_limit: int = INLINE_LIMIT) -> None:
         self.url = url
+        self.inline_limit = inline_limit
         try:
             self.fs, root = fsspec.core.url_to_fs(url)
         except (ValueError, ImportError) as exc:
@@ -89,10 +96,16 @@ class ArtifactStore:
     def put(self, value: object) -> ArtifactRef:
         """Serialize and store `value`."""
         serializer, data = serialize(value)
+        if len(data) <= self.inline_limit:
+            return ArtifactRef(hashlib.sha256(data).hexdigest(), serializer, type_name(value), len(data), data)
         return ArtifactRef(self.put_bytes(data), serializer, type_name(value), len(data))
 
     def get(self, ref: ArtifactRef, verify: bool = False) -> Any:
-        """Load the value behind `ref`."""
+        """Load the value behind `ref` (from the ref itself when it is inline)."""
+        if ref.data is not None:
+            if verify and hashlib.sha256(ref.data).hexdigest() != ref.digest:
+                raise IntegrityError(f"artifact {ref.digest} is corrupt: its bytes no longer match its sha256")
+            return deserialize(ref.serializer, ref.data)
         return deserialize(ref.serializer, self.get_bytes(ref.digest, verify=verify))
 
     def exists(self, digest: str) -> bool:

@@ -55,7 +55,7 @@ def collect_garbage(workspace: Workspace, older_than: timedelta, dry_run: bool =
                 update(Artifact)
                 .where(Artifact.digest.in_(digests[i:i + 500]), Artifact.deleted_at.is_(None),
                        Artifact.last_used_at < cutoff)
-                .values(deleted_at=utcnow())
+                .values(deleted_at=utcnow(), data=None)
             )
     for digest in digests:
         workspace.store.delete(digest)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import Table, and_, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -43,17 +44,22 @@ class LineageEdge:
 def record_artifacts(session: Session, refs: Iterable[ArtifactRef]) -> None:
     """Insert artifact rows (or revive and touch existing ones)."""
     now = utcnow()
-    rows = [{"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300], "size": r.size,
-             "created_at": now, "last_used_at": now, "deleted_at": None} for r in refs]
+    # One row per digest: PostgreSQL refuses an upsert that touches the same row twice.
+    rows = list({r.digest: {"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300],
+                            "size": r.size, "created_at": now, "last_used_at": now, "deleted_at": None,
+                            "data": r.data}
+                 for r in refs}.values())
     if not rows:
         return
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Artifact).values(rows)
-    session.execute(stmt.on_conflict_do_update(
+    # One statement run for many rows (compiled once and cached), not a new multi-VALUES text per batch.
+    stmt = insert(cast(Table, Artifact.__table__))
+    stmt = stmt.on_conflict_do_update(
         index_elements=[Artifact.digest],
-        set_={"last_used_at": stmt.excluded.last_used_at, "deleted_at": None},
-    ))
+        set_={"last_used_at": stmt.excluded.last_used_at, "deleted_at": None, "data": stmt.excluded.data},
+    )
+    session.connection().execute(stmt, rows)
 
 
 def record_edges(session: Session, step_run_id: str, direction: str,
@@ -62,7 +68,7 @@ def record_edges(session: Session, step_run_id: str, direction: str,
     rows = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
              "position": position} for name, digest, position in edges]
     if rows:
-        session.execute(Lineage.__table__.insert(), rows)
+        session.execute(cast(Table, Lineage.__table__).insert(), rows)
 
 
 def touch(session: Session, digests: Iterable[str]) -> None:
@@ -79,7 +85,8 @@ def _edges(session: Session, digest: str, direction: str) -> list[LineageEdge]:
              .join(StepRunRow, StepRunRow.id == Lineage.step_run_id)
              .where(Lineage.artifact == digest, Lineage.direction == direction)
              .order_by(StepRunRow.created_at))
-    return [LineageEdge(*row, direction=direction) for row in session.execute(query)]
+    return [LineageEdge(run_id, step_run_id, task, map_index, name, direction)
+            for run_id, step_run_id, task, map_index, name in session.execute(query)]
 
 
 def producers(session: Session, digest: str) -> list[LineageEdge]:

@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -103,6 +114,8 @@ class Artifact(Base):
     last_used_at: Mapped[datetime] = mapped_column(index=True)
     deleted_at: Mapped[datetime | None] = mapped_column()
     """Set when garbage collection removed the blob; lineage rows stay."""
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The bytes themselves for small artifacts (kept in the DB instead of a file of their own)."""
 
 
 class Lineage(Base):

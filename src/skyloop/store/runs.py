@@ -56,7 +56,7 @@ def get_run(session: Session, run_id: str) -> RunRow:
     if row is not None:
         return row
     if len(run_id) >= 6:
-        rows = session.scalars(select(RunRow).where(RunRow.id.startswith(run_id)).limit(2)).all()
+        rows = session.scalars(select(RunRow).where(RunRow.id.startswith(run_id, autoescape=True)).limit(2)).all()
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
@@ -119,11 +119,13 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -
     now = utcnow()
     if row.status == "SUCCEEDED":
         raise Conflict(f"run {row.id} already succeeded; nothing to resume")
-    alive = row.lease_expires_at is not None and row.lease_expires_at > now
-    if row.owner and row.owner != owner and alive and not owner_is_dead(row.owner):
-        wait = (row.lease_expires_at - now).total_seconds()
+    expires = row.lease_expires_at
+    alive = expires is not None and expires > now
+    if row.owner and row.owner != owner and expires is not None and alive and not owner_is_dead(row.owner):
+        wait = (expires - now).total_seconds()
         raise Conflict(f"run {row.id} is held by a live process ({row.owner}); "
                        f"its lease expires in {wait:.0f}s if that process is gone")
+    previous = row.owner  # read before the refresh below replaces it with ours
     # Conditional update: of two processes adopting at once, only one wins.
     result = session.execute(
         update(RunRow)
@@ -134,7 +136,7 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -
     if not result.rowcount:  # type: ignore[attr-defined]
         raise Conflict(f"run {row.id} was adopted by another process just now")
     session.refresh(row)
-    add_event(session, row.id, "run.adopted", f"run adopted by {owner}", previous_owner=row.owner)
+    add_event(session, row.id, "run.adopted", f"run adopted by {owner}", previous_owner=previous)
     return row
 
 

@@ -1,7 +1,7 @@
 """initial schema: runs, step runs, artifacts, lineage, pins, events
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-23 11:22:16.392087
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
 
 revision = '0001'
 down_revision = None
@@ -27,6 +26,7 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_used_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('deleted_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('data', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('digest')
     )
     with op.batch_alter_table('artifacts', schema=None) as batch_op:
