@@ -85,7 +85,7 @@ def main() -> None:
     n = args.steps
     baseline = plain_loop(n) / n
     table = Table(title=f"orchestration overhead, {n} no-op steps (plain call: {baseline * 1e6:.2f} µs/step)")
-    for column in ("shape", "backend", "wall s", "ms/step", "overhead ms/step", "× plain call", "target ms",
+    for column in ("shape", "backend", "wall s", "ms/step", "overhead ms/step", "x plain call", "target ms",
                    "meets"):
         table.add_column(column, justify="right")
     for backend in args.backends.split(","):

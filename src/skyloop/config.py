@@ -59,7 +59,6 @@ class Settings(BaseSettings):
         return self.home / "logs"
 
     @classmethod
-    def for_home(cls, home: Path | str, **overrides: object) -> Settings:
-        """Settings rooted at `home`, ignoring the environment (for tests and embedding)."""
-        return cls.model_construct(home=Path(home), db_url=None, artifacts_url=None,
-                                   execution=ExecutionSettings(), **overrides)
+    def for_home(cls, home: Path | str) -> Settings:
+        """Settings rooted at `home` with defaults for the rest, ignoring the environment (tests, embedding)."""
+        return cls.model_construct(home=Path(home), db_url=None, artifacts_url=None, execution=ExecutionSettings())

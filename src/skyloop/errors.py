@@ -18,12 +18,12 @@ Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map t
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BackendError",
     "Conflict",
     "CycleError",
     "IntegrityError",
     "ModelLoadError",
-    "AuthError",
     "NotFound",
     "SkyloopError",
     "SpecError",

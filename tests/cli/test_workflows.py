@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from tests_support import write
 
 CHAIN = '''

@@ -62,3 +62,22 @@ def allocate(megabytes: int) -> int:
     for i in range(0, len(block), 4096):  # touch every page so it is resident
         block[i] = 1
     return len(block)
+
+
+def sleep_writing_pid(seconds: float, pid_file: str) -> None:
+    with open(pid_file, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def chdir(path: str) -> str:
+    os.chdir(path)
+    return os.getcwd()
+
+
+def cwd() -> str:
+    return os.getcwd()
+
+
+def identity(value: object) -> object:
+    return value

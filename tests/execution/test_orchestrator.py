@@ -29,7 +29,7 @@ def _rows(settings: Settings, run_id: str) -> list[StepRunRow]:
 @pytest.mark.integration
 def test_diamond_and_fanout_on_local_never_overcommit(sample: ModuleType, settings: Settings) -> None:
     settings.execution.max_cpus = 2
-    result = run(sample.diamond_fanout, {"n": 20, "pause": 0.05}, backend="local", settings=settings)
+    result = run(sample.diamond_fanout, {"n": 20, "pause": 0.15}, backend="local", settings=settings)
     assert result.status == "SUCCEEDED", result.error
     assert result.steps["work"].units == 20
     squares = sum(i * i for i in range(20))

@@ -121,7 +121,7 @@ def test_mapped_element_types_are_checked() -> None:
     def bad():
         return shout.map(numbers(3))
 
-    with pytest.raises(SpecError, match="shout.text expects str"):
+    with pytest.raises(SpecError, match=r"shout\.text expects str"):
         bad.compile()
 
 
@@ -199,5 +199,5 @@ def test_memory_sizes(text: str | int, expected: int) -> None:
 
 
 def test_bad_memory_size_names_the_fix() -> None:
-    with pytest.raises(ValueError, match="write e.g. '512Mi'"):
+    with pytest.raises(ValueError, match=r"write e\.g\. '512Mi'"):
         Resources(memory="lots")

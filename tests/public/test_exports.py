@@ -12,9 +12,11 @@ import skyloop
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {name for name in vars(skyloop) if not name.startswith("_")}
+    public = {name for name in dir(skyloop) if not name.startswith("_")}
     modules = {name for name in public if type(getattr(skyloop, name)).__name__ == "module"}
-    assert set(skyloop.__all__) == public - modules - {"annotations"}
+    assert set(skyloop.__all__) == public - modules - {"annotations", "importlib", "TYPE_CHECKING", "Any"}
+    for name in skyloop.__all__:
+        assert getattr(skyloop, name) is not None
     assert len(skyloop.__all__) == len(set(skyloop.__all__))
 
 

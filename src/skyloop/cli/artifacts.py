@@ -39,11 +39,11 @@ def lineage(digest: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     workspace = Workspace.open(state.settings())
     with workspace.db.session() as session:
         edges = producers(session, digest) + consumers(session, digest)
-    data = [{"direction": "produced by" if e.direction == "out" else "consumed by", "run": e.run_id,
-             "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges]
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps([{"direction": "produced" if e.direction == "out" else "consumed", "run": e.run_id,
+                           "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges], indent=2))
         return
-    for row in data:
-        index = f"[{row['map_index']}]" if row["map_index"] >= 0 else ""
-        console.print(f"{row['direction']}: run {row['run'][:12]} step {row['step']}{index} as {row['as']}")
+    for e in edges:
+        index = f"[{e.map_index}]" if e.map_index >= 0 else ""
+        verb = "produced by" if e.direction == "out" else "consumed by"
+        console.print(f"{verb}: run {e.run_id[:12]} step {e.task}{index} as {e.name}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,7 +12,7 @@ from skyloop.cli.render import run_json, run_table
 from skyloop.errors import SpecError
 from skyloop.execution.api import load_target
 from skyloop.execution.params import parse_cli_params
-from skyloop.pipelines.pipeline import Pipeline
+from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
 from skyloop.spec.pipeline import PipelineSpec
 from skyloop.spec.resources import parse_memory
 
@@ -37,13 +37,14 @@ def run(
         raise SpecError("give a pipeline to run (FILE.py:PIPELINE or SPEC.yaml) or --resume RUN_ID")
     memory = parse_memory(max_memory) if max_memory else None
     settings = state.settings(max_cpus=max_cpus, max_memory=memory, max_gpus=max_gpus)
-    loaded: object = load_target(target) if target is not None else None
+    loaded: Pipeline[Any, Any] | CompiledPipeline | PipelineSpec | None = (
+        load_target(target) if target is not None else None)
     params = None
     tasks: list[str] = []
     if loaded is not None:
         compiled = loaded.build() if isinstance(loaded, Pipeline) else None
         spec = compiled.spec if compiled is not None else loaded
-        assert isinstance(spec, PipelineSpec)
+        assert isinstance(spec, PipelineSpec)  # load_target gives a pipeline or a spec
         params = parse_cli_params(spec, param or [])
         tasks = [t.name for t in spec.tasks]
         loaded = compiled if compiled is not None else loaded

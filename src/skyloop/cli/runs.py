@@ -46,10 +46,10 @@ def list_(
     table = Table(title="runs", title_justify="left")
     for column in ("id", "pipeline", "status", "created", "seconds"):
         table.add_column(column)
-    for r in data:
-        seconds = (r["ended_at"] - r["created_at"]).total_seconds() if r["ended_at"] else None
-        table.add_row(r["id"][:12], r["pipeline"], state_text(r["status"]),
-                      r["created_at"].strftime("%Y-%m-%d %H:%M:%S"), f"{seconds:.1f}" if seconds else "")
+    for r in rows:
+        seconds = (r.ended_at - r.created_at).total_seconds() if r.ended_at else None
+        table.add_row(r.id[:12], r.pipeline, state_text(r.status), r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      f"{seconds:.1f}" if seconds is not None else "")
     console.print(table)
 
 

@@ -158,10 +158,7 @@ def run(target: Target | None = None, params: dict[str, Any] | None = None, *, b
         engine.start()
         try:
             orchestrator = Orchestrator(settings, workspace.db, workspace.store, engine, observer)
-            if resume is not None:
-                run_id = orchestrator.resume(resume, prepared)
-            else:
-                run_id = orchestrator.start(prepared)
+            run_id = orchestrator.resume(resume, prepared) if resume is not None else orchestrator.start(prepared)
         finally:
             engine.shutdown()
         return Run(workspace, run_id)

@@ -35,13 +35,14 @@ def cache_key(code_hash: str, version: str, inputs: dict[str, InputValue]) -> st
 
 # Plain SQL built once: this runs for every step, and building the equivalent ORM statement each time
 # (SQLAlchemy's cache-key walk) cost more than the query itself.
-_LOOKUP = text(
+_SELECT = (
     "SELECT s.cache_key, s.id, s.ended_at, l.name, a.digest, a.serializer, a.type_name, a.size, "
     "a.deleted_at, a.data "
     "FROM step_runs s JOIN lineage l ON l.step_run_id = s.id AND l.direction = 'out' "
-    "JOIN artifacts a ON a.digest = l.artifact "
-    "WHERE s.cache_key IN :keys AND s.state = 'SUCCEEDED'"
-).bindparams(bindparam("keys", expanding=True))
+    "JOIN artifacts a ON a.digest = l.artifact WHERE s.state = 'SUCCEEDED' AND "
+)
+_LOOKUP_ONE = text(_SELECT + "s.cache_key = :key")
+_LOOKUP_MANY = text(_SELECT + "s.cache_key IN :keys").bindparams(bindparam("keys", expanding=True))
 
 
 def find_cached(session: Session, keys: list[str], output_names: list[str]
@@ -52,7 +53,11 @@ def find_cached(session: Session, keys: list[str], output_names: list[str]
     wanted = set(output_names)
     unique = list(dict.fromkeys(keys))
     for i in range(0, len(unique), 500):
-        rows = session.execute(_LOOKUP, {"keys": unique[i:i + 500]}).all()
+        chunk = unique[i:i + 500]
+        if len(chunk) == 1:  # the common case, without re-rendering an expanding IN list
+            rows = session.execute(_LOOKUP_ONE, {"key": chunk[0]}).all()
+        else:
+            rows = session.execute(_LOOKUP_MANY, {"keys": chunk}).all()
         attempts: dict[str, dict[str, ArtifactRef]] = {}
         ended: dict[str, tuple[str, str]] = {}
         broken: set[str] = set()

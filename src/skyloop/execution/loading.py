@@ -60,10 +60,7 @@ def module_ref(module_name: str) -> str | None:
 def resolve(ref: StepRef) -> Any:
     """The object `ref` names."""
     try:
-        if ref.module.endswith(".py"):
-            module = load_file_module(ref.module)
-        else:
-            module = importlib.import_module(ref.module)
+        module = load_file_module(ref.module) if ref.module.endswith(".py") else importlib.import_module(ref.module)
     except SpecError:
         raise
     except ImportError as exc:

@@ -6,6 +6,7 @@ which is what `resume` does after the orchestrator process was killed.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import socket
@@ -244,7 +245,7 @@ class _RunState:
         wanted = [key for _, _, key in keyed if key]
         hits = {}
         if wanted:
-            with self.orch.db.session() as session:
+            with self.orch.db.read() as session:
                 hits = find_cached(session, wanted, outputs)
         for index, unit_in, key in keyed:
             hit = hits.get(key) if key else None
@@ -338,10 +339,9 @@ class _RunState:
             for result in self.backend.wait(0.2):
                 if result.key in self.running:
                     self.finish(result)
-        try:
+        # The run row is released next; an attempt row lost here is reaped as CRASHED later.
+        with contextlib.suppress(Exception):
             self.recorder.flush()
-        except Exception:  # the run row is released next; a lost attempt row is reaped as CRASHED
-            pass
 
     def loop(self, heartbeat: _Heartbeat) -> tuple[str, str | None]:
         beat = self.orch.settings.execution.heartbeat_seconds

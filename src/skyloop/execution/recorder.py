@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, update
+from sqlalchemy import Table, bindparam, func, insert, update
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
 from skyloop.store import lineage
@@ -101,7 +101,7 @@ class Recorder:
             if self._inserts:
                 session.execute(insert(StepRunRow), self._inserts)
             if self._updates:
-                table = StepRunRow.__table__
+                table = cast(Table, StepRunRow.__table__)
                 # Backends that cannot tell when the worker began keep the launch time.
                 started = func.coalesce(bindparam("b_started", type_=UTCDateTime()), table.c.started_at)
                 stmt = update(table).where(table.c.id == bindparam("b_id")).values(started_at=started)
@@ -110,7 +110,7 @@ class Recorder:
                 lineage.record_edges(session, step_run_id, direction, edges)
             if self._touched:
                 lineage.touch(session, self._touched)
-            for kind, message, step_run_id, data in self._events:
-                add_event(session, self.run_id, kind, message, step_run_id, **data)
+            for kind, message, event_step, data in self._events:
+                add_event(session, self.run_id, kind, message, event_step, **data)
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()

@@ -79,7 +79,7 @@ class Run:
 
     def __init__(self, workspace: Workspace, run_id: str) -> None:
         self._ws = workspace
-        with workspace.db.session() as session:
+        with workspace.db.read() as session:
             row = get_run(session, run_id)
             rows = step_runs(session, row.id)
         self.id: str = row.id
@@ -115,7 +115,7 @@ class Run:
         spec = self.spec.task(task) if task in self.steps else None
         if spec is None:
             raise NotFound(f"run {self.id[:12]} has no step {task!r}; steps are {list(self.steps)}")
-        with self._ws.db.session() as session:
+        with self._ws.db.read() as session:
             prior = load_prior(session, self.id)
         if spec.map_over:
             units = sorted(i for (t, i) in prior.outputs if t == task and i >= 0)

@@ -7,7 +7,7 @@ import inspect
 import json
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from skyloop.errors import SpecError
 from skyloop.execution.loading import module_ref
@@ -96,7 +96,7 @@ class Pipeline(Generic[P, R]):
         refs = {d.name: ParamRef(d.name, hints.get(d.name, Any)) for d in decls}
         builder = PipelineBuilder(self.name)
         with builder.active():
-            result = self.fn(**refs)  # type: ignore[call-arg]
+            result = cast(Callable[..., Any], self.fn)(**refs)
         built: Built = builder.built()
         if not built.tasks:
             raise SpecError(f"pipeline {self.name!r} calls no step")
@@ -129,7 +129,9 @@ def pipeline(fn: Callable[P, R], /) -> Pipeline[P, R]: ...
 
 
 @overload
-def pipeline(*, name: str | None = None, description: str | None = None) -> Callable[[Callable[P, R]], Pipeline[P, R]]: ...
+def pipeline(
+    *, name: str | None = None, description: str | None = None
+) -> Callable[[Callable[P, R]], Pipeline[P, R]]: ...
 
 
 def pipeline(fn: Callable[P, R] | None = None, /, *, name: str | None = None,

@@ -22,11 +22,11 @@ class Ref:
 
     def _compare(self, op: str, value: Any) -> Condition:
         if isinstance(value, ParamRef):
-            return Condition(source=self.binding(), op=op, value_param=value.name)  # type: ignore[arg-type]
+            return Condition(source=self.binding(), op=op, value_param=value.name)
         if isinstance(value, Ref):
             raise SpecError("a condition compares an output with a constant or a parameter; "
                             "compare two outputs inside a step")
-        return Condition(source=self.binding(), op=op, value=value)  # type: ignore[arg-type]
+        return Condition(source=self.binding(), op=op, value=value)
 
     def __eq__(self, value: object) -> Condition:  # type: ignore[override]
         return self._compare("==", value)
@@ -122,7 +122,7 @@ class TaskHandle(OutputRef):
 
     def __iter__(self) -> Iterator[OutputRef]:
         if not self._multi:
-            return super().__iter__()  # type: ignore[no-any-return]
+            return super().__iter__()
         return iter(self._outputs.values())
 
     def __getitem__(self, index: int) -> OutputRef:

@@ -119,23 +119,23 @@ class Step(Generic[P, R]):
         """Whether another process can import the function by reference."""
         return module_ref(self.fn.__module__) is not None and "<locals>" not in self.fn.__qualname__
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
         """The wrapped function's signature."""
         return inspect.signature(self.fn)
 
-    @property
+    @functools.cached_property
     def input_types(self) -> dict[str, Any]:
         """Declared type of each parameter (missing ones are Any)."""
         hints = _hints(self.fn)
         return {name: hints.get(name, Any) for name in self.signature.parameters}
 
-    @property
+    @functools.cached_property
     def return_type(self) -> Any:
         """The declared return type (Any when missing)."""
         return _hints(self.fn).get("return", Any)
 
-    @property
+    @functools.cached_property
     def output_types(self) -> dict[str, Any]:
         """Name -> type of each output: the fields of a NamedTuple return, else one `output`."""
         ret = self.return_type
@@ -144,7 +144,7 @@ class Step(Generic[P, R]):
             return {f: field_types.get(f, Any) for f in ret._fields}
         return {"output": ret}
 
-    @property
+    @functools.cached_property
     def multi_output(self) -> bool:
         """Whether the step returns a NamedTuple of named outputs."""
         return _is_namedtuple(self.return_type)

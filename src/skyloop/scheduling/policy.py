@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ class ReadyQueue:
 
     def __init__(self) -> None:
         self._heap: list[Candidate] = []
+        self._cpus: Counter[float] = Counter()
+        """How many queued attempts ask for each amount of CPU: a turn ends once none can fit."""
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -45,18 +48,22 @@ class ReadyQueue:
     def push(self, candidate: Candidate) -> None:
         """Add a ready attempt."""
         heapq.heappush(self._heap, candidate)
+        self._cpus[candidate.resources.cpus] += 1
 
     def take(self, free: Resources) -> list[Candidate]:
         """Remove and return the attempts to launch now."""
         chosen: list[Candidate] = []
         skipped: list[Candidate] = []
         while self._heap and len(skipped) < BACKFILL_SCAN:
-            if free.cpus <= 1e-9 and free.memory <= 0 and free.gpus <= 0 and not free.custom:
-                break
+            if free.cpus + 1e-9 < min(self._cpus):
+                break  # not even the smallest CPU request fits
             cand = heapq.heappop(self._heap)
             if cand.resources.fits(free):
                 chosen.append(cand)
                 free = free - cand.resources
+                self._cpus[cand.resources.cpus] -= 1
+                if not self._cpus[cand.resources.cpus]:
+                    del self._cpus[cand.resources.cpus]
             else:
                 skipped.append(cand)
         for cand in skipped:

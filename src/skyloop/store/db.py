@@ -26,7 +26,8 @@ def translate_errors(action: str) -> Iterator[None]:
     try:
         yield
     except SQLAlchemyError as exc:
-        raise StoreError(f"metadata DB failed while {action}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}") from exc
+        detail = exc.args[0] if exc.args else exc
+        raise StoreError(f"metadata DB failed while {action}: {exc.__class__.__name__}: {detail}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -70,6 +71,13 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = self._sessions
+        if self.is_sqlite:
+            # Reads need no write lock: a second engine whose transactions begin deferred.
+            self.read_engine: Engine = create_engine(parsed, **kwargs)
+            event.listen(self.read_engine, "connect", _sqlite_pragmas)
+            event.listen(self.read_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+            self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
         if migrate:
             self.migrate()
 
@@ -119,6 +127,14 @@ class Database:
         with translate_errors("writing metadata"), self._sessions() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only: on SQLite it does not take the write lock."""
+        with translate_errors("reading metadata"), self._readers() as session, session.begin():
+            yield session
+
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        if self._readers is not self._sessions:
+            self.read_engine.dispose()

@@ -27,9 +27,9 @@ def _is_plain(value: object, depth: int = 0) -> bool:
     if type(value) in _PLAIN:
         return not (type(value) is float and value != value)  # NaN does not round-trip as itself
     if type(value) is list:
-        return all(_is_plain(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+        return all(_is_plain(v, depth + 1) for v in value)
     if type(value) is dict:
-        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())  # type: ignore[attr-defined]
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
     return False
 
 
@@ -46,7 +46,8 @@ def _is_ndarray(value: object) -> bool:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
         return False
-    return type(value) is np.ndarray and value.dtype != object
+    # Any object inside (also as a field of a structured dtype) needs pickle: that is joblib's job.
+    return type(value) is np.ndarray and not value.dtype.hasobject
 
 
 def _npy_dump(value: Any) -> bytes:
@@ -78,7 +79,26 @@ def _is_dataframe(value: object) -> bool:
 def _parquet_dump(value: Any) -> bytes:
     buf = io.BytesIO()
     value.to_parquet(buf, engine="pyarrow", index=True)
-    return buf.getvalue()
+    data = buf.getvalue()
+    # Parquet quietly changes some frames (list cells come back as arrays, tuple labels as a MultiIndex,
+    # datetime64[s] as [ms], int categories as ints): like a tuple for JSON, those go to joblib instead.
+    if not _same_frame(_parquet_load(data), value):
+        raise ValueError("the frame does not come back from parquet as itself")
+    return data
+
+
+def _same_frame(back: Any, value: Any) -> bool:
+    import pandas as pd
+
+    try:
+        pd.testing.assert_frame_equal(back, value, check_exact=True)
+    except AssertionError:
+        return False
+    # assert_frame_equal compares object cells loosely (a list equals an array, None equals NaN).
+    labels = [(back.index, value.index), (back.columns, value.columns)]
+    cells = [(back.iloc[:, i], value.iloc[:, i]) for i in range(value.shape[1]) if value.dtypes.iloc[i] == "O"]
+    pairs = [(x, y) for x, y in [*labels, *cells] if y.dtype == "O"]
+    return all(type(a) is type(b) for x, y in pairs for a, b in zip(x, y, strict=True))
 
 
 def _parquet_load(data: bytes) -> Any:
@@ -142,7 +162,7 @@ def serialize(value: object) -> tuple[str, bytes]:
         if serializer.matches(value):
             try:
                 return serializer.name, serializer.dump(value)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            except (pickle.PicklingError, TypeError, AttributeError, ValueError, NotImplementedError) as exc:
                 if serializer.name != "joblib":
                     continue
                 # Lambdas and local classes: joblib cannot, cloudpickle can.

@@ -109,6 +109,11 @@ class WorkerProcess:
         with contextlib.suppress(OSError):
             self.conn.send(message)
 
+    def send_bytes(self, payload: bytes) -> None:
+        """Send a launch pickled already; a dead worker is noticed elsewhere."""
+        with contextlib.suppress(OSError):
+            self.conn.send_bytes(payload)
+
     def kill(self) -> None:
         """SIGKILL the process group, while the worker is unreaped and the group id surely ours."""
         if self.proc.returncode is None:

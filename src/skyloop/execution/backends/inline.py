@@ -7,6 +7,7 @@ leaks between steps. Timeouts work only on the main thread on Unix (they use `SI
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import threading
@@ -58,13 +59,23 @@ def _alarm(timeout: float | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _captured(log_path: str) -> Iterator[None]:
-    """Send `sys.stdout` and `sys.stderr` to the log file for the block (Python-level output only)."""
-    folder = os.path.dirname(log_path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with (open(log_path, "a", encoding="utf-8") as log,
-          contextlib.redirect_stdout(log), contextlib.redirect_stderr(log)):
-        yield
+    """Send `sys.stdout` and `sys.stderr` to the log file for the block (Python-level output only).
+
+    Output is buffered and the file written only when there is some: creating a file per step costs
+    more than running a small step in-process.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        text = buffer.getvalue()
+        if text:
+            folder = os.path.dirname(log_path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(text)
 
 
 class InlineBackend:

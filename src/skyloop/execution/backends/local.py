@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections import deque
 from multiprocessing.connection import Connection
@@ -23,7 +24,7 @@ import psutil
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends._worker_process import WorkerProcess
-from skyloop.execution.procworker import READY
+from skyloop.execution.procworker import READY, UNREADABLE
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -161,10 +162,19 @@ class LocalBackend:
 
     def _dispatch(self) -> None:
         while self._queue:
-            worker = self._take_worker(self._queue[0])
+            launch = self._queue[0]
+            try:
+                payload = pickle.dumps(launch, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                self._queue.popleft()
+                error = f"cannot pass the launch to a worker: {type(exc).__name__}: {exc}"
+                self._done.append(TaskResult(key=launch.key, state=TaskState.FAILED, error=error,
+                                             ended_at=time.time()))
+                continue
+            worker = self._take_worker(launch)
             if worker is None:
                 return
-            launch = self._queue.popleft()
+            self._queue.popleft()
             worker.assign(launch)
             self._busy[launch.key] = worker
             if not worker.ready and worker.conn.poll():
@@ -172,7 +182,7 @@ class LocalBackend:
                 if worker.launch is not launch:
                     continue
             self._arm(worker)
-            worker.send(launch)
+            worker.send_bytes(payload)
 
     def _arm(self, worker: WorkerProcess) -> None:
         """Start the clock of the worker's task: its timeout counts from when the worker is up."""
@@ -200,6 +210,11 @@ class LocalBackend:
                     worker.ready = True
                     if worker.launch is not None:
                         self._arm(worker)
+                elif isinstance(message, tuple) and message[0] == UNREADABLE and worker.launch is not None:
+                    _, error, trace = message
+                    self._finish(worker, TaskResult(key=worker.launch.key, state=TaskState.FAILED, error=error,
+                                                    traceback=trace, ended_at=time.time()))
+                    break
         except (EOFError, OSError):
             exited = True
         if exited:

@@ -1,0 +1,142 @@
+"""The same store on PostgreSQL (a private server started by the `postgres_url` fixture)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, inspect, select, text
+
+from skyloop import Settings, run
+from skyloop.errors import Conflict
+from skyloop.store import lineage
+from skyloop.store.db import Database
+from skyloop.store.gc import collect_garbage
+from skyloop.store.migrations import HEAD
+from skyloop.store.models import Artifact, Base, Event, RunRow
+from skyloop.store.runs import claim_run, create_run, get_run, reap_expired_runs, utcnow
+from skyloop.store.serializers import serialize
+from skyloop.store.workspace import Workspace
+
+pytestmark = [pytest.mark.postgres, pytest.mark.integration]
+
+
+@pytest.fixture
+def pg_db(pg_url: str) -> Iterator[Database]:
+    database = Database(pg_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def pg_settings(tmp_path: Path, pg_url: str) -> Settings:
+    return Settings.for_home(tmp_path / "home").model_copy(update={"db_url": pg_url})
+
+
+def test_urls_use_psycopg_3(pg_db: Database) -> None:
+    assert pg_db.engine.dialect.driver == "psycopg"
+    assert not pg_db.is_sqlite
+
+
+def test_the_migration_applies(pg_db: Database, pg_url: str) -> None:
+    with pg_db.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
+        assert set(inspect(conn).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    again = Database(pg_url)  # opening it again finds it current
+    again.migrate()
+    again.dispose()
+
+
+def test_a_pipeline_runs_end_to_end_and_reruns_from_cache(chain: ModuleType, pg_settings: Settings) -> None:
+    first = run(chain.chain, {"n": 3000}, backend="inline", settings=pg_settings)
+    assert first.status == "SUCCEEDED", first.error
+    assert {t: s.state.value for t, s in first.steps.items()} == {"make": "SUCCEEDED", "total": "SUCCEEDED"}
+    assert first.output("total") == sum(range(3000))  # kept inline, in a bytea column
+    second = run(chain.chain, {"n": 3000}, backend="inline", settings=pg_settings)
+    assert second.status == "SUCCEEDED", second.error
+    assert {t: s.state.value for t, s in second.steps.items()} == {"make": "CACHED", "total": "CACHED"}
+    assert second.output("make") == list(range(3000))  # a blob file
+    first._ws.close()
+    second._ws.close()
+
+    workspace = Workspace.open(pg_settings)
+    try:
+        assert not (pg_settings.home / "skyloop.db").exists()  # the metadata went to PostgreSQL
+        listed = hashlib.sha256(serialize(list(range(3000)))[1]).hexdigest()
+        with workspace.db.session() as session:
+            makers = lineage.producers(session, listed)
+            readers = lineage.consumers(session, listed)
+            row = get_run(session, first.id)
+        assert [(e.run_id, e.task) for e in makers] == [(first.id, "make"), (second.id, "make")]
+        assert [(e.run_id, e.task, e.name) for e in readers] == [(first.id, "total", "xs"), (second.id, "total", "xs")]
+        for stamp in (row.created_at, row.started_at, row.ended_at):
+            assert stamp is not None and stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
+        assert first.steps["make"].started_at is not None and first.steps["make"].started_at.tzinfo is not None
+
+        report = collect_garbage(workspace, timedelta(0))
+        assert report.artifacts == 2 and not workspace.store.exists(listed)
+    finally:
+        workspace.close()
+    third = run(chain.chain, {"n": 3000}, backend="inline", settings=pg_settings)
+    assert {t: s.state.value for t, s in third.steps.items()} == {"make": "SUCCEEDED", "total": "SUCCEEDED"}
+    third._ws.close()
+
+
+def test_timestamps_come_back_timezone_aware(pg_db: Database) -> None:
+    local = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=-7)))
+    with pg_db.session() as session:
+        create_run(session, run_id="tz", pipeline="p", spec={}, params={}, backend="inline", owner="me",
+                   lease_seconds=30)
+        get_run(session, "tz").ended_at = local
+    with pg_db.session() as session:
+        row = get_run(session, "tz")
+        assert row.ended_at == local and row.ended_at.tzinfo == UTC
+        assert row.created_at.tzinfo == UTC and abs(row.created_at - utcnow()) < timedelta(minutes=1)
+        assert session.scalars(select(RunRow.id).where(RunRow.ended_at > datetime(2030, 1, 2, tzinfo=UTC))).all() \
+            == ["tz"]
+
+
+def test_record_artifacts_upserts_a_batch_with_repeats(pg_db: Database, tmp_path: Path) -> None:
+    from skyloop.store.artifacts import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    ref, other = store.put({"v": 1}), store.put({"v": 2})
+    with pg_db.session() as session:
+        lineage.record_artifacts(session, [ref, other, ref])
+    with pg_db.session() as session:
+        lineage.record_artifacts(session, [ref])
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 2
+
+
+def test_leases_on_postgres(pg_db: Database) -> None:
+    with pg_db.session() as session:
+        create_run(session, run_id="r1", pipeline="p", spec={}, params={}, backend="local", owner="alice",
+                   lease_seconds=60)
+    with pytest.raises(Conflict), pg_db.session() as session:
+        claim_run(session, "r1", "bob", lease_seconds=60)
+    with pg_db.session() as session:
+        get_run(session, "r1").lease_expires_at = utcnow() - timedelta(seconds=1)
+    with pg_db.session() as session:
+        assert reap_expired_runs(session) == ["r1"]
+    with pg_db.session() as session:
+        assert "--resume r1" in (get_run(session, "r1").error or "")
+        assert claim_run(session, "r1", "bob", lease_seconds=60).owner == "bob"
+
+
+def test_two_processes_migrate_and_insert_at_once(pg_url: str,
+                                                  concurrent_writers: Callable[[str, int, int], None]) -> None:
+    concurrent_writers(pg_url, 2, 100)
+    database = Database(pg_url)
+    with database.session() as session:
+        ids = set(session.scalars(select(RunRow.id)))
+        custom = session.scalar(select(func.count()).select_from(Event).where(Event.kind == "custom"))
+    database.dispose()
+    assert ids == {f"w{n}-{i}" for n in range(2) for i in range(100)}
+    assert custom == 200

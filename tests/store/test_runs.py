@@ -1,0 +1,196 @@
+"""Runs and their leases: creating, claiming, renewing, releasing, reaping a vanished owner's runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from skyloop.errors import Conflict, NotFound
+from skyloop.store.db import Database
+from skyloop.store.models import Event, RunRow, StepRunRow
+from skyloop.store.runs import (
+    claim_run,
+    create_run,
+    get_run,
+    list_runs,
+    reap_expired_runs,
+    release_run,
+    renew_lease,
+    step_runs,
+    utcnow,
+)
+
+
+def new_run(db: Database, run_id: str, owner: str = "alice", lease_seconds: float = 60,
+            pipeline: str = "p") -> None:
+    with db.session() as session:
+        create_run(session, run_id=run_id, pipeline=pipeline, spec={"name": pipeline}, params={},
+                   backend="local", owner=owner, lease_seconds=lease_seconds)
+
+
+def add_step_run(db: Database, run_id: str, task: str, state: str) -> str:
+    step_run_id = f"{run_id}-{task}"
+    now = utcnow()
+    with db.session() as session:
+        session.add(StepRunRow(id=step_run_id, run_id=run_id, task=task, map_index=-1, attempt=1, state=state,
+                               step_ref=f"mod:{task}", resources={}, created_at=now, started_at=now,
+                               ended_at=None if state == "RUNNING" else now))
+    return step_run_id
+
+
+def expire_lease(db: Database, run_id: str) -> None:
+    with db.session() as session:
+        session.execute(update(RunRow).where(RunRow.id == run_id)
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def events(db: Database, run_id: str) -> list[str]:
+    with db.session() as session:
+        return list(session.scalars(select(Event.kind).where(Event.run_id == run_id).order_by(Event.id)))
+
+
+def test_create_run_starts_it_owned_and_leased(db: Database) -> None:
+    before = utcnow()
+    new_run(db, "r1", lease_seconds=30)
+    with db.session() as session:
+        row = get_run(session, "r1")
+    assert (row.status, row.owner) == ("RUNNING", "alice")
+    assert row.lease_expires_at is not None
+    assert before + timedelta(seconds=29) < row.lease_expires_at < utcnow() + timedelta(seconds=31)
+    assert events(db, "r1") == ["run.started"]
+
+
+def test_get_run_by_unique_prefix(db: Database) -> None:
+    new_run(db, "abcdef111111")
+    new_run(db, "abcdef222222")
+    with db.session() as session:
+        assert get_run(session, "abcdef1").id == "abcdef111111"
+        with pytest.raises(NotFound, match="ambiguous"):
+            get_run(session, "abcdef")
+        with pytest.raises(NotFound, match="no run"):
+            get_run(session, "abc")  # too short to be a prefix
+        with pytest.raises(NotFound):
+            get_run(session, "zzzzzzzz")
+        for wildcard in ("abcdef1_", "%%%%%%", "abcdef11%"):  # LIKE wildcards are plain characters here
+            with pytest.raises(NotFound, match="no run"):
+                get_run(session, wildcard)
+
+
+def test_list_runs_newest_first_with_filters(db: Database) -> None:
+    new_run(db, "old", pipeline="a")
+    new_run(db, "mid", pipeline="b")
+    new_run(db, "new", pipeline="a")
+    with db.session() as session:
+        release_run(session, "mid", "alice", "SUCCEEDED")
+    with db.session() as session:
+        assert [r.id for r in list_runs(session)] == ["new", "mid", "old"]
+        assert [r.id for r in list_runs(session, pipeline="a")] == ["new", "old"]
+        assert [r.id for r in list_runs(session, status="succeeded")] == ["mid"]
+        assert [r.id for r in list_runs(session, limit=1)] == ["new"]
+
+
+def test_claiming_a_run_with_a_live_lease_is_a_conflict(db: Database) -> None:
+    new_run(db, "r1", owner="alice", lease_seconds=60)
+    with pytest.raises(Conflict, match="held by a live process \\(alice\\)"), db.session() as session:
+        claim_run(session, "r1", "bob", lease_seconds=60)
+    with db.session() as session:
+        assert get_run(session, "r1").owner == "alice"
+
+
+def test_a_run_of_a_dead_local_process_can_be_claimed_before_its_lease_ends(db: Database) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_owner = f"{socket.gethostname()}:{gone.stdout.strip()}:abc123"
+    live_owner = f"{socket.gethostname()}:{os.getpid()}:def456"
+    new_run(db, "dead", owner=dead_owner, lease_seconds=600)
+    new_run(db, "live", owner=live_owner, lease_seconds=600)
+    new_run(db, "remote", owner="some-other-host:1:abc", lease_seconds=600)
+    with db.session() as session:
+        assert claim_run(session, "dead", "bob", lease_seconds=60).owner == "bob"
+    for run_id in ("live", "remote"):
+        with pytest.raises(Conflict, match="live process"), db.session() as session:
+            claim_run(session, run_id, "bob", lease_seconds=60)
+
+
+def test_the_owner_may_claim_its_own_run(db: Database) -> None:
+    new_run(db, "r1", owner="alice")
+    with db.session() as session:
+        assert claim_run(session, "r1", "alice", lease_seconds=60).owner == "alice"
+
+
+def test_a_run_can_be_claimed_once_its_lease_expired(db: Database) -> None:
+    new_run(db, "r1", owner="alice", lease_seconds=60)
+    expire_lease(db, "r1")
+    with db.session() as session:
+        row = claim_run(session, "r1", "bob", lease_seconds=60)
+        assert (row.owner, row.status) == ("bob", "RUNNING")
+        assert row.lease_expires_at is not None and row.lease_expires_at > utcnow() + timedelta(seconds=50)
+    with db.session() as session:
+        # The old owner learns it lost the run at its next heartbeat; the new one keeps renewing.
+        assert renew_lease(session, "r1", "alice", 60) is False
+        assert renew_lease(session, "r1", "bob", 60) is True
+    assert events(db, "r1") == ["run.started", "run.adopted"]
+    with db.session() as session:
+        adopted = session.scalars(select(Event).where(Event.kind == "run.adopted")).one()
+        assert adopted.data == {"previous_owner": "alice"}
+    with pytest.raises(Conflict), db.session() as session:
+        claim_run(session, "r1", "alice", lease_seconds=60)
+
+
+def test_a_released_run_can_be_claimed_and_a_succeeded_one_cannot(db: Database) -> None:
+    new_run(db, "failed", owner="alice")
+    new_run(db, "done", owner="alice")
+    with db.session() as session:
+        release_run(session, "failed", "alice", "FAILED", "step 'x' FAILED: boom")
+        release_run(session, "done", "alice", "SUCCEEDED")
+    with db.session() as session:
+        row = get_run(session, "failed")
+        assert (row.status, row.owner, row.lease_expires_at, row.error) == ("FAILED", None, None,
+                                                                             "step 'x' FAILED: boom")
+        assert row.ended_at is not None
+        claimed = claim_run(session, "failed", "bob", lease_seconds=60)
+        assert (claimed.owner, claimed.status, claimed.error, claimed.ended_at) == ("bob", "RUNNING", None, None)
+    with pytest.raises(Conflict, match="already succeeded"), db.session() as session:
+        claim_run(session, "done", "bob", lease_seconds=60)
+
+
+def test_release_by_someone_else_changes_nothing(db: Database) -> None:
+    new_run(db, "r1", owner="alice")
+    with db.session() as session:
+        release_run(session, "r1", "mallory", "FAILED")
+    with db.session() as session:
+        row = get_run(session, "r1")
+        assert (row.status, row.owner) == ("RUNNING", "alice")
+
+
+def test_reaping_fails_runs_whose_lease_expired(db: Database) -> None:
+    new_run(db, "lost", owner="alice")
+    running = add_step_run(db, "lost", "train", "RUNNING")
+    finished = add_step_run(db, "lost", "load", "SUCCEEDED")
+    new_run(db, "alive", owner="bob")
+    alive_step = add_step_run(db, "alive", "train", "RUNNING")
+    expire_lease(db, "lost")
+    with db.session() as session:
+        assert reap_expired_runs(session) == ["lost"]
+    with db.session() as session:
+        run = get_run(session, "lost")
+        assert (run.status, run.owner, run.lease_expires_at) == ("FAILED", None, None)
+        assert run.error is not None and "--resume lost" in run.error and "alice" in run.error
+        states = {r.id: r.state for r in step_runs(session, "lost")}
+        assert states == {running: "CRASHED", finished: "SUCCEEDED"}
+        crashed = session.get(StepRunRow, running)
+        assert crashed is not None and crashed.ended_at is not None and crashed.error
+        assert get_run(session, "alive").status == "RUNNING"
+        alive = session.get(StepRunRow, alive_step)
+        assert alive is not None and alive.state == "RUNNING"
+    assert events(db, "lost")[-1] == "run.lost"
+    with db.session() as session:
+        assert reap_expired_runs(session) == []  # nothing is reaped twice
+    with db.session() as session:
+        assert claim_run(session, "lost", "carol", lease_seconds=60).status == "RUNNING"  # and it can resume

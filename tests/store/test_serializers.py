@@ -1,0 +1,231 @@
+"""Type-aware serializers: each value comes back as itself, through the serializer meant for it."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skyloop.store.serializers import deserialize, serialize, type_name
+
+
+@dataclass
+class Point:
+    """A user class importable by reference (joblib pickles it by name)."""
+
+    x: float
+    y: float
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+def roundtrip(value: object) -> tuple[str, Any]:
+    name, data = serialize(value)
+    return name, deserialize(name, data)
+
+
+@pytest.mark.parametrize("value", [
+    None,
+    0,
+    -3,
+    2**70,
+    1.5,
+    -0.0,
+    math.inf,
+    True,
+    "héllo \u2603",
+    [],
+    {},
+    [1, "two", None, 3.0, [4, [5]]],
+    {"a": {"b": [1, 2, {"c": None}]}, "d": True},
+])
+def test_plain_values_use_json_and_keep_their_types(value: object) -> None:
+    name, back = roundtrip(value)
+    assert name == "json"
+    assert back == value
+    assert type(back) is type(value)
+    if isinstance(value, float):
+        assert math.copysign(1.0, back) == math.copysign(1.0, value)
+
+
+@pytest.mark.parametrize("value", [
+    (1, 2),
+    {"pair": (1, 2)},
+    [1, (2, 3)],
+    {1: "int key"},
+    Color.RED,
+    b"bytes",
+    {1, 2},
+])
+def test_values_json_would_change_go_to_joblib(value: object) -> None:
+    name, back = roundtrip(value)
+    assert name == "joblib"
+    assert back == value
+    assert type(back) is type(value)
+
+
+def test_a_tuple_is_not_silently_turned_into_a_list() -> None:
+    name, back = roundtrip({"shape": (2, 3)})
+    assert name == "joblib"
+    assert type(back["shape"]) is tuple
+
+
+@pytest.mark.parametrize("value", [math.nan, [1.0, math.nan], {"loss": math.nan}])
+def test_nan_goes_to_joblib(value: object) -> None:
+    name, back = roundtrip(value)
+    assert name == "joblib"
+    assert repr(back) == repr(value)
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.linspace(0, 1, 7, dtype=np.float32),
+    np.array([True, False, True]),
+    np.array([1 + 2j, 3 - 4j], dtype=np.complex128),
+    np.array(["a", "bcd"]),
+    np.array(["2024-01-01", "2025-06-30"], dtype="datetime64[D]"),
+    np.zeros((2, 0, 3), dtype=np.uint8),
+    np.array(3.5),
+    np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    np.array([(1, 2.5)], dtype=[("id", "i4"), ("score", "f8")]),
+])
+def test_numpy_arrays_use_npy(array: np.ndarray[Any, Any]) -> None:
+    name, back = roundtrip(array)
+    assert name == "npy"
+    assert type(back) is np.ndarray
+    assert back.dtype == array.dtype
+    assert back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+@pytest.mark.parametrize("array", [
+    np.array([{"a": 1}, None], dtype=object),
+    np.array([(1, {"a": 1})], dtype=[("id", "i4"), ("meta", "O")]),  # an object hidden in a field
+])
+def test_arrays_holding_objects_go_to_joblib(array: np.ndarray[Any, Any]) -> None:
+    name, back = roundtrip(array)
+    assert name == "joblib"
+    assert back.dtype == array.dtype
+    assert back.tolist() == array.tolist()
+
+
+def test_dataframes_use_parquet() -> None:
+    frame = pd.DataFrame({
+        "i": [1, 2, 3],
+        "f": [0.5, math.nan, 2.5],
+        "s": ["x", "y", None],
+        "t": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"], utc=True),
+    }, index=pd.Index([10, 20, 30], name="row"))
+    name, back = roundtrip(frame)
+    assert name == "parquet"
+    pd.testing.assert_frame_equal(back, frame)
+
+
+@pytest.mark.parametrize("frame", [
+    pd.DataFrame({0: [1, 2], 1: [3, 4]}),  # parquet wants string column names
+    pd.DataFrame([[1, 2]], columns=["a", "a"]),  # ... unique ones
+    pd.DataFrame({"a": [1, "x"]}),  # arrow cannot type a mixed column
+    pd.DataFrame({"a": [Point(0, 1)]}),  # nor a user object
+    pd.DataFrame({"a": [1j, 2j]}),  # nor complex numbers
+    pd.DataFrame({"a": [[1, 2], [3]]}),  # list cells would come back as numpy arrays
+    pd.DataFrame({"a": [(1, 2), (3, 4)]}),  # tuple cells too
+    pd.DataFrame({"a": ["x", math.nan]}),  # NaN in a text column would come back as None
+    pd.DataFrame({"a": pd.Series([1, 2], dtype="category")}),  # int categories would come back as ints
+    pd.DataFrame({"a": np.array(["2024-01-01"], dtype="datetime64[s]")}),  # seconds would come back as ms
+    pd.DataFrame({"a": [1, 2]}, index=pd.date_range("2024-01-01", periods=2, freq="D")),  # the freq would be lost
+])
+def test_dataframes_parquet_would_change_go_to_joblib(frame: pd.DataFrame) -> None:
+    name, back = roundtrip(frame)
+    assert name == "joblib"
+    pd.testing.assert_frame_equal(back, frame)
+    for i in range(frame.shape[1]):
+        assert [type(v) for v in back.iloc[:, i]] == [type(v) for v in frame.iloc[:, i]]
+
+
+@pytest.mark.parametrize("frame", [
+    pd.DataFrame(),
+    pd.DataFrame({"s": ["x", None], "n": pd.array([1, None], dtype="Int64")}),
+    pd.DataFrame({"c": pd.Categorical(["x", "y", "x"])}),
+    pd.DataFrame({"d": [{"k": 1}, {"k": 2}]}),
+    pd.DataFrame({"a": [1.0]}, index=pd.MultiIndex.from_tuples([(1, "x")], names=["i", "j"])),
+])
+def test_frames_parquet_keeps_as_they_are_use_parquet(frame: pd.DataFrame) -> None:
+    name, back = roundtrip(frame)
+    assert name == "parquet"
+    pd.testing.assert_frame_equal(back, frame)
+
+
+def test_a_fitted_sklearn_model_uses_joblib() -> None:
+    from sklearn.linear_model import LinearRegression
+
+    x = np.arange(10.0).reshape(-1, 1)
+    model = LinearRegression().fit(x, 3 * x.ravel() + 1)
+    name, back = roundtrip(model)
+    assert name == "joblib"
+    assert type(back) is LinearRegression
+    np.testing.assert_allclose(back.predict(x), model.predict(x))
+
+
+def test_a_user_class_uses_joblib() -> None:
+    name, back = roundtrip([Point(1.0, 2.0)])
+    assert name == "joblib"
+    assert back == [Point(1.0, 2.0)]
+
+
+def test_a_lambda_falls_back_to_cloudpickle() -> None:
+    offset = 10
+    name, back = roundtrip(lambda v: v + offset)
+    assert name == "pickle"
+    assert back(5) == 15
+
+
+def test_a_local_class_falls_back_to_cloudpickle() -> None:
+    class Local:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+    name, back = roundtrip(Local(7))
+    assert name == "pickle"
+    assert back.v == 7
+
+
+def test_a_value_nothing_can_serialize_raises_type_error() -> None:
+    with pytest.raises(TypeError, match=r"_thread\.lock"):
+        serialize({"lock": threading.Lock()})
+
+
+def test_equal_dicts_in_any_key_order_give_the_same_bytes() -> None:
+    a = {"b": 1, "a": [1, 2], "c": {"y": 2, "x": 1}}
+    b = {"c": {"x": 1, "y": 2}, "a": [1, 2], "b": 1}
+    assert list(a) != list(b)
+    assert hashlib.sha256(serialize(a)[1]).digest() == hashlib.sha256(serialize(b)[1]).digest()
+
+
+def test_serializing_twice_gives_the_same_bytes() -> None:
+    for value in ({"k": [1.5, "s"]}, np.arange(5), pd.DataFrame({"a": [1, 2]})):
+        assert serialize(value) == serialize(value)
+
+
+def test_unknown_serializer_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="joblib"):
+        deserialize("yaml", b"")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1, "int"),
+    ([1], "list"),
+    (np.zeros(1), "numpy.ndarray"),
+    (pd.DataFrame(), "pandas.core.frame.DataFrame"),
+    (Point(0, 0), f"{__name__}.Point"),
+])
+def test_type_name(value: object, expected: str) -> None:
+    assert type_name(value) == expected
