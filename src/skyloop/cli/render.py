@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from skyloop.cli.progress import state_text
 from skyloop.execution.run import Run
 
-__all__ = ["run_json", "run_table"]
+__all__ = ["run_json", "run_table", "show_run"]
 
 
 def run_json(run: Run) -> dict[str, Any]:
@@ -37,3 +39,13 @@ def run_table(run: Run) -> Table:
         table.add_row(name, state_text(info.state.value), str(info.attempts), str(info.units), seconds,
                       (info.error or "")[:200])
     return table
+
+
+def show_run(console: Console, run: Run, as_json: bool) -> None:
+    """Print a run as a table (and its error), or as JSON for scripts."""
+    if as_json:
+        print(json.dumps(run_json(run), indent=2, default=str))
+        return
+    console.print(run_table(run))
+    if run.error:
+        console.print(f"[red]{run.error}[/]", highlight=False)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
 
 from skyloop.cli.main import console, state
-from skyloop.cli.render import run_json, run_table
+from skyloop.cli.render import show_run
 from skyloop.errors import SpecError
 from skyloop.execution.api import load_target
 from skyloop.execution.params import parse_cli_params
@@ -56,12 +55,7 @@ def run(
                                   resume=resume)
     else:
         result = run_pipeline(loaded, params, backend=backend, settings=settings, resume=resume)
-    if as_json:
-        print(json.dumps(run_json(result), indent=2, default=str))
-    else:
-        console.print(run_table(result))
-        if result.error:
-            console.print(f"[red]{result.error}[/]", highlight=False)
+    show_run(console, result, as_json)
     if not result.succeeded:
         raise typer.Exit(1)
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from skyloop.cli.main import console, state
 from skyloop.cli.progress import state_text
-from skyloop.cli.render import run_json, run_table
+from skyloop.cli.render import show_run
 from skyloop.execution.run import Run
 from skyloop.store.runs import list_runs, reap_expired_runs
 from skyloop.store.workspace import Workspace
@@ -56,13 +56,7 @@ def list_(
 @app.command()
 def show(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """One run: its steps, states, attempts and errors."""
-    run = Run(_workspace(), run_id)
-    if as_json:
-        print(json.dumps(run_json(run), indent=2, default=str))
-    else:
-        console.print(run_table(run))
-        if run.error:
-            console.print(f"[red]{run.error}[/]", highlight=False)
+    show_run(console, Run(_workspace(), run_id), as_json)
 
 
 @app.command()

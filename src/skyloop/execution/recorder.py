@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
-
-from sqlalchemy import Table, bindparam, func, insert, update
+from typing import Any
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database
-from skyloop.store.models import StepRunRow, UTCDateTime
+from skyloop.store.hotpath import INSERT_STEP_RUN, UPDATE_STEP_RUN
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
@@ -72,8 +70,8 @@ class Recorder:
     def finished(self, result: TaskResult) -> None:
         """An attempt's end as the backend reported it."""
         self._updates.append({
-            "b_id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
-            "b_started": _ts(result.started_at),
+            "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
+            "started_at": _ts(result.started_at),
             "error": result.error, "traceback": result.traceback, "worker": result.worker,
             "max_rss": result.max_rss,
         })
@@ -99,13 +97,9 @@ class Recorder:
             if self._artifacts:
                 lineage.record_artifacts(session, self._artifacts.values())
             if self._inserts:
-                session.execute(insert(StepRunRow), self._inserts)
+                session.execute(INSERT_STEP_RUN, self._inserts)
             if self._updates:
-                table = cast(Table, StepRunRow.__table__)
-                # Backends that cannot tell when the worker began keep the launch time.
-                started = func.coalesce(bindparam("b_started", type_=UTCDateTime()), table.c.started_at)
-                stmt = update(table).where(table.c.id == bindparam("b_id")).values(started_at=started)
-                session.connection().execute(stmt, self._updates)
+                session.execute(UPDATE_STEP_RUN, self._updates)
             for step_run_id, direction, edges in self._edges:
                 lineage.record_edges(session, step_run_id, direction, edges)
             if self._touched:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_, TaskState
+from skyloop.execution.worker import load_input
 from skyloop.spec.pipeline import Condition, ConstInput, InputBinding, ParamInput, TaskInput, TaskSpec
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 
@@ -67,19 +68,9 @@ def resolve_binding(binding: InputBinding, params: dict[str, Any], tasks: dict[s
     return Literal_(binding.value)
 
 
-def _value(value: InputValue, store: ArtifactStore) -> Any:
-    if isinstance(value, Literal_):
-        return value.value
-    if isinstance(value, ArtifactRef):
-        return store.get(value)
-    if isinstance(value, Gathered):
-        return [store.get(ref) for ref in value.refs]
-    raise TypeError(value)
-
-
 def evaluate(cond: Condition, params: dict[str, Any], tasks: dict[str, TaskProgress], store: ArtifactStore) -> bool:
     """Whether a `when` condition holds."""
-    left = _value(resolve_binding(cond.source, params, tasks), store)
+    left = load_input(resolve_binding(cond.source, params, tasks), store)
     if cond.op == "truthy":
         return bool(left)
     if cond.op == "falsy":

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
 
-from sqlalchemy import Table, and_, exists, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, exists, select, update
 from sqlalchemy.orm import Session
 
 from skyloop.errors import NotFound
 from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.hotpath import INSERT_EDGE, UPSERT_ARTIFACT
 from skyloop.store.models import Artifact, ArtifactPin, Lineage, RunRow, StepRunRow
 from skyloop.store.runs import ACTIVE_RUN_STATES, utcnow
 
@@ -46,20 +45,11 @@ def record_artifacts(session: Session, refs: Iterable[ArtifactRef]) -> None:
     now = utcnow()
     # One row per digest: PostgreSQL refuses an upsert that touches the same row twice.
     rows = list({r.digest: {"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300],
-                            "size": r.size, "created_at": now, "last_used_at": now, "deleted_at": None,
-                            "data": r.data}
+                            "size": r.size, "created_at": now, "last_used_at": now, "data": r.data}
                  for r in refs}.values())
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    # One statement run for many rows (compiled once and cached), not a new multi-VALUES text per batch.
-    stmt = insert(cast(Table, Artifact.__table__))
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Artifact.digest],
-        set_={"last_used_at": stmt.excluded.last_used_at, "deleted_at": None, "data": stmt.excluded.data},
-    )
-    session.connection().execute(stmt, rows)
+    session.execute(UPSERT_ARTIFACT, rows)
 
 
 def record_edges(session: Session, step_run_id: str, direction: str,
@@ -68,7 +58,7 @@ def record_edges(session: Session, step_run_id: str, direction: str,
     rows = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
              "position": position} for name, digest, position in edges]
     if rows:
-        session.execute(cast(Table, Lineage.__table__).insert(), rows)
+        session.execute(INSERT_EDGE, rows)
 
 
 def touch(session: Session, digests: Iterable[str]) -> None:
