@@ -20,7 +20,14 @@ class ExecutionSettings(BaseModel):
     max_memory: int | None = None
     """Bytes of memory the local backend may hand out; default: the machine's total memory."""
     max_gpus: int | None = None
-    """GPUs the local backend may hand out; default: 0 (none detected without CUDA)."""
+    """GPUs the local backend may hand out; default: as many as `gpu_ids` names, else 0."""
+    gpu_ids: list[int] | None = None
+    """Device ids the local backend hands to steps that ask for GPUs (sets CUDA_VISIBLE_DEVICES);
+    default: 0..max_gpus-1."""
+    memory_margin: float = 0.25
+    """A step whose resident memory passes its request by this fraction is killed as OUT_OF_MEMORY."""
+    memory_poll_seconds: float = 0.1
+    """How often the local backend samples the memory of running steps."""
     max_workers: int | None = None
     """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
     lease_seconds: float = 30.0
