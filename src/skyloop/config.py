@@ -26,10 +26,20 @@ class ExecutionSettings(BaseModel):
     default: 0..max_gpus-1."""
     memory_margin: float = 0.25
     """A step whose resident memory passes its request by this fraction is killed as OUT_OF_MEMORY."""
+    pools: dict[str, int] = Field(default_factory=dict)
+    """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs."""
+    aging_seconds: float = 300.0
+    """A step waiting this long for resources rises one priority class, so nothing starves."""
+    default_estimate_seconds: float = 1.0
+    """Expected duration of a step never seen before (before history teaches better)."""
+    agent_poll_seconds: float = 1.0
+    """How often `skyloop agent` looks for queued runs and runs whose owner is gone."""
     memory_poll_seconds: float = 0.1
     """How often the local backend samples the memory of running steps."""
     max_workers: int | None = None
     """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
+    ray_address: str | None = None
+    """Address of a running Ray cluster (`host:port`) for the ray backend; default: start a local one."""
     lease_seconds: float = 30.0
     """A run's lease: another process may adopt the run when no heartbeat came for this long."""
     heartbeat_seconds: float = 5.0

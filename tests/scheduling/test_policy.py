@@ -1,33 +1,54 @@
-"""The launch policy: priority, arrival order, fitting and backfill."""
+"""The launch policy: classes, aging, fair share, rank, pools, best fit, backfill with a reservation."""
 
 from __future__ import annotations
 
-from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, ReadyQueue, select
+import skyloop.scheduling
+from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
 from skyloop.spec.resources import Resources
 
+GiB = 2**30
 
-def _c(key: int, cpus: float = 1, priority: int = 0, memory: int = 0, gpus: int = 0) -> Candidate:
-    return Candidate(key=key, resources=Resources(cpus=cpus, memory=memory, gpus=gpus), priority=priority, seq=key)
+
+def _c(key: int, cpus: float = 1, priority: int = 0, memory: int = 0, gpus: int = 0, run: str = "",
+       rank: float = 0.0, estimate: float = 0.0, pool: str | None = None, ready_at: float = 0.0,
+       custom: dict[str, float] | None = None) -> Candidate:
+    return Candidate(key=key, resources=Resources(cpus=cpus, memory=memory, gpus=gpus, custom=custom or {}),
+                     priority=priority, seq=key, run_id=run, rank=rank, estimate=estimate, pool=pool,
+                     ready_at=ready_at)
+
+
+def _keys(chosen: list[Candidate]) -> list[int]:
+    return [c.key for c in chosen]
 
 
 def test_priority_then_arrival_order() -> None:
     chosen = select([_c(1), _c(2, priority=5), _c(3), _c(4, priority=5)], Resources(cpus=3))
-    assert [c.key for c in chosen] == [2, 4, 1]
+    assert _keys(chosen) == [2, 4, 1]
+
+
+def test_class_comes_before_rank() -> None:
+    chosen = select([_c(1, rank=1000), _c(2, priority=1, rank=1)], Resources(cpus=1))
+    assert _keys(chosen) == [2]
+
+
+def test_longest_rank_first_then_arrival() -> None:
+    chosen = select([_c(1, rank=5), _c(2, rank=50), _c(3, rank=20), _c(4, rank=50)], Resources(cpus=4))
+    assert _keys(chosen) == [2, 4, 3, 1]
 
 
 def test_backfill_takes_smaller_requests_behind_a_large_one() -> None:
     chosen = select([_c(1, cpus=4), _c(2, cpus=1), _c(3, gpus=1), _c(4, cpus=1)], Resources(cpus=2))
-    assert [c.key for c in chosen] == [2, 4]
+    assert _keys(chosen) == [2, 4]
 
 
 def test_what_does_not_fit_stays_queued_in_order() -> None:
     queue = ReadyQueue()
     for i in range(1, 6):
         queue.push(_c(i))
-    assert [c.key for c in queue.take(Resources(cpus=2))] == [1, 2]
+    assert _keys(queue.take(Resources(cpus=2))) == [1, 2]
     assert len(queue) == 3
-    assert [c.key for c in queue.take(Resources(cpus=0.5))] == []
-    assert [c.key for c in queue.take(Resources(cpus=8))] == [3, 4, 5]
+    assert _keys(queue.take(Resources(cpus=0.5))) == []
+    assert _keys(queue.take(Resources(cpus=8))) == [3, 4, 5]
     assert len(queue) == 0
 
 
@@ -38,3 +59,148 @@ def test_backfill_scan_is_bounded() -> None:
     queue.push(_c(10_000, cpus=1))  # fits, but sits behind more misses than a turn looks past
     assert queue.take(Resources(cpus=4, memory=5)) == []
     assert len(queue) == BACKFILL_SCAN + 11
+    queue = ReadyQueue(PolicyConfig(backfill_scan=3))
+    for i in range(5):
+        queue.push(_c(i, memory=10, rank=100 - i))
+    queue.push(_c(99))
+    assert queue.take(Resources(cpus=4, memory=5)) == []
+    queue.config.backfill_scan = 10
+    assert _keys(queue.take(Resources(cpus=4, memory=5))) == [99]
+
+
+def test_remove_and_replace() -> None:
+    queue = ReadyQueue()
+    for i in range(3):
+        queue.push(_c(i))
+    assert queue.remove(1) and not queue.remove(1)
+    queue.push(_c(0, priority=-1))  # the same key again replaces the queued one
+    assert len(queue) == 2
+    assert _keys(queue.take(Resources(cpus=8))) == [2, 0]
+
+
+def test_aging_lifts_a_starved_low_priority_task() -> None:
+    queue = ReadyQueue(PolicyConfig(aging_seconds=10))
+    queue.push(_c(1, priority=0, run="batch", rank=1, ready_at=0))
+    for key in range(2, 12):
+        queue.push(_c(key, priority=2, run="urgent", rank=100, ready_at=5))
+    busy = [_c(100, priority=2, run="urgent")]  # the urgent run already holds the machine's other CPU
+    assert _keys(queue.take(Resources(cpus=1), now=9, running=busy)) == [2]
+    assert _keys(queue.take(Resources(cpus=1), now=15, running=busy)) == [3]  # one class up is not enough
+    assert _keys(queue.take(Resources(cpus=1), now=21, running=busy)) == [1]  # two are: fair share serves it
+
+
+def test_aging_off_keeps_classes() -> None:
+    queue = ReadyQueue(PolicyConfig(aging_seconds=0))
+    queue.push(_c(1, priority=0, run="batch"))
+    queue.push(_c(2, priority=1, run="urgent"))
+    assert _keys(queue.take(Resources(cpus=1), now=1e9)) == [2]
+
+
+def test_aging_does_not_reorder_one_class() -> None:
+    queue = ReadyQueue(PolicyConfig(aging_seconds=1))
+    queue.push(_c(1, rank=1, ready_at=0))
+    queue.push(_c(2, rank=50, ready_at=100))
+    assert _keys(queue.take(Resources(cpus=1), now=101)) == [2]  # waited longer, but nobody is above it
+
+
+def test_fair_share_alternates_between_two_runs() -> None:
+    cands = [_c(i, run="a", rank=100 - i) for i in range(4)] + [_c(10 + i, run="b", rank=10 - i) for i in range(4)]
+    assert _keys(select(cands, Resources(cpus=6))) == [0, 10, 1, 11, 2, 12]
+
+
+def test_fair_share_counts_what_runs() -> None:
+    cands = [_c(i, run="a", rank=100) for i in range(4)] + [_c(10 + i, run="b", rank=1) for i in range(4)]
+    running = [_c(50, cpus=2, run="a")]
+    assert _keys(select(cands, Resources(cpus=3), running=running)) == [10, 11, 0]
+
+
+def test_fair_share_honours_weights() -> None:
+    config = PolicyConfig(run_weights={"a": 2.0})
+    cands = [_c(i, run="a") for i in range(6)] + [_c(10 + i, run="b") for i in range(6)]
+    chosen = select(cands, Resources(cpus=6), config)
+    assert sum(c.run_id == "a" for c in chosen) == 4 and sum(c.run_id == "b" for c in chosen) == 2
+
+
+def test_fair_share_off_orders_runs_by_rank() -> None:
+    config = PolicyConfig(fair_share=False)
+    cands = [_c(i, run="a", rank=100 - i) for i in range(4)] + [_c(10 + i, run="b", rank=10 - i) for i in range(4)]
+    assert _keys(select(cands, Resources(cpus=4), config)) == [0, 1, 2, 3]
+
+
+def test_pools_hold_across_runs() -> None:
+    config = PolicyConfig(pools={"gpu-train": 1})
+    cands = [_c(1, run="a", pool="gpu-train"), _c(2, run="b", pool="gpu-train"), _c(3, run="b", pool="other")]
+    assert _keys(select(cands, Resources(cpus=8), config)) == [1, 3]  # an unknown pool has no limit
+    busy = [_c(9, run="c", pool="gpu-train")]
+    assert _keys(select(cands, Resources(cpus=8), config, running=busy)) == [3]
+    config.pools["gpu-train"] = 2
+    assert _keys(select(cands, Resources(cpus=8), config)) == [1, 2, 3]
+
+
+def test_best_fit_among_equals_fills_the_scarcest_resource() -> None:
+    # Same class, run and rank: the 4-CPU request fills the 4 free CPUs exactly; the 3-CPU one would strand one.
+    assert _keys(select([_c(1, cpus=3), _c(2, cpus=4)], Resources(cpus=4))) == [2]
+    # Memory is what is tight for the first: it takes 90% of the free memory, the second 50% of the CPUs.
+    chosen = select([_c(1, cpus=2, memory=1 * GiB), _c(2, cpus=1, memory=9 * GiB)], Resources(cpus=4, memory=10 * GiB))
+    assert _keys(chosen) == [2, 1]
+
+
+def test_best_fit_does_not_override_rank_unless_within_the_window() -> None:
+    cands = [_c(1, cpus=3, rank=100), _c(2, cpus=4, rank=95)]
+    assert _keys(select(cands, Resources(cpus=4))) == [1]
+    assert _keys(select(cands, Resources(cpus=4), PolicyConfig(fit_window=0.1))) == [2]
+
+
+def test_reservation_keeps_the_blocked_head_on_time() -> None:
+    # 3 of 4 CPUs run a task expected to end in 10 s; the head needs all 4.
+    running = [_c(99, cpus=3, estimate=10)]
+    head = _c(1, cpus=4, rank=1000)
+    short, long = _c(2, rank=10, estimate=5), _c(3, rank=20, estimate=100)
+    assert _keys(select([head, short, long], Resources(cpus=1), running=running)) == [2]
+
+
+def test_reservation_lets_long_work_use_what_the_head_leaves_spare() -> None:
+    # 8 CPUs, 3 busy until t=10; the head needs 6, so 2 stay spare after it starts.
+    running = [_c(99, cpus=3, estimate=10)]
+    cands = [_c(1, cpus=6, rank=1000)] + [_c(i, rank=10 - i, estimate=100) for i in range(2, 6)]
+    assert _keys(select(cands, Resources(cpus=5), running=running)) == [2, 3]
+
+
+def test_reservation_uses_when_this_queue_launched_what_runs() -> None:
+    queue = ReadyQueue()
+    queue.push(_c(99, cpus=3, estimate=10))
+    running = queue.take(Resources(cpus=3), now=0)
+    queue.push(_c(1, cpus=4, rank=1000))
+    queue.push(_c(2, estimate=4))
+    assert queue.take(Resources(cpus=1), now=7, running=running) == []  # started at 0: ends at 10, 7 + 4 > 10
+    queue.push(_c(3, estimate=2))
+    assert _keys(queue.take(Resources(cpus=1), now=7, running=running)) == [3]
+
+
+def test_without_estimates_backfill_is_greedy() -> None:
+    running = [_c(99, cpus=3)]
+    assert _keys(select([_c(1, cpus=4, rank=9), _c(2), _c(3)], Resources(cpus=1), running=running)) == [2]
+
+
+def test_custom_resources_are_packed_too() -> None:
+    cands = [_c(1, custom={"license": 1}), _c(2, custom={"license": 1}), _c(3)]
+    assert _keys(select(cands, Resources(cpus=8, custom={"license": 1}))) == [1, 3]
+    assert _keys(select(cands, Resources(cpus=8))) == [3]
+
+
+def test_nothing_is_lost_across_many_turns() -> None:
+    queue = ReadyQueue(PolicyConfig(aging_seconds=3, pools={"p": 1}))
+    for i in range(200):
+        queue.push(_c(i, cpus=1 + i % 3, priority=i % 2, run=f"r{i % 5}", rank=i % 17, estimate=i % 7,
+                      pool="p" if i % 11 == 0 else None, ready_at=i / 10))
+    launched: list[int] = []
+    now = 0.0
+    while len(queue):
+        now += 1
+        launched += _keys(queue.take(Resources(cpus=3), now=now))
+    assert sorted(launched) == list(range(200))
+
+
+def test_package_exports_resolve() -> None:
+    for name in skyloop.scheduling.__all__:
+        assert getattr(skyloop.scheduling, name) is not None

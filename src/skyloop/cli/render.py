@@ -22,7 +22,8 @@ def run_json(run: Run) -> dict[str, Any]:
         "created_at": run.created_at, "started_at": run.started_at, "ended_at": run.ended_at,
         "steps": {
             name: {"state": info.state.value, "attempts": info.attempts, "units": info.units,
-                   "seconds": info.seconds, "error": info.error}
+                   "seconds": info.seconds, "estimate_seconds": info.estimate, "actual_seconds": info.actual,
+                   "estimate_source": info.estimate_source, "error": info.error}
             for name, info in run.steps.items()
         },
     }
@@ -32,12 +33,12 @@ def run_table(run: Run) -> Table:
     """The steps of a run with state, attempts, units and time."""
     title = f"run {run.id}  {run.pipeline}  "
     table = Table(title=title + run.status, title_justify="left")
-    for column in ("step", "state", "attempts", "units", "time", "error"):
+    for column in ("step", "state", "attempts", "units", "time", "est/unit", "actual/unit", "error"):
         table.add_column(column, overflow="fold")
     for name, info in run.steps.items():
-        seconds = f"{info.seconds:.2f}s" if info.seconds is not None else ""
-        table.add_row(name, state_text(info.state.value), str(info.attempts), str(info.units), seconds,
-                      (info.error or "")[:200])
+        table.add_row(name, state_text(info.state.value), str(info.attempts), str(info.units), _secs(info.seconds),
+                      _secs(info.estimate) + (" (default)" if info.estimate_source == "default" else ""),
+                      _secs(info.actual), (info.error or "")[:200])
     return table
 
 
@@ -49,3 +50,7 @@ def show_run(console: Console, run: Run, as_json: bool) -> None:
     console.print(run_table(run))
     if run.error:
         console.print(f"[red]{run.error}[/]", highlight=False)
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:.2f}s" if value is not None else ""

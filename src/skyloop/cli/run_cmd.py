@@ -21,7 +21,8 @@ __all__ = ["register"]
 def run(
     target: Annotated[str | None, typer.Argument(help="FILE.py:PIPELINE, module:PIPELINE or SPEC.yaml")] = None,
     param: Annotated[list[str] | None, typer.Option("-p", "--param", help="NAME=VALUE (repeatable)")] = None,
-    backend: Annotated[str | None, typer.Option(help="inline | local")] = None,
+    backend: Annotated[str | None, typer.Option(help="inline | local | ray")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use with --backend ray.")] = None,
     resume: Annotated[str | None, typer.Option(help="Resume this unfinished run.")] = None,
     max_cpus: Annotated[float | None, typer.Option(help="CPUs the steps may use at once.")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory the steps may use at once, e.g. 8Gi.")] = None,
@@ -35,7 +36,7 @@ def run(
     if target is None and resume is None:
         raise SpecError("give a pipeline to run (FILE.py:PIPELINE or SPEC.yaml) or --resume RUN_ID")
     memory = parse_memory(max_memory) if max_memory else None
-    settings = state.settings(max_cpus=max_cpus, max_memory=memory, max_gpus=max_gpus)
+    settings = state.settings(max_cpus=max_cpus, max_memory=memory, max_gpus=max_gpus, ray_address=ray_address)
     loaded: Pipeline[Any, Any] | CompiledPipeline | PipelineSpec | None = (
         load_target(target) if target is not None else None)
     params = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,18 @@ from skyloop.config import Settings
 from skyloop.errors import SpecError
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.loading import load_file_module, resolve
-from skyloop.execution.orchestrator import Observer, Orchestrator, Prepared
+from skyloop.execution.orchestrator import Orchestrator
 from skyloop.execution.params import resolve_params
 from skyloop.execution.run import Run
+from skyloop.execution.runstate import Observer, Prepared
 from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
 from skyloop.pipelines.step import Step
 from skyloop.pipelines.validate import validate_spec
 from skyloop.spec.pipeline import PipelineSpec, StepRef
-from skyloop.store.runs import get_run
+from skyloop.store.runs import create_run, get_run
 from skyloop.store.workspace import Workspace
 
-__all__ = ["BACKENDS", "dump_spec", "load_spec", "load_target", "make_backend", "prepare", "run"]
+__all__ = ["BACKENDS", "dump_spec", "load_spec", "load_target", "make_backend", "prepare", "run", "submit"]
 
 BACKENDS = ("inline", "local", "ray")
 
@@ -128,7 +130,9 @@ def make_backend(name: str, settings: Settings) -> Backend:
 
         return LocalBackend(settings.execution)
     if name == "ray":
-        raise SpecError("the ray backend is not available yet in this version; use --backend local")
+        from skyloop.execution.backends.ray import RayBackend
+
+        return RayBackend(settings.execution, address=settings.execution.ray_address)
     raise SpecError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -156,12 +160,35 @@ def run(target: Target | None = None, params: dict[str, Any] | None = None, *, b
             prepared = prepare(target, params)
         engine = make_backend(backend or settings.execution.backend, settings)
         engine.start()
+        orchestrator = Orchestrator(settings, workspace.db, workspace.store, engine, observer)
         try:
-            orchestrator = Orchestrator(settings, workspace.db, workspace.store, engine, observer)
             run_id = orchestrator.resume(resume, prepared) if resume is not None else orchestrator.start(prepared)
         finally:
+            orchestrator.close()
             engine.shutdown()
         return Run(workspace, run_id)
     except BaseException:
         workspace.close()
         raise
+
+
+def submit(target: Target, params: dict[str, Any] | None = None, *, priority: int = 0, weight: float = 1.0,
+           backend: str | None = None, settings: Settings | None = None) -> str:
+    """Validate a pipeline and queue a run of it for `skyloop agent`; returns the run id."""
+    settings = settings or Settings()
+    prepared = prepare(target, params)
+    local = [name for name, step in prepared.steps.items() if not step.importable]
+    if local:
+        raise SpecError(f"steps {local} are defined in __main__ or inside a function, so an agent cannot import "
+                        "them; move them to a module or a .py file")
+    workspace = Workspace.open(settings)
+    try:
+        run_id = uuid.uuid4().hex
+        with workspace.db.session() as session:
+            create_run(session, run_id=run_id, pipeline=prepared.spec.name,
+                       spec=prepared.spec.model_dump(mode="json"), params=prepared.params,
+                       backend=backend or settings.execution.backend, owner=None, lease_seconds=0,
+                       priority=priority, weight=weight)
+        return run_id
+    finally:
+        workspace.close()

@@ -1,7 +1,8 @@
-"""The run loop: walk the DAG, check the cache, launch what fits, record every transition in the DB.
+"""The run loop: drive one or many runs on one backend, launching what the scheduling policy picks.
 
-All state that matters lives in the metadata DB; the in-memory view here can be rebuilt from it,
-which is what `resume` does after the orchestrator process was killed.
+All state that matters lives in the metadata DB; the in-memory view can be rebuilt from it, which is
+what `resume` does after an orchestrator process was killed. Each turn: activate ready tasks of every
+run, let the policy pick what fits, commit the RUNNING rows, launch, wait for ends.
 """
 
 from __future__ import annotations
@@ -13,362 +14,264 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import cloudpickle
+from dataclasses import dataclass, field
 
 from skyloop.config import Settings
-from skyloop.errors import Conflict
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.cache import cache_key, find_cached
+from skyloop.execution.estimates import estimate_run
 from skyloop.execution.history import Prior, crash_orphans, load_prior
 from skyloop.execution.recorder import Recorder
-from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
-from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
-from skyloop.pipelines.step import Step, code_hash
-from skyloop.pipelines.validate import topological_order
-from skyloop.scheduling.policy import Candidate, ReadyQueue
-from skyloop.spec.pipeline import PipelineSpec, TaskSpec
+from skyloop.execution.runstate import Observer, Prepared, RunState
+from skyloop.execution.tasks import TaskLaunch, TaskResult
+from skyloop.execution.units import Unit
+from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
-from skyloop.store.runs import claim_run, create_run, release_run, renew_lease
+from skyloop.store.runs import claim_run, create_run, disown_runs, release_run, renew_leases
 
 __all__ = ["Observer", "Orchestrator", "Prepared"]
 
-_FAILED = (TaskState.FAILED, TaskState.TIMED_OUT, TaskState.CRASHED, TaskState.OUT_OF_MEMORY,
-           TaskState.CANCELLED, TaskState.UPSTREAM_FAILED)
 
+class _Heartbeat(threading.Thread):
+    """Renews the leases of every run this orchestrator holds, so nobody adopts a live run."""
 
-class Observer(Protocol):
-    """Told about progress (the CLI draws it)."""
+    def __init__(self, orch: Orchestrator) -> None:
+        super().__init__(name="skyloop-heartbeat", daemon=True)
+        self.orch = orch
+        self.stopped = threading.Event()
+        self.lost: set[str] = set()
+        """Runs another process took over (their leases were not ours any more)."""
 
-    def task_changed(self, task: str, state: TaskState, done: int, total: int) -> None:
-        """A task changed state, or one more of its units finished."""
-
-    def run_changed(self, run_id: str, status: str) -> None:
-        """The run started, was adopted, or ended."""
+    def run(self) -> None:
+        execution = self.orch.settings.execution
+        while not self.stopped.wait(execution.heartbeat_seconds):
+            held = list(self.orch.runs)
+            if not held:
+                continue
+            try:
+                with self.orch.db.session() as session:
+                    kept = renew_leases(session, held, self.orch.owner, execution.lease_seconds)
+            except Exception:  # a busy DB: try again at the next beat; the lease has slack
+                continue
+            self.lost.update(set(held) - kept)
 
 
 @dataclass
-class Prepared:
-    """A validated spec, the steps behind its tasks, and checked parameter values."""
-
-    spec: PipelineSpec
-    steps: dict[str, Step[Any, Any]]
-    params: dict[str, Any]
-
-
-class _Heartbeat(threading.Thread):
-    """Renews the run's lease so that nobody adopts a run whose orchestrator is alive."""
-
-    def __init__(self, db: Database, run_id: str, owner: str, settings: Settings) -> None:
-        super().__init__(name=f"skyloop-heartbeat-{run_id[:8]}", daemon=True)
-        self.db, self.run_id, self.owner = db, run_id, owner
-        self.interval = settings.execution.heartbeat_seconds
-        self.lease = settings.execution.lease_seconds
-        self.stopped = threading.Event()
-        self.lost = False
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                with self.db.session() as session:
-                    if not renew_lease(session, self.run_id, self.owner, self.lease):
-                        self.lost = True
-                        return
-            except Exception:  # a busy DB: try again at the next beat; the lease has slack
-                continue
+class _Entry:
+    run: RunState
+    unit: Unit
+    candidate: Candidate = field(init=False)
 
 
 class Orchestrator:
-    """Runs one pipeline run to its end on a backend."""
+    """Drives runs to their ends on one backend; `skyloop run` holds one run, `skyloop agent` many."""
 
     def __init__(self, settings: Settings, db: Database, store: ArtifactStore, backend: Backend,
                  observer: Observer | None = None) -> None:
         self.settings, self.db, self.store, self.backend = settings, db, store, backend
         self.observer = observer
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        execution = settings.execution
+        self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools))
+        self.queue = ReadyQueue(self.config)
+        self.recorder = Recorder(db)
+        self.capacity = backend.capacity()
+        self.in_use = Resources(cpus=0, memory=0, gpus=0)
+        self.runs: dict[str, RunState] = {}
+        self.pending: dict[int, _Entry] = {}
+        self.running: dict[str, _Entry] = {}
+        self.delayed: list[tuple[float, int, _Entry]] = []
+        self.finished: dict[str, tuple[str, str | None]] = {}
+        self._seq = 0
+        self._heartbeat = _Heartbeat(self)
+        self._heartbeat.start()
 
-    # -- entry points -------------------------------------------------------------------------------
-    def start(self, prepared: Prepared, priority: int = 0) -> str:
+    # -- runs in and out ----------------------------------------------------------------------------
+    def start(self, prepared: Prepared, priority: int = 0, weight: float = 1.0) -> str:
         """Create a run of `prepared` and drive it to its end; returns the run id."""
+        run_id = self.create(prepared, priority, weight)
+        self.drive_until_done(run_id)
+        return run_id
+
+    def create(self, prepared: Prepared, priority: int = 0, weight: float = 1.0) -> str:
+        """Create a run owned by this orchestrator and hold it (it advances with `turn`)."""
         run_id = uuid.uuid4().hex
         with self.db.session() as session:
             create_run(session, run_id=run_id, pipeline=prepared.spec.name,
                        spec=prepared.spec.model_dump(mode="json"), params=prepared.params,
                        backend=self.backend.name, owner=self.owner,
-                       lease_seconds=self.settings.execution.lease_seconds, priority=priority)
-        self._drive(run_id, prepared, Prior())
+                       lease_seconds=self.settings.execution.lease_seconds, priority=priority, weight=weight)
+        self.hold(run_id, prepared, Prior(), priority, weight)
         return run_id
 
     def resume(self, run_id: str, prepared: Prepared) -> str:
         """Adopt an unfinished run and complete it without re-running finished units."""
-        with self.db.session() as session:
-            row = claim_run(session, run_id, self.owner, self.settings.execution.lease_seconds)
-            run_id = row.id
-            crash_orphans(session, run_id, "orchestrator lost while the step ran; re-run on resume")
-            prior = load_prior(session, run_id)
-        self._drive(run_id, prepared, prior)
+        run_id = self.adopt(run_id, prepared)
+        self.drive_until_done(run_id)
         return run_id
 
-    # -- the loop -----------------------------------------------------------------------------------
-    def _drive(self, run_id: str, prepared: Prepared, prior: Prior) -> None:
-        self._run = _RunState(self, run_id, prepared, prior)
-        heartbeat = _Heartbeat(self.db, run_id, self.owner, self.settings)
-        heartbeat.start()
+    def adopt(self, run_id: str, prepared: Prepared) -> str:
+        """Claim a run whose owner is gone (or a queued one) and hold it."""
+        with self.db.session() as session:
+            row = claim_run(session, run_id, self.owner, self.settings.execution.lease_seconds)
+            crash_orphans(session, row.id, "orchestrator lost while the step ran; re-run on resume")
+            prior = load_prior(session, row.id)
+            priority, weight = row.priority, row.weight
+        self.hold(row.id, prepared, prior, priority, weight)
+        return row.id
+
+    def hold(self, run_id: str, prepared: Prepared, prior: Prior, priority: int, weight: float) -> None:
+        """Start advancing a run this process owns in the DB."""
+        with self.db.read() as session:
+            estimates, ranks = estimate_run(session, prepared, self.settings.execution.default_estimate_seconds)
+        self.runs[run_id] = RunState(
+            run_id, prepared, prior, db=self.db, store=self.store, recorder=self.recorder,
+            capacity=self.capacity, backend_name=self.backend.name, logs=self.settings.logs_dir / run_id,
+            priority=priority, weight=weight, estimates=estimates, ranks=ranks, observer=self.observer,
+        )
+        self.config.run_weights[run_id] = weight
         if self.observer:
             self.observer.run_changed(run_id, "RUNNING")
-        status, error = "FAILED", None
-        try:
-            status, error = self._run.loop(heartbeat)
-        except KeyboardInterrupt:
-            self._run.cancel_all()
-            status, error = "CANCELLED", "cancelled by the user"
-            raise
-        except BaseException as exc:
-            self._run.cancel_all()
-            error = f"orchestrator error: {type(exc).__name__}: {exc}"
-            raise
-        finally:
-            heartbeat.stopped.set()
-            heartbeat.join(timeout=5)
-            if not heartbeat.lost:
-                with self.db.session() as session:
-                    release_run(session, run_id, self.owner, status, error)
-            if self.observer:
-                self.observer.run_changed(run_id, status)
 
+    def _release(self, run: RunState, status: str, error: str | None) -> None:
+        self.runs.pop(run.run_id, None)
+        self.config.run_weights.pop(run.run_id, None)
+        self.finished[run.run_id] = (status, error)
+        if run.run_id not in self._heartbeat.lost:
+            with self.db.session() as session:
+                release_run(session, run.run_id, self.owner, status, error)
+        if self.observer:
+            self.observer.run_changed(run.run_id, status)
 
-class _RunState:
-    """The in-memory view of one run while the loop drives it."""
+    # -- the loop -----------------------------------------------------------------------------------
+    def _enqueue(self, run: RunState, unit: Unit) -> None:
+        self._seq += 1
+        unit.seq = self._seq
+        entry = _Entry(run, unit)
+        self._push(entry)
 
-    def __init__(self, orch: Orchestrator, run_id: str, prepared: Prepared, prior: Prior) -> None:
-        self.orch, self.run_id, self.prior = orch, run_id, prior
-        self.spec, self.steps, self.params = prepared.spec, prepared.steps, prepared.params
-        self.store, self.backend = orch.store, orch.backend
-        self.recorder = Recorder(orch.db, run_id)
-        order = topological_order(self.spec)
-        specs = {t.name: t for t in self.spec.tasks}
-        self.tasks = {n: TaskProgress(specs[n], specs[n].upstream()) for n in order}
-        self.dependents: dict[str, list[str]] = {n: [] for n in order}
-        for name, progress in self.tasks.items():
-            for dep in progress.waiting_on:
-                self.dependents[dep].append(name)
-        self.ready: deque[str] = deque(n for n in order if not self.tasks[n].waiting_on)
-        self.pending: dict[int, Unit] = {}
-        self.queue = ReadyQueue()
-        self.delayed: list[tuple[float, int, Unit]] = []
-        self.running: dict[str, Unit] = {}
-        self.capacity = self.backend.capacity()
-        self.in_use = Resources(cpus=0, memory=0, gpus=0)
-        self.seq = 0
-        self.payloads: dict[str, bytes | None] = {}
-        self.logs = orch.settings.logs_dir / run_id
-        self.ok_units = 0
+    def _push(self, entry: _Entry) -> None:
+        run, unit = entry.run, entry.unit
+        estimate = run.estimate(unit)[0]
+        entry.candidate = Candidate(
+            key=unit.seq, resources=unit.task.resources, priority=run.priority + unit.task.priority, seq=unit.seq,
+            run_id=run.run_id, rank=run.ranks.get(unit.task.name, estimate), estimate=estimate,
+            pool=unit.task.pool, ready_at=time.monotonic(),
+        )
+        self.pending[unit.seq] = entry
+        self.queue.push(entry.candidate)
 
-    # -- progress ----------------------------------------------------------------------------------
-    def _notify(self, progress: TaskProgress) -> None:
-        if self.orch.observer:
-            self.orch.observer.task_changed(progress.spec.name, progress.state, len(progress.unit_outputs),
-                                            progress.size)
-
-    def _complete(self, progress: TaskProgress, state: TaskState, error: str | None = None) -> None:
-        progress.state, progress.error = state, error
-        if state.ok and state != TaskState.SKIPPED:
-            progress.gather()
-        if state in _FAILED:
-            self.recorder.event("step.failed", f"step {progress.spec.name!r} ended {state.value}: {error}")
-        self._notify(progress)
-        for name in self.dependents[progress.spec.name]:
-            waiting = self.tasks[name].waiting_on
-            waiting.discard(progress.spec.name)
-            if not waiting:
-                self.ready.append(name)
-
-    def _next_attempt(self, task: str, index: int) -> tuple[int, str]:
-        attempt = self.prior.attempts.get((task, index), 0) + 1
-        self.prior.attempts[(task, index)] = attempt
-        return attempt, uuid.uuid4().hex
-
-    def _record_end(self, task: TaskSpec, state: TaskState, error: str) -> None:
-        attempt, step_run_id = self._next_attempt(task.name, -1)
-        self.recorder.attempt(step_run_id=step_run_id, task=task.name, map_index=-1, attempt=attempt,
-                              state=state.value, step_ref=task.step.path,
-                              resources=task.resources.model_dump(mode="json"), error=error)
-
-    # -- activation: a task whose upstream tasks all ended ----------------------------------------
-    def activate(self, name: str) -> None:
-        progress = self.tasks[name]
-        task = progress.spec
-        upstream = [self.tasks[d] for d in task.upstream()]
-        failed = [u.spec.name for u in upstream if u.state in _FAILED]
-        if failed:
-            self._record_end(task, TaskState.UPSTREAM_FAILED, f"upstream step(s) {failed} did not succeed")
-            return self._complete(progress, TaskState.UPSTREAM_FAILED, f"upstream {failed} failed")
-        skipped = [u.spec.name for u in upstream if u.state == TaskState.SKIPPED]
-        if skipped:
-            self._record_end(task, TaskState.SKIPPED, f"upstream step(s) {skipped} were skipped")
-            return self._complete(progress, TaskState.SKIPPED)
-        try:
-            false = [c.describe() for c in task.when if not evaluate(c, self.params, self.tasks, self.store)]
-            inputs = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()}
-            unit_inputs = expand(task, inputs, self.store)
-        except (ValueError, KeyError) as exc:
-            self._record_end(task, TaskState.FAILED, str(exc))
-            return self._complete(progress, TaskState.FAILED, str(exc))
-        if false:
-            self._record_end(task, TaskState.SKIPPED, f"condition `{false[0]}` is false")
-            return self._complete(progress, TaskState.SKIPPED)
-        if not task.resources.fits(self.capacity):
-            error = (f"step asks for {task.resources.model_dump(mode='json')} but the {self.backend.name} backend "
-                     f"offers {self.capacity.model_dump(mode='json')}; lower the request or raise --max-cpus etc.")
-            self._record_end(task, TaskState.FAILED, error)
-            return self._complete(progress, TaskState.FAILED, error)
-        progress.size = len(unit_inputs)
-        step = self.steps[name]
-        code = code_hash(step.fn)
-        all_cached = True
-        outputs = [o.name for o in task.outputs]
-        keyed: list[tuple[int, dict[str, InputValue], str | None]] = []
-        for i, unit_in in enumerate(unit_inputs):
-            index = i if task.map_over else -1
-            done = self.prior.outputs.get((name, index))
-            if done is not None:
-                progress.unit_outputs[index] = done
-                all_cached = False
-            else:
-                keyed.append((index, unit_in, cache_key(code, task.cache.version, unit_in)
-                              if task.cache.enabled else None))
-        wanted = [key for _, _, key in keyed if key]
-        hits = {}
-        if wanted:
-            with self.orch.db.read() as session:
-                hits = find_cached(session, wanted, outputs)
-        for index, unit_in, key in keyed:
-            hit = hits.get(key) if key else None
-            if hit is not None:
-                attempt, step_run_id = self._next_attempt(name, index)
-                self.recorder.attempt(step_run_id=step_run_id, task=name, map_index=index, attempt=attempt,
-                                      state="CACHED", step_ref=task.step.path, code_hash=code, cache_key=key,
-                                      resources=task.resources.model_dump(mode="json"), inputs=unit_in,
-                                      cached_from=hit[0], outputs=hit[1])
-                progress.unit_outputs[index] = hit[1]
-                continue
-            all_cached = False
-            self.seq += 1
-            self._enqueue(Unit(task, index, unit_in, key, self.seq))
-        if len(progress.unit_outputs) == progress.size:
-            return self._complete(progress, TaskState.CACHED if all_cached and progress.size else TaskState.SUCCEEDED)
-        progress.state = TaskState.RUNNING
-        self._notify(progress)
-
-    # -- launching ---------------------------------------------------------------------------------
-    def _payload(self, name: str) -> bytes | None:
-        if name not in self.payloads:
-            step = self.steps[name]
-            self.payloads[name] = None if step.importable else cloudpickle.dumps(step.fn)
-        return self.payloads[name]
-
-    def _enqueue(self, unit: Unit) -> None:
-        self.pending[unit.seq] = unit
-        self.queue.push(Candidate(key=unit.seq, resources=unit.task.resources, priority=unit.task.priority,
-                                  seq=unit.seq))
-
-    def launch_ready(self) -> list[TaskLaunch]:
+    def _launch_ready(self) -> list[TaskLaunch]:
         now = time.monotonic()
         while self.delayed and self.delayed[0][0] <= now:
-            self._enqueue(heapq.heappop(self.delayed)[2])
+            self._push(heapq.heappop(self.delayed)[2])
         if not self.pending:
             return []
+        running = [e.candidate for e in self.running.values()]
         launches = []
-        for cand in self.queue.take(self.capacity - self.in_use):
-            unit = self.pending.pop(cand.key)
-            task = unit.task
-            unit.attempt, unit.step_run_id = self._next_attempt(task.name, unit.index)
-            suffix = f"-{unit.index}" if unit.index >= 0 else ""
-            log_path = str(self.logs / f"{task.name}{suffix}.{unit.attempt}.log")
-            self.recorder.attempt(step_run_id=unit.step_run_id, task=task.name, map_index=unit.index,
-                                  attempt=unit.attempt, state="RUNNING", step_ref=task.step.path,
-                                  code_hash=code_hash(self.steps[task.name].fn), cache_key=unit.cache_key,
-                                  resources=task.resources.model_dump(mode="json"), inputs=unit.inputs,
-                                  log_path=log_path)
-            self.in_use = self.in_use + task.resources
-            self.running[unit.step_run_id] = unit
-            launches.append(TaskLaunch(
-                key=unit.step_run_id, task_name=task.name, step=task.step, inputs=unit.inputs,
-                output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
-                resources=task.resources, timeout=task.timeout, log_path=log_path,
-                artifacts_url=self.store.url, fn_payload=self._payload(task.name),
-            ))
+        for cand in self.queue.take(self.capacity - self.in_use, now=now, running=running):
+            entry = self.pending.pop(cand.key)
+            launch = entry.run.launch(entry.unit)
+            self.in_use = self.in_use + entry.unit.task.resources
+            self.running[launch.key] = entry
+            launches.append(launch)
         return launches
 
-    # -- results -----------------------------------------------------------------------------------
-    def finish(self, result: TaskResult) -> None:
-        unit = self.running.pop(result.key)
-        self.in_use = self.in_use - unit.task.resources
-        self.recorder.finished(result)
-        progress = self.tasks[unit.task.name]
-        if progress.state.done:
-            return  # a sibling unit already failed the task
-        if result.state == TaskState.SUCCEEDED:
-            missing = [o.name for o in unit.task.outputs if o.name not in result.outputs]
-            if not missing:
-                progress.unit_outputs[unit.index] = result.outputs
-                self._notify(progress)
-                if len(progress.unit_outputs) == progress.size:
-                    self._complete(progress, TaskState.SUCCEEDED)
-                return
-        retry = unit.task.retry
-        if result.state != TaskState.CANCELLED and unit.attempt <= retry.retries:
-            delay = retry.delay * retry.backoff ** (unit.attempt - 1)
-            self.recorder.event("step.retry", f"step {unit.task.name!r} attempt {unit.attempt} ended "
-                                f"{result.state.value} ({result.error}); retrying in {delay:g}s", result.key)
-            unit.not_before = time.monotonic() + delay
-            heapq.heappush(self.delayed, (unit.not_before, unit.seq, unit))
+    def _finish(self, result: TaskResult) -> None:
+        entry = self.running.pop(result.key, None)
+        if entry is None:
             return
-        self._complete(progress, result.state, result.error)
+        self.in_use = self.in_use - entry.unit.task.resources
+        delay = entry.run.finish(entry.unit, result)
+        if delay is not None:
+            heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
 
-    def cancel_all(self) -> None:
+    def turn(self, max_wait: float) -> None:
+        """One pass: activate, launch what the policy picks, wait up to `max_wait` for ends, close runs."""
+        for run_id in list(self._heartbeat.lost & set(self.runs)):
+            self._drop(self.runs[run_id])
+        for run in list(self.runs.values()):
+            run.activate_ready(self._enqueue)
+        launches = self._launch_ready()
+        self.recorder.flush()
+        for launch in launches:
+            self.backend.submit(launch)
+        for run in [r for r in self.runs.values() if r.done]:
+            self.recorder.flush()
+            self._release(run, *run.outcome())
+        if not self.runs:
+            return
+        if not (self.running or self.delayed or launches) and self.pending:
+            # Requests are checked against capacity on activation, so this cannot happen; say so loudly.
+            raise RuntimeError(f"{len(self.pending)} step(s) wait for resources that will never free up")
+        timeout = max_wait
+        if self.delayed:
+            timeout = max(0.0, min(timeout, self.delayed[0][0] - time.monotonic()))
+        if self.running or self.delayed:
+            for result in self.backend.wait(timeout):
+                self._finish(result)
+
+    def _drop(self, run: RunState) -> None:
+        """Stop driving a run another process adopted (its lease was lost)."""
+        for key, entry in list(self.running.items()):
+            if entry.run is run:
+                self.backend.cancel(key)
+        for seq, entry in list(self.pending.items()):
+            if entry.run is run:
+                del self.pending[seq]
+                self.queue.remove(seq)
+        self.delayed = [d for d in self.delayed if d[2].run is not run]
+        heapq.heapify(self.delayed)
+        self.runs.pop(run.run_id, None)
+        self.finished[run.run_id] = ("LOST", "adopted by another process")
+
+    def drive_until_done(self, run_id: str) -> None:
+        """Turn until `run_id` has ended (other runs held advance too)."""
+        beat = self.settings.execution.heartbeat_seconds
+        try:
+            while run_id in self.runs:
+                self.turn(beat)
+        except BaseException as exc:
+            status = "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            error = "cancelled by the user" if status == "CANCELLED" else \
+                f"orchestrator error: {type(exc).__name__}: {exc}"
+            self.abort(status, error)
+            raise
+
+    def abort(self, status: str, error: str) -> None:
+        """Cancel everything running and end every held run with `status`."""
         for key in list(self.running):
             self.backend.cancel(key)
         deadline = time.monotonic() + 5
         while self.running and time.monotonic() < deadline:
             for result in self.backend.wait(0.2):
-                if result.key in self.running:
-                    self.finish(result)
-        # The run row is released next; an attempt row lost here is reaped as CRASHED later.
+                entry = self.running.pop(result.key, None)
+                if entry is not None:
+                    self.recorder.finished(result)
+        # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
         with contextlib.suppress(Exception):
             self.recorder.flush()
+        for run in list(self.runs.values()):
+            with contextlib.suppress(Exception):
+                self._release(run, status, error)
 
-    def loop(self, heartbeat: _Heartbeat) -> tuple[str, str | None]:
-        beat = self.orch.settings.execution.heartbeat_seconds
-        while True:
-            if heartbeat.lost:
-                raise Conflict(f"run {self.run_id} was adopted by another process; this one stops")
-            while self.ready:
-                self.activate(self.ready.popleft())
-            launches = self.launch_ready()
+    def relinquish(self) -> None:
+        """Give up every held run: cancel its attempts and clear the owner so another process adopts it."""
+        for key in list(self.running):
+            self.backend.cancel(key)
+        deadline = time.monotonic() + 5
+        while self.running and time.monotonic() < deadline:
+            for result in self.backend.wait(0.2):
+                if self.running.pop(result.key, None) is not None:
+                    self.recorder.finished(result)
+        with contextlib.suppress(Exception):
             self.recorder.flush()
-            for launch in launches:
-                self.backend.submit(launch)
-            if not (self.running or self.pending or self.delayed or self.ready):
-                break
-            if not (self.running or self.delayed or launches):
-                # Cannot happen while requests are checked against capacity on activation; fail loudly.
-                raise RuntimeError(f"{len(self.pending)} step(s) wait for resources that will never free up")
-            timeout = beat
-            if self.delayed:
-                timeout = max(0.0, min(timeout, self.delayed[0][0] - time.monotonic()))
-            for result in self.backend.wait(timeout):
-                if result.key in self.running:
-                    self.finish(result)
-        failed = [p for p in self.tasks.values() if p.state in _FAILED]
-        self.recorder.flush()
-        if not failed:
-            return "SUCCEEDED", None
-        first = next((p for p in failed if p.state != TaskState.UPSTREAM_FAILED), failed[0])
-        return "FAILED", f"step {first.spec.name!r} {first.state.value}: {first.error}"
+        with self.db.session() as session:
+            disown_runs(session, list(self.runs), self.owner)
+        self.runs.clear()
 
+    def close(self) -> None:
+        """Stop the heartbeat (held runs keep their leases until they expire)."""
+        self._heartbeat.stopped.set()
+        self._heartbeat.join(timeout=5)

@@ -35,31 +35,34 @@ def _ts(seconds: float | None) -> datetime | None:
 
 @dataclass
 class Recorder:
-    """Collects the writes of one loop turn and applies them in one transaction."""
+    """Collects the writes of one loop turn (for every run the orchestrator holds) and applies them in
+    one transaction."""
 
     db: Database
-    run_id: str
     _inserts: list[dict[str, Any]] = field(default_factory=list)
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
     _edges: list[tuple[str, str, list[tuple[str, str, int]]]] = field(default_factory=list)
     _touched: set[str] = field(default_factory=set)
-    _events: list[tuple[str, str, str | None, dict[str, Any]]] = field(default_factory=list)
+    _events: list[tuple[str, str, str, str | None, dict[str, Any]]] = field(default_factory=list)
 
-    def attempt(self, *, step_run_id: str, task: str, map_index: int, attempt: int, state: str, step_ref: str,
+    def attempt(self, *, run_id: str, step_run_id: str, task: str, map_index: int, attempt: int, state: str,
+                step_ref: str,
                 resources: dict[str, Any], code_hash: str | None = None, cache_key: str | None = None,
                 inputs: dict[str, InputValue] | None = None, log_path: str | None = None,
                 error: str | None = None, cached_from: str | None = None,
-                outputs: dict[str, ArtifactRef] | None = None) -> None:
+                outputs: dict[str, ArtifactRef] | None = None, estimate: tuple[float, str] | None = None,
+                input_bytes: int | None = None) -> None:
         """A new attempt row (RUNNING before launch, or already ended: CACHED, SKIPPED, ...)."""
         now = utcnow()
         ended = state not in ("RUNNING", "PENDING")
         self._inserts.append({
-            "id": step_run_id, "run_id": self.run_id, "task": task, "map_index": map_index, "attempt": attempt,
+            "id": step_run_id, "run_id": run_id, "task": task, "map_index": map_index, "attempt": attempt,
             "state": state, "step_ref": step_ref, "code_hash": code_hash, "cache_key": cache_key,
             "resources": resources, "created_at": now, "started_at": now, "ended_at": now if ended else None,
             "error": error, "traceback": None, "log_path": log_path, "worker": None, "max_rss": None,
-            "cached_from": cached_from,
+            "cached_from": cached_from, "estimate_seconds": estimate[0] if estimate else None,
+            "estimate_source": estimate[1] if estimate else None, "input_bytes": input_bytes,
         })
         if inputs:
             self._edges.append((step_run_id, "in", input_edges(inputs)))
@@ -80,9 +83,10 @@ class Recorder:
         if result.outputs:
             self._edges.append((result.key, "out", [(n, r.digest, -1) for n, r in result.outputs.items()]))
 
-    def event(self, kind: str, message: str = "", step_run_id: str | None = None, **data: Any) -> None:
+    def event(self, run_id: str, kind: str, message: str = "", step_run_id: str | None = None,
+              **data: Any) -> None:
         """A run event to record with this turn."""
-        self._events.append((kind, message, step_run_id, data))
+        self._events.append((run_id, kind, message, step_run_id, data))
 
     @property
     def pending(self) -> bool:
@@ -104,7 +108,7 @@ class Recorder:
                 lineage.record_edges(session, step_run_id, direction, edges)
             if self._touched:
                 lineage.touch(session, self._touched)
-            for kind, message, event_step, data in self._events:
-                add_event(session, self.run_id, kind, message, event_step, **data)
+            for run_id, kind, message, event_step, data in self._events:
+                add_event(session, run_id, kind, message, event_step, **data)
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()

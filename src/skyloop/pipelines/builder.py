@@ -106,7 +106,7 @@ class PipelineBuilder:
             input_types={n: type_str(t) for n, t in step.input_types.items()},
             outputs=step.output_decls(), multi_output=step.multi_output, map_over=map_over,
             when=list(self._conditions), resources=step.resources, retry=step.retry,
-            timeout=step.timeout, cache=step.cache, priority=step.priority,
+            timeout=step.timeout, cache=step.cache, priority=step.priority, pool=step.pool,
         )
         self.tasks.append(spec)
         self.steps[task] = step

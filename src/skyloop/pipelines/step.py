@@ -61,6 +61,7 @@ class Step(Generic[P, R]):
         cache: bool = True,
         cache_version: str = "",
         priority: int = 0,
+        pool: str | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
@@ -74,6 +75,7 @@ class Step(Generic[P, R]):
             raise SpecError(f"@step {self.name!r}: timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
         self.priority = priority
+        self.pool = pool
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -102,6 +104,7 @@ class Step(Generic[P, R]):
             "name": self.name, "resources": self.resources, "retries": self.retry.retries,
             "retry_delay": self.retry.delay, "retry_backoff": self.retry.backoff, "timeout": self.timeout,
             "cache": self.cache.enabled, "cache_version": self.cache.version, "priority": self.priority,
+            "pool": self.pool,
         }
         unknown = set(options) - set(current)
         if unknown:
@@ -190,11 +193,16 @@ def step(
     cache: bool = True,
     cache_version: str = "",
     priority: int = 0,
+    pool: str | None = None,
 ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
 
 def step(fn: Callable[P, R] | None = None, /, **options: Any) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
-    """Mark a function as a step: `@step` or `@step(resources=Resources(cpus=2), retries=2, timeout=60)`."""
+    """Mark a function as a step: `@step` or `@step(resources=Resources(cpus=2), retries=2, timeout=60)`.
+
+    `priority` orders steps inside a run's priority class; `pool` names a concurrency pool whose limit
+    (settings `execution.pools`) holds across all runs.
+    """
     if fn is not None:
         return Step(fn, **options)
 

@@ -1,0 +1,37 @@
+"""Scheduling without I/O: which ready steps to launch, how long steps take, and a simulator to prove it.
+
+- `policy`: `ReadyQueue` orders ready attempts by priority class (with aging), fair share between
+  runs, upward rank (critical path first) and arrival, packs them best-fit with EASY backfilling,
+  and honours concurrency pools across runs.
+- `ranks`: upward ranks (longest remaining path) from per-task estimates.
+- `estimates`: expected durations learned from a step's history (median or EWMA, scaled by input size).
+- `workloads` and `simulator`: seeded synthetic runs and an event-driven simulator with FIFO and
+  Airflow-style baselines and a makespan lower bound (`benchmarks/scheduling.py` uses them).
+"""
+
+from __future__ import annotations
+
+from skyloop.scheduling.estimates import Estimate, Estimator, Sample
+from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
+from skyloop.scheduling.ranks import upward_ranks
+from skyloop.scheduling.simulator import ListQueue, Scheduler, SimResult, downstream_weights, lower_bound, simulate
+from skyloop.scheduling.workloads import (
+    FAMILIES,
+    WORKSTATION,
+    WORKSTATION_POOLS,
+    Scenario,
+    SimRun,
+    SimTask,
+    fork_join,
+    layered_dag,
+    ml_pipeline,
+    realize,
+)
+
+__all__ = [
+    "BACKFILL_SCAN", "FAMILIES", "WORKSTATION", "WORKSTATION_POOLS",
+    "Candidate", "Estimate", "Estimator", "ListQueue", "PolicyConfig", "ReadyQueue", "Sample", "Scenario",
+    "Scheduler", "SimResult", "SimRun", "SimTask",
+    "downstream_weights", "fork_join", "layered_dag", "lower_bound", "ml_pipeline", "realize", "select",
+    "simulate", "upward_ranks",
+]

@@ -150,6 +150,8 @@ class TaskSpec(_Model):
     """Seconds; a step still running then is killed and marked TIMED_OUT."""
     cache: CacheSpec = Field(default_factory=CacheSpec)
     priority: int = 0
+    pool: str | None = Field(default=None, pattern=_NAME)
+    """Named concurrency pool shared by every run (limits in the settings, e.g. `gpu-train: 1`)."""
 
     @model_validator(mode="after")
     def _check_map(self) -> TaskSpec:

@@ -25,7 +25,7 @@ UPSERT_ARTIFACT: TextClause = text(
 
 _STEP_RUN_COLUMNS = ("id", "run_id", "task", "map_index", "attempt", "state", "step_ref", "code_hash", "cache_key",
                      "resources", "created_at", "started_at", "ended_at", "error", "traceback", "log_path",
-                     "worker", "max_rss", "cached_from")
+                     "worker", "max_rss", "cached_from", "estimate_seconds", "estimate_source", "input_bytes")
 
 INSERT_STEP_RUN: TextClause = text(
     f"INSERT INTO step_runs ({', '.join(_STEP_RUN_COLUMNS)}) "

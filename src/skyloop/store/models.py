@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -67,6 +68,8 @@ class RunRow(Base):
     """Which orchestrator process holds the run (host:pid:nonce)."""
     lease_expires_at: Mapped[datetime | None] = mapped_column()
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    """Fair-share weight against other runs of the same priority."""
 
 
 class StepRunRow(Base):
@@ -76,6 +79,7 @@ class StepRunRow(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "task", "map_index", "attempt", name="uq_step_attempt"),
         Index("ix_step_runs_cache_key", "cache_key", "state"),
+        Index("ix_step_runs_history", "step_ref", "code_hash", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -99,6 +103,12 @@ class StepRunRow(Base):
     max_rss: Mapped[int | None] = mapped_column(BigInteger)
     cached_from: Mapped[str | None] = mapped_column(String(32))
     """The step run whose outputs a CACHED attempt reused."""
+    estimate_seconds: Mapped[float | None] = mapped_column(Float)
+    """How long the scheduler expected this attempt to take (compare with ended_at - started_at)."""
+    estimate_source: Mapped[str | None] = mapped_column(String(20))
+    """Where the estimate came from: default, history, history-scaled."""
+    input_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Total size of the artifacts the attempt read (scales duration estimates)."""
 
 
 class Artifact(Base):

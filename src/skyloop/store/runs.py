@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from skyloop.errors import Conflict, NotFound
@@ -18,13 +18,16 @@ __all__ = [
     "ACTIVE_RUN_STATES",
     "add_event",
     "claim_run",
+    "claimable_runs",
     "create_run",
+    "disown_runs",
     "get_run",
     "list_runs",
     "owner_is_dead",
     "reap_expired_runs",
     "release_run",
     "renew_lease",
+    "renew_leases",
     "step_runs",
     "utcnow",
 ]
@@ -38,15 +41,19 @@ def utcnow() -> datetime:
 
 
 def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, Any], params: dict[str, Any],
-               backend: str, owner: str, lease_seconds: float, priority: int = 0) -> RunRow:
-    """Insert a new RUNNING run owned by `owner`."""
+               backend: str, owner: str | None, lease_seconds: float, priority: int = 0,
+               weight: float = 1.0) -> RunRow:
+    """Insert a new run: RUNNING and owned by `owner`, or QUEUED for an agent when `owner` is None."""
     now = utcnow()
-    row = RunRow(id=run_id, pipeline=pipeline, spec=spec, params=params, status="RUNNING", backend=backend,
-                 created_at=now, started_at=now, owner=owner, priority=priority,
-                 lease_expires_at=now + timedelta(seconds=lease_seconds))
+    queued = owner is None
+    row = RunRow(id=run_id, pipeline=pipeline, spec=spec, params=params, status="QUEUED" if queued else "RUNNING",
+                 backend=backend, created_at=now, started_at=None if queued else now, owner=owner,
+                 priority=priority, weight=weight,
+                 lease_expires_at=None if queued else now + timedelta(seconds=lease_seconds))
     session.add(row)
     session.flush()  # no ORM relationships: the run row must exist before rows that point at it
-    add_event(session, run_id, "run.started", f"run of {pipeline} started on {backend}")
+    add_event(session, run_id, "run.queued" if queued else "run.started",
+              f"run of {pipeline} {'queued' if queued else 'started'} for {backend}")
     return row
 
 
@@ -112,6 +119,40 @@ def owner_is_dead(owner: str) -> bool:
     return False
 
 
+def renew_leases(session: Session, run_ids: Sequence[str], owner: str, lease_seconds: float) -> set[str]:
+    """Extend our leases on these runs; returns the ones still ours."""
+    if not run_ids:
+        return set()
+    session.execute(
+        update(RunRow).where(RunRow.id.in_(run_ids), RunRow.owner == owner)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return set(session.scalars(select(RunRow.id).where(RunRow.id.in_(run_ids), RunRow.owner == owner)))
+
+
+def disown_runs(session: Session, run_ids: Sequence[str], owner: str) -> None:
+    """Let go of runs (still RUNNING) so that any agent adopts them at once."""
+    if run_ids:
+        session.execute(update(RunRow).where(RunRow.id.in_(run_ids), RunRow.owner == owner)
+                        .values(owner=None, lease_expires_at=None))
+        for run_id in run_ids:
+            add_event(session, run_id, "run.disowned", f"{owner} stopped; the run waits for another agent")
+
+
+def claimable_runs(session: Session, limit: int = 10) -> list[str]:
+    """Runs an agent may take: queued ones (highest priority, then oldest) and RUNNING ones whose
+    owner is gone (lease expired, or a dead process on this host)."""
+    queued = session.scalars(
+        select(RunRow.id).where(RunRow.status == "QUEUED")
+        .order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)
+    ).all()
+    now = utcnow()
+    orphans = [row.id for row in session.scalars(select(RunRow).where(RunRow.status == "RUNNING"))
+               if row.owner is None or (row.lease_expires_at is not None and row.lease_expires_at < now)
+               or owner_is_dead(row.owner)]
+    return [*queued, *orphans][:limit]
+
+
 def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -> RunRow:
     """Adopt a run whose owner is gone (lease expired, released, or a dead local process);
     `Conflict` if it is alive."""
@@ -131,6 +172,7 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -
         update(RunRow)
         .where(RunRow.id == row.id, or_(RunRow.owner.is_(None), RunRow.owner == row.owner))
         .values(owner=owner, status="RUNNING", ended_at=None, error=None,
+                started_at=func.coalesce(RunRow.started_at, now),
                 lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
     if not result.rowcount:  # type: ignore[attr-defined]

@@ -1,0 +1,295 @@
+"""The `ray` backend: each step attempt is one Ray task, placed by Ray with the step's resources.
+
+skyloop keeps what Ray lacks or does its own way: the order of launches (the scheduling policy's),
+retries (`max_retries=0`: the orchestrator retries per step policy), and timeouts, which Ray tasks
+do not have (ray-project/ray#17451): the backend tracks each attempt's deadline and force-cancels
+it, which kills its worker process. A timeout counts from submission, so on a busy shared cluster
+the time Ray spends placing the task counts too. Step memory is a placement request to Ray; above
+it nothing is enforced, except by Ray's own memory monitor (reported as OUT_OF_MEMORY).
+
+Artifacts go through the artifact store from inside the task: only the launch and the result (with
+small inline values) pass through the driver. What runs in the worker lives in `ray_task`.
+The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from skyloop.config import ExecutionSettings
+from skyloop.errors import BackendError
+from skyloop.execution.backends.ray_task import DriverContext, run_attempt
+from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
+from skyloop.spec.resources import Resources
+
+__all__ = ["RayBackend"]
+
+_CANCEL_GRACE_SECONDS = 3.0
+"""How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
+_INTERNAL_RESOURCES = ("node:", "accelerator_type:")
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """A submitted attempt: its Ray object ref and, once we stopped it, why."""
+
+    launch: TaskLaunch
+    ref: Any
+    submitted: float
+    deadline: float | None
+    """Monotonic time by which the attempt must have ended (its timeout)."""
+    stopped: tuple[TaskState, str] | None = None
+    """The state and error to report for an attempt we force-cancelled."""
+    give_up: float | None = None
+    """Monotonic time after which a cancelled attempt is reported even if Ray has not confirmed it."""
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendError("the ray backend needs the ray extra: pip install 'skyloop[ray]'") from exc
+    return ray
+
+
+def _own_paths() -> tuple[str, ...]:
+    """The driver's import folders that are not the interpreter's (its stdlib and site-packages)."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths: list[str] = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or ".")
+        if path not in paths and not any(path == p or path.startswith(p + os.sep) for p in prefixes):
+            paths.append(path)
+    return tuple(paths)
+
+
+class RayBackend:
+    """Runs each attempt as a Ray task on the cluster at `address`, or on a Ray started here."""
+
+    name = "ray"
+
+    def __init__(self, settings: ExecutionSettings, address: str | None = None) -> None:
+        self.settings = settings
+        self.address = address
+        self._ray: Any = None
+        self._owns_ray = False
+        self._capacity: Resources | None = None
+        self._remote: Any = None
+        self._options: dict[tuple[Any, ...], Any] = {}
+        self._context: DriverContext | None = None
+        self._running: dict[str, _Attempt] = {}
+        self._by_ref: dict[Any, _Attempt] = {}
+        self._done: list[TaskResult] = []
+
+    def start(self) -> None:
+        """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here."""
+        if self._ray is not None:
+            return
+        ray = _import_ray()
+        if not ray.is_initialized():
+            self._init(ray)
+            self._owns_ray = True
+        self._ray = ray
+        self._remote = ray.remote(run_attempt)
+        self._context = DriverContext(node_id=self._node_id(ray), sys_path=_own_paths())
+
+    def _init(self, ray: Any) -> None:
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        try:
+            if self.address is not None:
+                ray.init(address=self.address, **quiet)
+                return
+            settings = self.settings
+            ray.init(
+                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
+                num_gpus=settings.max_gpus, _memory=settings.max_memory, **quiet,
+            )
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
+            where = f"connect to the Ray cluster at {self.address}" if self.address else "start a local Ray"
+            raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _node_id(ray: Any) -> str:
+        try:
+            return str(ray.get_runtime_context().get_node_id())
+        except Exception:  # e.g. a Ray Client driver is on no node: every attempt sends its log back
+            return ""
+
+    def capacity(self) -> Resources:
+        """The cluster's CPUs, GPUs, memory and custom resources, as Ray counts them."""
+        if self._capacity is None:
+            self.start()
+            total: dict[str, float] = self._ray.cluster_resources()
+            custom = {name: amount for name, amount in total.items()
+                      if name not in _BUILTIN_RESOURCES and not name.startswith(_INTERNAL_RESOURCES)}
+            self._capacity = Resources(cpus=total.get("CPU", 0.0), memory=int(total.get("memory", 0)),
+                                       gpus=math.floor(total.get("GPU", 0)), custom=custom)
+        return self._capacity
+
+    def submit(self, launch: TaskLaunch) -> None:
+        """Submit the attempt as a Ray task with the step's resources; Ray places it."""
+        if launch.key in self._running:
+            raise ValueError(f"task {launch.key!r} is already running")
+        self.start()
+        submitted, now = time.time(), time.monotonic()
+        try:
+            ref = self._options_for(launch).remote(launch, self._context)
+        except Exception as exc:  # e.g. an input value that cannot be pickled
+            self._done.append(TaskResult(key=launch.key, state=TaskState.FAILED, ended_at=time.time(),
+                                         error=f"cannot submit the task to Ray: {type(exc).__name__}: {exc}"))
+            return
+        deadline = None if launch.timeout is None else now + launch.timeout
+        attempt = _Attempt(launch, ref, submitted, deadline)
+        self._running[launch.key] = attempt
+        self._by_ref[ref] = attempt
+
+    def _options_for(self, launch: TaskLaunch) -> Any:
+        res = launch.resources
+        key = (res.cpus, res.gpus, res.memory, tuple(sorted(res.custom.items())), launch.task_name)
+        options = self._options.get(key)
+        if options is None:
+            extra = {"memory": res.memory} if res.memory > 0 else {}
+            options = self._options[key] = self._remote.options(
+                num_cpus=res.cpus, num_gpus=res.gpus, resources=dict(res.custom), name=launch.task_name,
+                max_retries=0, retry_exceptions=False, **extra,
+            )
+        return options
+
+    def wait(self, timeout: float) -> list[TaskResult]:
+        """Results of attempts that ended, waiting up to `timeout` seconds for one while any runs."""
+        end = time.monotonic() + max(0.0, timeout)
+        while True:
+            now = time.monotonic()
+            self._expire(now)
+            if not self._by_ref:
+                break
+            wake = min([end, *self._wakeups()])
+            self._collect(0.0 if self._done else max(0.0, wake - now))
+            if self._done or time.monotonic() >= end:
+                break
+        done, self._done = self._done, []
+        return done
+
+    def cancel(self, key: str) -> None:
+        """Force-cancel the attempt (killing its worker if it runs); `wait` reports it CANCELLED."""
+        attempt = self._running.get(key)
+        if attempt is not None and attempt.stopped is None:
+            self._stop(attempt, TaskState.CANCELLED, "cancelled")
+
+    def shutdown(self) -> None:
+        """Cancel what still runs, and stop Ray if this backend started it; safe to repeat."""
+        if self._ray is None:
+            return
+        for attempt in self._running.values():
+            with contextlib.suppress(Exception):
+                self._ray.cancel(attempt.ref, force=True)
+        self._running.clear()
+        self._by_ref.clear()
+        self._options.clear()
+        if self._owns_ray:
+            self._ray.shutdown()
+        self._ray, self._remote, self._owns_ray, self._capacity = None, None, False, None
+
+    # -- ends of attempts --------------------------------------------------------------------------
+
+    def _wakeups(self) -> list[float]:
+        """When `wait` must look again though no attempt ended: deadlines, and cancels not yet confirmed."""
+        times = []
+        for attempt in self._running.values():
+            when = attempt.deadline if attempt.stopped is None else attempt.give_up
+            if when is not None:
+                times.append(when)
+        return times
+
+    def _stop(self, attempt: _Attempt, state: TaskState, error: str) -> None:
+        attempt.stopped = (state, error)
+        attempt.give_up = time.monotonic() + _CANCEL_GRACE_SECONDS
+        try:
+            self._ray.cancel(attempt.ref, force=True)
+        except Exception:  # Ray could not even take the cancel: report the attempt now
+            attempt.give_up = time.monotonic()
+
+    def _expire(self, now: float) -> None:
+        for attempt in list(self._running.values()):
+            if attempt.stopped is None and attempt.deadline is not None and attempt.deadline <= now:
+                self._stop(attempt, TaskState.TIMED_OUT, f"timed out after {attempt.launch.timeout:g}s")
+            elif attempt.stopped is not None and attempt.give_up is not None and attempt.give_up <= now:
+                self._end(attempt, self._ended(attempt, *attempt.stopped))
+
+    def _collect(self, block: float) -> None:
+        """Take in every attempt that has ended, waiting up to `block` seconds for the first."""
+        refs = list(self._by_ref)
+        ready, _ = self._ray.wait(refs, num_returns=1, timeout=block)
+        if not ready:
+            return
+        if len(refs) > 1:
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        try:
+            values = self._ray.get(ready)
+        except Exception:  # one of them failed: take them one by one
+            values = None
+        for i, ref in enumerate(ready):
+            attempt = self._by_ref[ref]
+            if values is not None:
+                self._end(attempt, self._returned(attempt, values[i]))
+                continue
+            try:
+                value = self._ray.get(ref)
+            except Exception as exc:
+                self._end(attempt, self._failed(attempt, exc))
+            else:
+                self._end(attempt, self._returned(attempt, value))
+
+    def _end(self, attempt: _Attempt, result: TaskResult) -> None:
+        self._running.pop(attempt.launch.key, None)
+        self._by_ref.pop(attempt.ref, None)
+        self._done.append(result)
+
+    def _returned(self, attempt: _Attempt, value: tuple[TaskResult, bytes | None]) -> TaskResult:
+        """The attempt's own result (a result that made it back wins over our cancel)."""
+        result, log_tail = value
+        if log_tail:  # it ran on another node, which cannot write our log folder
+            path = attempt.launch.log_path
+            folder = os.path.dirname(path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            with open(path, "ab") as log:
+                log.write(log_tail)
+        return result
+
+    def _failed(self, attempt: _Attempt, exc: Exception) -> TaskResult:
+        """Translate what Ray raised for the attempt into how it ended."""
+        if attempt.stopped is not None:
+            return self._ended(attempt, *attempt.stopped)
+        errors = self._ray.exceptions
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if isinstance(exc, errors.RayTaskError):  # `execute` catches step errors: a bug of ours or Ray's
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            result = self._ended(attempt, TaskState.FAILED, f"{type(cause).__name__}: {cause}")
+            result.traceback = str(exc)
+            return result
+        if isinstance(exc, errors.OutOfMemoryError):
+            return self._ended(attempt, TaskState.OUT_OF_MEMORY,
+                               f"Ray's memory monitor killed the worker running the step: {detail}")
+        if isinstance(exc, errors.TaskCancelledError):
+            return self._ended(attempt, TaskState.CANCELLED, "cancelled in Ray (not by skyloop)")
+        if isinstance(exc, errors.WorkerCrashedError):
+            reason = "the Ray worker process running the step died (a crash, a signal or os._exit)"
+        elif isinstance(exc, errors.NodeDiedError):
+            reason = f"the Ray node running the step died: {detail}"
+        else:
+            reason = f"Ray lost the task: {type(exc).__name__}: {detail}"
+        return self._ended(attempt, TaskState.CRASHED, reason)
+
+    def _ended(self, attempt: _Attempt, state: TaskState, error: str) -> TaskResult:
+        return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=attempt.submitted,
+                          ended_at=time.time())

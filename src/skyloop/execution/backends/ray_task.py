@@ -1,0 +1,144 @@
+"""The code that runs inside a Ray worker process for the `ray` backend: one step attempt per Ray task.
+
+Ray reuses its worker processes, so everything an attempt changes in the process is put back when
+it ends: file descriptors 1 and 2 (sent to the step's log for the attempt), the environment, the
+working folder. `ray` is imported only here and in `ray.py`, both lazily reached: the rest of
+skyloop never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from skyloop.execution.procworker import PeakMemory, scoped_environ
+from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
+from skyloop.execution.worker import execute
+from skyloop.store.artifacts import ArtifactStore
+
+__all__ = ["LOG_TAIL_BYTES", "DriverContext", "run_attempt"]
+
+LOG_TAIL_BYTES = 4 * 2**20
+"""How much of a step's log an attempt on another node sends back (the end of it)."""
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    """What every attempt needs to know about the process that submitted it."""
+
+    node_id: str
+    """Ray node id of the driver: attempts elsewhere cannot write its log folder, so they send the log back."""
+    sys_path: tuple[str, ...]
+    """The driver's own import folders (not the interpreter's), so steps import as they do there."""
+
+
+class _Worker:
+    """What one Ray worker process keeps between the attempts it runs."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.name = f"ray:{ray.util.get_node_ip_address()}:{os.getpid()}"  # type: ignore[no-untyped-call]
+        self.stores: dict[str, ArtifactStore] = {}
+        self.memory = PeakMemory()
+        self.log_dirs: set[str] = set()
+        self.paths: tuple[str, ...] = ()
+        # The worker's own stdout/stderr (Ray's log files for it) and folder, put back after each attempt.
+        self.saved_fds = (os.dup(1), os.dup(2))
+        self.cwd = os.open(".", os.O_RDONLY)
+
+    def run(self, launch: TaskLaunch, context: DriverContext) -> tuple[TaskResult, bytes | None]:
+        """Run one attempt; step errors become a FAILED result. Returns the log too when it is not local."""
+        self._extend_path(context.sys_path)
+        local = context.node_id == self.node_id
+        log_path = launch.log_path if local else _temporary_log()
+        started = time.time()
+        try:
+            store = self.stores.get(launch.artifacts_url)
+            if store is None:
+                store = self.stores[launch.artifacts_url] = ArtifactStore(launch.artifacts_url)
+            with self._captured(log_path), scoped_environ(launch.env):
+                self.memory.reset()
+                result = execute(launch, store)
+                result.max_rss = self.memory.peak()
+        except (Exception, SystemExit) as exc:  # a step calling sys.exit() must not end the worker
+            result = TaskResult(key=launch.key, state=TaskState.FAILED, error=f"{type(exc).__name__}: {exc}",
+                                traceback=traceback.format_exc(), started_at=started, ended_at=time.time())
+        finally:
+            os.fchdir(self.cwd)  # a step's os.chdir() must not move the next attempt
+        result.worker = self.name
+        return result, None if local else _take_tail(log_path)
+
+    def _extend_path(self, paths: tuple[str, ...]) -> None:
+        if paths != self.paths:
+            # Appended, not prepended: the worker's interpreter and Ray itself must keep their own modules.
+            sys.path.extend(path for path in paths if path not in sys.path)
+            self.paths = paths
+
+    @contextlib.contextmanager
+    def _captured(self, log_path: str) -> Iterator[None]:
+        # File descriptors, not sys.stdout: output of C extensions and child processes lands too.
+        folder = os.path.dirname(log_path)
+        if folder and folder not in self.log_dirs:
+            os.makedirs(folder, exist_ok=True)
+            self.log_dirs.add(folder)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        stdout, stderr = sys.stdout, sys.stderr
+        _flush(stdout, stderr)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            _flush(sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
+            os.dup2(self.saved_fds[0], 1)
+            os.dup2(self.saved_fds[1], 2)
+
+
+def _flush(*streams: object) -> None:
+    for stream in streams:
+        with contextlib.suppress(Exception):  # a closed or None stream left by the step
+            stream.flush()  # type: ignore[attr-defined]
+
+
+def _temporary_log() -> str:
+    fd, path = tempfile.mkstemp(prefix="skyloop-step-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def _take_tail(path: str) -> bytes:
+    """The last `LOG_TAIL_BYTES` of the file, which is then removed."""
+    try:
+        with open(path, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - LOG_TAIL_BYTES))
+            tail = log.read()
+        if size > LOG_TAIL_BYTES:
+            tail = f"[... {size - LOG_TAIL_BYTES} bytes of log cut ...]\n".encode() + tail
+        return tail
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+_worker: _Worker | None = None
+
+
+def run_attempt(launch: TaskLaunch, context: DriverContext) -> tuple[TaskResult, bytes | None]:
+    """The Ray task: run `launch` in this worker process (see `RayBackend`)."""
+    global _worker
+    if _worker is None:
+        _worker = _Worker()
+    return _worker.run(launch, context)

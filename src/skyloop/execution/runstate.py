@@ -1,0 +1,263 @@
+"""One run's progress while an orchestrator drives it: which tasks are ready, cached, running, done.
+
+A `RunState` decides *what* is ready and records every transition; the orchestrator decides *when*
+ready attempts launch (across all the runs it holds) and talks to the backend.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cloudpickle
+
+from skyloop.execution.cache import cache_key, find_cached
+from skyloop.execution.history import Prior
+from skyloop.execution.recorder import Recorder
+from skyloop.execution.tasks import Element, Gathered, InputValue, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
+from skyloop.pipelines.step import Step, code_hash
+from skyloop.pipelines.validate import topological_order
+from skyloop.spec.pipeline import PipelineSpec, TaskSpec
+from skyloop.spec.resources import Resources
+from skyloop.store.artifacts import ArtifactRef, ArtifactStore
+from skyloop.store.db import Database
+
+__all__ = ["FAILED_STATES", "Observer", "Prepared", "RunState"]
+
+FAILED_STATES = (TaskState.FAILED, TaskState.TIMED_OUT, TaskState.CRASHED, TaskState.OUT_OF_MEMORY,
+                 TaskState.CANCELLED, TaskState.UPSTREAM_FAILED)
+
+
+class Observer(Protocol):
+    """Told about progress (the CLI draws it)."""
+
+    def task_changed(self, task: str, state: TaskState, done: int, total: int) -> None:
+        """A task changed state, or one more of its units finished."""
+
+    def run_changed(self, run_id: str, status: str) -> None:
+        """The run started, was adopted, or ended."""
+
+
+@dataclass
+class Prepared:
+    """A validated spec, the steps behind its tasks, and checked parameter values."""
+
+    spec: PipelineSpec
+    steps: dict[str, Step[Any, Any]]
+    params: dict[str, Any]
+
+
+def input_bytes(inputs: dict[str, InputValue]) -> int:
+    """Total size of the artifacts an attempt reads (an element counts its whole list)."""
+    total = 0
+    for value in inputs.values():
+        if isinstance(value, ArtifactRef):
+            total += value.size
+        elif isinstance(value, Gathered):
+            total += sum(ref.size for ref in value.refs)
+        elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
+            total += value.source.size
+    return total
+
+
+class RunState:
+    """The in-memory view of one run; everything it learns is also written through `recorder`."""
+
+    def __init__(self, run_id: str, prepared: Prepared, prior: Prior, *, db: Database, store: ArtifactStore,
+                 recorder: Recorder, capacity: Resources, backend_name: str, logs: Path,
+                 priority: int = 0, weight: float = 1.0, estimates: dict[str, tuple[float, str]] | None = None,
+                 ranks: dict[str, float] | None = None, observer: Observer | None = None) -> None:
+        self.run_id, self.prior = run_id, prior
+        self.spec, self.steps, self.params = prepared.spec, prepared.steps, prepared.params
+        self.db, self.store, self.recorder = db, store, recorder
+        self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
+        self.priority, self.weight = priority, weight
+        self.estimates = estimates or {}
+        self.ranks = ranks or {}
+        self.observer = observer
+        order = topological_order(self.spec)
+        specs = {t.name: t for t in self.spec.tasks}
+        self.tasks = {n: TaskProgress(specs[n], specs[n].upstream()) for n in order}
+        self.dependents: dict[str, list[str]] = {n: [] for n in order}
+        for name, progress in self.tasks.items():
+            for dep in progress.waiting_on:
+                self.dependents[dep].append(name)
+        self.ready: deque[str] = deque(n for n in order if not self.tasks[n].waiting_on)
+        self.payloads: dict[str, bytes | None] = {}
+        self.active_units = 0
+        """Units queued, waiting to retry or running."""
+
+    # -- progress ----------------------------------------------------------------------------------
+    def _notify(self, progress: TaskProgress) -> None:
+        if self.observer:
+            self.observer.task_changed(progress.spec.name, progress.state, len(progress.unit_outputs),
+                                       progress.size)
+
+    def _complete(self, progress: TaskProgress, state: TaskState, error: str | None = None) -> None:
+        progress.state, progress.error = state, error
+        if state.ok and state != TaskState.SKIPPED:
+            progress.gather()
+        if state in FAILED_STATES:
+            self.recorder.event(self.run_id, "step.failed",
+                                f"step {progress.spec.name!r} ended {state.value}: {error}")
+        self._notify(progress)
+        for name in self.dependents[progress.spec.name]:
+            waiting = self.tasks[name].waiting_on
+            waiting.discard(progress.spec.name)
+            if not waiting:
+                self.ready.append(name)
+
+    def _next_attempt(self, task: str, index: int) -> tuple[int, str]:
+        attempt = self.prior.attempts.get((task, index), 0) + 1
+        self.prior.attempts[(task, index)] = attempt
+        return attempt, uuid.uuid4().hex
+
+    def _record_end(self, task: TaskSpec, state: TaskState, error: str) -> None:
+        attempt, step_run_id = self._next_attempt(task.name, -1)
+        self.recorder.attempt(run_id=self.run_id, step_run_id=step_run_id, task=task.name, map_index=-1,
+                              attempt=attempt, state=state.value, step_ref=task.step.path,
+                              resources=task.resources.model_dump(mode="json"), error=error)
+
+    @property
+    def done(self) -> bool:
+        """Whether every task has ended."""
+        return not self.ready and not self.active_units
+
+    def outcome(self) -> tuple[str, str | None]:
+        """`SUCCEEDED`, or `FAILED` with the first real failure."""
+        failed = [p for p in self.tasks.values() if p.state in FAILED_STATES]
+        if not failed:
+            return "SUCCEEDED", None
+        first = next((p for p in failed if p.state != TaskState.UPSTREAM_FAILED), failed[0])
+        return "FAILED", f"step {first.spec.name!r} {first.state.value}: {first.error}"
+
+    # -- activation: a task whose upstream tasks all ended ----------------------------------------
+    def activate_ready(self, enqueue: Callable[[RunState, Unit], None]) -> None:
+        """Activate every task whose upstream ended; attempts to run go to `enqueue`."""
+        while self.ready:
+            self._activate(self.ready.popleft(), enqueue)
+
+    def _activate(self, name: str, enqueue: Callable[[RunState, Unit], None]) -> None:
+        progress = self.tasks[name]
+        task = progress.spec
+        upstream = [self.tasks[d] for d in task.upstream()]
+        failed = [u.spec.name for u in upstream if u.state in FAILED_STATES]
+        if failed:
+            self._record_end(task, TaskState.UPSTREAM_FAILED, f"upstream step(s) {failed} did not succeed")
+            return self._complete(progress, TaskState.UPSTREAM_FAILED, f"upstream {failed} failed")
+        skipped = [u.spec.name for u in upstream if u.state == TaskState.SKIPPED]
+        if skipped:
+            self._record_end(task, TaskState.SKIPPED, f"upstream step(s) {skipped} were skipped")
+            return self._complete(progress, TaskState.SKIPPED)
+        try:
+            false = [c.describe() for c in task.when if not evaluate(c, self.params, self.tasks, self.store)]
+            inputs = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()}
+            unit_inputs = expand(task, inputs, self.store)
+        except (ValueError, KeyError) as exc:
+            self._record_end(task, TaskState.FAILED, str(exc))
+            return self._complete(progress, TaskState.FAILED, str(exc))
+        if false:
+            self._record_end(task, TaskState.SKIPPED, f"condition `{false[0]}` is false")
+            return self._complete(progress, TaskState.SKIPPED)
+        if not task.resources.fits(self.capacity):
+            error = (f"step asks for {task.resources.model_dump(mode='json')} but the {self.backend_name} "
+                     f"backend offers {self.capacity.model_dump(mode='json')}; lower the request or raise "
+                     "--max-cpus etc.")
+            self._record_end(task, TaskState.FAILED, error)
+            return self._complete(progress, TaskState.FAILED, error)
+        progress.size = len(unit_inputs)
+        code = code_hash(self.steps[name].fn)
+        all_cached = True
+        keyed: list[tuple[int, dict[str, InputValue], str | None]] = []
+        for i, unit_in in enumerate(unit_inputs):
+            index = i if task.map_over else -1
+            done = self.prior.outputs.get((name, index))
+            if done is not None:
+                progress.unit_outputs[index] = done
+                all_cached = False
+            else:
+                keyed.append((index, unit_in, cache_key(code, task.cache.version, unit_in)
+                              if task.cache.enabled else None))
+        wanted = [key for _, _, key in keyed if key]
+        hits = {}
+        if wanted:
+            with self.db.read() as session:
+                hits = find_cached(session, wanted, [o.name for o in task.outputs])
+        for index, unit_in, key in keyed:
+            hit = hits.get(key) if key else None
+            if hit is not None:
+                attempt, step_run_id = self._next_attempt(name, index)
+                self.recorder.attempt(run_id=self.run_id, step_run_id=step_run_id, task=name, map_index=index,
+                                      attempt=attempt, state="CACHED", step_ref=task.step.path, code_hash=code,
+                                      cache_key=key, resources=task.resources.model_dump(mode="json"),
+                                      inputs=unit_in, cached_from=hit[0], outputs=hit[1])
+                progress.unit_outputs[index] = hit[1]
+                continue
+            all_cached = False
+            self.active_units += 1
+            enqueue(self, Unit(task, index, unit_in, key, seq=0))
+        if len(progress.unit_outputs) == progress.size:
+            return self._complete(progress, TaskState.CACHED if all_cached and progress.size else TaskState.SUCCEEDED)
+        progress.state = TaskState.RUNNING
+        self._notify(progress)
+
+    # -- launching ---------------------------------------------------------------------------------
+    def _payload(self, name: str) -> bytes | None:
+        if name not in self.payloads:
+            step = self.steps[name]
+            self.payloads[name] = None if step.importable else cloudpickle.dumps(step.fn)
+        return self.payloads[name]
+
+    def estimate(self, unit: Unit) -> tuple[float, str]:
+        """Expected seconds of one attempt of `unit`, and where that figure comes from."""
+        return self.estimates.get(unit.task.name, (0.0, "default"))
+
+    def launch(self, unit: Unit) -> TaskLaunch:
+        """Record a RUNNING attempt of `unit` (committed by the caller before launching) and build it."""
+        task = unit.task
+        unit.attempt, unit.step_run_id = self._next_attempt(task.name, unit.index)
+        suffix = f"-{unit.index}" if unit.index >= 0 else ""
+        log_path = str(self.logs / f"{task.name}{suffix}.{unit.attempt}.log")
+        self.recorder.attempt(run_id=self.run_id, step_run_id=unit.step_run_id, task=task.name,
+                              map_index=unit.index, attempt=unit.attempt, state="RUNNING", step_ref=task.step.path,
+                              code_hash=code_hash(self.steps[task.name].fn), cache_key=unit.cache_key,
+                              resources=task.resources.model_dump(mode="json"), inputs=unit.inputs,
+                              log_path=log_path, estimate=self.estimate(unit), input_bytes=input_bytes(unit.inputs))
+        return TaskLaunch(
+            key=unit.step_run_id, task_name=task.name, step=task.step, inputs=unit.inputs,
+            output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
+            resources=task.resources, timeout=task.timeout, log_path=log_path,
+            artifacts_url=self.store.url, fn_payload=self._payload(task.name),
+        )
+
+    # -- results -----------------------------------------------------------------------------------
+    def finish(self, unit: Unit, result: TaskResult) -> float | None:
+        """Take an attempt's end; returns the retry delay when the unit must run again, else None."""
+        self.recorder.finished(result)
+        progress = self.tasks[unit.task.name]
+        if progress.state.done:
+            self.active_units -= 1
+            return None  # a sibling unit already failed the task
+        if result.state == TaskState.SUCCEEDED:
+            missing = [o.name for o in unit.task.outputs if o.name not in result.outputs]
+            if not missing:
+                self.active_units -= 1
+                progress.unit_outputs[unit.index] = result.outputs
+                self._notify(progress)
+                if len(progress.unit_outputs) == progress.size:
+                    self._complete(progress, TaskState.SUCCEEDED)
+                return None
+        retry = unit.task.retry
+        if result.state != TaskState.CANCELLED and unit.attempt <= retry.retries:
+            delay = retry.delay * retry.backoff ** (unit.attempt - 1)
+            self.recorder.event(self.run_id, "step.retry", f"step {unit.task.name!r} attempt {unit.attempt} "
+                                f"ended {result.state.value} ({result.error}); retrying in {delay:g}s", result.key)
+            return delay
+        self.active_units -= 1
+        self._complete(progress, result.state, result.error)
+        return None

@@ -1,0 +1,180 @@
+"""The scheduler on real processes: packing, priorities across runs, learned durations, agents."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from skyloop import Settings, run
+from skyloop.execution.api import submit
+from skyloop.execution.loading import load_file_module
+from skyloop.store.models import RunRow, StepRunRow
+from skyloop.store.workspace import Workspace
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def sched() -> ModuleType:
+    return load_file_module(HERE / "sched_pipelines.py")
+
+
+def _rows(settings: Settings, run_id: str | None = None) -> list[StepRunRow]:
+    ws = Workspace.open(settings)
+    try:
+        with ws.db.read() as session:
+            query = session.query(StepRunRow)
+            if run_id:
+                query = query.filter_by(run_id=run_id)
+            return list(query.all())
+    finally:
+        ws.close()
+
+
+def _peak(rows: list[StepRunRow], field: str) -> float:
+    points = sorted({r.started_at for r in rows})
+    return max(sum(float(r.resources[field]) for r in rows if r.started_at <= t < r.ended_at) for t in points)
+
+
+@pytest.mark.integration
+def test_mixed_requests_never_overcommit_cpus_or_memory(sched: ModuleType, settings: Settings) -> None:
+    settings.execution.max_cpus = 2
+    settings.execution.max_memory = 512 * 2**20
+    result = run(sched.mixed, {"n": 6, "pause": 0.2}, backend="local", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    rows = [r for r in _rows(settings, result.id) if r.state == "SUCCEEDED" and r.task != "items"]
+    assert len(rows) == 19
+    for r in rows:
+        r.resources["memory"] = {"100Mi": 100, "300Mi": 300, "50Mi": 50}.get(str(r.resources["memory"]),
+                                                                             r.resources["memory"])
+    assert _peak(rows, "cpus") <= 2.0
+    assert _peak(rows, "memory") <= 512
+    assert _peak(rows, "cpus") > 1.0  # and it did pack work side by side
+
+
+def _agent(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env["SKYLOOP_HOME"] = str(settings.home)
+    env["SKYLOOP_EXECUTION__AGENT_POLL_SECONDS"] = "0.2"
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with open(settings.home / "agents.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "skyloop", "agent", *args], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(settings: Settings, run_ids: list[str], timeout: float = 90) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ws = Workspace.open(settings)
+        try:
+            with ws.db.read() as session:
+                states = {r.id: r.status for r in session.query(RunRow).filter(RunRow.id.in_(run_ids))}
+        finally:
+            ws.close()
+        if all(s in ("SUCCEEDED", "FAILED", "CANCELLED") for s in states.values()) and len(states) == len(run_ids):
+            return states
+        assert time.monotonic() < deadline, f"runs did not finish: {states}"
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+def test_high_priority_run_submitted_later_starts_first(sched: ModuleType, settings: Settings) -> None:
+    low = submit(sched.fan, {"n": 8, "pause": 0.4}, priority=0, settings=settings)
+    agent = _agent(settings, "--max-cpus", "1", "--backend", "local")
+    try:
+        deadline = time.monotonic() + 30
+        while not [r for r in _rows(settings, low) if r.task == "tick"]:
+            assert time.monotonic() < deadline and agent.poll() is None, "the low-priority run never started"
+            time.sleep(0.05)
+        high = submit(sched.fan, {"n": 3, "pause": 0.1}, priority=10, settings=settings)
+        assert _wait_for(settings, [low, high]) == {low: "SUCCEEDED", high: "SUCCEEDED"}
+    finally:
+        _stop(agent)
+    low_ticks = sorted(r.started_at for r in _rows(settings, low) if r.task == "tick")
+    high_ticks = sorted(r.started_at for r in _rows(settings, high) if r.task == "tick")
+    # Once the high-priority run was claimed, its steps went before the low run's remaining ones.
+    assert high_ticks[-1] < low_ticks[-3], (high_ticks, low_ticks)
+
+
+@pytest.mark.integration
+def test_second_run_is_faster_with_learned_durations(sched: ModuleType, settings: Settings) -> None:
+    settings.execution.max_cpus = 2
+    params = {"n": 6, "pause": 0.3, "seconds": 2.0}
+    first = run(sched.critical, params, backend="local", settings=settings)
+    second = run(sched.critical, params, backend="local", settings=settings)
+    assert first.status == second.status == "SUCCEEDED"
+    assert first.steps["slow"].estimate_source == "default"
+    assert second.steps["slow"].estimate_source == "history"
+    assert second.steps["slow"].estimate == pytest.approx(2.0, abs=0.3)
+
+    def makespan(run_id: str) -> float:
+        rows = [r for r in _rows(settings, run_id) if r.task in ("quick", "slow")]
+        return (max(r.ended_at for r in rows) - min(r.started_at for r in rows)).total_seconds()
+
+    def slow_start(run_id: str) -> float:
+        rows = _rows(settings, run_id)
+        begin = min(r.started_at for r in rows if r.task in ("quick", "slow"))
+        return next((r.started_at - begin).total_seconds() for r in rows if r.task == "slow")
+
+    timings = {"first": (slow_start(first.id), makespan(first.id)),
+               "second": (slow_start(second.id), makespan(second.id))}
+    assert timings["second"][0] < 0.2 < timings["first"][0], timings  # the long step now goes first
+    assert timings["second"][1] < timings["first"][1] - 0.4, timings
+
+
+@pytest.mark.integration
+def test_two_agents_never_run_a_step_twice(sched: ModuleType, settings: Settings) -> None:
+    run_ids = [submit(sched.fan, {"n": 3, "pause": 0.05 * i}, settings=settings) for i in range(6)]
+    agents = [_agent(settings, "--max-runs", "2", "--backend", "local") for _ in range(2)]
+    try:
+        states = _wait_for(settings, run_ids)
+    finally:
+        for agent in agents:
+            _stop(agent)
+    assert set(states.values()) == {"SUCCEEDED"}
+    rows = [r for r in _rows(settings) if r.run_id in run_ids]
+    units = [(r.run_id, r.task, r.map_index) for r in rows]
+    assert len(units) == len(set(units)) == 6 * 4  # one attempt per unit: items + 3 ticks
+    assert all(r.attempt == 1 for r in rows)
+
+
+@pytest.mark.integration
+def test_runs_of_a_killed_agent_are_adopted_and_finished(sched: ModuleType, settings: Settings) -> None:
+    run_id = submit(sched.fan, {"n": 6, "pause": 0.5}, settings=settings)
+    first = _agent(settings, "--max-cpus", "1", "--backend", "local")
+    try:
+        deadline = time.monotonic() + 30
+        while len([r for r in _rows(settings, run_id) if r.task == "tick" and r.state == "SUCCEEDED"]) < 2:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        first.kill()
+        first.wait()
+    finally:
+        _stop(first)
+    second = _agent(settings, "--backend", "local", "--once")
+    try:
+        assert _wait_for(settings, [run_id]) == {run_id: "SUCCEEDED"}
+    finally:
+        _stop(second)
+    ticks = [r for r in _rows(settings, run_id) if r.task == "tick"]
+    done = {r.map_index for r in ticks if r.state == "SUCCEEDED"}
+    assert done == set(range(6))
+    # Units that had finished under the first agent were not run again.
+    assert len([r for r in ticks if r.state == "SUCCEEDED"]) == 6
