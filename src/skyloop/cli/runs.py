@@ -19,11 +19,14 @@ __all__ = ["app"]
 
 app = typer.Typer(help="Inspect pipeline runs.", no_args_is_help=True)
 
+REAP_GRACE_SECONDS = 60.0
+
 
 def _workspace() -> Workspace:
     workspace = Workspace.open(state.settings())
     with workspace.db.session() as session:
-        reap_expired_runs(session)  # nothing stays RUNNING after its orchestrator died
+        # Nothing stays RUNNING after its orchestrator died; agents get a minute to adopt such runs first.
+        reap_expired_runs(session, grace_seconds=REAP_GRACE_SECONDS)
     return workspace
 
 

@@ -191,14 +191,16 @@ def release_run(session: Session, run_id: str, owner: str, status: str, error: s
     add_event(session, run_id, f"run.{status.lower()}", error or "")
 
 
-def reap_expired_runs(session: Session) -> list[str]:
-    """Fail runs whose orchestrator vanished (lease expired) and their RUNNING attempts.
+def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]:
+    """Fail runs whose orchestrator vanished (lease expired `grace_seconds` ago) and their RUNNING attempts.
 
-    The run can still be resumed; this only keeps nothing RUNNING forever.
+    The run can still be resumed; this only keeps nothing RUNNING forever. The grace leaves agents,
+    which adopt orphaned runs as soon as their lease expires, the first claim.
     """
     now = utcnow()
     expired = session.scalars(
-        select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < now)
+        select(RunRow).where(RunRow.status == "RUNNING",
+                             RunRow.lease_expires_at < now - timedelta(seconds=grace_seconds))
     ).all()
     for row in expired:
         reason = (f"orchestrator {row.owner} stopped renewing its lease; "
