@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,3 +82,58 @@ def cwd() -> str:
 
 def identity(value: object) -> object:
     return value
+
+
+def hold(megabytes: int, seconds: float) -> int:
+    """Allocate and touch `megabytes`, then keep them for `seconds`."""
+    block = bytearray(megabytes * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(seconds)
+    return len(block)
+
+
+_HOLD_IN_CHILD = """
+import sys, time
+block = bytearray(int(sys.argv[1]) * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_in_child(megabytes: int, seconds: float, pid_file: str, new_session: bool = False) -> int:
+    """Start a child process that allocates `megabytes` and sleeps (in its own session if asked); wait."""
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_IN_CHILD, str(megabytes), str(seconds)],
+                             start_new_session=new_session)
+    with open(pid_file, "w") as fh:
+        fh.write(str(child.pid))
+    return child.wait()
+
+
+def hold_then_fork(megabytes: int, children: int, seconds: float) -> int:
+    """Allocate `megabytes`, then fork children that share it copy-on-write and sleep."""
+    block = bytearray(megabytes * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    pids = []
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(seconds)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return len(block)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def devices(seconds: float) -> tuple[str | None, float, float]:
+    """This attempt's CUDA_VISIBLE_DEVICES and when it held them (wall clock)."""
+    start = time.time()
+    time.sleep(seconds)
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), start, time.time()

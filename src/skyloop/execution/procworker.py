@@ -5,7 +5,8 @@ copies the parent's `sys.path` and calls `serve`. This module is imported by eve
 first task, so it imports only the standard library at module level; `skyloop.execution.worker` (and
 with it pydantic and fsspec) is imported once the process is up, and step code on first use.
 
-The protocol on the connection: the worker sends `READY` once it can take work, then for every
+The protocol on the connection: the worker sends `(READY, rss)` once it can take work (`rss`: its
+idle resident size in bytes, `None` where unknown, the baseline of memory limits), then for every
 `TaskLaunch` it receives it sends one `TaskResult`; `None` (or end of file) asks it to exit.
 """
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["READY", "UNREADABLE", "PeakMemory", "scoped_environ", "serve"]
 
 READY = "ready"
-"""What a worker sends once it has imported what it needs and waits for launches."""
+"""Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
 UNREADABLE = "unreadable"
 """Sent as `(UNREADABLE, error, traceback)` for a launch the worker cannot unpickle."""
 
@@ -178,6 +179,15 @@ def _failed(launch: TaskLaunch, exc: BaseException) -> TaskResult:
                       traceback=traceback.format_exc(), ended_at=time.time())
 
 
+def _resident() -> int | None:
+    """This process's resident size in bytes (Linux), read before any task could add to it."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _leave() -> None:
     """Exit when asked to, skipping the interpreter's teardown (about 0.3 s with skyloop loaded)."""
     atexit._run_exitfuncs()  # hooks that steps registered still run
@@ -211,7 +221,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
     faulthandler.enable()  # a segfaulting step leaves its traceback in its log (fd 2)
     runner = _Runner()
     try:
-        conn.send(READY)
+        conn.send((READY, _resident()))
         while True:
             data = conn.recv_bytes()
             try:

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
 
 from skyloop.errors import BackendError
+from skyloop.execution.backends.limits import MemoryWatch
 from skyloop.execution.tasks import TaskLaunch
 
 __all__ = ["BOOT", "WorkerProcess"]
@@ -56,6 +57,13 @@ class WorkerProcess:
     """Monotonic time by which it must be up (while booting) or its task done."""
     used: bool = False
     devices: str | None = None
+    """The `CUDA_VISIBLE_DEVICES` of its first task, which it keeps (CUDA binds devices once)."""
+    gpu_ids: tuple[int, ...] = ()
+    """Device ids its current task holds from the backend's pool."""
+    watch: MemoryWatch | None = None
+    """The memory watch of its current task, if that task asked for memory."""
+    idle_rss: int | None = None
+    """Its resident size when it said READY (idle), until a task's watch takes it as baseline."""
 
     @classmethod
     def spawn(cls) -> WorkerProcess:

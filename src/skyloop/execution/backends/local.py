@@ -4,16 +4,37 @@ The pool grows on demand up to `max_workers` and keeps idle workers warm; a laun
 free worker waits in a queue. A task's timeout counts from when its worker is up. Timeouts,
 cancels and crashes cost the worker (it is killed with its process group and replaced lazily).
 How one worker process is started and reaped lives in `_worker_process`; what runs inside it in
-`skyloop.execution.procworker`. Unix only.
+`skyloop.execution.procworker`; the GPU pool and memory sampling in `limits`. Unix only.
+
+Limits:
+
+- **Memory.** An attempt with `resources.memory > 0` is sampled every `memory_poll_seconds` (see
+  `MemoryWatch` for what counts) and killed with its process group as OUT_OF_MEMORY once it uses
+  more than its request plus `memory_margin`. Sampling happens inside `wait`, whose sleep is cut to
+  the poll interval only while such attempts run: no thread races the scheduler thread to kill or
+  reap a worker, and attempts without a request cost nothing. The flip side is that nothing is
+  sampled while the caller is outside `wait`, and an attempt that allocates faster than one poll
+  can still reach the kernel's OOM killer first; a SIGKILLed worker of a watched attempt is
+  reported as OUT_OF_MEMORY when the kernel's OOM-kill counter rose meanwhile.
+- **GPUs.** The backend owns the device ids `gpu_ids` (default `0..max_gpus-1`). An attempt asking
+  for n GPUs gets n free ids in `CUDA_VISIBLE_DEVICES` (comma-separated) and holds them until it
+  ends in any state; one asking for more than are free waits in the queue (GPU launches keep their
+  order among themselves; launches without GPUs pass them). When GPUs are declared, an attempt
+  asking for none gets `CUDA_VISIBLE_DEVICES=""`, so that CPU steps cannot take memory on devices
+  given to others (Kubernetes hides undeclared devices the same way); with no GPUs declared the
+  variable is left alone. A `CUDA_VISIBLE_DEVICES` set explicitly in `launch.env` wins: the caller
+  chose the devices itself (the ids are still taken from the pool, so that accounting holds).
 
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
+import signal
 import time
 from collections import deque
 from multiprocessing.connection import Connection
@@ -24,6 +45,7 @@ import psutil
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends._worker_process import WorkerProcess
+from skyloop.execution.backends.limits import GpuPool, MemoryWatch, resident
 from skyloop.execution.procworker import READY, UNREADABLE
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
@@ -32,6 +54,7 @@ __all__ = ["LocalBackend"]
 
 _BOOT_SECONDS = 60.0  # a worker that is not up by then is reported as crashed
 _EXIT_GRACE_SECONDS = 1.0  # how long a dying or stopping worker gets before SIGKILL
+_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 class LocalBackend:
@@ -40,11 +63,15 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, settings: ExecutionSettings) -> None:
+        self._gpus = GpuPool.from_settings(settings)
         self._capacity = Resources(
             cpus=settings.max_cpus if settings.max_cpus is not None else float(os.cpu_count() or 1),
             memory=settings.max_memory if settings.max_memory is not None else psutil.virtual_memory().total,
-            gpus=settings.max_gpus or 0,
+            gpus=len(self._gpus),
         )
+        self._margin = settings.memory_margin
+        self._poll = settings.memory_poll_seconds
+        self._next_sample = 0.0  # monotonic time of the next memory sample, while attempts are watched
         self.max_workers: int = settings.max_workers or max(1, math.ceil(self._capacity.cpus))
         """Most worker processes alive at once; launches beyond them wait in a queue."""
         self._idle: list[WorkerProcess] = []
@@ -69,7 +96,7 @@ class LocalBackend:
             self._idle.append(self._spawn())
 
     def capacity(self) -> Resources:
-        """The settings' limits, or this machine's CPUs and memory (and no GPUs)."""
+        """The settings' limits, or this machine's CPUs and memory; GPUs: the size of the pool."""
         return self._capacity
 
     def pids(self) -> list[int]:
@@ -91,13 +118,20 @@ class LocalBackend:
         while not self._done and self._busy:
             now = time.monotonic()
             limit = min([end, *(w.deadline for w in self._busy.values() if w.deadline is not None)])
+            watched = any(w.watch is not None for w in self._busy.values())
+            if watched:
+                limit = min(limit, self._next_sample)
             handles = [handle for worker in self._busy.values() for handle in worker.handles]
             for handle in wait_ready(handles, max(0.0, limit - now)):
                 owner = self._owners.get(handle)
                 if owner is not None:
                     readable = isinstance(handle, Connection)
                     self._collect(owner, exited=not readable, readable=readable)
-            self._expire(time.monotonic())
+            now = time.monotonic()
+            self._expire(now)
+            if watched and now >= self._next_sample:
+                self._next_sample = now + self._poll
+                self._sample()
             self._dispatch()
             if time.monotonic() >= end:
                 break
@@ -161,12 +195,30 @@ class LocalBackend:
         self._reap(worker, kill=False)
 
     def _dispatch(self) -> None:
-        while self._queue:
-            launch = self._queue[0]
+        index = 0
+        gpus_blocked = False  # a GPU launch that must wait holds back later GPU launches (no starving)
+        while index < len(self._queue):
+            queued = self._queue[index]
+            wanted = queued.resources.gpus
+            if wanted > len(self._gpus):
+                del self._queue[index]
+                error = (f"asks for {wanted} GPUs but this backend has {len(self._gpus)} "
+                         f"(execution settings gpu_ids / max_gpus)")
+                self._done.append(TaskResult(key=queued.key, state=TaskState.FAILED, error=error,
+                                             ended_at=time.time()))
+                continue
+            ids: tuple[int, ...] | None = ()
+            if wanted:  # ids that an idle worker is pinned to first, so that it can take the launch
+                ids = None if gpus_blocked else self._gpus.pick(wanted, [w.devices for w in reversed(self._idle)])
+            if ids is None:  # not enough GPUs free: it keeps its place
+                gpus_blocked = True
+                index += 1
+                continue
+            launch = self._with_devices(queued, ids)
             try:
                 payload = pickle.dumps(launch, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
-                self._queue.popleft()
+                del self._queue[index]
                 error = f"cannot pass the launch to a worker: {type(exc).__name__}: {exc}"
                 self._done.append(TaskResult(key=launch.key, state=TaskState.FAILED, error=error,
                                              ended_at=time.time()))
@@ -174,8 +226,10 @@ class LocalBackend:
             worker = self._take_worker(launch)
             if worker is None:
                 return
-            self._queue.popleft()
+            del self._queue[index]
             worker.assign(launch)
+            worker.gpu_ids = ids
+            self._gpus.take(ids)
             self._busy[launch.key] = worker
             if not worker.ready and worker.conn.poll():
                 self._collect(worker, exited=False)  # its READY is probably waiting
@@ -184,16 +238,35 @@ class LocalBackend:
             self._arm(worker)
             worker.send_bytes(payload)
 
+    def _with_devices(self, launch: TaskLaunch, ids: tuple[int, ...]) -> TaskLaunch:
+        """The launch with `CUDA_VISIBLE_DEVICES` naming its GPUs (empty for none), unless it sets it."""
+        if not self._gpus or _DEVICES in launch.env:
+            return launch
+        return dataclasses.replace(launch, env={**launch.env, _DEVICES: ",".join(map(str, ids))})
+
     def _arm(self, worker: WorkerProcess) -> None:
-        """Start the clock of the worker's task: its timeout counts from when the worker is up."""
+        """Start the clock of the worker's task: its timeout counts from when the worker is up.
+
+        Its memory watch starts then too, with the worker's idle size as baseline: the size it
+        reported with READY when it has only just booted, else its size now (it is idle until the
+        caller sends the launch).
+        """
         assert worker.launch is not None
         worker.started = time.time()
         if not worker.ready:
             worker.deadline = worker.spawned + _BOOT_SECONDS
-        elif worker.launch.timeout is not None:
+            return
+        if worker.launch.timeout is not None:
             worker.deadline = time.monotonic() + worker.launch.timeout
         else:
             worker.deadline = None
+        idle_rss, worker.idle_rss = worker.idle_rss, None  # only the first task finds it idle at READY
+        if worker.launch.resources.memory > 0:
+            baseline = idle_rss if idle_rss is not None else resident(worker.proc.pid)
+            if worker.watch is not None:
+                worker.watch.close()
+            worker.watch = MemoryWatch(worker.proc.pid, worker.launch.resources.memory, self._margin,
+                                       baseline or 0)
 
     # -- ends of tasks ---------------------------------------------------------------------------
 
@@ -206,8 +279,8 @@ class LocalBackend:
                 if isinstance(message, TaskResult):
                     self._finish(worker, message)
                     break  # nothing more comes before its next launch; an exit shows on the sentinel
-                if message == READY:
-                    worker.ready = True
+                if isinstance(message, tuple) and message[0] == READY:
+                    worker.ready, worker.idle_rss = True, message[1]
                     if worker.launch is not None:
                         self._arm(worker)
                 elif isinstance(message, tuple) and message[0] == UNREADABLE and worker.launch is not None:
@@ -218,19 +291,40 @@ class LocalBackend:
         except (EOFError, OSError):
             exited = True
         if exited:
-            launch = worker.launch
+            launch, watch = worker.launch, worker.watch
             self._reap(worker, kill=False)
-            if launch is not None:
+            if launch is None:
+                return
+            oom = None
+            if watch is not None and worker.proc.returncode == -signal.SIGKILL:
+                oom = watch.killed_by_kernel()
+            if oom is not None and watch is not None:
+                self._done.append(self._ended(worker, launch.key, TaskState.OUT_OF_MEMORY, oom, watch.peak))
+            else:
                 self._done.append(self._ended(worker, launch.key, TaskState.CRASHED, worker.exit_message()))
 
     def _finish(self, worker: WorkerProcess, result: TaskResult) -> None:
         if worker.launch is None or worker.launch.key != result.key:
             return
-        del self._busy[result.key]
-        worker.launch, worker.deadline = None, None
+        self._release(worker)
         result.worker = worker.name
         self._idle.append(worker)
         self._done.append(result)
+
+    def _sample(self) -> None:
+        """Kill the attempts whose memory is over their limit (a result already sent wins)."""
+        for worker in [w for w in self._busy.values() if w.watch is not None]:
+            watch, launch = worker.watch, worker.launch
+            assert watch is not None and launch is not None
+            error = watch.check()
+            if error is None:
+                continue
+            self._collect(worker, exited=False)
+            if worker.launch is not launch:
+                continue
+            watch.kill_strays()
+            self._reap(worker, kill=True)
+            self._done.append(self._ended(worker, launch.key, TaskState.OUT_OF_MEMORY, error, watch.peak))
 
     def _expire(self, now: float) -> None:
         for worker in [w for w in self._busy.values() if w.deadline is not None and w.deadline <= now]:
@@ -245,14 +339,23 @@ class LocalBackend:
                 state, error = TaskState.CRASHED, f"worker process {worker.proc.pid} did not start in time"
             self._done.append(self._ended(worker, launch.key, state, error))
 
-    def _ended(self, worker: WorkerProcess, key: str, state: TaskState, error: str) -> TaskResult:
+    def _ended(self, worker: WorkerProcess, key: str, state: TaskState, error: str,
+               max_rss: int | None = None) -> TaskResult:
         return TaskResult(key=key, state=state, error=error, started_at=worker.started,
-                          ended_at=time.time(), worker=worker.name)
+                          ended_at=time.time(), worker=worker.name, max_rss=max_rss)
 
-    def _reap(self, worker: WorkerProcess, kill: bool) -> None:
-        """Forget the worker and reap it (killing it first if asked)."""
+    def _release(self, worker: WorkerProcess) -> None:
+        """End the worker's current attempt here: free its GPUs and its watch, forget the launch."""
         if worker.launch is not None:
             self._busy.pop(worker.launch.key, None)
+        self._gpus.give_back(worker.gpu_ids)
+        if worker.watch is not None:
+            worker.watch.close()
+        worker.launch, worker.deadline, worker.gpu_ids, worker.watch = None, None, (), None
+
+    def _reap(self, worker: WorkerProcess, kill: bool) -> None:
+        """Forget the worker and its attempt, and reap it (killing it first if asked)."""
+        self._release(worker)
         if worker in self._idle:
             self._idle.remove(worker)
         for handle in worker.handles:
