@@ -8,8 +8,17 @@ from collections.abc import Sequence
 import pytest
 
 from skyloop.scheduling import (
-    FAMILIES, PolicyConfig, ReadyQueue, SimResult, SimRun, SimTask, downstream_weights, layered_dag, lower_bound,
-    realize, simulate,
+    FAMILIES,
+    PolicyConfig,
+    ReadyQueue,
+    SimResult,
+    SimRun,
+    SimTask,
+    downstream_weights,
+    layered_dag,
+    lower_bound,
+    realize,
+    simulate,
 )
 from skyloop.spec.resources import Resources
 
@@ -73,7 +82,8 @@ def test_families_simulate_within_bounds(family: str) -> None:
 
 def test_skyloop_beats_fifo_when_the_critical_path_is_not_the_widest_branch() -> None:
     # root -> 8 short tasks (the wide branch, made ready first) and root -> one long task.
-    tasks = (_t("root"), *(_t(f"short{i}", ["root"], duration=10) for i in range(8)), _t("long", ["root"], duration=100))
+    tasks = (_t("root"), *(_t(f"short{i}", ["root"], duration=10) for i in range(8)),
+             _t("long", ["root"], duration=100))
     runs = [SimRun("r", tasks)]
     capacity = Resources(cpus=2)
     fifo = simulate(runs, capacity, "fifo")
@@ -128,7 +138,8 @@ def test_lower_bound_parts() -> None:
     assert lower_bound([wide], Resources(cpus=4)) == 40
     pooled = SimRun("p", tuple(_t(f"p{i}", duration=10, pool="one") for i in range(3)))
     assert lower_bound([pooled], Resources(cpus=8), {"one": 1}) == 30
-    gated = SimRun("g", (_t("before", duration=5), *(_t(f"p{i}", ["before"], duration=10, pool="one") for i in range(3)),
+    gated = SimRun("g", (_t("before", duration=5),
+                         *(_t(f"p{i}", ["before"], duration=10, pool="one") for i in range(3)),
                          _t("after", [f"p{i}" for i in range(3)], duration=5)))
     assert lower_bound([gated], Resources(cpus=8), {"one": 1}) == 30
     assert lower_bound([gated], Resources(cpus=8), {"one": 1}, tight=True) == 40
