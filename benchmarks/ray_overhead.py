@@ -1,0 +1,125 @@
+"""Per-step overhead of skyloop's `ray` backend next to raw Ray tasks, in the same process and Ray.
+
+    .venv/bin/python benchmarks/ray_overhead.py [--steps 200] [--cpus N] [--repeat 3]
+
+For a chain and a fan-out of no-op steps, prints ms per step for raw Ray (a `@ray.remote` no-op: a
+chain of `ray.get(noop.remote(x))`, and a fan-out of `.remote()` calls then one `ray.get`) and for
+`skyloop.run(..., backend="ray")`, and the ratio. Target from issue 4: <= 1.5x raw Ray. Both use
+one CPU per task. Every skyloop run uses a fresh home, so nothing is cached; each figure is the best
+of `--repeat` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from skyloop import Settings, pipeline, run, step
+from skyloop.execution.loading import load_file_module
+
+TARGET_RATIO = 1.5
+
+
+@step
+def noop(x: int) -> int:
+    return x
+
+
+@step
+def numbers(n: int) -> list[int]:
+    return list(range(n))
+
+
+def chain_of(n: int) -> Any:
+    @pipeline(name=f"ray_chain_{n}")
+    def chain(x: int = 0):
+        for _ in range(n):
+            x = noop(x)
+        return x
+
+    return chain
+
+
+def fanout_of(n: int) -> Any:
+    @pipeline(name=f"ray_fanout_{n}")
+    def fanout():
+        return noop.map(numbers(n))
+
+    return fanout
+
+
+def best(repeat: int, measure: Callable[[], float]) -> float:
+    return min(measure() for _ in range(repeat))
+
+
+def raw_ray(ray: Any, shape: str, n: int) -> float:
+    @ray.remote
+    def raw_noop(x: int) -> int:
+        return x
+
+    started = time.perf_counter()
+    if shape == "chain":
+        x = 0
+        for _ in range(n):
+            x = ray.get(raw_noop.remote(x))
+    else:
+        ray.get([raw_noop.remote(i) for i in range(n)])
+    return time.perf_counter() - started
+
+
+def on_skyloop(module: Any, shape: str, n: int) -> float:
+    target = module.chain_of(n) if shape == "chain" else module.fanout_of(n)
+    with tempfile.TemporaryDirectory(prefix="skyloop-raybench-") as home:
+        started = time.perf_counter()
+        result = run(target, backend="ray", settings=Settings.for_home(Path(home)))
+        elapsed = time.perf_counter() - started
+    if not result.succeeded:
+        raise SystemExit(f"{shape} on ray failed: {result.error}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    # Loopback only, no usage report; both must be set before Ray is imported and started.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        # Loaded as a module so that Ray workers import the steps by path; skyloop reuses this Ray.
+        module = load_file_module(Path(__file__))
+        n = args.steps
+        raw_ray(ray, "fanout", 4 * args.cpus)  # warm-up: start the workers, export the functions
+        on_skyloop(module, "fanout", 4 * args.cpus)
+        table = Table(title=f"ray backend overhead, {n} no-op steps, {args.cpus} CPUs (best of {args.repeat})")
+        for column in ("shape", "raw Ray ms/step", "skyloop ms/step", "overhead ms/step", "ratio", "target",
+                       "meets"):
+            table.add_column(column, justify="right")
+        for shape in ("chain", "fanout"):
+            steps = n + (1 if shape == "fanout" else 0)  # the fan-out has the list step too
+            raw = best(args.repeat, lambda shape=shape: raw_ray(ray, shape, n)) / n  # type: ignore[misc]
+            ours = best(args.repeat, lambda shape=shape: on_skyloop(module, shape, n)) / steps  # type: ignore[misc]
+            ratio = ours / raw
+            table.add_row(shape, f"{raw * 1e3:.3f}", f"{ours * 1e3:.3f}", f"{(ours - raw) * 1e3:.3f}",
+                          f"{ratio:.2f}x", f"{TARGET_RATIO:g}x", "yes" if ratio <= TARGET_RATIO else "NO")
+        Console().print(table)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
