@@ -24,7 +24,8 @@ def estimate_run(session: Session, prepared: Prepared, default_seconds: float
     estimator = Estimator(default_seconds=default_seconds)
     estimates: dict[str, tuple[float, str]] = {}
     for task, key in keys.items():
-        found = estimator.estimate([Sample(seconds, size) for seconds, size in history[key]])
+        # The history comes newest first; the estimator wants oldest first (EWMA weighs the last most).
+        found = estimator.estimate([Sample(seconds, size) for seconds, size in reversed(history[key])])
         estimates[task] = (found.seconds, found.source)
     deps = {t.name: t.upstream() for t in prepared.spec.tasks}
     return estimates, upward_ranks(deps, {task: seconds for task, (seconds, _) in estimates.items()})

@@ -19,7 +19,8 @@ largest request that fits). When the first candidate in order does not fit, it g
 (the shadow time) and what will be spare then. Candidates behind it launch only if they are
 expected to end by the shadow time or fit in the spare part, so small work fills the gap without
 delaying it. Without estimates (all 0) this is plain greedy backfill. A call stops after
-`backfill_scan` candidates were passed over, so it costs O((launched + scan) log n), not O(waiting).
+`backfill_scan` candidates were passed over, so it costs O(running + buckets + (launched + scan) log n),
+not O(waiting); a bucket is one (class, run) pair.
 """
 
 from __future__ import annotations
