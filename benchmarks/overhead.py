@@ -32,6 +32,11 @@ def noop(x: int) -> int:
 
 
 @step
+def inc(x: int) -> int:
+    return x + 1
+
+
+@step
 def numbers(n: int) -> list[int]:
     return list(range(n))
 
@@ -40,7 +45,7 @@ def chain_of(n: int) -> Any:
     @pipeline(name=f"chain_{n}")
     def chain(x: int = 0):
         for _ in range(n):
-            x = noop(x)
+            x = inc(x)  # distinct inputs: every step runs (a repeated input would be a cache hit)
         return x
 
     return chain
@@ -58,7 +63,7 @@ def plain_loop(n: int) -> float:
     started = time.perf_counter()
     x = 0
     for _ in range(n):
-        x = noop.fn(x)
+        x = inc.fn(x)
     return time.perf_counter() - started
 
 
@@ -71,6 +76,9 @@ def measure(module: Any, shape: str, backend: str, n: int) -> tuple[float, int]:
         elapsed = time.perf_counter() - started
         if not result.succeeded:
             raise SystemExit(f"{shape} on {backend} failed: {result.error}")
+        cached = [name for name, info in result.steps.items() if info.state.value == "CACHED"]
+        if cached:
+            raise SystemExit(f"{shape} on {backend}: {len(cached)} steps were cache hits; the benchmark is broken")
         # The fan-out has one extra step (the list it maps over).
         return elapsed, n + (1 if shape == "fanout" else 0)
 

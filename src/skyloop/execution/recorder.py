@@ -10,7 +10,7 @@ from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database
-from skyloop.store.hotpath import INSERT_STEP_RUN, UPDATE_STEP_RUN
+from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
@@ -98,14 +98,20 @@ class Recorder:
         if not self.pending:
             return
         with self.db.session() as session:
+            # The prebuilt statements run on the connection: the ORM session's execute path costs more
+            # than these small writes.
+            conn = session.connection()
             if self._artifacts:
-                lineage.record_artifacts(session, self._artifacts.values())
+                conn.execute(UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
             if self._inserts:
-                session.execute(INSERT_STEP_RUN, self._inserts)
+                conn.execute(INSERT_STEP_RUN, self._inserts)
             if self._updates:
-                session.execute(UPDATE_STEP_RUN, self._updates)
-            for step_run_id, direction, edges in self._edges:
-                lineage.record_edges(session, step_run_id, direction, edges)
+                conn.execute(UPDATE_STEP_RUN, self._updates)
+            edges = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
+                      "position": position}
+                     for step_run_id, direction, batch in self._edges for name, digest, position in batch]
+            if edges:
+                conn.execute(INSERT_EDGE, edges)
             if self._touched:
                 lineage.touch(session, self._touched)
             for run_id, kind, message, event_step, data in self._events:

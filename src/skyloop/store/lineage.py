@@ -17,6 +17,7 @@ from skyloop.store.runs import ACTIVE_RUN_STATES, utcnow
 
 __all__ = [
     "LineageEdge",
+    "artifact_rows",
     "collectable_artifacts",
     "consumers",
     "pin",
@@ -40,16 +41,20 @@ class LineageEdge:
     direction: str
 
 
+def artifact_rows(refs: Iterable[ArtifactRef]) -> list[dict[str, object]]:
+    """Rows for `UPSERT_ARTIFACT`, one per digest (PostgreSQL refuses to upsert one row twice)."""
+    now = utcnow()
+    rows: dict[str, dict[str, object]] = {r.digest: {"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300],
+                            "size": r.size, "created_at": now, "last_used_at": now,
+                                             "data": r.data} for r in refs}
+    return list(rows.values())
+
+
 def record_artifacts(session: Session, refs: Iterable[ArtifactRef]) -> None:
     """Insert artifact rows (or revive and touch existing ones)."""
-    now = utcnow()
-    # One row per digest: PostgreSQL refuses an upsert that touches the same row twice.
-    rows = list({r.digest: {"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300],
-                            "size": r.size, "created_at": now, "last_used_at": now, "data": r.data}
-                 for r in refs}.values())
-    if not rows:
-        return
-    session.execute(UPSERT_ARTIFACT, rows)
+    rows = artifact_rows(refs)
+    if rows:
+        session.execute(UPSERT_ARTIFACT, rows)
 
 
 def record_edges(session: Session, step_run_id: str, direction: str,
