@@ -44,7 +44,8 @@ class LineageEdge:
 def artifact_rows(refs: Iterable[ArtifactRef]) -> list[dict[str, object]]:
     """Rows for `UPSERT_ARTIFACT`, one per digest (PostgreSQL refuses to upsert one row twice)."""
     now = utcnow()
-    rows: dict[str, dict[str, object]] = {r.digest: {"digest": r.digest, "serializer": r.serializer, "type_name": r.type_name[:300],
+    rows: dict[str, dict[str, object]] = {r.digest: {"digest": r.digest, "serializer": r.serializer,
+                                                     "type_name": r.type_name[:300],
                             "size": r.size, "created_at": now, "last_used_at": now,
                                              "data": r.data} for r in refs}
     return list(rows.values())
