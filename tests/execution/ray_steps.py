@@ -53,3 +53,7 @@ def chdir(path: str) -> str:
 
 def cwd() -> str:
     return os.getcwd()
+
+
+def type_of(value: object) -> str:
+    return type(value).__name__

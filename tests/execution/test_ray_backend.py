@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -150,6 +151,8 @@ def test_environment_and_folder_are_put_back_between_attempts(backend: RayBacken
     without, cwd = run_all(backend, make_launch(tmp_path, "getenv", resources=one_cpu, name="SKY_X"),
                            make_launch(tmp_path, "cwd", resources=one_cpu))
     store = ArtifactStore(str(tmp_path / "artifacts"))
+    # Ray hands one attempt at a time to its most recently used idle worker: all four share it.
+    assert len({r.worker for r in (with_env, moved, without, cwd)}) == 1
     assert store.get(with_env.outputs["output"]) == "1"
     assert store.get(without.outputs["output"]) is None
     assert store.get(moved.outputs["output"]) == str(tmp_path)
@@ -162,6 +165,16 @@ def test_step_errors_fail_the_attempt_not_the_worker(backend: RayBackend, tmp_pa
     assert raised.state == exited.state == TaskState.FAILED
     assert raised.error == "ValueError: boom from step" and "boom from step" in (raised.traceback or "")
     assert exited.error == "SystemExit: 4"
+
+
+@integration
+def test_inputs_of_classes_defined_in_a_function_reach_the_step(backend: RayBackend, tmp_path: Path) -> None:
+    class Local:  # plain pickle cannot name it; it travels by value, as in a notebook
+        pass
+
+    (result,) = run_all(backend, make_launch(tmp_path, "type_of", value=Local()))
+    assert result.state == TaskState.SUCCEEDED, result.error
+    assert ArtifactStore(str(tmp_path / "artifacts")).get(result.outputs["output"]) == "Local"
 
 
 @integration
@@ -211,8 +224,9 @@ def test_two_steps_of_all_cpus_never_overlap(backend: RayBackend, tmp_path: Path
 @integration
 def test_an_attempt_on_another_node_sends_its_log_back(ray_session: ModuleType, tmp_path: Path) -> None:
     launch = make_launch(tmp_path, "chatty", text="far")
-    elsewhere = DriverContext(node_id="another-node", sys_path=())
-    result, tail = ray_session.get(ray_session.remote(run_attempt).remote(launch, elsewhere))
+    elsewhere = pickle.dumps(DriverContext(node_id="another-node", sys_path=()))
+    answer = ray_session.get(ray_session.remote(run_attempt).remote(pickle.dumps(launch), elsewhere))
+    result, tail = pickle.loads(answer)
     assert result.state == TaskState.SUCCEEDED
     assert tail is not None and b"fd1 far" in tail and b"child far" in tail
     assert not Path(launch.log_path).exists()  # the driver's log folder was not written there
@@ -256,6 +270,53 @@ def test_killed_worker_is_retried_and_timeout_ends_the_step(ray_session: ModuleT
     info = slow.steps["too_slow"]
     assert (slow.status, info.state.value) == ("FAILED", "TIMED_OUT")
     assert info.seconds is not None and info.seconds < 10
+
+
+# -- Ray processes of their own: run in subprocesses (a process connects to one Ray at a time) -----
+
+OWN_RAY = """\
+import json, os, sys, time, uuid
+import psutil
+from skyloop.config import ExecutionSettings
+from skyloop.execution.backends.ray import RayBackend
+from skyloop.execution.tasks import Literal_, TaskLaunch
+from skyloop.spec.pipeline import StepRef
+from skyloop.spec.resources import Resources
+steps, folder = sys.argv[1:3]
+backend = RayBackend(ExecutionSettings(max_cpus=1))
+backend.start()
+cpus = backend.capacity().cpus
+launch = TaskLaunch(key=uuid.uuid4().hex, task_name="add", step=StepRef(module=steps, qualname="add"),
+                    inputs={"a": Literal_(1), "b": Literal_(2)}, output_names=["output"], multi_output=False,
+                    resources=Resources(), timeout=None, log_path=folder + "/add.log", artifacts_url=folder)
+backend.submit(launch)
+results = []
+while not results:
+    results = backend.wait(30)
+ray_procs = psutil.Process().children(recursive=True)
+listening = sorted({c.laddr.ip for p in ray_procs for c in p.net_connections("inet") if c.status == "LISTEN"})
+import ray
+backend.shutdown()
+_, alive = psutil.wait_procs(ray_procs, timeout=20)
+print(json.dumps({"cpus": cpus, "state": results[0].state, "worker": results[0].worker, "listening": listening,
+                  "initialized": ray.is_initialized(), "alive": [p.pid for p in alive]}))
+"""
+
+
+@integration
+def test_a_ray_started_by_the_backend_is_sized_on_loopback_and_stopped(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the backend must ask for loopback itself
+    child = subprocess.run([sys.executable, "-c", OWN_RAY, STEPS, str(tmp_path)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    answer: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    for pid in answer["alive"]:  # not expected; but never leave them behind
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    assert (answer["cpus"], answer["state"], answer["initialized"], answer["alive"]) == (1.0, "SUCCEEDED", False, [])
+    assert answer["worker"].startswith("ray:127.0.0.1:")
+    assert answer["listening"] and set(answer["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, answer
 
 
 # -- a separate head, reached by address ------------------------------------------------------------

@@ -18,14 +18,17 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
-from skyloop.execution.backends.ray_task import DriverContext, run_attempt
+from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -60,17 +63,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def _own_paths() -> tuple[str, ...]:
-    """The driver's import folders that are not the interpreter's (its stdlib and site-packages)."""
-    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths: list[str] = []
-    for entry in sys.path:
-        path = os.path.abspath(entry or ".")
-        if path not in paths and not any(path == p or path.startswith(p + os.sep) for p in prefixes):
-            paths.append(path)
-    return tuple(paths)
-
-
 class RayBackend:
     """Runs each attempt as a Ray task on the cluster at `address`, or on a Ray started here."""
 
@@ -84,22 +76,32 @@ class RayBackend:
         self._capacity: Resources | None = None
         self._remote: Any = None
         self._options: dict[tuple[Any, ...], Any] = {}
-        self._context: DriverContext | None = None
+        self._context = b""  # the pickled `DriverContext` every task gets
         self._running: dict[str, _Attempt] = {}
         self._by_ref: dict[Any, _Attempt] = {}
         self._done: list[TaskResult] = []
 
     def start(self) -> None:
-        """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here."""
+        """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here.
+
+        A Ray started here listens on 127.0.0.1 only, unless this process imported `ray` before
+        without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment (Ray reads it at import).
+        """
         if self._ray is not None:
             return
+        if self.address is None and "ray" not in sys.modules:
+            # Loopback only: Ray reads this once, at import, and only from the environment (its own
+            # processes inherit it). Not for a remote cluster, which must reach this driver. A user's
+            # value is kept.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray = _import_ray()
         if not ray.is_initialized():
             self._init(ray)
             self._owns_ray = True
         self._ray = ray
         self._remote = ray.remote(run_attempt)
-        self._context = DriverContext(node_id=self._node_id(ray), sys_path=_own_paths())
+        context = DriverContext(node_id=self._node_id(ray), sys_path=own_paths())
+        self._context = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _init(self, ray: Any) -> None:
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
@@ -119,10 +121,9 @@ class RayBackend:
 
     @staticmethod
     def _node_id(ray: Any) -> str:
-        try:
+        with contextlib.suppress(Exception):  # a Ray Client driver is on no node: attempts send logs back
             return str(ray.get_runtime_context().get_node_id())
-        except Exception:  # e.g. a Ray Client driver is on no node: every attempt sends its log back
-            return ""
+        return ""
 
     def capacity(self) -> Resources:
         """The cluster's CPUs, GPUs, memory and custom resources, as Ray counts them."""
@@ -142,7 +143,10 @@ class RayBackend:
         self.start()
         submitted, now = time.time(), time.monotonic()
         try:
-            ref = self._options_for(launch).remote(launch, self._context)
+            # By value where needed (a class defined in a notebook), like Ray would; as bytes, which
+            # Ray passes as they are (its own serialization of an object costs ~0.3 ms more per task).
+            payload: bytes = cloudpickle.dumps(launch, protocol=pickle.HIGHEST_PROTOCOL)
+            ref = self._options_for(launch).remote(payload, self._context)
         except Exception as exc:  # e.g. an input value that cannot be pickled
             self._done.append(TaskResult(key=launch.key, state=TaskState.FAILED, ended_at=time.time(),
                                          error=f"cannot submit the task to Ray: {type(exc).__name__}: {exc}"))
@@ -254,9 +258,10 @@ class RayBackend:
         self._by_ref.pop(attempt.ref, None)
         self._done.append(result)
 
-    def _returned(self, attempt: _Attempt, value: tuple[TaskResult, bytes | None]) -> TaskResult:
+    def _returned(self, attempt: _Attempt, value: bytes) -> TaskResult:
         """The attempt's own result (a result that made it back wins over our cancel)."""
-        result, log_tail = value
+        outcome: tuple[TaskResult, bytes | None] = pickle.loads(value)
+        result, log_tail = outcome
         if log_tail:  # it ran on another node, which cannot write our log folder
             path = attempt.launch.log_path
             folder = os.path.dirname(path)
