@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from skyloop.execution.api import load_spec, prepare, run
     from skyloop.execution.run import Run, StepInfo
+    from skyloop.registry.api import load_model, log_model
 
 # Running pipelines needs the orchestrator, SQLAlchemy and Alembic; step code and worker processes
 # only need the authoring API. Importing the former lazily keeps a worker's start-up near 0.3 s.
@@ -55,6 +56,8 @@ _LAZY = {
     "run": "skyloop.execution.api",
     "Run": "skyloop.execution.run",
     "StepInfo": "skyloop.execution.run",
+    "log_model": "skyloop.registry.api",
+    "load_model": "skyloop.registry.api",
 }
 
 
@@ -92,7 +95,9 @@ __all__ = [
     "StepInfo",
     "StoreError",
     "TaskState",
+    "load_model",
     "load_spec",
+    "log_model",
     "pipeline",
     "prepare",
     "run",

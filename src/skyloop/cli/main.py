@@ -50,13 +50,14 @@ def _root(
 
 
 def _register() -> None:
-    from skyloop.cli import artifacts, pipeline_cmd, queue_cmd, run_cmd, runs
+    from skyloop.cli import artifacts, models_cmd, pipeline_cmd, queue_cmd, run_cmd, runs
 
     run_cmd.register(app)
     queue_cmd.register(app)
     app.add_typer(runs.app, name="runs")
     app.add_typer(pipeline_cmd.app, name="pipeline")
     app.add_typer(artifacts.app, name="artifacts")
+    app.add_typer(models_cmd.app, name="models")
 
 
 def main(argv: list[str] | None = None) -> None:

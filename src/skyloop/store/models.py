@@ -22,7 +22,18 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Artifact", "ArtifactPin", "Base", "Event", "Lineage", "RunRow", "StepRunRow"]
+__all__ = [
+    "Artifact",
+    "ArtifactPin",
+    "Base",
+    "Event",
+    "Lineage",
+    "ModelAliasRow",
+    "ModelRow",
+    "ModelVersionRow",
+    "RunRow",
+    "StepRunRow",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -166,3 +177,52 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(50))
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ModelRow(Base):
+    """A registered model: a name under which immutable versions are numbered 1, 2, ..."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    latest_version: Mapped[int] = mapped_column(Integer, default=0)
+    """The highest version number handed out (versions are never renumbered)."""
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
+
+
+class ModelVersionRow(Base):
+    """One immutable version of a model: its `model.yaml` and the digests of its files."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    flavor: Mapped[str] = mapped_column(String(50))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The parsed `model.yaml`."""
+    manifest: Mapped[str] = mapped_column(String(64))
+    """sha256 of the stored `model.yaml` bytes."""
+    files: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """Relative path -> sha256 of every file of the model directory, `model.yaml` included."""
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    run_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The run that logged it (no foreign key: a version outlives a purged run)."""
+    step_run_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class ModelAliasRow(Base):
+    """A movable name (`champion`, `challenger`, ...) for one version of a model."""
+
+    __tablename__ = "model_aliases"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[datetime] = mapped_column()

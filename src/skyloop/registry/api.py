@@ -1,0 +1,224 @@
+"""`log_model` and `load_model`: package a model, register it, and load it back verified."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skyloop.config import Settings
+from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
+from skyloop.registry.context import current_step
+from skyloop.registry.flavors import Predictor, detect_flavor, get_flavor
+from skyloop.registry.package import (
+    MANIFEST,
+    ModelManifest,
+    Producer,
+    Signature,
+    hash_file,
+    hash_files,
+    read_manifest,
+    verify_directory,
+    write_atomic,
+    write_manifest,
+)
+from skyloop.registry.registry import ModelVersionInfo, create_version, resolve
+from skyloop.registry.signature import infer_signature
+from skyloop.registry.uri import SCHEME, check_name, parse_model_ref
+from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.lineage import record_artifacts
+from skyloop.store.models import StepRunRow
+from skyloop.store.workspace import Workspace
+
+__all__ = ["LoadedModel", "load_model", "log_model", "materialize"]
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded from a verified directory: call `predict`; `metadata` is its `model.yaml`."""
+
+    metadata: ModelManifest
+    path: Path
+    """The verified directory it was loaded from."""
+    model: Predictor
+    """The flavor's own object (a scikit-learn estimator, the user's class, an onnxruntime wrapper, ...)."""
+    uri: str | None = None
+    """`models:/name/version` when it came from the registry."""
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.metadata.name
+
+    @property
+    def flavor(self) -> str:
+        """How it was saved."""
+        return self.metadata.flavor
+
+    @property
+    def signature(self) -> Signature | None:
+        """Its inputs and outputs, when known."""
+        return self.metadata.signature
+
+    def predict(self, data: Any) -> Any:
+        """Predict for a batch of inputs."""
+        return self.model.predict(data)
+
+
+def _producer(run_id: str | None, step_run_id: str | None, inputs: Mapping[str, str] | None) -> Producer | None:
+    context = current_step()
+    if context is not None:
+        run_id = run_id or context.run_id
+        step_run_id = step_run_id or context.step_run_id
+        inputs = inputs if inputs is not None else context.inputs
+    if run_id is None and step_run_id is None and not inputs:
+        return None
+    return Producer(run_id=run_id, step_run_id=step_run_id, task=context.task if context else None,
+                    inputs=dict(inputs or {}))
+
+
+def _settings(settings: Settings | None) -> Settings:
+    if settings is not None:
+        return settings
+    context = current_step()
+    if context is not None and context.settings is not None:
+        return context.settings
+    return Settings()
+
+
+def _package(model: object, root: Path, name: str, flavor: str | None) -> ModelManifest | None:
+    """Write the model's files into `root`; returns the manifest when `model` was already a model directory."""
+    if isinstance(model, str | Path) and (Path(model) / MANIFEST).is_file():
+        source = Path(model)
+        existing = read_manifest(source)
+        verify_directory(source, existing)
+        if flavor is not None and flavor != existing.flavor:
+            raise SpecError(f"{source} holds a {existing.flavor} model, not {flavor}; drop flavor= or fix it")
+        shutil.copytree(source, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        return existing.model_copy(update={"name": name})
+    chosen = get_flavor(flavor) if flavor is not None else detect_flavor(model)
+    chosen.save(model, root)
+    return None
+
+
+def log_model(model: object, name: str, flavor: str | None = None,
+              signature: Signature | Mapping[str, Any] | None = None, input_example: Any = None,
+              metrics: Mapping[str, float] | None = None, settings: Settings | None = None, *,
+              tags: Mapping[str, str] | None = None, description: str | None = None,
+              extra_files: Mapping[str, str | Path] | None = None, run_id: str | None = None,
+              step_run_id: str | None = None, inputs: Mapping[str, str] | None = None) -> ModelVersionInfo:
+    """Package `model` as a directory with `model.yaml` and register it as the next version of `name`.
+
+    The flavor is inferred when not given (sklearn estimators, objects with `predict`, `.onnx` paths,
+    MLflow model directories, or an existing skyloop model directory). With `input_example` and no
+    `signature`, the saved model is loaded back, run on the example, and the signature inferred.
+    Inside a running step, the version records the run, the step run and the artifacts the step read;
+    outside one, pass `run_id` / `step_run_id` / `inputs` to record them.
+    """
+    check_name(name)
+    settings = _settings(settings)
+    with tempfile.TemporaryDirectory(prefix="skyloop-model-") as tmp:
+        root = Path(tmp)
+        manifest = _package(model, root, name, flavor)
+        for target, source in (extra_files or {}).items():
+            dest = root / target
+            if dest.exists() or not dest.resolve().is_relative_to(root.resolve()):
+                raise SpecError(f"extra file {target!r} clashes with a model file or leaves the model directory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+        chosen = get_flavor(manifest.flavor if manifest else flavor or detect_flavor(model).name)
+        spec: Signature | None = (Signature.model_validate(signature) if isinstance(signature, Mapping)
+                                  else signature)
+        if spec is None and manifest is not None:
+            spec = manifest.signature
+        if spec is None and input_example is not None:
+            spec = infer_signature(input_example, chosen.load(root).predict(input_example))
+        workspace = Workspace.open(settings)
+        try:
+            producer = _producer(run_id, step_run_id, inputs)
+            if producer is not None and producer.step_run_id and not producer.run_id:
+                with workspace.db.read() as session:
+                    step = session.get(StepRunRow, producer.step_run_id)
+                    if step is not None:
+                        producer = producer.model_copy(update={"run_id": step.run_id, "task": step.task})
+            manifest = ModelManifest(
+                name=name, flavor=chosen.name, signature=spec,
+                metrics={**(manifest.metrics if manifest else {}), **(metrics or {})},
+                files=hash_files(root), producer=producer or (manifest.producer if manifest else None),
+                environment=manifest.environment if manifest else chosen.environment(),
+            )
+            write_manifest(root, manifest)
+            # Blobs first, rows after: a crash in between leaves an unreferenced blob, never a dangling row.
+            files: dict[str, str] = {}
+            refs: list[ArtifactRef] = []
+            for rel in [*manifest.files, MANIFEST]:
+                data = (root / rel).read_bytes()
+                digest = workspace.store.put_bytes(data)
+                files[rel] = digest
+                refs.append(ArtifactRef(digest, "bytes", f"model-file:{rel}", len(data)))
+            with workspace.db.session() as session:
+                record_artifacts(session, refs)
+                return create_version(session, manifest, files[MANIFEST], files, tags=tags, description=description)
+        finally:
+            workspace.close()
+
+
+def materialize(workspace: Workspace, info: ModelVersionInfo) -> Path:
+    """The verified local directory of a registered version, extracted from the artifact store when needed.
+
+    Files already extracted are checked against their sha256; a changed one is refused, never silently
+    replaced, because something on this machine altered it.
+    """
+    root = workspace.settings.home / "models" / info.name / str(info.version)
+    label = f"model {info.name}/{info.version}"
+    for rel, digest in info.files.items():
+        path = root / rel
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise IntegrityError(f"{label}: file name {rel!r} leaves the model directory")
+        if path.is_file():
+            actual = hash_file(path)
+            if actual != digest:
+                raise IntegrityError(f"{label}: extracted file {rel} in {root} was altered (sha256 {actual[:12]}, "
+                                     f"expected {digest[:12]}); delete {root} to extract it again")
+            continue
+        try:
+            data = workspace.store.get_bytes(digest, verify=True)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{label}: file {rel} is corrupt in the artifact store (blob {digest[:12]} no "
+                                 "longer matches its sha256); register the model again from its source") from exc
+        except NotFound as exc:
+            raise ModelLoadError(f"{label}: file {rel} (blob {digest[:12]}) is missing from the artifact store "
+                                 f"{workspace.store.url}; register the model again from its source") from exc
+        write_atomic(path, data)
+    return root
+
+
+def _load_directory(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> LoadedModel:
+    manifest = read_manifest(root)
+    if expected is not None:
+        listed = {k: v for k, v in expected.items() if k != MANIFEST}
+        if manifest.files != listed:
+            raise IntegrityError(f"{root / MANIFEST} does not list the files registered for {uri}")
+    verify_directory(root, manifest)
+    return LoadedModel(manifest, root, get_flavor(manifest.flavor).load(root), uri)
+
+
+def load_model(uri: str | Path, settings: Settings | None = None) -> LoadedModel:
+    """Load `models:/name/3`, `models:/name@alias`, `models:/name` (latest) or a model directory.
+
+    Every file is checked against its sha256 first; a missing or altered file is refused.
+    """
+    if isinstance(uri, Path) or (not uri.startswith(SCHEME) and Path(uri).is_dir()):
+        return _load_directory(Path(uri))
+    ref = parse_model_ref(uri)
+    workspace = Workspace.open(_settings(settings))
+    try:
+        with workspace.db.read() as session:
+            info = resolve(session, ref)
+        root = materialize(workspace, info)
+    finally:
+        workspace.close()
+    return _load_directory(root, info.files, info.uri)

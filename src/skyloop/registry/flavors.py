@@ -1,0 +1,233 @@
+"""Flavors: how a model object is saved into a directory and loaded back as something with `predict`.
+
+`sklearn` (joblib) and `python` (a user class with `predict` and optionally `load`) need nothing extra;
+`onnx` needs onnxruntime and `mlflow` needs mlflow, both imported only when such a model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import platform
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import cloudpickle
+import joblib
+import numpy as np
+
+from skyloop.errors import ModelLoadError, SpecError
+
+__all__ = ["FLAVORS", "Flavor", "Predictor", "detect_flavor", "get_flavor", "import_extra"]
+
+
+class Predictor(Protocol):
+    """A loaded model: anything with `predict`."""
+
+    def predict(self, data: Any) -> Any:
+        """Predict for a batch of inputs."""
+
+
+def import_extra(module: str, extra: str, flavor: str) -> Any:
+    """Import an optional dependency, or say which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ModelLoadError(f"the {flavor} flavor needs {module.split('.')[0]} ({exc}); "
+                             f"install it with: pip install 'skyloop[{extra}]'") from exc
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Flavor(ABC):
+    """One way of saving and loading models."""
+
+    name: ClassVar[str]
+    libraries: ClassVar[tuple[str, ...]] = ()
+    """Distributions whose versions `model.yaml` records."""
+
+    @abstractmethod
+    def accepts(self, model: object) -> bool:
+        """Whether this flavor can save `model` (used to infer the flavor)."""
+
+    @abstractmethod
+    def save(self, model: object, root: Path) -> None:
+        """Write the model's files into the (empty) directory `root`."""
+
+    @abstractmethod
+    def load(self, root: Path) -> Predictor:
+        """Load the model from a verified directory."""
+
+    def environment(self) -> dict[str, str]:
+        """Python's version and the flavor's libraries' versions."""
+        found = {"python": platform.python_version()}
+        for dist in self.libraries:
+            version = _version(dist)
+            if version:
+                found[dist] = version
+        return found
+
+
+def _wrap_load_errors(flavor: str, root: Path, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(f"cannot load the {flavor} model in {root}: {type(exc).__name__}: {exc}")
+
+
+class SklearnFlavor(Flavor):
+    """scikit-learn estimators and pipelines, saved with joblib."""
+
+    name = "sklearn"
+    libraries = ("scikit-learn", "joblib", "numpy")
+    FILE = "model.joblib"
+
+    def accepts(self, model: object) -> bool:
+        return any(cls.__module__.startswith("sklearn.") for cls in type(model).__mro__)
+
+    def save(self, model: object, root: Path) -> None:
+        joblib.dump(model, root / self.FILE)
+
+    def load(self, root: Path) -> Predictor:
+        try:
+            model: Predictor = joblib.load(root / self.FILE)
+        except Exception as exc:
+            raise _wrap_load_errors(self.name, root, exc) from exc
+        return model
+
+
+class PythonFlavor(Flavor):
+    """A user object with `predict(data)` and optionally `load()` or `load(model_dir)`, pickled by cloudpickle.
+
+    A class (rather than an instance) is instantiated without arguments at load time. `load` is called once
+    after unpickling, with the model directory when it takes an argument, so it can read extra files.
+    """
+
+    name = "python"
+    libraries = ("cloudpickle",)
+    FILE = "python_model.pkl"
+
+    def accepts(self, model: object) -> bool:
+        return callable(getattr(model, "predict", None))
+
+    def save(self, model: object, root: Path) -> None:
+        if not callable(getattr(model, "predict", None)):
+            raise SpecError(f"a python-flavor model needs a predict(data) method; {type(model).__name__} has none")
+        try:
+            data = cloudpickle.dumps(model)
+        except Exception as exc:
+            raise SpecError(f"cannot pickle the python model {type(model).__name__}: {exc}") from exc
+        (root / self.FILE).write_bytes(data)
+
+    def load(self, root: Path) -> Predictor:
+        try:
+            obj = cloudpickle.loads((root / self.FILE).read_bytes())
+            if isinstance(obj, type):
+                obj = obj()
+            load = getattr(obj, "load", None)
+            if callable(load):
+                takes_dir = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                for p in inspect.signature(load).parameters.values())
+                ready = load(root) if takes_dir else load()
+                if ready is False:
+                    raise ModelLoadError(f"the python model in {root}: load() returned False")
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise _wrap_load_errors(self.name, root, exc) from exc
+        model: Predictor = obj
+        return model
+
+
+class _OnnxPredictor:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def predict(self, data: Any) -> Any:
+        feed = ({k: np.asarray(v) for k, v in data.items()} if isinstance(data, dict)
+                else {self.inputs[0]: np.asarray(data)})
+        results = self.session.run(None, feed)
+        return results[0] if len(results) == 1 else dict(zip(self.outputs, results, strict=True))
+
+
+class OnnxFlavor(Flavor):
+    """An ONNX graph (a `.onnx` path, its bytes as an `onnx.ModelProto`), run by onnxruntime."""
+
+    name = "onnx"
+    libraries = ("onnxruntime", "onnx")
+    FILE = "model.onnx"
+
+    def accepts(self, model: object) -> bool:
+        if isinstance(model, str | Path):
+            return str(model).endswith(".onnx") and Path(model).is_file()
+        return type(model).__name__ == "ModelProto" and hasattr(model, "SerializeToString")
+
+    def save(self, model: object, root: Path) -> None:
+        if isinstance(model, str | Path):
+            shutil.copyfile(model, root / self.FILE)
+        elif isinstance(model, bytes):
+            (root / self.FILE).write_bytes(model)
+        elif hasattr(model, "SerializeToString"):
+            (root / self.FILE).write_bytes(model.SerializeToString())
+        else:
+            raise SpecError("an onnx model must be a .onnx path, its bytes or an onnx.ModelProto")
+
+    def load(self, root: Path) -> Predictor:
+        ort = import_extra("onnxruntime", "onnx", self.name)
+        try:
+            session = ort.InferenceSession(str(root / self.FILE), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise _wrap_load_errors(self.name, root, exc) from exc
+        return _OnnxPredictor(session)
+
+
+class MlflowFlavor(Flavor):
+    """An MLflow model directory (one with an `MLmodel` file), loaded as an MLflow pyfunc."""
+
+    name = "mlflow"
+    libraries = ("mlflow",)
+    FOLDER = "mlflow"
+
+    def accepts(self, model: object) -> bool:
+        return isinstance(model, str | Path) and (Path(model) / "MLmodel").is_file()
+
+    def save(self, model: object, root: Path) -> None:
+        if not self.accepts(model):
+            raise SpecError("an mlflow model must be the path of an MLflow model directory (one with MLmodel)")
+        shutil.copytree(Path(model), root / self.FOLDER)  # type: ignore[arg-type]
+
+    def load(self, root: Path) -> Predictor:
+        pyfunc = import_extra("mlflow.pyfunc", "mlflow", self.name)
+        try:
+            model: Predictor = pyfunc.load_model(str(root / self.FOLDER))
+        except Exception as exc:
+            raise _wrap_load_errors(self.name, root, exc) from exc
+        return model
+
+
+FLAVORS: dict[str, Flavor] = {f.name: f for f in (MlflowFlavor(), OnnxFlavor(), SklearnFlavor(), PythonFlavor())}
+"""Every flavor by name, in the order `detect_flavor` tries them."""
+
+
+def get_flavor(name: str) -> Flavor:
+    """The flavor called `name`."""
+    try:
+        return FLAVORS[name]
+    except KeyError:
+        raise SpecError(f"unknown model flavor {name!r}; use one of {', '.join(sorted(FLAVORS))}") from None
+
+
+def detect_flavor(model: object) -> Flavor:
+    """The first flavor that accepts `model`."""
+    for flavor in FLAVORS.values():
+        if flavor.accepts(model):
+            return flavor
+    raise SpecError(f"cannot tell the flavor of a {type(model).__name__}: pass flavor= one of "
+                    f"{', '.join(sorted(FLAVORS))} (a python model needs a predict method)")

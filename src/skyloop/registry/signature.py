@@ -1,0 +1,64 @@
+"""Signatures inferred from sample data: numpy arrays, pandas frames, dicts of arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+
+import numpy as np
+
+from skyloop.errors import SpecError
+from skyloop.registry.package import Datatype, Signature, TensorSpec
+
+__all__ = ["datatype_of", "infer_signature", "tensor_specs"]
+
+_BY_NAME: dict[str, Datatype] = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+
+
+def datatype_of(dtype: Any) -> Datatype:
+    """The V2 datatype of a numpy (or pandas) dtype; text, bytes and objects are BYTES."""
+    dt = np.dtype(dtype) if not hasattr(dtype, "numpy_dtype") else np.dtype(dtype.numpy_dtype)
+    if dt.kind in ("O", "U", "S"):
+        return "BYTES"
+    found = _BY_NAME.get(dt.name)
+    if found is None:
+        raise SpecError(f"dtype {dt} has no V2 datatype; cast the sample to a numeric, bool or string type")
+    return found
+
+
+def _batched(name: str, array: np.ndarray[Any, Any]) -> TensorSpec:
+    # The first dimension is the batch: any number of rows may come.
+    shape = [-1, *array.shape[1:]] if array.ndim >= 1 else [-1]
+    return TensorSpec(name=name, datatype=datatype_of(array.dtype), shape=[int(d) for d in shape])
+
+
+def _is_frame(value: object) -> bool:
+    return hasattr(value, "columns") and hasattr(value, "dtypes") and hasattr(value, "to_numpy")
+
+
+def tensor_specs(value: object, default_name: str) -> list[TensorSpec]:
+    """The tensors that `value` stands for (a frame of mixed column types is one tensor per column)."""
+    if isinstance(value, Mapping):
+        return [_batched(str(k), np.asarray(v)) for k, v in value.items()]
+    if _is_frame(value):
+        frame = cast(Any, value)
+        kinds = {datatype_of(dt) for dt in frame.dtypes}
+        if len(kinds) == 1:
+            return [_batched(default_name, frame.to_numpy())]
+        return [TensorSpec(name=str(col), datatype=datatype_of(frame[col].dtype), shape=[-1])
+                for col in frame.columns]
+    if hasattr(value, "to_numpy") and hasattr(value, "name"):  # a pandas Series
+        series = cast(Any, value)
+        return [_batched(str(series.name) if series.name is not None else default_name, series.to_numpy())]
+    return [_batched(default_name, np.asarray(value))]
+
+
+def infer_signature(example: object, prediction: object | None = None) -> Signature:
+    """A signature from a sample input and, when given, what the model returned for it."""
+    inputs = tensor_specs(example, "input-0")
+    outputs = tensor_specs(prediction, "predict") if prediction is not None else []
+    return Signature(inputs=inputs, outputs=outputs)

@@ -1,0 +1,264 @@
+"""The registry end to end on real SQLite and a real artifact store: versions, aliases, tags, URIs,
+tamper refusal, garbage collection, lineage and the python flavor."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from skyloop import Settings
+from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
+from skyloop.registry import (
+    ModelRef,
+    StepContext,
+    load_model,
+    log_model,
+    step_context,
+)
+from skyloop.registry.registry import (
+    delete_tag,
+    get_model,
+    list_models,
+    list_versions,
+    remove_alias,
+    resolve,
+    set_alias,
+    set_tags,
+)
+from skyloop.store.gc import collect_garbage
+from skyloop.store.models import Artifact, ArtifactPin
+from skyloop.store.workspace import Workspace
+
+Data = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+
+
+def test_log_model_infers_flavor_and_signature(classifier: LogisticRegression, data: Data,
+                                               settings: Settings) -> None:
+    X, _ = data
+    info = log_model(classifier, "iris", input_example=X[:2], metrics={"accuracy": 1.0}, settings=settings)
+    assert (info.name, info.version, info.uri, info.flavor) == ("iris", 1, "models:/iris/1", "sklearn")
+    signature = info.manifest.signature
+    assert signature is not None
+    assert [(t.name, t.datatype, t.shape) for t in signature.inputs] == [("input-0", "FP64", [-1, 4])]
+    assert [(t.name, t.datatype, t.shape) for t in signature.outputs] == [("predict", "INT64", [-1])]
+    assert info.manifest.metrics == {"accuracy": 1.0}
+    assert set(info.files) == {"model.joblib", "model.yaml"}
+    assert info.manifest.environment["scikit-learn"]
+
+
+def test_a_dataframe_example_gives_a_feature_matrix_signature(classifier: LogisticRegression, data: Data,
+                                                              settings: Settings) -> None:
+    X, _ = data
+    frame = pd.DataFrame(X, columns=["a", "b", "c", "d"])
+    fitted = LogisticRegression(max_iter=1000).fit(frame, data[1])
+    info = log_model(fitted, "frame", input_example=frame.head(3), settings=settings)
+    assert info.manifest.signature is not None
+    assert info.manifest.signature.inputs[0].shape == [-1, 4]
+    np.testing.assert_array_equal(load_model(info.uri, settings=settings).predict(frame), fitted.predict(frame))
+
+
+def test_versions_aliases_and_uris(classifier: LogisticRegression, data: Data, settings: Settings,
+                                   workspace: Workspace) -> None:
+    X, y = data
+    first = log_model(classifier, "iris", settings=settings)
+    other = LogisticRegression(max_iter=1000, C=0.01).fit(X, y)
+    second = log_model(other, "iris", settings=settings, tags={"stage": "new"})
+    assert (first.version, second.version) == (1, 2)
+
+    with workspace.db.session() as session:
+        assert set_alias(session, "iris", "champion", 1) is None
+        set_alias(session, "iris", "challenger", 2)
+    champion = load_model("models:/iris@champion", settings=settings)
+    latest = load_model("models:/iris", settings=settings)
+    assert champion.uri == "models:/iris/1" and latest.uri == "models:/iris/2"
+    np.testing.assert_array_equal(champion.predict(X), classifier.predict(X))
+    np.testing.assert_allclose(latest.model.predict_proba(X), other.predict_proba(X))  # type: ignore[attr-defined]
+
+    with workspace.db.session() as session:  # promote: the alias moves, the old target is reported
+        assert set_alias(session, "iris", "champion", 2) == 1
+    assert load_model("models:/iris@champion", settings=settings).uri == "models:/iris/2"
+    with workspace.db.read() as session:
+        assert resolve(session, ModelRef("iris", version=2)).aliases == ["challenger", "champion"]
+        assert resolve(session, ModelRef("iris", version=1)).aliases == []
+        model = get_model(session, "iris")
+        assert (model.latest_version, model.versions, model.aliases) == (2, 2, {"challenger": 2, "champion": 2})
+        assert [m.name for m in list_models(session)] == ["iris"]
+        assert [v.version for v in list_versions(session, "iris")] == [1, 2]
+        assert resolve(session, ModelRef("iris", version=2)).tags == {"stage": "new"}
+    with workspace.db.session() as session:
+        remove_alias(session, "iris", "challenger")
+    with workspace.db.read() as session, pytest.raises(NotFound, match="no alias 'challenger'"):
+        resolve(session, ModelRef("iris", alias="challenger"))
+
+
+def test_tags_on_models_and_versions(classifier: LogisticRegression, settings: Settings,
+                                     workspace: Workspace) -> None:
+    log_model(classifier, "iris", settings=settings)
+    with workspace.db.session() as session:
+        assert set_tags(session, ModelRef("iris"), {"team": "ml"}) == {"team": "ml"}
+        assert set_tags(session, ModelRef("iris", version=1), {"validated": True}) == {"validated": "True"}
+        set_tags(session, ModelRef("iris"), {"owner": "ana"})
+        delete_tag(session, ModelRef("iris"), "team")
+    with workspace.db.read() as session:
+        assert get_model(session, "iris").tags == {"owner": "ana"}
+        assert resolve(session, ModelRef("iris", version=1)).tags == {"validated": "True"}
+    with workspace.db.session() as session, pytest.raises(NotFound):
+        delete_tag(session, ModelRef("iris"), "nope")
+
+
+def test_unknown_names_are_not_found(classifier: LogisticRegression, settings: Settings,
+                                     workspace: Workspace) -> None:
+    with pytest.raises(NotFound, match="no model named 'ghost'"):
+        load_model("models:/ghost", settings=settings)
+    log_model(classifier, "iris", settings=settings)
+    with pytest.raises(NotFound, match="has no version 7"):
+        load_model("models:/iris/7", settings=settings)
+    with pytest.raises(NotFound, match="no alias 'champion'"):
+        load_model("models:/iris@champion", settings=settings)
+    with workspace.db.session() as session, pytest.raises(NotFound, match="no version 3"):
+        set_alias(session, "iris", "champion", 3)
+    with workspace.db.session() as session, pytest.raises(SpecError, match="cannot be set"):
+        set_alias(session, "iris", "latest", 1)
+
+
+def test_the_model_survives_its_source_folder(classifier: LogisticRegression, data: Data, settings: Settings,
+                                              tmp_path: Path) -> None:
+    first = log_model(classifier, "iris", settings=settings)
+    source = load_model(first.uri, settings=settings).path
+    packaged = tmp_path / "copy"
+    shutil.copytree(source, packaged)
+    shutil.rmtree(settings.home / "models")  # the extracted copy goes: it comes back from the store
+    again = log_model(packaged, "iris-copy", settings=settings)  # a model directory registers as it is
+    shutil.rmtree(packaged)
+    np.testing.assert_array_equal(load_model(again.uri, settings=settings).predict(data[0]),
+                                  classifier.predict(data[0]))
+    assert again.files["model.joblib"] == first.files["model.joblib"]
+
+
+def test_a_tampered_blob_is_refused(classifier: LogisticRegression, settings: Settings,
+                                    workspace: Workspace) -> None:
+    info = log_model(classifier, "iris", settings=settings)
+    blob = Path(workspace.store._path(info.files["model.joblib"]))
+    blob.write_bytes(blob.read_bytes() + b"evil")
+    with pytest.raises(IntegrityError, match=r"model iris/1: file model.joblib is corrupt in the artifact store"):
+        load_model("models:/iris/1", settings=settings)
+
+
+def test_a_tampered_extracted_file_is_refused(classifier: LogisticRegression, settings: Settings) -> None:
+    info = load_model(log_model(classifier, "iris", settings=settings).uri, settings=settings)
+    (info.path / "model.joblib").write_bytes(b"not a model")
+    with pytest.raises(IntegrityError, match=r"extracted file model\.joblib .* was altered"):
+        load_model("models:/iris", settings=settings)
+    shutil.rmtree(info.path)  # the fix the message names: extract again from the store
+    assert load_model("models:/iris", settings=settings).flavor == "sklearn"
+
+
+def test_a_model_directory_with_an_altered_or_missing_file_is_refused(classifier: LogisticRegression,
+                                                                       settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(load_model(log_model(classifier, "iris", settings=settings).uri, settings=settings).path, folder)
+    assert load_model(folder).name == "iris"
+    (folder / "model.joblib").write_bytes(b"x")
+    with pytest.raises(IntegrityError, match=r"file model\.joblib was altered"):
+        load_model(str(folder))
+    (folder / "model.joblib").unlink()
+    with pytest.raises(ModelLoadError, match=r"model\.joblib listed in model\.yaml is missing"):
+        load_model(folder)
+
+
+def test_gc_keeps_a_registered_models_artifacts(classifier: LogisticRegression, settings: Settings,
+                                                workspace: Workspace) -> None:
+    info = log_model(classifier, "iris", settings=settings)
+    report = collect_garbage(workspace, timedelta(0))
+    assert not set(info.files.values()) & set(report.digests)
+    with workspace.db.read() as session:
+        holders = {(p.artifact, p.holder) for p in session.query(ArtifactPin)}
+        assert {(d, "model:iris/1") for d in info.files.values()} <= holders
+        assert all(session.get(Artifact, d).deleted_at is None for d in info.files.values())  # type: ignore[union-attr]
+    shutil.rmtree(settings.home / "models", ignore_errors=True)
+    assert load_model("models:/iris", settings=settings).flavor == "sklearn"
+
+
+class Doubler:
+    """A user model: reads its factor from a file of the model directory at load time."""
+
+    def __init__(self) -> None:
+        self.factor = 0
+
+    def load(self, model_dir: Path) -> bool:
+        self.factor = int((model_dir / "factor.txt").read_text())
+        return True
+
+    def predict(self, data: Any) -> Any:
+        return np.asarray(data) * self.factor
+
+
+def test_the_python_flavor_with_a_user_class(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "factor.txt").write_text("2")
+    info = log_model(Doubler(), "doubler", extra_files={"factor.txt": tmp_path / "factor.txt"},
+                     input_example=np.array([[1, 2]], dtype=np.int32), settings=settings)
+    assert info.flavor == "python"
+    assert set(info.files) == {"python_model.pkl", "factor.txt", "model.yaml"}
+    assert info.manifest.signature is not None
+    assert info.manifest.signature.outputs[0].datatype == "INT32"
+    loaded = load_model("models:/doubler", settings=settings)
+    np.testing.assert_array_equal(loaded.predict([[1, 2], [3, 4]]), [[2, 4], [6, 8]])
+
+
+def test_a_python_model_whose_load_fails_is_a_load_error(settings: Settings) -> None:
+    log_model(Doubler(), "broken", settings=settings)  # no factor.txt
+    with pytest.raises(ModelLoadError, match="cannot load the python model"):
+        load_model("models:/broken", settings=settings)
+
+
+def test_log_model_inside_a_step_records_its_producer(classifier: LogisticRegression, settings: Settings,
+                                                      workspace: Workspace) -> None:
+    context = StepContext(step_run_id="s1", run_id="r1", task="train", inputs={"data": "ab" * 32},
+                          settings=settings)
+    with step_context(context):
+        info = log_model(classifier, "iris")
+    producer = info.manifest.producer
+    assert producer is not None
+    assert (producer.run_id, producer.step_run_id, producer.task, producer.inputs) == \
+        ("r1", "s1", "train", {"data": "ab" * 32})
+    assert (info.run_id, info.step_run_id) == ("r1", "s1")
+    outside = log_model(classifier, "iris", settings=settings, run_id="r9")
+    assert outside.run_id == "r9" and outside.step_run_id is None
+    assert log_model(classifier, "iris", settings=settings).manifest.producer is None
+
+
+@pytest.mark.parametrize(("flavor", "extra"), [("onnx", "onnx"), ("mlflow", "mlflow")])
+def test_optional_flavors_name_their_extra(flavor: str, extra: str, settings: Settings, tmp_path: Path) -> None:
+    if flavor == "onnx":
+        model: Any = tmp_path / "m.onnx"
+        model.write_bytes(b"\x08\x07")  # not a valid graph: with onnxruntime installed, a load error too
+    else:
+        model = tmp_path / "mlflow-model"
+        model.mkdir()
+        (model / "MLmodel").write_text("flavors: {}\n")
+    info = log_model(model, "opt", settings=settings)
+    assert info.flavor == flavor
+    try:
+        __import__("onnxruntime" if flavor == "onnx" else "mlflow")
+    except ImportError:
+        with pytest.raises(ModelLoadError, match=rf"pip install 'skyloop\[{extra}\]'"):
+            load_model(info.uri, settings=settings)
+    else:
+        with pytest.raises(ModelLoadError):
+            load_model(info.uri, settings=settings)
+
+
+def test_bad_arguments_are_spec_errors(classifier: LogisticRegression, settings: Settings) -> None:
+    with pytest.raises(SpecError, match="model name"):
+        log_model(classifier, "bad/name", settings=settings)
+    with pytest.raises(SpecError, match="unknown model flavor"):
+        log_model(classifier, "iris", flavor="tensorflow", settings=settings)
+    with pytest.raises(SpecError, match="cannot tell the flavor"):
+        log_model(object(), "iris", settings=settings)

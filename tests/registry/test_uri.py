@@ -1,0 +1,34 @@
+"""Parsing model URIs and their short forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from skyloop.errors import SpecError
+from skyloop.registry.uri import ModelRef, parse_model_ref
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("models:/iris", ModelRef("iris")),
+    ("models:/iris/3", ModelRef("iris", version=3)),
+    ("models:/iris@champion", ModelRef("iris", alias="champion")),
+    ("models:/iris@latest", ModelRef("iris")),
+    ("models:/iris/latest", ModelRef("iris")),
+    ("iris/12", ModelRef("iris", version=12)),
+    ("iris@challenger", ModelRef("iris", alias="challenger")),
+    ("my-model.v2", ModelRef("my-model.v2")),
+])
+def test_references_parse(text: str, expected: ModelRef) -> None:
+    assert parse_model_ref(text) == expected
+
+
+@pytest.mark.parametrize("ref", [ModelRef("a"), ModelRef("a", version=2), ModelRef("a", alias="x")])
+def test_uris_round_trip(ref: ModelRef) -> None:
+    assert parse_model_ref(ref.uri) == ref
+
+
+@pytest.mark.parametrize("text", ["models:/", "models:/iris/0", "models:/iris/x", "iris@3", "iris@", "bad name",
+                                  "models:/a/b/c", "-iris"])
+def test_bad_references_are_spec_errors(text: str) -> None:
+    with pytest.raises(SpecError):
+        parse_model_ref(text)
