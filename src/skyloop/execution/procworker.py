@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from skyloop.execution.tasks import TaskLaunch, TaskResult
     from skyloop.store.artifacts import ArtifactStore
 
-__all__ = ["READY", "UNREADABLE", "PeakMemory", "scoped_environ", "serve"]
+__all__ = ["READY", "UNREADABLE", "PeakMemory", "capture_output", "scoped_environ", "serve"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -140,28 +140,36 @@ class _Runner:
             os.fchdir(self._cwd)  # a step's os.chdir() must not move the next task
         return result
 
-    @contextlib.contextmanager
-    def _captured(self, log_path: str) -> Iterator[None]:
-        # File descriptors, not sys.stdout: output of C extensions and child processes lands too.
-        folder = os.path.dirname(log_path)
-        if folder and folder not in self._log_dirs:
-            os.makedirs(folder, exist_ok=True)
-            self._log_dirs.add(folder)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        stdout, stderr = sys.stdout, sys.stderr
-        _flush(stdout, stderr)
-        try:
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-        finally:
-            os.close(fd)
-        try:
-            yield
-        finally:
-            _flush(sys.stdout, sys.stderr)
-            sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
-            os.dup2(self._saved_fds[0], 1)
-            os.dup2(self._saved_fds[1], 2)
+    def _captured(self, log_path: str) -> contextlib.AbstractContextManager[None]:
+        return capture_output(log_path, self._saved_fds, self._log_dirs)
+
+
+@contextlib.contextmanager
+def capture_output(log_path: str, saved_fds: tuple[int, int], made_dirs: set[str]) -> Iterator[None]:
+    """Send file descriptors 1 and 2 to `log_path` (appending) for the block, then back to `saved_fds`.
+
+    File descriptors, not sys.stdout: output of C extensions and child processes lands too.
+    `made_dirs` remembers the folders already created, so a warm worker makes each once.
+    """
+    folder = os.path.dirname(log_path)
+    if folder and folder not in made_dirs:
+        os.makedirs(folder, exist_ok=True)
+        made_dirs.add(folder)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    stdout, stderr = sys.stdout, sys.stderr
+    _flush(stdout, stderr)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        _flush(sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
 
 
 def _flush(*streams: Any) -> None:

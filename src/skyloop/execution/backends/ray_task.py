@@ -18,10 +18,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from skyloop.execution.procworker import PeakMemory, scoped_environ
+from skyloop.execution.procworker import PeakMemory, capture_output, scoped_environ
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import execute
 from skyloop.store.artifacts import ArtifactStore
@@ -104,34 +103,8 @@ class _Worker:
             sys.path.extend(path for path in paths if path not in sys.path)
             self.paths = paths
 
-    @contextlib.contextmanager
-    def _captured(self, log_path: str) -> Iterator[None]:
-        # File descriptors, not sys.stdout: output of C extensions and child processes lands too.
-        folder = os.path.dirname(log_path)
-        if folder and folder not in self.log_dirs:
-            os.makedirs(folder, exist_ok=True)
-            self.log_dirs.add(folder)
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        stdout, stderr = sys.stdout, sys.stderr
-        _flush(stdout, stderr)
-        try:
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-        finally:
-            os.close(fd)
-        try:
-            yield
-        finally:
-            _flush(sys.stdout, sys.stderr)
-            sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
-            os.dup2(self.saved_fds[0], 1)
-            os.dup2(self.saved_fds[1], 2)
-
-
-def _flush(*streams: object) -> None:
-    for stream in streams:
-        with contextlib.suppress(Exception):  # a closed or None stream left by the step
-            stream.flush()  # type: ignore[attr-defined]
+    def _captured(self, log_path: str) -> contextlib.AbstractContextManager[None]:
+        return capture_output(log_path, self.saved_fds, self.log_dirs)
 
 
 def _temporary_log() -> str:
