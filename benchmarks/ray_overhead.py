@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from skyloop import Settings, pipeline, run, step
+from skyloop import Settings, run
 from skyloop.execution.loading import load_file_module
 
 TARGET_RATIO = 1.5
@@ -35,37 +35,9 @@ RAW: dict[Any, Any] = {}
 """The steps' plain functions as Ray remote functions (made once, so that Ray exports them once)."""
 
 
-@step
-def noop(x: int) -> int:
-    return x
-
-
-@step
-def inc(x: int) -> int:
-    return x + 1
-
-
-@step
-def numbers(n: int) -> list[int]:
-    return list(range(n))
-
-
-def chain_of(n: int) -> Any:
-    @pipeline(name=f"ray_chain_{n}")
-    def chain(x: int = 0):
-        for _ in range(n):
-            x = inc(x)  # not noop: equal inputs would make every step after the first a cache hit
-        return x
-
-    return chain
-
-
-def fanout_of(n: int) -> Any:
-    @pipeline(name=f"ray_fanout_{n}")
-    def fanout():
-        return noop.map(numbers(n))
-
-    return fanout
+# The steps and pipelines are `overhead.py`'s, loaded by path so that Ray workers import them alike.
+SHARED = load_file_module(Path(__file__).with_name("overhead.py"))
+noop, inc = SHARED.noop, SHARED.inc
 
 
 def best(repeat: int, measure: Callable[[], float]) -> float:
@@ -92,8 +64,8 @@ def raw_ray(ray: Any, shape: str, n: int, window: int | None = None) -> float:
     return time.perf_counter() - started
 
 
-def on_skyloop(module: Any, shape: str, n: int, backend: str = "ray") -> float:
-    target = module.chain_of(n) if shape == "chain" else module.fanout_of(n)
+def on_skyloop(shape: str, n: int, backend: str = "ray") -> float:
+    target = SHARED.chain_of(n) if shape == "chain" else SHARED.fanout_of(n)
     with tempfile.TemporaryDirectory(prefix="skyloop-raybench-") as home:
         started = time.perf_counter()
         result = run(target, backend=backend, settings=Settings.for_home(Path(home)))
@@ -118,11 +90,9 @@ def main() -> None:
              log_to_driver=False)
     RAW.update({fn: ray.remote(fn) for fn in (noop.fn, inc.fn)})
     try:
-        # Loaded as a module so that Ray workers import the steps by path; skyloop reuses this Ray.
-        module = load_file_module(Path(__file__))
         n = args.steps
         raw_ray(ray, "fanout", 4 * args.cpus)  # warm-up: start the workers, export the functions
-        on_skyloop(module, "fanout", 4 * args.cpus)
+        on_skyloop("fanout", 4 * args.cpus)
         table = Table(title=f"ray backend overhead, {n} no-op steps, {args.cpus} CPUs (best of {args.repeat})")
         for column in ("shape", "raw Ray ms/step", f"raw Ray <={args.cpus} running", "skyloop inline ms/step",
                        "skyloop ray ms/step", "ratio ray/raw", "target", "meets"):
@@ -131,8 +101,8 @@ def main() -> None:
             steps = n + (1 if shape == "fanout" else 0)  # the fan-out has the list step too
             raw = best(args.repeat, lambda: raw_ray(ray, shape, n)) / n  # noqa: B023 (called at once)
             windowed = best(args.repeat, lambda: raw_ray(ray, shape, n, args.cpus)) / n  # noqa: B023
-            inline = best(args.repeat, lambda: on_skyloop(module, shape, n, "inline")) / steps  # noqa: B023
-            ours = best(args.repeat, lambda: on_skyloop(module, shape, n)) / steps  # noqa: B023
+            inline = best(args.repeat, lambda: on_skyloop(shape, n, "inline")) / steps  # noqa: B023
+            ours = best(args.repeat, lambda: on_skyloop(shape, n)) / steps  # noqa: B023
             ratio = ours / raw
             table.add_row(shape, f"{raw * 1e3:.3f}", f"{windowed * 1e3:.3f}" if shape == "fanout" else "",
                           f"{inline * 1e3:.3f}", f"{ours * 1e3:.3f}", f"{ratio:.2f}x", f"{TARGET_RATIO:g}x",
