@@ -21,10 +21,10 @@ Each makespan is divided by the lower bound max(submit + critical path of each r
 of each resource and pool) of that execution; tables show the mean over seeds. Targets from issue 3:
 mean <= 1.10 x lower bound with learned estimates after 3 runs; >= 15% shorter makespan than FIFO on
 the heterogeneous families. A second table explains the gaps: the same policy with fair share off
-(runs of one class ordered by rank alone), and ratios to a tighter valid bound that also counts the
+(runs of one class ordered by rank alone, never by share), and ratios to a tighter valid bound that also counts the
 time before and after the tasks of a scarce resource can run. The last table times the decision:
-one `take` with 1,000 ready tasks divided by those tasks (target: < 50 us), and a busy machine where
-every call launches what a finished task freed, per launched task.
+one `take` with 1,000 ready tasks divided by those tasks, and a busy machine where every call
+launches what a finished task freed, per launched task (the figure checked against < 50 us).
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def one_seed(scenario: Scenario, seed: int) -> dict[str, float]:
     out |= {
         "gain": 1.0 - spans[LAST] / spans["fifo"],
         "gain-hol": 1.0 - spans[LAST] / spans["fifo-hol"],
+        "gain-max": 1.0 - bound / spans["fifo"],
         "unfair": unfair / bound,
         "unfair-gain": 1.0 - unfair / spans["fifo"],
         "tight/bound": tight / bound,
@@ -159,7 +160,8 @@ def main() -> None:
     started = time.perf_counter()
 
     main_table = Table(title=f"makespan / lower bound, mean of {args.seeds} seeds (1.00 would be optimal)",
-                       caption=f"learnK: estimates learned from K earlier runs; vs: {LAST}'s makespan reduction")
+                       caption=f"learnK: estimates learned from K earlier runs; vs: {LAST}'s makespan reduction; "
+                               "bound vs fifo: the most any schedule could gain (one that met the lower bound)")
     diag = Table(title=f"where the gaps come from ({LAST} unless said)",
                  caption="no-fair: fair_share=False; tight: the bound plus waits before/after scarce resources")
     main_table.add_column("family")
@@ -168,6 +170,7 @@ def main() -> None:
         main_table.add_column(name, justify="right")
     main_table.add_column("vs fifo", justify="right")
     main_table.add_column("vs hol", justify="right")
+    main_table.add_column("bound vs fifo", justify="right")
     for name in ("no-fair", "no-fair vs fifo", "tight/bound", f"{LAST}/tight", "no-fair/tight", "fifo/tight",
                  "µs/task"):
         diag.add_column(name, justify="right")
@@ -179,7 +182,7 @@ def main() -> None:
         mean = {key: statistics.fmean(r[key] for r in rows) for key in rows[0]}
         label = family + ("" if scenario.heterogeneous else "*")
         main_table.add_row(label, *(f"{mean[name]:.3f}" for name in COLUMNS),
-                           f"{mean['gain']:+.1%}", f"{mean['gain-hol']:+.1%}")
+                           f"{mean['gain']:+.1%}", f"{mean['gain-hol']:+.1%}", f"{mean['gain-max']:+.1%}")
         diag.add_row(label, f"{mean['unfair']:.3f}", f"{mean['unfair-gain']:+.1%}", f"{mean['tight/bound']:.3f}",
                      f"{mean['last/tight']:.3f}", f"{mean['unfair/tight']:.3f}", f"{mean['fifo/tight']:.3f}",
                      f"{mean['us-per-task']:.0f}")
@@ -201,8 +204,10 @@ def main() -> None:
     for name, value in cost.items():
         timing.add_row(name, f"{value:.1f}")
     console.print(timing)
-    per_task = cost["one call, per ready task"]
-    verdicts.append((f"decision cost {per_task:.1f} µs per ready task (< {DECISION_TARGET_US:.0f} µs)",
+    # Per launched task on the busy machine: one call over 1,000 ready tasks divided by all 1,000 of
+    # them would flatter the policy, since it launches only what fits.
+    per_task = cost["busy machine, per launched task"]
+    verdicts.append((f"decision cost {per_task:.1f} µs per launched task, 1,000 ready (< {DECISION_TARGET_US:.0f} µs)",
                      per_task < DECISION_TARGET_US))
 
     for text, ok in verdicts:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 import skyloop.scheduling
 from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
 from skyloop.spec.resources import Resources
@@ -79,7 +83,7 @@ def test_remove_and_replace() -> None:
 
 
 def test_aging_lifts_a_starved_low_priority_task() -> None:
-    queue = ReadyQueue(PolicyConfig(aging_seconds=10))
+    queue = ReadyQueue(PolicyConfig(aging_seconds=10, fair_share_seconds=0))
     queue.push(_c(1, priority=0, run="batch", rank=1, ready_at=0))
     for key in range(2, 12):
         queue.push(_c(key, priority=2, run="urgent", rank=100, ready_at=5))
@@ -103,19 +107,41 @@ def test_aging_does_not_reorder_one_class() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=101)) == [2]  # waited longer, but nobody is above it
 
 
-def test_fair_share_alternates_between_two_runs() -> None:
+STRICT = PolicyConfig(fair_share_seconds=0)
+
+
+def test_strict_fair_share_guarantees_each_run_its_share_and_rank_orders_inside_it() -> None:
     cands = [_c(i, run="a", rank=100 - i) for i in range(4)] + [_c(10 + i, run="b", rank=10 - i) for i in range(4)]
-    assert _keys(select(cands, Resources(cpus=6))) == [0, 10, 1, 11, 2, 12]
+    assert _keys(select(cands, Resources(cpus=6), STRICT)) == [0, 1, 2, 10, 11, 12]
 
 
 def test_fair_share_counts_what_runs() -> None:
     cands = [_c(i, run="a", rank=100) for i in range(4)] + [_c(10 + i, run="b", rank=1) for i in range(4)]
-    running = [_c(50, cpus=2, run="a")]
-    assert _keys(select(cands, Resources(cpus=3), running=running)) == [10, 11, 0]
+    running = [_c(50, cpus=2, run="a")]  # of 5 CPUs each run is owed 2.5: a gets one more, then b
+    assert _keys(select(cands, Resources(cpus=3), STRICT, running=running)) == [0, 10, 11]
+
+
+def test_fair_share_waits_fair_share_seconds_before_overriding_rank() -> None:
+    queue = ReadyQueue()  # default: 300 s
+    for i in range(6):
+        queue.push(_c(i, run="long", rank=1000 - i))
+    queue.push(_c(10, run="short", rank=5))
+    first = queue.take(Resources(cpus=2), now=0)
+    assert _keys(first) == [0, 1]  # rank alone: the short run is not yet owed anything
+    assert _keys(queue.take(Resources(cpus=1), now=299, running=first[:1])) == [2]
+    running = [first[0], _c(2, run="long")]
+    assert _keys(queue.take(Resources(cpus=1), now=301, running=running)) == [10]  # short for 301 s: it goes first
+
+
+def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
+    # The starved run goes first, but its longer critical path still before its shorter one.
+    cands = [_c(1, run="a", rank=5), _c(2, run="a", rank=50), _c(3, run="b", rank=500)]
+    running = [_c(9, cpus=4, run="b")]
+    assert _keys(select(cands, Resources(cpus=2), STRICT, running=running)) == [2, 1]
 
 
 def test_fair_share_honours_weights() -> None:
-    config = PolicyConfig(run_weights={"a": 2.0})
+    config = PolicyConfig(run_weights={"a": 2.0}, fair_share_seconds=0)
     cands = [_c(i, run="a") for i in range(6)] + [_c(10 + i, run="b") for i in range(6)]
     chosen = select(cands, Resources(cpus=6), config)
     assert sum(c.run_id == "a" for c in chosen) == 4 and sum(c.run_id == "b" for c in chosen) == 2
@@ -199,6 +225,45 @@ def test_nothing_is_lost_across_many_turns() -> None:
         now += 1
         launched += _keys(queue.take(Resources(cpus=3), now=now))
     assert sorted(launched) == list(range(200))
+
+
+def _reference(queued: dict[int, Candidate], free: Resources) -> list[int]:
+    """Greedy list scheduling in the documented order, by brute force: sort everything, launch what fits."""
+    order = sorted(queued.values(), key=lambda c: (-c.priority, -c.rank, c.seq))
+    chosen = []
+    for cand in order:
+        if cand.resources.fits(free):
+            chosen.append(cand.key)
+            free = free - cand.resources
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_take_matches_a_brute_force_reference(seed: int) -> None:
+    # Without fair share, running work (so no reservation) or ties (so no best fit), take() is greedy
+    # list scheduling; the incremental buckets must give the same launches over many pushes and takes.
+    rng = random.Random(seed)
+    queue = ReadyQueue(PolicyConfig(fair_share=False, aging_seconds=0, backfill_scan=10**6))
+    queued: dict[int, Candidate] = {}
+    keys = iter(range(10**6))
+    for turn in range(30):
+        for _ in range(rng.randint(0, 40)):
+            key = next(keys)
+            cand = _c(key, cpus=rng.choice([1, 2, 4, 8]), memory=rng.randint(1, 8) * GiB,
+                      priority=rng.choice([0, 0, 1]), run=f"r{rng.randint(0, 3)}", rank=rng.random() * 100,
+                      gpus=int(rng.random() < 0.1))
+            queue.push(cand)
+            queued[key] = cand
+        if queued and rng.random() < 0.3:
+            gone = rng.choice(sorted(queued))
+            assert queue.remove(gone)
+            del queued[gone]
+        free = Resources(cpus=rng.choice([0, 1, 3, 8, 16]), memory=rng.randint(0, 40) * GiB, gpus=rng.randint(0, 1))
+        expected = _reference(queued, free)
+        assert _keys(queue.take(free, now=float(turn))) == expected
+        for key in expected:
+            del queued[key]
+        assert len(queue) == len(queued)
 
 
 def test_package_exports_resolve() -> None:
