@@ -8,10 +8,12 @@ chain of `x = ray.get(inc.remote(x))`, and a fan-out of `.remote()` calls then o
 one CPU per task. Every skyloop run uses a fresh home, so nothing is cached; each figure is the best
 of `--repeat` runs after a warm-up.
 
-Two more columns say where the time goes: raw Ray with at most `--cpus` tasks in flight (skyloop's
-orchestrator admits only what fits the capacity, while a raw fan-out queues everything in Ray at
-once), and the same pipeline on the `inline` backend (the orchestrator's own cost per step: its DB
-rows, scheduling and artifact bookkeeping, with no backend at all).
+Two more columns say where the time goes: raw Ray with at most `--cpus` tasks in flight (what the
+orchestrator did before it admitted `RayBackend.queue_factor` times the capacity to Ray's queue),
+and the same pipeline on the `inline` backend (the orchestrator's own cost per step: its DB rows,
+scheduling and artifact bookkeeping, with no backend at all). A chain cannot batch: each step's
+RUNNING row is committed before it launches, and the next step is known only once it ended, so the
+orchestrator's cost per step (about the inline figure) adds to Ray's own round trip.
 """
 
 from __future__ import annotations

@@ -140,8 +140,10 @@ def too_big(x: int = 1):
 
 @step
 def slow_mark(marker: str, seconds: float, value: int) -> int:
-    _bump(marker)
-    time.sleep(seconds)
+    """Count the call; the first call of a marker also leaves its pid and sleeps (it is the one killed)."""
+    if _bump(marker) == 1 and seconds:
+        Path(marker + ".pid").write_text(str(os.getpid()))
+        time.sleep(seconds)
     return value + 1
 
 

@@ -1,24 +1,21 @@
 """The `ray` backend on a real Ray: results, logs, failures, crashes, timeouts, cancels, resources.
 
-One local Ray (2 CPUs, loopback only) serves the whole module; one more test starts a separate head
-with `ray start` and runs a pipeline against it by address from a subprocess (a process can only be
-connected to one Ray at a time), then stops exactly the processes of that head, by PID.
+One local Ray (2 CPUs, loopback only) serves the whole module: the backend on its own, whole
+pipelines, and an orchestrator process (a second driver of the same Ray) killed mid-run and resumed.
+Rays of the tests' own are in `test_ray_cluster.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pickle
-import shutil
-import socket
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,12 +34,13 @@ from skyloop.execution.tasks import Literal_, TaskLaunch, TaskResult, TaskState
 from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
-from skyloop.store.models import StepRunRow
+from skyloop.store.models import Lineage, RunRow, StepRunRow
 from skyloop.store.workspace import Workspace
 
 HERE = Path(__file__).parent
 STEPS = str(HERE / "ray_steps.py")
 SAMPLE = str(HERE / "sample_pipelines.py")
+EXAMPLE = str(HERE.parent.parent / "examples" / "train.py")
 # Every Ray listener on 127.0.0.1, and no usage report: set before Ray starts (and before `import ray`).
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -222,6 +220,43 @@ def test_two_steps_of_all_cpus_never_overlap(backend: RayBackend, tmp_path: Path
 
 
 @integration
+def test_admits_queue_factor_times_its_capacity(backend: RayBackend) -> None:
+    admission, capacity = backend.admission(), backend.capacity()
+    assert admission.cpus == capacity.cpus * backend.queue_factor == 16.0
+    assert admission.memory >= capacity.memory * 7 and admission.gpus == 0
+
+
+@integration
+def test_a_launch_with_a_timeout_waits_for_room_before_its_clock_runs(backend: RayBackend, tmp_path: Path) -> None:
+    # Both CPUs busy for 1.5 s: queued in Ray, an attempt with a 1 s timeout would time out before it
+    # started. Held by the backend, it goes to Ray (and its clock starts) once a CPU is free; the
+    # launch after it waits behind it, so the order holds.
+    busy = [make_launch(tmp_path, "sleep", seconds=1.5) for _ in range(2)]
+    timed = make_launch(tmp_path, "sleep", timeout=1.0, seconds=0.2)
+    after = make_launch(tmp_path, "sleep", seconds=0.0)
+    results = run_all(backend, *busy, timed, after)
+    assert [r.state for r in results] == [TaskState.SUCCEEDED] * 4, [r.error for r in results]
+    first_free = min(r.ended_at or 0 for r in results[:2])
+    assert (results[2].started_at or 0) >= first_free - 0.05
+    assert (results[3].started_at or 0) >= (results[2].started_at or 0) - 0.05
+
+
+@integration
+def test_a_held_launch_is_cancelled_at_once(backend: RayBackend, tmp_path: Path) -> None:
+    busy = [make_launch(tmp_path, "sleep", seconds=1.0) for _ in range(2)]
+    timed = make_launch(tmp_path, "sleep", timeout=5.0, seconds=0.0)
+    for launch in (*busy, timed):
+        backend.submit(launch)
+    started = time.monotonic()
+    backend.cancel(timed.key)
+    (cancelled,) = backend.wait(0.5)
+    assert (cancelled.key, cancelled.state) == (timed.key, TaskState.CANCELLED)
+    assert time.monotonic() - started < 0.5
+    results = collect(backend, 2)
+    assert {r.state for r in results.values()} == {TaskState.SUCCEEDED}
+
+
+@integration
 def test_an_attempt_on_another_node_sends_its_log_back(ray_session: ModuleType, tmp_path: Path) -> None:
     launch = make_launch(tmp_path, "chatty", text="far")
     elsewhere = pickle.dumps(DriverContext(node_id="another-node", sys_path=()))
@@ -252,6 +287,11 @@ def test_pipeline_results_match_inline(ray_session: ModuleType, sample: ModuleTy
     rows = _rows(Settings.for_home(tmp_path / "ray"), on_ray.id)
     assert rows and all((r.worker or "").startswith("ray:127.0.0.1:") for r in rows)
     assert ray_session.is_initialized()  # the backend did not stop the Ray it found
+    # All eight one-CPU units were launched (recorded RUNNING) before any of them ended, though Ray
+    # runs two at a time: the backend admits more than its capacity and queues the rest.
+    units = [r for r in rows if r.task == "work"]
+    assert len(units) == 8
+    assert max(r.created_at for r in units) < min(r.ended_at or datetime.max.replace(tzinfo=UTC) for r in units)
 
 
 @integration
@@ -272,155 +312,107 @@ def test_killed_worker_is_retried_and_timeout_ends_the_step(ray_session: ModuleT
     assert info.seconds is not None and info.seconds < 10
 
 
-# -- Ray processes of their own: run in subprocesses (a process connects to one Ray at a time) -----
+# -- an orchestrator killed mid-run, resumed by another process -------------------------------------
 
-OWN_RAY = """\
-import json, os, sys, time, uuid
-import psutil
-from skyloop.config import ExecutionSettings
-from skyloop.execution.backends.ray import RayBackend
-from skyloop.execution.tasks import Literal_, TaskLaunch
-from skyloop.spec.pipeline import StepRef
-from skyloop.spec.resources import Resources
-steps, folder = sys.argv[1:3]
-backend = RayBackend(ExecutionSettings(max_cpus=1))
-backend.start()
-cpus = backend.capacity().cpus
-launch = TaskLaunch(key=uuid.uuid4().hex, task_name="add", step=StepRef(module=steps, qualname="add"),
-                    inputs={"a": Literal_(1), "b": Literal_(2)}, output_names=["output"], multi_output=False,
-                    resources=Resources(), timeout=None, log_path=folder + "/add.log", artifacts_url=folder)
-backend.submit(launch)
-results = []
-while not results:
-    results = backend.wait(30)
-ray_procs = psutil.Process().children(recursive=True)
-listening = sorted({c.laddr.ip for p in ray_procs for c in p.net_connections("inet") if c.status == "LISTEN"})
-import ray
-backend.shutdown()
-_, alive = psutil.wait_procs(ray_procs, timeout=20)
-print(json.dumps({"cpus": cpus, "state": results[0].state, "worker": results[0].worker, "listening": listening,
-                  "initialized": ray.is_initialized(), "alive": [p.pid for p in alive]}))
-"""
-
-
-@integration
-def test_a_ray_started_by_the_backend_is_sized_on_loopback_and_stopped(tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the backend must ask for loopback itself
-    child = subprocess.run([sys.executable, "-c", OWN_RAY, STEPS, str(tmp_path)], env=env, capture_output=True,
-                           text=True, timeout=120)
-    assert child.returncode == 0, child.stderr
-    answer: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
-    for pid in answer["alive"]:  # not expected; but never leave them behind
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).kill()
-    assert (answer["cpus"], answer["state"], answer["initialized"], answer["alive"]) == (1.0, "SUCCEEDED", False, [])
-    assert answer["worker"].startswith("ray:127.0.0.1:")
-    assert answer["listening"] and set(answer["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, answer
-
-
-# -- a separate head, reached by address ------------------------------------------------------------
-
-CLIENT = """\
-import json, sys
+DRIVER = """\
+import sys
 from pathlib import Path
 from skyloop import Settings, run
 from skyloop.execution.loading import load_file_module
-address, home, sample = sys.argv[1:4]
+address, home, sample, marker = sys.argv[1:5]
 settings = Settings.for_home(Path(home))
 settings.execution.ray_address = address
-result = run(load_file_module(sample).diamond_fanout, {"n": 6, "pause": 0.0}, backend="ray", settings=settings)
-print(json.dumps({"status": result.status, "error": result.error, "outputs": result.outputs, "id": result.id}))
+markers = {"marker_a": marker + ".a", "marker_b": marker + ".b", "marker_c": marker + ".c"}
+run(load_file_module(sample).resumable, {**markers, "seconds": 60.0}, backend="ray", settings=settings)
 """
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
+def _gone(pid: int) -> bool:
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _head_processes(temp_dir: str, gcs_address: str) -> list[psutil.Process]:
-    """The processes of the head started with `--temp-dir=temp_dir`, and everything they started."""
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        args: list[str] = proc.info["cmdline"] or []
-        if any(temp_dir in arg or gcs_address in arg for arg in args):
-            found[proc.pid] = proc
-    for proc in list(found.values()):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            found.update((child.pid, child) for child in proc.children(recursive=True))
-    return list(found.values())
-
-
-def _stop(procs: list[psutil.Process]) -> None:
-    """Workers and agents first, then the raylet, then the other daemons, the GCS server last."""
-
-    def named(proc: psutil.Process, name: str) -> bool:
-        try:
-            return proc.name() == name
-        except psutil.NoSuchProcess:
-            return False
-
-    raylets = [p for p in procs if named(p, "raylet")]
-    gcs = [p for p in procs if named(p, "gcs_server")]
-    below: list[psutil.Process] = []
-    for raylet in raylets:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            below.extend(raylet.children(recursive=True))
-    rest = [p for p in procs if p not in raylets and p not in gcs and p not in below]
-    for group in (below, raylets, rest, gcs):
-        for proc in group:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(group, timeout=5)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @integration
-def test_pipeline_runs_on_a_separate_head_by_address(tmp_path: Path) -> None:
-    ray_cli = Path(sys.executable).with_name("ray")
-    if not ray_cli.exists():
-        pytest.skip("the ray command is not installed next to this Python")
-    port, client_port, dashboard_port, agent_port, metrics_port = _free_ports(5)
-    address = f"127.0.0.1:{port}"
-    # Short on purpose: Ray's socket paths under it must fit in 107 bytes, which tmp_path may not.
-    temp_dir = tempfile.mkdtemp(prefix="skyray-", dir="/tmp")
-    env = {**os.environ, **RAY_ENV}
-    head: list[psutil.Process] = []
+def test_sigkill_of_the_orchestrator_then_resume_on_ray(ray_session: ModuleType, tmp_path: Path) -> None:
+    home, marker = tmp_path / "home", str(tmp_path / "m")
+    address = ray_session.get_runtime_context().gcs_address
+    with (tmp_path / "driver.err").open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(home), SAMPLE, marker],
+                                env={**os.environ, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        started = subprocess.run(
-            [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-             f"--ray-client-server-port={client_port}", f"--dashboard-port={dashboard_port}",
-             f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}",
-             "--object-store-memory=100000000"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )
-        head = _head_processes(temp_dir, address)
-        assert started.returncode == 0, started.stdout + started.stderr
-        home = tmp_path / "home"
-        client = subprocess.run([sys.executable, "-c", CLIENT, address, str(home), SAMPLE], env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert client.returncode == 0, client.stderr
-        answer: dict[str, Any] = json.loads(client.stdout.strip().splitlines()[-1])
-        assert answer["status"] == "SUCCEEDED", answer["error"]
-        squares = sum(i * i for i in range(6))
-        assert answer["outputs"] == {"output": squares + sum(range(6)) * 1000 + 5}
-        # The steps ran in workers of that head: their logs are in its session folder.
-        pids = {(r.worker or "").rsplit(":", 1)[1] for r in _rows(Settings.for_home(home), answer["id"])}
-        logs = " ".join(path.name for path in Path(temp_dir).glob("session_*/logs/*"))
-        assert pids and all(f"-{pid}.out" in logs for pid in pids), (pids, logs)
+        deadline = time.monotonic() + 90
+        while not Path(marker + ".b.pid").exists():  # the slow middle step runs in a Ray worker
+            assert proc.poll() is None, (tmp_path / "driver.err").read_text()
+            assert time.monotonic() < deadline, "the slow step never started"
+            time.sleep(0.05)
+        worker = int(Path(marker + ".b.pid").read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
     finally:
-        head = [*head, *(p for p in _head_processes(temp_dir, address) if p not in head)]
-        _stop(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not [p for p in head if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Ray kills the tasks of a driver that died: the attempt in flight does not run on unowned.
+    deadline = time.monotonic() + 30
+    while not _gone(worker):
+        assert time.monotonic() < deadline, f"Ray worker {worker} kept running the killed driver's step"
+        time.sleep(0.1)
+    settings = Settings.for_home(home)
+    workspace = Workspace.open(settings)
+    try:
+        with workspace.db.read() as session:
+            (run_id,) = [row.id for row in session.query(RunRow)]
+            assert session.get(RunRow, run_id).status == "RUNNING"  # as the killed process left it
+    finally:
+        workspace.close()
+
+    resumed = run(resume=run_id, settings=settings)  # on the backend recorded with the run: ray
+
+    assert (resumed.id, resumed.status, resumed.backend) == (run_id, "SUCCEEDED", "ray"), resumed.error
+    assert resumed.outputs == {"output": 4}
+    attempts = sorted((r.task, r.attempt, r.state, (r.worker or "").startswith("ray:127.0.0.1:"))
+                      for r in _rows(settings, run_id))
+    assert attempts == [
+        ("slow_mark", 1, "SUCCEEDED", True),  # finished before the kill: not run again
+        ("slow_mark-2", 1, "CRASHED", False),  # in flight when the driver died
+        ("slow_mark-2", 2, "SUCCEEDED", True),
+        ("slow_mark-3", 1, "SUCCEEDED", True),
+    ]
+    assert [Path(marker + x).read_text() for x in (".a", ".b", ".c")] == ["x", "xx", "x"]
+
+
+# -- the example pipeline ---------------------------------------------------------------------------
+
+
+def _output_digests(settings: Settings, run_id: str) -> dict[tuple[str, int, str], str]:
+    workspace = Workspace.open(settings)
+    try:
+        with workspace.db.read() as session:
+            rows = session.query(StepRunRow).filter_by(run_id=run_id, state="SUCCEEDED").all()
+            tasks = {r.id: (r.task, r.map_index) for r in rows}
+            edges = session.query(Lineage).filter(Lineage.step_run_id.in_(list(tasks)),
+                                                  Lineage.direction == "out").all()
+            return {(*tasks[e.step_run_id], e.name): e.artifact for e in edges}
+    finally:
+        workspace.close()
+
+
+@integration
+def test_example_training_pipeline_matches_local(ray_session: ModuleType, tmp_path: Path) -> None:
+    example = load_file_module(EXAMPLE)
+    params: dict[str, Any] = {"dataset": "iris", "n_estimators": 8, "min_accuracy": 0.5}
+    runs = {}
+    for name in ("ray", "local"):
+        settings = Settings.for_home(tmp_path / name)
+        settings.execution.max_cpus = 2
+        result = run(example.training_pipeline, params, backend=name, settings=settings)
+        assert result.status == "SUCCEEDED", result.error
+        runs[name] = (result, _output_digests(settings, result.id))
+    (on_ray, ray_digests), (local, local_digests) = runs["ray"], runs["local"]
+    assert on_ray.outputs == local.outputs
+    assert on_ray.outputs["report"].startswith("best model on iris: accuracy ")
+    # Every step output, bit for bit: the split, the four forests (fixed seeds), their scores, the pick.
+    assert len(ray_digests) == len(local_digests) >= 14
+    assert ray_digests == local_digests

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.orm import Session
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.db import Database, translate_errors
 
-__all__ = ["cache_key", "find_cached", "input_digest"]
+__all__ = ["cache_key", "find_cached", "input_digest", "lookup_connection"]
 
 
 def input_digest(value: InputValue) -> object:
@@ -45,7 +48,19 @@ _LOOKUP_ONE = text(_SELECT + "s.cache_key = :key")
 _LOOKUP_MANY = text(_SELECT + "s.cache_key IN :keys").bindparams(bindparam("keys", expanding=True))
 
 
-def find_cached(session: Session, keys: list[str], output_names: list[str]
+@contextlib.contextmanager
+def lookup_connection(db: Database) -> Iterator[Connection]:
+    """A plain connection for `find_cached`, on SQLite one that takes no write lock.
+
+    Not an ORM session: setting one up and committing it cost twice the lookup itself, and the
+    lookup runs on the critical path of every step.
+    """
+    engine = db.read_engine if db.is_sqlite else db.engine
+    with translate_errors("looking up cached results"), engine.connect() as conn:
+        yield conn
+
+
+def find_cached(session: Session | Connection, keys: list[str], output_names: list[str]
                 ) -> dict[str, tuple[str, dict[str, ArtifactRef]]]:
     """For each key with an earlier successful attempt whose outputs all still exist: that attempt's id
     and outputs (the newest such attempt). One query per 500 keys."""

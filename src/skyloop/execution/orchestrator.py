@@ -3,6 +3,12 @@
 All state that matters lives in the metadata DB; the in-memory view can be rebuilt from it, which is
 what `resume` does after an orchestrator process was killed. Each turn: activate ready tasks of every
 run, let the policy pick what fits, commit the RUNNING rows, launch, wait for ends.
+
+A backend that queues work itself (Ray: `admission()` above its capacity) gets launches ahead of
+what it runs, in batches: the orchestrator refills it once it has used up half of that slack, so
+that one commit covers many launches. Turns that launch nothing commit what they learned at most
+`FLUSH_SECONDS` later (and always before a launch, or a run's end): an orchestrator killed in
+between loses those ends, and resuming runs those attempts again, as it does the ones in flight.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.runs import claim_run, create_run, disown_runs, release_run, renew_leases
 
-__all__ = ["Observer", "Orchestrator", "Prepared"]
+__all__ = ["FLUSH_SECONDS", "Observer", "Orchestrator", "Prepared"]
+
+FLUSH_SECONDS = 0.1
+"""Longest a turn that launches nothing leaves its writes uncommitted."""
 
 
 class _Heartbeat(threading.Thread):
@@ -77,6 +86,12 @@ class Orchestrator:
         self.queue = ReadyQueue(self.config)
         self.recorder = Recorder(db)
         self.capacity = backend.capacity()
+        # A backend that queues work itself (Ray) may take more than it runs at once: launching ahead
+        # saves a loop turn (and a DB commit) per short step, while the launch order stays the policy's.
+        admission = getattr(backend, "admission", None)
+        self.admission: Resources = admission() if admission is not None else self.capacity
+        self._refill_at = self.capacity.cpus + max(0.0, self.admission.cpus - self.capacity.cpus) / 2
+        """CPUs launched at or under which to launch more (with slack: once half of it is used up)."""
         self.in_use = Resources(cpus=0, memory=0, gpus=0)
         self.runs: dict[str, RunState] = {}
         self.pending: dict[int, _Entry] = {}
@@ -129,6 +144,7 @@ class Orchestrator:
             run_id, prepared, prior, db=self.db, store=self.store, recorder=self.recorder,
             capacity=self.capacity, backend_name=self.backend.name, logs=self.settings.logs_dir / run_id,
             priority=priority, weight=weight, estimates=estimates, ranks=ranks, observer=self.observer,
+            home=self.settings.home,
         )
         self.config.run_weights[run_id] = weight
         if self.observer:
@@ -168,9 +184,11 @@ class Orchestrator:
             self._push(heapq.heappop(self.delayed)[2])
         if not self.pending:
             return []
+        if self.in_use.cpus > self._refill_at + 1e-9:  # the backend still has plenty queued
+            return []
         running = [e.candidate for e in self.running.values()]
         launches = []
-        for cand in self.queue.take(self.capacity - self.in_use, now=now, running=running):
+        for cand in self.queue.take(self.admission - self.in_use, now=now, running=running):
             entry = self.pending.pop(cand.key)
             launch = entry.run.launch(entry.unit)
             self.in_use = self.in_use + entry.unit.task.resources
@@ -194,7 +212,9 @@ class Orchestrator:
         for run in list(self.runs.values()):
             run.activate_ready(self._enqueue)
         launches = self._launch_ready()
-        self.recorder.flush()
+        since = self.recorder.waiting_since()
+        if launches or (since is not None and time.monotonic() - since >= FLUSH_SECONDS):
+            self.recorder.flush()  # the RUNNING rows are committed before their launch
         for launch in launches:
             self.backend.submit(launch)
         for run in [r for r in self.runs.values() if r.done]:
@@ -208,6 +228,9 @@ class Orchestrator:
         timeout = max_wait
         if self.delayed:
             timeout = max(0.0, min(timeout, self.delayed[0][0] - time.monotonic()))
+        since = self.recorder.waiting_since()
+        if since is not None:
+            timeout = max(0.0, min(timeout, since + FLUSH_SECONDS - time.monotonic()))
         if self.running or self.delayed:
             for result in self.backend.wait(timeout):
                 self._finish(result)

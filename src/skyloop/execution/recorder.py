@@ -1,12 +1,17 @@
-"""Batched metadata writes of the run loop: one transaction per loop turn, committed before launching."""
+"""Batched metadata writes of the run loop: one transaction per loop turn, committed before launching.
+
+A turn that launches nothing may leave its writes (attempts that ended, cache hits) for a later
+turn, at most `Orchestrator`'s flush interval: nothing waits on them but readers in other processes.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from skyloop.execution.tasks import Element, Gathered, InputValue, TaskResult
+from skyloop.execution.tasks import InputValue, TaskResult, input_edges
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database
@@ -14,19 +19,6 @@ from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN,
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
-
-
-def input_edges(inputs: dict[str, InputValue]) -> list[tuple[str, str, int]]:
-    """Lineage edges `(name, digest, position)` for the artifacts an attempt reads."""
-    edges: list[tuple[str, str, int]] = []
-    for name, value in inputs.items():
-        if isinstance(value, ArtifactRef):
-            edges.append((name, value.digest, -1))
-        elif isinstance(value, Gathered):
-            edges.extend((name, ref.digest, i) for i, ref in enumerate(value.refs))
-        elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
-            edges.append((name, value.source.digest, value.index))
-    return edges
 
 
 def _ts(seconds: float | None) -> datetime | None:
@@ -45,6 +37,16 @@ class Recorder:
     _edges: list[tuple[str, str, list[tuple[str, str, int]]]] = field(default_factory=list)
     _touched: set[str] = field(default_factory=set)
     _events: list[tuple[str, str, str, str | None, dict[str, Any]]] = field(default_factory=list)
+    _since: float | None = None
+    """Monotonic time of the oldest write not flushed yet."""
+
+    def _mark(self) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+
+    def waiting_since(self) -> float | None:
+        """Monotonic time of the oldest write not flushed yet; None when nothing waits."""
+        return self._since
 
     def attempt(self, *, run_id: str, step_run_id: str, task: str, map_index: int, attempt: int, state: str,
                 step_ref: str,
@@ -54,6 +56,7 @@ class Recorder:
                 outputs: dict[str, ArtifactRef] | None = None, estimate: tuple[float, str] | None = None,
                 input_bytes: int | None = None) -> None:
         """A new attempt row (RUNNING before launch, or already ended: CACHED, SKIPPED, ...)."""
+        self._mark()
         now = utcnow()
         ended = state not in ("RUNNING", "PENDING")
         self._inserts.append({
@@ -72,6 +75,7 @@ class Recorder:
 
     def finished(self, result: TaskResult) -> None:
         """An attempt's end as the backend reported it."""
+        self._mark()
         self._updates.append({
             "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
             "started_at": _ts(result.started_at),
@@ -86,6 +90,7 @@ class Recorder:
     def event(self, run_id: str, kind: str, message: str = "", step_run_id: str | None = None,
               **data: Any) -> None:
         """A run event to record with this turn."""
+        self._mark()
         self._events.append((run_id, kind, message, step_run_id, data))
 
     @property
@@ -96,6 +101,7 @@ class Recorder:
     def flush(self) -> None:
         """Write everything collected, in one transaction (artifact rows before the edges to them)."""
         if not self.pending:
+            self._since = None
             return
         with self.db.session() as session:
             # The prebuilt statements run on the connection: the ORM session's execute path costs more
@@ -118,3 +124,4 @@ class Recorder:
                 add_event(session, run_id, kind, message, event_step, **data)
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()
+        self._since = None

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from skyloop.execution.cache import cache_key, find_cached
+from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.history import Prior
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.tasks import Element, Gathered, InputValue, TaskLaunch, TaskResult, TaskState
@@ -71,8 +71,11 @@ class RunState:
     def __init__(self, run_id: str, prepared: Prepared, prior: Prior, *, db: Database, store: ArtifactStore,
                  recorder: Recorder, capacity: Resources, backend_name: str, logs: Path,
                  priority: int = 0, weight: float = 1.0, estimates: dict[str, tuple[float, str]] | None = None,
-                 ranks: dict[str, float] | None = None, observer: Observer | None = None) -> None:
+                 ranks: dict[str, float] | None = None, observer: Observer | None = None,
+                 home: Path | None = None) -> None:
         self.run_id, self.prior = run_id, prior
+        self.home = str(home) if home is not None else None
+        """The skyloop home of the run, passed to steps (with the DB and store URLs) for `log_model`."""
         self.spec, self.steps, self.params = prepared.spec, prepared.steps, prepared.params
         self.db, self.store, self.recorder = db, store, recorder
         self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
@@ -186,8 +189,8 @@ class RunState:
         wanted = [key for _, _, key in keyed if key]
         hits = {}
         if wanted:
-            with self.db.read() as session:
-                hits = find_cached(session, wanted, [o.name for o in task.outputs])
+            with lookup_connection(self.db) as conn:
+                hits = find_cached(conn, wanted, [o.name for o in task.outputs])
         for index, unit_in, key in keyed:
             hit = hits.get(key) if key else None
             if hit is not None:
@@ -233,6 +236,7 @@ class RunState:
             output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
             resources=task.resources, timeout=task.timeout, log_path=log_path,
             artifacts_url=self.store.url, fn_payload=self._payload(task.name),
+            run_id=self.run_id, db_url=self.db.url, home=self.home,
         )
 
     # -- results -----------------------------------------------------------------------------------

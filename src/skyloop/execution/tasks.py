@@ -10,7 +10,8 @@ from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactRef
 
-__all__ = ["Element", "Gathered", "InputValue", "Literal_", "TaskLaunch", "TaskResult", "TaskState"]
+__all__ = ["Element", "Gathered", "InputValue", "Literal_", "TaskLaunch", "TaskResult", "TaskState", "input_digests",
+           "input_edges"]
 
 
 class TaskState(StrEnum):
@@ -64,6 +65,35 @@ class Element:
 InputValue = ArtifactRef | Gathered | Element | Literal_
 
 
+def input_edges(inputs: dict[str, InputValue]) -> list[tuple[str, str, int]]:
+    """Lineage edges `(name, digest, position)` for the artifacts an attempt reads."""
+    edges: list[tuple[str, str, int]] = []
+    for name, value in inputs.items():
+        if isinstance(value, ArtifactRef):
+            edges.append((name, value.digest, -1))
+        elif isinstance(value, Gathered):
+            edges.extend((name, ref.digest, i) for i, ref in enumerate(value.refs))
+        elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
+            edges.append((name, value.source.digest, value.index))
+    return edges
+
+
+def input_digests(inputs: dict[str, InputValue]) -> dict[str, str]:
+    """Input name -> digest of the artifact it reads; a gathered input gives `name[0]`, `name[1]`, ...
+
+    An element of a list-valued artifact names the whole list's digest (that is the artifact read).
+    """
+    digests: dict[str, str] = {}
+    for name, value in inputs.items():
+        if isinstance(value, ArtifactRef):
+            digests[name] = value.digest
+        elif isinstance(value, Gathered):
+            digests.update((f"{name}[{i}]", ref.digest) for i, ref in enumerate(value.refs))
+        elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
+            digests[name] = value.source.digest
+    return digests
+
+
 @dataclass
 class TaskLaunch:
     """One step attempt for a backend to run."""
@@ -83,6 +113,12 @@ class TaskLaunch:
     """The function pickled by value, when it cannot be imported by reference (a notebook, `__main__`)."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for the step (e.g. `CUDA_VISIBLE_DEVICES`)."""
+    run_id: str | None = None
+    """The run the attempt belongs to, for `log_model` inside the step."""
+    db_url: str | None = None
+    """The run's metadata DB, where `log_model` inside the step registers; None: the environment's."""
+    home: str | None = None
+    """The run's skyloop home (with `db_url` and `artifacts_url`, the settings `log_model` uses)."""
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Run one step attempt: resolve the function, load its inputs, call it, store its outputs.
 
-Shared by every backend; it knows nothing of processes, timeouts or the metadata DB.
+Shared by every backend; it knows nothing of processes, timeouts or the metadata DB. The step runs
+inside `step_context(...)`, so that `log_model` in it records the run, the step run and its inputs,
+and registers in the run's DB.
 """
 
 from __future__ import annotations
@@ -9,15 +11,28 @@ import pickle
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from skyloop.config import ExecutionSettings, Settings
 from skyloop.execution.loading import resolve
-from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.tasks import (
+    Element,
+    Gathered,
+    InputValue,
+    Literal_,
+    TaskLaunch,
+    TaskResult,
+    TaskState,
+    input_digests,
+)
+from skyloop.registry.context import StepContext, step_context
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 
-__all__ = ["execute", "load_function", "load_input"]
+__all__ = ["execute", "load_function", "load_input", "step_context_of"]
 
 _functions: dict[tuple[str, bytes | None], Callable[..., Any]] = {}
+_settings: dict[tuple[str, str | None, str], Settings] = {}
 
 
 def load_function(launch: TaskLaunch) -> Callable[..., Any]:
@@ -56,13 +71,34 @@ def _split_outputs(launch: TaskLaunch, result: Any) -> dict[str, Any]:
     return dict(zip(launch.output_names, result, strict=True))
 
 
+def _run_settings(launch: TaskLaunch) -> Settings | None:
+    """The settings of the launch's run (its home, DB and artifact store), built once per process."""
+    if launch.home is None:
+        return None
+    key = (launch.home, launch.db_url, launch.artifacts_url)
+    settings = _settings.get(key)
+    if settings is None:
+        # Not `Settings(...)`: the run's stores are given, and nothing here may read the environment.
+        settings = _settings[key] = Settings.model_construct(
+            home=Path(launch.home), db_url=launch.db_url, artifacts_url=launch.artifacts_url,
+            execution=ExecutionSettings())
+    return settings
+
+
+def step_context_of(launch: TaskLaunch) -> StepContext:
+    """What `current_step()` says while the launch's step runs."""
+    return StepContext(step_run_id=launch.key, run_id=launch.run_id, task=launch.task_name,
+                       inputs=input_digests(launch.inputs), settings=_run_settings(launch))
+
+
 def execute(launch: TaskLaunch, store: ArtifactStore) -> TaskResult:
     """Run the attempt in this process and report how it ended (never raises for step errors)."""
     started = time.time()
     try:
         fn = load_function(launch)
         kwargs = {name: load_input(value, store) for name, value in launch.inputs.items()}
-        result = fn(**kwargs)
+        with step_context(step_context_of(launch)):
+            result = fn(**kwargs)
         outputs = {name: store.put(value) for name, value in _split_outputs(launch, result).items()}
     except Exception as exc:
         return TaskResult(

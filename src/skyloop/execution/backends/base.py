@@ -26,6 +26,10 @@ class Backend(Protocol):
     def capacity(self) -> Resources:
         """Total resources this backend may hand out at once."""
 
+    # Optional: `admission() -> Resources`, how much the orchestrator may have launched at once when the
+    # backend queues launches beyond its capacity itself (default: `capacity()`). Not part of the
+    # protocol, so that a backend without it still is one.
+
     def submit(self, launch: TaskLaunch) -> None:
         """Start the attempt; its end is reported by a later `wait`."""
 

@@ -7,6 +7,14 @@ it, which kills its worker process. A timeout counts from submission, so on a bu
 the time Ray spends placing the task counts too. Step memory is a placement request to Ray; above
 it nothing is enforced, except by Ray's own memory monitor (reported as OUT_OF_MEMORY).
 
+Ray queues tasks itself, so the backend admits `queue_factor` times its capacity (`admission`): the
+orchestrator launches steps ahead, in its policy's order (Ray's queue keeps submission order), and
+Ray starts them as CPUs free up, without a scheduler turn and a DB commit between one step's end
+and the next one's start. The price: work launched later (say, of a higher priority) waits behind
+up to that much queued work. An attempt with a timeout is not queued in Ray, where its clock would
+run while it waits: the backend holds it (and, to keep the order, every launch after it) until what
+it has in Ray leaves room for it.
+
 Artifacts go through the artifact store from inside the task: only the launch and the result (with
 small inline values) pass through the driver. What runs in the worker lives in `ray_task`.
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
@@ -21,6 +29,7 @@ import os
 import pickle
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +47,8 @@ _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+QUEUE_FACTOR = 8.0
+"""How many times its capacity the backend admits by default (the rest waits in Ray's queue)."""
 
 
 @dataclass(eq=False)
@@ -68,9 +79,12 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, settings: ExecutionSettings, address: str | None = None) -> None:
+    def __init__(self, settings: ExecutionSettings, address: str | None = None,
+                 queue_factor: float = QUEUE_FACTOR) -> None:
         self.settings = settings
         self.address = address
+        self.queue_factor = max(1.0, queue_factor)
+        """`admission()` is the capacity times this."""
         self._ray: Any = None
         self._owns_ray = False
         self._capacity: Resources | None = None
@@ -80,6 +94,10 @@ class RayBackend:
         self._running: dict[str, _Attempt] = {}
         self._by_ref: dict[Any, _Attempt] = {}
         self._done: list[TaskResult] = []
+        self._held: deque[TaskLaunch] = deque()
+        """Launches not given to Ray yet: one with a timeout that would queue there, and those after it."""
+        self._in_ray = Resources(cpus=0, memory=0, gpus=0)
+        """What the attempts given to Ray and not ended yet ask for."""
 
     def start(self) -> None:
         """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here.
@@ -136,11 +154,32 @@ class RayBackend:
                                        gpus=math.floor(total.get("GPU", 0)), custom=custom)
         return self._capacity
 
+    def admission(self) -> Resources:
+        """What the orchestrator may have launched at once: `queue_factor` times the capacity."""
+        cap, factor = self.capacity(), self.queue_factor
+        return Resources(cpus=cap.cpus * factor, memory=int(cap.memory * factor), gpus=math.floor(cap.gpus * factor),
+                         custom={name: amount * factor for name, amount in cap.custom.items()})
+
     def submit(self, launch: TaskLaunch) -> None:
         """Submit the attempt as a Ray task with the step's resources; Ray places it."""
-        if launch.key in self._running:
+        if launch.key in self._running or any(held.key == launch.key for held in self._held):
             raise ValueError(f"task {launch.key!r} is already running")
         self.start()
+        if self._held or (launch.timeout is not None and not self._has_room(launch)):
+            self._held.append(launch)
+            return
+        self._send(launch)
+
+    def _has_room(self, launch: TaskLaunch) -> bool:
+        """Whether Ray can start the launch now, as far as our own attempts go."""
+        return not self._running or (self._in_ray + launch.resources).fits(self.capacity())
+
+    def _release(self) -> None:
+        """Give held launches to Ray, in order, while the first one's timeout would not run in a queue."""
+        while self._held and (self._held[0].timeout is None or self._has_room(self._held[0])):
+            self._send(self._held.popleft())
+
+    def _send(self, launch: TaskLaunch) -> None:
         submitted, now = time.time(), time.monotonic()
         try:
             # By value where needed (a class defined in a notebook), like Ray would; as bytes, which
@@ -155,6 +194,7 @@ class RayBackend:
         attempt = _Attempt(launch, ref, submitted, deadline)
         self._running[launch.key] = attempt
         self._by_ref[ref] = attempt
+        self._in_ray = self._in_ray + launch.resources
 
     def _options_for(self, launch: TaskLaunch) -> Any:
         res = launch.resources
@@ -188,6 +228,11 @@ class RayBackend:
         attempt = self._running.get(key)
         if attempt is not None and attempt.stopped is None:
             self._stop(attempt, TaskState.CANCELLED, "cancelled")
+        for held in [h for h in self._held if h.key == key]:
+            self._held.remove(held)
+            self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled",
+                                         ended_at=time.time()))
+            self._release()  # the launches behind it may go now
 
     def shutdown(self) -> None:
         """Cancel what still runs, and stop Ray if this backend started it; safe to repeat."""
@@ -199,6 +244,8 @@ class RayBackend:
         self._running.clear()
         self._by_ref.clear()
         self._options.clear()
+        self._held.clear()
+        self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         if self._owns_ray:
             self._ray.shutdown()
         self._ray, self._remote, self._owns_ray, self._capacity = None, None, False, None
@@ -254,9 +301,11 @@ class RayBackend:
                 self._end(attempt, self._returned(attempt, value))
 
     def _end(self, attempt: _Attempt, result: TaskResult) -> None:
-        self._running.pop(attempt.launch.key, None)
+        if self._running.pop(attempt.launch.key, None) is not None:
+            self._in_ray = self._in_ray - attempt.launch.resources
         self._by_ref.pop(attempt.ref, None)
         self._done.append(result)
+        self._release()
 
     def _returned(self, attempt: _Attempt, value: bytes) -> TaskResult:
         """The attempt's own result (a result that made it back wins over our cancel)."""
