@@ -12,6 +12,11 @@ Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map t
     ├── BackendError       an execution backend could not start or lost its workers
     ├── StepFailed         a step failed after its retries (carries the step and the reason)
     ├── ModelLoadError     a model could not be loaded
+    ├── InvalidRequest     an inference request that breaks the protocol (bad JSON, shape vs data)
+    │   ├── PayloadTooLarge  a request body over the configured limit
+    │   └── SignatureMismatch  a well-formed request that does not fit the model's signature
+    ├── NotReady           the model or server is still loading (or failed to)
+    ├── NodeError          a user's graph node raised (carries the node and the message)
     └── AuthError          authentication or authorisation failed
 """
 
@@ -23,8 +28,13 @@ __all__ = [
     "Conflict",
     "CycleError",
     "IntegrityError",
+    "InvalidRequest",
     "ModelLoadError",
+    "NodeError",
     "NotFound",
+    "NotReady",
+    "PayloadTooLarge",
+    "SignatureMismatch",
     "SkyloopError",
     "SpecError",
     "StepFailed",
@@ -79,6 +89,30 @@ class StepFailed(SkyloopError):
 
 class ModelLoadError(SkyloopError):
     """A model could not be loaded."""
+
+
+class InvalidRequest(SkyloopError):
+    """An inference request that does not follow the Open Inference Protocol."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body over the configured limit."""
+
+
+class SignatureMismatch(InvalidRequest):
+    """A well-formed request whose tensors do not fit the model's signature."""
+
+
+class NotReady(SkyloopError):
+    """The model or the server cannot answer yet."""
+
+
+class NodeError(SkyloopError):
+    """A user's graph node raised; the message is the user's own."""
+
+    def __init__(self, node: str, message: str) -> None:
+        self.node = node
+        super().__init__(f"node {node!r} failed: {message}")
 
 
 class AuthError(SkyloopError):

@@ -6,6 +6,7 @@ from skyloop.errors import (
     AuthError,
     BackendError,
     Conflict,
+    ModelLoadError,
     NotFound,
     SkyloopError,
     SpecError,
@@ -23,6 +24,7 @@ EXIT_CODES: dict[type[SkyloopError], int] = {
     StoreError: 6,
     BackendError: 7,
     AuthError: 8,
+    ModelLoadError: 9,
 }
 
 

@@ -33,7 +33,7 @@ from skyloop.store.lineage import record_artifacts
 from skyloop.store.models import StepRunRow
 from skyloop.store.workspace import Workspace
 
-__all__ = ["LoadedModel", "load_model", "log_model", "materialize"]
+__all__ = ["LoadedModel", "load_model", "log_model", "materialize", "verify_model"]
 
 
 @dataclass
@@ -196,13 +196,19 @@ def materialize(workspace: Workspace, info: ModelVersionInfo) -> Path:
     return root
 
 
-def _load_directory(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> LoadedModel:
+def verify_model(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> ModelManifest:
+    """Check a model directory without loading it: every file against `model.yaml` (and the registry's list)."""
     manifest = read_manifest(root)
     if expected is not None:
         listed = {k: v for k, v in expected.items() if k != MANIFEST}
         if manifest.files != listed:
             raise IntegrityError(f"{root / MANIFEST} does not list the files registered for {uri}")
     verify_directory(root, manifest)
+    return manifest
+
+
+def _load_directory(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> LoadedModel:
+    manifest = verify_model(root, expected, uri)
     return LoadedModel(manifest, root, get_flavor(manifest.flavor).load(root), uri)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ArtifactPin",
     "Base",
     "Event",
+    "FeedbackRow",
     "Lineage",
     "ModelAliasRow",
     "ModelRow",
@@ -226,3 +227,18 @@ class ModelAliasRow(Base):
     alias: Mapped[str] = mapped_column(String(100), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
     updated_at: Mapped[datetime] = mapped_column()
+
+
+class FeedbackRow(Base):
+    """A label (`truth`) or `reward` for one answered inference, joined to it later by `inference_id`."""
+
+    __tablename__ = "inference_feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    """The served model (or graph) name the feedback was posted to."""
+    version: Mapped[str | None] = mapped_column(String(100))
+    inference_id: Mapped[str] = mapped_column(String(200), index=True)
+    truth: Mapped[Any | None] = mapped_column(JSON)
+    reward: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(index=True)

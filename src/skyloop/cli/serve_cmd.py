@@ -1,0 +1,58 @@
+"""`skyloop serve`: a V2 (Open Inference Protocol) model server for registered models or an inference graph."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from skyloop.cli.main import console, state
+from skyloop.errors import SpecError
+
+__all__ = ["register"]
+
+
+def serve(
+    targets: Annotated[list[str], typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a model directory, "
+                                                      "or a serving spec GRAPH.yaml (several may be given)")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    name: Annotated[str | None, typer.Option(help="Name clients use (one target only; default: the model's).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: one per core).")] = None,
+    threads: Annotated[int, typer.Option(help="Model threads per worker.")] = 4,
+    batching: Annotated[bool | None, typer.Option("--batching/--no-batching",
+                                                  help="Adaptive batching (default: on when the signature "
+                                                       "has a batch dimension).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Rows per batch at most.")] = None,
+    max_batch_time: Annotated[str | None, typer.Option(help="Longest wait for a batch to fill, e.g. 2ms.")] = None,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 16 * 1024 * 1024,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve models over the Open Inference Protocol (V2 REST) until interrupted."""
+    from skyloop.serving.server import serve as run_server
+    from skyloop.serving.server import spec_for_target
+    from skyloop.serving.spec import BatchingSpec
+
+    if name is not None and len(targets) != 1:
+        raise SpecError("--name works with one target; give each graph its name in its spec file")
+    specs = [spec_for_target(t, name) for t in targets]
+    overrides = {k: v for k, v in {"enabled": batching, "max_batch_size": max_batch_size,
+                                   "max_batch_time": max_batch_time}.items() if v is not None}
+    if overrides:
+        try:
+            specs = [s.model_copy(update={"batching": BatchingSpec.model_validate(
+                {**s.batching.model_dump(), **overrides})}) for s in specs]
+        except ValueError as exc:
+            raise SpecError(f"invalid batching option: {exc}") from None
+    names = ", ".join(s.name for s in specs)
+
+    def ready(bound: int) -> None:
+        console.print(f"serving {names} on http://{host}:{bound}/v2 (V2 REST; metrics at /metrics)", highlight=False)
+
+    run_server(specs, state.settings(), host=host, port=port, workers=workers, threads=threads,
+               max_body_bytes=max_body, log_level=log_level, on_ready=ready)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `serve` to the CLI."""
+    app.command("serve")(serve)

@@ -1,0 +1,27 @@
+"""Model serving over the Open Inference Protocol (V2 REST): inference graphs, adaptive batching, metrics.
+
+    skyloop serve models:/iris@champion --port 8080
+    skyloop serve graph.yaml
+
+The codec (`protocol`), graph runtime (`graph`), batching and data plane know nothing of HTTP; `app` is
+the Starlette layer over them, and `server` runs it under uvicorn with worker processes.
+"""
+
+from __future__ import annotations
+
+from skyloop.serving.app import create_app
+from skyloop.serving.dataplane import DataPlane
+from skyloop.serving.server import serve, spec_for_target
+from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, load_serve_spec
+
+__all__ = [
+    "BatchingSpec",
+    "DataPlane",
+    "GraphNode",
+    "NodeType",
+    "ServeSpec",
+    "create_app",
+    "load_serve_spec",
+    "serve",
+    "spec_for_target",
+]

@@ -1,0 +1,227 @@
+"""The REST layer: a Starlette app over the data plane, built by `create_app`. It only routes and maps errors.
+
+Endpoints (Open Inference Protocol, REST):
+`GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2` (and `/v2/`),
+`GET /v2/models/{name}[/versions/{version}]`, `GET /v2/models/{name}[/versions/{version}]/ready`,
+`POST /v2/models/{name}[/versions/{version}]/infer`, `POST /v2/models/{name}[/versions/{version}]/feedback`,
+`POST /v2/repository/index`, and `GET /metrics` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from skyloop.errors import (
+    InvalidRequest,
+    NodeError,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    SignatureMismatch,
+    SkyloopError,
+    SpecError,
+)
+from skyloop.serving.dataplane import DataPlane
+from skyloop.serving.metrics import CONTENT_TYPE
+
+__all__ = ["STATUS", "create_app", "status_of"]
+
+log = logging.getLogger("skyloop.serving")
+
+STATUS: list[tuple[type[Exception], int]] = [
+    (PayloadTooLarge, 413),
+    (SignatureMismatch, 422),
+    (InvalidRequest, 400),
+    (SpecError, 400),
+    (NotFound, 404),
+    (NotReady, 503),
+    (NodeError, 500),
+]
+"""Domain error -> HTTP status, most specific first (MLServer's `rest/errors.py` shape)."""
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status for an error raised while handling a request."""
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status, headers, media_type="application/json")
+
+
+def _error(exc: Exception) -> Response:
+    status = status_of(exc)
+    message = str(exc) if isinstance(exc, SkyloopError) else f"internal error: {type(exc).__name__}"
+    if not isinstance(exc, SkyloopError):
+        log.exception("unexpected error while serving a request", exc_info=exc)
+    return _json({"error": message}, status)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(request: Request) -> int | None:
+    raw = request.headers.get("inference-header-content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}")
+    return int(raw)
+
+
+def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: bool = True) -> Starlette:
+    """The ASGI app serving `plane`. With `load`, the graphs load in the background after startup.
+
+    Until they have loaded, `/v2/health/ready` and model endpoints answer 503 with the reason.
+    """
+    metrics = plane.metrics
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        if plane.ready():
+            return _json({"ready": True})
+        return _json({"ready": False, "error": plane.not_ready_reason()}, 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json(plane.server_metadata())
+
+    async def model_metadata(request: Request) -> Response:
+        p = request.path_params
+        try:
+            return _json(plane.model_metadata(p["name"], p.get("version")))
+        except SkyloopError as exc:
+            return _error(exc)
+
+    async def model_ready(request: Request) -> Response:
+        p = request.path_params
+        try:
+            plane.model(p["name"], p.get("version"))
+        except NotReady as exc:
+            return _json({"name": p["name"], "ready": False, "error": str(exc)}, 503)
+        except SkyloopError as exc:
+            return _error(exc)
+        return _json({"name": p["name"], "ready": True})
+
+    async def infer(request: Request) -> Response:
+        p = request.path_params
+        name, version = p["name"], p.get("version")
+        start = time.perf_counter()
+        known = name in plane.models
+        label_version = version or ""
+        if known:
+            metrics.inflight.labels(name).inc()
+        plane.admit(name)
+        try:
+            try:
+                body = await _body(request, max_body_bytes)
+                header_length = _header_length(request)
+            except BaseException:
+                plane.release(name)
+                raise
+            result = await plane.infer(name, version, body, header_length)  # releases the admission
+        except Exception as exc:
+            response = _error(exc)
+        else:
+            label_version = result.version
+            headers = {"skyloop-model-version": f"{result.model}/{result.version}"}
+            if result.header_length is not None:
+                headers["inference-header-content-length"] = str(result.header_length)
+                response = Response(result.body, 200, headers, media_type="application/octet-stream")
+            else:
+                response = Response(result.body, 200, headers, media_type="application/json")
+        if known:
+            metrics.inflight.labels(name).dec()
+            metrics.requests.labels(name, label_version, str(response.status_code)).inc()
+            metrics.latency.labels(name, label_version).observe(time.perf_counter() - start)
+        return response
+
+    async def feedback(request: Request) -> Response:
+        p = request.path_params
+        try:
+            body = await _body(request, max_body_bytes)
+            return _json(await plane.feedback(p["name"], p.get("version"), body))
+        except Exception as exc:
+            return _error(exc)
+
+    async def repository_index(request: Request) -> Response:
+        return _json(plane.repository_index())
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), 200, media_type=CONTENT_TYPE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+        if status == 404:
+            detail = f"no endpoint {request.method} {request.url.path}; see /v2 and /v2/models/NAME"
+        return _json({"error": detail}, status)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task: asyncio.Task[None] | None = None
+        if load:
+            async def load_all() -> None:
+                await asyncio.to_thread(plane.load)
+                plane.start_batching()
+                for name, served in plane.models.items():
+                    if served.failure:
+                        log.error("model %s failed to load: %s", name, served.failure)
+
+            task = asyncio.create_task(load_all())
+        else:
+            plane.start_batching()
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            plane.close()
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2", server_metadata),
+        Route("/v2/", server_metadata),
+        Route("/v2/repository/index", repository_index, methods=["POST", "GET"]),
+        Route("/metrics", prometheus),
+        *(Route(base, model_metadata) for base in (model, versioned)),
+        *(Route(base + "/ready", model_ready) for base in (model, versioned)),
+        *(Route(base + "/infer", infer, methods=["POST"]) for base in (model, versioned)),
+        *(Route(base + "/feedback", feedback, methods=["POST"]) for base in (model, versioned)),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: http_error})

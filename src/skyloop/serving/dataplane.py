@@ -1,0 +1,279 @@
+"""The data plane: health, metadata, inference and feedback for the served graphs. Knows nothing of HTTP.
+
+The REST layer (`serving.app`) hands it bytes and gets bytes back; errors are domain errors
+(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `NotReady`, `NodeError`) that the REST layer maps to
+statuses. Model code runs in worker threads (batched when the graph allows it), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+import skyloop
+from skyloop.config import Settings
+from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError
+from skyloop.serving.batching import Batcher, Prediction
+from skyloop.serving.graph import Graph, Trace, load_graph
+from skyloop.serving.metrics import ServingMetrics
+from skyloop.serving.protocol import Tensor, datatype_of_array, decode_request, encode_response
+from skyloop.serving.spec import ServeSpec
+
+__all__ = ["DataPlane", "InferenceResult", "ServedModel"]
+
+
+@dataclass
+class ServedModel:
+    """One served graph and its state."""
+
+    spec: ServeSpec
+    graph: Graph | None = None
+    batcher: Batcher | None = None
+    failure: SkyloopError | None = None
+    """Why loading failed, if it did."""
+    traces: OrderedDict[str, tuple[Any, Trace]] = field(default_factory=OrderedDict)
+    """Recent inference id -> (features, trace), so that feedback reaches the nodes that answered."""
+
+    @property
+    def name(self) -> str:
+        """The name clients use."""
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """An encoded response and what the REST layer needs to send it."""
+
+    body: bytes
+    header_length: int | None
+    model: str
+    version: str
+
+
+class DataPlane:
+    """Serves one or more graphs."""
+
+    def __init__(self, specs: list[ServeSpec], settings: Settings | None = None, metrics: ServingMetrics | None = None,
+                 threads: int = 4, trace_cache: int = 10_000) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise SkyloopError(f"two served models share a name: {names}")
+        self.settings = settings
+        self.metrics = metrics or ServingMetrics()
+        self.models = {s.name: ServedModel(s) for s in specs}
+        self.trace_cache = trace_cache
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skyloop-predict")
+        self._db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyloop-feedback")
+        self._workspace: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every graph (blocking; call it from a thread). A graph that fails keeps its error."""
+        for served in self.models.values():
+            name = served.name
+
+            def observe(node: str, seconds: float, name: str = name) -> None:
+                self.metrics.node_latency.labels(name, node).observe(seconds)
+
+            try:
+                served.graph = load_graph(served.spec, self.settings, observe)
+            except SkyloopError as exc:
+                served.failure = exc
+
+    def start_batching(self) -> None:
+        """Create the batchers (on the event loop that will serve)."""
+        for served in self.models.values():
+            graph = served.graph
+            if graph is None:
+                continue
+            enabled = served.spec.batching.enabled
+            if enabled or (enabled is None and graph.batchable):
+                sizes = self.metrics.batch_size.labels(served.name)
+                depth = self.metrics.queue_depth.labels(served.name)
+                served.batcher = Batcher(graph.predict, self._executor, served.spec.batching.max_batch_size,
+                                         served.spec.batching.max_batch_time, on_batch=sizes.observe,
+                                         on_depth=depth.set)
+
+    def close(self) -> None:
+        """Stop the worker threads and release the DB."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._db_executor.shutdown(wait=True)
+        if self._workspace is not None:
+            self._workspace.close()
+
+    # -- health and metadata -------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether every served graph has loaded."""
+        return all(m.graph is not None for m in self.models.values())
+
+    def not_ready_reason(self) -> str:
+        """Why the server is not ready."""
+        failed = [f"{m.name}: {m.failure}" for m in self.models.values() if m.failure]
+        return "; ".join(failed) if failed else "models are still loading"
+
+    def server_metadata(self) -> dict[str, Any]:
+        """The V2 server metadata."""
+        return {"name": "skyloop", "version": skyloop.__version__,
+                "extensions": ["binary_tensor_data", "model_repository", "feedback"]}
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        """The served graph `name` (at `version`, when given), loaded."""
+        served = self.models.get(name)
+        if served is None:
+            raise NotFound(f"unknown model {name!r}; this server serves {', '.join(sorted(self.models))}")
+        if served.graph is None:
+            raise NotReady(f"model {name!r} is not ready: {served.failure or 'still loading'}")
+        if version is not None and version != served.graph.version:
+            raise NotFound(f"model {name!r} has no version {version!r} here; it serves version {served.graph.version}")
+        return served
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The V2 model metadata: name, versions, platform, inputs and outputs."""
+        graph = self.model(name, version).graph
+        assert graph is not None
+        signature = graph.signature
+        return {
+            "name": name, "versions": [graph.version], "platform": "skyloop",
+            "inputs": [t.model_dump() for t in signature.inputs] if signature else [],
+            "outputs": [t.model_dump() for t in signature.outputs] if signature else [],
+        }
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every served model with its state (the model-repository extension)."""
+        found = []
+        for served in self.models.values():
+            state = "READY" if served.graph else ("UNAVAILABLE" if served.failure else "LOADING")
+            entry: dict[str, Any] = {"name": served.name, "state": state}
+            if served.graph is not None:
+                entry["version"] = served.graph.version
+            if served.failure:
+                entry["reason"] = str(served.failure)
+            found.append(entry)
+        return found
+
+    # -- inference -----------------------------------------------------------------------------------------
+
+    def admit(self, name: str) -> None:
+        """Count a request on its way in (the batcher waits for company only while some are)."""
+        served = self.models.get(name)
+        if served is not None and served.batcher is not None:
+            served.batcher.incoming += 1
+
+    def release(self, name: str) -> None:
+        """The request counted by `admit` has been queued or has failed."""
+        served = self.models.get(name)
+        if served is not None and served.batcher is not None:
+            served.batcher.incoming = max(0, served.batcher.incoming - 1)
+
+    async def infer(self, name: str, version: str | None, body: bytes,
+                    header_length: int | None = None) -> InferenceResult:
+        """Decode, predict and encode one request. Call `admit(name)` first; this releases it."""
+        released = False
+        try:
+            served = self.model(name, version)
+            graph = served.graph
+            assert graph is not None
+            request = decode_request(body, header_length)
+            inputs = {t.name: t.data for t in request.inputs}
+            if graph.signature is not None and graph.signature.inputs:
+                from skyloop.serving.graph import check_inputs
+
+                inputs = check_inputs(inputs, graph.signature.inputs)
+            batcher = served.batcher
+            self.release(name)
+            released = True
+            prediction: Prediction
+            if batcher is not None and batcher.batchable(inputs):
+                prediction = await batcher.submit(inputs)
+            else:
+                prediction = await asyncio.get_running_loop().run_in_executor(self._executor, graph.predict, inputs)
+        finally:
+            if not released:
+                self.release(name)
+        outputs, trace = prediction
+        request_id = request.id or uuid.uuid4().hex
+        self._remember(served, request_id, inputs, trace)
+        tensors = [Tensor(n, datatype_of_array(a), a) for n, a in outputs.items()]
+        binary: set[str] = {t.name for t in tensors} if request.binary_output else set()
+        if request.outputs is not None:
+            known = {t.name: t for t in tensors}
+            missing = [o.name for o in request.outputs if o.name not in known]
+            if missing:
+                raise InvalidRequest(f"unknown output {missing[0]!r}; the model returns {', '.join(known)}")
+            tensors = [known[o.name] for o in request.outputs]
+            binary = {o.name for o in request.outputs if o.binary}
+        parameters: dict[str, Any] = {}
+        if trace.routing:
+            parameters["routing"] = trace.routing
+        body_out, length = encode_response(name, graph.version, request_id, tensors, parameters, binary)
+        return InferenceResult(body_out, length, name, graph.version)
+
+    def _remember(self, served: ServedModel, request_id: str, inputs: dict[str, Any], trace: Trace) -> None:
+        served.traces[request_id] = (inputs, trace)
+        while len(served.traces) > self.trace_cache:
+            served.traces.popitem(last=False)
+
+    # -- feedback ------------------------------------------------------------------------------------------
+
+    async def feedback(self, name: str, version: str | None, body: bytes) -> dict[str, Any]:
+        """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes."""
+        served = self.model(name, version)
+        graph = served.graph
+        assert graph is not None
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"the feedback body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidRequest('feedback must be a JSON object like {"id": "...", "truth": 1} or {"reward": 0.5}')
+        unknown = sorted(set(doc) - {"id", "truth", "reward"})
+        if unknown:
+            raise InvalidRequest(f"unknown feedback field {unknown[0]!r}; use id, truth and reward")
+        inference_id = doc.get("id")
+        if not isinstance(inference_id, str) or not inference_id:
+            raise InvalidRequest("feedback needs the 'id' of the inference it is about (the response's id)")
+        truth, reward = doc.get("truth"), doc.get("reward")
+        if truth is None and reward is None:
+            raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")
+        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
+                                   or not math.isfinite(reward)):
+            raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, inference_id,
+                                   truth, None if reward is None else float(reward))
+        for kind, value in (("truth", truth), ("reward", reward)):
+            if value is not None:
+                self.metrics.feedback.labels(name, kind).inc()
+        remembered = served.traces.get(inference_id)
+        told = 0
+        if remembered is not None:
+            features, trace = remembered
+            x = graph.features(features)
+            told = await loop.run_in_executor(self._executor, graph.send_feedback, x,
+                                              None if reward is None else float(reward), _plain(truth), trace)
+        return {"id": inference_id, "stored": True, "nodes_told": told}
+
+    def _store_feedback(self, name: str, version: str, inference_id: str, truth: Any, reward: float | None) -> None:
+        if self.settings is None:
+            return
+        from skyloop.store.feedback import record_feedback
+        from skyloop.store.workspace import Workspace
+
+        if self._workspace is None:
+            self._workspace = Workspace.open(self.settings)
+        with self._workspace.db.session() as session:
+            record_feedback(session, name, version, inference_id, truth, reward)
+
+
+def _plain(truth: Any) -> Any:
+    return np.asarray(truth) if isinstance(truth, list) else truth

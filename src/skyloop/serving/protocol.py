@@ -1,0 +1,296 @@
+"""The Open Inference Protocol (V2) codec: request bytes to numpy tensors and back. No HTTP here.
+
+Both encodings are spoken: plain JSON (`"data": [...]`, nested or flat, row-major) and the binary
+tensor extension that `tritonclient` uses by default, where a JSON header of
+`Inference-Header-Content-Length` bytes is followed by each binary tensor's raw little-endian bytes
+(BYTES elements as a 4-byte little-endian length and the bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from skyloop.errors import InvalidRequest
+
+__all__ = [
+    "DTYPES",
+    "InferenceRequest",
+    "RequestedOutput",
+    "Tensor",
+    "datatype_of_array",
+    "decode_request",
+    "encode_response",
+]
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+"""V2 datatype -> the numpy dtype a tensor of it becomes (BYTES: an object array of `str`/`bytes`)."""
+
+_BY_DTYPE = {dt: name for name, dt in DTYPES.items() if name != "BYTES"}
+
+
+@dataclass
+class Tensor:
+    """One named tensor of a request or a response."""
+
+    name: str
+    datatype: str
+    data: np.ndarray[Any, Any]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> list[int]:
+        """The tensor's shape."""
+        return [int(d) for d in self.data.shape]
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for, and whether it wants it as binary data."""
+
+    name: str
+    binary: bool = False
+
+
+@dataclass
+class InferenceRequest:
+    """A decoded inference request."""
+
+    id: str | None
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] | None = None
+    """None: every output."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def binary_output(self) -> bool:
+        """Whether outputs not named in `outputs` come back as binary data (`binary_data_output`)."""
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+def datatype_of_array(array: np.ndarray[Any, Any]) -> str:
+    """The V2 datatype of a numpy array (strings, bytes and objects are BYTES)."""
+    if array.dtype.kind in ("O", "U", "S"):
+        return "BYTES"
+    name = _BY_DTYPE.get(array.dtype)
+    if name is None:
+        raise InvalidRequest(f"an output of dtype {array.dtype} has no V2 datatype")
+    return name
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InvalidRequest(f"{where}: field {key!r} must be a {expected}, got {type(value).__name__}")
+    return value
+
+
+def _shape(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise InvalidRequest(f"{where}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _json_values(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    where = f"input {name!r}"
+    if not isinstance(data, list):
+        data = [data]
+    target = DTYPES[datatype]
+    try:
+        raw = np.array(data, dtype=object if datatype == "BYTES" else None)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidRequest(f"{where}: 'data' is not a regular (row-major) array: {exc}") from None
+    count = math.prod(shape)
+    if raw.size != count:
+        raise InvalidRequest(f"{where}: shape {list(shape)} needs {count} values, 'data' has {raw.size}")
+    kind = raw.dtype.kind
+    if datatype == "BYTES":
+        flat = raw.reshape(-1)
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidRequest(f"{where}: BYTES data must be strings")
+        return flat.reshape(shape)
+    if raw.size == 0:
+        return np.zeros(shape, dtype=target)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidRequest(f"{where}: BOOL data must be true/false, got {raw.dtype.name} values")
+    elif target.kind in "iu":
+        if kind not in "iu":
+            raise InvalidRequest(f"{where}: {datatype} data must be integers, got {_kind_name(kind)} values")
+        info = np.iinfo(target)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidRequest(f"{where}: a value is outside the range of {datatype} [{info.min}, {info.max}]")
+    elif kind not in "iuf":
+        raise InvalidRequest(f"{where}: {datatype} data must be numbers, got {_kind_name(kind)} values")
+    return raw.astype(target, copy=False).reshape(shape)
+
+
+def _kind_name(kind: str) -> str:
+    return {"b": "boolean", "U": "string", "O": "mixed", "f": "floating-point"}.get(kind, kind)
+
+
+def _binary_values(name: str, datatype: str, chunk: bytes, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    where = f"input {name!r}"
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        offset = 0
+        while offset < len(chunk):
+            if offset + 4 > len(chunk):
+                raise InvalidRequest(f"{where}: binary BYTES data ends inside an element's length")
+            (size,) = struct.unpack_from("<I", chunk, offset)
+            offset += 4
+            if offset + size > len(chunk):
+                raise InvalidRequest(f"{where}: binary BYTES element runs past the data")
+            items.append(chunk[offset:offset + size])
+            offset += size
+        if len(items) != count:
+            raise InvalidRequest(f"{where}: shape {list(shape)} needs {count} values, binary data has {len(items)}")
+        array = np.empty(count, dtype=object)
+        array[:] = items
+        return array.reshape(shape)
+    dtype = DTYPES[datatype].newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise InvalidRequest(f"{where}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
+                             f"binary data has {len(chunk)}")
+    return np.frombuffer(chunk, dtype=dtype).astype(DTYPES[datatype], copy=False).reshape(shape)
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferenceRequest:
+    """Decode a V2 inference request (JSON, or JSON header + binary tensors when `header_length` is given)."""
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise InvalidRequest(f"Inference-Header-Content-Length {header_length} is outside the body "
+                             f"({len(body)} bytes)")
+    header = body if header_length is None else body[:header_length]
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("the request body must be a JSON object with an 'inputs' list")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequest("field 'id' must be a string")
+    raw_inputs = _field(doc, "inputs", list, "request")
+    if not raw_inputs:
+        raise InvalidRequest("request: 'inputs' is empty; send at least one input tensor")
+    binary = body[header_length:] if header_length is not None else b""
+    offset = 0
+    inputs: list[Tensor] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name = _field(raw, "name", str, f"inputs[{i}]")
+        if name in seen:
+            raise InvalidRequest(f"input {name!r} is given twice")
+        seen.add(name)
+        datatype = _field(raw, "datatype", str, f"input {name!r}")
+        if datatype not in DTYPES:
+            raise InvalidRequest(f"input {name!r}: unknown datatype {datatype!r}; use one of {', '.join(DTYPES)}")
+        shape = _shape(raw.get("shape"), f"input {name!r}")
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if header_length is None:
+                raise InvalidRequest(f"input {name!r} has binary_data_size but the request has no "
+                                     "Inference-Header-Content-Length header")
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidRequest(f"input {name!r}: binary_data_size {size!r} runs past the body")
+            data = _binary_values(name, datatype, binary[offset:offset + size], shape)
+            offset += size
+        else:
+            if "data" not in raw:
+                raise InvalidRequest(f"input {name!r} has no 'data'")
+            data = _json_values(name, datatype, raw["data"], shape)
+        inputs.append(Tensor(name, datatype, data, {k: v for k, v in params.items() if k != "binary_data_size"}))
+    if offset != len(binary):
+        raise InvalidRequest(f"{len(binary) - offset} bytes of binary data follow the header that no input claims")
+    outputs = _requested_outputs(doc.get("outputs"))
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("field 'parameters' must be an object")
+    return InferenceRequest(request_id, inputs, outputs, parameters)
+
+
+def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise InvalidRequest("field 'outputs' must be a list of {\"name\": ...} objects")
+    found = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"outputs[{i}] must be an object with a name")
+        name = _field(item, "name", str, f"outputs[{i}]")
+        params = item.get("parameters") or {}
+        found.append(RequestedOutput(name, bool(isinstance(params, dict) and params.get("binary_data"))))
+    return found
+
+
+def _bytes_element(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _json_data(tensor: Tensor) -> Any:
+    array = tensor.data
+    if tensor.datatype == "BYTES":
+        flat = array.reshape(-1)
+        try:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"output {tensor.name!r} holds bytes that are not UTF-8; ask for it as "
+                                 "binary data") from None
+    return np.ascontiguousarray(array.reshape(-1))
+
+
+def _binary_data(tensor: Tensor) -> bytes:
+    if tensor.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(b)) + b for b in map(_bytes_element, tensor.data.reshape(-1)))
+    return np.ascontiguousarray(tensor.data, dtype=tensor.data.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_response(model_name: str, model_version: str | None, request_id: str | None, outputs: Iterable[Tensor],
+                    parameters: Mapping[str, Any] | None = None,
+                    binary: set[str] | None = None) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when some outputs (named in `binary`) are binary."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for tensor in outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "shape": tensor.shape, "datatype": tensor.datatype}
+        params = dict(tensor.parameters)
+        if binary and tensor.name in binary:
+            chunk = _binary_data(tensor)
+            chunks.append(chunk)
+            params["binary_data_size"] = len(chunk)
+        else:
+            entry["data"] = _json_data(tensor)
+        if params:
+            entry["parameters"] = params
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "outputs": entries}
+    if model_version is not None:
+        doc["model_version"] = model_version
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)

@@ -1,0 +1,180 @@
+"""What `skyloop serve` serves: an inference graph of Seldon-style nodes, declared in YAML.
+
+    name: iris-ensemble
+    graph:
+      name: scale
+      type: TRANSFORMER
+      implementation: nodes.py:Scaler      # a class; `parameters` go to its constructor
+      children:
+        - name: vote
+          type: COMBINER
+          implementation: nodes.py:Vote
+          children:
+            - {name: logreg, type: MODEL, model_uri: "models:/iris@champion"}
+            - {name: tree, type: MODEL, model_uri: "models:/iris-tree/2"}
+    batching: {max_batch_size: 32, max_batch_time: 2ms}
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from skyloop.errors import SpecError
+
+__all__ = ["METHODS", "BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "load_serve_spec", "parse_duration"]
+
+
+class NodeType(StrEnum):
+    """Seldon's node types."""
+
+    MODEL = "MODEL"
+    TRANSFORMER = "TRANSFORMER"
+    OUTPUT_TRANSFORMER = "OUTPUT_TRANSFORMER"
+    COMBINER = "COMBINER"
+    ROUTER = "ROUTER"
+
+
+METHODS: dict[NodeType, str] = {
+    NodeType.MODEL: "predict",
+    NodeType.TRANSFORMER: "transform_input",
+    NodeType.OUTPUT_TRANSFORMER: "transform_output",
+    NodeType.COMBINER: "aggregate",
+    NodeType.ROUTER: "route",
+}
+"""The method a user class needs for each node type."""
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
+
+
+def parse_duration(value: float | str, field: str) -> float:
+    """Seconds from a number (seconds) or a string like `2ms`, `1.5s`, `5m`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{field}: {value!r} is not a duration; write e.g. 2ms, 1.5s or 5m")
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"{field}: a duration cannot be negative")
+    return seconds
+
+
+class GraphNode(BaseModel):
+    """One node of an inference graph."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    type: NodeType = NodeType.MODEL
+    model_uri: str | None = None
+    """A registered model (`models:/name@alias`, `models:/name/3`) or a model directory; MODEL nodes only."""
+    implementation: str | None = None
+    """A user class, `package.module:Class` or `file.py:Class` (relative to the spec file)."""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the class's constructor."""
+    children: list[GraphNode] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> GraphNode:
+        where = f"node {self.name!r}"
+        if self.model_uri and self.implementation:
+            raise ValueError(f"{where}: give either model_uri or implementation, not both")
+        if self.model_uri and self.type is not NodeType.MODEL:
+            raise ValueError(f"{where}: model_uri is for MODEL nodes; a {self.type} needs an implementation class")
+        if not self.model_uri and not self.implementation:
+            fix = "model_uri: models:/NAME@ALIAS or implementation: FILE.py:Class" if self.type is NodeType.MODEL \
+                else f"implementation: FILE.py:Class (a class with {METHODS[self.type]}())"
+            raise ValueError(f"{where}: says nothing to run; add {fix}")
+        if self.model_uri and self.parameters:
+            raise ValueError(f"{where}: parameters are for implementation classes, not for model_uri")
+        many = len(self.children) > 1
+        if many and self.type not in (NodeType.COMBINER, NodeType.ROUTER):
+            raise ValueError(f"{where}: a {self.type} node passes its result to one child, it has "
+                             f"{len(self.children)}; put a COMBINER or ROUTER above them to fan out")
+        if self.type in (NodeType.COMBINER, NodeType.ROUTER) and not self.children:
+            raise ValueError(f"{where}: a {self.type} node needs children")
+        return self
+
+    def walk(self) -> list[GraphNode]:
+        """This node and all below it, depth first."""
+        return [self, *(n for child in self.children for n in child.walk())]
+
+
+class BatchingSpec(BaseModel):
+    """Adaptive batching: requests queued while the model is busy are predicted together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    """None: on when the graph's input signature has a batch dimension (a leading -1)."""
+    max_batch_size: int = Field(default=64, ge=1)
+    """Rows per batch at most."""
+    max_batch_time: float = 0.002
+    """Seconds the first request of a batch waits for company at most (`2ms`, `0.01`)."""
+
+    @field_validator("max_batch_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value, "max_batch_time")
+
+
+class ServeSpec(BaseModel):
+    """A served model: its name, its graph and how it batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str | None = None
+    """The version the server reports; default: the version of the graph's single registered model, else "1"."""
+    graph: GraphNode
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    base_dir: Path | None = Field(default=None, exclude=True)
+    """Where `file.py:Class` implementations and model directories are looked up (the spec file's folder)."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeSpec:
+        names = [n.name for n in self.graph.walk()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"graph: node names must be unique, {', '.join(dupes)} appear more than once")
+        return self
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return f"invalid serving spec {source}: " + "; ".join(lines)
+
+
+def load_serve_spec(source: str | Path | dict[str, Any]) -> ServeSpec:
+    """Read and validate a serving spec from a YAML file (or an already parsed mapping)."""
+    if isinstance(source, dict):
+        data, label, base = source, "(mapping)", None
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise SpecError(f"cannot read {str(source)!r}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{str(source)!r} is not valid YAML: {exc}") from None
+        label, base = str(source), path.resolve().parent
+    if not isinstance(data, dict):
+        raise SpecError(f"serving spec {label} must be a mapping with name and graph")
+    try:
+        spec = ServeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format(exc, label)) from None
+    if base is not None and spec.base_dir is None:
+        spec.base_dir = base
+    return spec

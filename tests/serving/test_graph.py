@@ -1,0 +1,152 @@
+"""Inference graphs with real user classes and a registered model, through the in-process app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from starlette.testclient import TestClient
+
+from skyloop.config import Settings
+from skyloop.errors import SpecError
+from skyloop.serving import DataPlane, create_app, load_serve_spec
+from skyloop.serving.graph import load_graph
+
+
+def _spec(folder: Path, doc: dict[str, Any]) -> Path:
+    path = folder / "graph.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _client(spec_file: Path, settings: Settings) -> Iterator[tuple[TestClient, DataPlane]]:
+    plane = DataPlane([load_serve_spec(spec_file)], settings)
+    with TestClient(create_app(plane)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
+            time.sleep(0.02)
+        yield client, plane
+
+
+def _infer(client: TestClient, name: str, rows: np.ndarray[Any, Any], **extra: Any) -> Any:
+    body = {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
+                        "data": rows.reshape(-1).tolist()}], **extra}
+    return client.post(f"/v2/models/{name}/infer", json=body)
+
+
+ENSEMBLE = {
+    "name": "ensemble",
+    "graph": {"name": "scale", "type": "TRANSFORMER", "implementation": "nodes.py:Scale",
+              "parameters": {"factor": 1.0},
+              "children": [{"name": "vote", "type": "COMBINER", "implementation": "nodes.py:Vote", "children": [
+                  {"name": "logreg", "type": "MODEL", "model_uri": "models:/iris@champion"},
+                  {"name": "also-logreg", "type": "MODEL", "model_uri": "models:/iris/1"},
+                  {"name": "always-two", "type": "MODEL", "implementation": "nodes.py:Constant",
+                   "parameters": {"label": 2}}]}]},
+}
+
+
+def test_transformer_combiner_and_models_answer_like_in_process(
+        nodes_dir: Path, settings: Settings, iris_uri: str, iris: tuple[Any, Any]) -> None:
+    clf, X = iris
+    for client, _ in _client(_spec(nodes_dir, ENSEMBLE), settings):
+        response = _infer(client, "ensemble", X[:40], id="req-7")
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        assert doc["id"] == "req-7" and doc["model_name"] == "ensemble"
+        # Two of three voters are the registered model, so the vote is its answer.
+        assert doc["outputs"][0]["data"] == clf.predict(X[:40]).tolist()
+        assert response.headers["skyloop-model-version"] == "ensemble/1"
+        metrics = client.get("/metrics").text
+        for node in ("scale", "vote", "logreg", "also-logreg", "always-two"):
+            assert f'skyloop_graph_node_seconds_count{{model="ensemble",node="{node}"}} 1.0' in metrics
+
+
+def test_router_sends_to_one_child_and_feedback_reaches_it(nodes_dir: Path, settings: Settings) -> None:
+    doc = {"name": "routed", "graph": {
+        "name": "pick", "type": "ROUTER", "implementation": "nodes.py:Pick", "parameters": {"child": 1},
+        "children": [{"name": "zero", "implementation": "nodes.py:Constant", "parameters": {"label": 0}},
+                     {"name": "one", "type": "OUTPUT_TRANSFORMER", "implementation": "nodes.py:Label",
+                      "children": [{"name": "inner", "implementation": "nodes.py:Constant",
+                                    "parameters": {"label": 1}}]}]}}
+    for client, plane in _client(_spec(nodes_dir, doc), settings):
+        response = _infer(client, "routed", np.ones((3, 4)))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["outputs"] == [{"name": "label", "shape": [3], "datatype": "BYTES",
+                                    "data": ["versicolor"] * 3}]
+        assert body["parameters"]["routing"] == {"pick": 1}
+        told = client.post("/v2/models/routed/feedback", json={"id": body["id"], "reward": 1.0})
+        assert told.status_code == 200 and told.json()["nodes_told"] == 1
+        graph = plane.models["routed"].graph
+        assert graph is not None and graph.nodes["pick"].obj.rewards == [(1, 1.0)]
+        from skyloop.store.feedback import list_feedback
+        from skyloop.store.workspace import Workspace
+
+        workspace = Workspace.open(settings)
+        try:
+            with workspace.db.read() as session:
+                stored = list_feedback(session, "routed")
+        finally:
+            workspace.close()
+        assert [(f.inference_id, f.reward, f.truth) for f in stored] == [(body["id"], 1.0, None)]
+
+
+def test_a_failing_user_node_is_a_500_with_its_message_and_the_next_request_works(
+        nodes_dir: Path, settings: Settings) -> None:
+    doc = {"name": "boom", "graph": {"name": "boom", "implementation": "nodes.py:Boom"}}
+    for client, _ in _client(_spec(nodes_dir, doc), settings):
+        bad = _infer(client, "boom", -np.ones((1, 2)))
+        assert bad.status_code == 500
+        assert bad.json() == {"error": "node 'boom' failed: ValueError: negative features are not allowed"}
+        good = _infer(client, "boom", np.ones((2, 2)))
+        assert good.status_code == 200 and good.json()["outputs"][0]["data"] == [2.0, 2.0]
+
+
+def test_bytes_in_and_out_through_a_user_model(nodes_dir: Path, settings: Settings) -> None:
+    doc = {"name": "echo", "graph": {"name": "echo", "implementation": "nodes.py:Echo"}}
+    for client, _ in _client(_spec(nodes_dir, doc), settings):
+        body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["héllo", "v2"]}]}
+        response = client.post("/v2/models/echo/infer", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0] == {"name": "predict", "shape": [2], "datatype": "BYTES",
+                                                 "data": ["HÉLLO", "V2"]}
+
+
+@pytest.mark.parametrize(("graph", "message"), [
+    ({"name": "t", "type": "TRANSFORMER", "implementation": "nodes.py:Constant"},
+     "a TRANSFORMER needs a transform_input"),
+    ({"name": "m", "implementation": "nodes.py:Nope"}, "has no 'Nope'"),
+    ({"name": "m", "implementation": "missing.py:Nope"}, "does not exist"),
+    ({"name": "m", "implementation": "nodes.py:Scale", "type": "TRANSFORMER", "parameters": {"bad": 1}},
+     "failed to start: TypeError"),
+])
+def test_broken_nodes_are_refused_at_load(nodes_dir: Path, settings: Settings, graph: dict[str, Any],
+                                          message: str) -> None:
+    spec = load_serve_spec(_spec(nodes_dir, {"name": "g", "graph": graph}))
+    with pytest.raises(SpecError, match=message):
+        load_graph(spec, settings)
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"name": "g", "graph": {"name": "m"}}, "says nothing to run"),
+    ({"name": "g", "graph": {"name": "c", "type": "COMBINER", "implementation": "x.py:C"}}, "needs children"),
+    ({"name": "g", "graph": {"name": "t", "type": "TRANSFORMER", "implementation": "x.py:T", "children": [
+        {"name": "a", "implementation": "x.py:A"}, {"name": "b", "implementation": "x.py:B"}]}},
+     "put a COMBINER or ROUTER above them"),
+    ({"name": "g", "graph": {"name": "a", "type": "COMBINER", "implementation": "x.py:C", "children": [
+        {"name": "a", "implementation": "x.py:A"}]}}, "appear more than once"),
+    ({"name": "g", "graph": {"name": "m", "model_uri": "models:/x", "implementation": "x.py:A"}}, "not both"),
+    ({"name": "g", "graph": {"name": "m", "implementation": "x.py:A"}, "batching": {"max_batch_time": "soon"}},
+     "max_batch_time"),
+    ({"name": "g", "graph": {"name": "m", "type": "MODLE", "implementation": "x.py:A"}}, "graph.type"),
+])
+def test_invalid_specs_name_the_field_and_the_fix(tmp_path: Path, doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_serve_spec(_spec(tmp_path, doc))

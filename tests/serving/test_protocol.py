@@ -1,0 +1,120 @@
+"""The V2 codec: JSON and binary tensors in, numpy out, and back; every malformed request named precisely."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from skyloop.errors import InvalidRequest
+from skyloop.serving.protocol import Tensor, decode_request, encode_response
+
+
+def _body(*inputs: dict[str, Any], **extra: Any) -> bytes:
+    return orjson.dumps({"inputs": list(inputs), **extra})
+
+
+def test_flat_and_nested_data_decode_row_major() -> None:
+    flat = decode_request(_body({"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}))
+    nested = decode_request(_body({"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1, 2, 3], [4, 5, 6]]}))
+    for request in (flat, nested):
+        (tensor,) = request.inputs
+        assert tensor.data.dtype == np.float32
+        np.testing.assert_array_equal(tensor.data, [[1, 2, 3], [4, 5, 6]])
+
+
+@pytest.mark.parametrize("datatype", ["BOOL", "UINT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"])
+def test_every_datatype_round_trips_through_json_and_binary(datatype: str) -> None:
+    values = {"BOOL": [True, False, True, True], "BYTES": ["a", "béta", "", "d"]}.get(datatype, [1, 0, 7, 100])
+    request = decode_request(_body({"name": "x", "shape": [2, 2], "datatype": datatype, "data": values}))
+    tensor = request.inputs[0]
+    assert tensor.shape == [2, 2]
+    for binary in (False, True):
+        body, header = encode_response("m", "1", "id-1", [tensor], binary={"x"} if binary else None)
+        if binary:
+            assert header is not None
+            doc = orjson.loads(body[:header])
+            out = doc["outputs"][0]
+            size = out["parameters"]["binary_data_size"]
+            assert len(body) == header + size
+            # Decode it again as if it were a request: the binary layout is the same both ways.
+            request_header = orjson.dumps({"inputs": [{"name": "x", "shape": out["shape"], "datatype": datatype,
+                                                       "parameters": {"binary_data_size": size}}]})
+            again = decode_request(request_header + body[header:], header_length=len(request_header))
+            got = again.inputs[0].data
+            if datatype == "BYTES":
+                got = np.array([v.decode() for v in got.reshape(-1)], dtype=object).reshape(got.shape)
+            np.testing.assert_array_equal(got, tensor.data)
+        else:
+            assert header is None
+            doc = orjson.loads(body)
+            assert doc["id"] == "id-1" and doc["model_version"] == "1"
+            assert doc["outputs"][0]["data"] == [v if datatype != "FP16" else float(v) for v in values]
+
+
+def test_binary_bytes_elements_are_length_prefixed() -> None:
+    payload = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0)
+    header = orjson.dumps({"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": len(payload)}}]})
+    tensor = decode_request(header + payload, len(header)).inputs[0]
+    assert list(tensor.data) == [b"abc", b""]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (_body(), "'inputs' is empty"),
+    (_body({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}), "needs 4 values, 'data' has 3"),
+    (_body({"name": "x", "shape": [2], "datatype": "FP33", "data": [1, 2]}), "unknown datatype 'FP33'"),
+    (_body({"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}), "non-negative integers"),
+    (_body({"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}), "must be numbers, got string"),
+    (_body({"name": "x", "shape": [2], "datatype": "INT32", "data": [1.5, 2]}), "must be integers"),
+    (_body({"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}), "outside the range of UINT8"),
+    (_body({"name": "x", "shape": [2], "datatype": "BOOL", "data": [1, 0]}), "BOOL data must be true/false"),
+    (_body({"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}), "not a regular"),
+    (_body({"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}), "BYTES data must be strings"),
+    (_body({"name": "x", "shape": [1], "datatype": "FP32"}), "has no 'data'"),
+    (_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
+           {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}), "given twice"),
+    (_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, id=5), "'id' must be a string"),
+    (_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}, outputs="y"), "'outputs' must be a list"),
+    (_body({"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}),
+     "no Inference-Header-Content-Length"),
+])
+def test_malformed_requests_are_named(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        decode_request(body)
+
+
+def test_binary_sizes_must_match_the_shape_and_the_body() -> None:
+    header = orjson.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 8}}]})
+    with pytest.raises(InvalidRequest, match="runs past the body"):
+        decode_request(header + b"\0" * 4, len(header))
+    with pytest.raises(InvalidRequest, match="no input claims"):
+        decode_request(header + b"\0" * 12, len(header))
+    bad = orjson.dumps({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32",
+                                    "parameters": {"binary_data_size": 8}}]})
+    with pytest.raises(InvalidRequest, match="needs 12 bytes"):
+        decode_request(bad + b"\0" * 8, len(bad))
+    with pytest.raises(InvalidRequest, match="outside the body"):
+        decode_request(header, len(header) + 10)
+
+
+def test_requested_outputs_and_binary_output_flag() -> None:
+    request = decode_request(_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
+                                   outputs=[{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}],
+                                   parameters={"binary_data_output": True}))
+    assert [(o.name, o.binary) for o in request.outputs or []] == [("a", True), ("b", False)]
+    assert request.binary_output
+
+
+def test_non_utf8_bytes_output_needs_binary() -> None:
+    tensor = Tensor("b", "BYTES", np.array([b"\xff"], dtype=object))
+    with pytest.raises(InvalidRequest, match="not UTF-8"):
+        encode_response("m", None, None, [tensor])
+    body, header = encode_response("m", None, None, [tensor], binary={"b"})
+    assert header is not None and body[header:] == struct.pack("<I", 1) + b"\xff"
