@@ -131,6 +131,12 @@ def nodes_dir(tmp_path: Path) -> Path:
     return tmp_path / "graph"
 
 
+@pytest.fixture
+def serve() -> Any:
+    """`serve(settings, *args, workers=N)`: a context manager running `skyloop serve` (see `serve_process`)."""
+    return serve_process
+
+
 @contextlib.contextmanager
 def serve_process(settings: Settings, *args: str, workers: int = 1) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`skyloop serve ARGS` as a real process on 127.0.0.1 and a free port; stopped (and its workers) by PID."""

@@ -9,10 +9,36 @@ the Starlette layer over them, and `server` runs it under uvicorn with worker pr
 
 from __future__ import annotations
 
-from skyloop.serving.app import create_app
-from skyloop.serving.dataplane import DataPlane
-from skyloop.serving.server import serve, spec_for_target
-from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, load_serve_spec
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from skyloop.serving.app import create_app
+    from skyloop.serving.dataplane import DataPlane
+    from skyloop.serving.server import serve, spec_for_target
+    from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, load_serve_spec
+
+# Lazy on purpose: `serve` must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
+_LAZY = {
+    "create_app": "skyloop.serving.app",
+    "DataPlane": "skyloop.serving.dataplane",
+    **dict.fromkeys(["serve", "spec_for_target"], "skyloop.serving.server"),
+    **dict.fromkeys(["BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "load_serve_spec"], "skyloop.serving.spec"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'skyloop.serving' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BatchingSpec",

@@ -136,8 +136,10 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
         p = request.path_params
         name, version = p["name"], p.get("version")
         start = time.perf_counter()
-        known = name in plane.models
-        label_version = version or ""
+        served = plane.models.get(name)
+        known = served is not None
+        # Errors are counted against the version being served, so that a bad version's error rate shows.
+        label_version = version or (served.graph.version if served is not None and served.graph else "")
         if known:
             metrics.inflight.labels(name).inc()
         plane.admit(name)

@@ -1,0 +1,173 @@
+"""`skyloop serve` as a real process, spoken to by tritonclient (the NVIDIA V2 client) and raw HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psutil
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+
+from skyloop.config import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def _rows(X: np.ndarray[Any, Any], datatype: str = "FP64", name: str = "input-0") -> bytes:
+    return orjson.dumps({"inputs": [{"name": name, "shape": list(X.shape), "datatype": datatype,
+                                     "data": X.reshape(-1).tolist()}]})
+
+
+def test_tritonclient_talks_to_every_endpoint(serve: Any, settings: Settings, iris_uri: str,
+                                               iris: tuple[Any, Any]) -> None:
+    clf, X = iris
+    with serve(settings, iris_uri, workers=2) as (_, port):
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            assert client.get_server_metadata()["name"] == "skyloop"
+            for version in ("", "1"):
+                meta = client.get_model_metadata("iris", version)
+                assert meta["versions"] == ["1"]
+                assert meta["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
+                assert client.is_model_ready("iris", version)
+            assert not client.is_model_ready("iris", "7")
+            assert not client.is_model_ready("nope")
+            assert client.get_model_repository_index() == [{"name": "iris", "state": "READY", "version": "1"}]
+            for binary in (True, False):
+                tensor = triton.InferInput("input-0", [25, 4], "FP64")
+                tensor.set_data_from_numpy(X[::6], binary_data=binary)
+                outputs = [triton.InferRequestedOutput("predict", binary_data=binary)]
+                result = client.infer("iris", [tensor], outputs=outputs, request_id=f"r-{binary}")
+                np.testing.assert_array_equal(result.as_numpy("predict"), clf.predict(X[::6]))
+                assert result.get_response()["id"] == f"r-{binary}"
+            # No outputs named: tritonclient asks for every output as binary data.
+            tensor = triton.InferInput("input-0", [1, 4], "FP64")
+            tensor.set_data_from_numpy(X[100:101])
+            assert client.infer("iris", [tensor], model_version="1").as_numpy("predict").tolist() == \
+                clf.predict(X[100:101]).tolist()
+        finally:
+            client.close()
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: Settings, iris_uri: str,
+                                                         iris: tuple[Any, Any]) -> None:
+    clf, X = iris
+    with serve(settings, iris_uri, "--max-body", "1500") as (proc, port):
+        cases = [
+            ("/v2/models/iris/infer", _rows(X[:2, :3]), 422, "must have shape [-1, 4]"),
+            ("/v2/models/iris/infer", _rows(X[:2], "INT64"), 400, "must be integers"),
+            ("/v2/models/iris/infer", orjson.dumps({"inputs": [{"name": "input-0", "shape": [2, 4],
+                                                                "datatype": "BYTES", "data": ["a"] * 8}]}),
+             422, "must be FP64, got BYTES"),
+            ("/v2/models/iris/infer", _rows(X[:2], name="x"), 422, "unknown input 'x'"),
+            ("/v2/models/iris/infer", b'{"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", '
+                                      b'"data": [1, 2, 3]}]}', 400, "needs 4 values, 'data' has 3"),
+            ("/v2/models/iris/infer", b"{oops", 400, "not valid JSON"),
+            ("/v2/models/iris/infer", _rows(X[:100]), 413, "over the limit of 1500"),
+            ("/v2/models/nope/infer", _rows(X[:1]), 404, "unknown model 'nope'"),
+            ("/v2/models/iris/versions/9/infer", _rows(X[:1]), 404, "no version '9'"),
+            ("/v2/models/iris/feedback", b'{"truth": 1}', 400, "needs the 'id'"),
+            ("/v2/models/iris/feedback", b'{"id": "x", "reward": "big"}', 400, "finite number"),
+        ]
+        for path, body, status, message in cases:
+            got, doc = _post(port, path, body)
+            assert (got, set(doc)) == (status, {"error"}), (path, got, doc)
+            assert message in doc["error"], doc
+        unknown_output = orjson.loads(_rows(X[:1]))
+        unknown_output["outputs"] = [{"name": "proba"}]
+        got, doc = _post(port, "/v2/models/iris/infer", orjson.dumps(unknown_output))
+        assert got == 400 and "unknown output 'proba'" in doc["error"]
+        got, doc = _post(port, "/v2/models/iris/infer", _rows(X[:3]))
+        assert got == 200 and doc["outputs"][0]["data"] == clf.predict(X[:3]).tolist()
+        assert proc.poll() is None
+        # Feedback for that answer is stored against the served version.
+        got, doc = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": doc["id"], "truth": 2}))
+        assert got == 200 and doc["stored"] is True
+
+
+def test_metrics_count_requests_batches_and_latency(serve: Any, settings: Settings, iris_uri: str,
+                                                     iris: tuple[Any, Any]) -> None:
+    _, X = iris
+    with serve(settings, iris_uri, workers=2) as (_, port):
+        for i in range(12):
+            assert _post(port, "/v2/models/iris/infer", _rows(X[i:i + 2]))[0] == 200
+        for _ in range(3):
+            assert _post(port, "/v2/models/iris/infer", _rows(X[:1, :2]))[0] == 422
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    ok = samples[("skyloop_inference_requests_total", (("model", "iris"), ("status", "200"), ("version", "1")))]
+    bad = samples[("skyloop_inference_requests_total", (("model", "iris"), ("status", "422"), ("version", "1")))]
+    assert (ok, bad) == (12, 3)
+    assert samples[("skyloop_inference_request_seconds_count", (("model", "iris"), ("version", "1")))] == 15
+    assert samples[("skyloop_batch_size_sum", (("model", "iris"),))] == 24  # rows predicted, summed over workers
+    assert samples[("skyloop_graph_node_seconds_count", (("model", "iris"), ("node", "iris")))] >= 1
+    assert samples[("skyloop_inflight_requests", (("model", "iris"),))] == 0
+
+
+def test_a_killed_worker_is_replaced(serve: Any, settings: Settings, iris_uri: str, iris: tuple[Any, Any]) -> None:
+    _, X = iris
+    with serve(settings, iris_uri, workers=2) as (proc, port):
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            now = {c.pid for c in psutil.Process(proc.pid).children() if c.status() != psutil.STATUS_ZOMBIE}
+            if len(now) == 2 and workers[0].pid not in now:
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.05)
+        assert all(_post(port, "/v2/models/iris/infer", _rows(X[:1]))[0] == 200 for _ in range(10))
+
+
+def _serve_fails(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "skyloop", "--home", str(settings.home), "serve", *args,
+                           "--port", "0", "--workers", "1"], capture_output=True, text=True, timeout=60)
+
+
+def test_a_tampered_model_is_refused_at_start(serve: Any, settings: Settings, iris_uri: str) -> None:
+    from skyloop.registry import load_model
+
+    folder = load_model(iris_uri, settings).path  # the verified extracted directory
+    victim = next(p for p in Path(folder).iterdir() if p.name != "model.yaml")
+    victim.write_bytes(victim.read_bytes() + b"tampered")
+    done = _serve_fails(settings, iris_uri)
+    assert done.returncode == 6, done.stderr  # StoreError: the stored bytes do not match
+    assert "was altered" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_directory_with_a_missing_file_is_refused(serve: Any, settings: Settings, iris_uri: str,
+                                                           tmp_path: Path) -> None:
+    import shutil
+
+    from skyloop.registry import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(load_model(iris_uri, settings).path, copy)
+    next(p for p in copy.iterdir() if p.name != "model.yaml").unlink()
+    done = _serve_fails(settings, str(copy))
+    assert done.returncode != 0 and "error:" in done.stderr and "Traceback" not in done.stderr
