@@ -17,9 +17,9 @@ Author steps and pipelines, run them locally or on a cluster, and inspect their 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from skyloop._lazy import lazy_exports as _lazy_exports
 from skyloop.config import ExecutionSettings, Settings
 from skyloop.errors import (
     AuthError,
@@ -61,17 +61,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'skyloop' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "AuthError",

@@ -184,11 +184,7 @@ class DataPlane:
             graph = served.graph
             assert graph is not None
             request = decode_request(body, header_length)
-            inputs = {t.name: t.data for t in request.inputs}
-            if graph.signature is not None and graph.signature.inputs:
-                from skyloop.serving.graph import check_inputs
-
-                inputs = check_inputs(inputs, graph.signature.inputs)
+            inputs = graph.check({t.name: t.data for t in request.inputs})
             batcher = served.batcher
             self.release(name)
             released = True

@@ -16,7 +16,6 @@ whose signature lists columns) when there are several. Any node may define
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,26 +54,18 @@ class Node:
 
 
 def _user_class(ref: str, base: Path | None, node: str) -> type:
+    from skyloop.execution.loading import resolve
+    from skyloop.spec.pipeline import StepRef
+
     module_name, sep, qualname = ref.rpartition(":")
     if not sep or not module_name or not qualname:
         raise SpecError(f"node {node!r}: implementation {ref!r} must look like FILE.py:Class or package.module:Class")
+    if module_name.endswith(".py") and base is not None and not Path(module_name).is_absolute():
+        module_name = str(base / module_name)
     try:
-        if module_name.endswith(".py"):
-            from skyloop.execution.loading import load_file_module
-
-            path = Path(module_name)
-            module = load_file_module(path if path.is_absolute() or base is None else base / path)
-        else:
-            module = importlib.import_module(module_name)
+        obj = resolve(StepRef(module=module_name, qualname=qualname))
     except SpecError as exc:
         raise SpecError(f"node {node!r}: {exc}") from None
-    except ImportError as exc:
-        raise SpecError(f"node {node!r}: cannot import {module_name!r}: {exc}") from exc
-    obj: Any = module
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise SpecError(f"node {node!r}: {module_name!r} has no {qualname!r}")
     if not isinstance(obj, type):
         raise SpecError(f"node {node!r}: {ref!r} is not a class")
     return obj
@@ -176,10 +167,9 @@ class Graph:
         return self._run(node.children[index], x, trace)
 
     def features(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
-        """The X the root node gets for the request's tensors (checked against the signature if there is one)."""
+        """The X the root node gets for the request's tensors (already passed through `check`)."""
         specs = self.signature.inputs if self.signature else []
         if specs:
-            inputs = check_inputs(inputs, specs)
             if len(specs) > 1 and all(len(s.shape) == 1 for s in specs):
                 try:
                     import pandas as pd
@@ -190,6 +180,12 @@ class Graph:
                 return inputs[specs[0].name]
             return {s.name: inputs[s.name] for s in specs}
         return next(iter(inputs.values())) if len(inputs) == 1 else dict(inputs)
+
+    def check(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """The request's tensors as the signature types them; refused with `SignatureMismatch` if they do not fit."""
+        if self.signature is not None and self.signature.inputs:
+            return check_inputs(inputs, self.signature.inputs)
+        return dict(inputs)
 
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> tuple[dict[str, np.ndarray[Any, Any]], Trace]:
         """Run one (possibly batched) request through the graph: named output arrays, and the trace."""
