@@ -50,7 +50,7 @@ def _root(
 
 
 def _register() -> None:
-    from skyloop.cli import artifacts, models_cmd, pipeline_cmd, queue_cmd, run_cmd, runs, serve_cmd
+    from skyloop.cli import artifacts, deploy_cmd, models_cmd, pipeline_cmd, queue_cmd, run_cmd, runs, serve_cmd
 
     run_cmd.register(app)
     queue_cmd.register(app)
@@ -59,6 +59,7 @@ def _register() -> None:
     app.add_typer(pipeline_cmd.app, name="pipeline")
     app.add_typer(artifacts.app, name="artifacts")
     app.add_typer(models_cmd.app, name="models")
+    app.add_typer(deploy_cmd.app, name="deploy")
 
 
 def main(argv: list[str] | None = None) -> None:

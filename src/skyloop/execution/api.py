@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from skyloop.config import Settings
 from skyloop.errors import SpecError
@@ -21,6 +20,7 @@ from skyloop.execution.runstate import Observer, Prepared
 from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
 from skyloop.pipelines.step import Step
 from skyloop.pipelines.validate import validate_spec
+from skyloop.spec.files import read_yaml, validate
 from skyloop.spec.pipeline import PipelineSpec, StepRef
 from skyloop.store.runs import create_run, get_run
 from skyloop.store.workspace import Workspace
@@ -32,28 +32,10 @@ BACKENDS = ("inline", "local", "ray")
 Target = Pipeline[Any, Any] | CompiledPipeline | PipelineSpec | str | Path
 
 
-def format_validation(exc: ValidationError, source: str) -> str:
-    """One line per problem: `tasks.1.timeout: Input should be greater than 0`."""
-    lines = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{where}: {err['msg']}")
-    return f"invalid pipeline spec {source}: " + "; ".join(lines)
-
-
 def load_spec(path: str | Path) -> PipelineSpec:
     """Read a YAML or JSON pipeline spec; step files are found relative to the spec's folder."""
     file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text())
-    except OSError as exc:
-        raise SpecError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{str(path)!r} is not valid YAML: {exc}") from None
-    try:
-        spec = PipelineSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation(exc, repr(str(path)))) from None
+    spec = validate(PipelineSpec, read_yaml(file), f"pipeline spec {str(path)!r}")
     for task in spec.tasks:
         if task.step.module.endswith(".py") and not Path(task.step.module).is_absolute():
             task.step = StepRef(module=str((file.parent / task.step.module).resolve()), qualname=task.step.qualname)

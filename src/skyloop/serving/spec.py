@@ -22,10 +22,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skyloop.errors import SpecError
+from skyloop.spec.files import read_yaml, validate
 
 __all__ = ["METHODS", "BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "load_serve_spec", "parse_duration"]
 
@@ -147,34 +147,15 @@ class ServeSpec(BaseModel):
         return self
 
 
-def _format(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
-    return f"invalid serving spec {source}: " + "; ".join(lines)
-
-
 def load_serve_spec(source: str | Path | dict[str, Any]) -> ServeSpec:
     """Read and validate a serving spec from a YAML file (or an already parsed mapping)."""
     if isinstance(source, dict):
         data, label, base = source, "(mapping)", None
     else:
-        path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SpecError(f"cannot read {str(source)!r}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{str(source)!r} is not valid YAML: {exc}") from None
-        label, base = str(source), path.resolve().parent
+        data, label, base = read_yaml(source), str(source), Path(source).resolve().parent
     if not isinstance(data, dict):
         raise SpecError(f"serving spec {label} must be a mapping with name and graph")
-    try:
-        spec = ServeSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(_format(exc, label)) from None
+    spec = validate(ServeSpec, data, f"serving spec {label}")
     if base is not None and spec.base_dir is None:
-        spec.base_dir = base
+        spec = spec.model_copy(update={"base_dir": base})
     return spec

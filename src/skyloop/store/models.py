@@ -26,6 +26,9 @@ __all__ = [
     "Artifact",
     "ArtifactPin",
     "Base",
+    "DeploymentCommandRow",
+    "DeploymentEventRow",
+    "DeploymentRow",
     "Event",
     "FeedbackRow",
     "Lineage",
@@ -242,3 +245,54 @@ class FeedbackRow(Base):
     truth: Mapped[Any | None] = mapped_column(JSON)
     reward: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DeploymentRow(Base):
+    """A deployment: its desired spec (what `deploy apply` wrote) and its observed state (what the controller saw)."""
+
+    __tablename__ = "deployments"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec_version: Mapped[int] = mapped_column(Integer)
+    desired: Mapped[str] = mapped_column(String(20))
+    """`running`, or `deleted` (the controller stops it and drops the row)."""
+    status: Mapped[str] = mapped_column(String(30))
+    """Pending, Progressing, Paused, Healthy, Degraded, Stopped."""
+    reason: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The controller's view: gateway address, predictors with weights, versions and replicas, the rollout."""
+    controller: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
+
+
+class DeploymentEventRow(Base):
+    """One transition of a deployment, with the traffic, versions and metric values that it was made on."""
+
+    __tablename__ = "deployment_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(200), index=True)
+    spec_version: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column()
+    kind: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(30))
+    step: Mapped[int | None] = mapped_column(Integer)
+    weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DeploymentCommandRow(Base):
+    """`promote` or `rollback` asked for by a user, until the controller acts on it."""
+
+    __tablename__ = "deployment_commands"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(200), index=True)
+    command: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column()
+    handled_at: Mapped[datetime | None] = mapped_column()

@@ -1,0 +1,149 @@
+"""`skyloop deploy apply|status|promote|rollback|history|delete|controller`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from skyloop.cli.main import console, state
+from skyloop.store import deployments as store
+from skyloop.store.workspace import Workspace
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Deployments: predictors behind a gateway, canary/blue-green rollouts, bandits.",
+                  no_args_is_help=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Name = Annotated[str, typer.Argument(help="The deployment's name.")]
+
+
+def _weights(weights: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {float(v):g}%" for k, v in weights.items())
+
+
+def _show(info: store.DeploymentInfo) -> None:
+    s = info.state
+    console.print(f"[bold]{info.name}[/]  {info.status}  spec v{info.spec_version}  {s.get('gateway', '')}"
+                  f"/v2/models/{info.name}/infer", highlight=False)
+    if info.reason:
+        console.print(f"  {info.reason}", highlight=False)
+    table = Table("predictor", "weight", "shadow", "version", "replicas (port/pid/restarts)", "requests", "errors",
+                  "p99 ms", "accuracy", box=None)
+    windows = s.get("windows", {})
+    for name, p in s.get("predictors", {}).items():
+        w = windows.get(name, {})
+        replicas = " ".join(f"{r['port']}/{r['pid']}/{r['restarts']}" for r in p.get("replicas", []))
+        p99 = w.get("latency_p99")
+        acc = w.get("accuracy")
+        table.add_row(name, f"{p.get('weight', 0):g}%", f"{p.get('shadow', 0):g}", p.get("version", ""), replicas,
+                      str(w.get("requests", "")), str(w.get("errors", "")),
+                      f"{p99 * 1000:.1f}" if p99 is not None else "", f"{acc:.3f}" if acc is not None else "")
+    console.print(table)
+    rollout = s.get("rollout") or {}
+    if rollout.get("analysis"):
+        analysis = rollout["analysis"]
+        console.print(f"  last analysis: {analysis.get('verdict')}: {analysis.get('reason')}", highlight=False)
+
+
+@app.command()
+def apply(
+    file: Annotated[Path, typer.Argument(help="The deployment spec (YAML).")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Return once the controller applied it.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 300.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Create or update a deployment; starts a controller if none is running."""
+    from skyloop.deploy.api import apply_deployment
+
+    with console.status(f"applying {file} ...", spinner="dots"):
+        info = apply_deployment(file, state.settings(), wait=wait, timeout=timeout)
+    if as_json:
+        print(json.dumps(info.to_dict(), indent=2, default=str))
+    else:
+        _show(info)
+
+
+@app.command()
+def status(name: Annotated[str | None, typer.Argument(help="One deployment (default: all).")] = None,
+           as_json: JsonOption = False) -> None:
+    """Traffic split, versions, replicas and the rollout of deployments."""
+    workspace = Workspace.open(state.settings())
+    with workspace.db.read() as session:
+        infos = [store.get_deployment(session, name)] if name else store.list_deployments(session)
+    workspace.close()
+    if as_json:
+        doc = [i.to_dict() for i in infos]
+        print(json.dumps(doc[0] if name else doc, indent=2, default=str))
+        return
+    if not infos:
+        console.print("no deployments (create one with skyloop deploy apply FILE)")
+    for info in infos:
+        _show(info)
+
+
+@app.command()
+def history(name: Name, limit: Annotated[int | None, typer.Option(help="Only the last N events.")] = None,
+            as_json: JsonOption = False) -> None:
+    """Every transition: which versions served, with what traffic, when and why."""
+    workspace = Workspace.open(state.settings())
+    with workspace.db.read() as session:
+        events = store.deployment_history(session, name, limit)
+    workspace.close()
+    if as_json:
+        print(json.dumps([e.to_dict() for e in events], indent=2, default=str))
+        return
+    table = Table("at", "spec", "event", "status", "traffic", "versions", "why", box=None)
+    for e in events:
+        table.add_row(e.at.strftime("%H:%M:%S"), f"v{e.spec_version}", e.kind, e.status, _weights(e.weights),
+                      ", ".join(f"{k}={v}" for k, v in e.versions.items()), e.reason)
+    console.print(table)
+
+
+@app.command()
+def promote(name: Name, full: Annotated[bool, typer.Option("--full", help="Skip the remaining steps.")] = False
+            ) -> None:
+    """Resume a paused rollout (or, with --full, give the target 100% now)."""
+    from skyloop.deploy.api import send_command
+
+    send_command(state.settings(), name, "promote_full" if full else "promote")
+    console.print(f"{'full promotion' if full else 'promotion'} of {name} requested")
+
+
+@app.command()
+def rollback(name: Name) -> None:
+    """Abort the rollout: the target goes back to 0%."""
+    from skyloop.deploy.api import send_command
+
+    send_command(state.settings(), name, "rollback")
+    console.print(f"rollback of {name} requested")
+
+
+@app.command()
+def delete(name: Name, wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True) -> None:
+    """Stop a deployment's gateway and replicas (its history stays)."""
+    from skyloop.deploy.api import delete_deployment
+
+    delete_deployment(state.settings(), name, wait=wait)
+    console.print(f"deployment {name} deleted")
+
+
+@app.command()
+def controller(exit_when_idle: Annotated[bool, typer.Option(help="Exit once no deployment is left.")] = False
+               ) -> None:
+    """Run the deployment controller in the foreground (gateways, replicas, rollouts) until interrupted."""
+    import asyncio
+    import logging
+
+    from skyloop.deploy.controller import Controller
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        await Controller(state.settings(), exit_when_idle=exit_when_idle).run()
+
+    asyncio.run(main())

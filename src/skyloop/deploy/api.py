@@ -1,0 +1,157 @@
+"""Deployments from Python and the CLI: apply a spec, make sure a controller runs it, read status and history.
+
+    from skyloop.deploy import apply_deployment
+    info = apply_deployment("iris.yaml", settings)      # returns once the spec version is in effect
+    print(info.state["gateway"])                        # http://127.0.0.1:PORT, serving /v2/models/iris/infer
+
+`apply` writes the spec to the DB (a new version only when it changed) and returns once a controller has
+acted on it. When no controller holds a live lease, one is started as a detached process that exits when
+no deployment is left; its log is `<home>/deployments/controller.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from skyloop.config import Settings
+from skyloop.deploy.spec import DeploymentSpec, load_deployment_spec
+from skyloop.errors import BackendError, NotFound, SpecError
+from skyloop.store import deployments as store
+from skyloop.store.runs import owner_is_dead, utcnow
+from skyloop.store.workspace import Workspace
+
+__all__ = ["apply_deployment", "controller_alive", "delete_deployment", "send_command", "start_controller",
+           "wait_for"]
+
+_SETTLED = ("reconciled", "failed")
+
+
+def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
+    from skyloop.registry.registry import resolve
+    from skyloop.registry.uri import parse_model_ref
+
+    with workspace.db.read() as session:
+        for predictor in spec.predictors:
+            for uri in predictor.registered_models():
+                try:
+                    resolve(session, parse_model_ref(uri))
+                except NotFound as exc:
+                    raise SpecError(f"predictor {predictor.name!r}: {exc}") from None
+
+
+def controller_alive(workspace: Workspace) -> bool:
+    """Whether some deployment is held by a controller whose lease is current and whose process lives."""
+    now = utcnow()
+    with workspace.db.read() as session:
+        return any(d.controller and d.lease_expires_at and d.lease_expires_at > now
+                   and not owner_is_dead(d.controller) for d in store.list_deployments(session))
+
+
+def start_controller(settings: Settings) -> subprocess.Popen[bytes]:
+    """Start `skyloop deploy controller --exit-when-idle` detached from this process."""
+    folder = settings.home / "deployments"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SKYLOOP_DB_URL": settings.resolved_db_url,
+           "SKYLOOP_ARTIFACTS_URL": settings.resolved_artifacts_url}
+    argv = [sys.executable, "-m", "skyloop", "--home", str(settings.home), "deploy", "controller", "--exit-when-idle"]
+    with open(folder / "controller.log", "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+
+
+def wait_for(workspace: Workspace, name: str, done: Callable[[store.DeploymentInfo, list[store.DeploymentEvent]],
+                                                              bool], timeout: float, what: str) -> store.DeploymentInfo:
+    """Poll the deployment until `done(info, events)`; BackendError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with workspace.db.read() as session:
+            info = store.get_deployment(session, name)
+            events = store.deployment_history(session, name, limit=50)
+        if done(info, events):
+            return info
+        if time.monotonic() > deadline:
+            log = workspace.settings.home / "deployments" / "controller.log"
+            raise BackendError(f"deployment {name!r}: {what} did not happen within {timeout:g}s (status "
+                               f"{info.status}: {info.reason}); see {log}")
+        time.sleep(0.2)
+
+
+def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, settings: Settings, wait: bool = True,
+                     timeout: float = 300.0, start: bool = True) -> store.DeploymentInfo:
+    """Record a deployment spec; with `wait`, return once a controller has applied it (or failed to)."""
+    spec = source if isinstance(source, DeploymentSpec) else load_deployment_spec(source)
+    if spec.backend == "ray":
+        raise SpecError("backend: ray is not available for deployments yet; use backend: local (replicas as local "
+                        "processes)")
+    workspace = Workspace.open(settings)
+    try:
+        _check_models(workspace, spec)
+        with workspace.db.session() as session:
+            version, _ = store.apply_deployment(session, spec.name, spec.model_dump(mode="json"))
+        if start and not controller_alive(workspace):
+            start_controller(settings)
+        if not wait:
+            with workspace.db.read() as session:
+                return store.get_deployment(session, spec.name)
+
+        def applied(info: store.DeploymentInfo, events: list[store.DeploymentEvent]) -> bool:
+            return any(e.spec_version == version and e.kind in _SETTLED for e in events)
+
+        info = wait_for(workspace, spec.name, applied, timeout, f"applying spec version {version}")
+        failed = [e for e in store_events(workspace, spec.name) if e.spec_version == version and e.kind == "failed"]
+        if failed:
+            raise BackendError(f"deployment {spec.name!r}: {failed[-1].reason}")
+        return info
+    finally:
+        workspace.close()
+
+
+def store_events(workspace: Workspace, name: str) -> list[store.DeploymentEvent]:
+    """The deployment's history."""
+    with workspace.db.read() as session:
+        return store.deployment_history(session, name)
+
+
+def send_command(settings: Settings, name: str, command: str) -> None:
+    """Queue `promote`, `promote_full` or `rollback` for the deployment's controller."""
+    workspace = Workspace.open(settings)
+    try:
+        with workspace.db.session() as session:
+            store.queue_command(session, name, command)
+    finally:
+        workspace.close()
+
+
+def delete_deployment(settings: Settings, name: str, wait: bool = True, timeout: float = 60.0) -> None:
+    """Stop a deployment's gateway and replicas and remove it (its history stays)."""
+    workspace = Workspace.open(settings)
+    try:
+        alive = controller_alive(workspace)
+        with workspace.db.session() as session:
+            store.delete_deployment(session, name)
+            if not alive:  # nothing runs it: nothing to stop
+                info = store.get_deployment(session, name)
+                store.record_event(session, name, info.spec_version, "stopped", "Stopped",
+                                   reason="deployment deleted (no controller was running it)")
+                store.release_deployment(session, name, info.controller or "")
+                store.drop_deployment(session, name, None)
+                return
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with workspace.db.read() as session:
+                try:
+                    store.get_deployment(session, name)
+                except NotFound:
+                    return
+            time.sleep(0.2)
+        raise BackendError(f"deployment {name!r} was not stopped within {timeout:g}s; is its controller running?")
+    finally:
+        workspace.close()

@@ -1,0 +1,446 @@
+"""The deployment controller: claims deployments from the DB and drives replicas, gateway and rollout.
+
+One process (`skyloop deploy controller`, started by `skyloop deploy apply` when none is running) holds a
+lease on each deployment it runs, like an agent holds a run. Per deployment it runs the gateway on its
+port, one replica host per predictor version (`replicas.ReplicaHost`), and the rollout state machine.
+Each transition is written to `deployment_events` before the gateway's weights change, and the
+controller's view (weights, versions, replicas with pids and ports, the last analysis) goes to the
+deployment row about once a second for `skyloop deploy status`.
+
+Changes of a new spec version: a predictor whose graph, batching or replica count changed gets a new host;
+when every new replica is ready, old and new replicas are swapped one by one (the new one takes traffic,
+the old one drains until its in-flight requests are answered), then the old host stops: a rolling update.
+A canary or blue-green target is started first, then walked by `rollout.Rollout`; on promotion the
+registry alias named by `promote_alias` moves to the target's model version and the old stable
+predictor's replicas stop; on rollback the target's replicas stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from skyloop.config import Settings
+from skyloop.deploy.gateway import Gateway, Pool
+from skyloop.deploy.replicas import ReplicaHost, pin_graph
+from skyloop.deploy.rollout import Phase, Rollout, Transition
+from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy
+from skyloop.errors import SkyloopError
+from skyloop.serving.server import bind
+from skyloop.store import deployments as store
+from skyloop.store.workspace import Workspace
+
+__all__ = ["Controller", "DeploymentRunner"]
+
+log = logging.getLogger("skyloop.deploy")
+
+LEASE_SECONDS = 10.0
+_CLAIM_EVERY = 1.0
+_STATE_EVERY = 1.0
+
+
+def _shape(p: PredictorSpec) -> dict[str, Any]:
+    return p.model_dump(mode="json", exclude={"traffic", "shadow"})
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn in the controller's loop: the controller, not uvicorn, handles SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class DeploymentRunner:
+    """One deployment inside the controller."""
+
+    def __init__(self, controller: Controller, info: store.DeploymentInfo) -> None:
+        self.controller = controller
+        self.name = info.name
+        self.spec = DeploymentSpec.model_validate(info.spec)
+        self.spec_version = 0
+        self.saved_state = info.state
+        self.hosts: dict[str, ReplicaHost] = {}
+        self.rollout: Rollout | None = None
+        self.gateway = Gateway(self.name, self.spec.router, self._spec_weights(self.spec),
+                               self._spec_shadows(self.spec))
+        self.server: _GatewayServer | None = None
+        self.serve_task: asyncio.Task[None] | None = None
+        self.sock: socket.socket | None = None
+        self.status, self.reason = Phase.PROGRESSING.value, "starting"
+        self.generation = 0
+        self.busy: asyncio.Task[None] | None = None
+        self.state_written = 0.0
+
+    @property
+    def folder(self) -> Path:
+        return self.controller.settings.home / "deployments" / self.name
+
+    @staticmethod
+    def _spec_weights(spec: DeploymentSpec) -> dict[str, float]:
+        return {p.name: p.traffic for p in spec.predictors if not p.shadow}
+
+    @staticmethod
+    def _spec_shadows(spec: DeploymentSpec) -> dict[str, float]:
+        return {p.name: p.shadow for p in spec.predictors if p.shadow}
+
+    def versions(self) -> dict[str, str]:
+        """Predictor -> the model version its replicas serve."""
+        return {n: h.version for n, h in self.hosts.items()}
+
+    async def event(self, kind: str, reason: str, *, step: int | None = None, metrics: dict[str, Any] | None = None,
+                    ) -> None:
+        """Record a transition (before it takes effect)."""
+        weights, versions = dict(self.gateway.weights), self.versions()
+
+        def write() -> None:
+            with self.controller.workspace.db.session() as session:
+                store.record_event(session, self.name, self.spec_version, kind, self.status, step=step,
+                                   weights=weights, versions=versions, metrics=metrics, reason=reason)
+
+        await asyncio.to_thread(write)
+        log.info("%s: %s: %s", self.name, kind, reason)
+
+    # -- start and stop -----------------------------------------------------------------------------------
+    async def start(self, info: store.DeploymentInfo) -> None:
+        """Open the gateway, then reconcile to the spec."""
+        gw = self.spec.gateway
+        port = gw.port or int(self.saved_state.get("gateway_port") or 0)
+        try:
+            self.sock = bind(gw.host, port)
+        except SkyloopError:
+            self.sock = bind(gw.host, 0) if not gw.port else None
+            if self.sock is None:
+                raise
+        config = uvicorn.Config(self.gateway.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=10)
+        self.server = _GatewayServer(config)
+        self.serve_task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        await self.apply(info)
+
+    @property
+    def url(self) -> str:
+        if self.sock is None:
+            return ""
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop serving: gateway first, then every replica host."""
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.serve_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.serve_task, 15)
+        await self.gateway.close()
+        await asyncio.gather(*(h.stop() for h in self.hosts.values()), return_exceptions=True)
+        self.hosts.clear()
+        if self.sock is not None:
+            self.sock.close()
+
+    # -- reconciling a spec version ---------------------------------------------------------------------
+    def _resolve(self, uri: str) -> str:
+        from skyloop.registry.registry import resolve
+        from skyloop.registry.uri import parse_model_ref
+
+        with self.controller.workspace.db.read() as session:
+            info = resolve(session, parse_model_ref(uri))
+        return f"{info.name}/{info.version}"
+
+    async def _new_host(self, predictor: PredictorSpec) -> ReplicaHost:
+        graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
+        self.generation += 1
+        host = ReplicaHost(self.name, predictor, graph, ",".join(pinned) or "graph", self.folder,
+                           self.controller.settings, self.generation)
+        endpoints = await host.start()
+        log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
+        return host
+
+    async def apply(self, info: store.DeploymentInfo) -> None:
+        """Drive the deployment to spec version `info.spec_version`."""
+        old_spec, new_spec = self.spec if self.spec_version else None, DeploymentSpec.model_validate(info.spec)
+        self.spec, self.spec_version = new_spec, info.spec_version
+        restored = self._restored_weights()
+        wanted = [p for p in new_spec.predictors if restored is None or restored.get(p.name, 0) > 0 or p.shadow]
+        changed = [p for p in wanted if p.name not in self.hosts or old_spec is None
+                   or p.name not in {q.name for q in old_spec.predictors}
+                   or _shape(p) != _shape(old_spec.predictor(p.name))]
+        self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
+        results = await asyncio.gather(*(self._new_host(p) for p in changed), return_exceptions=True)
+        failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            for r in results:
+                if isinstance(r, ReplicaHost):
+                    await r.stop()
+            self.status = Phase.DEGRADED.value
+            self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
+            await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
+            return
+        for p, result in zip(changed, results, strict=True):
+            assert isinstance(result, ReplicaHost)
+            await self._swap(p.name, result)
+        gone = [n for n in self.hosts if n not in {p.name for p in wanted}]
+        self._start_traffic(old_spec, restored)
+        for name in gone:
+            await self._retire(name)
+        if self.rollout is None:
+            self.status = Phase.HEALTHY.value
+            self.reason = f"spec version {self.spec_version}: {self._split_text()}"
+        await self.event("reconciled", self.reason)
+        if self.rollout is not None and self.rollout.step < 0:
+            await self._transitions(self.rollout.start(time.monotonic()))
+        await self.write_state(force=True)
+
+    def _restored_weights(self) -> dict[str, float] | None:
+        saved = self.saved_state.get("rollout") or {}
+        self.saved_state = {}
+        if saved.get("spec_version") == self.spec_version and saved.get("phase") in (Phase.HEALTHY, Phase.DEGRADED):
+            return {k: float(v) for k, v in saved.get("weights", {}).items()}
+        return None
+
+    def _start_traffic(self, old: DeploymentSpec | None, restored: dict[str, float] | None) -> None:
+        spec = self.spec
+        shadows = self._spec_shadows(spec)
+        rolling = spec.rollout.strategy is Strategy.ROLLING
+        same_rollout = old is not None and old.rollout == spec.rollout and self.rollout is not None
+        if restored is not None:
+            self.rollout = None
+            self.gateway.set_weights({k: v for k, v in restored.items() if k in self.hosts}, shadows)
+        elif rolling:
+            self.rollout = None
+            self.gateway.set_weights(self._spec_weights(spec), shadows)
+        elif not same_rollout:
+            self.rollout = Rollout(spec, time.monotonic())
+            self.gateway.set_weights(self.rollout.weights, shadows)
+
+    async def _swap(self, name: str, host: ReplicaHost) -> None:
+        """Put `host` in place of the predictor's current one, replica by replica (rolling)."""
+        old = self.hosts.get(name)
+        pool = self.gateway.pools.setdefault(name, Pool(name))
+        self.hosts[name] = host
+        pool.version = host.version
+        if old is None:
+            pool.endpoints = list(host.endpoints)
+            return
+        await self.event("rolling_update", f"{name}: {old.version} -> {host.version}, "
+                         f"{len(host.endpoints)} replica(s) ready")
+        olds, news = list(old.endpoints), list(host.endpoints)
+        for i in range(max(len(olds), len(news))):
+            if i < len(news):
+                pool.endpoints.append(news[i])
+            if i < len(olds):
+                await self.gateway.drain(olds[i])
+                pool.endpoints.remove(olds[i])
+        await old.stop()
+
+    async def _retire(self, name: str) -> None:
+        """Stop a predictor that no longer takes traffic, after its in-flight requests are answered."""
+        host = self.hosts.pop(name, None)
+        pool = self.gateway.pools.pop(name, None)
+        if pool is not None:
+            self.gateway.pools[name] = pool  # keep routing in-flight retries while draining
+            await asyncio.gather(*(self.gateway.drain(e) for e in pool.endpoints))
+            self.gateway.pools.pop(name, None)
+        if host is not None:
+            await host.stop()
+
+    def _split_text(self) -> str:
+        return ", ".join(f"{n} {w:g}%" for n, w in self.gateway.weights.items())
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    async def _transitions(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            self.status, self.reason = t.status.value, t.reason
+            shadows = {**self._spec_shadows(self.spec), **t.mirrors}
+            self.gateway.weights = dict(t.weights)  # recorded with the event, applied right after
+            await self.event(t.kind, t.reason, step=t.step, metrics=t.metrics)
+            self.gateway.set_weights(t.weights, shadows)
+            if t.new_window:
+                self.gateway.new_windows()
+            if t.kind == "promoted":
+                await self._move_alias()
+            if t.kind in ("promoted", "rolled_back"):
+                for name, weight in t.weights.items():
+                    if weight <= 0 and name not in shadows:
+                        await self._retire(name)
+        if transitions:
+            await self.write_state(force=True)
+
+    async def _move_alias(self) -> None:
+        alias, target = self.spec.rollout.promote_alias, self.spec.rollout.target
+        if not alias or not target or target not in self.hosts:
+            return
+        pinned = [v for v in self.hosts[target].version.split(",") if "/" in v]
+        if len(pinned) != 1:
+            await self.event("alias_not_moved", f"{alias}: the target serves {len(pinned)} registered models, "
+                             "the alias needs exactly one")
+            return
+        model, _, version = pinned[0].rpartition("/")
+
+        def move() -> int | None:
+            from skyloop.registry.registry import set_alias
+
+            with self.controller.workspace.db.session() as session:
+                return set_alias(session, model, alias, int(version))
+
+        previous = await asyncio.to_thread(move)
+        was = f"version {previous}" if previous is not None else "nothing"
+        await self.event("alias_moved", f"models:/{model}@{alias} moved from {was} to version {version}")
+
+    async def tick(self, commands: list[str]) -> None:
+        """Restart dead hosts, apply commands, advance the rollout, publish the state."""
+        for name, host in list(self.hosts.items()):
+            if not host.alive:
+                code = host.proc.returncode if host.proc else None
+                await self.event("replicas_restarted", f"{name}: replica host exited ({code}); starting it again")
+                try:
+                    await self._swap_dead(name, host)
+                except SkyloopError as exc:
+                    self.status, self.reason = Phase.DEGRADED.value, str(exc)
+        now = time.monotonic()
+        if self.rollout is not None:
+            for command in commands:
+                await self._transitions(self.rollout.command(command, now))
+            await self._transitions(self.rollout.tick(now, self.gateway.windows))
+        elif commands:
+            await self.event("command_ignored", f"{', '.join(commands)}: no rollout in progress")
+        await self.write_state()
+
+    async def _swap_dead(self, name: str, dead: ReplicaHost) -> None:
+        host = await self._new_host(self.spec.predictor(name))
+        pool = self.gateway.pools.setdefault(name, Pool(name))
+        pool.endpoints, pool.version = list(host.endpoints), host.version
+        self.hosts[name] = host
+
+    def describe(self) -> dict[str, Any]:
+        """The controller's view, stored on the deployment row."""
+        rollout = None
+        if self.rollout is not None:
+            r = self.rollout
+            rollout = {"strategy": self.spec.rollout.strategy.value, "target": r.target, "stable": r.stable,
+                       "phase": r.phase.value, "step": r.step, "failures": r.failures, "waiting": r.waiting,
+                       "weights": dict(r.weights), "spec_version": self.spec_version,
+                       "analysis": r.last.to_dict() if r.last else None}
+        elif self.status in (Phase.HEALTHY, Phase.DEGRADED):
+            rollout = {"phase": self.status, "weights": dict(self.gateway.weights), "spec_version": self.spec_version}
+        return {"gateway": self.url, "gateway_port": self.sock.getsockname()[1] if self.sock else None,
+                "controller_pid": os.getpid(), "spec_version": self.spec_version,
+                "predictors": {n: {**h.describe(), "weight": self.gateway.weights.get(n, 0.0),
+                                   "shadow": self.gateway.shadows.get(n, 0.0)} for n, h in self.hosts.items()},
+                "rollout": rollout, **self.gateway.state()}
+
+    async def write_state(self, force: bool = False) -> None:
+        """Publish `describe()` on the deployment row (at most about once a second unless forced)."""
+        now = time.monotonic()
+        if not force and now - self.state_written < _STATE_EVERY:
+            return
+        self.state_written = now
+        doc, status, reason = self.describe(), self.status, self.reason
+
+        def write() -> None:
+            with self.controller.workspace.db.session() as session:
+                store.update_state(session, self.name, self.controller.owner, status, reason, doc)
+
+        await asyncio.to_thread(write)
+
+
+class Controller:
+    """Runs every deployment it can claim until stopped (or, with `exit_when_idle`, until none is left)."""
+
+    def __init__(self, settings: Settings, exit_when_idle: bool = False, tick_seconds: float = 0.1) -> None:
+        self.settings = settings
+        self.exit_when_idle = exit_when_idle
+        self.tick_seconds = tick_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.workspace = Workspace.open(settings)
+        self.runners: dict[str, DeploymentRunner] = {}
+        self.stopping = asyncio.Event()
+
+    def _claim(self) -> list[store.DeploymentInfo]:
+        with self.workspace.db.session() as session:
+            names = store.claim_deployments(session, self.owner, LEASE_SECONDS)
+            return [store.get_deployment(session, n) for n in names]
+
+    def _commands(self, names: list[str]) -> dict[str, list[str]]:
+        with self.workspace.db.session() as session:
+            return {n: store.take_commands(session, n) for n in names}
+
+    async def run(self) -> None:
+        """The control loop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        claimed_at = 0.0
+        infos: list[store.DeploymentInfo] = []
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now - claimed_at >= _CLAIM_EVERY:
+                    claimed_at = now
+                    infos = await asyncio.to_thread(self._claim)
+                    await self._reconcile(infos)
+                    if self.exit_when_idle and not infos and not self.runners:
+                        break
+                ready = [r for r in self.runners.values() if r.busy is None or r.busy.done()]
+                commands = await asyncio.to_thread(self._commands, [r.name for r in ready]) if ready else {}
+                for runner in ready:
+                    try:
+                        await runner.tick(commands.get(runner.name, []))
+                    except Exception:
+                        log.exception("deployment %s: tick failed", runner.name)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.tick_seconds)
+        finally:
+            await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
+            await asyncio.to_thread(self._release)
+            self.workspace.close()
+
+    async def _reconcile(self, infos: list[store.DeploymentInfo]) -> None:
+        held = {i.name: i for i in infos}
+        for name in [n for n in self.runners if n not in held]:
+            await self.runners.pop(name).stop()  # another controller took it over
+        for info in infos:
+            runner = self.runners.get(info.name)
+            if runner is not None and runner.busy is not None and not runner.busy.done():
+                continue
+            if info.desired == "deleted":
+                if runner is not None:
+                    await self.runners.pop(info.name).stop()
+                await asyncio.to_thread(self._drop, info)
+            elif runner is None:
+                runner = self.runners[info.name] = DeploymentRunner(self, info)
+                runner.busy = asyncio.create_task(self._guard(runner, runner.start(info)))
+            elif info.spec_version != runner.spec_version:
+                runner.busy = asyncio.create_task(self._guard(runner, runner.apply(info)))
+
+    async def _guard(self, runner: DeploymentRunner, work: Any) -> None:
+        try:
+            await work
+        except Exception as exc:
+            log.exception("deployment %s failed", runner.name)
+            runner.status, runner.reason = Phase.DEGRADED.value, f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                await runner.event("failed", runner.reason)
+                await runner.write_state(force=True)
+
+    def _drop(self, info: store.DeploymentInfo) -> None:
+        with self.workspace.db.session() as session:
+            store.record_event(session, info.name, info.spec_version, "stopped", "Stopped",
+                               reason="deployment deleted; replicas stopped")
+            store.drop_deployment(session, info.name, self.owner)
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception), self.workspace.db.session() as session:
+            for name in self.runners:
+                store.release_deployment(session, name, self.owner)

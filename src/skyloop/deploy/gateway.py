@@ -1,0 +1,439 @@
+"""The gateway: one V2 endpoint per deployment that splits, mirrors and learns traffic across predictors.
+
+    POST /v2/models/{deployment}/infer      routed to a predictor, forwarded to its least-busy replica
+    POST /v2/models/{deployment}/feedback   joined to the answer by id: live quality, bandit rewards
+    GET  /v2/health/live|ready, /v2, /v2/models/{deployment}[/ready], /metrics
+
+Every answer says who gave it: the `skyloop-predictor` and `skyloop-model-version` headers, and the same
+in the V2 response's `parameters`. Requests without an `id` get one, so that feedback can name them.
+A request whose replica dies before answering (a broken connection, nothing received) is sent again
+to another replica of the same predictor: inference has no side effect. A replica being drained gets
+no new requests and keeps its in-flight ones until they finish. Shadows get a copy of the request in the
+background; their answers are compared with later feedback and never reach the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from skyloop.deploy.analysis import Window
+from skyloop.deploy.spec import RouterSpec
+from skyloop.deploy.traffic import Traffic
+from skyloop.serving.metrics import CONTENT_TYPE
+
+__all__ = ["Endpoint", "Gateway", "Pool"]
+
+log = logging.getLogger("skyloop.deploy")
+
+_REMEMBER = 200_000
+"""Answers kept for joining feedback (id -> predictor, output, replica)."""
+_RETRY_SECONDS = 5.0
+"""How long a request may keep retrying replicas that went away before it fails."""
+_SHADOW_CONCURRENCY = 256
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One replica's address and what the gateway has in flight there."""
+
+    predictor: str
+    index: int
+    port: int
+    host: str = "127.0.0.1"
+    inflight: int = 0
+    draining: bool = False
+    served: int = 0
+
+    @property
+    def url(self) -> str:
+        """Base URL of the replica."""
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class Pool:
+    """A predictor's replicas, as the gateway sees them."""
+
+    name: str
+    version: str = ""
+    endpoints: list[Endpoint] = field(default_factory=list)
+    _turn: int = 0
+
+    def pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
+        """The least-busy replica that is not draining (round robin among equals)."""
+        best: Endpoint | None = None
+        count = len(self.endpoints)
+        for i in range(count):
+            ep = self.endpoints[(self._turn + i) % count]
+            if ep.draining or ep is avoid:
+                continue
+            if best is None or ep.inflight < best.inflight:
+                best = ep
+        self._turn += 1
+        if best is None and avoid is not None and not avoid.draining:
+            return avoid
+        return best
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("skyloop_gateway_requests", "Requests answered, by predictor and HTTP status.",
+                                ["deployment", "predictor", "status"], registry=r)
+        self.latency = Histogram("skyloop_gateway_request_seconds", "Time from request to answer at the gateway.",
+                                 ["deployment", "predictor"], buckets=_LATENCY, registry=r)
+        self.shadow = Counter("skyloop_gateway_shadow_requests", "Mirrored requests, by shadow and HTTP status.",
+                              ["deployment", "predictor", "status"], registry=r)
+        self.weight = Gauge("skyloop_gateway_traffic_weight", "Percent of live traffic per predictor.",
+                            ["deployment", "predictor"], registry=r)
+        self.feedback = Counter("skyloop_gateway_feedback", "Feedback joined to an answer, by predictor.",
+                                ["deployment", "predictor"], registry=r)
+        self.retries = Counter("skyloop_gateway_retries", "Requests sent again after a replica went away.",
+                               ["deployment", "predictor"], registry=r)
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status, media_type="application/json")
+
+
+def _split(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+    """The JSON part of a V2 body and the binary tail after it (empty for plain JSON)."""
+    head, tail = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    return orjson.loads(head), tail
+
+
+def _join(doc: Any, tail: bytes, binary: bool) -> tuple[bytes, int | None]:
+    head = orjson.dumps(doc)
+    return head + tail, (len(head) if binary else None)
+
+
+def _first_output(doc: dict[str, Any]) -> Any:
+    outputs = doc.get("outputs") or []
+    return outputs[0].get("data") if outputs and isinstance(outputs[0], dict) else None
+
+
+def is_correct(output: Any, truth: Any) -> bool | None:
+    """Whether an answer's first output matches `truth` (None when there is nothing to compare)."""
+    if output is None or truth is None:
+        return None
+    data = output if isinstance(output, list) else [output]
+    labels = truth if isinstance(truth, list) else [truth]
+    if len(data) != len(labels):
+        return None
+    return all(str(a) == str(b) for a, b in zip(data, labels, strict=True))
+
+
+class Gateway:
+    """Routes a deployment's traffic; the controller sets pools, weights, shadows and windows."""
+
+    def __init__(self, deployment: str, router: RouterSpec, weights: dict[str, float],
+                 shadows: dict[str, float] | None = None, max_body_bytes: int = 16 * 1024 * 1024) -> None:
+        self.deployment = deployment
+        self.router = router
+        self.traffic = Traffic(router, weights, shadows or {})
+        self.weights = dict(weights)
+        self.shadows = dict(shadows or {})
+        self.pools: dict[str, Pool] = {}
+        self.windows: dict[str, Window] = {}
+        self.max_body_bytes = max_body_bytes
+        self.answers: OrderedDict[str, tuple[str, Any, Endpoint | None, dict[str, Any]]] = OrderedDict()
+        self.metrics = _Metrics()
+        self._session: aiohttp.ClientSession | None = None
+        self._shadow_slots = asyncio.Semaphore(_SHADOW_CONCURRENCY)
+        self._background: set[asyncio.Task[None]] = set()
+        self.app = self._build()
+        self.set_weights(weights, shadows or {})
+
+    # -- what the controller drives --------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, float], shadows: dict[str, float]) -> None:
+        """New traffic split (percent per live predictor) and shadow fractions."""
+        self.traffic.set_weights(weights)
+        self.traffic.set_shadows(shadows)
+        self.weights, self.shadows = dict(weights), dict(shadows)
+        for name in {*weights, *shadows}:
+            self.metrics.weight.labels(self.deployment, name).set(weights.get(name, 0.0))
+            self.windows.setdefault(name, Window())
+
+    def new_windows(self) -> None:
+        """Start counting afresh (a rollout step began)."""
+        self.windows = {name: Window() for name in {*self.weights, *self.shadows, *self.pools}}
+
+    def window(self, name: str) -> Window:
+        """The current window of a predictor."""
+        return self.windows.setdefault(name, Window())
+
+    async def drain(self, endpoint: Endpoint, timeout: float = 30.0) -> None:
+        """Send `endpoint` nothing new and wait until its in-flight requests are answered."""
+        endpoint.draining = True
+        deadline = time.monotonic() + timeout
+        while endpoint.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def state(self) -> dict[str, Any]:
+        """For status: traffic, bandit arms and windows."""
+        return {"weights": self.weights, "shadows": self.shadows, "arms": self.traffic.arms(),
+                "windows": {n: w.to_dict() for n, w in self.windows.items()}}
+
+    async def close(self) -> None:
+        """Stop background work and close connections."""
+        for task in list(self._background):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- forwarding ------------------------------------------------------------------------------------
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=512, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300),
+                                                  skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def _send(self, predictor: str, path: str, body: bytes, headers: dict[str, str],
+                    ) -> tuple[int, dict[str, str], bytes, Endpoint]:
+        """POST to a replica of `predictor`, trying another when one goes away before answering."""
+        pool = self.pools.get(predictor)
+        deadline = time.monotonic() + _RETRY_SECONDS
+        last: Endpoint | None = None
+        attempt = 0
+        while True:
+            endpoint = pool.pick(avoid=last) if pool else None
+            if endpoint is None:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"predictor {predictor!r} has no ready replica")
+                await asyncio.sleep(0.05)
+                pool = self.pools.get(predictor)
+                continue
+            endpoint.inflight += 1
+            try:
+                async with self._client().post(endpoint.url + path, data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    endpoint.served += 1
+                    return resp.status, dict(resp.headers), data, endpoint
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"replica {endpoint.index} of {predictor!r} went away: {exc}") from None
+                self.metrics.retries.labels(self.deployment, predictor).inc()
+                last = endpoint
+                await asyncio.sleep(min(0.005 * attempt, 0.05))
+            finally:
+                endpoint.inflight -= 1
+
+    async def _shadow(self, predictor: str, path: str, body: bytes, headers: dict[str, str],
+                      request_id: str, binary: bool) -> None:
+        start = time.perf_counter()
+        try:
+            status, resp_headers, data, _ = await self._send(predictor, path, body, headers)
+        except Exception:
+            status, data, resp_headers = 599, b"", {}
+        self.window(predictor).add_request(time.perf_counter() - start, status < 500)
+        self.metrics.shadow.labels(self.deployment, predictor, str(status)).inc()
+        if status == 200:
+            with contextlib.suppress(Exception):
+                length = resp_headers.get("inference-header-content-length")
+                doc, _ = _split(data, int(length) if binary and length else None)
+                remembered = self.answers.get(request_id)
+                if remembered is not None:
+                    remembered[3][predictor] = _first_output(doc)
+
+    def _mirror(self, predictor: str, path: str, body: bytes, headers: dict[str, str], request_id: str,
+                binary: bool) -> None:
+        if self._shadow_slots.locked():
+            self.metrics.shadow.labels(self.deployment, predictor, "dropped").inc()
+            return
+
+        async def run() -> None:
+            async with self._shadow_slots:
+                await self._shadow(predictor, path, body, headers, request_id, binary)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- routes ----------------------------------------------------------------------------------------
+    def _check_name(self, request: Request) -> Response | None:
+        name = request.path_params["name"]
+        if name != self.deployment:
+            return _json({"error": f"no model {name!r} here; this gateway serves {self.deployment!r}"}, 404)
+        return None
+
+    async def infer(self, request: Request) -> Response:
+        """Route, forward, annotate and remember one inference."""
+        if (wrong := self._check_name(request)) is not None:
+            return wrong
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
+        raw_length = request.headers.get("inference-header-content-length")
+        binary = raw_length is not None
+        try:
+            doc, tail = _split(body, int(raw_length) if raw_length else None)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return _json({"error": f"the request is not a V2 inference request: {exc}"}, 400)
+        if not isinstance(doc, dict):
+            return _json({"error": 'the request must be a JSON object like {"inputs": [...]}'}, 400)
+        request_id = doc.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            request_id = doc["id"] = uuid.uuid4().hex
+            body, length = _join(doc, tail, binary)
+            raw_length = str(length) if length is not None else None
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        if raw_length is not None:
+            headers["inference-header-content-length"] = raw_length
+        forced = request.headers.get("skyloop-predictor")
+        if forced is not None and forced not in self.pools:
+            return _json({"error": f"no predictor {forced!r}; this deployment has {', '.join(self.pools)}"}, 404)
+        sticky = request.headers.get(self.router.sticky_header) if self.router.sticky_header else None
+        predictor = forced or self.traffic.choose(sticky)
+        path = f"/v2/models/{self.deployment}/infer"
+        shadows = self.traffic.mirrors() if forced is None else []
+        start = time.perf_counter()
+        try:
+            status, resp_headers, data, endpoint = await self._send(predictor, path, body, headers)
+        except ConnectionError as exc:
+            status, resp_headers, data, endpoint = 503, {}, orjson.dumps({"error": str(exc)}), None
+        seconds = time.perf_counter() - start
+        self.window(predictor).add_request(seconds, status < 500)
+        self.metrics.requests.labels(self.deployment, predictor, str(status)).inc()
+        self.metrics.latency.labels(self.deployment, predictor).observe(seconds)
+        pool = self.pools.get(predictor)
+        version = resp_headers.get("skyloop-model-version") or (pool.version if pool else "")
+        out_headers = {"skyloop-predictor": predictor, "skyloop-model-version": version}
+        if status != 200:
+            return Response(data, status, out_headers, media_type="application/json")
+        out_length = resp_headers.get("inference-header-content-length")
+        try:
+            answer, out_tail = _split(data, int(out_length) if out_length else None)
+            params = answer.setdefault("parameters", {})
+            params["predictor"], params["model_version"] = predictor, version
+            data, length = _join(answer, out_tail, out_length is not None)
+        except (ValueError, orjson.JSONDecodeError, AttributeError):
+            return Response(data, status, out_headers, media_type="application/json")
+        self._remember(str(answer.get("id") or request_id), predictor, _first_output(answer), endpoint)
+        for shadow in shadows:
+            self._mirror(shadow, path, body, headers, str(answer.get("id") or request_id), binary)
+        if length is not None:
+            out_headers["inference-header-content-length"] = str(length)
+            return Response(data, 200, out_headers, media_type="application/octet-stream")
+        return Response(data, 200, out_headers, media_type="application/json")
+
+    def _remember(self, request_id: str, predictor: str, output: Any, endpoint: Endpoint | None) -> None:
+        self.answers[request_id] = (predictor, output, endpoint, {})
+        if len(self.answers) > _REMEMBER:
+            self.answers.popitem(last=False)
+
+    async def feedback(self, request: Request) -> Response:
+        """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica."""
+        if (wrong := self._check_name(request)) is not None:
+            return wrong
+        body = await request.body()
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return _json({"error": f"the feedback body is not valid JSON: {exc}"}, 400)
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            return _json({"error": 'feedback must be a JSON object like {"id": "...", "truth": 1} or '
+                                   '{"id": "...", "reward": 0.5}'}, 400)
+        remembered = self.answers.get(doc["id"])
+        if remembered is None:
+            return _json({"error": f"no answer {doc['id']!r} is known to this gateway (too old, or never given); "
+                                   "send feedback with the id of a response"}, 404)
+        predictor, output, endpoint, shadow_outputs = remembered
+        path = f"/v2/models/{self.deployment}/feedback"
+        pool = self.pools.get(predictor)
+        target = endpoint if endpoint is not None and pool and endpoint in pool.endpoints else None
+        try:
+            if target is not None:
+                async with self._client().post(target.url + path, data=body,
+                                               headers={"content-type": "application/json"}) as resp:
+                    status, data = resp.status, await resp.read()
+            else:
+                status, _, data, _ = await self._send(predictor, path, body, {"content-type": "application/json"})
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            return _json({"error": f"predictor {predictor!r} could not take the feedback: {exc}"}, 503)
+        if status != 200:
+            return Response(data, status, media_type="application/json")
+        truth, reward = doc.get("truth"), doc.get("reward")
+        correct = is_correct(output, truth)
+        self.window(predictor).add_feedback(correct, reward if isinstance(reward, int | float) else None)
+        for shadow, shadow_output in shadow_outputs.items():
+            self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
+        value = float(reward) if isinstance(reward, int | float) else (None if correct is None else float(correct))
+        if value is not None:
+            self.traffic.reward(predictor, value)
+        self.metrics.feedback.labels(self.deployment, predictor).inc()
+        answer = orjson.loads(data)
+        answer["predictor"] = predictor
+        return _json(answer)
+
+    async def _any_replica(self, method: str, path: str) -> Response:
+        for name in sorted(self.pools, key=lambda n: -self.weights.get(n, 0.0)):
+            endpoint = self.pools[name].pick()
+            if endpoint is None:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self._client().request(method, endpoint.url + path) as resp:
+                    return Response(await resp.read(), resp.status, media_type="application/json")
+        return _json({"error": f"deployment {self.deployment!r} has no ready replica"}, 503)
+
+    def ready(self) -> bool:
+        """Every predictor with traffic has a replica to send it to."""
+        return all(any(not e.draining for e in self.pools[n].endpoints) if n in self.pools else False
+                   for n, w in self.weights.items() if w > 0)
+
+    def _build(self) -> Starlette:
+        async def live(request: Request) -> Response:
+            return _json({"live": True})
+
+        async def ready(request: Request) -> Response:
+            if self.ready():
+                return _json({"ready": True})
+            return _json({"ready": False, "error": "a predictor with traffic has no ready replica"}, 503)
+
+        async def server_metadata(request: Request) -> Response:
+            return _json({"name": "skyloop-gateway", "deployment": self.deployment,
+                          "extensions": ["binary_tensor_data"]})
+
+        async def model_metadata(request: Request) -> Response:
+            if (wrong := self._check_name(request)) is not None:
+                return wrong
+            return await self._any_replica("GET", request.url.path)
+
+        async def prometheus(request: Request) -> Response:
+            return Response(generate_latest(self.metrics.registry), 200, media_type=CONTENT_TYPE)
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            return _json({"error": f"no endpoint {request.method} {request.url.path}; see /v2/models/"
+                                   f"{self.deployment}/infer"}, 404)
+
+        async def failed(request: Request, exc: Exception) -> Response:
+            log.exception("gateway error", exc_info=exc)
+            return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+
+        model = "/v2/models/{name}"
+        return Starlette(routes=[
+            Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+            Route("/v2", server_metadata), Route("/v2/", server_metadata), Route("/metrics", prometheus),
+            Route(model, model_metadata), Route(model + "/ready", model_metadata),
+            Route(model + "/infer", self.infer, methods=["POST"]),
+            Route(model + "/feedback", self.feedback, methods=["POST"]),
+        ], exception_handlers={404: not_found, 405: not_found, Exception: failed})

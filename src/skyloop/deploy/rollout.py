@@ -1,0 +1,205 @@
+"""The rollout state machine: walks a canary or blue-green rollout, judging the target at each interval.
+
+Pure: the controller feeds it the time, the per-predictor windows the gateway filled since the current
+step began, and user commands; it answers with transitions (each becomes a `deployment_events` row before
+the controller applies its weights). Semantics follow Argo Rollouts, with the gaps closed:
+
+- at each `analysis.interval` the target is compared with the stable predictor (`analysis.analyse`);
+  a failed check counts, and one more than `failure_limit` rolls back: the target goes to 0%, the
+  status is Degraded and the reason names the metric;
+- a step ends after its duration: it passes only on a Successful analysis; too few samples is
+  Inconclusive and **pauses** the rollout (Flagger passes it; fluxcd/flagger#1098) until a user
+  promotes or rolls back;
+- `{pause: {}}` waits for `promote`; `{pause: {duration: D}}` waits D, analysis still running;
+- after the last step the target takes 100% (Healthy), and the controller moves the registry alias;
+- blue_green mirrors every request to the target for `preview` (answers discarded, metrics kept),
+  then switches all traffic at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from skyloop.deploy.analysis import Analysis, Verdict, Window, analyse
+from skyloop.deploy.spec import DeploymentSpec, Strategy
+
+__all__ = ["Phase", "Rollout", "Transition"]
+
+
+class Phase(StrEnum):
+    """Where a deployment stands."""
+
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    HEALTHY = "Healthy"
+    DEGRADED = "Degraded"
+
+
+@dataclass
+class Transition:
+    """A change the controller records, then applies."""
+
+    kind: str
+    """step, paused, resumed, analysis.failed, rolled_back, promoted."""
+    status: Phase
+    step: int | None
+    weights: dict[str, float]
+    mirrors: dict[str, float]
+    reason: str
+    metrics: dict[str, Any] | None = None
+    new_window: bool = False
+    """The gateway must open fresh windows (a new step starts)."""
+
+
+@dataclass
+class Rollout:
+    """One rollout of `spec.rollout.target` against the stable predictors."""
+
+    spec: DeploymentSpec
+    started: float
+    phase: Phase = Phase.PROGRESSING
+    step: int = -1
+    step_started: float = 0.0
+    last_check: float = 0.0
+    failures: int = 0
+    waiting: bool = False
+    """Paused until a `promote` command (an untimed pause step, or an Inconclusive one)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    mirrors: dict[str, float] = field(default_factory=dict)
+    last: Analysis | None = None
+    end_checked: bool = False
+    """The step's end has been judged once (a failed end is judged again only at the next interval)."""
+
+    def __post_init__(self) -> None:
+        self.target = self.spec.rollout.target or ""
+        live = {p.name: p.traffic for p in self.spec.predictors if not p.shadow and p.name != self.target}
+        total = sum(live.values()) or float(len(live))
+        self.stable_weights = {n: (w / total if sum(live.values()) else 1 / total) for n, w in live.items()}
+        """Stable predictors' shares of what the target does not take (sum 1)."""
+        self.stable = max(live, key=lambda n: live[n])
+        """The stable predictor the target is compared with."""
+        self.weights = self._split(0.0)
+
+    @property
+    def done(self) -> bool:
+        """Whether the rollout has finished (promoted or rolled back)."""
+        return self.phase in (Phase.HEALTHY, Phase.DEGRADED)
+
+    def _split(self, target: float) -> dict[str, float]:
+        return {self.target: target, **{n: (100.0 - target) * s for n, s in self.stable_weights.items()}}
+
+    def _move(self, kind: str, now: float, reason: str, target_weight: float | None = None,
+              metrics: dict[str, Any] | None = None, new_window: bool = False) -> Transition:
+        if target_weight is not None:
+            self.weights = self._split(target_weight)
+        if new_window:
+            self.step_started = self.last_check = now
+        return Transition(kind, self.phase, self.step, dict(self.weights), dict(self.mirrors), reason, metrics,
+                          new_window)
+
+    def start(self, now: float) -> list[Transition]:
+        """The first transitions: the first canary step, or the blue-green preview."""
+        if self.spec.rollout.strategy is Strategy.BLUE_GREEN:
+            self.step = 0
+            self.mirrors = {self.target: 1.0}
+            return [self._move("preview", now, f"{self.target} previewed on mirrored traffic for "
+                               f"{self.spec.rollout.preview:g}s before the switch", 0.0, new_window=True)]
+        return self._enter(0, now, None)
+
+    def _enter(self, index: int, now: float, passed: Analysis | None) -> list[Transition]:
+        metrics = passed.to_dict() if passed else None
+        steps = self.spec.rollout.steps
+        if index >= len(steps):
+            return [self._promote(now, "all steps passed", metrics)]
+        self.step, self.failures, self.last, self.end_checked = index, 0, None, False
+        step = steps[index]
+        label = f"step {index + 1}/{len(steps)}"
+        if step.pause is not None:
+            self.waiting = step.pause_seconds is None
+            self.phase = Phase.PAUSED if self.waiting else Phase.PROGRESSING
+            how = "until promoted" if self.waiting else f"for {step.pause_seconds:g}s"
+            return [self._move("paused" if self.waiting else "step", now, f"{label}: pause {how}", metrics=metrics,
+                               new_window=True)]
+        self.waiting, self.phase = False, Phase.PROGRESSING
+        weight = float(step.weight or 0.0)
+        return [self._move("step", now, f"{label}: {self.target} at {weight:g}% for {step.duration:g}s", weight,
+                           metrics, new_window=True)]
+
+    def _promote(self, now: float, why: str, metrics: dict[str, Any] | None) -> Transition:
+        self.phase, self.waiting, self.mirrors = Phase.HEALTHY, False, {}
+        return self._move("promoted", now, f"{self.target} promoted to 100%: {why}", 100.0, metrics)
+
+    def _rollback(self, now: float, why: str, metrics: dict[str, Any] | None) -> Transition:
+        self.phase, self.waiting, self.mirrors = Phase.DEGRADED, False, {}
+        return self._move("rolled_back", now, f"{self.target} rolled back to 0%: {why}", 0.0, metrics)
+
+    def _judge(self, windows: dict[str, Window]) -> Analysis:
+        analysis = self.spec.analysis
+        self.last = analyse(analysis.metrics, windows.get(self.target, Window()), windows.get(self.stable),
+                            analysis.min_samples)
+        return self.last
+
+    def tick(self, now: float, windows: dict[str, Window]) -> list[Transition]:
+        """Advance with time; `windows` hold what each predictor did since the current step began."""
+        if self.done or self.step < 0:
+            return []
+        end = self._step_end()
+        ended = end is not None and now - self.step_started >= end
+        exposed = self.weights.get(self.target, 0.0) > 0 or self.target in self.mirrors
+        due = now - self.last_check >= self.spec.analysis.interval
+        closing = ended and not self.waiting and not self.end_checked
+        result: Analysis | None = None
+        if exposed and (due or closing):
+            self.last_check = now
+            self.end_checked = self.end_checked or ended
+            result = self._judge(windows)
+            if result.verdict is Verdict.FAILED:
+                self.failures += 1
+                limit = self.spec.analysis.failure_limit
+                if self.failures > limit:
+                    return [self._rollback(now, f"{result.reason} (failed check {self.failures}, "
+                                                f"{limit} tolerated)", result.to_dict())]
+                return [self._move("analysis.failed", now, f"failed check {self.failures} of {limit} tolerated: "
+                                   f"{result.reason}", metrics=result.to_dict())]
+        if self.waiting or not ended:
+            return []
+        if self._pausing() or not exposed:
+            return self._enter(self.step + 1, now, None)
+        if result is None:
+            return []  # the end was judged already (and failed): judge again at the next interval
+        if result.verdict is Verdict.INCONCLUSIVE:
+            self.phase, self.waiting = Phase.PAUSED, True
+            return [self._move("paused", now, f"Inconclusive: {result.reason}; waiting for "
+                               "`skyloop deploy promote` or `rollback`", metrics=result.to_dict())]
+        return self._next(now, result)
+
+    def _pausing(self) -> bool:
+        return self.spec.rollout.strategy is not Strategy.BLUE_GREEN and \
+            self.spec.rollout.steps[self.step].pause is not None
+
+    def _step_end(self) -> float | None:
+        if self.spec.rollout.strategy is Strategy.BLUE_GREEN:
+            return self.spec.rollout.preview
+        step = self.spec.rollout.steps[self.step]
+        return step.duration if step.pause is None else step.pause_seconds
+
+    def _next(self, now: float, passed: Analysis) -> list[Transition]:
+        if self.spec.rollout.strategy is Strategy.BLUE_GREEN:
+            return [self._promote(now, f"preview passed: {passed.reason}", passed.to_dict())]
+        return self._enter(self.step + 1, now, passed)
+
+    def command(self, command: str, now: float) -> list[Transition]:
+        """Apply a user's `promote` (resume from a pause), `promote_full` (straight to 100%) or `rollback`."""
+        if self.done:
+            return []
+        metrics = self.last.to_dict() if self.last else None
+        if command == "rollback":
+            return [self._rollback(now, "rollback requested", metrics)]
+        if command == "promote_full":
+            return [self._promote(now, "full promotion requested", metrics)]
+        if self.spec.rollout.strategy is Strategy.BLUE_GREEN:
+            return [self._promote(now, "promotion requested", metrics)]
+        resumed = self._move("resumed", now, f"step {self.step + 1} promoted by request", metrics=metrics)
+        return [resumed, *self._enter(self.step + 1, now, None)]

@@ -1,0 +1,321 @@
+"""A deployment, declared in YAML: predictors behind one gateway, a router, a rollout and its analysis.
+
+    name: iris
+    predictors:
+      - {name: stable, model_uri: "models:/iris@champion", replicas: 2, traffic: 100}
+      - {name: canary, model_uri: "models:/iris@challenger", replicas: 1, traffic: 0}
+      - {name: mirror, model_uri: "models:/iris/1", shadow: 0.2}      # sees 20% of traffic, answers nobody
+    rollout:
+      strategy: canary                  # canary | blue_green | rolling
+      target: canary                    # the predictor being rolled out
+      steps: [{weight: 10, duration: 30s}, {pause: {}}, {weight: 50, duration: 1m}]
+      promote_alias: champion           # on success the alias moves to the target's model version
+    analysis:
+      interval: 5s
+      min_samples: 50
+      failure_limit: 1
+      metrics:
+        - {name: error_rate, max: 0.01}
+        - {name: latency_p99, max_ratio: 1.5}   # at most 1.5x the stable predictor's
+        - {name: accuracy, max_drop: 0.02}      # at most 2 points below the stable predictor's
+
+A predictor is a `serving` graph (`graph:`), or one registered model (`model_uri:`) as a shorthand.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from skyloop.errors import SpecError
+from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, parse_duration
+from skyloop.spec.files import read_yaml, validate
+from skyloop.spec.resources import Resources
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "AnalysisSpec",
+    "DeploymentSpec",
+    "GatewaySpec",
+    "MetricCheck",
+    "MetricName",
+    "PredictorSpec",
+    "RolloutSpec",
+    "RolloutStep",
+    "RouterSpec",
+    "Strategy",
+    "load_deployment_spec",
+]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _seconds(field: str) -> Any:
+    def parse(cls: type, value: Any) -> Any:
+        return None if value is None else parse_duration(value, field)
+
+    return field_validator(field, mode="before")(classmethod(parse))
+
+
+class PredictorSpec(_Model):
+    """One served graph with its replicas and its share of traffic."""
+
+    name: str = Field(pattern=_NAME)
+    graph: GraphNode | None = None
+    model_uri: str | None = None
+    """Shorthand for a graph of one MODEL node."""
+    replicas: int = Field(default=1, ge=1, le=64)
+    resources: Resources = Field(default_factory=Resources)
+    """What each replica asks for (recorded; Ray maps it to actor options)."""
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    traffic: float = Field(default=0.0, ge=0, le=100)
+    """Percent of live traffic this predictor answers."""
+    shadow: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of live traffic mirrored here; its answers are discarded, its metrics kept."""
+
+    @model_validator(mode="after")
+    def _check(self) -> PredictorSpec:
+        where = f"predictor {self.name!r}"
+        if (self.graph is None) == (self.model_uri is None):
+            raise ValueError(f"{where}: give either model_uri: models:/NAME@ALIAS or graph: (an inference graph)")
+        if self.shadow and self.traffic:
+            raise ValueError(f"{where}: a shadow answers nobody, so it takes no traffic; set traffic: 0 or shadow: 0")
+        return self
+
+    def node(self) -> GraphNode:
+        """The predictor's inference graph."""
+        if self.graph is not None:
+            return self.graph
+        return GraphNode(name=self.name, type=NodeType.MODEL, model_uri=self.model_uri)
+
+    def serve_spec(self, deployment: str, base_dir: Path | None) -> ServeSpec:
+        """What each replica serves: the graph under the deployment's name, so clients use one path."""
+        return ServeSpec(name=deployment, graph=self.node(), batching=self.batching, base_dir=base_dir)
+
+    def registered_models(self) -> list[str]:
+        """The `models:/` URIs in the graph."""
+        return [n.model_uri for n in self.node().walk() if n.model_uri and n.model_uri.startswith("models:/")]
+
+
+class RouterKind(StrEnum):
+    """How live traffic is split between predictors."""
+
+    WEIGHTED = "weighted"
+    EPSILON_GREEDY = "epsilon_greedy"
+    THOMPSON = "thompson"
+
+
+class RouterSpec(_Model):
+    """The router in front of the predictors."""
+
+    type: RouterKind = RouterKind.WEIGHTED
+    epsilon: float = Field(default=0.1, ge=0, le=1)
+    """epsilon_greedy: the share of requests that explore a random predictor."""
+    sticky_header: str | None = None
+    """A request header (e.g. `x-session-id`) whose value keeps a client on one predictor."""
+
+
+class Strategy(StrEnum):
+    """How a new version reaches traffic."""
+
+    CANARY = "canary"
+    BLUE_GREEN = "blue_green"
+    ROLLING = "rolling"
+
+
+class RolloutStep(_Model):
+    """One canary step: give the target `weight` percent for `duration`, or `pause` (until promoted, or for a time)."""
+
+    weight: float | None = Field(default=None, ge=0, le=100)
+    duration: float | None = None
+    pause: dict[str, Any] | None = None
+    """`{}` waits for `skyloop deploy promote`; `{duration: 30s}` waits that long."""
+
+    _duration = _seconds("duration")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutStep:
+        if (self.weight is None) == (self.pause is None):
+            raise ValueError("a rollout step is either {weight: W, duration: D} or {pause: {}}")
+        if self.pause is not None:
+            unknown = sorted(set(self.pause) - {"duration"})
+            if unknown:
+                raise ValueError(f"pause: unknown field {unknown[0]!r}; a pause takes only duration")
+            if "duration" in self.pause:
+                self.pause["duration"] = parse_duration(self.pause["duration"], "pause.duration")
+        elif self.duration is None:
+            raise ValueError(f"the step with weight {self.weight:g} needs a duration (e.g. duration: 30s)")
+        return self
+
+    @property
+    def pause_seconds(self) -> float | None:
+        """How long a timed pause lasts; None for a pause that waits for promotion."""
+        return None if self.pause is None else self.pause.get("duration")
+
+
+class RolloutSpec(_Model):
+    """How the `target` predictor replaces the stable one."""
+
+    strategy: Strategy = Strategy.ROLLING
+    target: str | None = None
+    """The predictor being rolled out (canary and blue_green)."""
+    steps: list[RolloutStep] = Field(default_factory=list)
+    """canary: the weight schedule."""
+    preview: float = 30.0
+    """blue_green: how long the target is analysed on mirrored traffic before the switch."""
+    promote_alias: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    """On promotion, this registry alias moves to the target's model version (e.g. `champion`)."""
+
+    _preview = _seconds("preview")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutSpec:
+        if self.strategy is Strategy.ROLLING:
+            if self.target or self.steps:
+                raise ValueError("rollout: a rolling update replaces replicas in place; "
+                                 "target and steps are for canary and blue_green")
+            return self
+        if not self.target:
+            raise ValueError(f"rollout: a {self.strategy} rollout needs target: PREDICTOR (the new version)")
+        if self.strategy is Strategy.CANARY and not self.steps:
+            raise ValueError("rollout: a canary needs steps, e.g. [{weight: 10, duration: 30s}, {weight: 50, "
+                             "duration: 30s}]")
+        if self.strategy is Strategy.BLUE_GREEN and self.steps:
+            raise ValueError("rollout: blue_green has no steps; it mirrors traffic to the target for `preview`, "
+                             "then switches")
+        return self
+
+
+MetricName = Literal["error_rate", "latency_p99", "accuracy", "mean_reward"]
+HIGHER_IS_BETTER: dict[str, bool] = {"error_rate": False, "latency_p99": False, "accuracy": True,
+                                     "mean_reward": True}
+
+
+class MetricCheck(_Model):
+    """A metric of the target and its bounds: absolute (`max`, `min`) or against the stable predictor."""
+
+    name: MetricName
+    max: float | None = None
+    min: float | None = None
+    max_ratio: float | None = Field(default=None, gt=0)
+    """Lower-is-better metrics: target <= max_ratio x stable."""
+    max_drop: float | None = Field(default=None, ge=0)
+    """Higher-is-better metrics: target >= stable - max_drop."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricCheck:
+        if all(v is None for v in (self.max, self.min, self.max_ratio, self.max_drop)):
+            raise ValueError(f"metric {self.name}: give a bound: max, min, max_ratio or max_drop")
+        higher = HIGHER_IS_BETTER[self.name]
+        if self.max_ratio is not None and higher:
+            raise ValueError(f"metric {self.name}: higher is better, so bound it with max_drop (or min), "
+                             "not max_ratio")
+        if self.max_drop is not None and not higher:
+            raise ValueError(f"metric {self.name}: lower is better, so bound it with max_ratio (or max), "
+                             "not max_drop")
+        return self
+
+
+def _default_checks() -> list[MetricCheck]:
+    return [MetricCheck(name="error_rate", max=0.01), MetricCheck(name="latency_p99", max_ratio=2.0)]
+
+
+class AnalysisSpec(_Model):
+    """How the target is judged at each interval of a rollout."""
+
+    interval: float = 5.0
+    min_samples: int = Field(default=50, ge=1)
+    """Requests (or feedback events, for quality metrics) needed before a metric counts; fewer is Inconclusive."""
+    failure_limit: int = Field(default=0, ge=0)
+    """Failed checks tolerated; one more rolls back."""
+    metrics: list[MetricCheck] = Field(default_factory=_default_checks)
+
+    _interval = _seconds("interval")
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("interval must be above 0 (e.g. 5s)")
+        return value
+
+
+class GatewaySpec(_Model):
+    """Where the deployment's router listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    """0: any free port (the chosen one is in `skyloop deploy status`)."""
+
+
+class DeploymentSpec(_Model):
+    """A deployment: what `skyloop deploy apply` records and the controller makes true."""
+
+    name: str = Field(pattern=_NAME)
+    backend: Literal["local", "ray"] = "local"
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    predictors: list[PredictorSpec] = Field(min_length=1)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    base_dir: Path | None = None
+    """Where `file.py:Class` nodes and relative model directories are found (the spec file's folder)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentSpec:
+        names = [p.name for p in self.predictors]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"predictors: names must be unique, {', '.join(dupes)} appear more than once")
+        live = [p for p in self.predictors if not p.shadow]
+        if not live:
+            raise ValueError("predictors: every predictor is a shadow; one must answer clients (traffic: 100)")
+        bandit = self.router.type is not RouterKind.WEIGHTED
+        total = sum(p.traffic for p in live)
+        if not bandit and abs(total - 100) > 1e-6:
+            raise ValueError(f"predictors: traffic adds up to {total:g}, it must add up to 100")
+        target = self.rollout.target
+        if target is not None:
+            if target not in names:
+                raise ValueError(f"rollout.target: no predictor {target!r}; predictors are {', '.join(names)}")
+            if self.predictor(target).shadow:
+                raise ValueError(f"rollout.target: {target!r} is a shadow; roll out a predictor with traffic")
+            if bandit:
+                raise ValueError(f"rollout: a {self.router.type} router sets traffic itself; use router type "
+                                 "weighted for a canary or blue_green rollout")
+            if len(live) < 2:
+                raise ValueError("rollout: a canary or blue_green rollout needs a stable predictor besides the "
+                                 "target")
+        return self
+
+    def predictor(self, name: str) -> PredictorSpec:
+        """The predictor called `name`."""
+        for p in self.predictors:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def stable(self) -> list[str]:
+        """Predictors that answer clients and are not the rollout's target."""
+        return [p.name for p in self.predictors if not p.shadow and p.name != self.rollout.target]
+
+
+def load_deployment_spec(source: str | Path | dict[str, Any]) -> DeploymentSpec:
+    """Read and validate a deployment spec from a YAML file (or an already parsed mapping)."""
+    if isinstance(source, dict):
+        data, label, base = source, "(mapping)", None
+    else:
+        data, label, base = read_yaml(source), str(source), Path(source).resolve().parent
+    if not isinstance(data, dict):
+        raise SpecError(f"deployment spec {label} must be a mapping with name and predictors")
+    spec = validate(DeploymentSpec, data, f"deployment spec {label}")
+    if base is not None and spec.base_dir is None:
+        spec = spec.model_copy(update={"base_dir": base})
+    return spec

@@ -1,0 +1,42 @@
+"""Reading spec files: YAML parsing and pydantic errors turned into one-line messages that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from skyloop.errors import SpecError
+
+__all__ = ["format_validation", "read_yaml", "validate"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation(exc: ValidationError, what: str) -> str:
+    """`invalid WHAT: tasks.1.timeout: Input should be greater than 0; ...` (the first five problems)."""
+    lines = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{where}: {str(err['msg']).removeprefix('Value error, ')}")
+    return f"invalid {what}: " + "; ".join(lines)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed content of a YAML (or JSON) file, or a SpecError saying why it cannot be read."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{str(path)!r} is not valid YAML: {exc}") from None
+
+
+def validate(cls: type[M], data: Any, what: str) -> M:
+    """`cls.model_validate(data)`, with a SpecError naming each bad field instead of a ValidationError."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation(exc, what)) from None

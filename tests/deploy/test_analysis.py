@@ -1,0 +1,197 @@
+"""Analysis: windows of what a predictor did, and verdicts against metric checks."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import orjson
+import pytest
+
+from skyloop.deploy.analysis import MAX_LATENCIES, Analysis, Verdict, Window, analyse
+from skyloop.deploy.spec import MetricCheck
+
+
+def window(requests: int = 0, errors: int = 0, latency: float = 0.1, labelled: int = 0, correct: int = 0,
+           rewards: list[float] | None = None) -> Window:
+    w = Window(rng=random.Random(0))
+    for i in range(requests):
+        w.add_request(latency, ok=i >= errors)
+    for i in range(labelled):
+        w.add_feedback(correct=i < correct)
+    for r in rewards or []:
+        w.add_feedback(reward=r)
+    return w
+
+
+def check(name: str, **bounds: float) -> MetricCheck:
+    return MetricCheck.model_validate({"name": name, **bounds})
+
+
+def test_window_values() -> None:
+    w = window(requests=200, errors=10, labelled=40, correct=30, rewards=[1.0, 0.0, 0.5])
+    assert w.value("error_rate") == (0.05, 200)
+    assert w.value("latency_p99")[0] == pytest.approx(0.1)
+    assert w.value("accuracy") == (0.75, 40)
+    assert w.value("mean_reward") == (0.5, 3)
+    empty = Window()
+    for metric in ("error_rate", "latency_p99", "accuracy", "mean_reward"):
+        assert empty.value(metric) == (None, 0)
+    with pytest.raises(ValueError, match="unknown metric 'speed'"):
+        empty.value("speed")
+
+
+def test_feedback_with_both_labels_and_rewards() -> None:
+    w = Window()
+    w.add_feedback(correct=True, reward=0.7)
+    w.add_feedback(reward=float("nan"))
+    assert (w.labelled, w.correct, w.rewarded, w.reward_sum) == (1, 1, 1, 0.7)
+
+
+def test_p99_matches_numpy() -> None:
+    latencies = [0.001 * i for i in range(1, 1001)] + [5.0, 7.0]
+    w = Window()
+    for i, seconds in enumerate(latencies):
+        w.add_request(seconds, ok=i % 2 == 0)
+    assert w.value("latency_p99")[0] == pytest.approx(float(np.percentile(latencies, 99)))
+    assert w.value("latency_p99")[1] == len(latencies)
+    assert w.to_dict()["latency_p50"] == pytest.approx(float(np.percentile(latencies, 50)))
+
+
+def test_latencies_are_a_bounded_uniform_reservoir() -> None:
+    w = Window(rng=random.Random(1))
+    n = 3 * MAX_LATENCIES
+    for i in range(n):
+        w.add_request(float(i), ok=True)
+    assert w.requests == n
+    assert len(w.latencies) == MAX_LATENCIES
+    # A uniform sample of 0..n-1: its mean is near n/2 and it draws from every third of the range.
+    assert np.mean(w.latencies) == pytest.approx(n / 2, rel=0.02)
+    thirds = np.histogram(w.latencies, bins=3, range=(0, n))[0] / MAX_LATENCIES
+    assert thirds == pytest.approx([1 / 3] * 3, abs=0.02)
+
+
+def test_small_reservoir_keeps_its_bound() -> None:
+    w = Window(max_latencies=5, rng=random.Random(0))
+    for i in range(100):
+        w.add_request(i / 100, ok=True)
+    assert len(w.latencies) == 5
+    assert w.value("latency_p99")[1] == 100
+
+
+def test_to_dict_is_json_serialisable() -> None:
+    assert orjson.loads(orjson.dumps(Window().to_dict())) == {
+        "requests": 0, "errors": 0, "error_rate": None, "latency_p50": None, "latency_p99": None,
+        "labelled": 0, "accuracy": None, "rewarded": 0, "mean_reward": None}
+    data = orjson.loads(orjson.dumps(window(requests=10, errors=1, labelled=2, correct=1, rewards=[1]).to_dict()))
+    assert data["error_rate"] == 0.1 and data["accuracy"] == 0.5 and data["mean_reward"] == 1.0
+    result = analyse([check("error_rate", max=0.01), check("latency_p99", max_ratio=2)],
+                     window(requests=100), window(requests=100), min_samples=50)
+    decoded = orjson.loads(orjson.dumps(result.to_dict()))
+    assert decoded["verdict"] == "Successful"
+    assert decoded["metrics"][1] == {"name": "latency_p99", "value": pytest.approx(0.1),
+                                     "stable": pytest.approx(0.1), "samples": 100,
+                                     "bound": "<= 2x stable (0.2)", "passed": True}
+
+
+def test_successful_when_every_bound_holds() -> None:
+    checks = [check("error_rate", max=0.05), check("latency_p99", max=0.5, max_ratio=1.5),
+              check("accuracy", min=0.8, max_drop=0.02), check("mean_reward", min=0.4)]
+    target = window(requests=100, errors=2, latency=0.12, labelled=60, correct=54, rewards=[0.5] * 60)
+    stable = window(requests=100, latency=0.1, labelled=60, correct=55)
+    result = analyse(checks, target, stable, min_samples=50)
+    assert result.verdict is Verdict.SUCCESSFUL
+    assert result.reason == "all 4 metrics passed"
+    assert [m.passed for m in result.metrics] == [True] * 4
+    assert result.metrics[1].bound == "<= 0.5 and <= 1.5x stable (0.15)"
+
+
+def test_one_metric_reason_says_what_held() -> None:
+    result = analyse([check("error_rate", max=0.01)], window(requests=100), None, min_samples=50)
+    assert result.verdict is Verdict.SUCCESSFUL
+    assert result.reason == "error_rate 0 within <= 0.01"
+
+
+@pytest.mark.parametrize(
+    ("metric_check", "target", "reason"),
+    [
+        (check("error_rate", max=0.01), window(requests=150, errors=18),
+         "error_rate 0.12 > max 0.01 over 150 requests"),
+        (check("accuracy", min=0.9), window(labelled=60, correct=48),
+         "accuracy 0.8 < min 0.9 over 60 labelled answers"),
+        (check("latency_p99", max_ratio=1.5), window(requests=60, latency=0.7),
+         "latency_p99 0.7 > 1.5x stable 0.4 (0.6) over 60 requests"),
+        (check("accuracy", max_drop=0.02), window(labelled=100, correct=85),
+         "accuracy 0.85 < stable 0.92 - 0.02 (0.9) over 100 labelled answers"),
+        (check("mean_reward", min=0.5), window(rewards=[0.0] * 50),
+         "mean_reward 0 < min 0.5 over 50 rewarded answers"),
+    ],
+)
+def test_each_bound_kind_can_fail(metric_check: MetricCheck, target: Window, reason: str) -> None:
+    stable = window(requests=60, latency=0.4, labelled=100, correct=92)
+    result = analyse([metric_check], target, stable, min_samples=50)
+    assert result.verdict is Verdict.FAILED
+    assert result.reason == reason
+    assert result.metrics[0].passed is False
+
+
+def test_bounds_at_the_limit_pass_despite_float_rounding() -> None:
+    target = window(requests=60, latency=0.6, labelled=100, correct=90)
+    stable = window(requests=60, latency=0.4, labelled=100, correct=92)
+    result = analyse([check("accuracy", max_drop=0.02), check("latency_p99", max_ratio=1.5)], target, stable, 50)
+    assert result.verdict is Verdict.SUCCESSFUL, result.reason
+
+
+def test_max_ratio_against_a_stable_value_of_zero() -> None:
+    stable = window(requests=100)
+    zero = analyse([check("error_rate", max_ratio=2)], window(requests=100), stable, 50)
+    some = analyse([check("error_rate", max_ratio=2)], window(requests=100, errors=1), stable, 50)
+    assert zero.verdict is Verdict.SUCCESSFUL
+    assert some.verdict is Verdict.FAILED
+    assert some.metrics[0].bound == "<= 2x stable (0)"
+
+
+def test_too_few_target_samples_is_inconclusive_even_over_a_bound() -> None:
+    result = analyse([check("accuracy", min=0.9)], window(labelled=12, correct=0), None, min_samples=50)
+    assert result.verdict is Verdict.INCONCLUSIVE
+    assert result.reason == "accuracy: 12 labelled answers, 50 needed"
+    assert result.metrics[0] == result.metrics[0].__class__(
+        name="accuracy", value=0.0, stable=None, samples=12, bound=">= 0.9", passed=None)
+
+
+@pytest.mark.parametrize(
+    ("stable", "reason"),
+    [(None, "latency_p99: no stable predictor to compare with"),
+     (window(requests=10), "latency_p99: the stable predictor has 10 requests, 50 needed")],
+)
+def test_relative_bound_without_a_usable_stable_is_inconclusive(stable: Window | None, reason: str) -> None:
+    result = analyse([check("latency_p99", max_ratio=1.5)], window(requests=100), stable, min_samples=50)
+    assert result.verdict is Verdict.INCONCLUSIVE
+    assert result.reason == reason
+    assert result.metrics[0].bound == "<= 1.5x stable"
+
+
+def test_breached_absolute_bound_fails_even_without_a_stable() -> None:
+    result = analyse([check("latency_p99", max=0.05, max_ratio=1.5)], window(requests=100), None, 50)
+    assert result.verdict is Verdict.FAILED
+    assert result.reason == "latency_p99 0.1 > max 0.05 over 100 requests"
+
+
+def test_failure_wins_over_inconclusive_and_counts_the_rest() -> None:
+    checks = [check("accuracy", min=0.9), check("error_rate", max=0.01), check("latency_p99", max=0.01)]
+    result = analyse(checks, window(requests=100, errors=50), None, min_samples=50)
+    assert result.verdict is Verdict.FAILED
+    assert result.reason == "error_rate 0.5 > max 0.01 over 100 requests (and 1 more failed)"
+    assert [m.passed for m in result.metrics] == [None, False, False]
+
+
+def test_inconclusive_when_nothing_failed() -> None:
+    checks = [check("error_rate", max=0.01), check("accuracy", min=0.9), check("mean_reward", min=0.1)]
+    result = analyse(checks, window(requests=100), None, min_samples=50)
+    assert result.verdict is Verdict.INCONCLUSIVE
+    assert result.reason == "accuracy: 0 labelled answers, 50 needed (and 1 more inconclusive)"
+
+
+def test_no_checks_is_successful() -> None:
+    result = analyse([], Window(), None, min_samples=1)
+    assert result == Analysis(Verdict.SUCCESSFUL, [], "no metrics to check")

@@ -1,0 +1,159 @@
+"""The rollout state machine, driven with synthetic windows and a fake clock (no processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyloop.deploy.analysis import Window
+from skyloop.deploy.rollout import Phase, Rollout, Transition
+from skyloop.deploy.spec import DeploymentSpec, load_deployment_spec
+
+
+def spec(rollout: dict[str, Any], **analysis: Any) -> DeploymentSpec:
+    return load_deployment_spec({
+        "name": "iris",
+        "predictors": [{"name": "stable", "model_uri": "models:/iris/1", "traffic": 100},
+                       {"name": "canary", "model_uri": "models:/iris/2"}],
+        "rollout": {"target": "canary", **rollout},
+        "analysis": {"interval": 1, "min_samples": 20,
+                     "metrics": [{"name": "error_rate", "max": 0.05}, {"name": "latency_p99", "max_ratio": 2.0}],
+                     **analysis},
+    })
+
+
+def window(requests: int, errors: int = 0, latency: float = 0.01) -> Window:
+    w = Window()
+    for i in range(requests):
+        w.add_request(latency, i >= errors)
+    return w
+
+
+def healthy() -> dict[str, Window]:
+    return {"stable": window(200), "canary": window(50)}
+
+
+def run(rollout: Rollout, until: float, windows: dict[str, Window], start: float = 0.0,
+        step: float = 0.25) -> list[Transition]:
+    out: list[Transition] = []
+    t = start
+    while t <= until and not rollout.done:
+        out += rollout.tick(t, windows)
+        t += step
+    return out
+
+
+CANARY = {"strategy": "canary", "steps": [{"weight": 10, "duration": 2}, {"weight": 50, "duration": 2}]}
+
+
+def test_a_healthy_canary_walks_every_step_then_takes_all_traffic() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    first = r.start(0.0)
+    assert [t.weights["canary"] for t in first] == [10.0]
+    assert first[0].weights["stable"] == 90.0 and first[0].new_window
+    moves = run(r, 10, healthy())
+    assert [t.kind for t in moves] == ["step", "promoted"]
+    assert [t.weights["canary"] for t in moves] == [50.0, 100.0]
+    assert moves[-1].weights["stable"] == 0.0
+    assert r.phase is Phase.HEALTHY and moves[-1].metrics is not None
+    assert moves[-1].metrics["verdict"] == "Successful"
+
+
+def test_errors_roll_the_canary_back_with_the_figures_that_caused_it() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    moves = run(r, 10, {"stable": window(200), "canary": window(100, errors=30)})
+    assert moves[-1].kind == "rolled_back" and r.phase is Phase.DEGRADED
+    assert moves[-1].weights == {"canary": 0.0, "stable": 100.0}
+    assert "error_rate" in moves[-1].reason
+    error = next(m for m in moves[-1].metrics["metrics"] if m["name"] == "error_rate")  # type: ignore[index]
+    assert error["value"] == 0.3 and error["passed"] is False
+
+
+def test_a_slower_canary_is_rolled_back_against_the_stable_latency() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    moves = run(r, 10, {"stable": window(200, latency=0.01), "canary": window(100, latency=0.05)})
+    assert moves[-1].kind == "rolled_back" and "latency_p99" in moves[-1].reason
+
+
+def test_failure_limit_tolerates_that_many_failed_checks() -> None:
+    r = Rollout(spec(CANARY, failure_limit=2), 0.0)
+    r.start(0.0)
+    bad = {"stable": window(200), "canary": window(100, errors=30)}
+    moves = run(r, 10, bad)
+    assert [t.kind for t in moves] == ["analysis.failed", "analysis.failed", "rolled_back"]
+
+
+def test_no_traffic_pauses_as_inconclusive_and_never_promotes() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    moves = run(r, 120, {"stable": window(5), "canary": window(1)})
+    assert [t.kind for t in moves] == ["paused"]
+    assert r.phase is Phase.PAUSED and not r.done
+    assert moves[0].reason.startswith("Inconclusive") and moves[0].weights["canary"] == 10.0
+    # A user may resume it: the next step starts.
+    resumed = r.command("promote", 121.0)
+    assert [t.kind for t in resumed] == ["resumed", "step"] and resumed[-1].weights["canary"] == 50.0
+
+
+def test_a_paused_rollout_still_rolls_back_on_failures() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    run(r, 5, {"stable": window(5), "canary": window(1)})
+    assert r.phase is Phase.PAUSED
+    moves = run(r, 10, {"stable": window(200), "canary": window(100, errors=50)}, start=5.0)
+    assert moves[-1].kind == "rolled_back"
+
+
+def test_an_untimed_pause_waits_for_promote_and_a_timed_one_does_not() -> None:
+    steps = {"strategy": "canary", "steps": [{"weight": 20, "duration": 1}, {"pause": {}},
+                                             {"pause": {"duration": 2}}, {"weight": 60, "duration": 1}]}
+    r = Rollout(spec(steps), 0.0)
+    r.start(0.0)
+    moves = run(r, 30, healthy())
+    assert [t.kind for t in moves] == ["paused"] and r.waiting
+    assert moves[0].weights["canary"] == 20.0
+    after = r.command("promote", 31.0)
+    assert [t.kind for t in after] == ["resumed", "step"]
+    moves = run(r, 60, healthy(), start=31.0)
+    assert [t.kind for t in moves] == ["step", "promoted"]
+
+
+def test_rollback_and_full_promotion_on_request() -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    assert [t.kind for t in r.command("rollback", 0.5)] == ["rolled_back"]
+    assert r.command("promote", 1.0) == []  # done: commands change nothing
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    full = r.command("promote_full", 0.5)
+    assert full[-1].kind == "promoted" and full[-1].weights["canary"] == 100.0
+
+
+def test_blue_green_mirrors_the_target_then_switches_at_once() -> None:
+    r = Rollout(spec({"strategy": "blue_green", "preview": 3}), 0.0)
+    first = r.start(0.0)
+    assert first[0].kind == "preview" and first[0].mirrors == {"canary": 1.0}
+    assert first[0].weights == {"canary": 0.0, "stable": 100.0}
+    moves = run(r, 10, healthy())
+    assert [t.kind for t in moves] == ["promoted"]
+    assert moves[0].weights == {"canary": 100.0, "stable": 0.0} and moves[0].mirrors == {}
+
+
+def test_blue_green_with_a_failing_preview_never_switches() -> None:
+    r = Rollout(spec({"strategy": "blue_green", "preview": 3}), 0.0)
+    r.start(0.0)
+    moves = run(r, 10, {"stable": window(200), "canary": window(100, errors=40)})
+    assert moves[-1].kind == "rolled_back" and moves[-1].weights["canary"] == 0.0 and moves[-1].mirrors == {}
+
+
+def test_quality_from_feedback_decides() -> None:
+    s = spec(CANARY, metrics=[{"name": "accuracy", "max_drop": 0.05}])
+    r = Rollout(s, 0.0)
+    r.start(0.0)
+    stable, canary = window(100), window(100)
+    for i in range(100):
+        stable.add_feedback(correct=i % 10 != 0)   # 0.9
+        canary.add_feedback(correct=i % 2 == 0)    # 0.5
+    moves = run(r, 10, {"stable": stable, "canary": canary})
+    assert moves[-1].kind == "rolled_back" and "accuracy" in moves[-1].reason
