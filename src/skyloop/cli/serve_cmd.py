@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,12 +28,22 @@ def serve(
     max_batch_time: Annotated[str | None, typer.Option(help="Longest wait for a batch to fill, e.g. 2ms.")] = None,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 16 * 1024 * 1024,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    replicas: Annotated[int | None, typer.Option(help="Replicas of one worker each, on ports PORT, PORT+1, ... "
+                                                      "(free ports with --port 0), restarted when they die.")] = None,
+    state_file: Annotated[Path | None, typer.Option(help="With --replicas: keep each replica's port and pid "
+                                                         "in this JSON file.")] = None,
+    exit_with_parent: Annotated[bool, typer.Option("--exit-with-parent",
+                                                   help="Stop when the process that started this one dies.")] = False,
 ) -> None:
     """Serve models over the Open Inference Protocol (V2 REST) until interrupted."""
     from skyloop.serving.server import serve as run_server
     from skyloop.serving.server import spec_for_target
     from skyloop.serving.spec import BatchingSpec
 
+    if replicas is not None and workers is not None:
+        raise SpecError("--replicas and --workers do not go together: replicas each run one worker")
+    if state_file is not None and replicas is None:
+        raise SpecError("--state-file describes replicas: give --replicas too")
     if name is not None and len(targets) != 1:
         raise SpecError("--name works with one target; give each graph its name in its spec file")
     specs = [spec_for_target(t, name) for t in targets]
@@ -46,11 +57,17 @@ def serve(
             raise SpecError(f"invalid batching option: {exc}") from None
     names = ", ".join(s.name for s in specs)
 
-    def ready(bound: int) -> None:
-        console.print(f"serving {names} on http://{host}:{bound}/v2 (V2 REST; metrics at /metrics)", highlight=False)
+    def ready(bound: int | list[int]) -> None:
+        if isinstance(bound, int):
+            console.print(f"serving {names} on http://{host}:{bound}/v2 (V2 REST; metrics at /metrics)",
+                          highlight=False)
+            return
+        for index, replica_port in enumerate(bound):
+            console.print(f"replica {index} serving {names} on http://{host}:{replica_port}/v2", highlight=False)
 
     run_server(specs, state.settings(), host=host, port=port, workers=workers, threads=threads,
-               max_body_bytes=max_body, log_level=log_level, on_ready=ready)
+               max_body_bytes=max_body, log_level=log_level, on_ready=ready, replicas=replicas,
+               state_file=state_file, exit_with_parent=exit_with_parent)
 
 
 def register(app: typer.Typer) -> None:

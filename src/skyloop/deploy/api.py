@@ -29,8 +29,6 @@ from skyloop.store.workspace import Workspace
 __all__ = ["apply_deployment", "controller_alive", "delete_deployment", "send_command", "start_controller",
            "wait_for"]
 
-_SETTLED = ("reconciled", "failed")
-
 
 def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
     from skyloop.registry.registry import resolve
@@ -101,11 +99,14 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
                 return store.get_deployment(session, spec.name)
 
         def applied(info: store.DeploymentInfo, events: list[store.DeploymentEvent]) -> bool:
-            return any(e.spec_version == version and e.kind in _SETTLED for e in events)
+            # Acted on by the controller holding it now (not a stale view left by one that stopped).
+            return info.controller is not None and info.state.get("owner") == info.controller \
+                and info.state.get("applied") == version
 
         info = wait_for(workspace, spec.name, applied, timeout, f"applying spec version {version}")
         failed = [e for e in store_events(workspace, spec.name) if e.spec_version == version and e.kind == "failed"]
-        if failed:
+        if failed and failed[-1].id > max((e.id for e in store_events(workspace, spec.name)
+                                          if e.kind == "reconciled"), default=0):
             raise BackendError(f"deployment {spec.name!r}: {failed[-1].reason}")
         return info
     finally:

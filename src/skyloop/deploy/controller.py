@@ -82,6 +82,8 @@ class DeploymentRunner:
         self.generation = 0
         self.busy: asyncio.Task[None] | None = None
         self.state_written = 0.0
+        self.applied = 0
+        """The spec version this runner has acted on (applied, or failed to)."""
 
     @property
     def folder(self) -> Path:
@@ -186,6 +188,8 @@ class DeploymentRunner:
             self.status = Phase.DEGRADED.value
             self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
             await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
+            self.applied = self.spec_version
+            await self.write_state(force=True)
             return
         for p, result in zip(changed, results, strict=True):
             assert isinstance(result, ReplicaHost)
@@ -194,12 +198,14 @@ class DeploymentRunner:
         self._start_traffic(old_spec, restored)
         for name in gone:
             await self._retire(name)
+        self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
+                      f"{self._split_text()}"
         if self.rollout is None:
             self.status = Phase.HEALTHY.value
-            self.reason = f"spec version {self.spec_version}: {self._split_text()}"
         await self.event("reconciled", self.reason)
         if self.rollout is not None and self.rollout.step < 0:
             await self._transitions(self.rollout.start(time.monotonic()))
+        self.applied = self.spec_version
         await self.write_state(force=True)
 
     def _restored_weights(self) -> dict[str, float] | None:
@@ -335,7 +341,8 @@ class DeploymentRunner:
         elif self.status in (Phase.HEALTHY, Phase.DEGRADED):
             rollout = {"phase": self.status, "weights": dict(self.gateway.weights), "spec_version": self.spec_version}
         return {"gateway": self.url, "gateway_port": self.sock.getsockname()[1] if self.sock else None,
-                "controller_pid": os.getpid(), "spec_version": self.spec_version,
+                "owner": self.controller.owner, "controller_pid": os.getpid(), "spec_version": self.spec_version,
+                "applied": self.applied,
                 "predictors": {n: {**h.describe(), "weight": self.gateway.weights.get(n, 0.0),
                                    "shadow": self.gateway.shadows.get(n, 0.0)} for n, h in self.hosts.items()},
                 "rollout": rollout, **self.gateway.state()}

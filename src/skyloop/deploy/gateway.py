@@ -316,7 +316,7 @@ class Gateway:
         self.metrics.requests.labels(self.deployment, predictor, str(status)).inc()
         self.metrics.latency.labels(self.deployment, predictor).observe(seconds)
         pool = self.pools.get(predictor)
-        version = resp_headers.get("skyloop-model-version") or (pool.version if pool else "")
+        version = pool.version if pool else ""
         out_headers = {"skyloop-predictor": predictor, "skyloop-model-version": version}
         if status != 200:
             return Response(data, status, out_headers, media_type="application/json")

@@ -5,24 +5,33 @@ any worker exists, so a tampered model or a broken spec stops `skyloop serve` wi
 start pays for one import of the model code instead of one per worker, and workers share the loaded
 model's memory copy-on-write (gunicorn's `preload_app`). The parent then forks the workers, restarts any
 that dies, and stops them all on SIGTERM/SIGINT. With one worker the parent serves itself.
+
+Replica mode (`replicas=N`) is for a controller with a router in front: N sockets on N ports, one forked
+worker each. The parent keeps every socket open, so while a dead replica is being replaced (at once: the
+parent wakes on SIGCHLD) its new connections wait in the listen backlog instead of being refused. A JSON
+state file tells the controller which pid serves which port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skyloop.config import Settings
-from skyloop.errors import ModelLoadError
+from skyloop.errors import ModelLoadError, SpecError
 from skyloop.serving.spec import GraphNode, NodeType, ServeSpec
 
 __all__ = ["bind", "serve", "spec_for_target"]
@@ -31,6 +40,7 @@ log = logging.getLogger("skyloop.serving")
 
 _PARENT_POLL_SECONDS = 0.5
 _STOP_GRACE_SECONDS = 10.0
+_CRASH_LOOP_SECONDS = 1.0  # a worker that exits younger than this is restarted after this long
 
 
 def spec_for_target(target: str, name: str | None = None) -> ServeSpec:
@@ -85,17 +95,37 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="skyloop-parent-watch", daemon=True).start()
 
 
-def _fork_worker(app: Any, sock: socket.socket, log_level: str) -> int:
+@dataclass
+class _Slot:
+    """One worker's place: the socket it serves and who serves it now."""
+
+    index: int
+    sock: socket.socket
+    metrics_dir: str | None = None  # this slot's own multiprocess metrics folder (replica mode)
+    pid: int = 0
+    restarts: int = 0
+    started_at: float = 0.0  # wall clock, for the state file
+    started: float = 0.0  # monotonic, to spot a crash loop
+
+
+def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wakeup: tuple[int, int]) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 0
     try:
+        signal.set_wakeup_fd(-1)
+        for fd in wakeup:
+            os.close(fd)
+        for other in {s.sock for s in slots} - {slot.sock}:
+            other.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        if slot.metrics_dir is not None:  # prometheus_client re-reads this after a fork, on the first update
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = slot.metrics_dir
         _watch_parent(parent)
-        _run_uvicorn(app, sock, log_level)
+        _run_uvicorn(app, slot.sock, log_level)
     except BaseException:
         log.exception("server worker failed")
         code = 1
@@ -103,44 +133,125 @@ def _fork_worker(app: Any, sock: socket.socket, log_level: str) -> int:
         os._exit(code)
 
 
-def _supervise(app: Any, sock: socket.socket, workers: int, log_level: str) -> None:
+def _write_state(path: Path, slots: list[_Slot]) -> None:
+    """Replace `path` in one step, so a reader never sees half a file."""
+    doc = {"pid": os.getpid(), "replicas": [{"index": s.index, "port": s.sock.getsockname()[1], "pid": s.pid,
+                                             "restarts": s.restarts, "started_at": s.started_at} for s in slots]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(doc, out)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | None = None,
+               exit_with_parent: bool = False, on_started: Callable[[], object] | None = None) -> None:
+    """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT or orphaning."""
+    # Imported once here rather than in every (re)started worker: a replacement serves sooner.
+    import uvicorn.loops.uvloop
+    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+
     stopping = threading.Event()
+    grandparent = os.getppid()
+    multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     def stop(signum: int, frame: object) -> None:
         stopping.set()
 
+    wakeup = os.pipe()  # SIGCHLD and SIGTERM write here (set_wakeup_fd), so the loop wakes at once
+    for fd in wakeup:
+        os.set_blocking(fd, False)
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    children = {_fork_worker(app, sock, log_level) for _ in range(workers)}
+    previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    previous_wakeup = signal.set_wakeup_fd(wakeup[1])
+    by_pid: dict[int, _Slot] = {}
+    due: dict[int, float] = {}  # slot index -> when to start its next worker
+
+    def start(slot: _Slot) -> None:
+        slot.pid = _fork_worker(app, slot, slots, log_level, wakeup)
+        slot.started_at, slot.started = time.time(), time.monotonic()
+        by_pid[slot.pid] = slot
+
     try:
+        for slot in slots:
+            start(slot)
+        if state_file is not None:
+            _write_state(state_file, slots)
+        if on_started is not None:
+            on_started()
         while not stopping.is_set():
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = 0, 0
-            if pid and pid in children:
-                children.discard(pid)
-                if not stopping.is_set():
-                    log.warning("server worker %d exited (%s); starting another", pid, _describe(status))
-                    children.add(_fork_worker(app, sock, log_level))
-                continue
-            stopping.wait(0.2)
+            for pid, status in _reap():
+                if pid not in by_pid:
+                    continue
+                slot = by_pid.pop(pid)
+                if multiproc:
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(pid, slot.metrics_dir or multiproc)  # type: ignore[no-untyped-call]
+                # Failing on its own at once (not killed) would fail again: do not spin.
+                young = os.WIFEXITED(status) and time.monotonic() - slot.started < _CRASH_LOOP_SECONDS
+                log.warning("server worker %d exited (%s); starting another%s", pid, _describe(status),
+                            " in a second" if young else "")
+                due[slot.index] = time.monotonic() + (_CRASH_LOOP_SECONDS if young else 0.0)
+            now = time.monotonic()
+            for index in [i for i, when in due.items() if when <= now and not stopping.is_set()]:
+                del due[index]
+                slots[index].restarts += 1
+                start(slots[index])
+                if state_file is not None:
+                    _write_state(state_file, slots)
+            if exit_with_parent and os.getppid() != grandparent:
+                log.warning("parent process %d is gone; stopping", grandparent)
+                break
+            timeout = min([_PARENT_POLL_SECONDS, *(when - now for when in due.values())])
+            with contextlib.suppress(InterruptedError):
+                select.select([wakeup[0]], [], [], max(timeout, 0.0))
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wakeup[0], 512):
+                    pass
     finally:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_SECONDS
-        while children and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-                children.discard(pid)
-            time.sleep(0.05)
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        _stop(set(by_pid))
+        signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for fd in wakeup:
+            os.close(fd)
+        if state_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                state_file.unlink()
+
+
+def _reap() -> list[tuple[int, int]]:
+    """Every child that has exited, with its wait status."""
+    done: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if not pid:
+            return done
+        done.append((pid, status))
+
+
+def _stop(children: set[int]) -> None:
+    """SIGTERM, so uvicorn lets in-flight requests finish; SIGKILL what is still there after the grace period."""
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_GRACE_SECONDS
+    while children and time.monotonic() < deadline:
+        children -= {pid for pid, _ in _reap()}
+        time.sleep(0.02)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _describe(status: int) -> str:
@@ -151,11 +262,27 @@ def _describe(status: int) -> str:
 
 def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", port: int = 8080,
           workers: int | None = None, threads: int = 4, max_body_bytes: int = 16 * 1024 * 1024,
-          log_level: str = "warning", on_ready: Any = None) -> None:
-    """Load `specs`, then serve them until SIGTERM/SIGINT (blocking). `on_ready(port)` runs once listening."""
-    workers = workers or os.cpu_count() or 1
+          log_level: str = "warning", on_ready: Any = None, replicas: int | None = None,
+          state_file: Path | None = None, exit_with_parent: bool = False) -> None:
+    """Load `specs`, then serve them until SIGTERM/SIGINT (blocking). `on_ready(port)` runs once listening.
+
+    With `replicas=N`, N one-worker replicas listen on their own ports (`port`, `port+1`, ... or free ports
+    for 0) and `on_ready(ports)` gets the list. `state_file` (replicas only) is kept up to date as JSON:
+    `{"pid": PARENT, "replicas": [{"index", "port", "pid", "restarts", "started_at"}, ...]}`, and removed
+    on stop. With `exit_with_parent` the server stops when the process that started it dies.
+    """
+    if replicas is not None:
+        if workers is not None:
+            raise SpecError("replicas each run one worker: give --replicas or --workers, not both")
+        if replicas < 1:
+            raise SpecError(f"replicas must be at least 1, got {replicas}")
+    elif state_file is not None:
+        raise SpecError("a state file describes replicas: give --replicas with --state-file")
+    if state_file is not None and not state_file.parent.is_dir():
+        raise SpecError(f"cannot write the state file {state_file}: no folder {state_file.parent}")
+    workers = 1 if replicas else workers or os.cpu_count() or 1
     metrics_dir: str | None = None
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if (replicas or workers > 1) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Before prometheus_client is imported: it picks per-process files or memory at import time.
         metrics_dir = tempfile.mkdtemp(prefix="skyloop-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -163,8 +290,11 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
         from skyloop.serving.app import create_app
         from skyloop.serving.dataplane import DataPlane
 
-        sock = bind(host, port)
-        try:
+        with contextlib.ExitStack() as stack:
+            socks = []
+            for i in range(replicas or 1):
+                socks.append(bind(host, port + i if port else 0))
+                stack.callback(socks[-1].close)
             plane = DataPlane(specs, settings, threads=threads)
             plane.load()
             failed = [m.failure for m in plane.models.values() if m.failure]
@@ -173,15 +303,32 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
             if failed:
                 raise ModelLoadError("; ".join(f"{m.name}: {m.failure}" for m in plane.models.values() if m.failure))
             app = create_app(plane, max_body_bytes=max_body_bytes, load=False)
+            if replicas:
+                slots = [_Slot(i, sock, _replica_metrics_dir(i)) for i, sock in enumerate(socks)]
+                ports = [sock.getsockname()[1] for sock in socks]
+                _supervise(app, slots, log_level, state_file, exit_with_parent,
+                           None if on_ready is None else lambda: on_ready(ports))
+                return
             if on_ready is not None:
-                on_ready(sock.getsockname()[1])
+                on_ready(socks[0].getsockname()[1])
             if workers == 1:
-                _run_uvicorn(app, sock, log_level)
+                if exit_with_parent:
+                    _watch_parent(os.getppid())
+                _run_uvicorn(app, socks[0], log_level)
             else:
-                _supervise(app, sock, workers, log_level)
-        finally:
-            sock.close()
+                _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level,
+                           exit_with_parent=exit_with_parent)
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _replica_metrics_dir(index: int) -> str | None:
+    """Replica `index`'s own metrics folder, so its `/metrics` counts its requests only (and survives restarts)."""
+    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not base:
+        return None
+    folder = Path(base) / f"replica-{index}"
+    folder.mkdir(exist_ok=True)
+    return str(folder)

@@ -143,7 +143,8 @@ def claim_deployments(session: Session, owner: str, lease_seconds: float) -> lis
     """Renew our leases and take deployments whose controller is gone; returns the names we hold."""
     now = utcnow()
     expires = now + timedelta(seconds=lease_seconds)
-    for row in session.scalars(select(DeploymentRow).where(DeploymentRow.controller != owner)):
+    others = or_(DeploymentRow.controller.is_(None), DeploymentRow.controller != owner)
+    for row in session.scalars(select(DeploymentRow).where(others)):
         stale = row.lease_expires_at is None or row.lease_expires_at < now
         if row.controller is None or stale or owner_is_dead(row.controller):
             # Conditional: of two controllers claiming at once, one wins.

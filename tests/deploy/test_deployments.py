@@ -1,0 +1,166 @@
+"""Deployments end to end: a real controller process, real replica processes, real load on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from deploy_support import Env, Load
+
+from skyloop.registry.registry import resolve
+from skyloop.registry.uri import parse_model_ref
+from skyloop.store.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+FAST = {"interval": "300ms", "min_samples": 30}
+
+
+def iris_graph(transformer: str | None = None, **parameters: Any) -> dict[str, Any]:
+    model = {"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}
+    if transformer is None:
+        return model
+    return {"name": "pre", "type": "TRANSFORMER", "implementation": f"nodes.py:{transformer}",
+            "parameters": parameters, "children": [model]}
+
+
+def canary(name: str, target: dict[str, Any], steps: list[dict[str, Any]], metrics: list[dict[str, Any]],
+           **rollout: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "predictors": [{"name": "stable", "model_uri": "models:/iris@champion", "replicas": 1, "traffic": 100},
+                       {"name": "canary", **target, "replicas": 1}],
+        "rollout": {"strategy": "canary", "target": "canary", "steps": steps, **rollout},
+        "analysis": {**FAST, "metrics": metrics},
+    }
+
+
+def kinds(env: Env, name: str) -> list[str]:
+    return [e.kind for e in env.history(name)]
+
+
+def alias_version(env: Env, alias: str) -> int:
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.read() as session:
+            return resolve(session, parse_model_ref(f"models:/iris@{alias}")).version
+    finally:
+        workspace.close()
+
+
+def test_a_canary_is_promoted_under_load_with_no_failed_request(env: Env) -> None:
+    spec = canary("promote", {"model_uri": "models:/iris@challenger"},
+                  [{"weight": 20, "duration": "1.5s"}, {"weight": 50, "duration": "1.5s"}],
+                  [{"name": "error_rate", "max": 0.01}, {"name": "latency_p99", "max": 0.5}],
+                  promote_alias="champion")
+    info = env.apply(spec)
+    assert info.state["predictors"]["canary"]["version"] == "iris/2"
+    with Load(env.url("promote"), env.X, env.y, clients=8) as load:
+        env.wait("promote", lambda i: i.status in ("Healthy", "Degraded", "Paused"), 90, "the end of the rollout")
+        while len(load.answers) < 5000:
+            time.sleep(0.1)
+    assert env.info("promote").status == "Healthy", env.info("promote").reason
+    assert len(load.answers) >= 5000 and load.failed == []
+    last = load.answers[-200:]
+    assert load.share("canary", last) == 1.0 and {a.version for a in last} == {"iris/2"}
+    history = kinds(env, "promote")
+    assert history.index("step") < history.index("promoted") < history.index("alias_moved")
+    promoted = next(e for e in env.history("promote") if e.kind == "promoted")
+    assert promoted.weights == {"canary": 100.0, "stable": 0.0}
+    assert promoted.metrics is not None and promoted.metrics["verdict"] == "Successful"
+    assert alias_version(env, "champion") == 2
+    env.delete("promote")
+    with Workspace.open(env.settings).db.session() as session:  # put the alias back for other tests
+        from skyloop.registry.registry import set_alias
+
+        set_alias(session, "iris", "champion", 1)
+
+
+@pytest.mark.parametrize(("case", "target", "metric"), [
+    ("errors", {"graph": iris_graph("Flaky", rate=0.3)}, {"name": "error_rate", "max": 0.05}),
+    ("slower", {"graph": iris_graph("Sleep", delay=0.08)}, {"name": "latency_p99", "max_ratio": 3}),
+    ("worse", {"graph": {"name": "const", "type": "MODEL", "implementation": "nodes.py:Constant"}},
+     {"name": "accuracy", "max_drop": 0.1}),
+])
+def test_a_bad_canary_is_rolled_back_and_answers_no_more_than_its_weight(
+        env: Env, case: str, target: dict[str, Any], metric: dict[str, Any]) -> None:
+    name = f"bad-{case}"
+    spec = canary(name, target, [{"weight": 20, "duration": "30s"}, {"weight": 80, "duration": "30s"}], [metric])
+    env.apply(spec)
+    with Load(env.url(name), env.X, env.y, clients=8, feedback=case == "worse") as load:
+        info = env.wait(name, lambda i: i.status in ("Degraded", "Healthy"), 60, "a verdict")
+    assert info.status == "Degraded", info.reason
+    assert metric["name"] in info.reason
+    rolled = next(e for e in env.history(name) if e.kind == "rolled_back")
+    assert rolled.weights["canary"] == 0.0 and rolled.metrics is not None
+    assert any(m["name"] == metric["name"] and m["passed"] is False for m in rolled.metrics["metrics"])
+    assert load.share("canary") <= 0.2 + 0.05
+    assert "step" in kinds(env, name) and kinds(env, name).count("promoted") == 0
+    env.delete(name)
+
+
+def test_without_traffic_the_rollout_pauses_as_inconclusive_and_never_promotes(env: Env) -> None:
+    spec = canary("idle", {"model_uri": "models:/iris/2"}, [{"weight": 50, "duration": "1s"}],
+                  [{"name": "error_rate", "max": 0.01}])
+    env.apply(spec)
+    info = env.wait("idle", lambda i: i.status == "Paused", 30, "a pause")
+    assert info.reason.startswith("Inconclusive") and "30 needed" in info.reason
+    time.sleep(2)
+    assert env.info("idle").status == "Paused" and "promoted" not in kinds(env, "idle")
+    from skyloop.deploy.api import send_command
+
+    send_command(env.settings, "idle", "rollback")
+    info = env.wait("idle", lambda i: i.status == "Degraded", 30, "the rollback")
+    assert "rollback requested" in info.reason
+    env.delete("idle")
+
+
+def test_a_rolling_update_replaces_replicas_under_load_with_no_failed_request(env: Env) -> None:
+    spec = {"name": "rolling", "predictors": [{"name": "main", "model_uri": "models:/iris/1", "replicas": 2,
+                                               "traffic": 100}]}
+    env.apply(spec)
+    with Load(env.url("rolling"), env.X, env.y, clients=8) as load:
+        while len(load.answers) < 1500:
+            time.sleep(0.05)
+        spec["predictors"][0]["model_uri"] = "models:/iris/2"
+        env.apply(spec)
+        while len(load.answers) < 5000:
+            time.sleep(0.05)
+    assert len(load.answers) >= 5000 and load.failed == []
+    versions = [a.version for a in load.answers]
+    assert versions[0] == "iris/1" and versions[-1] == "iris/2"
+    assert "rolling_update" in kinds(env, "rolling")
+    env.delete("rolling")
+
+
+def test_a_killed_replica_costs_almost_nothing_and_is_back_within_two_seconds(env: Env) -> None:
+    spec = {"name": "kill", "predictors": [{"name": "main", "model_uri": "models:/iris/1", "replicas": 2,
+                                            "traffic": 100}]}
+    info = env.apply(spec)
+    victim = info.state["predictors"]["main"]["replicas"][0]
+    with Load(env.url("kill"), env.X, env.y, clients=8) as load:
+        while len(load.answers) < 1000:
+            time.sleep(0.05)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        back = None
+        while back is None and time.monotonic() - killed < 10:
+            with contextlib.suppress(OSError):
+                url = f"http://127.0.0.1:{victim['port']}/v2/health/ready"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    if resp.status == 200:
+                        back = time.monotonic() - killed
+            time.sleep(0.01)
+        while len(load.answers) < 5000:
+            time.sleep(0.05)
+    assert back is not None and back <= 2.0, f"replica back after {back}s"
+    replica = env.info("kill").state["predictors"]["main"]["replicas"][0]
+    assert replica["port"] == victim["port"] and replica["pid"] != victim["pid"] and replica["restarts"] == 1
+    failed = len(load.failed) / len(load.answers)
+    assert failed <= 0.001, f"{len(load.failed)} of {len(load.answers)} failed"
+    env.delete("kill")
