@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -116,6 +118,13 @@ class Env:
 
         delete_deployment(self.settings, name)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`skyloop ARGS` against this home, as a real process."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+        env.update(COLUMNS="200", NO_COLOR="1")
+        return subprocess.run([sys.executable, "-m", "skyloop", "--home", str(self.settings.home), *args],
+                              capture_output=True, text=True, env=env, cwd=self.folder, timeout=120)
+
     def url(self, name: str) -> str:
         return f"{self.info(name).state['gateway']}/v2/models/{name}"
 
@@ -145,6 +154,7 @@ class Answer:
     version: str
     at: float
     label: Any = None
+    row: int = -1
 
 
 @dataclass
@@ -213,7 +223,7 @@ class Load:
             except (TimeoutError, aiohttp.ClientError):
                 status, predictor, version, doc = 599, "", "", {}
             label = doc["outputs"][0]["data"][0] if status == 200 else None
-            self.answers.append(Answer(status, predictor, version, time.monotonic(), label))
+            self.answers.append(Answer(status, predictor, version, time.monotonic(), label, i))
             if self.feedback and status == 200:
                 async with session.post(self.url + "/feedback", json={"id": doc["id"], "truth": int(self.y[i])}) as r:
                     if r.status == 200:

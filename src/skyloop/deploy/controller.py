@@ -163,8 +163,16 @@ class DeploymentRunner:
     async def _new_host(self, predictor: PredictorSpec) -> ReplicaHost:
         graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
         self.generation += 1
-        host = ReplicaHost(self.name, predictor, graph, ",".join(pinned) or "graph", self.folder,
-                           self.controller.settings, self.generation)
+        version = ",".join(pinned) or "graph"
+        host: ReplicaHost
+        if self.spec.backend == "ray":
+            from skyloop.deploy.ray_replicas import RayReplicaHost
+
+            host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
+                                  self.generation, self.spec.ray_address)
+        else:
+            host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
+                               self.generation)
         endpoints = await host.start()
         log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
         return host
@@ -262,6 +270,8 @@ class DeploymentRunner:
             await host.stop()
 
     def _split_text(self) -> str:
+        if self.spec.router.type != "weighted":
+            return f"{self.spec.router.type} router over {', '.join(self.gateway.weights)}"
         return ", ".join(f"{n} {w:g}%" for n, w in self.gateway.weights.items())
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -307,9 +317,13 @@ class DeploymentRunner:
     async def tick(self, commands: list[str]) -> None:
         """Restart dead hosts, apply commands, advance the rollout, publish the state."""
         for name, host in list(self.hosts.items()):
+            if host.alive and await host.refresh():
+                pool = self.gateway.pools.get(name)
+                if pool is not None:
+                    pool.endpoints = list(host.endpoints)
+                continue
             if not host.alive:
-                code = host.proc.returncode if host.proc else None
-                await self.event("replicas_restarted", f"{name}: replica host exited ({code}); starting it again")
+                await self.event("replicas_restarted", f"{name}: {host.exit_description()}; starting it again")
                 try:
                     await self._swap_dead(name, host)
                 except SkyloopError as exc:

@@ -150,6 +150,15 @@ class ReplicaHost:
         """Whether the host process is running."""
         return self.proc is not None and self.proc.poll() is None
 
+    def exit_description(self) -> str:
+        """Why the host is gone (for the event that restarts it)."""
+        code = self.proc.returncode if self.proc is not None else None
+        return f"replica host exited with code {code}; last log lines: {self._tail(3)}"
+
+    async def refresh(self) -> bool:
+        """Whether the endpoints changed since the last call (never here: a replaced replica keeps its port)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """For status: pid, version, and each replica with the gateway's in-flight count."""
         inflight = {e.index: e for e in self.endpoints}

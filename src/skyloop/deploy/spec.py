@@ -260,6 +260,9 @@ class DeploymentSpec(_Model):
 
     name: str = Field(pattern=_NAME)
     backend: Literal["local", "ray"] = "local"
+    """Where replicas run: local processes, or Ray actors (each replica's `resources` become actor options)."""
+    ray_address: str | None = None
+    """backend ray: the cluster's address; default: the execution settings' `ray_address`, else a local Ray."""
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     predictors: list[PredictorSpec] = Field(min_length=1)
     router: RouterSpec = Field(default_factory=RouterSpec)

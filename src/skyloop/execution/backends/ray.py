@@ -41,7 +41,7 @@ from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_at
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
-__all__ = ["RayBackend"]
+__all__ = ["RayBackend", "connect_ray"]
 
 _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
@@ -74,6 +74,37 @@ def _import_ray() -> Any:
     return ray
 
 
+def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, bool]:
+    """The `ray` module, connected to `address` or to a local Ray started here (sized by `settings`),
+    unless Ray is already initialised in this process; and whether this call initialised it.
+
+    A Ray started here listens on 127.0.0.1 only, unless this process imported `ray` before
+    without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment (Ray reads it at import).
+    """
+    if address is None and "ray" not in sys.modules:
+        # Loopback only: Ray reads this once, at import, and only from the environment (its own
+        # processes inherit it). Not for a remote cluster, which must reach this driver. A user's
+        # value is kept.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray, False
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address is not None:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(
+                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
+                num_gpus=settings.max_gpus, _memory=settings.max_memory, **quiet,
+            )
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
+        where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
+        raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
+    return ray, True
+
+
 class RayBackend:
     """Runs each attempt as a Ray task on the cluster at `address`, or on a Ray started here."""
 
@@ -100,42 +131,15 @@ class RayBackend:
         """What the attempts given to Ray and not ended yet ask for."""
 
     def start(self) -> None:
-        """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here.
-
-        A Ray started here listens on 127.0.0.1 only, unless this process imported `ray` before
-        without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment (Ray reads it at import).
-        """
+        """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here
+        (see `connect_ray`)."""
         if self._ray is not None:
             return
-        if self.address is None and "ray" not in sys.modules:
-            # Loopback only: Ray reads this once, at import, and only from the environment (its own
-            # processes inherit it). Not for a remote cluster, which must reach this driver. A user's
-            # value is kept.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray = _import_ray()
-        if not ray.is_initialized():
-            self._init(ray)
-            self._owns_ray = True
+        ray, self._owns_ray = connect_ray(self.address, self.settings)
         self._ray = ray
         self._remote = ray.remote(run_attempt)
         context = DriverContext(node_id=self._node_id(ray), sys_path=own_paths())
         self._context = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def _init(self, ray: Any) -> None:
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-        try:
-            if self.address is not None:
-                ray.init(address=self.address, **quiet)
-                return
-            settings = self.settings
-            ray.init(
-                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
-                num_gpus=settings.max_gpus, _memory=settings.max_memory, **quiet,
-            )
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
-            where = f"connect to the Ray cluster at {self.address}" if self.address else "start a local Ray"
-            raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _node_id(ray: Any) -> str:

@@ -1,0 +1,252 @@
+"""A predictor's replicas as Ray actors (`backend: ray`): a drop-in for `replicas.ReplicaHost`.
+
+Each replica is one actor (`ReplicaServer`) placed by Ray with the predictor's `resources`. Its
+constructor loads the pinned graph into a `DataPlane` and serves it with uvicorn from a thread, on a free
+port of its node's address; the controller's gateway forwards to that address. The spec and the DB and
+artifact store URLs travel with the actor (not a file path), so a replica can run on another node that
+reaches the same DB and store.
+
+Ray restarts an actor whose process dies (`max_restarts=-1`): the constructor runs again and listens
+on a new port. `refresh()` asks every actor for its address (a call that waits while the actor is being
+restarted, so it costs the controller nothing) and swaps the endpoint once the new one answers. The
+host as a whole is dead only when Ray gives up on an actor, which then needs a new host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from skyloop.config import Settings
+from skyloop.deploy.gateway import Endpoint
+from skyloop.deploy.replicas import ReplicaHost
+from skyloop.deploy.spec import PredictorSpec
+from skyloop.errors import ModelLoadError
+from skyloop.serving.spec import GraphNode
+
+__all__ = ["RayReplicaHost", "ReplicaServer"]
+
+_START_TIMEOUT = 180.0
+_STOP_GRACE = 15.0
+_PROBE_EVERY = 0.2
+"""Seconds between address calls to one actor (a call still waiting is not repeated)."""
+
+
+class ReplicaServer:
+    """Inside a Ray actor: one replica's data plane, served by uvicorn on a free port of the node."""
+
+    def __init__(self, spec: dict[str, Any], home: str, db_url: str, artifacts_url: str, threads: int = 2) -> None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # one process, one replica: in-memory metrics
+        import ray
+        import uvicorn
+
+        from skyloop.serving.app import create_app
+        from skyloop.serving.dataplane import DataPlane
+        from skyloop.serving.server import bind
+        from skyloop.serving.spec import ServeSpec
+
+        settings = Settings.for_home(home).model_copy(update={"db_url": db_url, "artifacts_url": artifacts_url})
+        plane = DataPlane([ServeSpec.model_validate(spec)], settings, threads=threads)
+        plane.load()
+        failed = [f"{m.name}: {m.failure}" for m in plane.models.values() if m.failure]
+        if failed:
+            plane.close()
+            raise ModelLoadError("; ".join(failed))
+        host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        sock = bind(host, 0)
+        # uvloop: the default asyncio loop costs ~40 ms a request in a Ray worker.
+        config = uvicorn.Config(create_app(plane, load=False), loop="uvloop", http="httptools", log_level="warning",
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=int(_STOP_GRACE))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="skyloop-replica",
+                                       daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise ModelLoadError(f"the replica's server on {host}:{sock.getsockname()[1]} stopped at start")
+            time.sleep(0.005)
+        self.info = {"host": host, "port": sock.getsockname()[1], "pid": os.getpid(), "started_at": time.time(),
+                     "node": ray.get_runtime_context().get_node_id()}
+
+    def address(self) -> dict[str, Any]:
+        """Where this replica listens: host, port, pid, node and when it started."""
+        return self.info
+
+    def stop(self) -> None:
+        """Stop listening and return once the in-flight requests are answered (or the grace period ends)."""
+        self.server.should_exit = True
+        self.thread.join(_STOP_GRACE + 5)
+
+
+@dataclass(eq=False)
+class _Replica:
+    """The host's view of one actor."""
+
+    index: int
+    actor: Any
+    info: dict[str, Any]
+    restarts: int = 0
+    down: bool = False
+    """The actor's process died and Ray has not restarted it yet: its endpoint is out of the pool."""
+    probe: Any = None
+    """The address call in flight (an ObjectRef)."""
+    probed: float = 0.0
+
+
+class RayReplicaHost(ReplicaHost):
+    """One predictor version's replicas, each a Ray actor."""
+
+    def __init__(self, deployment: str, predictor: PredictorSpec, graph: GraphNode, version: str, folder: Path,
+                 settings: Settings, generation: int, ray_address: str | None = None) -> None:
+        super().__init__(deployment, predictor, graph, version, folder, settings, generation)
+        self.ray_address = ray_address or settings.execution.ray_address
+        self._ray: Any = None
+        self._replicas: list[_Replica] = []
+        self._dead: str | None = None
+        self._stopped = False
+
+    def _options(self) -> dict[str, Any]:
+        res = self.predictor.resources
+        options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom),
+                                   "max_restarts": -1, "max_task_retries": 0,
+                                   "max_concurrency": 4}  # `address` answers while `stop` waits
+        if res.memory > 0:
+            options["memory"] = res.memory
+        return options
+
+    async def start(self, timeout: float = _START_TIMEOUT) -> list[Endpoint]:
+        """Start one actor per replica and wait until each answers `/v2/health/ready`; ModelLoadError if not."""
+        from skyloop.execution.backends.ray import connect_ray
+
+        name = self.predictor.name
+        ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
+        self._ray = ray
+        doc = {"name": self.deployment, "version": self.version, "graph": self.graph.model_dump(mode="json"),
+               "batching": self.predictor.batching.model_dump(mode="json")}
+        s = self.settings
+        actor_class = ray.remote(ReplicaServer).options(**self._options())
+        actors = [actor_class.remote(doc, str(s.home), s.resolved_db_url, s.resolved_artifacts_url)
+                  for _ in range(self.predictor.replicas)]
+        deadline = time.monotonic() + timeout
+        try:
+            infos = await asyncio.to_thread(ray.get, [a.address.remote() for a in actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            self._kill(actors)
+            wants = {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
+            raise ModelLoadError(f"predictor {name!r}: its Ray actors did not start within {timeout:g}s; can the "
+                                 f"cluster give each what it asks for ({wants})?") from None
+        except Exception as exc:  # ActorDiedError wrapping the constructor's error, most often
+            self._kill(actors)
+            raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {_cause(exc)}") from exc
+        self._replicas = [_Replica(i, a, info) for i, (a, info) in enumerate(zip(actors, infos, strict=True))]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+            while not await self._all_ready_at(client):
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise ModelLoadError(f"predictor {name!r}: its Ray replicas were not ready after {timeout:g}s")
+                await asyncio.sleep(0.1)
+        self.endpoints = [self._endpoint(r) for r in self._replicas]
+        return self.endpoints
+
+    async def _all_ready_at(self, client: aiohttp.ClientSession) -> bool:
+        for r in self._replicas:
+            try:
+                async with client.get(f"http://{r.info['host']}:{r.info['port']}/v2/health/ready") as resp:
+                    if resp.status != 200:
+                        return False
+            except (TimeoutError, aiohttp.ClientError):
+                return False
+        return True
+
+    def _endpoint(self, r: _Replica) -> Endpoint:
+        return Endpoint(self.predictor.name, r.index, int(r.info["port"]), str(r.info["host"]))
+
+    def _kill(self, actors: list[Any]) -> None:
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                self._ray.kill(actor, no_restart=True)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """One entry per replica: index, host, port, pid, node, restarts, started_at, and whether it is down."""
+        return [{"index": r.index, "port": r.info["port"], "pid": r.info["pid"], "restarts": r.restarts,
+                 "started_at": r.info["started_at"], "host": r.info["host"], "node": r.info["node"], "down": r.down}
+                for r in self._replicas]
+
+    @property
+    def alive(self) -> bool:
+        """Whether the host can still serve: started, not stopped, and no actor given up on by Ray."""
+        return bool(self._replicas) and not self._stopped and self._dead is None
+
+    def exit_description(self) -> str:
+        """Why the host is gone (for the event that restarts it)."""
+        return self._dead or ("Ray replicas stopped" if self._stopped else "Ray replicas not started")
+
+    async def refresh(self) -> bool:
+        """Take in actors that Ray restarted (a new port) or lost; True when the endpoints changed."""
+        ray, now, changed = self._ray, time.monotonic(), False
+        pending = [r.probe for r in self._replicas if r.probe is not None]
+        done = set(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) if pending else set()
+        for r in self._replicas:
+            if r.probe is not None and r.probe in done:
+                probe, r.probe = r.probe, None
+                try:
+                    info = ray.get(probe, timeout=0)
+                except ray.exceptions.ActorUnavailableError:  # its process died; Ray is restarting it
+                    changed |= not r.down
+                    r.down = True
+                    continue
+                except ray.exceptions.RayActorError as exc:  # Ray gave up on it: the host needs replacing
+                    self._dead = f"Ray lost replica {r.index}: {_cause(exc)}"
+                    self._kill([q.actor for q in self._replicas])
+                    return True
+                if info["pid"] != r.info["pid"] or info["started_at"] != r.info["started_at"]:
+                    r.restarts += 1
+                changed |= r.down or (info["host"], info["port"]) != (r.info["host"], r.info["port"])
+                r.info, r.down = info, False
+            if r.probe is None and now - r.probed >= _PROBE_EVERY:
+                r.probe, r.probed = r.actor.address.remote(), now
+        if changed:
+            kept = {e.index: e for e in self.endpoints}
+            self.endpoints = [kept[r.index] if r.index in kept and kept[r.index].port == r.info["port"]
+                              and kept[r.index].host == r.info["host"] else self._endpoint(r)
+                              for r in self._replicas if not r.down]
+        return changed
+
+    def describe(self) -> dict[str, Any]:
+        """For status: version, Ray address, and each replica with the gateway's in-flight count."""
+        endpoints = {e.index: e for e in self.endpoints}
+        return {"pid": None, "backend": "ray", "ray_address": self.ray_address, "version": self.version,
+                "generation": self.generation, "alive": self.alive, "log": None,
+                "replicas": [{**r, "inflight": endpoints[r["index"]].inflight if r["index"] in endpoints else 0,
+                              "draining": endpoints[r["index"]].draining if r["index"] in endpoints else False}
+                             for r in self.replicas()]}
+
+    async def stop(self) -> None:
+        """Let every actor answer its in-flight requests and stop listening, then kill the actors."""
+        if self._stopped or not self._replicas:
+            self._stopped = True
+            return
+        self._stopped = True
+        ray, actors = self._ray, [r.actor for r in self._replicas]
+        with contextlib.suppress(Exception):
+            refs = [a.stop.remote() for a in actors]
+            await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=_STOP_GRACE + 5)
+        self._kill(actors)
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of what Ray says, without its boilerplate where it can be found."""
+    text = str(exc).strip()
+    for marker in ("ModelLoadError: ", "SkyloopError: "):
+        if marker in text:
+            text = text[text.rindex(marker):]
+            break
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,172 @@
+"""Deployments with `backend: ray`: replicas as Ray actors on a local Ray, driven by a controller in this process.
+
+One local Ray (2 CPUs, loopback only) for the module; the controller runs on a uvloop loop in a thread so
+that it shares the test's Ray (a controller process would start a Ray of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from deploy_support import Env, Load
+
+from skyloop.config import Settings
+from skyloop.deploy.api import delete_deployment
+from skyloop.deploy.spec import load_deployment_spec
+from skyloop.store import deployments as store
+from skyloop.store.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[ModuleType]:
+    """One local Ray for the module: 2 CPUs, a small object store, nothing but loopback."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in RAY_ENV.items():
+            patch.setenv(name, value)
+        ray = pytest.importorskip("ray")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=100 * 2**20, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@dataclass
+class RayEnv(Env):
+    """The deployment environment plus the fitted classifier the registry holds as `iris/1`."""
+
+    clf: Any = None
+
+
+@pytest.fixture(scope="module")
+def ray_env(ray_session: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
+    """A home with `iris` version 1 and a controller running in this process (on a thread)."""
+    import uvloop
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.deploy.controller import Controller
+    from skyloop.registry import log_model
+
+    class ThreadLoop(uvloop.Loop):  # type: ignore[misc]
+        """The controller's loop off the main thread, where signal handlers cannot be installed."""
+
+        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+            pass
+
+    root = tmp_path_factory.mktemp("raydeploy")
+    settings = Settings.for_home(root / "home")
+    X, y = load_iris(return_X_y=True)
+    clf = LogisticRegression(max_iter=500).fit(X, y)
+    log_model(clf, "iris", input_example=X[:5], settings=settings)
+    (root / "specs").mkdir()
+    controller = Controller(settings)
+    loop = ThreadLoop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
+    thread.start()
+    try:
+        yield RayEnv(settings, root / "specs", X, y, clf)
+    finally:
+        loop.call_soon_threadsafe(controller.stopping.set)
+        thread.join(60)
+        with contextlib.suppress(Exception):
+            loop.close()
+
+
+def apply(env: Env, doc: dict[str, Any]) -> store.DeploymentInfo:
+    """Record the spec (the API still refuses backend ray) and wait until the controller applied it."""
+    spec = load_deployment_spec(doc)
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.session() as session:
+            version, _ = store.apply_deployment(session, spec.name, spec.model_dump(mode="json"))
+    finally:
+        workspace.close()
+    return env.wait(spec.name, lambda i: i.controller is not None and i.state.get("owner") == i.controller
+                    and i.state.get("applied") == version, timeout=120, what=f"spec version {version} applied")
+
+
+def replicas(info: store.DeploymentInfo, predictor: str = "main") -> list[dict[str, Any]]:
+    return list(info.state["predictors"][predictor]["replicas"])
+
+
+def infer(url: str, X: np.ndarray[Any, Any]) -> list[int]:
+    body = {"inputs": [{"name": "input-0", "shape": list(X.shape), "datatype": "FP64",
+                        "data": X.ravel().tolist()}]}
+    request = urllib.request.Request(url + "/infer", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return [int(v) for v in json.load(resp)["outputs"][0]["data"]]
+
+
+def test_ray_replicas_serve_survive_a_killed_actor_and_stop_with_the_deployment(ray_env: RayEnv) -> None:
+    name = "rayiris"
+    doc = {"name": name, "backend": "ray",
+           "predictors": [{"name": "main", "model_uri": "models:/iris/1", "replicas": 2, "traffic": 100}]}
+    info = apply(ray_env, doc)
+    assert info.status == "Healthy", info.reason
+    before = replicas(info)
+    pids = [r["pid"] for r in before]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert all(psutil.pid_exists(p) and r["host"] == "127.0.0.1" and r["node"] for p, r in zip(pids, before,
+                                                                                                 strict=True))
+    url = ray_env.url(name)
+    assert infer(url, ray_env.X) == ray_env.clf.predict(ray_env.X).tolist()
+
+    victim = before[0]
+    with Load(url, ray_env.X, ray_env.y, clients=4) as load:
+        time.sleep(0.5)
+        killed, killed_at = time.monotonic(), time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def back(i: store.DeploymentInfo) -> bool:
+            r = replicas(i)[victim["index"]]
+            return r["pid"] != victim["pid"] and r["restarts"] >= 1 and not r["down"]
+
+        after = ray_env.wait(name, back, timeout=30, what="the killed replica back")
+        restarted = time.monotonic() - killed
+        time.sleep(0.5)
+    new = replicas(after)[victim["index"]]
+    print(f"replica back {restarted:.2f}s after SIGKILL (its server up after {new['started_at'] - killed_at:.2f}s); "
+          f"{len(load.answers)} answers, {len(load.failed)} failed")
+    assert len(load.answers) > 100
+    assert len(load.failed) <= 0.01 * len(load.answers)
+    assert new["port"] != victim["port"] or new["pid"] != victim["pid"]
+    assert infer(url, ray_env.X[:20]) == ray_env.clf.predict(ray_env.X[:20]).tolist()
+
+    delete_deployment(ray_env.settings, name)
+    gone = [new["pid"], replicas(after)[1 - victim["index"]]["pid"]]
+    deadline = time.monotonic() + 20
+    while any(psutil.pid_exists(p) for p in gone) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) for p in gone)
+
+
+def test_a_graph_that_cannot_load_in_its_actor_fails_the_spec_version_with_the_reason(ray_env: RayEnv) -> None:
+    doc = {"name": "raybroken", "backend": "ray",
+           "predictors": [{"name": "main", "traffic": 100, "graph": {
+               "name": "pre", "type": "TRANSFORMER", "implementation": "/nonexistent/nodes.py:Missing",
+               "children": [{"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}]}}]}
+    info = apply(ray_env, doc)
+    assert info.status == "Degraded"
+    assert "failed to start on Ray" in info.reason and "nodes.py" in info.reason, info.reason
+    assert info.state["predictors"] == {}
+    delete_deployment(ray_env.settings, "raybroken")
