@@ -26,8 +26,8 @@ from deploy_support import Env, Load
 from skyloop.config import Settings
 from skyloop.deploy.api import delete_deployment
 from skyloop.deploy.spec import load_deployment_spec
+from skyloop.errors import BackendError
 from skyloop.store import deployments as store
-from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +66,6 @@ def ray_env(ray_session: ModuleType, tmp_path_factory: pytest.TempPathFactory) -
     from skyloop.deploy.controller import Controller
     from skyloop.registry import log_model
 
-    class ThreadLoop(uvloop.Loop):  # type: ignore[misc]
-        """The controller's loop off the main thread, where signal handlers cannot be installed."""
-
-        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
-            pass
-
     root = tmp_path_factory.mktemp("raydeploy")
     settings = Settings.for_home(root / "home")
     X, y = load_iris(return_X_y=True)
@@ -79,7 +73,7 @@ def ray_env(ray_session: ModuleType, tmp_path_factory: pytest.TempPathFactory) -
     log_model(clf, "iris", input_example=X[:5], settings=settings)
     (root / "specs").mkdir()
     controller = Controller(settings)
-    loop = ThreadLoop()
+    loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
     thread.start()
     try:
@@ -92,16 +86,10 @@ def ray_env(ray_session: ModuleType, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def apply(env: Env, doc: dict[str, Any]) -> store.DeploymentInfo:
-    """Record the spec (the API still refuses backend ray) and wait until the controller applied it."""
-    spec = load_deployment_spec(doc)
-    workspace = Workspace.open(env.settings)
-    try:
-        with workspace.db.session() as session:
-            version, _ = store.apply_deployment(session, spec.name, spec.model_dump(mode="json"))
-    finally:
-        workspace.close()
-    return env.wait(spec.name, lambda i: i.controller is not None and i.state.get("owner") == i.controller
-                    and i.state.get("applied") == version, timeout=120, what=f"spec version {version} applied")
+    """Apply through the public API (the controller here is the one in this process)."""
+    from skyloop.deploy.api import apply_deployment
+
+    return apply_deployment(load_deployment_spec(doc), env.settings, start=False, timeout=120)
 
 
 def replicas(info: store.DeploymentInfo, predictor: str = "main") -> list[dict[str, Any]]:
@@ -165,7 +153,9 @@ def test_a_graph_that_cannot_load_in_its_actor_fails_the_spec_version_with_the_r
            "predictors": [{"name": "main", "traffic": 100, "graph": {
                "name": "pre", "type": "TRANSFORMER", "implementation": "/nonexistent/nodes.py:Missing",
                "children": [{"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}]}}]}
-    info = apply(ray_env, doc)
+    with pytest.raises(BackendError, match="failed to start on Ray"):
+        apply(ray_env, doc)
+    info = ray_env.info("raybroken")
     assert info.status == "Degraded"
     assert "failed to start on Ray" in info.reason and "nodes.py" in info.reason, info.reason
     assert info.state["predictors"] == {}

@@ -50,11 +50,22 @@ def _root(
 
 
 def _register() -> None:
-    from skyloop.cli import artifacts, deploy_cmd, models_cmd, pipeline_cmd, queue_cmd, run_cmd, runs, serve_cmd
+    from skyloop.cli import (
+        artifacts,
+        demo_cmd,
+        deploy_cmd,
+        models_cmd,
+        pipeline_cmd,
+        queue_cmd,
+        run_cmd,
+        runs,
+        serve_cmd,
+    )
 
     run_cmd.register(app)
     queue_cmd.register(app)
     serve_cmd.register(app)
+    demo_cmd.register(app)
     app.add_typer(runs.app, name="runs")
     app.add_typer(pipeline_cmd.app, name="pipeline")
     app.add_typer(artifacts.app, name="artifacts")

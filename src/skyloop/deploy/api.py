@@ -84,9 +84,6 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
                      timeout: float = 300.0, start: bool = True) -> store.DeploymentInfo:
     """Record a deployment spec; with `wait`, return once a controller has applied it (or failed to)."""
     spec = source if isinstance(source, DeploymentSpec) else load_deployment_spec(source)
-    if spec.backend == "ray":
-        raise SpecError("backend: ray is not available for deployments yet; use backend: local (replicas as local "
-                        "processes)")
     workspace = Workspace.open(settings)
     try:
         _check_models(workspace, spec)

@@ -23,11 +23,12 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -40,6 +41,9 @@ from skyloop.errors import SkyloopError
 from skyloop.serving.server import bind
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
+
+if TYPE_CHECKING:
+    from skyloop.deploy.loop import Loop
 
 __all__ = ["Controller", "DeploymentRunner"]
 
@@ -83,6 +87,7 @@ class DeploymentRunner:
         self.busy: asyncio.Task[None] | None = None
         self.state_written = 0.0
         self.applied = 0
+        self.loop: Loop | None = None
         """The spec version this runner has acted on (applied, or failed to)."""
 
     @property
@@ -139,7 +144,14 @@ class DeploymentRunner:
         return f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        """Stop serving: gateway first, then every replica host."""
+        """Stop serving: gateway first, then every replica host (logged payloads are written out)."""
+        if self.loop is not None:
+            if self.loop.task is not None:
+                self.loop.task.cancel()
+            batch = self.loop.payloads.take()
+            if batch:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.loop.payloads.write, batch)
         if self.server is not None:
             self.server.should_exit = True
         if self.serve_task is not None:
@@ -185,7 +197,7 @@ class DeploymentRunner:
         wanted = [p for p in new_spec.predictors if restored is None or restored.get(p.name, 0) > 0 or p.shadow]
         changed = [p for p in wanted if p.name not in self.hosts or old_spec is None
                    or p.name not in {q.name for q in old_spec.predictors}
-                   or _shape(p) != _shape(old_spec.predictor(p.name))]
+                   or not await self._serves_already(p, old_spec.predictor(p.name))]
         self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
         results = await asyncio.gather(*(self._new_host(p) for p in changed), return_exceptions=True)
         failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
@@ -199,13 +211,18 @@ class DeploymentRunner:
             self.applied = self.spec_version
             await self.write_state(force=True)
             return
-        for p, result in zip(changed, results, strict=True):
-            assert isinstance(result, ReplicaHost)
-            await self._swap(p.name, result)
+        hosts = {p.name: r for p, r in zip(changed, results, strict=True) if isinstance(r, ReplicaHost)}
+        # New predictors get their pools first, then the traffic split changes, and only then are running
+        # predictors replaced (rolling): a replaced predictor never takes traffic the new split denies it.
+        for name in [n for n in hosts if n not in self.hosts]:
+            await self._swap(name, hosts.pop(name))
         gone = [n for n in self.hosts if n not in {p.name for p in wanted}]
         self._start_traffic(old_spec, restored)
+        for name, host in hosts.items():
+            await self._swap(name, host)
         for name in gone:
             await self._retire(name)
+        self._start_loop(old_spec)
         self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
                       f"{self._split_text()}"
         if self.rollout is None:
@@ -215,6 +232,30 @@ class DeploymentRunner:
             await self._transitions(self.rollout.start(time.monotonic()))
         self.applied = self.spec_version
         await self.write_state(force=True)
+
+    async def _serves_already(self, new: PredictorSpec, old: PredictorSpec) -> bool:
+        """Whether the running host of `old` already serves what `new` asks for (e.g. `@champion` -> the same
+        pinned version): then nothing restarts."""
+        if _shape(new) == _shape(old):
+            return True
+        host = self.hosts.get(new.name)
+        fields = ("replicas", "resources", "batching")
+        if host is None or any(getattr(new, f) != getattr(old, f) for f in fields):
+            return False
+        try:
+            graph, _ = await asyncio.to_thread(pin_graph, new.node(), self.spec.base_dir, self._resolve)
+        except SkyloopError:
+            return False
+        return graph == host.graph
+
+    def _start_loop(self, old: DeploymentSpec | None) -> None:
+        if self.spec.loop is None:
+            self.loop = None
+            self.gateway.payloads = None
+        elif self.loop is None or old is None or old.loop != self.spec.loop:
+            from skyloop.deploy.loop import Loop
+
+            self.loop = Loop(self, self.spec.loop)
 
     def _restored_weights(self) -> dict[str, float] | None:
         saved = self.saved_state.get("rollout") or {}
@@ -227,7 +268,11 @@ class DeploymentRunner:
         spec = self.spec
         shadows = self._spec_shadows(spec)
         rolling = spec.rollout.strategy is Strategy.ROLLING
-        same_rollout = old is not None and old.rollout == spec.rollout and self.rollout is not None
+        target = spec.rollout.target
+        same_rollout = (old is not None and old.rollout == spec.rollout and self.rollout is not None
+                        and not self.rollout.done and target is not None
+                        and target in {p.name for p in old.predictors}
+                        and _shape(old.predictor(target)) == _shape(spec.predictor(target)))
         if restored is not None:
             self.rollout = None
             self.gateway.set_weights({k: v for k, v in restored.items() if k in self.hosts}, shadows)
@@ -335,9 +380,12 @@ class DeploymentRunner:
             await self._transitions(self.rollout.tick(now, self.gateway.windows))
         elif commands:
             await self.event("command_ignored", f"{', '.join(commands)}: no rollout in progress")
+        if self.loop is not None:
+            await self.loop.tick()
         await self.write_state()
 
     async def _swap_dead(self, name: str, dead: ReplicaHost) -> None:
+        await dead.stop()  # whatever is left of it
         host = await self._new_host(self.spec.predictor(name))
         pool = self.gateway.pools.setdefault(name, Pool(name))
         pool.endpoints, pool.version = list(host.endpoints), host.version
@@ -359,7 +407,7 @@ class DeploymentRunner:
                 "applied": self.applied,
                 "predictors": {n: {**h.describe(), "weight": self.gateway.weights.get(n, 0.0),
                                    "shadow": self.gateway.shadows.get(n, 0.0)} for n, h in self.hosts.items()},
-                "rollout": rollout, **self.gateway.state()}
+                "rollout": rollout, "loop": self.loop.describe() if self.loop else None, **self.gateway.state()}
 
     async def write_state(self, force: bool = False) -> None:
         """Publish `describe()` on the deployment row (at most about once a second unless forced)."""
@@ -400,8 +448,9 @@ class Controller:
     async def run(self) -> None:
         """The control loop."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        if threading.current_thread() is threading.main_thread():  # embedded in a thread: the host stops us
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
         claimed_at = 0.0
         infos: list[store.DeploymentInfo] = []
         try:

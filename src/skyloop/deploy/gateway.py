@@ -34,6 +34,7 @@ from starlette.routing import Route
 from skyloop.deploy.analysis import Window
 from skyloop.deploy.spec import RouterSpec
 from skyloop.deploy.traffic import Traffic
+from skyloop.monitoring.payloads import PayloadLog
 from skyloop.serving.metrics import CONTENT_TYPE
 
 __all__ = ["Endpoint", "Gateway", "Pool"]
@@ -158,6 +159,8 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._shadow_slots = asyncio.Semaphore(_SHADOW_CONCURRENCY)
         self._background: set[asyncio.Task[None]] = set()
+        self.payloads: PayloadLog | None = None
+        """Set by the deployment's loop: answered inferences are logged there."""
         self.app = self._build()
         self.set_weights(weights, shadows or {})
 
@@ -328,7 +331,10 @@ class Gateway:
             data, length = _join(answer, out_tail, out_length is not None)
         except (ValueError, orjson.JSONDecodeError, AttributeError):
             return Response(data, status, out_headers, media_type="application/json")
-        self._remember(str(answer.get("id") or request_id), predictor, _first_output(answer), endpoint)
+        answer_id = str(answer.get("id") or request_id)
+        self._remember(answer_id, predictor, _first_output(answer), endpoint)
+        if self.payloads is not None:
+            self.payloads.add(answer_id, predictor, version, seconds, doc.get("inputs"), answer.get("outputs"))
         for shadow in shadows:
             self._mirror(shadow, path, body, headers, str(answer.get("id") or request_id), binary)
         if length is not None:

@@ -31,6 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skyloop.errors import SpecError
+from skyloop.monitoring.drift import DriftSpec
+from skyloop.monitoring.payloads import LogSpec
+from skyloop.monitoring.triggers import TriggersSpec
 from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, parse_duration
 from skyloop.spec.files import read_yaml, validate
 from skyloop.spec.resources import Resources
@@ -39,10 +42,15 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "AnalysisSpec",
     "DeploymentSpec",
+    "DriftCheckSpec",
+    "GateSpec",
     "GatewaySpec",
+    "LoopSpec",
     "MetricCheck",
     "MetricName",
     "PredictorSpec",
+    "QualitySpec",
+    "RetrainSpec",
     "RolloutSpec",
     "RolloutStep",
     "RouterSpec",
@@ -247,6 +255,91 @@ class AnalysisSpec(_Model):
         return value
 
 
+class DriftCheckSpec(_Model):
+    """How the serving version's recent inputs are compared with its training reference."""
+
+    window: int = Field(default=300, ge=10)
+    """The most recent logged rows of the serving version that are tested."""
+    every: float = 5.0
+    """Seconds between checks (drift, quality and the triggers)."""
+    horizon: float = 600.0
+    """How far back logs are read, in seconds."""
+    tests: DriftSpec = Field(default_factory=DriftSpec)
+    """Per-feature tests and thresholds, the dataset-drift share, minimum rows."""
+
+    _every = _seconds("every")
+    _horizon = _seconds("horizon")
+
+
+class QualitySpec(_Model):
+    """Live quality of the serving version, from feedback joined to its logged answers."""
+
+    metric: Literal["accuracy", "mean_reward"] = "accuracy"
+    window: int = Field(default=200, ge=1)
+    """The most recent labelled answers it is computed over."""
+    min_samples: int = Field(default=50, ge=1)
+    """Fewer labelled answers: no quality figure (and no quality trigger)."""
+
+
+class RetrainSpec(_Model):
+    """The pipeline a firing runs; it must register a new version of `model`."""
+
+    pipeline: str
+    """`FILE.py:PIPELINE` (relative to the spec) or `package.module:PIPELINE`."""
+    model: str
+    """The registered model the pipeline logs (and the deployment serves)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    data_param: str = "data"
+    """The pipeline parameter that receives the path of the labelled data (parquet: features + `target`)."""
+    backend: Literal["inline", "local", "ray"] = "local"
+    rows: int = Field(default=5000, ge=10)
+    """The most recent labelled rows used (training + holdout)."""
+    min_rows: int = Field(default=100, ge=10)
+    """Fewer labelled rows: the firing is recorded and nothing is retrained."""
+    holdout: float = Field(default=0.3, gt=0, lt=1)
+    """The share of those rows kept from training for the gate."""
+    fresh: bool = False
+    """Train only on rows labelled after the firing (waiting up to `wait` for `min_rows` of them): after a
+    drift, the new model learns the new world, not a mix of old and new."""
+    wait: float = 120.0
+    """fresh: how long to wait for enough new labelled rows before giving up this firing."""
+
+    _wait = _seconds("wait")
+
+
+class GateSpec(_Model):
+    """What a challenger must show on the holdout before it is rolled out (MLflow's MetricThreshold)."""
+
+    metric: Literal["accuracy"] = "accuracy"
+    min: float | None = None
+    """Absolute: the challenger's value must be at least this."""
+    min_delta: float = 0.0
+    """Relative: challenger >= champion + min_delta (on the same holdout)."""
+
+
+class LoopSpec(_Model):
+    """The closed loop: log, watch drift and quality, retrain on a trigger, gate, then canary."""
+
+    log: LogSpec = Field(default_factory=LogSpec)
+    drift: DriftCheckSpec = Field(default_factory=DriftCheckSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    triggers: TriggersSpec | None = None
+    """None: log and monitor only."""
+    retrain: RetrainSpec | None = None
+    gate: GateSpec = Field(default_factory=GateSpec)
+    steps: list[RolloutStep] = Field(default_factory=lambda: [RolloutStep(weight=25, duration=20.0),
+                                                              RolloutStep(weight=50, duration=20.0)])
+    """The canary a blessed challenger goes through."""
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+    @model_validator(mode="after")
+    def _check(self) -> LoopSpec:
+        if self.triggers is not None and self.retrain is None:
+            raise ValueError("loop: triggers need retrain: {pipeline: FILE.py:PIPELINE, model: NAME} to run")
+        return self
+
+
 class GatewaySpec(_Model):
     """Where the deployment's router listens."""
 
@@ -268,6 +361,8 @@ class DeploymentSpec(_Model):
     router: RouterSpec = Field(default_factory=RouterSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    loop: LoopSpec | None = None
+    """Payload logging, drift, triggers and gated retraining (the closed loop)."""
     base_dir: Path | None = None
     """Where `file.py:Class` nodes and relative model directories are found (the spec file's folder)."""
 
@@ -284,6 +379,16 @@ class DeploymentSpec(_Model):
         total = sum(p.traffic for p in live)
         if not bandit and abs(total - 100) > 1e-6:
             raise ValueError(f"predictors: traffic adds up to {total:g}, it must add up to 100")
+        if self.loop is not None and self.loop.retrain is not None:
+            if bandit:
+                raise ValueError("loop: retraining rolls challengers out as canaries; use router type weighted")
+            serving = [p for p in live if p.traffic > 0]
+            models = {u.removeprefix("models:/").split("@")[0].split("/")[0]
+                      for p in serving for u in p.registered_models()}
+            if len(serving) != 1 or models != {self.loop.retrain.model}:
+                raise ValueError(f"loop: the deployment must serve one predictor with traffic whose graph is the "
+                                 f"registered model {self.loop.retrain.model!r} (e.g. model_uri: "
+                                 f"models:/{self.loop.retrain.model}@champion)")
         target = self.rollout.target
         if target is not None:
             if target not in names:

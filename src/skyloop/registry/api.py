@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from skyloop.config import Settings
 from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
 from skyloop.registry.context import current_step
@@ -109,7 +111,8 @@ def log_model(model: object, name: str, flavor: str | None = None,
               metrics: Mapping[str, float] | None = None, settings: Settings | None = None, *,
               tags: Mapping[str, str] | None = None, description: str | None = None,
               extra_files: Mapping[str, str | Path] | None = None, run_id: str | None = None,
-              step_run_id: str | None = None, inputs: Mapping[str, str] | None = None) -> ModelVersionInfo:
+              step_run_id: str | None = None, inputs: Mapping[str, str] | None = None,
+              reference: Any = None) -> ModelVersionInfo:
     """Package `model` as a directory with `model.yaml` and register it as the next version of `name`.
 
     The flavor is inferred when not given (sklearn estimators, objects with `predict`, `.onnx` paths,
@@ -117,6 +120,8 @@ def log_model(model: object, name: str, flavor: str | None = None,
     `signature`, the saved model is loaded back, run on the example, and the signature inferred.
     Inside a running step, the version records the run, the step run and the artifacts the step read;
     outside one, pass `run_id` / `step_run_id` / `inputs` to record them.
+    `reference` (a frame or 2-D array of training inputs) is stored as `reference.parquet`, the data that
+    drift detection compares live inputs with (at most 5,000 rows, sampled).
     """
     check_name(name)
     settings = _settings(settings)
@@ -136,6 +141,8 @@ def log_model(model: object, name: str, flavor: str | None = None,
             spec = manifest.signature
         if spec is None and input_example is not None:
             spec = infer_signature(input_example, chosen.load(root).predict(input_example))
+        if reference is not None:
+            _write_reference(reference, root / REFERENCE, spec)
         workspace = Workspace.open(settings)
         try:
             producer = _producer(run_id, step_run_id, inputs)
@@ -164,6 +171,38 @@ def log_model(model: object, name: str, flavor: str | None = None,
                 return create_version(session, manifest, files[MANIFEST], files, tags=tags, description=description)
         finally:
             workspace.close()
+
+
+REFERENCE = "reference.parquet"
+"""The file of a model directory holding its training reference data (for drift detection)."""
+_REFERENCE_ROWS = 5000
+
+
+def _write_reference(data: Any, path: Path, signature: Signature | None) -> None:
+    """Write the reference with the column names payload logs will have (see `monitoring.payloads`)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(data) if hasattr(data, "columns") else pd.DataFrame(np.asarray(data))
+    if frame.ndim != 2 or frame.empty:
+        raise SpecError("reference must be a non-empty frame or 2-D array of the model's inputs")
+    specs = signature.inputs if signature is not None else []
+    if len(specs) == 1 and len(specs[0].shape) == 2:
+        frame.columns = [f"{specs[0].name}_{j}" for j in range(frame.shape[1])]  # one [n, k] tensor
+    elif specs and all(len(s.shape) == 1 for s in specs):
+        names = [s.name for s in specs]
+        if not set(names) <= {str(c) for c in frame.columns}:
+            if frame.shape[1] != len(names):
+                raise SpecError(f"reference has {frame.shape[1]} columns, the signature {len(names)} inputs "
+                                f"({', '.join(names)})")
+            frame.columns = names
+        frame = frame[names]
+    else:
+        frame.columns = [str(c) for c in frame.columns]
+    if path.exists():
+        raise SpecError(f"{path.name} is reserved for the reference data; rename that extra file")
+    if len(frame) > _REFERENCE_ROWS:
+        frame = frame.sample(n=_REFERENCE_ROWS, random_state=0)
+    frame.reset_index(drop=True).to_parquet(path, index=False)
 
 
 def materialize(workspace: Workspace, info: ModelVersionInfo) -> Path:

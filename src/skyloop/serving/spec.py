@@ -49,18 +49,18 @@ METHODS: dict[NodeType, str] = {
 }
 """The method a user class needs for each node type."""
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 
 
 def parse_duration(value: float | str, field: str) -> float:
-    """Seconds from a number (seconds) or a string like `2ms`, `1.5s`, `5m`."""
+    """Seconds from a number (seconds) or a string like `2ms`, `1.5s`, `5m`, `1h`."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
         match = _DURATION.match(str(value))
         if match is None:
-            raise ValueError(f"{field}: {value!r} is not a duration; write e.g. 2ms, 1.5s or 5m")
-        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[match.group(2)]
+            raise ValueError(f"{field}: {value!r} is not a duration; write e.g. 2ms, 1.5s, 5m or 1h")
+        seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
     if seconds < 0:
         raise ValueError(f"{field}: a duration cannot be negative")
     return seconds

@@ -29,12 +29,14 @@ __all__ = [
     "DeploymentCommandRow",
     "DeploymentEventRow",
     "DeploymentRow",
+    "DriftReportRow",
     "Event",
     "FeedbackRow",
     "Lineage",
     "ModelAliasRow",
     "ModelRow",
     "ModelVersionRow",
+    "PayloadSegmentRow",
     "RunRow",
     "StepRunRow",
 ]
@@ -296,3 +298,31 @@ class DeploymentCommandRow(Base):
     command: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column()
     handled_at: Mapped[datetime | None] = mapped_column()
+
+
+class PayloadSegmentRow(Base):
+    """A file of logged inferences (parquet), indexed so that monitoring reads only the segments it needs."""
+
+    __tablename__ = "payload_segments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(200), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    rows: Mapped[int] = mapped_column(Integer)
+    versions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    first_at: Mapped[datetime] = mapped_column()
+    last_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DriftReportRow(Base):
+    """One drift check of a deployed model version: recent inputs against its training reference."""
+
+    __tablename__ = "drift_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column()
+    dataset_drift: Mapped[bool] = mapped_column()
+    share: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)

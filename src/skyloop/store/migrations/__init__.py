@@ -10,7 +10,7 @@ from sqlalchemy import Connection
 
 __all__ = ["HEAD", "alembic_config", "upgrade"]
 
-HEAD = "0005"
+HEAD = "0006"
 """The newest revision; a test checks it against the scripts so that the quick check stays right."""
 
 

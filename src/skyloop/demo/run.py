@@ -1,0 +1,367 @@
+"""`skyloop demo`: the whole loop on this machine, in about two minutes.
+
+1. train the agent's first model with a pipeline (local worker processes) and register it as `champion`;
+2. deploy it behind a gateway, with a `loop` section: payload logging, drift and quality checks, triggers,
+   fresh-data retraining, a gate and a canary;
+3. drive simulated agent traffic with delayed feedback (labels arrive a second after the answer);
+4. shift what the agent sees: the drift and the drop in live accuracy are detected, the loop retrains on
+   fresh labelled logs, the gate blesses the challenger, the canary passes, the alias moves;
+5. write a report (PNG and HTML: accuracy, traffic split, drift, which version served when).
+
+A live view shows it happening. Everything is real: SQLite, the artifact folder, a controller process,
+replica processes and HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from skyloop.config import Settings
+from skyloop.demo.world import FEATURES, World
+from skyloop.errors import BackendError
+from skyloop.store import deployments as store
+from skyloop.store.workspace import Workspace
+
+__all__ = ["DEPLOYMENT", "Demo", "demo_spec"]
+
+DEPLOYMENT = "agent"
+THRESHOLD = 0.8
+_MARKED = {"loop.fired": "drift", "loop.retraining": "retrain", "loop.blessed": "blessed",
+           "loop.rejected": "rejected", "promoted": "promoted", "rolled_back": "rolled_back", "step": "canary",
+           "shift": "drift"}
+
+
+def demo_spec(steps_seconds: float = 8.0) -> dict[str, Any]:
+    """The demo's deployment: one champion, the closed loop, and the canary its challengers go through."""
+    return {
+        "name": DEPLOYMENT,
+        "predictors": [{"name": "champion", "model_uri": "models:/agent@champion", "replicas": 1, "traffic": 100}],
+        "analysis": {"interval": "2s", "min_samples": 30, "failure_limit": 1,
+                     "metrics": [{"name": "error_rate", "max": 0.02}, {"name": "accuracy", "max_drop": 0.05}]},
+        "loop": {
+            # 600 rows: with fewer, the sampling noise of the Wasserstein distance alone nears the 0.1 threshold.
+            "drift": {"window": 600, "every": "2s",
+                      "tests": {"min_rows": 100, "features": {f: {"test": "wasserstein"} for f in FEATURES}}},
+            "quality": {"metric": "accuracy", "window": 150, "min_samples": 60},
+            "triggers": {"on": [{"drift": True}, {"quality_below": THRESHOLD}], "mode": "any", "debounce": 2,
+                         "cooldown": "60s"},
+            "retrain": {"pipeline": "skyloop.demo.pipeline:train_agent", "model": "agent", "fresh": True,
+                        "min_rows": 500, "rows": 1500, "holdout": 0.3, "backend": "local"},
+            "gate": {"min": THRESHOLD, "min_delta": 0.05},
+            "steps": [{"weight": 30, "duration": steps_seconds}, {"weight": 60, "duration": steps_seconds}],
+        },
+    }
+
+
+@dataclass
+class Answer:
+    """One answered request as the simulated agents saw it."""
+
+    at: float
+    version: str
+    correct: bool
+
+
+@dataclass
+class Agents:
+    """Simulated agents: `clients` loops sending observations at `rate` per second, labels `delay` s later."""
+
+    url: str
+    world: World
+    rate: float = 60.0
+    clients: int = 6
+    delay: float = 1.0
+    answers: deque[Answer] = field(default_factory=lambda: deque(maxlen=200_000))
+    requests: int = 0
+    errors: int = 0
+    feedback: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="demo-agents", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    async def _main(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            pending: set[asyncio.Task[None]] = set()
+            await asyncio.gather(*(self._agent(session, pending) for _ in range(self.clients)))
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    async def _agent(self, session: Any, pending: set[asyncio.Task[None]]) -> None:
+        import aiohttp
+
+        interval = self.clients / self.rate
+        while not self._stop.is_set():
+            started = time.monotonic()
+            x = self.world.observe(1)
+            truth = int(self.world.truth(x)[0])
+            body = {"inputs": [{"name": f, "shape": [1], "datatype": "FP64", "data": [float(x[0, i])]}
+                               for i, f in enumerate(FEATURES)]}
+            self.requests += 1
+            try:
+                async with session.post(f"{self.url}/infer", json=body) as resp:
+                    doc = await resp.json(content_type=None)
+                    ok = resp.status == 200
+                    version = resp.headers.get("skyloop-model-version", "")
+            except (TimeoutError, aiohttp.ClientError):
+                ok, doc, version = False, {}, ""
+            if not ok:
+                self.errors += 1
+            else:
+                label = int(doc["outputs"][0]["data"][0])
+                self.answers.append(Answer(time.time(), version, label == truth))
+                task = asyncio.create_task(self._label(session, doc["id"], truth))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _label(self, session: Any, inference_id: str, truth: int) -> None:
+        await asyncio.sleep(self.delay)
+        with contextlib.suppress(Exception):
+            async with session.post(f"{self.url}/feedback", json={"id": inference_id, "truth": truth}) as resp:
+                if resp.status == 200:
+                    self.feedback += 1
+
+    def accuracy(self, since: float, version: str | None = None) -> tuple[float | None, int]:
+        """Accuracy of the answers given after `since` (of one version, if given)."""
+        recent = [a for a in list(self.answers) if a.at >= since and (version is None or a.version == version)]
+        if not recent:
+            return None, 0
+        return sum(a.correct for a in recent) / len(recent), len(recent)
+
+    def shares(self, since: float) -> dict[str, float]:
+        """Percent of answers per version after `since`."""
+        recent = [a.version for a in list(self.answers) if a.at >= since]
+        return {v: 100.0 * recent.count(v) / len(recent) for v in sorted(set(recent))} if recent else {}
+
+
+class Demo:
+    """Runs the story; `run()` returns True when the retrained model serves everything, accurately."""
+
+    def __init__(self, settings: Settings, console: Console, baseline: float = 20.0, limit: float = 170.0) -> None:
+        self.settings = settings
+        self.console = console
+        self.baseline = baseline
+        self.limit = limit
+        self.world = World(seed=11)
+        self.started = time.time()
+        self.events: list[tuple[float, str, str]] = []
+        self.accuracy: list[tuple[float, str, float]] = []
+        self.traffic: list[tuple[float, dict[str, float]]] = []
+        self.shifted_at: float | None = None
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.workspace = Workspace.open(settings)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def train_first_model(self) -> str:
+        from skyloop.execution.api import run
+        from skyloop.registry.registry import set_alias
+
+        with self.console.status("training the first model (pipeline on local worker processes) ..."):
+            result = run("skyloop.demo.pipeline:train_agent", {"data": "", "rows": 3000, "seed": 7},
+                         backend="local", settings=self.settings)
+        if result.status != "SUCCEEDED":
+            raise BackendError(f"the training run {result.id} {result.status}: {result.error}")
+        uri = str(result.outputs["uri"])
+        version = int(uri.rsplit("/", 1)[1])
+        with self.workspace.db.session() as session:
+            set_alias(session, "agent", "champion", version)
+        self.console.print(f"[green]✓[/] trained and registered {uri} (run {result.id[:8]}), alias champion")
+        return uri
+
+    def start_controller(self) -> None:
+        log = self.settings.home / "deployments" / "controller.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "skyloop", "--home", str(self.settings.home), "deploy", "controller"]
+        with open(log, "ab") as out:
+            self.controller = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def deploy(self) -> str:
+        from skyloop.deploy.api import apply_deployment
+
+        with self.console.status("deploying: gateway, replica, loop ..."):
+            info = apply_deployment(demo_spec(), self.settings, start=False, timeout=120)
+        url = f"{info.state['gateway']}/v2/models/{DEPLOYMENT}"
+        self.console.print(f"[green]✓[/] deployed {DEPLOYMENT} at {url}")
+        return url
+
+    def stop(self) -> None:
+        from skyloop.deploy.api import delete_deployment
+
+        with contextlib.suppress(Exception):
+            delete_deployment(self.settings, DEPLOYMENT, timeout=30)
+        if self.controller is not None and self.controller.poll() is None:
+            self.controller.send_signal(signal.SIGTERM)
+            try:
+                self.controller.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.controller.kill()
+                self.controller.wait()
+        self.workspace.close()
+
+    # -- watching ------------------------------------------------------------------------------------------
+    def info(self) -> store.DeploymentInfo:
+        with self.workspace.db.read() as session:
+            return store.get_deployment(session, DEPLOYMENT)
+
+    def history(self) -> list[store.DeploymentEvent]:
+        with self.workspace.db.read() as session:
+            return store.deployment_history(session, DEPLOYMENT)
+
+    def sample(self, agents: Agents) -> None:
+        now = time.time()
+        t = now - self.started
+        for version in agents.shares(now - 3):
+            acc, n = agents.accuracy(now - 3, version)
+            if acc is not None and n >= 10:
+                self.accuracy.append((t, version, acc))
+        shares = agents.shares(now - 2)
+        if shares:
+            self.traffic.append((t, shares))
+
+    def view(self, agents: Agents, stage: str) -> Panel:
+        info = self.info()
+        state = info.state
+        loop = state.get("loop") or {}
+        now = time.time()
+        table = Table(box=None, show_header=False)
+        table.add_row("elapsed", f"{now - self.started:5.0f} s   world: "
+                      + ("[red]shifted[/]" if self.world.shifted else "[green]as trained[/]"), )
+        table.add_row("stage", stage)
+        table.add_row("requests", f"{agents.requests}  (errors {agents.errors}, labels {agents.feedback})")
+        acc, n = agents.accuracy(now - 5)
+        table.add_row("accuracy (5 s)", "-" if acc is None else f"{acc:.3f} over {n} answers")
+        table.add_row("traffic", "  ".join(f"{v} {s:.0f}%" for v, s in agents.shares(now - 2).items()))
+        table.add_row("status", f"{info.status}: {info.reason}"[:110])
+        drift = loop.get("dataset_drift")
+        table.add_row("drift", "-" if drift is None
+                      else ("[red]DRIFT[/] " if drift else "none ") + loop.get("drift", ""))
+        quality = loop.get("quality")
+        table.add_row("live quality", "-" if quality is None else f"{quality:.3f} (loop's view, from feedback)")
+        table.add_row("loop", str(loop.get("phase", "-")))
+        events = Table("t", "event", "why", box=None)
+        for e in self.history()[-7:]:
+            events.add_row(f"{e.at.timestamp() - self.started:5.0f}", e.kind, e.reason[:90])
+        return Panel(Group(table, events), title="skyloop demo: the closed loop", border_style="cyan")
+
+    def done(self) -> bool:
+        if self.shifted_at is None:
+            return False
+        promoted = [e for e in self.history() if e.kind == "loop.finished" and "Healthy" in e.reason]
+        if not promoted:
+            return False
+        acc, n = self._agents_accuracy(8)
+        return acc is not None and n >= 100 and acc >= THRESHOLD
+
+    def _agents_accuracy(self, seconds: float) -> tuple[float | None, int]:
+        return self.agents.accuracy(time.time() - seconds)
+
+    # -- the story -----------------------------------------------------------------------------------------
+    def run(self) -> bool:
+        from skyloop.monitoring.report import LoopReport, render_report
+
+        self.console.rule("skyloop demo")
+        try:
+            self.train_first_model()
+            self.start_controller()
+            url = self.deploy()
+            self.agents = Agents(url, self.world)
+            self.agents.start()
+            deadline = self.started + self.limit
+            with Live(self.view(self.agents, "baseline"), console=self.console, refresh_per_second=4) as live:
+                phase_end = time.time() + self.baseline
+                while time.time() < phase_end:
+                    time.sleep(0.5)
+                    self.sample(self.agents)
+                    live.update(self.view(self.agents, "baseline: the model sees what it was trained on"))
+                before, _ = self._agents_accuracy(self.baseline - 2)
+                self.world.shifted = True
+                self.shifted_at = time.time()
+                self.events.append((self.shifted_at - self.started, "shift", "the world shifts: x0 +3, x3 +1.5"))
+                while not self.done() and time.time() < deadline:
+                    time.sleep(0.5)
+                    self.sample(self.agents)
+                    live.update(self.view(self.agents, "shifted: detect, retrain, gate, canary, promote"))
+                tail = time.time() + 6
+                while time.time() < tail and time.time() < deadline:
+                    time.sleep(0.5)
+                    self.sample(self.agents)
+                    live.update(self.view(self.agents, "after the loop"))
+            after, _ = self._agents_accuracy(6)
+            self.agents.stop()
+            ok = self.done()
+            report = self._report(LoopReport, before, after)
+            png, html = render_report(report, self.settings.home / "demo")
+            self._summary(ok, before, after, png, html)
+            return ok
+        finally:
+            if getattr(self, "agents", None) is not None:
+                self.agents.stop()
+            self.stop()
+
+    def _report(self, report_type: Any, before: float | None, after: float | None) -> Any:
+        from sqlalchemy import select
+
+        from skyloop.store.models import DriftReportRow
+
+        with self.workspace.db.read() as session:
+            rows = session.scalars(select(DriftReportRow).where(DriftReportRow.deployment == DEPLOYMENT)
+                                   .order_by(DriftReportRow.id)).all()
+            drift = [(r.at.timestamp() - self.started, {f["feature"]: f["statistic"] for f in r.report["features"]},
+                      r.dataset_drift) for r in rows if r.at.timestamp() >= self.started]
+        events = [*self.events, *[(e.at.timestamp() - self.started, _MARKED.get(e.kind, e.kind), e.reason)
+                                  for e in self.history() if e.at.timestamp() >= self.started]]
+        final = self.traffic[-1][1] if self.traffic else {}
+        summary = {"final model": ", ".join(f"{v} ({s:.0f}%)" for v, s in final.items()),
+                   "accuracy before the shift": _fmt(before), "accuracy at the end": _fmt(after),
+                   "requests": f"{self.agents.requests} ({self.agents.errors} errors)",
+                   "duration": f"{time.time() - self.started:.0f} s"}
+        return report_type(title="skyloop demo: drift, retraining, gate, canary", started_at=self.started,
+                           accuracy=self.accuracy, accuracy_threshold=THRESHOLD, traffic=self.traffic, drift=drift,
+                           drift_threshold=0.1, drift_statistic="normed Wasserstein distance",
+                           events=sorted(events), summary=summary)
+
+    def _summary(self, ok: bool, before: float | None, after: float | None, png: Path, html: Path) -> None:
+        table = Table("", "", box=None, show_header=False)
+        for e in self.history():
+            if e.kind.startswith("loop.") or e.kind in ("promoted", "rolled_back", "alias_moved"):
+                table.add_row(f"{e.at.timestamp() - self.started:5.0f} s  {e.kind}", e.reason[:120])
+        self.console.print(table)
+        self.console.print(f"accuracy before the shift {_fmt(before)}, at the end {_fmt(after)}; "
+                           f"{self.agents.requests} requests, {self.agents.errors} errors; "
+                           f"{time.time() - self.started:.0f} s")
+        self.console.print(f"report: {png}\n        {html}")
+        if ok:
+            self.console.print("[bold green]the retrained model serves 100% and accuracy is back above "
+                               f"{THRESHOLD}[/]")
+        else:
+            self.console.print("[bold red]the loop did not finish in time[/]; see `skyloop deploy history agent` and "
+                               f"{self.settings.home / 'deployments'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

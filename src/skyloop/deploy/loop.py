@@ -1,0 +1,353 @@
+"""The closed loop of one deployment: log, watch, retrain on a trigger, gate, canary, promote.
+
+Runs inside the deployment's runner (the controller process), next to its gateway:
+
+1. the gateway logs answered inferences (`monitoring.payloads`); the loop writes them out every second;
+2. every `drift.every` seconds it measures the serving version: drift of its recent inputs against the
+   reference stored with the model (`monitoring.drift`), live quality from feedback joined by id, and
+   the labelled rows since the last firing; results go to `drift_reports` and Prometheus gauges;
+3. `monitoring.triggers` decides; a firing is a `loop.fired` event with its cause;
+4. the retraining pipeline runs on the most recent labelled rows minus a holdout, and must register a
+   new version of the model (found by the run's id); it gets the `challenger` alias;
+5. the gate compares challenger and champion on the holdout (absolute and relative thresholds): a
+   `loop.blessed` or `loop.rejected` event with both figures, and the verdict as tags on the version;
+6. a blessed challenger is written as a new spec version: champion at 100%, challenger as a canary
+   with the loop's steps; the deployment's analysis judges it and, on success, the `champion` alias
+   moves. The cooldown starts when the rollout ends, promoted or rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Gauge
+
+from skyloop.deploy.rollout import Phase
+from skyloop.deploy.spec import DeploymentSpec, LoopSpec, RolloutSpec, Strategy
+from skyloop.monitoring.payloads import META, PayloadLog, labelled, read_payloads
+from skyloop.monitoring.triggers import Firing, Signals, Triggers
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from skyloop.deploy.controller import DeploymentRunner
+
+__all__ = ["Loop"]
+
+log = logging.getLogger("skyloop.deploy")
+
+_LABELS = ("truth", "reward")
+
+
+class Loop:
+    """The loop of one deployment, driven by its runner's ticks."""
+
+    def __init__(self, runner: DeploymentRunner, spec: LoopSpec) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.workspace = runner.controller.workspace
+        self.payloads = PayloadLog(runner.name, self.workspace, spec.log)
+        runner.gateway.payloads = self.payloads
+        self.triggers = Triggers(spec.triggers, time.monotonic()) if spec.triggers else None
+        self.phase = "watching"
+        self.rollout_version = 0
+        """The spec version this loop wrote for its canary (the rollout to follow once it is applied)."""
+        self.task: asyncio.Task[None] | None = None
+        self.last_check = 0.0
+        self.labelled_since = time.time()
+        self.references: dict[str, pd.DataFrame | None] = {}
+        self.last: dict[str, Any] = {}
+        registry = runner.gateway.metrics.registry
+        name = runner.name
+        self.g_drift = Gauge("skyloop_dataset_drift", "1 when the serving version's inputs drift.",
+                             ["deployment", "version"], registry=registry)
+        self.g_share = Gauge("skyloop_drifted_features_share", "Share of features that drift.",
+                             ["deployment", "version"], registry=registry)
+        self.g_feature = Gauge("skyloop_feature_drift", "Drift statistic per feature (p-value or distance).",
+                               ["deployment", "version", "feature"], registry=registry)
+        self.g_quality = Gauge("skyloop_live_quality", "Live quality of the serving version, from feedback.",
+                               ["deployment", "version", "metric"], registry=registry)
+        self.g_labelled = Gauge("skyloop_labelled_rows", "Labelled rows since the last firing.", ["deployment"],
+                                registry=registry)
+        self._name = name
+
+    # -- ticking -------------------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Write logs, follow a rollout in progress, and check the triggers when due."""
+        if self.payloads.due():
+            batch = self.payloads.take()
+            await asyncio.to_thread(self.payloads.write, batch)
+        now = time.monotonic()
+        if self.phase == "rolling_out" and self.runner.applied >= self.rollout_version:
+            rollout = self.runner.rollout
+            if rollout is None or rollout.done:
+                outcome = rollout.phase.value if rollout else "stopped"
+                await self.runner.event("loop.finished", f"loop iteration over: the challenger's rollout ended "
+                                                          f"{outcome}")
+                self._idle(now)
+        if now - self.last_check < self.spec.drift.every or self.phase != "watching":
+            return
+        self.last_check = now
+        signals = await asyncio.to_thread(self.measure)
+        if self.triggers is None:
+            return
+        firing = self.triggers.check(signals, now)
+        if firing is not None:
+            self.phase = "retraining"
+            self.labelled_since = time.time()
+            await self.runner.event("loop.fired", f"trigger fired: {firing.reason}", metrics=firing.cause)
+            self.task = asyncio.create_task(self._iterate(firing))
+
+    def _idle(self, now: float) -> None:
+        self.phase = "watching"
+        if self.triggers is not None:
+            self.triggers.finished(now)
+
+    def serving(self) -> str | None:
+        """The model version (`name/version`) of the predictor with the most traffic."""
+        weights = self.runner.gateway.weights
+        live = [n for n in weights if n in self.runner.hosts and weights[n] > 0]
+        if not live:
+            return None
+        return self.runner.hosts[max(live, key=lambda n: weights[n])].version
+
+    # -- measuring -----------------------------------------------------------------------------------------
+    def _reference(self, version: str) -> pd.DataFrame | None:
+        if version not in self.references:
+            from skyloop.registry.api import REFERENCE, materialize
+            from skyloop.registry.registry import resolve
+            from skyloop.registry.uri import parse_model_ref
+
+            frame = None
+            try:
+                with self.workspace.db.read() as session:
+                    info = resolve(session, parse_model_ref(f"models:/{version}"))
+                path = materialize(self.workspace, info) / REFERENCE
+                if path.exists():
+                    import pandas as pd
+
+                    frame = pd.read_parquet(path)
+            except Exception as exc:  # no reference: drift is not measured, the rest goes on
+                log.warning("%s: no reference data for %s: %s", self._name, version, exc)
+            self.references[version] = frame
+        return self.references[version]
+
+    def measure(self) -> Signals:
+        """Drift, quality and labelled rows of the serving version now (worker thread)."""
+        from skyloop.monitoring.drift import detect_drift
+        from skyloop.store.models import DriftReportRow
+        from skyloop.store.runs import utcnow
+
+        version = self.serving()
+        since = time.time() - self.spec.drift.horizon
+        drift: bool | None = None
+        detail = ""
+        if version is not None:
+            recent = read_payloads(self.workspace, self._name, since=since, version=version,
+                                   last=self.spec.drift.window)
+            reference = self._reference(version)
+            if reference is not None and len(recent) >= self.spec.drift.tests.min_rows:
+                features = [c for c in reference.columns if c in recent.columns]
+                report = detect_drift(reference[features], recent[features], self.spec.drift.tests)
+                if report.enough_data:
+                    drift = report.dataset_drift
+                    detail = f"{report.drifted}/{len(report.features)} features drift"
+                    self.g_drift.labels(self._name, version).set(1.0 if drift else 0.0)
+                    self.g_share.labels(self._name, version).set(report.share)
+                    for f in report.features:
+                        self.g_feature.labels(self._name, version, f.feature).set(f.statistic)
+                    with self.workspace.db.session() as session:
+                        session.add(DriftReportRow(deployment=self._name, version=version, at=utcnow(),
+                                                   dataset_drift=bool(drift), share=report.share,
+                                                   report=report.to_dict()))
+        quality, samples = self._quality(version, since)
+        new_rows = len(labelled(self.workspace, self._name, since=self.labelled_since))
+        self.g_labelled.labels(self._name).set(new_rows)
+        self.last = {"version": version, "dataset_drift": drift, "drift": detail, "quality": quality,
+                     "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase}
+        return Signals(drift, quality, new_rows, detail, samples)
+
+    def _quality(self, version: str | None, since: float) -> tuple[float | None, int]:
+        if version is None:
+            return None, 0
+        rows = labelled(self.workspace, self._name, since=since, version=version, last=self.spec.quality.window)
+        if self.spec.quality.metric == "mean_reward":
+            rows = rows[rows["reward"].notna()]
+            value = float(rows["reward"].mean()) if len(rows) else None
+        else:
+            rows = rows[rows["truth"].notna()]
+            value = float((rows["prediction"].astype(str) == rows["truth"].astype(str)).mean()) if len(rows) else None
+        if value is not None:
+            self.g_quality.labels(self._name, version, self.spec.quality.metric).set(value)
+        if len(rows) < self.spec.quality.min_samples:
+            return None, len(rows)
+        return value, len(rows)
+
+    # -- one iteration ---------------------------------------------------------------------------------------
+    async def _iterate(self, firing: Firing) -> None:
+        try:
+            await self._retrain_and_roll_out()
+        except Exception as exc:
+            log.exception("%s: loop iteration failed", self._name)
+            await self.runner.event("loop.failed", f"loop iteration failed: {type(exc).__name__}: {exc}")
+            self._idle(time.monotonic())
+
+    async def _retrain_and_roll_out(self) -> None:
+        retrain = self.spec.retrain
+        assert retrain is not None
+        champion = self.serving()
+        since = time.time() - self.spec.drift.horizon
+        if retrain.fresh:
+            since = time.time()
+            await self.runner.event("loop.collecting", f"waiting for {retrain.min_rows} rows labelled after the "
+                                                       "firing (fresh data)")
+            deadline = time.monotonic() + retrain.wait
+            while time.monotonic() < deadline:
+                count = len(await asyncio.to_thread(labelled, self.workspace, self._name, since))
+                if count >= retrain.min_rows:
+                    break
+                await asyncio.sleep(1.0)
+        data = await asyncio.to_thread(labelled, self.workspace, self._name, since, None, retrain.rows)
+        data = data[data["truth"].notna()]
+        if len(data) < retrain.min_rows or champion is None:
+            await self.runner.event("loop.skipped", f"{len(data)} labelled rows, {retrain.min_rows} needed to "
+                                                    "retrain; waiting for more feedback")
+            self._idle(time.monotonic())
+            return
+        features = [c for c in data.columns if c not in (*META, *_LABELS)]
+        shuffled = data.sample(frac=1.0, random_state=len(data)).reset_index(drop=True)
+        cut = int(len(shuffled) * (1 - retrain.holdout))
+        train, holdout = shuffled.iloc[:cut], shuffled.iloc[cut:]
+        folder = self.runner.folder / "loop"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"train-{int(time.time())}.parquet"
+        train_frame = train[features].assign(target=train["truth"].to_numpy())
+        await asyncio.to_thread(train_frame.to_parquet, path, index=False)
+        await self.runner.event("loop.retraining", f"running {retrain.pipeline} on {len(train)} labelled rows "
+                                                   f"({len(holdout)} held out for the gate)")
+        run = await asyncio.to_thread(self._run_pipeline, str(path))
+        if run.status != "SUCCEEDED":
+            await self.runner.event("loop.failed", f"retraining run {run.id} {run.status}: {run.error}")
+            self._idle(time.monotonic())
+            return
+        challenger = await asyncio.to_thread(self._registered_by, run.id)
+        if challenger is None:
+            await self.runner.event("loop.failed", f"retraining run {run.id} registered no version of "
+                                                   f"{retrain.model!r}")
+            self._idle(time.monotonic())
+            return
+        blessed, figures = await asyncio.to_thread(self._gate, champion, challenger, holdout, features)
+        figures["run_id"] = run.id
+        if not blessed:
+            await self.runner.event("loop.rejected", f"{challenger} not rolled out: {figures['reason']}",
+                                    metrics=figures)
+            self._idle(time.monotonic())
+            return
+        await self.runner.event("loop.blessed", f"{challenger} blessed: {figures['reason']}", metrics=figures)
+        version = await asyncio.to_thread(self._apply_canary, champion, challenger)
+        self.rollout_version = version
+        self.phase = "rolling_out"
+        await self.runner.event("loop.rollout", f"spec version {version}: {challenger} as a canary against "
+                                                f"{champion}")
+
+    def _run_pipeline(self, data_path: str) -> Any:
+        from skyloop.execution.api import run
+
+        retrain = self.spec.retrain
+        assert retrain is not None
+        target = retrain.pipeline
+        module = target.rpartition(":")[0]
+        base = self.runner.spec.base_dir
+        if module.endswith(".py") and base is not None and not module.startswith("/"):
+            target = f"{(base / module).resolve()}:{target.rpartition(':')[2]}"
+        params = {**retrain.params, retrain.data_param: data_path}
+        return run(target, params, backend=retrain.backend, settings=self.runner.controller.settings)
+
+    def _registered_by(self, run_id: str) -> str | None:
+        from sqlalchemy import select
+
+        from skyloop.registry.registry import set_alias
+        from skyloop.store.models import ModelRow, ModelVersionRow
+
+        retrain = self.spec.retrain
+        assert retrain is not None
+        with self.workspace.db.session() as session:
+            row = session.execute(
+                select(ModelVersionRow.version).join(ModelRow, ModelRow.id == ModelVersionRow.model_id)
+                .where(ModelRow.name == retrain.model, ModelVersionRow.run_id == run_id)
+                .order_by(ModelVersionRow.version.desc())).first()
+            if row is None:
+                return None
+            set_alias(session, retrain.model, self.spec.challenger_alias, int(row[0]))
+            return f"{retrain.model}/{row[0]}"
+
+    def _gate(self, champion: str, challenger: str, holdout: pd.DataFrame,
+              features: list[str]) -> tuple[bool, dict[str, Any]]:
+        from skyloop.registry.api import load_model
+        from skyloop.registry.registry import set_tags
+        from skyloop.registry.uri import parse_model_ref
+
+        settings = self.runner.controller.settings
+        truth = holdout["truth"].astype(str).to_numpy()
+        scores = {}
+        for label, version in (("champion", champion), ("challenger", challenger)):
+            predicted = load_model(f"models:/{version}", settings).predict(holdout[features])
+            scores[label] = float((predicted.astype(str) == truth).mean())
+        gate = self.spec.gate
+        reasons = []
+        if gate.min is not None and scores["challenger"] < gate.min:
+            reasons.append(f"challenger accuracy {scores['challenger']:.3f} < min {gate.min:g}")
+        if scores["challenger"] < scores["champion"] + gate.min_delta:
+            reasons.append(f"challenger accuracy {scores['challenger']:.3f} < champion "
+                           f"{scores['champion']:.3f} + {gate.min_delta:g}")
+        blessed = not reasons
+        reason = "; ".join(reasons) if reasons else (
+            f"accuracy {scores['challenger']:.3f} vs champion {scores['champion']:.3f} on {len(holdout)} held-out "
+            "labelled rows")
+        figures = {"metric": gate.metric, **scores, "holdout_rows": len(holdout), "min": gate.min,
+                   "min_delta": gate.min_delta, "champion_version": champion, "challenger_version": challenger,
+                   "champion_live": self.last.get("quality"), "blessed": blessed, "reason": reason}
+        with self.workspace.db.session() as session:
+            set_tags(session, parse_model_ref(f"models:/{challenger}"),
+                     {"blessed": str(blessed).lower(), "gate.challenger": f"{scores['challenger']:.4f}",
+                      "gate.champion": f"{scores['champion']:.4f}"})
+        return blessed, figures
+
+    def _apply_canary(self, champion: str, challenger: str) -> int:
+        from skyloop.store import deployments as store
+
+        spec = self.runner.spec
+        template = next(p for p in spec.predictors if p.name == self._champion_name(spec))
+        predictors = [
+            template.model_copy(update={"name": "champion", "model_uri": f"models:/{champion}", "graph": None,
+                                        "traffic": 100.0, "shadow": 0.0}),
+            template.model_copy(update={"name": "challenger", "model_uri": f"models:/{challenger}", "graph": None,
+                                        "traffic": 0.0, "shadow": 0.0}),
+            *(p for p in spec.predictors if p.shadow),
+        ]
+        rollout = RolloutSpec(strategy=Strategy.CANARY, target="challenger", steps=self.spec.steps,
+                              promote_alias=self.spec.champion_alias)
+        new = DeploymentSpec.model_validate({**spec.model_dump(), "predictors": [p.model_dump() for p in predictors],
+                                            "rollout": rollout.model_dump()})
+        with self.workspace.db.session() as session:
+            version, _ = store.apply_deployment(session, self._name, new.model_dump(mode="json"))
+        return version
+
+    def _champion_name(self, spec: DeploymentSpec) -> str:
+        weights = self.runner.gateway.weights
+        live = [p.name for p in spec.predictors if not p.shadow and p.name in weights]
+        return max(live, key=lambda n: weights.get(n, 0.0)) if live else spec.predictors[0].name
+
+    def describe(self) -> dict[str, Any]:
+        """For status: the phase, the last measurements and the firings."""
+        return {"phase": self.phase, **self.last, "logged": self.payloads.logged,
+                "cooldown_left": round(self.triggers.cooling(time.monotonic()), 1) if self.triggers else None,
+                "firings": [{"reason": f.reason} for f in self.triggers.history] if self.triggers else []}
+
+    @staticmethod
+    def finished_phase(phase: Phase) -> bool:
+        """Whether a rollout phase ends a loop iteration."""
+        return phase in (Phase.HEALTHY, Phase.DEGRADED)

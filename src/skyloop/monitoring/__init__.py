@@ -1,0 +1,1 @@
+"""Monitoring of deployed models: payload logs, drift, triggers and the closed loop."""

@@ -1,0 +1,256 @@
+"""Data drift between a reference frame and current traffic, per feature, with Evidently's default tests.
+
+The test for a feature follows Evidently's `DataDriftPreset` unless the spec names one:
+
+============  ======================================  ==================================
+kind          reference <= 1,000 rows                 reference > 1,000 rows
+============  ======================================  ==================================
+numeric       Kolmogorov-Smirnov, drift if p < 0.05   normed Wasserstein, drift if >= 0.1
+categorical   chi-squared, drift if p < 0.05          Jensen-Shannon, drift if >= 0.1
+binary        two-proportion z-test, drift if p<0.05  Jensen-Shannon, drift if >= 0.1
+============  ======================================  ==================================
+
+A column is numeric when its reference dtype is numeric (not bool) with more than 5 distinct values.
+Missing values (NaN, None) are dropped per feature before testing; a feature with no current values
+left is reported drifted with a NaN statistic (a feature that stops arriving is drift worth hearing of).
+The dataset drifts when at least `share` of the checked features drift.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from skyloop.errors import SpecError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["DriftReport", "DriftSpec", "FeatureDrift", "FeatureDriftSpec", "FeatureTest", "detect_drift"]
+
+_SMALL_REFERENCE = 1_000  # Evidently switches from p-value tests to distances above this many reference rows
+_MAX_DISCRETE = 5  # a numeric column with at most this many distinct values is categorical
+_EPSILON = 1e-4  # Evidently's stand-in for an empty category's share in Jensen-Shannon
+_UNSEEN_PSEUDO_COUNT = 0.5  # chi-squared: expected count given to a category the reference never had
+_MIN_STD = 1e-3  # Evidently's floor for the reference std that norms the Wasserstein distance
+
+
+class FeatureTest(StrEnum):
+    """A statistical test (or distance) used to decide whether one feature drifted."""
+
+    AUTO = "auto"
+    KS = "ks"
+    CHISQUARE = "chisquare"
+    Z = "z"
+    WASSERSTEIN = "wasserstein"
+    JENSENSHANNON = "jensenshannon"
+
+
+_NUMERIC_TESTS = {FeatureTest.KS, FeatureTest.WASSERSTEIN}
+_DISTANCE_TESTS = {FeatureTest.WASSERSTEIN, FeatureTest.JENSENSHANNON}
+
+
+class FeatureDriftSpec(BaseModel):
+    """How one feature is tested; every field left alone means Evidently's default.
+
+    `threshold` is a p-value for ks, chisquare and z (drift when p < threshold, default 0.05) and a
+    distance for wasserstein and jensenshannon (drift when distance >= threshold, default 0.1).
+    A named test fixes the kind: ks and wasserstein are numeric, the others categorical.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "numeric", "categorical"] = "auto"
+    test: FeatureTest = FeatureTest.AUTO
+    threshold: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _kind_fits_test(self) -> FeatureDriftSpec:
+        if self.kind != "auto" and self.test != FeatureTest.AUTO and self.kind != _test_kind(self.test):
+            raise ValueError(f"test {self.test.value!r} is for {_test_kind(self.test)} features, "
+                             f"but kind is {self.kind!r}")
+        return self
+
+
+class DriftSpec(BaseModel):
+    """Which features to check, how, and when the whole dataset counts as drifted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: dict[str, FeatureDriftSpec] = {}
+    """Per-feature overrides; every name must be a reference column."""
+    ignore: list[str] = []
+    """Features not checked (names absent from the reference are allowed)."""
+    share: float = Field(default=0.5, gt=0, le=1)
+    """The dataset drifts when at least this share of the checked features drift."""
+    min_rows: int = Field(default=30, ge=1)
+    """With fewer current rows nothing is tested and the report says there is not enough data."""
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """The verdict on one feature: the test used, its statistic, its p-value (None for distances)."""
+
+    feature: str
+    kind: str
+    test: str
+    statistic: float
+    p_value: float | None
+    threshold: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """The verdict on a current frame against a reference: per feature, then for the dataset."""
+
+    features: list[FeatureDrift]
+    drifted: int
+    share: float
+    dataset_drift: bool
+    reference_rows: int
+    current_rows: int
+    enough_data: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values; NaN statistics become None."""
+        out = asdict(self)
+        for feature in out["features"]:
+            for key in ("statistic", "p_value"):
+                if feature[key] is not None and math.isnan(feature[key]):
+                    feature[key] = None
+        return out
+
+
+def detect_drift(reference: pd.DataFrame, current: pd.DataFrame, spec: DriftSpec | None = None) -> DriftReport:
+    """Test every reference column (but the ignored) for drift in `current`.
+
+    Raises `SpecError` when a checked feature is missing from `current`, when `spec.features` names a
+    column the reference lacks, when a numeric test meets non-numeric values, or when a feature has
+    no values at all in the reference.
+    """
+    spec = spec or DriftSpec()
+    columns = [str(c) for c in reference.columns]
+    unknown = sorted(set(spec.features) - set(columns))
+    if unknown:
+        raise SpecError(f"drift spec names features the reference lacks: {', '.join(unknown)}")
+    checked = [c for c in columns if c not in set(spec.ignore)]
+    missing = [c for c in checked if c not in set(map(str, current.columns))]
+    if missing:
+        raise SpecError(f"current data lacks features: {', '.join(missing)} (add them or list them in `ignore`)")
+    ref_rows, cur_rows = len(reference), len(current)
+    if cur_rows < spec.min_rows:
+        return DriftReport([], 0, 0.0, False, ref_rows, cur_rows, enough_data=False)
+    ref_by_name = {str(c): reference[c] for c in reference.columns}
+    cur_by_name = {str(c): current[c] for c in current.columns}
+    results = [_check(name, ref_by_name[name].dropna(), cur_by_name[name].dropna(),
+                      spec.features.get(name, FeatureDriftSpec()), large=ref_rows > _SMALL_REFERENCE)
+               for name in checked]
+    drifted = sum(r.drifted for r in results)
+    share = drifted / len(results) if results else 0.0
+    return DriftReport(results, drifted, share, bool(results) and share >= spec.share, ref_rows, cur_rows,
+                       enough_data=True)
+
+
+def _test_kind(test: FeatureTest) -> Literal["numeric", "categorical"]:
+    return "numeric" if test in _NUMERIC_TESTS else "categorical"
+
+
+def _check(name: str, ref: pd.Series[Any], cur: pd.Series[Any], fspec: FeatureDriftSpec, *,
+           large: bool) -> FeatureDrift:
+    if ref.empty:
+        raise SpecError(f"feature {name!r} has no values in the reference (list it in `ignore`)")
+    test = fspec.test
+    if test == FeatureTest.AUTO:
+        kind = fspec.kind if fspec.kind != "auto" else _auto_kind(ref)
+        if kind == "numeric":
+            test = FeatureTest.WASSERSTEIN if large else FeatureTest.KS
+        elif large:
+            test = FeatureTest.JENSENSHANNON
+        else:
+            union = set(ref.unique()) | set(cur.unique())
+            test = FeatureTest.Z if len(union) == 2 else FeatureTest.CHISQUARE
+    threshold = fspec.threshold if fspec.threshold is not None else 0.1 if test in _DISTANCE_TESTS else 0.05
+    if cur.empty:
+        return FeatureDrift(name, _test_kind(test), test.value, math.nan, None, threshold, True)
+    if test in _NUMERIC_TESTS:
+        statistic, p_value = _numeric(name, test, ref, cur)
+    else:
+        statistic, p_value = _categorical(name, test, ref, cur)
+    drifted = statistic >= threshold if p_value is None else p_value < threshold
+    return FeatureDrift(name, _test_kind(test), test.value, statistic, p_value, threshold, bool(drifted))
+
+
+def _auto_kind(ref: pd.Series[Any]) -> Literal["numeric", "categorical"]:
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    numeric = is_numeric_dtype(ref.dtype) and not is_bool_dtype(ref.dtype)
+    return "numeric" if numeric and ref.nunique() > _MAX_DISCRETE else "categorical"
+
+
+def _numeric(name: str, test: FeatureTest, ref: pd.Series[Any], cur: pd.Series[Any]) -> tuple[float, float | None]:
+    try:
+        x, y = np.asarray(ref, dtype=np.float64), np.asarray(cur, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"feature {name!r}: test {test.value!r} needs numbers ({exc}); "
+                        "set its kind to 'categorical'") from exc
+    stats = _scipy("stats")
+    if test == FeatureTest.KS:
+        result = stats.ks_2samp(x, y)
+        return float(result.statistic), float(result.pvalue)
+    # Evidently's rule for a constant reference: norm by a floor, so any move of the current values is large.
+    norm = max(float(np.std(x)), _MIN_STD)
+    return float(stats.wasserstein_distance(x, y)) / norm, None
+
+
+def _categorical(name: str, test: FeatureTest, ref: pd.Series[Any], cur: pd.Series[Any]) -> tuple[float, float | None]:
+    ref_counts, cur_counts = _counts(ref), _counts(cur)
+    keys = list(dict.fromkeys([*ref_counts, *cur_counts]))  # the reference's most common first
+    r = np.array([ref_counts.get(k, 0) for k in keys], dtype=np.float64)
+    c = np.array([cur_counts.get(k, 0) for k in keys], dtype=np.float64)
+    if test == FeatureTest.JENSENSHANNON:
+        p, q = r / r.sum(), c / c.sum()
+        p[p == 0], q[q == 0] = _EPSILON, _EPSILON
+        return float(_scipy("spatial.distance").jensenshannon(p, q)), None
+    if test == FeatureTest.Z:
+        if len(keys) > 2:
+            raise SpecError(f"feature {name!r}: the z-test needs at most two categories, found {len(keys)}")
+        return _z_test(r, c)
+    # Chi-squared of current counts against the reference's proportions. A category the reference never
+    # had would expect 0 (an infinite statistic from one stray value), so it gets a pseudo-count instead.
+    if len(keys) == 1:
+        return 0.0, 1.0
+    expected = np.where(r == 0, _UNSEEN_PSEUDO_COUNT, r)
+    expected = expected / expected.sum() * c.sum()
+    result = _scipy("stats").chisquare(c, expected)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _z_test(r: np.ndarray[Any, Any], c: np.ndarray[Any, Any]) -> tuple[float, float | None]:
+    """Two-proportion z-test on the share of the first category; z > 0 when it grew in `current`."""
+    if len(r) < 2:
+        return 0.0, 1.0
+    n1, n2 = float(r.sum()), float(c.sum())
+    p1, p2 = r[0] / n1, c[0] / n2
+    pooled = (r[0] + c[0]) / (n1 + n2)
+    z = float((p2 - p1) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)))
+    return z, float(2 * _scipy("stats").norm.sf(abs(z)))
+
+
+def _counts(values: pd.Series[Any]) -> dict[Any, int]:
+    counts = values.value_counts()
+    return {k: int(n) for k, n in counts.items() if n > 0}  # a categorical dtype lists unseen categories as 0
+
+
+def _scipy(module: str) -> Any:
+    # scipy ships no type information, and only the drift tests need it: imported on first use.
+    try:
+        return importlib.import_module(f"scipy.{module}")
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("drift detection needs scipy: pip install scipy") from exc

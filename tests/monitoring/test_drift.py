@@ -1,0 +1,204 @@
+"""Data drift: Evidently's default tests, per-feature overrides and the dataset-drift rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from scipy import stats
+from scipy.spatial import distance
+
+from skyloop.errors import SpecError
+from skyloop.monitoring.drift import DriftSpec, FeatureDrift, FeatureDriftSpec, FeatureTest, detect_drift
+
+
+def _numeric(seed: int, n: int, shift: float = 0.0) -> pd.DataFrame:
+    return pd.DataFrame({"x": np.random.default_rng(seed).normal(shift, 1.0, n)})
+
+
+def _categorical(seed: int, n: int, probs: list[float]) -> pd.DataFrame:
+    cats = ["a", "b", "c", "d"][: len(probs)]
+    return pd.DataFrame({"x": np.random.default_rng(seed).choice(cats, size=n, p=probs)})
+
+
+def _only(ref: pd.DataFrame, cur: pd.DataFrame, spec: DriftSpec | None = None) -> FeatureDrift:
+    report = detect_drift(ref, cur, spec)
+    assert len(report.features) == 1
+    return report.features[0]
+
+
+SAME: list[tuple[str, Any, Any]] = [
+    ("ks", lambda: _numeric(1, 300), lambda: _numeric(2, 300)),
+    ("wasserstein", lambda: _numeric(1, 2_000), lambda: _numeric(2, 2_000)),
+    ("chisquare", lambda: _categorical(1, 500, [0.5, 0.3, 0.2]), lambda: _categorical(2, 300, [0.5, 0.3, 0.2])),
+    ("z", lambda: _categorical(1, 500, [0.7, 0.3]), lambda: _categorical(2, 300, [0.7, 0.3])),
+    ("jensenshannon", lambda: _categorical(1, 2_000, [0.5, 0.3, 0.2]),
+     lambda: _categorical(2, 1_000, [0.5, 0.3, 0.2])),
+]
+
+
+@pytest.mark.parametrize(("test", "ref", "cur"), SAME, ids=[s[0] for s in SAME])
+def test_same_distribution_does_not_drift(test: str, ref: Any, cur: Any) -> None:
+    result = _only(ref(), cur())
+    assert result.test == test
+    assert not result.drifted
+
+
+SHIFTED: list[tuple[str, Any, Any]] = [
+    ("ks", lambda: _numeric(1, 300), lambda: _numeric(2, 300, shift=1.0)),
+    ("wasserstein", lambda: _numeric(1, 2_000), lambda: _numeric(2, 2_000, shift=1.0)),
+    ("chisquare", lambda: _categorical(1, 500, [0.5, 0.3, 0.2]), lambda: _categorical(2, 300, [0.2, 0.3, 0.5])),
+    ("z", lambda: _categorical(1, 500, [0.7, 0.3]), lambda: _categorical(2, 300, [0.5, 0.5])),
+    ("jensenshannon", lambda: _categorical(1, 2_000, [0.5, 0.3, 0.2]),
+     lambda: _categorical(2, 1_000, [0.2, 0.3, 0.5])),
+]
+
+
+@pytest.mark.parametrize(("test", "ref", "cur"), SHIFTED, ids=[s[0] for s in SHIFTED])
+def test_changed_distribution_drifts(test: str, ref: Any, cur: Any) -> None:
+    result = _only(ref(), cur())
+    assert result.test == test
+    assert result.drifted
+
+
+def test_kinds_are_detected() -> None:
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"few": rng.integers(0, 3, 200), "many": rng.normal(size=200),
+                        "flag": rng.integers(0, 2, 200).astype(bool), "text": rng.choice(["u", "v", "w"], 200)})
+    report = detect_drift(ref, ref.copy())
+    kinds = {f.feature: (f.kind, f.test) for f in report.features}
+    assert kinds == {"few": ("categorical", "chisquare"), "many": ("numeric", "ks"),
+                     "flag": ("categorical", "z"), "text": ("categorical", "chisquare")}
+    assert [f.feature for f in report.features] == ["few", "many", "flag", "text"]  # reference order
+
+
+def _frames(n_drifted: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(7)
+    ref = pd.DataFrame({f"f{i}": rng.normal(size=300) for i in range(4)})
+    cur = pd.DataFrame({f"f{i}": rng.normal(2.0 if i < n_drifted else 0.0, 1.0, 300) for i in range(4)})
+    return ref, cur
+
+
+@pytest.mark.parametrize(("n_drifted", "dataset_drift"), [(2, True), (1, False)])
+def test_dataset_drift_needs_the_share(n_drifted: int, dataset_drift: bool) -> None:
+    report = detect_drift(*_frames(n_drifted), DriftSpec(share=0.5))
+    assert report.drifted == n_drifted
+    assert report.share == n_drifted / 4
+    assert report.dataset_drift is dataset_drift
+    assert report.enough_data
+
+
+def test_overrides_change_test_and_threshold() -> None:
+    ref, cur = _numeric(1, 300), _numeric(2, 300, shift=0.3)
+    default = _only(ref, cur)
+    assert (default.test, default.threshold) == ("ks", 0.05)
+    wasserstein = _only(ref, cur, DriftSpec(features={"x": FeatureDriftSpec(test=FeatureTest.WASSERSTEIN)}))
+    assert (wasserstein.test, wasserstein.threshold, wasserstein.p_value) == ("wasserstein", 0.1, None)
+    lenient = _only(ref, cur, DriftSpec(features={"x": FeatureDriftSpec(threshold=1e-12)}))
+    assert lenient.p_value == default.p_value
+    assert default.drifted and not lenient.drifted
+    categorical = _only(ref.round(), cur.round(), DriftSpec(features={"x": FeatureDriftSpec(kind="categorical")}))
+    assert (categorical.kind, categorical.test) == ("categorical", "chisquare")
+
+
+def test_kind_and_test_must_agree() -> None:
+    with pytest.raises(ValidationError, match="numeric"):
+        FeatureDriftSpec(kind="categorical", test=FeatureTest.KS)
+
+
+def test_ignored_features_are_skipped() -> None:
+    ref, cur = _frames(2)
+    report = detect_drift(ref, cur.drop(columns=["f0"]), DriftSpec(ignore=["f0", "f1"]))
+    assert [f.feature for f in report.features] == ["f2", "f3"]
+    assert report.drifted == 0 and not report.dataset_drift
+
+
+def test_too_few_current_rows_is_not_enough_data() -> None:
+    ref, cur = _frames(4)
+    report = detect_drift(ref, cur.head(29))
+    assert not report.enough_data and not report.dataset_drift
+    assert report.features == [] and report.current_rows == 29
+
+
+def test_missing_feature_is_a_spec_error() -> None:
+    ref, cur = _frames(0)
+    with pytest.raises(SpecError, match="f1, f3"):
+        detect_drift(ref, cur.drop(columns=["f1", "f3"]))
+
+
+def test_overrides_for_unknown_features_are_a_spec_error() -> None:
+    ref, cur = _frames(0)
+    with pytest.raises(SpecError, match="typo"):
+        detect_drift(ref, cur, DriftSpec(features={"typo": FeatureDriftSpec()}))
+
+
+def test_non_numeric_values_for_a_numeric_test_is_a_spec_error() -> None:
+    ref = pd.DataFrame({"x": ["a", "b"] * 20})
+    with pytest.raises(SpecError, match="'x'"):
+        detect_drift(ref, ref, DriftSpec(features={"x": FeatureDriftSpec(test=FeatureTest.KS)}))
+
+
+def test_statistics_are_scipys() -> None:
+    x = np.array([0.1, 0.5, 0.9, 1.3, 2.0, 2.2, 3.1, 3.3, 4.0, 5.5])
+    y = x + 0.7
+    ks = _only(pd.DataFrame({"x": x}), pd.DataFrame({"x": y}), DriftSpec(min_rows=1))
+    expected = stats.ks_2samp(x, y)
+    assert (ks.statistic, ks.p_value) == (float(expected.statistic), float(expected.pvalue))
+    spec = DriftSpec(min_rows=1, features={"x": FeatureDriftSpec(test=FeatureTest.WASSERSTEIN)})
+    w = _only(pd.DataFrame({"x": x}), pd.DataFrame({"x": y}), spec)
+    assert w.statistic == pytest.approx(stats.wasserstein_distance(x, y) / np.std(x))
+
+    ref = pd.DataFrame({"c": ["a"] * 5 + ["b"] * 3 + ["c"] * 2})
+    cur = pd.DataFrame({"c": ["a"] * 2 + ["b"] * 3 + ["c"] * 5})
+    chi = _only(ref, cur, DriftSpec(min_rows=1))
+    expected = stats.chisquare([2, 3, 5], [5, 3, 2])
+    assert (chi.statistic, chi.p_value) == pytest.approx((expected.statistic, expected.pvalue))
+    spec = DriftSpec(min_rows=1, features={"c": FeatureDriftSpec(test=FeatureTest.JENSENSHANNON)})
+    js = _only(ref, cur, spec)
+    assert js.statistic == pytest.approx(distance.jensenshannon([0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
+
+
+def test_z_statistic() -> None:
+    ref = pd.DataFrame({"b": ["y"] * 60 + ["n"] * 40})
+    cur = pd.DataFrame({"b": ["y"] * 40 + ["n"] * 60})
+    z = _only(ref, cur)
+    pooled = 0.5
+    expected = (0.4 - 0.6) / math.sqrt(pooled * (1 - pooled) * (1 / 100 + 1 / 100))
+    assert z.test == "z"
+    assert z.statistic == pytest.approx(expected)
+    assert z.p_value == pytest.approx(2 * stats.norm.sf(abs(expected)))
+
+
+def test_categories_unseen_in_the_reference() -> None:
+    ref = _categorical(1, 500, [0.5, 0.3, 0.2])
+    stray = pd.concat([_categorical(2, 299, [0.5, 0.3, 0.2]), pd.DataFrame({"x": ["new"]})], ignore_index=True)
+    one = _only(ref, stray)  # one stray value is no drift (a zero expectation would make it infinite)
+    assert math.isfinite(one.statistic) and not one.drifted
+    many = pd.concat([_categorical(2, 270, [0.5, 0.3, 0.2]), pd.DataFrame({"x": ["new"] * 30})], ignore_index=True)
+    assert _only(ref, many).drifted
+
+
+def test_nans_are_dropped_and_an_absent_feature_drifts() -> None:
+    ref = _numeric(1, 300)
+    cur = _numeric(2, 300)
+    cur.loc[::3, "x"] = np.nan
+    assert not _only(ref, cur).drifted
+    gone = _only(ref, pd.DataFrame({"x": [np.nan] * 300}))
+    assert gone.drifted and math.isnan(gone.statistic)
+
+
+def test_to_dict_round_trips_through_orjson() -> None:
+    ref = pd.DataFrame({"n": np.random.default_rng(0).normal(size=100), "c": ["p", "q"] * 50})
+    cur = ref.copy()
+    cur["gone"] = 1
+    ref["gone"] = np.arange(100)
+    cur["gone"] = np.nan
+    data = detect_drift(ref, cur).to_dict()
+    assert orjson.loads(orjson.dumps(data)) == data
+    assert data["features"][2]["statistic"] is None
+    assert type(data["share"]) is float and type(data["dataset_drift"]) is bool
