@@ -41,6 +41,7 @@ __all__ = ["DEPLOYMENT", "Demo", "demo_spec"]
 
 DEPLOYMENT = "agent"
 THRESHOLD = 0.8
+DRIFT = 0.2
 _MARKED = {"loop.fired": "drift", "loop.retraining": "retrain", "loop.blessed": "blessed",
            "loop.rejected": "rejected", "promoted": "promoted", "rolled_back": "rolled_back", "step": "canary",
            "shift": "drift"}
@@ -54,9 +55,11 @@ def demo_spec(steps_seconds: float = 8.0) -> dict[str, Any]:
         "analysis": {"interval": "2s", "min_samples": 30, "failure_limit": 1,
                      "metrics": [{"name": "error_rate", "max": 0.02}, {"name": "accuracy", "max_drop": 0.05}]},
         "loop": {
-            # 600 rows: with fewer, the sampling noise of the Wasserstein distance alone nears the 0.1 threshold.
+            # Windows of 600 rows tested from 400 on, threshold 0.2 rather than Evidently's 0.1: the sampling
+            # noise of the distance between a few hundred rows and a small reference alone comes near 0.1.
             "drift": {"window": 600, "every": "2s",
-                      "tests": {"min_rows": 100, "features": {f: {"test": "wasserstein"} for f in FEATURES}}},
+                      "tests": {"min_rows": 400, "features": {f: {"test": "wasserstein", "threshold": DRIFT}
+                                                              for f in FEATURES}}},
             "quality": {"metric": "accuracy", "window": 150, "min_samples": 60},
             "triggers": {"on": [{"drift": True}, {"quality_below": THRESHOLD}], "mode": "any", "debounce": 2,
                          "cooldown": "60s"},
@@ -342,7 +345,7 @@ class Demo:
                    "duration": f"{time.time() - self.started:.0f} s"}
         return report_type(title="skyloop demo: drift, retraining, gate, canary", started_at=self.started,
                            accuracy=self.accuracy, accuracy_threshold=THRESHOLD, traffic=self.traffic, drift=drift,
-                           drift_threshold=0.1, drift_statistic="normed Wasserstein distance",
+                           drift_threshold=DRIFT, drift_statistic="normed Wasserstein distance",
                            events=sorted(events), summary=summary)
 
     def _summary(self, ok: bool, before: float | None, after: float | None, png: Path, html: Path) -> None:

@@ -88,11 +88,11 @@ class Loop:
                 await self.runner.event("loop.finished", f"loop iteration over: the challenger's rollout ended "
                                                           f"{outcome}")
                 self._idle(now)
-        if now - self.last_check < self.spec.drift.every or self.phase != "watching":
+        if now - self.last_check < self.spec.drift.every:
             return
         self.last_check = now
-        signals = await asyncio.to_thread(self.measure)
-        if self.triggers is None:
+        signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
+        if self.triggers is None or self.phase != "watching":
             return
         firing = self.triggers.check(signals, now)
         if firing is not None:
