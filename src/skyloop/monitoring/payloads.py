@@ -67,6 +67,8 @@ def feature_rows(inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
             k = len(flat) // n if n else 0
             for j in range(k):
                 columns[f"{name}_{j}"] = flat[j::k]
+    if len({len(v) for v in columns.values()}) > 1:
+        return {}  # tensors of different row counts: not one request's rows; the caller drops it
     return columns
 
 
@@ -129,7 +131,7 @@ class PayloadLog:
 
         frames = []
         for inference_id, at, predictor, version, latency, inputs, outputs in batch:
-            columns = feature_rows(inputs)
+            columns = self._mask(feature_rows(inputs))
             rows = len(next(iter(columns.values()))) if columns else 0
             if not rows:
                 self.dropped += 1
@@ -141,8 +143,8 @@ class PayloadLog:
         if not frames:
             return 0
         frame = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
-        frame = self._mask(frame)
-        frame["prediction"] = frame["prediction"].map(lambda v: v if not isinstance(v, list) else str(v))
+        if any(isinstance(v, list) for v in frame["prediction"]):  # one type per column: vectors as text
+            frame["prediction"] = frame["prediction"].map(lambda v: v if v is None else str(v))
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)
             name = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet"
@@ -159,16 +161,27 @@ class PayloadLog:
         self.logged += len(frame)
         return len(frame)
 
-    def _mask(self, frame: pd.DataFrame) -> pd.DataFrame:
-        for field, how in self.spec.mask.items():
-            if field not in frame.columns:
-                continue
+    def _masked(self, column: str) -> str | None:
+        """How `column` is masked: by its field's name, or as element `_j` of a masked 2-D tensor."""
+        how = self.spec.mask.get(column)
+        if how is None:
+            field, _, index = column.rpartition("_")
+            how = self.spec.mask.get(field) if index.isdigit() else None
+        return how
+
+    def _mask(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        # Per request, on the values as they arrived: a hash never depends on what else is in the segment.
+        if not self.spec.mask:
+            return columns
+        masked: dict[str, list[Any]] = {}
+        for column, values in columns.items():
+            how = self._masked(column)
             if how == "drop":
-                frame = frame.drop(columns=field)
-            else:
-                frame[field] = frame[field].map(
-                    lambda v: hashlib.sha256(f"{self._salt}:{v}".encode()).hexdigest()[:16])
-        return frame
+                continue
+            if how == "hash":
+                values = [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in values]
+            masked[column] = values
+        return masked
 
 
 def read_payloads(workspace: Workspace, deployment: str, since: float | None = None,
@@ -206,7 +219,7 @@ def labelled(workspace: Workspace, deployment: str, since: float | None = None, 
 
     payloads = read_payloads(workspace, deployment, since=since, version=version)
     query = select(FeedbackRow.inference_id, FeedbackRow.truth, FeedbackRow.reward).where(
-        FeedbackRow.model == deployment)
+        FeedbackRow.model == deployment).order_by(FeedbackRow.id)
     if since is not None:
         query = query.where(FeedbackRow.created_at >= datetime.fromtimestamp(since, UTC))
     with workspace.db.read() as session:

@@ -69,6 +69,15 @@ class TriggersSpec(BaseModel):
     def _cooldown(cls, value: Any) -> float:
         return parse_duration(value, "cooldown")
 
+    @model_validator(mode="after")
+    def _distinct(self) -> TriggersSpec:
+        kinds = [c.name for c in self.on]
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:
+            raise ValueError(f"triggers.on: {', '.join(twice)} appears more than once; give each kind of condition "
+                             "once (the strictest threshold)")
+        return self
+
 
 @dataclass(frozen=True)
 class Signals:

@@ -1,0 +1,134 @@
+"""The closed loop on a real controller: no data never triggers, a worse challenger is never rolled out,
+the cooldown holds, and the demo (the README's main command) runs the whole story."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_support import Env, Load
+from tests_support import write
+
+from skyloop.registry.registry import resolve
+from skyloop.registry.uri import parse_model_ref
+from skyloop.store.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+WORSE = '''
+import pandas as pd
+from sklearn.dummy import DummyClassifier
+
+from skyloop import pipeline, step
+
+
+@step
+def fit(data: str) -> str:
+    """A challenger that always answers class 0: worse than the champion."""
+    from skyloop.registry import log_model
+
+    frame = pd.read_parquet(data)
+    X, y = frame.drop(columns="target"), frame["target"].astype(int)
+    model = DummyClassifier(strategy="constant", constant=0).fit(X, y)
+    return log_model(model, "iris", input_example=X.head(5)).uri
+
+
+@pipeline
+def worse(data: str = ""):
+    return {"uri": fit(data)}
+'''
+
+
+def loop_spec(name: str, cooldown: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "predictors": [{"name": "champion", "model_uri": "models:/iris@champion", "traffic": 100}],
+        "loop": {
+            "drift": {"every": "500ms"},
+            "quality": {"window": 100, "min_samples": 30},
+            "triggers": {"on": [{"drift": True}, {"quality_below": 0.99}, {"labelled_rows": 150}], "mode": "any",
+                         "cooldown": cooldown},
+            "retrain": {"pipeline": "retrain.py:worse", "model": "iris", "backend": "inline", "min_rows": 50},
+            "gate": {"min_delta": 0.0},
+        },
+    }
+
+
+def fired(env: Env, name: str) -> list[Any]:
+    return [e for e in env.history(name) if e.kind == "loop.fired"]
+
+
+def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: Env) -> None:
+    write(env.folder / "retrain.py", WORSE)
+    info = env.apply(loop_spec("looped", cooldown="4s"))
+    champion = resolve_alias(env, "champion")
+    # Traffic but no feedback: no quality, no labelled rows, no reference for drift -> nothing fires.
+    with Load(env.url("looped"), env.X, env.y, clients=4, total=400) as load:
+        load.wait()
+    time.sleep(2.0)
+    assert load.failed == [] and fired(env, "looped") == []
+    loop = env.info("looped").state["loop"]
+    assert loop["quality"] is None and loop["dataset_drift"] is None and loop["logged"] >= 400
+    # Now with labels: the labelled-rows (and quality) triggers fire, the challenger is trained and refused.
+    with Load(env.url("looped"), env.X, env.y, clients=4, feedback=True) as load:
+        env.wait("looped", lambda i: len([e for e in env.history("looped") if e.kind == "loop.rejected"]) >= 2,
+                 90, "two rejected challengers")
+    history = env.history("looped")
+    first = next(e for e in history if e.kind == "loop.fired")
+    assert first.metrics is not None and first.metrics["conditions"]["labelled_rows"]["met"] is True
+    rejected = [e for e in history if e.kind == "loop.rejected"]
+    assert all(e.metrics is not None and e.metrics["challenger"] < e.metrics["champion"] for e in rejected)
+    assert all(k not in [e.kind for e in history] for k in ("loop.blessed", "loop.rollout", "promoted"))
+    assert env.info("looped").spec_version == info.spec_version  # never rolled out
+    assert resolve_alias(env, "champion") == champion
+    assert {a.version for a in load.answers} == {"iris/1"}
+    # The cooldown: a new firing only once 4 s have passed since the previous iteration ended.
+    times = [(e.kind, e.at.timestamp()) for e in history if e.kind in ("loop.fired", "loop.rejected")]
+    for (kind, ended), (next_kind, started) in itertools.pairwise(times):
+        if kind == "loop.rejected" and next_kind == "loop.fired":
+            assert started - ended >= 4.0 - 0.05
+    env.delete("looped")
+
+
+def resolve_alias(env: Env, alias: str) -> int:
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.read() as session:
+            return resolve(session, parse_model_ref(f"models:/iris@{alias}")).version
+    finally:
+        workspace.close()
+
+
+def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
+    """`skyloop demo` (the README's main command) as a user runs it: a fresh home, a real process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env.update(COLUMNS="160", NO_COLOR="1")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "skyloop", "--home", str(tmp_path / "home"), "demo"],
+                          capture_output=True, text=True, env=env, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - started < 240
+    out = proc.stdout
+    assert "the retrained model serves 100% and accuracy is back above 0.8" in out
+    for kind in ("loop.fired", "loop.retraining", "loop.blessed", "promoted", "alias_moved", "loop.finished"):
+        assert kind in out
+    report = tmp_path / "home" / "demo"
+    assert (report / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    history = subprocess.run([sys.executable, "-m", "skyloop", "--home", str(tmp_path / "home"), "deploy", "history",
+                              "agent", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    import json
+
+    events = json.loads(history.stdout)
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("loop.blessed") < kinds.index("promoted") < kinds.index("alias_moved") < kinds.index("stopped")
+    moved = next(e for e in events if e["kind"] == "alias_moved")
+    assert "models:/agent@champion moved from version 1 to version 2" in moved["reason"]
+    promoted = next(e for e in events if e["kind"] == "promoted")
+    assert promoted["versions"]["challenger"] == "agent/2" and promoted["weights"]["challenger"] == 100.0

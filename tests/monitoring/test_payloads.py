@@ -1,0 +1,472 @@
+"""Payload logs: V2 inputs as columns, sampling, parquet segments indexed in the DB, reading back, labels."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from skyloop.config import Settings
+from skyloop.monitoring.payloads import META, LogSpec, PayloadLog, feature_rows, labelled, read_payloads
+from skyloop.store.feedback import record_feedback
+from skyloop.store.models import PayloadSegmentRow
+from skyloop.store.workspace import Workspace
+
+DEPLOYMENT = "fraud"
+
+
+@pytest.fixture
+def workspace(settings: Settings) -> Iterator[Workspace]:
+    ws = Workspace.open(settings)
+    yield ws
+    ws.close()
+
+
+def _log(workspace: Workspace, deployment: str = DEPLOYMENT, seed: int | None = None, **spec: Any) -> PayloadLog:
+    return PayloadLog(deployment, workspace, LogSpec.model_validate(spec), seed=seed)
+
+
+def _x(*values: Any, name: str = "x") -> list[dict[str, Any]]:
+    return [{"name": name, "shape": [len(values)], "datatype": "FP64", "data": list(values)}]
+
+
+def _add(log: PayloadLog, inference_id: str, *values: Any, version: str = "v1",
+         outputs: list[dict[str, Any]] | None = None) -> None:
+    log.add(inference_id, "main", version, 0.002, _x(*values), outputs)
+
+
+def _flush(log: PayloadLog) -> int:
+    return log.write(log.take())
+
+
+def _segments(workspace: Workspace, deployment: str = DEPLOYMENT) -> list[PayloadSegmentRow]:
+    with workspace.db.read() as session:
+        rows = list(session.scalars(select(PayloadSegmentRow).where(PayloadSegmentRow.deployment == deployment)
+                                    .order_by(PayloadSegmentRow.id)))
+        session.expunge_all()
+    return rows
+
+
+def _unix(at: datetime) -> float:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def _feedback(workspace: Workspace, inference_id: str, truth: Any = None, reward: float | None = None,
+              model: str = DEPLOYMENT) -> None:
+    with workspace.db.session() as session:
+        record_feedback(session, model=model, version="v1", inference_id=inference_id, truth=truth, reward=reward)
+
+
+# -- feature_rows ------------------------------------------------------------------------------------------------
+
+def test_feature_rows_one_column_per_1d_tensor() -> None:
+    columns = feature_rows([{"name": "age", "shape": [3], "datatype": "INT64", "data": [30, 41, 52]},
+                            {"name": "city", "shape": [3], "datatype": "BYTES", "data": ["a", "b", "c"]}])
+    assert columns == {"age": [30, 41, 52], "city": ["a", "b", "c"]}
+
+
+def test_feature_rows_splits_a_2d_tensor_into_numbered_columns() -> None:
+    columns = feature_rows([{"name": "f", "shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]}])
+    assert columns == {"f_0": [1, 4], "f_1": [2, 5], "f_2": [3, 6]}
+
+
+def test_feature_rows_flattens_nested_data() -> None:
+    assert feature_rows([{"name": "f", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]) == {"f_0": [1, 3], "f_1": [2, 4]}
+    assert feature_rows([{"name": "x", "shape": [3], "data": [[1], [2], [3]]}]) == {"x": [1, 2, 3]}
+
+
+def test_feature_rows_an_n_by_1_tensor_is_still_numbered() -> None:
+    assert feature_rows([{"name": "x", "shape": [3, 1], "data": [[1], [2], [3]]}]) == {"x_0": [1, 2, 3]}
+
+
+def test_feature_rows_without_shape_is_one_column() -> None:
+    assert feature_rows([{"name": "x", "data": [1, 2]}]) == {"x": [1, 2]}
+
+
+@pytest.mark.parametrize("tensor", [
+    {"shape": [2], "data": [1, 2]},
+    {"name": 3, "shape": [2], "data": [1, 2]},
+    {"name": "y", "shape": [1], "data": 5},
+    {"name": "y", "shape": [1]},
+    {"name": "y", "shape": [0, 3], "data": []},
+])
+def test_feature_rows_skips_malformed_tensors(tensor: dict[str, Any]) -> None:
+    assert feature_rows([tensor, {"name": "x", "shape": [2], "data": [1, 2]}]) == {"x": [1, 2]}
+
+
+# -- LogSpec, sampling, buffering --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [{"sample": 1.5}, {"sample": -0.1}, {"flush_rows": 0}, {"flush_seconds": 0},
+                                  {"mask": {"ssn": "encrypt"}}, {"rotate": True}])
+def test_log_spec_rejects_bad_values(spec: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        LogSpec.model_validate(spec)
+
+
+def test_sample_zero_logs_nothing(workspace: Workspace) -> None:
+    log = _log(workspace, sample=0.0)
+    for i in range(200):
+        _add(log, f"i{i}", 1.0)
+    assert log.take() == []
+    assert not log.due()
+
+
+def test_sample_half_logs_about_half_and_is_reproducible(workspace: Workspace) -> None:
+    kept = []
+    for _ in range(2):
+        log = _log(workspace, sample=0.5, seed=11)
+        for i in range(2_000):
+            _add(log, f"i{i}", float(i))
+        kept.append([item[0] for item in log.take()])
+    assert 900 <= len(kept[0]) <= 1_100
+    assert kept[0] == kept[1]
+
+
+def test_inputs_that_are_not_a_list_are_dropped(workspace: Workspace) -> None:
+    log = _log(workspace)
+    log.add("i1", "main", "v1", 0.01, {"x": [1, 2]}, None)
+    assert log.dropped == 1
+    assert log.take() == []
+
+
+def test_due_by_rows(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=3, flush_seconds=3_600)
+    assert not log.due()
+    _add(log, "i1", 1.0)
+    _add(log, "i2", 1.0)
+    assert not log.due()
+    _add(log, "i3", 1.0)
+    assert log.due()
+
+
+def test_due_by_time_and_take_empties_the_buffer(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=1_000, flush_seconds=0.02)
+    time.sleep(0.03)
+    assert not log.due()  # time alone does not make an empty buffer due
+    _add(log, "i1", 1.0)
+    assert log.due()
+    batch = log.take()
+    assert [item[0] for item in batch] == ["i1"]
+    assert log.take() == []
+    _add(log, "i2", 1.0)
+    assert not log.due()  # take() restarted the clock
+    time.sleep(0.03)
+    assert log.due()
+
+
+# -- write --------------------------------------------------------------------------------------------------------
+
+def test_write_makes_one_indexed_segment_per_call(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "a1", 1.0, version="v2")
+    _add(log, "a2", 2.0, version="v1")
+    batch = log.take()
+    assert log.write(batch) == 2
+    _add(log, "b1", 3.0)
+    assert _flush(log) == 1
+    assert log.logged == 3
+
+    folder = workspace.settings.home / "payloads" / DEPLOYMENT
+    files = sorted(folder.iterdir())
+    assert len(files) == 2
+    assert all(f.suffix == ".parquet" and not f.name.startswith(".") for f in files)
+
+    segments = _segments(workspace)
+    assert [s.rows for s in segments] == [2, 1]
+    assert [s.versions for s in segments] == [["v1", "v2"], ["v1"]]
+    assert {Path(s.path) for s in segments} == set(files)
+    first = pd.read_parquet(segments[0].path)
+    assert first["id"].tolist() == ["a1", "a2"]
+    assert _unix(segments[0].first_at) == pytest.approx(batch[0][1], abs=1e-3)
+    assert _unix(segments[0].last_at) == pytest.approx(batch[1][1], abs=1e-3)
+    assert _unix(segments[0].first_at) <= _unix(segments[0].last_at) <= _unix(segments[1].first_at)
+
+
+def test_write_columns(workspace: Workspace) -> None:
+    log = _log(workspace)
+    log.add("i1", "canary", "v3", 0.25, [{"name": "amount", "shape": [1], "data": [9.5]},
+                                         {"name": "country", "shape": [1], "data": ["fr"]}],
+            [{"name": "label", "shape": [1], "data": [1]}])
+    _flush(log)
+    frame = read_payloads(workspace, DEPLOYMENT)
+    assert list(frame.columns) == [*META, "amount", "country"]
+    row = frame.iloc[0].to_dict()
+    assert {k: row[k] for k in ("id", "row", "predictor", "version", "latency", "prediction", "amount", "country")} \
+        == {"id": "i1", "row": 0, "predictor": "canary", "version": "v3", "latency": 0.25, "prediction": 1,
+            "amount": 9.5, "country": "fr"}
+
+
+def test_write_gives_one_row_per_request_row(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "batch", 1.0, 2.0, 3.0, outputs=[{"name": "p", "shape": [3], "data": [0, 1, 0]}])
+    _add(log, "none", 6.0)
+    assert _flush(log) == 4
+    _add(log, "probs", 4.0, 5.0, outputs=[{"name": "p", "shape": [2, 2], "data": [[0.9, 0.1], [0.2, 0.8]]}])
+    assert _flush(log) == 2
+    frame = read_payloads(workspace, DEPLOYMENT)
+    assert frame["id"].tolist() == ["batch"] * 3 + ["none", "probs", "probs"]
+    assert frame["row"].tolist() == [0, 1, 2, 0, 0, 1]
+    assert frame["x"].tolist() == [1.0, 2.0, 3.0, 6.0, 4.0, 5.0]
+    # Per-row predictions; a row's vector is stored as its text; no outputs is a missing value.
+    predictions = frame["prediction"].tolist()
+    assert predictions[:3] == [0, 1, 0]
+    assert pd.isna(predictions[3])
+    assert predictions[4:] == ["[0.9, 0.1]", "[0.2, 0.8]"]
+
+
+def test_a_batch_mixing_scalar_and_vector_predictions_is_written(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "scalar", 1.0, outputs=[{"name": "p", "shape": [1], "data": [1]}])
+    _add(log, "vector", 2.0, outputs=[{"name": "p", "shape": [1, 2], "data": [[0.9, 0.1]]}])
+    assert _flush(log) == 2
+
+
+def test_write_of_nothing_writes_no_segment(workspace: Workspace) -> None:
+    log = _log(workspace)
+    assert log.write([]) == 0
+    log.add("empty", "main", "v1", 0.01, [{"name": "x", "shape": [0], "data": []}], None)
+    assert _flush(log) == 0
+    assert log.dropped == 1
+    assert _segments(workspace) == []
+    assert not (workspace.settings.home / "payloads" / DEPLOYMENT).exists()
+
+
+def test_write_leaves_no_temp_files(workspace: Workspace) -> None:
+    log = _log(workspace)
+    for n in range(3):
+        _add(log, f"i{n}", float(n))
+        _flush(log)
+    names = [p.name for p in (workspace.settings.home / "payloads" / DEPLOYMENT).iterdir()]
+    assert len(names) == 3
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
+
+
+# -- masking ------------------------------------------------------------------------------------------------------
+
+def _emails(log: PayloadLog, *emails: str) -> None:
+    for i, email in enumerate(emails):
+        log.add(f"m{i}", "main", "v1", 0.01, [{"name": "email", "shape": [1], "data": [email]},
+                                              {"name": "amount", "shape": [1], "data": [float(i)]}], None)
+
+
+def test_hash_mask_keeps_a_stable_digest(workspace: Workspace) -> None:
+    log = _log(workspace, mask={"email": "hash"})
+    _emails(log, "ann@example.com", "bob@example.com", "ann@example.com")
+    _flush(log)
+    # A new log of the same deployment (say, after a restart) hashes the same way.
+    again = _log(workspace, mask={"email": "hash"})
+    _emails(again, "ann@example.com")
+    _flush(again)
+    digests = read_payloads(workspace, DEPLOYMENT)["email"].tolist()
+    assert all(len(d) == 16 and all(ch in "0123456789abcdef" for ch in d) for d in digests)
+    assert digests[0] == digests[2] == digests[3]
+    assert digests[0] != digests[1]
+    assert "ann@example.com" not in digests
+
+
+def test_hash_differs_between_deployments(workspace: Workspace) -> None:
+    one, other = _log(workspace, "one", mask={"email": "hash"}), _log(workspace, "other", mask={"email": "hash"})
+    for log in (one, other):
+        _emails(log, "ann@example.com")
+        _flush(log)
+    assert read_payloads(workspace, "one")["email"][0] != read_payloads(workspace, "other")["email"][0]
+
+
+def test_drop_mask_removes_the_column_and_absent_fields_are_ignored(workspace: Workspace) -> None:
+    log = _log(workspace, mask={"email": "drop", "phone": "hash"})
+    _emails(log, "ann@example.com", "bob@example.com")
+    _flush(log)
+    frame = read_payloads(workspace, DEPLOYMENT)
+    assert "email" not in frame.columns
+    assert "phone" not in frame.columns
+    assert frame["amount"].tolist() == [0.0, 1.0]
+    raw = Path(_segments(workspace)[0].path).read_bytes()
+    assert b"ann@example.com" not in raw
+
+
+def test_hash_of_a_value_does_not_depend_on_the_rest_of_the_batch(workspace: Workspace) -> None:
+    log = _log(workspace, mask={"account": "hash"})
+    log.add("a", "main", "v1", 0.01, _x(1, name="account"), None)
+    _flush(log)
+    log.add("b", "main", "v1", 0.01, _x(1, name="account"), None)
+    log.add("c", "main", "v1", 0.01, _x(2.5, name="account"), None)
+    _flush(log)
+    digests = read_payloads(workspace, DEPLOYMENT)["account"].tolist()
+    assert digests[0] == digests[1]
+
+
+def test_mask_covers_a_2d_tensor(workspace: Workspace) -> None:
+    log = _log(workspace, mask={"card": "drop"})
+    log.add("i1", "main", "v1", 0.01, [{"name": "card", "shape": [1, 2], "data": [[4111, 1111]]},
+                                       {"name": "amount", "shape": [1], "data": [3.0]}], None)
+    _flush(log)
+    frame = read_payloads(workspace, DEPLOYMENT)
+    assert [c for c in frame.columns if c.startswith("card")] == []
+
+
+def test_a_ragged_request_is_dropped_not_the_batch(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "good", 1.0)
+    log.add("ragged", "main", "v1", 0.01, [{"name": "x", "shape": [2], "data": [1.0, 2.0]},
+                                           {"name": "y", "shape": [1], "data": [3.0]}], None)
+    assert _flush(log) == 1
+    assert read_payloads(workspace, DEPLOYMENT)["id"].tolist() == ["good"]
+
+
+# -- read_payloads -------------------------------------------------------------------------------------------------
+
+def test_read_payloads_across_segments_and_deployments(workspace: Workspace) -> None:
+    log, other = _log(workspace), _log(workspace, "other")
+    for n in range(3):
+        _add(log, f"s{n}", float(n))
+        _flush(log)
+    _add(other, "o1", 9.0)
+    _flush(other)
+    assert read_payloads(workspace, DEPLOYMENT)["id"].tolist() == ["s0", "s1", "s2"]
+    assert read_payloads(workspace, "other")["id"].tolist() == ["o1"]
+
+
+def test_read_payloads_since(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "old1", 1.0)
+    _add(log, "old2", 2.0)
+    _flush(log)
+    time.sleep(0.01)
+    cut = time.time()
+    time.sleep(0.01)
+    _add(log, "new1", 3.0)
+    _flush(log)
+    _add(log, "new2", 4.0)
+    _flush(log)
+    frame = read_payloads(workspace, DEPLOYMENT, since=cut)
+    assert frame["id"].tolist() == ["new1", "new2"]
+    assert (frame["at"] >= cut).all()
+    assert read_payloads(workspace, DEPLOYMENT, since=time.time() + 60).empty
+
+
+def test_read_payloads_since_inside_a_segment(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "before", 1.0)
+    time.sleep(0.01)
+    cut = time.time()
+    time.sleep(0.01)
+    _add(log, "after", 2.0)
+    _flush(log)
+    assert read_payloads(workspace, DEPLOYMENT, since=cut)["id"].tolist() == ["after"]
+
+
+def test_read_payloads_by_version(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "a", 1.0, version="v1")
+    _flush(log)
+    _add(log, "b", 2.0, version="v1")
+    _add(log, "c", 3.0, version="v2")
+    _flush(log)
+    _add(log, "d", 4.0, version="v2")
+    _flush(log)
+    assert read_payloads(workspace, DEPLOYMENT, version="v1")["id"].tolist() == ["a", "b"]
+    assert read_payloads(workspace, DEPLOYMENT, version="v2")["id"].tolist() == ["c", "d"]
+    assert read_payloads(workspace, DEPLOYMENT, version="v9").empty
+
+
+def test_read_payloads_last(workspace: Workspace) -> None:
+    log = _log(workspace)
+    for n in range(4):
+        _add(log, f"i{n}", float(n), outputs=[{"data": [n]}])
+        _flush(log)
+    frame = read_payloads(workspace, DEPLOYMENT, last=3)
+    assert frame["id"].tolist() == ["i1", "i2", "i3"]
+    assert frame.index.tolist() == [0, 1, 2]
+    assert read_payloads(workspace, DEPLOYMENT, last=10)["id"].tolist() == ["i0", "i1", "i2", "i3"]
+
+
+def test_read_payloads_empty_has_the_meta_columns(workspace: Workspace) -> None:
+    frame = read_payloads(workspace, "nobody")
+    assert frame.empty
+    assert list(frame.columns) == list(META)
+
+
+def test_read_payloads_skips_a_deleted_segment_file(workspace: Workspace) -> None:
+    log = _log(workspace)
+    for n in range(3):
+        _add(log, f"i{n}", float(n))
+        _flush(log)
+    Path(_segments(workspace)[1].path).unlink()
+    assert read_payloads(workspace, DEPLOYMENT)["id"].tolist() == ["i0", "i2"]
+    for segment in _segments(workspace):
+        Path(segment.path).unlink(missing_ok=True)
+    assert list(read_payloads(workspace, DEPLOYMENT).columns) == list(META)
+
+
+# -- labelled ---------------------------------------------------------------------------------------------------------
+
+def test_labelled_joins_feedback_and_keeps_only_answered(workspace: Workspace) -> None:
+    log = _log(workspace)
+    for n in range(4):
+        _add(log, f"i{n}", float(n))
+    _flush(log)
+    _feedback(workspace, "i1", truth=1)
+    _feedback(workspace, "i3", truth=0, reward=0.5)
+    _feedback(workspace, "i0", truth=1, model="someone-else")
+    _feedback(workspace, "ghost", truth=1)
+    frame = labelled(workspace, DEPLOYMENT)
+    assert frame["id"].tolist() == ["i1", "i3"]
+    assert frame["x"].tolist() == [1.0, 3.0]
+    assert frame["truth"].tolist() == [1, 0]
+    assert frame["reward"].iloc[1] == 0.5
+    assert pd.isna(frame["reward"].iloc[0])
+
+
+def test_labelled_picks_the_row_of_a_batched_truth(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "batch", 1.0, 2.0, 3.0)
+    _add(log, "single", 4.0)
+    _flush(log)
+    _feedback(workspace, "batch", truth=["a", "b", "c"])
+    _feedback(workspace, "single", truth="d")
+    frame = labelled(workspace, DEPLOYMENT)
+    assert list(zip(frame["id"], frame["row"], frame["truth"], strict=True)) == [
+        ("batch", 0, "a"), ("batch", 1, "b"), ("batch", 2, "c"), ("single", 0, "d")]
+
+
+def test_labelled_keeps_the_last_feedback_for_an_id(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "i1", 1.0)
+    _flush(log)
+    _feedback(workspace, "i1", truth=0, reward=0.0)
+    _feedback(workspace, "i1", truth=1, reward=1.0)
+    frame = labelled(workspace, DEPLOYMENT)
+    assert len(frame) == 1
+    assert (frame["truth"][0], frame["reward"][0]) == (1, 1.0)
+
+
+def test_labelled_last_returns_the_most_recent_rows(workspace: Workspace) -> None:
+    log = _log(workspace)
+    for n in range(5):
+        _add(log, f"i{n}", float(n))
+        _flush(log)
+    for n in (4, 0, 2, 3):  # feedback order does not matter, inference time does
+        _feedback(workspace, f"i{n}", truth=n)
+    frame = labelled(workspace, DEPLOYMENT, last=2)
+    assert frame["id"].tolist() == ["i3", "i4"]
+    assert frame["truth"].tolist() == [3, 4]
+    assert labelled(workspace, DEPLOYMENT)["id"].tolist() == ["i0", "i2", "i3", "i4"]
+
+
+def test_labelled_without_feedback_is_empty_with_truth_and_reward(workspace: Workspace) -> None:
+    log = _log(workspace)
+    _add(log, "i1", 1.0)
+    _flush(log)
+    frame = labelled(workspace, DEPLOYMENT)
+    assert frame.empty
+    assert {"truth", "reward", *META} <= set(frame.columns)
+    nothing = labelled(workspace, "nobody")
+    assert nothing.empty
+    assert {"truth", "reward", *META} <= set(nothing.columns)
