@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 from deploy_support import Env, Load
+from ray_support import local_ray
 
 from skyloop.config import Settings
 from skyloop.deploy.api import delete_deployment
@@ -31,22 +32,13 @@ from skyloop.store import deployments as store
 
 pytestmark = pytest.mark.integration
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[ModuleType]:
-    """One local Ray for the module: 2 CPUs, a small object store, nothing but loopback."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in RAY_ENV.items():
-            patch.setenv(name, value)
-        ray = pytest.importorskip("ray")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=100 * 2**20, log_to_driver=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    """One local Ray for the module (see `ray_support.local_ray`)."""
+    with local_ray() as ray:
+        yield ray
 
 
 @dataclass

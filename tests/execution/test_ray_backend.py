@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from ray_support import RAY_ENV, local_ray
 
 from skyloop import Settings, run
 from skyloop.config import ExecutionSettings
@@ -41,25 +42,15 @@ HERE = Path(__file__).parent
 STEPS = str(HERE / "ray_steps.py")
 SAMPLE = str(HERE / "sample_pipelines.py")
 EXAMPLE = str(HERE.parent.parent / "examples" / "train.py")
-# Every Ray listener on 127.0.0.1, and no usage report: set before Ray starts (and before `import ray`).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 integration = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[ModuleType]:
-    """One local Ray for the module: 2 CPUs, a small object store, nothing but loopback."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in RAY_ENV.items():
-            patch.setenv(name, value)
-        ray = pytest.importorskip("ray")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=100 * 2**20, log_to_driver=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    """One local Ray for the module (see `ray_support.local_ray`)."""
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from ray_support import RAY_ENV
 
 from skyloop import Settings
 from skyloop.store.models import StepRunRow
@@ -27,8 +28,6 @@ from skyloop.store.workspace import Workspace
 HERE = Path(__file__).parent
 STEPS = str(HERE / "ray_steps.py")
 SAMPLE = str(HERE / "sample_pipelines.py")
-# Every Ray listener on 127.0.0.1, and no usage report: set before Ray starts (and before `import ray`).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 integration = pytest.mark.integration
 

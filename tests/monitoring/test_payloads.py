@@ -207,9 +207,9 @@ def test_write_gives_one_row_per_request_row(workspace: Workspace) -> None:
     log = _log(workspace)
     _add(log, "batch", 1.0, 2.0, 3.0, outputs=[{"name": "p", "shape": [3], "data": [0, 1, 0]}])
     _add(log, "none", 6.0)
-    assert _flush(log) == 4
+    assert _flush(log) == 2  # requests; they become rows when read
     _add(log, "probs", 4.0, 5.0, outputs=[{"name": "p", "shape": [2, 2], "data": [[0.9, 0.1], [0.2, 0.8]]}])
-    assert _flush(log) == 2
+    assert _flush(log) == 1
     frame = read_payloads(workspace, DEPLOYMENT)
     assert frame["id"].tolist() == ["batch"] * 3 + ["none", "probs", "probs"]
     assert frame["row"].tolist() == [0, 1, 2, 0, 0, 1]
@@ -231,11 +231,16 @@ def test_a_batch_mixing_scalar_and_vector_predictions_is_written(workspace: Work
 def test_write_of_nothing_writes_no_segment(workspace: Workspace) -> None:
     log = _log(workspace)
     assert log.write([]) == 0
-    log.add("empty", "main", "v1", 0.01, [{"name": "x", "shape": [0], "data": []}], None)
-    assert _flush(log) == 0
-    assert log.dropped == 1
     assert _segments(workspace) == []
     assert not (workspace.settings.home / "payloads" / DEPLOYMENT).exists()
+
+
+def test_a_request_without_rows_is_stored_but_reads_as_nothing(workspace: Workspace) -> None:
+    log = _log(workspace)
+    log.add("empty", "main", "v1", 0.01, [{"name": "x", "shape": [0], "data": []}], None)
+    log.add("junk", "main", "v1", 0.01, b"not json", None)
+    assert _flush(log) == 2
+    assert read_payloads(workspace, DEPLOYMENT).empty
 
 
 def test_write_leaves_no_temp_files(workspace: Workspace) -> None:
@@ -316,7 +321,7 @@ def test_a_ragged_request_is_dropped_not_the_batch(workspace: Workspace) -> None
     _add(log, "good", 1.0)
     log.add("ragged", "main", "v1", 0.01, [{"name": "x", "shape": [2], "data": [1.0, 2.0]},
                                            {"name": "y", "shape": [1], "data": [3.0]}], None)
-    assert _flush(log) == 1
+    assert _flush(log) == 2
     assert read_payloads(workspace, DEPLOYMENT)["id"].tolist() == ["good"]
 
 

@@ -190,7 +190,13 @@ class DeploymentRunner:
         return host
 
     async def apply(self, info: store.DeploymentInfo) -> None:
-        """Drive the deployment to spec version `info.spec_version`."""
+        """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails)."""
+        try:
+            await self._apply(info)
+        finally:
+            self.applied = max(self.applied, info.spec_version)
+
+    async def _apply(self, info: store.DeploymentInfo) -> None:
         old_spec, new_spec = self.spec if self.spec_version else None, DeploymentSpec.model_validate(info.spec)
         self.spec, self.spec_version = new_spec, info.spec_version
         restored = self._restored_weights()

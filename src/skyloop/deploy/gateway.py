@@ -108,6 +108,17 @@ class _Metrics:
                                 ["deployment", "predictor"], registry=r)
         self.retries = Counter("skyloop_gateway_retries", "Requests sent again after a replica went away.",
                                ["deployment", "predictor"], registry=r)
+        # The closed loop's figures (set by `deploy.loop`; registered once per gateway).
+        self.dataset_drift = Gauge("skyloop_dataset_drift", "1 when the serving version's inputs drift.",
+                                   ["deployment", "version"], registry=r)
+        self.drift_share = Gauge("skyloop_drifted_features_share", "Share of features that drift.",
+                                 ["deployment", "version"], registry=r)
+        self.feature_drift = Gauge("skyloop_feature_drift", "Drift statistic per feature (p-value or distance).",
+                                   ["deployment", "version", "feature"], registry=r)
+        self.live_quality = Gauge("skyloop_live_quality", "Live quality of the serving version, from feedback.",
+                                  ["deployment", "version", "metric"], registry=r)
+        self.labelled_rows = Gauge("skyloop_labelled_rows", "Labelled rows since the loop last fired.",
+                                   ["deployment"], registry=r)
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -334,7 +345,9 @@ class Gateway:
         answer_id = str(answer.get("id") or request_id)
         self._remember(answer_id, predictor, _first_output(answer), endpoint)
         if self.payloads is not None:
-            self.payloads.add(answer_id, predictor, version, seconds, doc.get("inputs"), answer.get("outputs"))
+            # The raw bodies: parsing them is left to whoever reads the logs (binary tensors are not logged).
+            self.payloads.add(answer_id, predictor, version, seconds, None if binary else body,
+                              None if out_length is not None else data)
         for shadow in shadows:
             self._mirror(shadow, path, body, headers, str(answer.get("id") or request_id), binary)
         if length is not None:

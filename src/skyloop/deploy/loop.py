@@ -23,11 +23,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Gauge
-
 from skyloop.deploy.rollout import Phase
 from skyloop.deploy.spec import DeploymentSpec, LoopSpec, RolloutSpec, Strategy
-from skyloop.monitoring.payloads import META, PayloadLog, labelled, read_payloads
+from skyloop.monitoring.payloads import META, PayloadLog, count_feedback, labelled, read_payloads
 from skyloop.monitoring.triggers import Firing, Signals, Triggers
 
 if TYPE_CHECKING:
@@ -60,18 +58,8 @@ class Loop:
         self.labelled_since = time.time()
         self.references: dict[str, pd.DataFrame | None] = {}
         self.last: dict[str, Any] = {}
-        registry = runner.gateway.metrics.registry
+        self.gauges = runner.gateway.metrics
         name = runner.name
-        self.g_drift = Gauge("skyloop_dataset_drift", "1 when the serving version's inputs drift.",
-                             ["deployment", "version"], registry=registry)
-        self.g_share = Gauge("skyloop_drifted_features_share", "Share of features that drift.",
-                             ["deployment", "version"], registry=registry)
-        self.g_feature = Gauge("skyloop_feature_drift", "Drift statistic per feature (p-value or distance).",
-                               ["deployment", "version", "feature"], registry=registry)
-        self.g_quality = Gauge("skyloop_live_quality", "Live quality of the serving version, from feedback.",
-                               ["deployment", "version", "metric"], registry=registry)
-        self.g_labelled = Gauge("skyloop_labelled_rows", "Labelled rows since the last firing.", ["deployment"],
-                                registry=registry)
         self._name = name
 
     # -- ticking -------------------------------------------------------------------------------------------
@@ -145,27 +133,28 @@ class Loop:
         since = time.time() - self.spec.drift.horizon
         drift: bool | None = None
         detail = ""
-        if version is not None:
+        reference = self._reference(version) if version is not None else None
+        if version is not None and reference is not None:
             recent = read_payloads(self.workspace, self._name, since=since, version=version,
                                    last=self.spec.drift.window)
-            reference = self._reference(version)
-            if reference is not None and len(recent) >= self.spec.drift.tests.min_rows:
+            if len(recent) >= self.spec.drift.tests.min_rows:
                 features = [c for c in reference.columns if c in recent.columns]
                 report = detect_drift(reference[features], recent[features], self.spec.drift.tests)
                 if report.enough_data:
                     drift = report.dataset_drift
                     detail = f"{report.drifted}/{len(report.features)} features drift"
-                    self.g_drift.labels(self._name, version).set(1.0 if drift else 0.0)
-                    self.g_share.labels(self._name, version).set(report.share)
+                    self.gauges.dataset_drift.labels(self._name, version).set(1.0 if drift else 0.0)
+                    self.gauges.drift_share.labels(self._name, version).set(report.share)
                     for f in report.features:
-                        self.g_feature.labels(self._name, version, f.feature).set(f.statistic)
+                        self.gauges.feature_drift.labels(self._name, version, f.feature).set(f.statistic)
                     with self.workspace.db.session() as session:
                         session.add(DriftReportRow(deployment=self._name, version=version, at=utcnow(),
                                                    dataset_drift=bool(drift), share=report.share,
                                                    report=report.to_dict()))
-        quality, samples = self._quality(version, since)
-        new_rows = len(labelled(self.workspace, self._name, since=self.labelled_since))
-        self.g_labelled.labels(self._name).set(new_rows)
+        new_rows = count_feedback(self.workspace, self._name, self.labelled_since)
+        recent_feedback = count_feedback(self.workspace, self._name, since)
+        quality, samples = self._quality(version, since) if recent_feedback else (None, 0)
+        self.gauges.labelled_rows.labels(self._name).set(new_rows)
         self.last = {"version": version, "dataset_drift": drift, "drift": detail, "quality": quality,
                      "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase}
         return Signals(drift, quality, new_rows, detail, samples)
@@ -181,7 +170,7 @@ class Loop:
             rows = rows[rows["truth"].notna()]
             value = float((rows["prediction"].astype(str) == rows["truth"].astype(str)).mean()) if len(rows) else None
         if value is not None:
-            self.g_quality.labels(self._name, version, self.spec.quality.metric).set(value)
+            self.gauges.live_quality.labels(self._name, version, self.spec.quality.metric).set(value)
         if len(rows) < self.spec.quality.min_samples:
             return None, len(rows)
         return value, len(rows)

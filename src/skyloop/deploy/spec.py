@@ -30,12 +30,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from skyloop.errors import SpecError
 from skyloop.monitoring.drift import DriftSpec
 from skyloop.monitoring.payloads import LogSpec
 from skyloop.monitoring.triggers import TriggersSpec
 from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, parse_duration
-from skyloop.spec.files import read_yaml, validate
+from skyloop.spec.files import load_spec_file
 from skyloop.spec.resources import Resources
 
 __all__ = [
@@ -417,13 +416,4 @@ class DeploymentSpec(_Model):
 
 def load_deployment_spec(source: str | Path | dict[str, Any]) -> DeploymentSpec:
     """Read and validate a deployment spec from a YAML file (or an already parsed mapping)."""
-    if isinstance(source, dict):
-        data, label, base = source, "(mapping)", None
-    else:
-        data, label, base = read_yaml(source), str(source), Path(source).resolve().parent
-    if not isinstance(data, dict):
-        raise SpecError(f"deployment spec {label} must be a mapping with name and predictors")
-    spec = validate(DeploymentSpec, data, f"deployment spec {label}")
-    if base is not None and spec.base_dir is None:
-        spec = spec.model_copy(update={"base_dir": base})
-    return spec
+    return load_spec_file(source, DeploymentSpec, "deployment spec", "name and predictors")

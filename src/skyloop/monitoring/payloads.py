@@ -1,14 +1,17 @@
 """Payload logs: the inferences a gateway answered, in parquet segments that the metadata DB indexes.
 
-The gateway calls `PayloadLog.add` on its hot path: a sampling draw and an append, nothing more. The
-controller calls `flush` about once a second; it turns the buffered requests into rows (one per row of
-the request: features, prediction, predictor, model version, latency, time) in a worker thread, masks the
-sensitive fields, writes `<home>/payloads/<deployment>/<segment>.parquet` (temp file, then rename) and
+The gateway calls `PayloadLog.add` on its hot path with the request and response bodies it already has:
+a sampling draw and an append, nothing more. About once a second the controller writes the buffer in a
+worker thread as `<home>/payloads/<deployment>/<segment>.parquet`, one row per request (id, time,
+predictor, model version, latency, and the V2 request and response as JSON), temp file then rename, and
 only then adds the segment's row to `payload_segments`: a crash leaves at worst an unindexed file.
+Fields named in `mask` are hashed or dropped before anything is written.
 
-`read_payloads` reads the segments of a time range back as one frame; `labelled` joins them to the
-feedback stored by the replicas (`inference_feedback`) by inference id, which is what retraining and
-live quality use.
+Nothing is parsed on the way in: `read_payloads` expands the requests it reads into one row per row of
+each request (the features as columns, the prediction, and the metadata), so the cost of logging is paid
+by readers, for the rows they read (a drift window), not by the gateway for all traffic. `labelled`
+joins them to the feedback stored by the replicas (`inference_feedback`) by inference id, which is what
+retraining and live quality use.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -31,7 +35,7 @@ from skyloop.store.workspace import Workspace
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LogSpec", "PayloadLog", "feature_rows", "labelled", "read_payloads"]
+__all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_rows", "labelled", "read_payloads"]
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
 """The columns of a payload frame besides the features."""
@@ -88,6 +92,10 @@ def _predictions(outputs: list[dict[str, Any]] | None, rows: int) -> list[Any]:
     return [flat[i * k:(i + 1) * k] for i in range(rows)] if k else [None] * rows
 
 
+Body = bytes | list[dict[str, Any]] | None
+"""A V2 request or response: its raw JSON bytes, or its list of tensors."""
+
+
 class PayloadLog:
     """Buffers a deployment's answered inferences and writes them as indexed segments."""
 
@@ -97,19 +105,24 @@ class PayloadLog:
         self.spec = spec
         self.folder = workspace.settings.home / "payloads" / deployment
         self._rng = random.Random(seed)
-        self._buffer: list[tuple[str, float, str, str, float, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
+        self._buffer: list[tuple[str, float, str, str, float, Body, Body]] = []
         self._lock = threading.Lock()
         self._salt = hashlib.sha256(deployment.encode()).hexdigest()[:16]
         self.flushed_at = time.monotonic()
         self.logged = 0
+        """Requests written."""
         self.dropped = 0
+        """Requests refused: inputs that are neither JSON bytes nor a list of tensors."""
 
-    def add(self, inference_id: str, predictor: str, version: str, latency: float, inputs: Any,
-            outputs: Any) -> None:
-        """Buffer one answered inference (if the sampling draw keeps it). Hot path: no I/O here."""
+    def add(self, inference_id: str, predictor: str, version: str, latency: float, inputs: Body,
+            outputs: Body) -> None:
+        """Buffer one answered inference (if the sampling draw keeps it). Hot path: no parsing, no I/O.
+
+        `inputs` is the request (raw V2 JSON bytes, or its `inputs` list), `outputs` the response (bytes, or
+        its `outputs` list)."""
         if self.spec.sample < 1.0 and self._rng.random() >= self.spec.sample:
             return
-        if not isinstance(inputs, list):
+        if not isinstance(inputs, bytes | list):
             self.dropped += 1
             return
         self._buffer.append((inference_id, time.time(), predictor, version, latency, inputs, outputs))
@@ -126,90 +139,133 @@ class PayloadLog:
         return batch
 
     def write(self, batch: list[Any]) -> int:
-        """Write `batch` (from `take`) as one segment and index it; returns the rows written (worker thread)."""
-        import pandas as pd
+        """Write `batch` (from `take`) as one segment and index it; returns the requests written (worker thread)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        frames = []
-        for inference_id, at, predictor, version, latency, inputs, outputs in batch:
-            columns = self._mask(feature_rows(inputs))
-            rows = len(next(iter(columns.values()))) if columns else 0
-            if not rows:
-                self.dropped += 1
-                continue
-            meta: dict[str, Any] = {"id": [inference_id] * rows, "row": list(range(rows)), "at": [at] * rows,
-                                    "predictor": [predictor] * rows, "version": [version] * rows,
-                                    "latency": [latency] * rows, "prediction": _predictions(outputs, rows)}
-            frames.append({**meta, **columns})
-        if not frames:
+        if not batch:
             return 0
-        frame = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
-        if any(isinstance(v, list) for v in frame["prediction"]):  # one type per column: vectors as text
-            frame["prediction"] = frame["prediction"].map(lambda v: v if v is None else str(v))
+        ids, ats, predictors, versions, latencies, requests, responses = (list(c) for c in zip(*batch, strict=True))
+        requests = [self._request(r) for r in requests]
+        responses = [r if isinstance(r, bytes) else orjson.dumps({"outputs": r or []}) for r in responses]
+        table = pa.table({"id": pa.array(ids, pa.string()), "at": pa.array(ats, pa.float64()),
+                          "predictor": pa.array(predictors, pa.string()), "version": pa.array(versions, pa.string()),
+                          "latency": pa.array(latencies, pa.float64()), "request": pa.array(requests, pa.binary()),
+                          "response": pa.array(responses, pa.binary())})
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)
             name = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet"
             tmp = self.folder / f".{name}.tmp"
-            frame.to_parquet(tmp, index=False)
+            pq.write_table(table, tmp)
             path = self.folder / name
             tmp.replace(path)
-            first, last = float(frame["at"].min()), float(frame["at"].max())
             with self.workspace.db.session() as session:
-                session.add(PayloadSegmentRow(deployment=self.deployment, path=str(path), rows=len(frame),
-                                              versions=sorted(frame["version"].unique().tolist()),
-                                              first_at=datetime.fromtimestamp(first, UTC),
-                                              last_at=datetime.fromtimestamp(last, UTC)))
-        self.logged += len(frame)
-        return len(frame)
+                session.add(PayloadSegmentRow(deployment=self.deployment, path=str(path), rows=len(batch),
+                                              versions=sorted(set(versions)),
+                                              first_at=datetime.fromtimestamp(min(ats), UTC),
+                                              last_at=datetime.fromtimestamp(max(ats), UTC)))
+        self.logged += len(batch)
+        return len(batch)
 
-    def _masked(self, column: str) -> str | None:
-        """How `column` is masked: by its field's name, or as element `_j` of a masked 2-D tensor."""
-        how = self.spec.mask.get(column)
-        if how is None:
-            field, _, index = column.rpartition("_")
-            how = self.spec.mask.get(field) if index.isdigit() else None
-        return how
-
-    def _mask(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        # Per request, on the values as they arrived: a hash never depends on what else is in the segment.
+    def _request(self, inputs: bytes | list[dict[str, Any]]) -> bytes:
         if not self.spec.mask:
-            return columns
-        masked: dict[str, list[Any]] = {}
-        for column, values in columns.items():
-            how = self._masked(column)
-            if how == "drop":
-                continue
-            if how == "hash":
-                values = [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in values]
-            masked[column] = values
-        return masked
+            return inputs if isinstance(inputs, bytes) else orjson.dumps({"inputs": inputs})
+        try:
+            tensors = orjson.loads(inputs).get("inputs") if isinstance(inputs, bytes) else inputs
+        except (orjson.JSONDecodeError, AttributeError):
+            return b"{}"
+        return orjson.dumps({"inputs": [m for t in tensors or [] if (m := self._mask(t)) is not None]})
+
+    def _mask(self, tensor: Any) -> dict[str, Any] | None:
+        # Per value as it arrived: a hash never depends on what else is in the segment.
+        how = self.spec.mask.get(str(tensor.get("name"))) if isinstance(tensor, dict) else None
+        if how is None:
+            return tensor if isinstance(tensor, dict) else None
+        if how == "drop":
+            return None
+        data = _flatten(tensor.get("data") or [])
+        hashed = [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in data]
+        return {**tensor, "datatype": "BYTES", "data": hashed}
+
+
+def _expand(frame: pd.DataFrame) -> pd.DataFrame:
+    """Segment rows (one per request) as one row per request row: metadata, prediction, feature columns."""
+    import pandas as pd
+
+    meta: dict[str, list[Any]] = {name: [] for name in META}
+    features: dict[str, list[Any]] = {}
+    total = 0
+    for inference_id, at, predictor, version, latency, request, response in zip(
+            frame["id"], frame["at"], frame["predictor"], frame["version"], frame["latency"], frame["request"],
+            frame["response"], strict=True):
+        try:
+            doc, answer = orjson.loads(request), orjson.loads(response)
+        except orjson.JSONDecodeError:
+            continue
+        columns = feature_rows(doc.get("inputs") or []) if isinstance(doc, dict) else {}
+        rows = len(next(iter(columns.values()))) if columns else 0
+        if not rows:
+            continue
+        for name, values in columns.items():
+            features.setdefault(name, [None] * total).extend(values)
+        for name, values in features.items():
+            if name not in columns:
+                values.extend([None] * rows)
+        meta["id"].extend([inference_id] * rows)
+        meta["row"].extend(range(rows))
+        meta["at"].extend([at] * rows)
+        meta["predictor"].extend([predictor] * rows)
+        meta["version"].extend([version] * rows)
+        meta["latency"].extend([latency] * rows)
+        meta["prediction"].extend(_predictions(answer.get("outputs") if isinstance(answer, dict) else None, rows))
+        total += rows
+    if any(isinstance(v, list) for v in meta["prediction"]):  # one type per column: vectors as text
+        meta["prediction"] = [v if v is None else str(v) for v in meta["prediction"]]
+    return pd.DataFrame({**meta, **features})
 
 
 def read_payloads(workspace: Workspace, deployment: str, since: float | None = None,
                   version: str | None = None, last: int | None = None) -> pd.DataFrame:
-    """Logged inferences of `deployment` (at or after unix time `since`; of one model `version`; the `last` N)."""
+    """Logged inferences of `deployment` (at or after unix time `since`; of one model `version`; the `last` N).
+
+    With `last`, segments are read newest first and only until N rows are in hand."""
     import pandas as pd
 
     query = select(PayloadSegmentRow).where(PayloadSegmentRow.deployment == deployment)
     if since is not None:
         query = query.where(PayloadSegmentRow.last_at >= datetime.fromtimestamp(since, UTC))
     with workspace.db.read() as session:
-        segments = [(r.path, r.versions) for r in session.scalars(query.order_by(PayloadSegmentRow.id))]
+        segments = [(r.path, r.versions) for r in session.scalars(query.order_by(PayloadSegmentRow.id.desc()))]
     frames = []
+    have = 0
     for path, versions in segments:
         if version is not None and version not in versions:
             continue
         if Path(path).exists():
-            frames.append(pd.read_parquet(path))
+            frame = _expand(pd.read_parquet(path))
+            if since is not None:
+                frame = frame[frame["at"] >= since]
+            if version is not None:
+                frame = frame[frame["version"] == version]
+            frames.append(frame)
+            have += len(frame)
+        if last is not None and have >= last:
+            break
     if not frames:
         return pd.DataFrame(columns=list(META))
-    frame = pd.concat(frames, ignore_index=True)
-    if since is not None:
-        frame = frame[frame["at"] >= since]
-    if version is not None:
-        frame = frame[frame["version"] == version]
+    frame = pd.concat(frames[::-1], ignore_index=True)
     if last is not None:
         frame = frame.tail(last)
     return frame.reset_index(drop=True)
+
+
+def count_feedback(workspace: Workspace, deployment: str, since: float) -> int:
+    """Feedback rows for `deployment` created at or after unix time `since` (cheap: one COUNT)."""
+    from sqlalchemy import func
+
+    with workspace.db.read() as session:
+        return int(session.scalar(select(func.count()).select_from(FeedbackRow).where(
+            FeedbackRow.model == deployment, FeedbackRow.created_at >= datetime.fromtimestamp(since, UTC))) or 0)
 
 
 def labelled(workspace: Workspace, deployment: str, since: float | None = None, version: str | None = None,
@@ -217,10 +273,14 @@ def labelled(workspace: Workspace, deployment: str, since: float | None = None, 
     """Logged inferences that received feedback, with `truth` and `reward` columns (joined by inference id)."""
     import pandas as pd
 
-    payloads = read_payloads(workspace, deployment, since=since, version=version)
+    # With `last`, only the newest logs are read: enough for N labelled ones while recent feedback is on its way.
+    scan = None if last is None else 2 * last + 1000
+    payloads = read_payloads(workspace, deployment, since=since, version=version, last=scan)
     query = select(FeedbackRow.inference_id, FeedbackRow.truth, FeedbackRow.reward).where(
         FeedbackRow.model == deployment).order_by(FeedbackRow.id)
-    if since is not None:
+    if scan is not None and 0 < len(payloads) <= 20_000:
+        query = query.where(FeedbackRow.inference_id.in_(payloads["id"].unique().tolist()))
+    elif since is not None:
         query = query.where(FeedbackRow.created_at >= datetime.fromtimestamp(since, UTC))
     with workspace.db.read() as session:
         feedback = pd.DataFrame(session.execute(query).all(), columns=["id", "truth", "reward"])

@@ -24,8 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from skyloop.errors import SpecError
-from skyloop.spec.files import read_yaml, validate
+from skyloop.spec.files import load_spec_file
 
 __all__ = ["METHODS", "BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "load_serve_spec", "parse_duration"]
 
@@ -149,13 +148,4 @@ class ServeSpec(BaseModel):
 
 def load_serve_spec(source: str | Path | dict[str, Any]) -> ServeSpec:
     """Read and validate a serving spec from a YAML file (or an already parsed mapping)."""
-    if isinstance(source, dict):
-        data, label, base = source, "(mapping)", None
-    else:
-        data, label, base = read_yaml(source), str(source), Path(source).resolve().parent
-    if not isinstance(data, dict):
-        raise SpecError(f"serving spec {label} must be a mapping with name and graph")
-    spec = validate(ServeSpec, data, f"serving spec {label}")
-    if base is not None and spec.base_dir is None:
-        spec = spec.model_copy(update={"base_dir": base})
-    return spec
+    return load_spec_file(source, ServeSpec, "serving spec", "name and graph")

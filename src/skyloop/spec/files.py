@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from skyloop.errors import SpecError
 
-__all__ = ["format_validation", "read_yaml", "validate"]
+__all__ = ["format_validation", "load_spec_file", "read_yaml", "validate"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,3 +40,18 @@ def validate(cls: type[M], data: Any, what: str) -> M:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation(exc, what)) from None
+
+
+def load_spec_file(source: str | Path | dict[str, Any], cls: type[M], what: str, needs: str) -> M:
+    """A spec of type `cls` from a YAML file, or an already parsed mapping; a file's folder becomes the spec's
+    `base_dir` (where relative `file.py:Class` references are found). `needs` names the top-level keys."""
+    if isinstance(source, dict):
+        data, label, base = source, "(mapping)", None
+    else:
+        data, label, base = read_yaml(source), str(source), Path(source).resolve().parent
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} {label} must be a mapping with {needs}")
+    spec = validate(cls, data, f"{what} {label}")
+    if base is not None and getattr(spec, "base_dir", base) is None:
+        spec = spec.model_copy(update={"base_dir": base})
+    return spec

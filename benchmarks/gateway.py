@@ -1,0 +1,350 @@
+"""Gateway overhead and the cost of payload logging: a replica straight, through its gateway, and logged.
+
+    .venv/bin/python benchmarks/gateway.py [--duration 5] [--clients 16,64]
+
+Registers a scikit-learn LogisticRegression trained on iris in a fresh home and starts a deployment
+controller as a real process (`skyloop --home H deploy controller`). Each deployment has one predictor
+of 1 replica (`models:/iris/1`, default adaptive batching) behind its gateway; they run one at a time,
+each deleted before the next is applied. An asyncio load generator in this process (raw keep-alive
+HTTP/1.1 on asyncio streams, one connection per client) sends 1-row V2 requests for a fixed time at
+each concurrency, to:
+
+1. `replica direct`: the replica's own port (the baseline);
+2. `gateway`: the gateway of the same deployment, which has no `loop:` section;
+3. `gateway + payload log (100%)`: the gateway of a deployment with `loop: {log: {sample: 1.0}}` (no
+   triggers): every answered inference is buffered at the gateway and written as a parquet segment about
+   once a second, and the loop's drift and quality checks run every 5 s in the controller;
+4. `gateway + payload log (10%)`: a third deployment, with `sample: 0.1`.
+
+(Separate deployments rather than one re-applied with a new `loop:`, so that each phase starts from a
+fresh gateway.) The rows a logging deployment
+wrote are read back with `read_payloads` after its phase (after a pause longer than a flush) and set
+against the 200 answers its clients got, warm-up included, to show that logging really happened. The
+table gives req/s, p50 and p99 latency, errors (any non-200 answer or broken connection), req/s as a
+multiple of the replica's, and the logging gateways' req/s as a multiple of the plain gateway's.
+Target: payload logging costs < 10% of the gateway's throughput (100% logged req/s >= 0.9x gateway
+req/s). Figures are printed, never asserted.
+
+On a small machine (2 cores, say) the load generator, the controller (gateway and loop, one event loop)
+and the replica share the cores, so the gateway's overhead includes the cores it takes from the replica
+and from the load generator; absolute figures understate dedicated machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+HOST = "127.0.0.1"
+MODEL = "iris"
+TARGET_COST = 0.10
+START_TIMEOUT_S = 60.0
+WARMUP_S = 0.5
+FLUSH_PAUSE_S = 2.5  # longer than a flush (1 s) plus a controller tick: a phase's rows are all written by then
+
+DIRECT, GATEWAY, LOG_ALL, LOG_TENTH = ("replica direct", "gateway", "gateway + payload log (100%)",
+                                       "gateway + payload log (10%)")
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    answered: int = 0  # every 200, warm-up included: what the gateway may have logged
+    elapsed: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop `proc` and every process under it, by PID: terminate, wait, then kill what is left."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def health_ok(port: int) -> bool:
+    conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not health_ok(port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"port {port}: not ready after {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+
+
+def start_controller(settings: Any, log_path: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "skyloop", "--home", str(settings.home), "deploy", "controller"]
+    env = {**os.environ, "SKYLOOP_DB_URL": settings.resolved_db_url,
+           "SKYLOOP_ARTIFACTS_URL": settings.resolved_artifacts_url}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+# ---------------------------------------------------------------- load generator
+
+
+def request_bytes(deployment: str, port: int, row: list[float]) -> bytes:
+    body = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": row}]})
+    head = (f"POST /v2/models/{deployment}/infer HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked body); return its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    return status
+
+
+async def client(port: int, payloads: list[bytes], stop_at: float, measure_from: float,
+                 result: LoadResult) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    i = 0
+    try:
+        while (now := time.perf_counter()) < stop_at:
+            payload = payloads[i % len(payloads)]
+            i += 1
+            try:
+                writer.write(payload)
+                status = await read_response(reader)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                if now >= measure_from:
+                    result.errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(HOST, port)
+                continue
+            result.answered += status == 200
+            if now < measure_from:
+                continue
+            if status == 200:
+                result.latencies.append(time.perf_counter() - now)
+            else:
+                result.errors += 1
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def load(deployment: str, port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
+    payloads = [request_bytes(deployment, port, row) for row in rows]
+    result = LoadResult()
+    measure_from = time.perf_counter() + WARMUP_S
+    stop_at = measure_from + duration
+    await asyncio.gather(*(client(port, payloads[i:] + payloads[:i], stop_at, measure_from, result)
+                           for i in range(clients)))
+    result.elapsed = duration
+    return result
+
+
+def run_load(deployment: str, port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
+    try:
+        import uvloop
+
+        return uvloop.run(load(deployment, port, rows, clients, duration))
+    except ImportError:
+        return asyncio.run(load(deployment, port, rows, clients, duration))
+
+
+# ---------------------------------------------------------------- main
+
+
+def register_model(settings: Any) -> list[list[float]]:
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.registry import log_model
+
+    X, y = load_iris(return_X_y=True)
+    clf = LogisticRegression(max_iter=1000).fit(X, y)
+    log_model(clf, MODEL, input_example=X[:5], settings=settings)
+    return [[float(v) for v in row] for row in X]
+
+
+def spec(name: str, sample: float | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": name,
+                           "predictors": [{"name": "main", "model_uri": f"models:/{MODEL}/1", "replicas": 1,
+                                           "traffic": 100}]}
+    if sample is not None:
+        doc["loop"] = {"log": {"sample": sample}}
+    return doc
+
+
+def apply(name: str, sample: float | None, settings: Any) -> tuple[int, int]:
+    """Apply a deployment; return its gateway's port and its replica's."""
+    from skyloop.deploy.api import apply_deployment
+
+    info = apply_deployment(spec(name, sample), settings, start=False, timeout=90)
+    gateway = int(urlsplit(info.state["gateway"]).port or 0)
+    replica = int(info.state["predictors"]["main"]["replicas"][0]["port"])
+    wait_ready(gateway)
+    wait_ready(replica)
+    return gateway, replica
+
+
+def logged_rows(settings: Any, name: str) -> int:
+    from skyloop.monitoring.payloads import read_payloads
+    from skyloop.store.workspace import Workspace
+
+    workspace = Workspace.open(settings)
+    try:
+        return len(read_payloads(workspace, name))
+    finally:
+        workspace.close()
+
+
+def measure(settings: Any, rows: list[list[float]], concurrencies: list[int], duration: float,
+            ) -> tuple[dict[tuple[str, int], LoadResult], dict[str, tuple[int, int]]]:
+    """Every row of the table, and the logged and answered rows per logging phase.
+
+    One deployment at a time, deleted before the next starts, so that no idle gateway, loop or replica
+    competes for the cores (the controller hosts every gateway on one event loop)."""
+    from skyloop.deploy.api import delete_deployment
+
+    results: dict[tuple[str, int], LoadResult] = {}
+    logged: dict[str, tuple[int, int]] = {}
+    plan: list[tuple[str, float | None, list[str]]] = [
+        ("bench-gw", None, [DIRECT, GATEWAY]), ("bench-log-all", 1.0, [LOG_ALL]),
+        ("bench-log-tenth", 0.1, [LOG_TENTH])]
+    for name, sample, labels in plan:
+        gateway, replica = apply(name, sample, settings)
+        try:
+            for label in labels:
+                for clients in concurrencies:
+                    port = replica if label == DIRECT else gateway
+                    results[label, clients] = run_load(name, port, rows, clients, duration)
+            if sample is not None:
+                time.sleep(FLUSH_PAUSE_S)
+                answered = sum(results[labels[0], c].answered for c in concurrencies)
+                logged[labels[0]] = (logged_rows(settings, name), answered)
+        finally:
+            delete_deployment(settings, name)
+    return results, logged
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per row")
+    parser.add_argument("--clients", default="16,64", help="concurrent clients, comma-separated")
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.clients.split(",")]
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a pipe or a file: do not squeeze the table into 80 columns
+
+    from skyloop.config import Settings
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="skyloop-bench-gateway-") as tmp:
+        settings = Settings.for_home(Path(tmp) / "home")
+        rows = register_model(settings)
+        controller = start_controller(settings, Path(tmp) / "controller.log")
+        try:
+            results, logged = measure(settings, rows, concurrencies, args.duration)
+        except BaseException:
+            log = (Path(tmp) / "controller.log").read_text(errors="replace")[-4000:]
+            console.print(f"controller log (tail):\n{log}", highlight=False, markup=False)
+            raise
+        finally:
+            stop(controller)
+
+    table = Table(title=f"V2 infer through a deployment gateway, 1-row iris LogisticRegression, 1 replica, "
+                        f"{args.duration:g} s per row")
+    for column in ("path", "clients", "req/s", "p50 ms", "p99 ms", "errors", "x direct req/s",
+                   "x gateway req/s", "logged / answered"):
+        table.add_column(column, justify="right")
+    for label in (DIRECT, GATEWAY, LOG_ALL, LOG_TENTH):
+        for clients in concurrencies:
+            result = results[label, clients]
+            direct, gateway = results[DIRECT, clients], results[GATEWAY, clients]
+            vs_gateway = ratio(result.rps, gateway.rps) if label in (LOG_ALL, LOG_TENTH) else ""
+            rows_logged = ""
+            if label in logged and clients == concurrencies[0]:
+                done, answered = logged[label]
+                rows_logged = f"{done:,} / {answered:,} ({done / answered:.0%})" if answered else f"{done:,} / 0"
+            table.add_row(label, str(clients), f"{result.rps:,.0f}", f"{result.percentile_ms(50):.2f}",
+                          f"{result.percentile_ms(99):.2f}", str(result.errors),
+                          ratio(result.rps, direct.rps) if label != DIRECT else "", vs_gateway, rows_logged)
+    console.print(table)
+    console.print("logged / answered: rows read back with read_payloads for the whole phase (all concurrencies, "
+                  "warm-up included) against the 200 answers the clients got", highlight=False)
+    for clients in concurrencies:
+        gateway, logging = results[GATEWAY, clients], results[LOG_ALL, clients]
+        cost = 1 - logging.rps / gateway.rps if gateway.rps else float("nan")
+        verdict = "met" if cost < TARGET_COST else "missed"
+        console.print(f"target at {clients} clients: payload logging (100%) costs < {TARGET_COST:.0%} of the gateway's "
+                      f"req/s; it costs {cost:.1%} ({logging.rps:,.0f} vs {gateway.rps:,.0f} req/s): {verdict}",
+                      highlight=False)
+    console.print(f"note: this machine has {os.cpu_count() or 1} core(s); the load generator, the controller "
+                  "(gateway) and the replica share them. Took "
+                  f"{time.perf_counter() - began:.0f} s.", highlight=False)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
