@@ -13,6 +13,8 @@ import pandas as pd
 
 from skyloop import Resources, pipeline, step
 
+__all__ = ["Scored", "Split", "evaluate", "load", "register", "split", "train", "train_agent"]
+
 
 class Split(NamedTuple):
     train: pd.DataFrame
