@@ -40,7 +40,9 @@ def test_thompson_sampling_sends_most_traffic_to_the_better_model_within_2000_fe
     assert load.share("good", load.answers[-500:]) >= 0.8
     arms = env.wait("bandit", lambda i: sum(a["feedback"] for a in i.state["arms"].values()) >= 1990, 10,
                     "the arms' feedback").state["arms"]
-    assert arms["good"]["mean_reward"] > 0.9 > 0.5 > arms["bad"]["mean_reward"]
+    # The bad arm was pulled rarely, so its mean is noisy (its true accuracy is 1/3): compare, don't pin it.
+    assert arms["good"]["mean_reward"] > 0.9 and arms["bad"]["mean_reward"] < arms["good"]["mean_reward"]
+    assert arms["bad"]["feedback"] < arms["good"]["feedback"] / 4
     env.delete("bandit")
 
 
