@@ -92,6 +92,18 @@ class Pool:
         return best
 
 
+@dataclass
+class _Answer:
+    """An answer kept for joining feedback: who gave it, what it was, and the shadows' answers."""
+
+    predictor: str
+    output: Any
+    endpoint: Endpoint | None
+    shadows: dict[str, Any] = field(default_factory=dict)
+    labelled: bool = False
+    truth: Any = None
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -165,7 +177,7 @@ class Gateway:
         self.pools: dict[str, Pool] = {}
         self.windows: dict[str, Window] = {}
         self.max_body_bytes = max_body_bytes
-        self.answers: OrderedDict[str, tuple[str, Any, Endpoint | None, dict[str, Any]]] = OrderedDict()
+        self.answers: OrderedDict[str, _Answer] = OrderedDict()
         self.metrics = _Metrics()
         self._session: aiohttp.ClientSession | None = None
         self._shadow_slots = asyncio.Semaphore(_SHADOW_CONCURRENCY)
@@ -267,7 +279,10 @@ class Gateway:
                 doc, _ = _split(data, int(length) if binary and length else None)
                 remembered = self.answers.get(request_id)
                 if remembered is not None:
-                    remembered[3][predictor] = _first_output(doc)
+                    output = _first_output(doc)
+                    remembered.shadows[predictor] = output
+                    if remembered.labelled:  # the label came before the shadow's answer: judge it now
+                        self.window(predictor).add_feedback(is_correct(output, remembered.truth), None)
 
     def _mirror(self, predictor: str, path: str, body: bytes, headers: dict[str, str], request_id: str,
                 binary: bool) -> None:
@@ -356,7 +371,7 @@ class Gateway:
         return Response(data, 200, out_headers, media_type="application/json")
 
     def _remember(self, request_id: str, predictor: str, output: Any, endpoint: Endpoint | None) -> None:
-        self.answers[request_id] = (predictor, output, endpoint, {})
+        self.answers[request_id] = _Answer(predictor, output, endpoint)
         if len(self.answers) > _REMEMBER:
             self.answers.popitem(last=False)
 
@@ -376,7 +391,7 @@ class Gateway:
         if remembered is None:
             return _json({"error": f"no answer {doc['id']!r} is known to this gateway (too old, or never given); "
                                    "send feedback with the id of a response"}, 404)
-        predictor, output, endpoint, shadow_outputs = remembered
+        predictor, output, endpoint = remembered.predictor, remembered.output, remembered.endpoint
         path = f"/v2/models/{self.deployment}/feedback"
         pool = self.pools.get(predictor)
         target = endpoint if endpoint is not None and pool and endpoint in pool.endpoints else None
@@ -394,7 +409,8 @@ class Gateway:
         truth, reward = doc.get("truth"), doc.get("reward")
         correct = is_correct(output, truth)
         self.window(predictor).add_feedback(correct, reward if isinstance(reward, int | float) else None)
-        for shadow, shadow_output in shadow_outputs.items():
+        remembered.truth, remembered.labelled = truth, True
+        for shadow, shadow_output in remembered.shadows.items():
             self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
         value = float(reward) if isinstance(reward, int | float) else (None if correct is None else float(correct))
         if value is not None:
