@@ -121,6 +121,10 @@ def test_the_cli_shows_status_and_history_and_refuses_bad_specs(env: Env) -> Non
     history = json.loads(env.cli("deploy", "history", "cli-demo", "--json").stdout)
     assert [e["kind"] for e in history][:2] == ["applied", "reconciled"]
     assert history[1]["versions"] == {"main": "iris/1"} and history[1]["weights"] == {"main": 100.0}
+    drawn = env.cli("deploy", "history", "cli-demo", "--picture", str(env.folder / "pictures"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert (env.folder / "pictures" / "cli-demo-history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "reconciled" in (env.folder / "pictures" / "cli-demo-history.html").read_text()
     ignored = env.cli("deploy", "promote", "cli-demo")
     assert ignored.returncode == 0
     env.wait("cli-demo", lambda i: True)

@@ -88,11 +88,18 @@ def status(name: Annotated[str | None, typer.Argument(help="One deployment (defa
 
 @app.command()
 def history(name: Name, limit: Annotated[int | None, typer.Option(help="Only the last N events.")] = None,
-            as_json: JsonOption = False) -> None:
+            as_json: JsonOption = False,
+            picture: Annotated[Path | None, typer.Option(help="Also draw it: DIR/NAME-history.png and .html.")] = None,
+            ) -> None:
     """Every transition: which versions served, with what traffic, when and why."""
     workspace = Workspace.open(state.settings())
     with workspace.db.read() as session:
         events = store.deployment_history(session, name, limit)
+    if picture is not None:
+        from skyloop.deploy.picture import write_history_picture
+
+        png, html = write_history_picture(workspace, name, picture)
+        console.print(f"picture: {png}\n         {html}", highlight=False)
     workspace.close()
     if as_json:
         print(json.dumps([e.to_dict() for e in events], indent=2, default=str))

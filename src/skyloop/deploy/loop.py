@@ -131,6 +131,10 @@ class Loop:
 
         version = self.serving()
         since = time.time() - self.spec.drift.horizon
+        new_rows = count_feedback(self.workspace, self._name, self.labelled_since)
+        recent_feedback = count_feedback(self.workspace, self._name, since)
+        quality, samples = self._quality(version, since) if recent_feedback else (None, 0)
+        self.gauges.labelled_rows.labels(self._name).set(new_rows)
         drift: bool | None = None
         detail = ""
         reference = self._reference(version) if version is not None else None
@@ -147,14 +151,12 @@ class Loop:
                     self.gauges.drift_share.labels(self._name, version).set(report.share)
                     for f in report.features:
                         self.gauges.feature_drift.labels(self._name, version, f.feature).set(f.statistic)
+                    # The live quality measured with it rides along, for pictures of the history.
+                    doc = {**report.to_dict(), "quality": quality, "quality_metric": self.spec.quality.metric,
+                           "quality_samples": samples}
                     with self.workspace.db.session() as session:
                         session.add(DriftReportRow(deployment=self._name, version=version, at=utcnow(),
-                                                   dataset_drift=bool(drift), share=report.share,
-                                                   report=report.to_dict()))
-        new_rows = count_feedback(self.workspace, self._name, self.labelled_since)
-        recent_feedback = count_feedback(self.workspace, self._name, since)
-        quality, samples = self._quality(version, since) if recent_feedback else (None, 0)
-        self.gauges.labelled_rows.labels(self._name).set(new_rows)
+                                                   dataset_drift=bool(drift), share=report.share, report=doc))
         self.last = {"version": version, "dataset_drift": drift, "drift": detail, "quality": quality,
                      "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase}
         return Signals(drift, quality, new_rows, detail, samples)
