@@ -267,14 +267,16 @@ class Demo:
         table.add_row("live quality", "-" if quality is None else f"{quality:.3f} (loop's view, from feedback)")
         table.add_row("loop", str(loop.get("phase", "-")))
         events = Table("t", "event", "why", box=None)
-        for e in self.history()[-7:]:
+        for e in [e for e in self.history() if e.at.timestamp() >= self.started][-7:]:
             events.add_row(f"{e.at.timestamp() - self.started:5.0f}", e.kind, e.reason[:90])
         return Panel(Group(table, events), title="skyloop demo: the closed loop", border_style="cyan")
 
     def done(self) -> bool:
         if self.shifted_at is None:
             return False
-        promoted = [e for e in self.history() if e.kind == "loop.finished" and "Healthy" in e.reason]
+        # History outlives a deleted deployment: only this demo's events count (a second demo in one home).
+        promoted = [e for e in self.history() if e.kind == "loop.finished" and "Healthy" in e.reason
+                    and e.at.timestamp() >= self.shifted_at]
         if not promoted:
             return False
         acc, n = self._agents_accuracy(8)
@@ -351,6 +353,8 @@ class Demo:
     def _summary(self, ok: bool, before: float | None, after: float | None, png: Path, html: Path) -> None:
         table = Table("", "", box=None, show_header=False)
         for e in self.history():
+            if e.at.timestamp() < self.started:
+                continue
             if e.kind.startswith("loop.") or e.kind in ("promoted", "rolled_back", "alias_moved"):
                 table.add_row(f"{e.at.timestamp() - self.started:5.0f} s  {e.kind}", e.reason[:120])
         self.console.print(table)

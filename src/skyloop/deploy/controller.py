@@ -75,6 +75,8 @@ class DeploymentRunner:
         self.spec = DeploymentSpec.model_validate(info.spec)
         self.spec_version = 0
         self.saved_state = info.state
+        self.created_at = info.created_at.timestamp()
+        """When this deployment was created: logs of an earlier one of the same name are not its own."""
         self.hosts: dict[str, ReplicaHost] = {}
         self.rollout: Rollout | None = None
         self.gateway = Gateway(self.name, self.spec.router, self._spec_weights(self.spec),

@@ -94,6 +94,11 @@ class Loop:
         if self.triggers is not None:
             self.triggers.finished(now)
 
+    def _since(self) -> float:
+        """Where the logs the loop reads begin: `drift.horizon` ago, but never before the deployment was created
+        (a deployment deleted and created again under the same name does not inherit the old one's logs)."""
+        return max(time.time() - self.spec.drift.horizon, self.runner.created_at)
+
     def serving(self) -> str | None:
         """The model version (`name/version`) of the predictor with the most traffic."""
         weights = self.runner.gateway.weights
@@ -130,7 +135,7 @@ class Loop:
         from skyloop.store.runs import utcnow
 
         version = self.serving()
-        since = time.time() - self.spec.drift.horizon
+        since = self._since()
         new_rows = count_feedback(self.workspace, self._name, self.labelled_since)
         recent_feedback = count_feedback(self.workspace, self._name, since)
         quality, samples = self._quality(version, since) if recent_feedback else (None, 0)
@@ -190,7 +195,7 @@ class Loop:
         retrain = self.spec.retrain
         assert retrain is not None
         champion = self.serving()
-        since = time.time() - self.spec.drift.horizon
+        since = self._since()
         if retrain.fresh:
             since = time.time()
             await self.runner.event("loop.collecting", f"waiting for {retrain.min_rows} rows labelled after the "
