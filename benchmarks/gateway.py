@@ -32,85 +32,29 @@ and from the load generator; absolute figures understate dedicated machines.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import http.client
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-import orjson
-import psutil
+from loadgen import LoadResult, health_ok, run_load, stop
 from rich.console import Console
 from rich.table import Table
 
-HOST = "127.0.0.1"
 MODEL = "iris"
 TARGET_COST = 0.10
 START_TIMEOUT_S = 60.0
-WARMUP_S = 0.5
 FLUSH_PAUSE_S = 2.5  # longer than a flush (1 s) plus a controller tick: a phase's rows are all written by then
 
 DIRECT, GATEWAY, LOG_ALL, LOG_TENTH = ("replica direct", "gateway", "gateway + payload log (100%)",
                                        "gateway + payload log (10%)")
 
 
-@dataclass
-class LoadResult:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    answered: int = 0  # every 200, warm-up included: what the gateway may have logged
-    elapsed: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
-
-
 # ---------------------------------------------------------------- processes
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop `proc` and every process under it, by PID: terminate, wait, then kill what is left."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
-def health_ok(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
-    try:
-        conn.request("GET", "/v2/health/ready")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def wait_ready(port: int) -> None:
@@ -127,83 +71,6 @@ def start_controller(settings: Any, log_path: Path) -> subprocess.Popen[bytes]:
            "SKYLOOP_ARTIFACTS_URL": settings.resolved_artifacts_url}
     with log_path.open("ab") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-
-
-# ---------------------------------------------------------------- load generator
-
-
-def request_bytes(deployment: str, port: int, row: list[float]) -> bytes:
-    body = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": row}]})
-    head = (f"POST /v2/models/{deployment}/infer HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-async def read_response(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 response (Content-Length or chunked body); return its status code."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    if "content-length" in headers:
-        await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return status
-
-
-async def client(port: int, payloads: list[bytes], stop_at: float, measure_from: float,
-                 result: LoadResult) -> None:
-    reader, writer = await asyncio.open_connection(HOST, port)
-    i = 0
-    try:
-        while (now := time.perf_counter()) < stop_at:
-            payload = payloads[i % len(payloads)]
-            i += 1
-            try:
-                writer.write(payload)
-                status = await read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                if now >= measure_from:
-                    result.errors += 1
-                writer.close()
-                reader, writer = await asyncio.open_connection(HOST, port)
-                continue
-            result.answered += status == 200
-            if now < measure_from:
-                continue
-            if status == 200:
-                result.latencies.append(time.perf_counter() - now)
-            else:
-                result.errors += 1
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def load(deployment: str, port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
-    payloads = [request_bytes(deployment, port, row) for row in rows]
-    result = LoadResult()
-    measure_from = time.perf_counter() + WARMUP_S
-    stop_at = measure_from + duration
-    await asyncio.gather(*(client(port, payloads[i:] + payloads[:i], stop_at, measure_from, result)
-                           for i in range(clients)))
-    result.elapsed = duration
-    return result
-
-
-def run_load(deployment: str, port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
-    try:
-        import uvloop
-
-        return uvloop.run(load(deployment, port, rows, clients, duration))
-    except ImportError:
-        return asyncio.run(load(deployment, port, rows, clients, duration))
 
 
 # ---------------------------------------------------------------- main

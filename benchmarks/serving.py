@@ -16,9 +16,7 @@ at 64 clients with p99 no worse, cold start <= 1.5 s. Figures are printed, never
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import http.client
 import os
 import re
 import socket
@@ -29,24 +27,19 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
-import numpy as np
-import orjson
-import psutil
+from loadgen import HOST, LoadResult, health_ok, run_load, stop
 from rich.console import Console
 from rich.table import Table
 
-HOST = "127.0.0.1"
 MODEL = "iris"
-INFER_PATH = f"/v2/models/{MODEL}/infer"
 TARGET_RATIO = 1.0
 TARGET_CLIENTS = 64
 TARGET_COLD_START_S = 1.5
 START_TIMEOUT_S = 60.0
-WARMUP_S = 0.5
 
 REFERENCE_APP = textwrap.dedent(
     '''
@@ -99,20 +92,6 @@ class Server:
     stderr_path: Path
 
 
-@dataclass
-class LoadResult:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    elapsed: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
-
-
 # ---------------------------------------------------------------- processes
 
 
@@ -120,42 +99,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop `proc` and every process under it, by PID: terminate, wait, then kill what is left."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
-def health_ok(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
-    try:
-        conn.request("GET", "/v2/health/ready")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def fail(server_label: str, proc: subprocess.Popen[bytes], stderr_path: Path, why: str) -> SystemExit:
@@ -223,89 +166,6 @@ def start_reference(model_path: Path, scratch: Path, procs: list[subprocess.Pope
 # ---------------------------------------------------------------- load generator
 
 
-def request_bytes(port: int, row: list[float]) -> bytes:
-    body = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": row}]})
-    head = (f"POST {INFER_PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-async def read_response(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 response (Content-Length or chunked body); return its status code."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    if "content-length" in headers:
-        await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return status
-
-
-async def reconnect(port: int, stop_at: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    while True:
-        try:
-            return await asyncio.open_connection(HOST, port)
-        except OSError:
-            if time.perf_counter() >= stop_at:
-                raise
-            await asyncio.sleep(0.01)
-
-
-async def client(port: int, payloads: list[bytes], stop_at: float, measure_from: float,
-                 result: LoadResult) -> None:
-    reader, writer = await asyncio.open_connection(HOST, port)
-    i = 0
-    try:
-        while (now := time.perf_counter()) < stop_at:
-            payload = payloads[i % len(payloads)]
-            i += 1
-            try:
-                writer.write(payload)
-                status = await read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                if now >= measure_from:
-                    result.errors += 1
-                writer.close()
-                reader, writer = await reconnect(port, stop_at)
-                continue
-            if now < measure_from:
-                continue
-            if status == 200:
-                result.latencies.append(time.perf_counter() - now)
-            else:
-                result.errors += 1
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def load(port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
-    payloads = [request_bytes(port, row) for row in rows]
-    result = LoadResult()
-    measure_from = time.perf_counter() + WARMUP_S
-    stop_at = measure_from + duration
-    await asyncio.gather(*(client(port, payloads[i:] + payloads[:i], stop_at, measure_from, result)
-                           for i in range(clients)))
-    result.elapsed = duration
-    return result
-
-
-def run_load(port: int, rows: list[list[float]], clients: int, duration: float) -> LoadResult:
-    try:
-        import uvloop
-
-        return uvloop.run(load(port, rows, clients, duration))
-    except ImportError:
-        return asyncio.run(load(port, rows, clients, duration))
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -361,7 +221,7 @@ def main() -> None:
                 server = starter(procs)
                 cold[label] = server.cold_start_s
                 for clients in concurrencies:
-                    results[label, clients] = run_load(server.port, rows, clients, args.duration)
+                    results[label, clients] = run_load(MODEL, server.port, rows, clients, args.duration)
                 if server.proc.poll() is not None:
                     raise fail(label, server.proc, server.stderr_path, "died under load")
 
