@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -37,15 +37,14 @@ from skyloop.errors import BackendError
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
 
+if TYPE_CHECKING:
+    from skyloop.monitoring.report import LoopReport
+
 __all__ = ["DEPLOYMENT", "Demo", "demo_spec"]
 
 DEPLOYMENT = "agent"
 THRESHOLD = 0.8
 DRIFT = 0.2
-_MARKED = {"loop.fired": "drift", "loop.retraining": "retrain", "loop.blessed": "blessed",
-           "loop.rejected": "rejected", "promoted": "promoted", "rolled_back": "rolled_back", "step": "canary",
-           "shift": "drift"}
-
 
 def demo_spec(steps_seconds: float = 8.0) -> dict[str, Any]:
     """The demo's deployment: one champion, the closed loop, and the canary its challengers go through."""
@@ -287,7 +286,7 @@ class Demo:
 
     # -- the story -----------------------------------------------------------------------------------------
     def run(self) -> bool:
-        from skyloop.monitoring.report import LoopReport, render_report
+        from skyloop.monitoring.report import render_report
 
         self.console.rule("skyloop demo")
         try:
@@ -319,7 +318,7 @@ class Demo:
             after, _ = self._agents_accuracy(6)
             self.agents.stop()
             ok = self.done()
-            report = self._report(LoopReport, before, after)
+            report = self._report(before, after)
             png, html = render_report(report, self.settings.home / "demo")
             self._summary(ok, before, after, png, html)
             return ok
@@ -328,24 +327,19 @@ class Demo:
                 self.agents.stop()
             self.stop()
 
-    def _report(self, report_type: Any, before: float | None, after: float | None) -> Any:
-        from sqlalchemy import select
+    def _report(self, before: float | None, after: float | None) -> LoopReport:
+        from skyloop.deploy.picture import EVENT_KINDS, drift_series
+        from skyloop.monitoring.report import LoopReport
 
-        from skyloop.store.models import DriftReportRow
-
-        with self.workspace.db.read() as session:
-            rows = session.scalars(select(DriftReportRow).where(DriftReportRow.deployment == DEPLOYMENT)
-                                   .order_by(DriftReportRow.id)).all()
-            drift = [(r.at.timestamp() - self.started, {f["feature"]: f["statistic"] for f in r.report["features"]},
-                      r.dataset_drift) for r in rows if r.at.timestamp() >= self.started]
-        events = [*self.events, *[(e.at.timestamp() - self.started, _MARKED.get(e.kind, e.kind), e.reason)
+        drift, _ = drift_series(self.workspace, DEPLOYMENT, self.started)
+        events = [*self.events, *[(e.at.timestamp() - self.started, EVENT_KINDS.get(e.kind, e.kind), e.reason)
                                   for e in self.history() if e.at.timestamp() >= self.started]]
         final = self.traffic[-1][1] if self.traffic else {}
         summary = {"final model": ", ".join(f"{v} ({s:.0f}%)" for v, s in final.items()),
                    "accuracy before the shift": _fmt(before), "accuracy at the end": _fmt(after),
                    "requests": f"{self.agents.requests} ({self.agents.errors} errors)",
                    "duration": f"{time.time() - self.started:.0f} s"}
-        return report_type(title="skyloop demo: drift, retraining, gate, canary", started_at=self.started,
+        return LoopReport(title="skyloop demo: drift, retraining, gate, canary", started_at=self.started,
                            accuracy=self.accuracy, accuracy_threshold=THRESHOLD, traffic=self.traffic, drift=drift,
                            drift_threshold=DRIFT, drift_statistic="normed Wasserstein distance",
                            events=sorted(events), summary=summary)

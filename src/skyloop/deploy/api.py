@@ -101,19 +101,14 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
                 and info.state.get("applied") == version
 
         info = wait_for(workspace, spec.name, applied, timeout, f"applying spec version {version}")
-        failed = [e for e in store_events(workspace, spec.name) if e.spec_version == version and e.kind == "failed"]
-        if failed and failed[-1].id > max((e.id for e in store_events(workspace, spec.name)
-                                          if e.kind == "reconciled"), default=0):
-            raise BackendError(f"deployment {spec.name!r}: {failed[-1].reason}")
+        with workspace.db.read() as session:
+            events = [e for e in store.deployment_history(session, spec.name) if e.spec_version == version
+                      and e.kind in ("failed", "reconciled")]
+        if events and events[-1].kind == "failed":
+            raise BackendError(f"deployment {spec.name!r}: {events[-1].reason}")
         return info
     finally:
         workspace.close()
-
-
-def store_events(workspace: Workspace, name: str) -> list[store.DeploymentEvent]:
-    """The deployment's history."""
-    with workspace.db.read() as session:
-        return store.deployment_history(session, name)
 
 
 def send_command(settings: Settings, name: str, command: str) -> None:

@@ -450,8 +450,12 @@ class Controller:
             return [store.get_deployment(session, n) for n in names]
 
     def _commands(self, names: list[str]) -> dict[str, list[str]]:
+        with self.workspace.db.read() as session:  # polled every tick: write only when there is something
+            pending = store.pending_commands(session, names)
+        if not pending:
+            return {}
         with self.workspace.db.session() as session:
-            return {n: store.take_commands(session, n) for n in names}
+            return {n: store.take_commands(session, n) for n in pending}
 
     async def run(self) -> None:
         """The control loop."""

@@ -23,7 +23,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from skyloop.deploy.rollout import Phase
 from skyloop.deploy.spec import DeploymentSpec, LoopSpec, RolloutSpec, Strategy
 from skyloop.monitoring.payloads import META, PayloadLog, count_feedback, labelled, read_payloads
 from skyloop.monitoring.triggers import Firing, Signals, Triggers
@@ -250,15 +249,12 @@ class Loop:
                                                 f"{champion}")
 
     def _run_pipeline(self, data_path: str) -> Any:
+        from skyloop.deploy.replicas import absolute_ref
         from skyloop.execution.api import run
 
         retrain = self.spec.retrain
         assert retrain is not None
-        target = retrain.pipeline
-        module = target.rpartition(":")[0]
-        base = self.runner.spec.base_dir
-        if module.endswith(".py") and base is not None and not module.startswith("/"):
-            target = f"{(base / module).resolve()}:{target.rpartition(':')[2]}"
+        target = absolute_ref(retrain.pipeline, self.runner.spec.base_dir)
         params = {**retrain.params, retrain.data_param: data_path}
         return run(target, params, backend=retrain.backend, settings=self.runner.controller.settings)
 
@@ -342,8 +338,3 @@ class Loop:
         return {"phase": self.phase, **self.last, "logged": self.payloads.logged,
                 "cooldown_left": round(self.triggers.cooling(time.monotonic()), 1) if self.triggers else None,
                 "firings": [{"reason": f.reason} for f in self.triggers.history] if self.triggers else []}
-
-    @staticmethod
-    def finished_phase(phase: Phase) -> bool:
-        """Whether a rollout phase ends a loop iteration."""
-        return phase in (Phase.HEALTHY, Phase.DEGRADED)

@@ -31,13 +31,14 @@ from skyloop.deploy.spec import PredictorSpec
 from skyloop.errors import ModelLoadError
 from skyloop.serving.spec import GraphNode
 
-__all__ = ["ReplicaHost", "pin_graph"]
+__all__ = ["ReplicaHost", "absolute_ref", "pin_graph"]
 
 _START_TIMEOUT = 180.0
 _STOP_GRACE = 15.0
 
 
-def _absolute_ref(ref: str, base: Path | None) -> str:
+def absolute_ref(ref: str, base: Path | None) -> str:
+    """`file.py:Name` with a relative file made absolute against `base` (other references unchanged)."""
     module, sep, qualname = ref.rpartition(":")
     if sep and module.endswith(".py") and not Path(module).is_absolute() and base is not None:
         return f"{(base / module).resolve()}:{qualname}"
@@ -58,7 +59,7 @@ def pin_graph(node: GraphNode, base: Path | None, resolve: Any) -> tuple[GraphNo
         elif n.model_uri and base is not None and not Path(n.model_uri).is_absolute():
             update["model_uri"] = str((base / n.model_uri).resolve())
         if n.implementation:
-            update["implementation"] = _absolute_ref(n.implementation, base)
+            update["implementation"] = absolute_ref(n.implementation, base)
         return n.model_copy(update=update)
 
     return walk(node), pinned

@@ -29,6 +29,7 @@ __all__ = [
     "drop_deployment",
     "get_deployment",
     "list_deployments",
+    "pending_commands",
     "queue_command",
     "record_event",
     "release_deployment",
@@ -201,6 +202,12 @@ def queue_command(session: Session, name: str, command: str) -> None:
     row = _row(session, name)
     session.add(DeploymentCommandRow(deployment=name, command=command, created_at=utcnow()))
     record_event(session, name, row.spec_version, f"command.{command}", row.status, reason=f"{command} requested")
+
+
+def pending_commands(session: Session, names: list[str]) -> set[str]:
+    """Which of `names` have commands waiting (a read, so that polling takes no write lock)."""
+    return set(session.scalars(select(DeploymentCommandRow.deployment).where(
+        DeploymentCommandRow.deployment.in_(names), DeploymentCommandRow.handled_at.is_(None))))
 
 
 def take_commands(session: Session, name: str) -> list[str]:
