@@ -95,6 +95,19 @@ def test_skyloop_beats_fifo_when_the_critical_path_is_not_the_widest_branch() ->
     assert learned.makespan == pytest.approx(101)
 
 
+def test_runs_feed_a_shared_pool_in_the_order_that_keeps_it_busy() -> None:
+    # Two runs: feed (1 CPU) -> train (the GPU pool of 1) -> post, on one CPU. Per-run ranks would
+    # feed B first (its path is longer) and leave the pool idle for 50 s; the pool plan feeds A first.
+    def run(run_id: str, feed: float) -> SimRun:
+        return SimRun(run_id, (_t("feed", duration=feed),
+                               SimTask("train", ("feed",), Resources(cpus=0), 100.0, pool="gpu"),
+                               SimTask("post", ("train",), Resources(cpus=0), 5.0)))
+    runs = [run("a", 10.0), run("b", 50.0)]
+    result = simulate(runs, Resources(cpus=1), "skyloop", config=PolicyConfig(pools={"gpu": 1}))
+    assert result.spans[("a", "train")] == (10.0, 110.0) and result.spans[("b", "train")] == (110.0, 210.0)
+    assert result.makespan == pytest.approx(215.0)
+
+
 def test_a_high_priority_run_submitted_later_starts_first() -> None:
     low = SimRun("low", tuple(_t(f"l{i}", duration=10) for i in range(5)), submit_at=0)
     high = SimRun("high", tuple(_t(f"h{i}", duration=10) for i in range(3)), priority=1, submit_at=1)

@@ -3,7 +3,8 @@
 - `policy`: `ReadyQueue` orders ready attempts by priority class (with aging), fair share between
   runs, upward rank (critical path first) and arrival, packs them best-fit with EASY backfilling,
   and honours concurrency pools across runs.
-- `ranks`: upward ranks (longest remaining path) from per-task estimates.
+- `ranks`: upward ranks (longest remaining path) from per-task estimates; across runs, lengthened by
+  the queue each shared concurrency pool will have (`pooled_ranks`).
 - `estimates`: expected durations learned from a step's history (median or EWMA, scaled by input size).
 - `workloads` and `simulator`: seeded synthetic runs and an event-driven simulator with FIFO and
   Airflow-style baselines and a makespan lower bound (`benchmarks/scheduling.py` uses them).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from skyloop.scheduling.estimates import Estimate, Estimator, Sample
 from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
-from skyloop.scheduling.ranks import upward_ranks
+from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
 from skyloop.scheduling.simulator import ListQueue, Scheduler, SimResult, downstream_weights, lower_bound, simulate
 from skyloop.scheduling.workloads import (
     FAMILIES,
@@ -30,8 +31,9 @@ from skyloop.scheduling.workloads import (
 
 __all__ = [
     "BACKFILL_SCAN", "FAMILIES", "WORKSTATION", "WORKSTATION_POOLS",
-    "Candidate", "Estimate", "Estimator", "ListQueue", "PolicyConfig", "ReadyQueue", "Sample", "Scenario",
+    "Candidate", "Estimate", "Estimator", "ListQueue", "PolicyConfig", "RankedRun", "ReadyQueue", "Sample",
+    "Scenario",
     "Scheduler", "SimResult", "SimRun", "SimTask",
-    "downstream_weights", "fork_join", "layered_dag", "lower_bound", "ml_pipeline", "realize", "select",
+    "downstream_weights", "fork_join", "layered_dag", "lower_bound", "ml_pipeline", "pooled_ranks", "realize", "select",
     "simulate", "upward_ranks",
 ]

@@ -180,6 +180,8 @@ class ReadyQueue:
         """Bucket -> heap of its candidates (with stale items of moved or removed ones)."""
         self._heads: dict[_Bucket, _Head] = {}
         """Bucket -> its head's place in the order; right for every bucket not in `_dirty`."""
+        self._order: list[tuple[_Head, _Bucket]] = []
+        """Heap of (head, bucket) over the placed heads, first in order on top; those unlike `_heads` are stale."""
         self._dirty: set[_Bucket] = set()
         self._short: dict[_Bucket, list[tuple[float, int, int]]] = {}
         """Bucket -> heap of (estimate, stamp, key): its shortest candidate, for backfilling a reservation."""
@@ -310,7 +312,12 @@ class ReadyQueue:
             return
         top = self._top if self._top is not None else bucket[0]
         rank, seq, stamp, _ = heap[0]
-        self._heads[bucket] = (-min(bucket[0], top), 0 if bucket[1] in self._starved else 1, rank, seq, stamp)
+        place = self._heads[bucket] = (-min(bucket[0], top), 0 if bucket[1] in self._starved else 1, rank, seq, stamp)
+        order = self._order
+        heapq.heappush(order, (place, bucket))
+        if len(order) > 2 * len(self._heads) + 64:  # mostly stale: build it again from the placed heads
+            order[:] = [(head, b) for b, head in self._heads.items()]
+            heapq.heapify(order)
 
     def _age(self, now: float) -> None:
         aging = self.config.aging_seconds
@@ -441,15 +448,12 @@ class _Turn:
         reservation: _Reservation | None = None
         reserved = False  # a reservation was tried (one per call, for the first candidate that cannot launch)
         spent: set[_Bucket] = set()  # buckets whose head group could not launch: not looked at again this call
+        order = queue._order
+        aside: dict[_Bucket, _Head] = {}  # placed heads taken off `order` that this call looks at no more
         while heads and len(passed) < config.backfill_scan and avail.cpus + _EPS >= min(queue._cpus):
-            if reserved:  # the head is settled: buckets asking for more CPUs than are free need no look
-                room = avail.cpus + _EPS
-                bucket = min((b for b in heads if b[2] <= room and b not in spent), key=heads.__getitem__,
-                             default=None)
-                if bucket is None:
-                    break
-            else:
-                bucket = min(heads, key=heads.__getitem__)
+            bucket = self.next_bucket(order, aside, spent if reserved else None, reservation)
+            if bucket is None:
+                break
             group = self.gather(bucket)
             if not reserved:
                 head = group[0].cand
@@ -493,6 +497,9 @@ class _Turn:
                     touched |= self.mark(run_id, False)
             for other in touched:
                 queue._refresh(other)
+        for bucket, place in aside.items():
+            if heads.get(bucket) == place:
+                heapq.heappush(order, (place, bucket))
         for bucket, item in passed:
             queue._restore(bucket, item)
         for bucket in {bucket for bucket, _ in passed}:
@@ -500,6 +507,34 @@ class _Turn:
         queue._dirty.clear()  # every bucket touched above was placed again
         queue._sweep()
         return chosen
+
+    def next_bucket(self, order: list[tuple[_Head, _Bucket]], aside: dict[_Bucket, _Head],
+                    spent: set[_Bucket] | None, reservation: _Reservation | None) -> _Bucket | None:
+        """Pop the first bucket in order worth a look; those that are not go `aside` for this call.
+
+        Once the head is settled (`spent` given), buckets asking for more CPUs than are free need no
+        look, nor do those already looked at; with a reservation, neither do buckets whose CPUs do
+        not fit in its spare part and whose shortest candidate ends after its shadow time (then none
+        of theirs can launch, and none need be popped to know it).
+        """
+        queue, heads = self.queue, self.queue._heads
+        room = self.avail.cpus + _EPS
+        while order:
+            place, bucket = order[0]
+            if heads.get(bucket) != place:
+                heapq.heappop(order)  # stale: the bucket was placed again or emptied
+                continue
+            heapq.heappop(order)
+            if spent is not None:
+                hopeless = bucket[2] > room or bucket in spent
+                if not hopeless and reservation is not None and bucket[2] > reservation.spare.cpus + _EPS:
+                    short = queue._shortest(bucket)
+                    hopeless = short is None or self.now + short.cand.estimate > reservation.shadow + _EPS
+                if hopeless:
+                    aside[bucket] = place
+                    continue
+            return bucket
+        return None
 
     def gather(self, bucket: _Bucket) -> list[_Entry]:
         """The bucket's head, the candidates of the same standing behind it, and the heads of the same

@@ -3,7 +3,8 @@
 Nothing sleeps and nothing is launched: a task "runs" from the decision that launches it until its
 `duration` has passed on the simulated clock. Policies compared:
 
-- `skyloop`: `ReadyQueue` with upward ranks from the given estimates (true durations when none).
+- `skyloop`: `ReadyQueue` with upward ranks from the given estimates (true durations when none),
+  taken across the runs where they share a limited pool (`pooled_ranks`), as the orchestrator does.
 - `fifo`: arrival order, launching every ready task that fits (FIFO with unbounded backfill, so a
   large request never stalls the machine); ignores priority classes.
 - `fifo-hol`: strict FIFO: stops at the first task that cannot launch (head-of-line blocking).
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
-from skyloop.scheduling.ranks import upward_ranks
+from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
 from skyloop.scheduling.workloads import SimRun, SimTask
 from skyloop.spec.resources import Resources
 
@@ -178,9 +179,12 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
     believed = [t.duration if estimates is None else estimates.get((run.run_id, t.name), default_estimate)
                 for run, t in tasks]
     rank: list[float] = [0.0] * len(tasks)
-    for run in runs:
-        ranks = upward_ranks({t.name: t.deps for t in run.tasks},
-                             {t.name: believed[key_of[(run.run_id, t.name)]] for t in run.tasks})
+    graphs = [RankedRun({t.name: t.deps for t in run.tasks},
+                        {t.name: believed[key_of[(run.run_id, t.name)]] for t in run.tasks},
+                        {t.name: t.pool for t in run.tasks if t.pool is not None}, run.submit_at, run.priority,
+                        {t.name: t.resources.cpus for t in run.tasks})
+              for run in runs]
+    for run, ranks in zip(runs, pooled_ranks(graphs, config.pools, capacity.cpus), strict=True):
         for name, value in ranks.items():
             rank[key_of[(run.run_id, name)]] = value
     scheduler = _scheduler(policy, runs, config, key_of)
