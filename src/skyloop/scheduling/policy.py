@@ -25,11 +25,11 @@ largest request that fits). When the first candidate in order does not fit, it g
 expected to end by the shadow time or fit in the spare part, so small work fills the gap without
 delaying it. Without estimates (all 0) this is plain greedy backfill.
 
-Cost: candidates sit in heaps per bucket, a bucket being one (class, run, CPU request); the head of
-every bucket is kept between calls and only the buckets touched since are looked at again. A call
-passes over buckets whose CPU request no longer fits without touching their candidates and stops
-after `backfill_scan` candidates were passed over, so it costs O(buckets + (launched + scan) log n)
-per call, not O(waiting).
+Cost: candidates sit in heaps per bucket, a bucket being one (class, run, CPU request); bucket heads
+sit in a heap, kept between calls, and only buckets touched since are placed again. A call passes
+over buckets that cannot launch (CPUs that do not fit, or that cannot backfill the reservation) without
+popping their candidates and stops after `backfill_scan` were passed over: O((buckets + launched +
+scan) log n) per call, not O(waiting).
 """
 
 from __future__ import annotations
@@ -510,13 +510,9 @@ class _Turn:
 
     def next_bucket(self, order: list[tuple[_Head, _Bucket]], aside: dict[_Bucket, _Head],
                     spent: set[_Bucket] | None, reservation: _Reservation | None) -> _Bucket | None:
-        """Pop the first bucket in order worth a look; those that are not go `aside` for this call.
-
-        Once the head is settled (`spent` given), buckets asking for more CPUs than are free need no
-        look, nor do those already looked at; with a reservation, neither do buckets whose CPUs do
-        not fit in its spare part and whose shortest candidate ends after its shadow time (then none
-        of theirs can launch, and none need be popped to know it).
-        """
+        """Pop the first bucket worth a look; the others go `aside` for this call. Once the head is
+        settled (`spent` given) they are those already looked at, asking for more CPUs than are free,
+        or too big for the reservation's spare part with a shortest candidate that ends after its shadow."""
         queue, heads = self.queue, self.queue._heads
         room = self.avail.cpus + _EPS
         while order:
