@@ -8,7 +8,12 @@ from types import ModuleType
 import pytest
 
 from skyloop import Resources, Settings, pipeline, run, step
+from skyloop.execution.api import prepare
+from skyloop.execution.backends.inline import InlineBackend
 from skyloop.execution.loading import load_file_module
+from skyloop.execution.orchestrator import Orchestrator
+from skyloop.execution.tasks import TaskLaunch, TaskResult
+from skyloop.store.db import Database
 from skyloop.store.models import Event, StepRunRow
 from skyloop.store.workspace import Workspace
 
@@ -146,3 +151,51 @@ def test_pipeline_logs_are_captured_per_attempt(sample: ModuleType, settings: Se
 
     result = run(talk, backend="inline", settings=settings)
     assert "hello from the step 5" in result.logs("chatty")
+
+
+class _RowProbe(InlineBackend):
+    """The inline backend, noting the state of each attempt's row when it is submitted and when it ended."""
+
+    def __init__(self, db: Database, die_with_driver: bool) -> None:
+        super().__init__()
+        self.db, self.attempts_die_with_driver = db, die_with_driver
+        self.seen: list[tuple[str, str | None]] = []
+
+    def _state(self, key: str) -> str | None:
+        with self.db.read() as session:
+            row = session.get(StepRunRow, key)
+            return None if row is None else row.state
+
+    def submit(self, launch: TaskLaunch) -> None:
+        self.seen.append(("submit", self._state(launch.key)))
+        super().submit(launch)
+
+    def wait(self, timeout: float) -> list[TaskResult]:
+        results = super().wait(timeout)
+        self.seen.extend(("end", self._state(result.key)) for result in results)
+        return results
+
+
+@pytest.mark.parametrize("die_with_driver", [False, True])
+def test_running_rows_are_committed_before_launch_or_with_it(settings: Settings, die_with_driver: bool) -> None:
+    @step
+    def plus_one(x: int) -> int:
+        return x + 1
+
+    @pipeline
+    def chain(x: int = 0):
+        return plus_one(plus_one(plus_one(x)))
+
+    workspace = Workspace.open(settings)
+    backend = _RowProbe(workspace.db, die_with_driver)
+    orchestrator = Orchestrator(settings, workspace.db, workspace.store, backend)
+    try:
+        run_id = orchestrator.start(prepare(chain))
+    finally:
+        orchestrator.close()
+        workspace.close()
+    assert orchestrator.finished[run_id] == ("SUCCEEDED", None)
+    # A backend whose attempts die with the orchestrator gets launches before their rows are committed
+    # (a crash in between leaves neither a row nor a running attempt); any other backend after.
+    launched = None if die_with_driver else "RUNNING"
+    assert backend.seen == [("submit", launched), ("end", "RUNNING")] * 3  # every row committed before its end

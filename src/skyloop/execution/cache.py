@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.orm import Session
 
+from skyloop.errors import StoreError
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database, translate_errors
@@ -60,6 +63,24 @@ def lookup_connection(db: Database) -> Iterator[Connection]:
         yield conn
 
 
+def _lookup_one(session: Session | Connection, key: str) -> Sequence[Any]:
+    if isinstance(session, Connection) and session.dialect.name == "sqlite" and not session.in_transaction():
+        # On the DBAPI cursor (sqlite3 takes `:key` as it is): SQLAlchemy's execute and result
+        # setup, and the BEGIN it would send, cost 0.14 ms of a 0.18 ms lookup. One statement
+        # outside a transaction reads one snapshot, as it would inside one.
+        try:
+            cursor = session.connection.cursor()
+            try:
+                rows: list[Any] = cursor.execute(_LOOKUP_ONE.text, {"key": key}).fetchall()
+                return rows
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"metadata DB failed while looking up cached results: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    return session.execute(_LOOKUP_ONE, {"key": key}).all()
+
+
 def find_cached(session: Session | Connection, keys: list[str], output_names: list[str]
                 ) -> dict[str, tuple[str, dict[str, ArtifactRef]]]:
     """For each key with an earlier successful attempt whose outputs all still exist: that attempt's id
@@ -70,7 +91,7 @@ def find_cached(session: Session | Connection, keys: list[str], output_names: li
     for i in range(0, len(unique), 500):
         chunk = unique[i:i + 500]
         if len(chunk) == 1:  # the common case, without re-rendering an expanding IN list
-            rows = session.execute(_LOOKUP_ONE, {"key": chunk[0]}).all()
+            rows = _lookup_one(session, chunk[0])
         else:
             rows = session.execute(_LOOKUP_MANY, {"keys": chunk}).all()
         attempts: dict[str, dict[str, ArtifactRef]] = {}

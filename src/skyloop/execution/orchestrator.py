@@ -7,8 +7,17 @@ run, let the policy pick what fits, commit the RUNNING rows, launch, wait for en
 A backend that queues work itself (Ray: `admission()` above its capacity) gets launches ahead of
 what it runs, in batches: the orchestrator refills it once it has used up half of that slack, so
 that one commit covers many launches. Turns that launch nothing commit what they learned at most
-`FLUSH_SECONDS` later (and always before a launch, or a run's end): an orchestrator killed in
+`FLUSH_SECONDS` later (and always with a launch, or before a run's end): an orchestrator killed in
 between loses those ends, and resuming runs those attempts again, as it does the ones in flight.
+
+A turn's RUNNING rows are committed before its launches are submitted, except on a backend whose
+attempts die with the process that submitted them (`attempts_die_with_driver`: Ray kills the tasks
+of a dead owner). There the turn submits first and commits while the launches travel, which takes
+the commit (about a millisecond) off each step of a chain. The same turn commits before it looks at
+any end, so a row is RUNNING before it ends. An orchestrator killed between the submit and the
+commit leaves no row for those attempts; their tasks die with it, and resuming runs those units
+again, as it runs again the ones whose RUNNING rows it marks CRASHED. A commit that fails aborts
+the runs, cancelling what was submitted.
 """
 
 from __future__ import annotations
@@ -92,6 +101,8 @@ class Orchestrator:
         self.admission: Resources = admission() if admission is not None else self.capacity
         self._refill_at = self.capacity.cpus + max(0.0, self.admission.cpus - self.capacity.cpus) / 2
         """CPUs launched at or under which to launch more (with slack: once half of it is used up)."""
+        self._submit_first = bool(getattr(backend, "attempts_die_with_driver", False))
+        """Submit a turn's launches before committing their RUNNING rows (see the module docstring)."""
         self.in_use = Resources(cpus=0, memory=0, gpus=0)
         self.runs: dict[str, RunState] = {}
         self.pending: dict[int, _Entry] = {}
@@ -213,10 +224,14 @@ class Orchestrator:
             run.activate_ready(self._enqueue)
         launches = self._launch_ready()
         since = self.recorder.waiting_since()
+        if self._submit_first:  # the commit overlaps the launches' trip to the backend (see the docstring)
+            for launch in launches:
+                self.backend.submit(launch)
         if launches or (since is not None and time.monotonic() - since >= FLUSH_SECONDS):
-            self.recorder.flush()  # the RUNNING rows are committed before their launch
-        for launch in launches:
-            self.backend.submit(launch)
+            self.recorder.flush()  # the RUNNING rows, before their launch unless `_submit_first`
+        if not self._submit_first:
+            for launch in launches:
+                self.backend.submit(launch)
         for run in [r for r in self.runs.values() if r.done]:
             self.recorder.flush()
             self._release(run, *run.outcome())
@@ -295,6 +310,7 @@ class Orchestrator:
         self.runs.clear()
 
     def close(self) -> None:
-        """Stop the heartbeat (held runs keep their leases until they expire)."""
+        """Stop the heartbeat (held runs keep their leases until they expire) and close the DB connection."""
         self._heartbeat.stopped.set()
         self._heartbeat.join(timeout=5)
+        self.recorder.close()

@@ -2,19 +2,26 @@
 
 A turn that launches nothing may leave its writes (attempts that ended, cache hits) for a later
 turn, at most `Orchestrator`'s flush interval: nothing waits on them but readers in other processes.
+
+The recorder keeps one connection for its writes: checking one out of the pool and building an ORM
+session for each turn cost more than the writes themselves (about 0.5 ms of a 1.2 ms flush).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
 from skyloop.execution.tasks import InputValue, TaskResult, input_edges
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
-from skyloop.store.db import Database
+from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT
 from skyloop.store.runs import add_event, utcnow
 
@@ -39,6 +46,8 @@ class Recorder:
     _events: list[tuple[str, str, str, str | None, dict[str, Any]]] = field(default_factory=list)
     _since: float | None = None
     """Monotonic time of the oldest write not flushed yet."""
+    _conn: Connection | None = None
+    """The connection the writes go through, opened at the first flush (and again after an error)."""
 
     def _mark(self) -> None:
         if self._since is None:
@@ -103,25 +112,46 @@ class Recorder:
         if not self.pending:
             self._since = None
             return
-        with self.db.session() as session:
-            # The prebuilt statements run on the connection: the ORM session's execute path costs more
-            # than these small writes.
-            conn = session.connection()
-            if self._artifacts:
-                conn.execute(UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
-            if self._inserts:
-                conn.execute(INSERT_STEP_RUN, self._inserts)
-            if self._updates:
-                conn.execute(UPDATE_STEP_RUN, self._updates)
-            edges = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
-                      "position": position}
-                     for step_run_id, direction, batch in self._edges for name, digest, position in batch]
-            if edges:
-                conn.execute(INSERT_EDGE, edges)
-            if self._touched:
-                lineage.touch(session, self._touched)
-            for run_id, kind, message, event_step, data in self._events:
-                add_event(session, run_id, kind, message, event_step, **data)
+        if self._conn is None:
+            with translate_errors("connecting to the metadata DB"):
+                self._conn = self.db.engine.connect()
+        conn = self._conn
+        try:
+            with translate_errors("writing metadata"), conn.begin():
+                self._write(conn)
+        except BaseException:
+            self.close()  # a broken connection must not be reused; the next flush opens a new one
+            raise
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()
         self._since = None
+
+    def _write(self, conn: Connection) -> None:
+        # The prebuilt statements run on the connection: the ORM session's execute path costs more
+        # than these small writes.
+        if self._artifacts:
+            conn.execute(UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
+        if self._inserts:
+            conn.execute(INSERT_STEP_RUN, self._inserts)
+        if self._updates:
+            conn.execute(UPDATE_STEP_RUN, self._updates)
+        edges = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
+                  "position": position}
+                 for step_run_id, direction, batch in self._edges for name, digest, position in batch]
+        if edges:
+            conn.execute(INSERT_EDGE, edges)
+        if self._touched or self._events:
+            # Rare (cache hits, failures, retries): an ORM session joined to this transaction.
+            with Session(bind=conn) as session:
+                if self._touched:
+                    lineage.touch(session, self._touched)
+                for run_id, kind, message, event_step, data in self._events:
+                    add_event(session, run_id, kind, message, event_step, **data)
+                session.flush()
+
+    def close(self) -> None:
+        """Close the connection (writes not flushed yet stay collected)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()

@@ -28,7 +28,9 @@ class Backend(Protocol):
 
     # Optional: `admission() -> Resources`, how much the orchestrator may have launched at once when the
     # backend queues launches beyond its capacity itself (default: `capacity()`). Not part of the
-    # protocol, so that a backend without it still is one.
+    # protocol, so that a backend without it still is one. Likewise `attempts_die_with_driver: bool`,
+    # true when the backend's attempts end with the process that submitted them (default: false):
+    # the orchestrator then commits RUNNING rows while the launches travel, not before.
 
     def submit(self, launch: TaskLaunch) -> None:
         """Start the attempt; its end is reported by a later `wait`."""

@@ -130,6 +130,13 @@ class RayBackend:
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         """What the attempts given to Ray and not ended yet ask for."""
 
+    @property
+    def attempts_die_with_driver(self) -> bool:
+        """Ray fails the tasks of an owner that died and kills their workers, so the orchestrator may commit
+        a launch's RUNNING row while the launch travels (see `skyloop.execution.orchestrator`). Not over
+        Ray Client (`ray://`): there tasks outlive a lost driver for the reconnect grace period."""
+        return not (self.address or "").startswith("ray://")
+
     def start(self) -> None:
         """Connect to `address`, or start a local Ray sized by the settings; reuse a Ray already up here
         (see `connect_ray`)."""
