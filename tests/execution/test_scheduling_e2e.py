@@ -59,8 +59,9 @@ def test_mixed_requests_never_overcommit_cpus_or_memory(sched: ModuleType, setti
     assert _peak(rows, "cpus") > 1.0  # and it did pack work side by side
 
 
-def _agent(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+def _agent(settings: Settings, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env |= env_extra or {}
     env["SKYLOOP_HOME"] = str(settings.home)
     env["SKYLOOP_EXECUTION__AGENT_POLL_SECONDS"] = "0.2"
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,27 @@ def test_high_priority_run_submitted_later_starts_first(sched: ModuleType, setti
     high_ticks = sorted(r.started_at for r in _rows(settings, high) if r.task == "tick")
     # Once the high-priority run was claimed, its steps went before the low run's remaining ones.
     assert high_ticks[-1] < low_ticks[-3], (high_ticks, low_ticks)
+
+
+@pytest.mark.integration
+def test_runs_sharing_a_pool_feed_it_in_the_order_that_keeps_it_busy(settings: Settings) -> None:
+    pools = load_file_module(HERE / "pool_pipelines.py")
+    settings.execution.max_cpus = 1
+    settings.execution.pools = {"trainer": 1}
+    for pipe in (pools.fast, pools.slow):  # history: how long each feed takes
+        assert run(pipe, {}, backend="local", settings=settings).status == "SUCCEEDED"
+    slow = submit(pools.slow, {}, settings=settings)  # first in: FIFO, and per-run ranks, feed it first
+    fast = submit(pools.fast, {}, settings=settings)
+    agent = _agent(settings, "--max-cpus", "1", "--backend", "local", "--once",
+                   env_extra={"SKYLOOP_EXECUTION__POOLS": '{"trainer": 1}'})
+    try:
+        assert _wait_for(settings, [slow, fast]) == {slow: "SUCCEEDED", fast: "SUCCEEDED"}
+    finally:
+        _stop(agent)
+    started = {(r.run_id, r.task): r.started_at for r in _rows(settings) if r.run_id in (slow, fast)}
+    # Fed first, the fast run starts the trainer while the slow run's feed runs.
+    assert started[(fast, "feed_fast")] < started[(slow, "feed_slow")] < started[(fast, "post")]
+    assert started[(fast, "train")] < started[(slow, "train")]
 
 
 @pytest.mark.integration

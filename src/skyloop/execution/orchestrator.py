@@ -29,11 +29,11 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from skyloop.config import Settings
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.estimates import estimate_run
+from skyloop.execution.estimates import estimate_run, rank_together
 from skyloop.execution.history import Prior, crash_orphans, load_prior
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.runstate import Observer, Prepared, RunState
@@ -158,13 +158,25 @@ class Orchestrator:
             home=self.settings.home,
         )
         self.config.run_weights[run_id] = weight
+        self._rank_together()
         if self.observer:
             self.observer.run_changed(run_id, "RUNNING")
+
+    def _rank_together(self) -> None:
+        """Rank the held runs together where they share a limited pool, and requeue what moved."""
+        if not rank_together(list(self.runs.values()), self.config.pools, self.capacity.cpus):
+            return
+        for entry in self.pending.values():
+            rank = entry.run.ranks.get(entry.unit.task.name, entry.candidate.rank)
+            if rank != entry.candidate.rank:
+                entry.candidate = replace(entry.candidate, rank=rank)
+                self.queue.push(entry.candidate)
 
     def _release(self, run: RunState, status: str, error: str | None) -> None:
         self.runs.pop(run.run_id, None)
         self.config.run_weights.pop(run.run_id, None)
         self.finished[run.run_id] = (status, error)
+        self._rank_together()
         if run.run_id not in self._heartbeat.lost:
             with self.db.session() as session:
                 release_run(session, run.run_id, self.owner, status, error)
