@@ -516,11 +516,9 @@ class _Turn:
         queue, heads = self.queue, self.queue._heads
         room = self.avail.cpus + _EPS
         while order:
-            place, bucket = order[0]
+            place, bucket = heapq.heappop(order)
             if heads.get(bucket) != place:
-                heapq.heappop(order)  # stale: the bucket was placed again or emptied
-                continue
-            heapq.heappop(order)
+                continue  # stale: the bucket was placed again or emptied
             if spent is not None:
                 hopeless = bucket[2] > room or bucket in spent
                 if not hopeless and reservation is not None and bucket[2] > reservation.spare.cpus + _EPS:

@@ -78,7 +78,8 @@ def pooled_ranks(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: flo
     Per run, a task's rank is its longest path to the end of the run. A pool of limit `L` whose
     members outnumber `L` serialises them, so this plans the order they go through the pool: list
     scheduling on `L` lanes, where each member is released at its earliest start (its run's release
-    plus its longest path from a source) and, among those released, the one with the longest tail
+    plus its longest path from a source, or plus its ancestors' CPU-seconds over `cpus` where that is
+    later) and, among those released, the one with the longest tail
     after it goes first (Schrage's rule). Consecutive members of a lane become an edge, as if the
     later one waited for the earlier, and ranks are taken over the runs joined by those edges. A
     member early in the plan then carries the pool work queued behind it, so the tasks that feed it

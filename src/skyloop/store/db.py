@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ __all__ = ["Database", "translate_errors"]
 
 @contextlib.contextmanager
 def translate_errors(action: str) -> Iterator[None]:
-    """Turn SQLAlchemy errors into `StoreError` naming what we were doing."""
+    """Turn SQLAlchemy errors (and sqlite3's, from code on the DBAPI connection) into `StoreError`
+    naming what we were doing."""
     try:
         yield
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, sqlite3.Error) as exc:
         detail = exc.args[0] if exc.args else exc
         raise StoreError(f"metadata DB failed while {action}: {exc.__class__.__name__}: {detail}") from exc
 
