@@ -22,7 +22,7 @@ from skyloop.execution.tasks import InputValue, TaskResult, input_edges
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database, translate_errors
-from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT
+from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT, execute_many
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
@@ -127,19 +127,19 @@ class Recorder:
         self._since = None
 
     def _write(self, conn: Connection) -> None:
-        # The prebuilt statements run on the connection: the ORM session's execute path costs more
-        # than these small writes.
+        # The prebuilt statements run on the connection (on SQLite, on its cursor): the ORM session's
+        # execute path costs more than these small writes.
         if self._artifacts:
-            conn.execute(UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
+            execute_many(conn, UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
         if self._inserts:
-            conn.execute(INSERT_STEP_RUN, self._inserts)
+            execute_many(conn, INSERT_STEP_RUN, self._inserts)
         if self._updates:
-            conn.execute(UPDATE_STEP_RUN, self._updates)
+            execute_many(conn, UPDATE_STEP_RUN, self._updates)
         edges = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
                   "position": position}
                  for step_run_id, direction, batch in self._edges for name, digest, position in batch]
         if edges:
-            conn.execute(INSERT_EDGE, edges)
+            execute_many(conn, INSERT_EDGE, edges)
         if self._touched or self._events:
             # Rare (cache hits, failures, retries): an ORM session joined to this transaction.
             with Session(bind=conn) as session:

@@ -1,46 +1,90 @@
-"""Prebuilt SQL for the writes made for every step attempt.
+"""Prebuilt SQL for the writes made for every step attempt, and a fast way to run it on SQLite.
 
 The ORM and SQLAlchemy's insertmanyvalues path cost 0.3-0.7 ms per call here, more than the write
 itself; these plain statements (the same text on SQLite and PostgreSQL) cost under 0.1 ms. Typed
 bind parameters keep the column conversions (UTC timestamps, JSON) identical to the ORM's.
+
+`execute_many` runs one of them for a batch of rows. On SQLite it goes straight to the DBAPI cursor
+inside the connection's transaction, converting the typed columns with the dialect's own bind
+processors: SQLAlchemy's per-row parameter handling (building each row's parameters, the execution
+context) cost more than SQLite's work, about half of a step's commit (1.0 -> 0.6 ms per flush).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, LargeBinary, TextClause, bindparam, text
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, text
+from sqlalchemy.types import TypeEngine
 
 from skyloop.store.models import UTCDateTime
 
-__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT"]
+__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "execute_many"]
 
-UPSERT_ARTIFACT: TextClause = text(
+_TYPES: dict[int, dict[str, TypeEngine[Any]]] = {}
+"""id(statement) -> its typed parameters (those whose values need converting)."""
+_SQLITE: dict[int, tuple[str, dict[str, Callable[[Any], Any]]]] = {}
+"""id(statement) -> its SQL text and converters for SQLite, built on first use."""
+
+
+def _statement(sql: str, **types: TypeEngine[Any]) -> TextClause:
+    clause = text(sql).bindparams(*(bindparam(name, type_=type_) for name, type_ in types.items()))
+    _TYPES[id(clause)] = types
+    return clause
+
+
+UPSERT_ARTIFACT: TextClause = _statement(
     "INSERT INTO artifacts (digest, serializer, type_name, size, created_at, last_used_at, deleted_at, data) "
     "VALUES (:digest, :serializer, :type_name, :size, :created_at, :last_used_at, NULL, :data) "
     "ON CONFLICT (digest) DO UPDATE SET last_used_at = excluded.last_used_at, deleted_at = NULL, "
-    "data = excluded.data"
-).bindparams(
-    bindparam("created_at", type_=UTCDateTime()), bindparam("last_used_at", type_=UTCDateTime()),
-    bindparam("data", type_=LargeBinary()),
+    "data = excluded.data",
+    created_at=UTCDateTime(), last_used_at=UTCDateTime(), data=LargeBinary(),
 )
 
 _STEP_RUN_COLUMNS = ("id", "run_id", "task", "map_index", "attempt", "state", "step_ref", "code_hash", "cache_key",
                      "resources", "created_at", "started_at", "ended_at", "error", "traceback", "log_path",
                      "worker", "max_rss", "cached_from", "estimate_seconds", "estimate_source", "input_bytes")
 
-INSERT_STEP_RUN: TextClause = text(
+INSERT_STEP_RUN: TextClause = _statement(
     f"INSERT INTO step_runs ({', '.join(_STEP_RUN_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in _STEP_RUN_COLUMNS)})"
-).bindparams(
-    bindparam("resources", type_=JSON()), bindparam("created_at", type_=UTCDateTime()),
-    bindparam("started_at", type_=UTCDateTime()), bindparam("ended_at", type_=UTCDateTime()),
+    f"VALUES ({', '.join(':' + c for c in _STEP_RUN_COLUMNS)})",
+    resources=JSON(), created_at=UTCDateTime(), started_at=UTCDateTime(), ended_at=UTCDateTime(),
 )
 
-UPDATE_STEP_RUN: TextClause = text(
+UPDATE_STEP_RUN: TextClause = _statement(
     "UPDATE step_runs SET state = :state, ended_at = :ended_at, started_at = COALESCE(:started_at, started_at), "
-    "error = :error, traceback = :traceback, worker = :worker, max_rss = :max_rss WHERE id = :id"
-).bindparams(bindparam("ended_at", type_=UTCDateTime()), bindparam("started_at", type_=UTCDateTime()))
+    "error = :error, traceback = :traceback, worker = :worker, max_rss = :max_rss WHERE id = :id",
+    ended_at=UTCDateTime(), started_at=UTCDateTime(),
+)
 
-INSERT_EDGE: TextClause = text(
+INSERT_EDGE: TextClause = _statement(
     "INSERT INTO lineage (step_run_id, artifact, direction, name, position) "
     "VALUES (:step_run_id, :artifact, :direction, :name, :position)"
 )
+
+
+def execute_many(conn: Connection, statement: TextClause, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Run one of this module's statements for every row, in `conn`'s current transaction."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(statement, list(rows))
+        return
+    form = _SQLITE.get(id(statement))
+    if form is None:
+        converters: dict[str, Callable[[Any], Any]] = {}
+        for name, type_ in _TYPES[id(statement)].items():
+            process = type_.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            if process is not None:
+                converters[name] = process
+        form = _SQLITE[id(statement)] = (statement.text, converters)
+    sql, converters = form
+    if converters:
+        rows = [{**row, **{name: process(row[name]) for name, process in converters.items()}} for row in rows]
+    # SQLite's own named style is `:name`, the same as the text's; the transaction is `conn`'s.
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None, "the connection is closed"
+    cursor = dbapi.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    finally:
+        cursor.close()

@@ -1,0 +1,102 @@
+"""The per-attempt writes: on SQLite they go to the DBAPI cursor, and must store what SQLAlchemy would."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import TextClause, text
+
+from skyloop.errors import StoreError
+from skyloop.store.db import Database, translate_errors
+from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT, execute_many
+from skyloop.store.models import Artifact, Lineage, StepRunRow
+from skyloop.store.runs import create_run
+
+EAST = timezone(timedelta(hours=5))
+WEST = timezone(timedelta(hours=-7))
+
+
+def _step_run(step_run_id: str, **changes: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": step_run_id, "run_id": "r", "task": "train", "map_index": -1, "attempt": 1, "state": "RUNNING",
+        "step_ref": "m:train", "code_hash": "c" * 64, "cache_key": None,
+        "resources": {"cpus": 2.0, "custom": {"license": 1.0}, "memory": 2**31},
+        "created_at": datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=EAST),
+        "started_at": datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=EAST), "ended_at": None,
+        "error": None, "traceback": None, "log_path": "/logs/train.log", "worker": None, "max_rss": None,
+        "cached_from": None, "estimate_seconds": 12.5, "estimate_source": "history", "input_bytes": 3 * 2**33,
+    }
+    return row | changes
+
+
+BATCHES: list[tuple[TextClause, list[dict[str, Any]]]] = [
+    (UPSERT_ARTIFACT, [{"digest": "d" * 64, "serializer": "json", "type_name": "list", "size": 5,
+                        "created_at": datetime(2030, 1, 1, tzinfo=WEST), "last_used_at": datetime(2030, 1, 1),
+                        "data": b"[1,2]"},
+                       {"digest": "e" * 64, "serializer": "pickle", "type_name": "Model", "size": 9000,
+                        "created_at": datetime(2030, 1, 1, tzinfo=UTC), "last_used_at": datetime(2030, 1, 1),
+                        "data": None}]),
+    (INSERT_STEP_RUN, [_step_run("a" * 32), _step_run("b" * 32, map_index=3, state="CACHED", resources={},
+                                                        ended_at=datetime(2030, 1, 2, 0, 0, tzinfo=UTC))]),
+    (UPDATE_STEP_RUN, [{"id": "a" * 32, "state": "FAILED", "ended_at": datetime(2030, 1, 3, 1, 2, 3, 4, tzinfo=WEST),
+                        "started_at": None, "error": "ValueError: no", "traceback": "Traceback ...\n",
+                        "worker": "ray:127.0.0.1:42", "max_rss": 2**40}]),
+    (INSERT_EDGE, [{"step_run_id": "a" * 32, "artifact": "d" * 64, "direction": "in", "name": "xs", "position": 0},
+                   {"step_run_id": "a" * 32, "artifact": "e" * 64, "direction": "out", "name": "return",
+                    "position": -1}]),
+]
+
+
+def _written(db: Database, fast: bool) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the tables the batches touch, as SQLite stores them, after writing the batches."""
+    with db.session() as session:
+        create_run(session, run_id="r", pipeline="p", spec={}, params={}, backend="inline", owner="me",
+                   lease_seconds=30)
+    with db.engine.connect() as conn, conn.begin():
+        for statement, rows in BATCHES:
+            if fast:
+                execute_many(conn, statement, rows)
+            else:
+                conn.execute(statement, rows)
+    with db.engine.connect() as conn:
+        return {table: [tuple(row) for row in conn.execute(text(f"SELECT * FROM {table} ORDER BY 1, 2"))]
+                for table in ("artifacts", "step_runs", "lineage")}
+
+
+def test_sqlite_stores_exactly_what_sqlalchemy_would(tmp_path: Path) -> None:
+    fast, reference = Database(f"sqlite:///{tmp_path / 'fast.db'}"), Database(f"sqlite:///{tmp_path / 'ref.db'}")
+    try:
+        stored = _written(fast, fast=True)
+        assert stored == _written(reference, fast=False)
+        assert [len(rows) for rows in stored.values()] == [2, 2, 2]
+        # And the ORM reads it back as written: UTC-aware timestamps, JSON, bytes, the update applied.
+        with fast.read() as session:
+            row = session.get(StepRunRow, "a" * 32)
+            assert row is not None
+            assert row.state == "FAILED" and row.error == "ValueError: no" and row.max_rss == 2**40
+            assert row.ended_at == datetime(2030, 1, 3, 1, 2, 3, 4, tzinfo=WEST) and row.ended_at.tzinfo == UTC
+            assert row.started_at == datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=EAST)  # COALESCE kept it
+            assert row.resources == {"cpus": 2.0, "custom": {"license": 1.0}, "memory": 2**31}
+            assert row.input_bytes == 3 * 2**33
+            artifact = session.get(Artifact, "d" * 64)
+            assert artifact is not None and artifact.data == b"[1,2]"
+            assert artifact.last_used_at == datetime(2030, 1, 1, tzinfo=UTC)  # naive counts as UTC
+            assert session.query(Lineage).count() == 2
+    finally:
+        fast.dispose()
+        reference.dispose()
+
+
+def test_a_failed_batch_on_sqlite_is_a_store_error_and_rolls_back(db: Database) -> None:
+    with db.session() as session:
+        create_run(session, run_id="r", pipeline="p", spec={}, params={}, backend="inline", owner="me",
+                   lease_seconds=30)
+    with pytest.raises(StoreError, match="UNIQUE"), translate_errors("writing"), db.engine.connect() as conn, \
+            conn.begin():
+        execute_many(conn, INSERT_STEP_RUN, [_step_run("a" * 32)])
+        execute_many(conn, INSERT_STEP_RUN, [_step_run("b" * 32)])  # same run, task, index and attempt
+    with db.read() as session:
+        assert session.query(StepRunRow).count() == 0
