@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from sqlalchemy import select
 
 from skyloop import Resources, Settings, pipeline, run, step
 from skyloop.execution.api import prepare
 from skyloop.execution.backends.inline import InlineBackend
 from skyloop.execution.loading import load_file_module
-from skyloop.execution.orchestrator import Orchestrator
+from skyloop.execution.orchestrator import FLUSH_SECONDS, Orchestrator
 from skyloop.execution.tasks import TaskLaunch, TaskResult
 from skyloop.store.db import Database
 from skyloop.store.models import Event, StepRunRow
@@ -154,12 +156,17 @@ def test_pipeline_logs_are_captured_per_attempt(sample: ModuleType, settings: Se
 
 
 class _RowProbe(InlineBackend):
-    """The inline backend, noting the state of each attempt's row when it is submitted and when it ended."""
+    """The inline backend, noting the state of each attempt's row when it is submitted and when it ends.
 
-    def __init__(self, db: Database, die_with_driver: bool) -> None:
+    Each attempt "runs" for `seconds` after its submit: `wait` returns nothing before then (sleeping
+    at most its timeout, as a real backend blocks), so the orchestrator may commit in between.
+    """
+
+    def __init__(self, db: Database, die_with_driver: bool, seconds: float = 0.0) -> None:
         super().__init__()
-        self.db, self.attempts_die_with_driver = db, die_with_driver
+        self.db, self.attempts_die_with_driver, self.seconds = db, die_with_driver, seconds
         self.seen: list[tuple[str, str | None]] = []
+        self._due: list[tuple[float, TaskLaunch]] = []
 
     def _state(self, key: str) -> str | None:
         with self.db.read() as session:
@@ -168,16 +175,19 @@ class _RowProbe(InlineBackend):
 
     def submit(self, launch: TaskLaunch) -> None:
         self.seen.append(("submit", self._state(launch.key)))
-        super().submit(launch)
+        self._due.append((time.monotonic() + self.seconds, launch))
 
     def wait(self, timeout: float) -> list[TaskResult]:
-        results = super().wait(timeout)
-        self.seen.extend(("end", self._state(result.key)) for result in results)
-        return results
+        if self._due and self._due[0][0] > time.monotonic():
+            time.sleep(max(0.0, min(timeout, self._due[0][0] - time.monotonic())))
+        while self._due and self._due[0][0] <= time.monotonic():
+            launch = self._due.pop(0)[1]
+            self.seen.append(("end", self._state(launch.key)))
+            super().submit(launch)
+        return super().wait(0.0)
 
 
-@pytest.mark.parametrize("die_with_driver", [False, True])
-def test_running_rows_are_committed_before_launch_or_with_it(settings: Settings, die_with_driver: bool) -> None:
+def _probe_chain(settings: Settings, backend: _RowProbe, x: int = 0) -> None:
     @step
     def plus_one(x: int) -> int:
         return x + 1
@@ -187,15 +197,30 @@ def test_running_rows_are_committed_before_launch_or_with_it(settings: Settings,
         return plus_one(plus_one(plus_one(x)))
 
     workspace = Workspace.open(settings)
-    backend = _RowProbe(workspace.db, die_with_driver)
     orchestrator = Orchestrator(settings, workspace.db, workspace.store, backend)
     try:
-        run_id = orchestrator.start(prepare(chain))
+        run_id = orchestrator.start(prepare(chain, {"x": x}))
+        assert orchestrator.finished[run_id] == ("SUCCEEDED", None)
+        with workspace.db.read() as session:
+            states = session.scalars(select(StepRunRow.state).where(StepRunRow.run_id == run_id)).all()
+        assert states == ["SUCCEEDED"] * 3
     finally:
         orchestrator.close()
         workspace.close()
-    assert orchestrator.finished[run_id] == ("SUCCEEDED", None)
-    # A backend whose attempts die with the orchestrator gets launches before their rows are committed
-    # (a crash in between leaves neither a row nor a running attempt); any other backend after.
-    launched = None if die_with_driver else "RUNNING"
-    assert backend.seen == [("submit", launched), ("end", "RUNNING")] * 3  # every row committed before its end
+
+
+def test_running_rows_are_committed_before_launch(settings: Settings) -> None:
+    backend = _RowProbe(Workspace.open(settings).db, die_with_driver=False)
+    _probe_chain(settings, backend)
+    assert backend.seen == [("submit", "RUNNING"), ("end", "RUNNING")] * 3
+
+
+def test_where_attempts_die_with_the_driver_rows_are_committed_in_groups(settings: Settings) -> None:
+    # Launches go before their rows; quick attempts are inserted and ended in one commit, not one each.
+    quick = _RowProbe(Workspace.open(settings).db, die_with_driver=True)
+    _probe_chain(settings, quick)
+    assert quick.seen == [("submit", None), ("end", None)] * 3
+    # An attempt that runs longer than FLUSH_SECONDS is RUNNING in the DB while it runs.
+    slow = _RowProbe(Workspace.open(settings).db, die_with_driver=True, seconds=FLUSH_SECONDS * 4)
+    _probe_chain(settings, slow, x=10)
+    assert slow.seen == [("submit", None), ("end", "RUNNING")] * 3

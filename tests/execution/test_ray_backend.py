@@ -318,6 +318,15 @@ run(load_file_module(sample).resumable, {**markers, "seconds": 60.0}, backend="r
 """
 
 
+def _states(home: Path, task: str) -> list[str]:
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        with workspace.db.read() as session:
+            return [row.state for row in session.query(StepRunRow).filter_by(task=task)]
+    finally:
+        workspace.close()
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -339,6 +348,10 @@ def test_sigkill_of_the_orchestrator_then_resume_on_ray(ray_session: ModuleType,
             assert time.monotonic() < deadline, "the slow step never started"
             time.sleep(0.05)
         worker = int(Path(marker + ".b.pid").read_text())
+        # The first step's end is committed while the second runs (within FLUSH_SECONDS of it).
+        while "SUCCEEDED" not in _states(home, "slow_mark"):
+            assert time.monotonic() < deadline, "the first step's end was never committed"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

@@ -7,17 +7,22 @@ run, let the policy pick what fits, commit the RUNNING rows, launch, wait for en
 A backend that queues work itself (Ray: `admission()` above its capacity) gets launches ahead of
 what it runs, in batches: the orchestrator refills it once it has used up half of that slack, so
 that one commit covers many launches. Turns that launch nothing commit what they learned at most
-`FLUSH_SECONDS` later (and always with a launch, or before a run's end): an orchestrator killed in
-between loses those ends, and resuming runs those attempts again, as it does the ones in flight.
+`FLUSH_SECONDS` later, and at once when the attempts whose ends wait ran for `FLUSH_SECONDS` in all
+(and before a run's end, and with any launch unless as below): one killed in between loses those
+ends, and resuming runs those attempts again, as it does the ones in flight. So beyond the work in
+flight, a crash makes run again only attempts that took under `FLUSH_SECONDS` in all, and those
+whose ends came in the turn it struck.
 
 A turn's RUNNING rows are committed before its launches are submitted, except on a backend whose
 attempts die with the process that submitted them (`attempts_die_with_driver`: Ray kills the tasks
-of a dead owner). There the turn submits first and commits while the launches travel, which takes
-the commit (about a millisecond) off each step of a chain. The same turn commits before it looks at
-any end, so a row is RUNNING before it ends. An orchestrator killed between the submit and the
-commit leaves no row for those attempts; their tasks die with it, and resuming runs those units
-again, as it runs again the ones whose RUNNING rows it marks CRASHED. A commit that fails aborts
-the runs, cancelling what was submitted.
+of a dead owner). There launches go first and their rows are committed with the other writes, at
+most `FLUSH_SECONDS` later (a group commit): a chain of short steps commits a batch of them at
+once instead of paying a commit per step (about a millisecond of the driver's CPU, which on a small
+machine the Ray worker running the step shares). An attempt that ends within that time has its
+row inserted and ended in one transaction. An orchestrator killed before the commit leaves no row
+for those attempts; their tasks die with it, and resuming runs those units again, as it runs again
+the ones whose RUNNING rows it marks CRASHED. A commit that fails aborts the runs, cancelling what
+was submitted.
 """
 
 from __future__ import annotations
@@ -235,12 +240,14 @@ class Orchestrator:
         for run in list(self.runs.values()):
             run.activate_ready(self._enqueue)
         launches = self._launch_ready()
-        since = self.recorder.waiting_since()
-        if self._submit_first:  # the commit overlaps the launches' trip to the backend (see the docstring)
+        if self._submit_first:  # their rows go with the next commit (see the docstring)
             for launch in launches:
                 self.backend.submit(launch)
-        if launches or (since is not None and time.monotonic() - since >= FLUSH_SECONDS):
-            self.recorder.flush()  # the RUNNING rows, before their launch unless `_submit_first`
+        since = self.recorder.waiting_since()
+        due = since is not None and (time.monotonic() - since >= FLUSH_SECONDS
+                                     or self.recorder.work_at_risk >= FLUSH_SECONDS)
+        if due or (launches and not self._submit_first):
+            self.recorder.flush()  # the RUNNING rows before their launch, unless `_submit_first`
         if not self._submit_first:
             for launch in launches:
                 self.backend.submit(launch)

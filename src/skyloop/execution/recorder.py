@@ -46,6 +46,8 @@ class Recorder:
     _events: list[tuple[str, str, str, str | None, dict[str, Any]]] = field(default_factory=list)
     _since: float | None = None
     """Monotonic time of the oldest write not flushed yet."""
+    _at_risk: float = 0.0
+    """Seconds that the attempts whose ends are not flushed yet ran (what a crash would run again)."""
     _conn: Connection | None = None
     """The connection the writes go through, opened at the first flush (and again after an error)."""
 
@@ -56,6 +58,11 @@ class Recorder:
     def waiting_since(self) -> float | None:
         """Monotonic time of the oldest write not flushed yet; None when nothing waits."""
         return self._since
+
+    @property
+    def work_at_risk(self) -> float:
+        """Seconds of step work whose ends are not flushed yet: what a crash now would make run again."""
+        return self._at_risk
 
     def attempt(self, *, run_id: str, step_run_id: str, task: str, map_index: int, attempt: int, state: str,
                 step_ref: str,
@@ -85,6 +92,8 @@ class Recorder:
     def finished(self, result: TaskResult) -> None:
         """An attempt's end as the backend reported it."""
         self._mark()
+        if result.started_at is not None and result.ended_at is not None:
+            self._at_risk += max(0.0, result.ended_at - result.started_at)
         self._updates.append({
             "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
             "started_at": _ts(result.started_at),
@@ -110,7 +119,7 @@ class Recorder:
     def flush(self) -> None:
         """Write everything collected, in one transaction (artifact rows before the edges to them)."""
         if not self.pending:
-            self._since = None
+            self._since, self._at_risk = None, 0.0
             return
         if self._conn is None:
             with translate_errors("connecting to the metadata DB"):
@@ -124,7 +133,7 @@ class Recorder:
             raise
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()
-        self._since = None
+        self._since, self._at_risk = None, 0.0
 
     def _write(self, conn: Connection) -> None:
         # The prebuilt statements run on the connection (on SQLite, on its cursor): the ORM session's
