@@ -28,7 +28,7 @@ from skyloop import Settings, run
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.backends.ray import RayBackend
+from skyloop.execution.backends.ray import RayBackend, pickled
 from skyloop.execution.backends.ray_task import DriverContext, run_attempt
 from skyloop.execution.loading import load_file_module
 from skyloop.execution.tasks import Literal_, TaskLaunch, TaskResult, TaskState
@@ -420,3 +420,37 @@ def test_example_training_pipeline_matches_local(ray_session: ModuleType, tmp_pa
     # Every step output, bit for bit: the split, the four forests (fixed seeds), their scores, the pick.
     assert len(ray_digests) == len(local_digests) >= 14
     assert ray_digests == local_digests
+
+
+# -- what travels to the workers ---------------------------------------------------------------------
+
+_LOAD_ELSEWHERE = "import pickle, sys; print(repr(pickle.loads(sys.stdin.buffer.read()).value))"
+
+
+def _load_in_a_fresh_process(data: bytes) -> str:
+    """What a process that never saw the pickling one's classes makes of `data` (a Ray worker's view)."""
+    done = subprocess.run([sys.executable, "-c", _LOAD_ELSEWHERE], input=data, capture_output=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().strip()
+
+
+def test_launch_payloads_are_plain_pickles_unless_something_must_go_by_value(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    plain = Literal_({"n": [1, 2.5, "x"]})
+    assert pickled(plain) == pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    assert _load_in_a_fresh_process(pickled(plain)) == "{'n': [1, 2.5, 'x']}"
+
+    class Local:  # pickle refuses a local class
+        def __repr__(self) -> str:
+            return "Local()"
+
+    assert _load_in_a_fresh_process(pickled(Literal_(Local()))) == "Local()"
+
+    # A class of `__main__` (a notebook's, a script's): pickle would name it, and a worker's `__main__`
+    # has no such class; it must travel by value.
+    main = type("FromMain", (), {"__repr__": lambda self: "FromMain()", "__module__": "__main__"})
+    monkeypatch.setattr(sys.modules["__main__"], "FromMain", main, raising=False)
+    pickle.dumps(main())  # pickle itself would take it, by name
+    assert _load_in_a_fresh_process(pickled(Literal_(main()))) == "FromMain()"
+
