@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -256,6 +257,71 @@ def test_an_attempt_on_another_node_sends_its_log_back(ray_session: ModuleType, 
     assert result.state == TaskState.SUCCEEDED
     assert tail is not None and b"fd1 far" in tail and b"child far" in tail
     assert not Path(launch.log_path).exists()  # the driver's log folder was not written there
+
+
+def _quick(launch: TaskLaunch, task_name: str | None = None) -> TaskLaunch:
+    """The launch as the orchestrator sends one whose step is known to take a millisecond."""
+    return replace(launch, estimate=0.001, task_name=task_name or launch.task_name)
+
+
+@integration
+def test_quick_attempts_travel_in_packs_with_their_own_results_and_logs(backend: RayBackend, tmp_path: Path) -> None:
+    launches = [_quick(make_launch(tmp_path, "chatty", text=f"n{i}")) for i in range(12)]
+    sent = backend.tasks_sent
+    results = run_all(backend, *launches)
+    assert backend.tasks_sent - sent == 2  # 12 one-CPU attempts on 2 CPUs: two packs of six
+    assert [r.state for r in results] == [TaskState.SUCCEEDED] * 12, results
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    assert [store.get(r.outputs["output"]) for r in results] == [f"n{i}" for i in range(12)]
+    for i, launch in enumerate(launches):
+        log = Path(launch.log_path).read_text()
+        assert f"print n{i}\n" in log and f"child n{i}\n" in log
+        assert f"n{(i + 1) % 12}\n" not in log  # each attempt its own log
+    assert all(r.max_rss and r.started_at and r.ended_at for r in results)
+
+
+@integration
+def test_cancelling_one_attempt_of_a_pack_sends_the_others_again(backend: RayBackend, tmp_path: Path) -> None:
+    launches = [_quick(make_launch(tmp_path, "sleep", seconds=0.5)) for _ in range(4)]
+    for launch in launches:
+        backend.submit(launch)
+    assert backend.wait(0.2) == []  # two packs of two, each running its first attempt
+    sent = backend.tasks_sent
+    backend.cancel(launches[0].key)
+    results = collect(backend, 4)
+    assert results[launches[0].key].state == TaskState.CANCELLED
+    assert [results[launch.key].state for launch in launches[1:]] == [TaskState.SUCCEEDED] * 3
+    assert backend.tasks_sent - sent == 1  # the other attempt of the cancelled one's pack, on its own
+
+
+@integration
+def test_a_worker_that_dies_takes_its_pack_with_it(backend: RayBackend, tmp_path: Path) -> None:
+    launches = [_quick(make_launch(tmp_path, "add", a=1, b=2), "mixed"),
+                _quick(make_launch(tmp_path, "leave", code=3), "mixed"),
+                _quick(make_launch(tmp_path, "add", a=2, b=2), "mixed"),
+                _quick(make_launch(tmp_path, "add", a=3, b=2), "mixed")]
+    results = run_all(backend, *launches)
+    # Packs of two, in order: the first attempt had ended, but its result died with the worker.
+    assert [r.state for r in results] == [TaskState.CRASHED, TaskState.CRASHED, TaskState.SUCCEEDED,
+                                          TaskState.SUCCEEDED]
+    assert all("died" in (r.error or "") for r in results[:2])
+
+
+@integration
+def test_a_map_of_quick_steps_learns_from_its_units_and_matches_inline(sample: ModuleType, tmp_path: Path) -> None:
+    params = {"n": 60, "pause": 0.0}
+    on_ray = run(sample.diamond_fanout, params, backend="ray", settings=Settings.for_home(tmp_path / "ray"))
+    inline = run(sample.diamond_fanout, params, backend="inline", settings=Settings.for_home(tmp_path / "inline"))
+    assert on_ray.status == "SUCCEEDED", on_ray.error
+    assert on_ray.outputs == inline.outputs
+    assert on_ray.output("work") == [i * i for i in range(60)]
+    units = [r for r in _rows(Settings.for_home(tmp_path / "ray"), on_ray.id) if r.task == "work"]
+    # The first units go out before any ended, with the default; once three have, the rest are
+    # estimated from them (and, being quick, travel in packs).
+    sources = {r.estimate_source for r in units}
+    assert sources == {"default", "siblings"}
+    assert all(r.estimate_seconds is not None and r.estimate_seconds < 1.0 for r in units
+               if r.estimate_source == "siblings")
 
 
 def _rows(settings: Settings, run_id: str) -> list[StepRunRow]:

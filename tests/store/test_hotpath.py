@@ -10,6 +10,8 @@ import pytest
 from sqlalchemy import TextClause, text
 
 from skyloop.errors import StoreError
+from skyloop.execution.recorder import Recorder
+from skyloop.execution.tasks import TaskResult, TaskState
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT, execute_many
 from skyloop.store.models import Artifact, Lineage, StepRunRow
@@ -100,3 +102,27 @@ def test_a_failed_batch_on_sqlite_is_a_store_error_and_rolls_back(db: Database) 
         execute_many(conn, INSERT_STEP_RUN, [_step_run("b" * 32)])  # same run, task, index and attempt
     with db.read() as session:
         assert session.query(StepRunRow).count() == 0
+
+
+def test_an_attempt_that_ends_before_the_flush_is_inserted_with_its_end(db: Database) -> None:
+    with db.session() as session:
+        create_run(session, run_id="r", pipeline="p", spec={}, params={}, backend="ray", owner="me",
+                   lease_seconds=30)
+    recorder = Recorder(db)
+    started, ended = 1_900_000_000.25, 1_900_000_003.5
+    for key, task in (("a" * 32, "quick"), ("b" * 32, "lost")):
+        recorder.attempt(run_id="r", step_run_id=key, task=task, map_index=-1, attempt=1, state="RUNNING",
+                         step_ref="m:f", resources={"cpus": 1.0}, log_path="/l")
+    recorder.finished(TaskResult(key="a" * 32, state=TaskState.SUCCEEDED, started_at=started, ended_at=ended,
+                                 worker="ray:127.0.0.1:7", max_rss=2**20))
+    recorder.finished(TaskResult(key="b" * 32, state=TaskState.CRASHED, error="worker died", ended_at=ended))
+    recorder.flush()
+    recorder.close()
+    with db.read() as session:
+        quick, lost = session.get(StepRunRow, "a" * 32), session.get(StepRunRow, "b" * 32)
+        assert quick is not None and lost is not None
+        assert (quick.state, quick.worker, quick.max_rss, quick.error) == ("SUCCEEDED", "ray:127.0.0.1:7", 2**20, None)
+        assert (quick.started_at, quick.ended_at) == (datetime.fromtimestamp(started, UTC),
+                                                      datetime.fromtimestamp(ended, UTC))
+        assert (lost.state, lost.error, lost.ended_at) == ("CRASHED", "worker died", datetime.fromtimestamp(ended, UTC))
+        assert lost.started_at is not None and lost.started_at < lost.ended_at  # the launch's, kept

@@ -140,10 +140,21 @@ class Recorder:
         # execute path costs more than these small writes.
         if self._artifacts:
             execute_many(conn, UPSERT_ARTIFACT, lineage.artifact_rows(self._artifacts.values()))
-        if self._inserts:
-            execute_many(conn, INSERT_STEP_RUN, self._inserts)
-        if self._updates:
-            execute_many(conn, UPDATE_STEP_RUN, self._updates)
+        inserts, updates = self._inserts, self._updates
+        if inserts and updates:  # an attempt launched and ended since the last flush: insert its end
+            pending = {row["id"]: row for row in inserts}
+            rest = []
+            for update in updates:
+                row = pending.get(update["id"])
+                if row is None:
+                    rest.append(update)
+                else:
+                    row.update(update, started_at=update["started_at"] or row["started_at"])
+            updates = rest
+        if inserts:
+            execute_many(conn, INSERT_STEP_RUN, inserts)
+        if updates:
+            execute_many(conn, UPDATE_STEP_RUN, updates)
         edges = [{"step_run_id": step_run_id, "artifact": digest, "direction": direction, "name": name,
                   "position": position}
                  for step_run_id, direction, batch in self._edges for name, digest, position in batch]

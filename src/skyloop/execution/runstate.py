@@ -6,6 +6,7 @@ ready attempts launch (across all the runs it holds) and talks to the backend.
 
 from __future__ import annotations
 
+import statistics
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,11 @@ __all__ = ["FAILED_STATES", "Observer", "Prepared", "RunState"]
 
 FAILED_STATES = (TaskState.FAILED, TaskState.TIMED_OUT, TaskState.CRASHED, TaskState.OUT_OF_MEMORY,
                  TaskState.CANCELLED, TaskState.UPSTREAM_FAILED)
+
+SIBLINGS_NEEDED = 3
+"""Units of a mapped task that must have ended before the others are estimated from them."""
+SIBLINGS_KEPT = 32
+"""Durations of a mapped task's units kept per run (the first ones to end)."""
 
 
 class Observer(Protocol):
@@ -81,6 +87,8 @@ class RunState:
         self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
         self.priority, self.weight = priority, weight
         self.estimates = estimates or {}
+        self._siblings: dict[str, list[float]] = {}
+        """Mapped task -> seconds its first units took in this run (at most `SIBLINGS_KEPT`)."""
         self.ranks = ranks or {}
         self.observer = observer
         order = topological_order(self.spec)
@@ -217,8 +225,17 @@ class RunState:
         return self.payloads[name]
 
     def estimate(self, unit: Unit) -> tuple[float, str]:
-        """Expected seconds of one attempt of `unit`, and where that figure comes from."""
-        return self.estimates.get(unit.task.name, (0.0, "default"))
+        """Expected seconds of one attempt of `unit`, and where that figure comes from.
+
+        A unit of a `.map` whose step has no history takes the median of the units of its task that
+        already ended in this run, once `SIBLINGS_NEEDED` have ("siblings").
+        """
+        found = self.estimates.get(unit.task.name, (0.0, "default"))
+        if found[1] == "default" and unit.index >= 0:
+            seen = self._siblings.get(unit.task.name, ())
+            if len(seen) >= SIBLINGS_NEEDED:
+                return statistics.median(seen), "siblings"
+        return found
 
     def launch(self, unit: Unit) -> TaskLaunch:
         """Record a RUNNING attempt of `unit` (committed by the caller before launching) and build it."""
@@ -226,17 +243,19 @@ class RunState:
         unit.attempt, unit.step_run_id = self._next_attempt(task.name, unit.index)
         suffix = f"-{unit.index}" if unit.index >= 0 else ""
         log_path = str(self.logs / f"{task.name}{suffix}.{unit.attempt}.log")
+        estimate = self.estimate(unit)
         self.recorder.attempt(run_id=self.run_id, step_run_id=unit.step_run_id, task=task.name,
                               map_index=unit.index, attempt=unit.attempt, state="RUNNING", step_ref=task.step.path,
                               code_hash=code_hash(self.steps[task.name].fn), cache_key=unit.cache_key,
                               resources=task.resources.model_dump(mode="json"), inputs=unit.inputs,
-                              log_path=log_path, estimate=self.estimate(unit), input_bytes=input_bytes(unit.inputs))
+                              log_path=log_path, estimate=estimate, input_bytes=input_bytes(unit.inputs))
         return TaskLaunch(
             key=unit.step_run_id, task_name=task.name, step=task.step, inputs=unit.inputs,
             output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
             resources=task.resources, timeout=task.timeout, log_path=log_path,
             artifacts_url=self.store.url, fn_payload=self._payload(task.name),
             run_id=self.run_id, db_url=self.db.url, home=self.home,
+            estimate=None if estimate[1] == "default" else estimate[0],
         )
 
     # -- results -----------------------------------------------------------------------------------
@@ -244,6 +263,11 @@ class RunState:
         """Take an attempt's end; returns the retry delay when the unit must run again, else None."""
         self.recorder.finished(result)
         progress = self.tasks[unit.task.name]
+        if unit.index >= 0 and result.state == TaskState.SUCCEEDED and result.started_at is not None \
+                and result.ended_at is not None:
+            seen = self._siblings.setdefault(unit.task.name, [])
+            if len(seen) < SIBLINGS_KEPT:
+                seen.append(max(0.0, result.ended_at - result.started_at))
         if progress.state.done:
             self.active_units -= 1
             return None  # a sibling unit already failed the task

@@ -119,6 +119,8 @@ class TaskLaunch:
     """The run's metadata DB, where `log_model` inside the step registers; None: the environment's."""
     home: str | None = None
     """The run's skyloop home (with `db_url` and `artifacts_url`, the settings `log_model` uses)."""
+    estimate: float | None = None
+    """Expected seconds of the attempt, when learned (from history or finished siblings); None if not."""
 
 
 @dataclass

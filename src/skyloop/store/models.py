@@ -123,7 +123,7 @@ class StepRunRow(Base):
     estimate_seconds: Mapped[float | None] = mapped_column(Float)
     """How long the scheduler expected this attempt to take (compare with ended_at - started_at)."""
     estimate_source: Mapped[str | None] = mapped_column(String(20))
-    """Where the estimate came from: default, history, history-scaled."""
+    """Where the estimate came from: default, history, history-scaled, siblings (units of the same map)."""
     input_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Total size of the artifacts the attempt read (scales duration estimates)."""
 

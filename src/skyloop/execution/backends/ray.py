@@ -15,6 +15,15 @@ up to that much queued work. An attempt with a timeout is not queued in Ray, whe
 run while it waits: the backend holds it (and, to keep the order, every launch after it) until what
 it has in Ray leaves room for it.
 
+Attempts expected to take under `PACK_BELOW_SECONDS` (known from history, or from the units of the same
+`.map` that already ended) travel in packs: one Ray task runs several of them one after the other,
+so that Ray's own cost per task (about a millisecond on a small machine, more than such a step) is
+paid once per pack. A turn's packable launches are split into packs when the orchestrator next
+waits, no more per pack than keeps every CPU busy and none longer than `PACK_SECONDS`. Each attempt
+in a pack keeps its own log, result and memory peak; a worker that dies takes its whole pack with
+it (each attempt CRASHED, retried per its step's policy), and cancelling one attempt of a pack
+cancels the pack and sends the others again on their own.
+
 Artifacts go through the artifact store from inside the task: only the launch and the result (with
 small inline values) pass through the driver. What runs in the worker lives in `ray_task`.
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
@@ -37,7 +46,7 @@ import cloudpickle
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
-from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt
+from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt, run_attempts
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -49,6 +58,12 @@ _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
 """How many times its capacity the backend admits by default (the rest waits in Ray's queue)."""
+PACK_BELOW_SECONDS = 0.01
+"""Attempts expected to take less than this (and without a timeout) travel in packs."""
+PACK_SECONDS = 0.05
+"""The longest a pack is expected to take."""
+MAX_PACK = 32
+"""The most attempts in one pack."""
 
 
 def pickled(obj: object) -> bytes:
@@ -77,6 +92,8 @@ class _Attempt:
     submitted: float
     deadline: float | None
     """Monotonic time by which the attempt must have ended (its timeout)."""
+    packed: bool = False
+    """Whether `ref` is a pack's (its value is the list of its attempts' outcomes)."""
     stopped: tuple[TaskState, str] | None = None
     """The state and error to report for an attempt we force-cancelled."""
     give_up: float | None = None
@@ -137,10 +154,16 @@ class RayBackend:
         self._owns_ray = False
         self._capacity: Resources | None = None
         self._remote: Any = None
+        self._remote_pack: Any = None
         self._options: dict[tuple[Any, ...], Any] = {}
         self._context = b""  # the pickled `DriverContext` every task gets
         self._running: dict[str, _Attempt] = {}
-        self._by_ref: dict[Any, _Attempt] = {}
+        self._by_ref: dict[Any, list[_Attempt]] = {}
+        """Ray object ref -> the attempts waiting on it (several for a pack)."""
+        self.tasks_sent = 0
+        """Ray tasks submitted (a pack counts one)."""
+        self._packable: dict[str, TaskLaunch] = {}
+        """Launches to be sent in packs at the next `wait`, in order."""
         self._done: list[TaskResult] = []
         self._held: deque[TaskLaunch] = deque()
         """Launches not given to Ray yet: one with a timeout that would queue there, and those after it."""
@@ -161,7 +184,7 @@ class RayBackend:
             return
         ray, self._owns_ray = connect_ray(self.address, self.settings)
         self._ray = ray
-        self._remote = ray.remote(run_attempt)
+        self._remote, self._remote_pack = ray.remote(run_attempt), ray.remote(run_attempts)
         context = DriverContext(node_id=self._node_id(ray), sys_path=own_paths())
         self._context = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -190,13 +213,16 @@ class RayBackend:
 
     def submit(self, launch: TaskLaunch) -> None:
         """Submit the attempt as a Ray task with the step's resources; Ray places it."""
-        if launch.key in self._running or any(held.key == launch.key for held in self._held):
+        if launch.key in self._running or launch.key in self._packable or any(held.key == launch.key
+                                                                               for held in self._held):
             raise ValueError(f"task {launch.key!r} is already running")
         self.start()
         if self._held or (launch.timeout is not None and not self._has_room(launch)):
             self._held.append(launch)
-            return
-        self._send(launch)
+        elif launch.timeout is None and launch.estimate is not None and launch.estimate < PACK_BELOW_SECONDS:
+            self._packable[launch.key] = launch
+        else:
+            self._send(launch)
 
     def _has_room(self, launch: TaskLaunch) -> bool:
         """Whether Ray can start the launch now, as far as our own attempts go."""
@@ -207,30 +233,56 @@ class RayBackend:
         while self._held and (self._held[0].timeout is None or self._has_room(self._held[0])):
             self._send(self._held.popleft())
 
-    def _send(self, launch: TaskLaunch) -> None:
+    def _send(self, launch: TaskLaunch, *pack: TaskLaunch) -> None:
+        """One Ray task for `launch`, or for the pack of it and `pack` (same task, same resources)."""
         submitted, now = time.time(), time.monotonic()
+        launches = (launch, *pack)
         try:
             # As bytes, which Ray passes as they are (its own serialization of an object costs ~0.3 ms
             # more per task).
-            payload = pickled(launch)
-            ref = self._options_for(launch).remote(payload, self._context)
+            payload = pickled(list(launches) if pack else launch)
+            ref = self._options_for(launch, packed=bool(pack)).remote(payload, self._context)
         except Exception as exc:  # e.g. an input value that cannot be pickled
-            self._done.append(TaskResult(key=launch.key, state=TaskState.FAILED, ended_at=time.time(),
-                                         error=f"cannot submit the task to Ray: {type(exc).__name__}: {exc}"))
+            for each in launches:
+                self._done.append(TaskResult(key=each.key, state=TaskState.FAILED, ended_at=time.time(),
+                                             error=f"cannot submit the task to Ray: {type(exc).__name__}: {exc}"))
             return
-        deadline = None if launch.timeout is None else now + launch.timeout
-        attempt = _Attempt(launch, ref, submitted, deadline)
-        self._running[launch.key] = attempt
-        self._by_ref[ref] = attempt
-        self._in_ray = self._in_ray + launch.resources
+        self.tasks_sent += 1
+        attempts = self._by_ref[ref] = []
+        for each in launches:
+            deadline = None if each.timeout is None else now + each.timeout
+            attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, packed=bool(pack))
+            attempts.append(attempt)
+            self._in_ray = self._in_ray + each.resources
 
-    def _options_for(self, launch: TaskLaunch) -> Any:
+    def _send_packs(self) -> None:
+        """Send the packable launches of this turn: per task, in order, in packs that keep every CPU busy."""
+        groups: dict[tuple[Any, ...], list[TaskLaunch]] = {}
+        for launch in self._packable.values():
+            groups.setdefault(self._options_key(launch), []).append(launch)
+        self._packable = {}
+        cpus = self.capacity().cpus
+        for launches in groups.values():
+            first = launches[0]
+            slots = max(1, math.floor(cpus / first.resources.cpus)) if first.resources.cpus > 0 else len(launches)
+            longest = max(launch.estimate or 0.0 for launch in launches)
+            size = min(MAX_PACK, max(1, math.floor(PACK_SECONDS / max(longest, 1e-6))),
+                       math.ceil(len(launches) / slots))
+            for start in range(0, len(launches), size):
+                self._send(*launches[start:start + size])
+
+    @staticmethod
+    def _options_key(launch: TaskLaunch) -> tuple[Any, ...]:
         res = launch.resources
-        key = (res.cpus, res.gpus, res.memory, tuple(sorted(res.custom.items())), launch.task_name)
+        return res.cpus, res.gpus, res.memory, tuple(sorted(res.custom.items())), launch.task_name
+
+    def _options_for(self, launch: TaskLaunch, packed: bool = False) -> Any:
+        key = (*self._options_key(launch), packed)
         options = self._options.get(key)
         if options is None:
+            res = launch.resources
             extra = {"memory": res.memory} if res.memory > 0 else {}
-            options = self._options[key] = self._remote.options(
+            options = self._options[key] = (self._remote_pack if packed else self._remote).options(
                 num_cpus=res.cpus, num_gpus=res.gpus, resources=dict(res.custom), name=launch.task_name,
                 max_retries=0, retry_exceptions=False, **extra,
             )
@@ -238,6 +290,8 @@ class RayBackend:
 
     def wait(self, timeout: float) -> list[TaskResult]:
         """Results of attempts that ended, waiting up to `timeout` seconds for one while any runs."""
+        if self._packable:
+            self._send_packs()
         end = time.monotonic() + max(0.0, timeout)
         while True:
             now = time.monotonic()
@@ -255,7 +309,17 @@ class RayBackend:
         """Force-cancel the attempt (killing its worker if it runs); `wait` reports it CANCELLED."""
         attempt = self._running.get(key)
         if attempt is not None and attempt.stopped is None:
+            pack = self._by_ref.get(attempt.ref, [])
+            if len(pack) > 1:  # the others of its pack go again on their own
+                self._by_ref[attempt.ref] = [attempt]
+                for other in pack:
+                    if other is not attempt:
+                        del self._running[other.launch.key]
+                        self._in_ray = self._in_ray - other.launch.resources
+                        self._send(other.launch)
             self._stop(attempt, TaskState.CANCELLED, "cancelled")
+        if self._packable.pop(key, None) is not None:
+            self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled", ended_at=time.time()))
         for held in [h for h in self._held if h.key == key]:
             self._held.remove(held)
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled",
@@ -266,17 +330,18 @@ class RayBackend:
         """Cancel what still runs, and stop Ray if this backend started it; safe to repeat."""
         if self._ray is None:
             return
-        for attempt in self._running.values():
+        for ref in self._by_ref:
             with contextlib.suppress(Exception):
-                self._ray.cancel(attempt.ref, force=True)
+                self._ray.cancel(ref, force=True)
         self._running.clear()
         self._by_ref.clear()
+        self._packable.clear()
         self._options.clear()
         self._held.clear()
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         if self._owns_ray:
             self._ray.shutdown()
-        self._ray, self._remote, self._owns_ray, self._capacity = None, None, False, None
+        self._ray, self._remote, self._remote_pack, self._owns_ray, self._capacity = None, None, None, False, None
 
     # -- ends of attempts --------------------------------------------------------------------------
 
@@ -317,36 +382,47 @@ class RayBackend:
         except Exception:  # one of them failed: take them one by one
             values = None
         for i, ref in enumerate(ready):
-            attempt = self._by_ref[ref]
             if values is not None:
-                self._end(attempt, self._returned(attempt, values[i]))
+                self._returned(ref, values[i])
                 continue
             try:
                 value = self._ray.get(ref)
             except Exception as exc:
-                self._end(attempt, self._failed(attempt, exc))
+                for attempt in list(self._by_ref.get(ref, ())):
+                    self._end(attempt, self._failed(attempt, exc))
             else:
-                self._end(attempt, self._returned(attempt, value))
+                self._returned(ref, value)
 
     def _end(self, attempt: _Attempt, result: TaskResult) -> None:
-        if self._running.pop(attempt.launch.key, None) is not None:
+        if self._running.get(attempt.launch.key) is attempt:
+            del self._running[attempt.launch.key]
             self._in_ray = self._in_ray - attempt.launch.resources
-        self._by_ref.pop(attempt.ref, None)
+        pack = self._by_ref.get(attempt.ref)
+        if pack is not None and attempt in pack:
+            pack.remove(attempt)
+            if not pack:
+                del self._by_ref[attempt.ref]
         self._done.append(result)
         self._release()
 
-    def _returned(self, attempt: _Attempt, value: bytes) -> TaskResult:
-        """The attempt's own result (a result that made it back wins over our cancel)."""
-        outcome: tuple[TaskResult, bytes | None] = pickle.loads(value)
-        result, log_tail = outcome
-        if log_tail:  # it ran on another node, which cannot write our log folder
-            path = attempt.launch.log_path
-            folder = os.path.dirname(path)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            with open(path, "ab") as log:
-                log.write(log_tail)
-        return result
+    def _returned(self, ref: Any, value: bytes) -> None:
+        """End the attempts of `ref` with their own results (a result that made it back wins over our cancel)."""
+        attempts = list(self._by_ref.get(ref, ()))
+        if not attempts:
+            return
+        outcomes: list[tuple[TaskResult, bytes | None]] = pickle.loads(value) if attempts[0].packed \
+            else [pickle.loads(value)]
+        by_key = {result.key: (result, log_tail) for result, log_tail in outcomes}
+        for attempt in attempts:
+            result, log_tail = by_key[attempt.launch.key]
+            if log_tail:  # it ran on another node, which cannot write our log folder
+                path = attempt.launch.log_path
+                folder = os.path.dirname(path)
+                if folder:
+                    os.makedirs(folder, exist_ok=True)
+                with open(path, "ab") as log:
+                    log.write(log_tail)
+            self._end(attempt, result)
 
     def _failed(self, attempt: _Attempt, exc: Exception) -> TaskResult:
         """Translate what Ray raised for the attempt into how it ended."""

@@ -25,7 +25,7 @@ from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import execute
 from skyloop.store.artifacts import ArtifactStore
 
-__all__ = ["LOG_TAIL_BYTES", "DriverContext", "own_paths", "run_attempt"]
+__all__ = ["LOG_TAIL_BYTES", "DriverContext", "own_paths", "run_attempt", "run_attempts"]
 
 LOG_TAIL_BYTES = 4 * 2**20
 """How much of a step's log an attempt on another node sends back (the end of it)."""
@@ -137,8 +137,25 @@ def run_attempt(launch: bytes, context: bytes) -> bytes:
     `launch` is a pickled `TaskLaunch`, `context` a pickled `DriverContext`; returns the pickled
     `(TaskResult, log tail or None)`.
     """
+    worker = _the_worker()
+    outcome = worker.run(pickle.loads(launch), worker.context_of(context))
+    return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def run_attempts(launches: bytes, context: bytes) -> bytes:
+    """The Ray task of a pack: run a pickled list of `TaskLaunch`es one after the other in this worker.
+
+    Returns the pickled list of their `(TaskResult, log tail or None)`, in the same order. Each
+    attempt has its own log, memory peak and result, as if it ran alone.
+    """
+    worker = _the_worker()
+    driver = worker.context_of(context)
+    outcomes = [worker.run(launch, driver) for launch in pickle.loads(launches)]
+    return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _the_worker() -> _Worker:
     global _worker
     if _worker is None:
         _worker = _Worker()
-    outcome = _worker.run(pickle.loads(launch), _worker.context_of(context))
-    return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    return _worker
