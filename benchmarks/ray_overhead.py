@@ -13,9 +13,11 @@ orchestrator did before it admitted `RayBackend.queue_factor` times the capacity
 and the same pipeline on the `inline` backend (the orchestrator's own cost per step: its DB rows,
 scheduling and artifact bookkeeping, with no backend at all). A chain cannot batch: the next step is
 known only once the previous one ended, so the orchestrator's cost per step adds to Ray's own round
-trip, except the commit of the step's RUNNING row, which on Ray overlaps the launch's trip (see
+trip, except the commits, which on Ray are grouped (one every 0.1 s; see
 `skyloop.execution.orchestrator`). Ray's round trip also grows when the driver is busy between two
-tasks (on 2 CPUs, by about 1 ms), so a raw chain is a floor that a real driver does not reach.
+tasks (on 2 CPUs, by about 1 ms), so a raw chain is a floor that a real driver does not reach. The
+fan-out's no-op units, once a few have ended, travel in packs of several per Ray task (see
+`skyloop.execution.backends.ray`); raw Ray sends one task each.
 """
 
 from __future__ import annotations
