@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from skyloop import Resources, Settings, pipeline, run, step
+from skyloop.execution import orchestrator as run_loop
 from skyloop.execution.api import prepare
 from skyloop.execution.backends.inline import InlineBackend
 from skyloop.execution.loading import load_file_module
@@ -215,12 +216,15 @@ def test_running_rows_are_committed_before_launch(settings: Settings) -> None:
     assert backend.seen == [("submit", "RUNNING"), ("end", "RUNNING")] * 3
 
 
-def test_where_attempts_die_with_the_driver_rows_are_committed_in_groups(settings: Settings) -> None:
-    # Launches go before their rows; quick attempts are inserted and ended in one commit, not one each.
-    quick = _RowProbe(Workspace.open(settings).db, die_with_driver=True)
-    _probe_chain(settings, quick)
-    assert quick.seen == [("submit", None), ("end", None)] * 3
+def test_where_attempts_die_with_the_driver_rows_are_committed_in_groups(settings: Settings,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # An attempt that runs longer than FLUSH_SECONDS is RUNNING in the DB while it runs.
-    slow = _RowProbe(Workspace.open(settings).db, die_with_driver=True, seconds=FLUSH_SECONDS * 4)
-    _probe_chain(settings, slow, x=10)
+    slow = _RowProbe(Workspace.open(settings).db, die_with_driver=True, seconds=FLUSH_SECONDS * 10)
+    _probe_chain(settings, slow)
     assert slow.seen == [("submit", None), ("end", "RUNNING")] * 3
+    # Launches go before their rows: quick attempts are inserted and ended in one commit, not one each
+    # (here the run's end, with a flush interval no turn reaches).
+    monkeypatch.setattr(run_loop, "FLUSH_SECONDS", 60.0)
+    quick = _RowProbe(Workspace.open(settings).db, die_with_driver=True)
+    _probe_chain(settings, quick, x=10)
+    assert quick.seen == [("submit", None), ("end", None)] * 3
