@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database, translate_errors
+from skyloop.store.hotpath import dbapi_cursor
 
 __all__ = ["cache_key", "find_cached", "input_digest", "lookup_connection"]
 
@@ -66,13 +67,9 @@ def _lookup_one(session: Session | Connection, key: str) -> Sequence[Any]:
         # On the DBAPI cursor (sqlite3 takes `:key` as it is): SQLAlchemy's execute and result
         # setup, and the BEGIN it would send, cost 0.14 ms of a 0.18 ms lookup. One statement
         # outside a transaction reads one snapshot, as it would inside one.
-        with translate_errors("looking up cached results"):
-            cursor = session.connection.cursor()
-            try:
-                rows: list[Any] = cursor.execute(_LOOKUP_ONE.text, {"key": key}).fetchall()
-                return rows
-            finally:
-                cursor.close()
+        with translate_errors("looking up cached results"), dbapi_cursor(session) as cursor:
+            rows: list[Any] = cursor.execute(_LOOKUP_ONE.text, {"key": key}).fetchall()
+            return rows
     return session.execute(_LOOKUP_ONE, {"key": key}).all()
 
 

@@ -240,17 +240,14 @@ class Orchestrator:
         for run in list(self.runs.values()):
             run.activate_ready(self._enqueue)
         launches = self._launch_ready()
-        if self._submit_first:  # their rows go with the next commit (see the docstring)
-            for launch in launches:
-                self.backend.submit(launch)
+        if launches and not self._submit_first:
+            self.recorder.flush()  # the RUNNING rows before their launch (see the docstring)
+        for launch in launches:
+            self.backend.submit(launch)
         since = self.recorder.waiting_since()
-        due = since is not None and (time.monotonic() - since >= FLUSH_SECONDS
-                                     or self.recorder.work_at_risk >= FLUSH_SECONDS)
-        if due or (launches and not self._submit_first):
-            self.recorder.flush()  # the RUNNING rows before their launch, unless `_submit_first`
-        if not self._submit_first:
-            for launch in launches:
-                self.backend.submit(launch)
+        if since is not None and (time.monotonic() - since >= FLUSH_SECONDS
+                                  or self.recorder.work_at_risk >= FLUSH_SECONDS):
+            self.recorder.flush()
         for run in [r for r in self.runs.values() if r.done]:
             self.recorder.flush()
             self._release(run, *run.outcome())

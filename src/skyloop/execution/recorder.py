@@ -92,8 +92,7 @@ class Recorder:
     def finished(self, result: TaskResult) -> None:
         """An attempt's end as the backend reported it."""
         self._mark()
-        if result.started_at is not None and result.ended_at is not None:
-            self._at_risk += max(0.0, result.ended_at - result.started_at)
+        self._at_risk += result.seconds or 0.0
         self._updates.append({
             "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
             "started_at": _ts(result.started_at),

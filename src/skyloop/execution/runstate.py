@@ -89,6 +89,8 @@ class RunState:
         self.estimates = estimates or {}
         self._siblings: dict[str, list[float]] = {}
         """Mapped task -> seconds its first units took in this run (at most `SIBLINGS_KEPT`)."""
+        self._sibling_median: dict[str, float] = {}
+        """Mapped task -> the median of `_siblings`, once it holds `SIBLINGS_NEEDED`."""
         self.ranks = ranks or {}
         self.observer = observer
         order = topological_order(self.spec)
@@ -231,10 +233,8 @@ class RunState:
         already ended in this run, once `SIBLINGS_NEEDED` have ("siblings").
         """
         found = self.estimates.get(unit.task.name, (0.0, "default"))
-        if found[1] == "default" and unit.index >= 0:
-            seen = self._siblings.get(unit.task.name, ())
-            if len(seen) >= SIBLINGS_NEEDED:
-                return statistics.median(seen), "siblings"
+        if found[1] == "default" and unit.index >= 0 and unit.task.name in self._sibling_median:
+            return self._sibling_median[unit.task.name], "siblings"
         return found
 
     def launch(self, unit: Unit) -> TaskLaunch:
@@ -263,11 +263,13 @@ class RunState:
         """Take an attempt's end; returns the retry delay when the unit must run again, else None."""
         self.recorder.finished(result)
         progress = self.tasks[unit.task.name]
-        if unit.index >= 0 and result.state == TaskState.SUCCEEDED and result.started_at is not None \
-                and result.ended_at is not None:
+        seconds = result.seconds
+        if unit.index >= 0 and result.state == TaskState.SUCCEEDED and seconds is not None:
             seen = self._siblings.setdefault(unit.task.name, [])
             if len(seen) < SIBLINGS_KEPT:
-                seen.append(max(0.0, result.ended_at - result.started_at))
+                seen.append(seconds)
+                if len(seen) >= SIBLINGS_NEEDED:
+                    self._sibling_median[unit.task.name] = statistics.median(seen)
         if progress.state.done:
             self.active_units -= 1
             return None  # a sibling unit already failed the task

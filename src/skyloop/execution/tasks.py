@@ -138,3 +138,10 @@ class TaskResult:
     worker: str | None = None
     max_rss: int | None = None
     """Peak resident memory of the attempt in bytes, where the backend measures it."""
+
+    @property
+    def seconds(self) -> float | None:
+        """How long the attempt ran, when both ends are known."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return max(0.0, self.ended_at - self.started_at)

@@ -12,7 +12,8 @@ context) cost more than SQLite's work, about half of a step's commit (1.0 -> 0.6
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, text
@@ -20,7 +21,7 @@ from sqlalchemy.types import TypeEngine
 
 from skyloop.store.models import UTCDateTime
 
-__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "execute_many"]
+__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "dbapi_cursor", "execute_many"]
 
 _TYPES: dict[int, dict[str, TypeEngine[Any]]] = {}
 """id(statement) -> its typed parameters (those whose values need converting)."""
@@ -81,10 +82,15 @@ def execute_many(conn: Connection, statement: TextClause, rows: Sequence[Mapping
     if converters:
         rows = [{**row, **{name: process(row[name]) for name, process in converters.items()}} for row in rows]
     # SQLite's own named style is `:name`, the same as the text's; the transaction is `conn`'s.
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None, "the connection is closed"
-    cursor = dbapi.cursor()
-    try:
+    with dbapi_cursor(conn) as cursor:
         cursor.executemany(sql, rows)
+
+
+@contextlib.contextmanager
+def dbapi_cursor(conn: Connection) -> Iterator[Any]:
+    """A cursor of `conn`'s DBAPI connection (in its transaction, if one is open), closed after the block."""
+    cursor = conn.connection.cursor()
+    try:
+        yield cursor
     finally:
         cursor.close()
