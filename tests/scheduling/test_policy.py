@@ -87,10 +87,12 @@ def test_aging_lifts_a_starved_low_priority_task() -> None:
     queue.push(_c(1, priority=0, run="batch", rank=1, ready_at=0))
     for key in range(2, 12):
         queue.push(_c(key, priority=2, run="urgent", rank=100, ready_at=5))
-    busy = [_c(100, priority=2, run="urgent")]  # the urgent run already holds the machine's other CPU
-    assert _keys(queue.take(Resources(cpus=1), now=9, running=busy)) == [2]
-    assert _keys(queue.take(Resources(cpus=1), now=15, running=busy)) == [3]  # one class up is not enough
-    assert _keys(queue.take(Resources(cpus=1), now=21, running=busy)) == [1]  # two are: fair share serves it
+    queue.occupy(_c(100, priority=2, run="urgent"), started_at=0)  # the urgent run holds the other CPU
+    assert _keys(queue.take(Resources(cpus=1), now=9)) == [2]
+    assert queue.done(2)
+    assert _keys(queue.take(Resources(cpus=1), now=15)) == [3]  # one class up is not enough
+    assert queue.done(3)
+    assert _keys(queue.take(Resources(cpus=1), now=21)) == [1]  # two are: fair share serves it
 
 
 def test_aging_off_keeps_classes() -> None:
@@ -128,9 +130,10 @@ def test_fair_share_waits_fair_share_seconds_before_overriding_rank() -> None:
     queue.push(_c(10, run="short", rank=5))
     first = queue.take(Resources(cpus=2), now=0)
     assert _keys(first) == [0, 1]  # rank alone: the short run is not yet owed anything
-    assert _keys(queue.take(Resources(cpus=1), now=299, running=first[:1])) == [2]
-    running = [first[0], _c(2, run="long")]
-    assert _keys(queue.take(Resources(cpus=1), now=301, running=running)) == [10]  # short for 301 s: it goes first
+    assert queue.done(1)
+    assert _keys(queue.take(Resources(cpus=1), now=299)) == [2]
+    assert queue.done(1) is False  # ended already
+    assert _keys(queue.take(Resources(cpus=1), now=301)) == [10]  # short for 301 s: it goes first
 
 
 def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
@@ -195,12 +198,16 @@ def test_reservation_lets_long_work_use_what_the_head_leaves_spare() -> None:
 def test_reservation_uses_when_this_queue_launched_what_runs() -> None:
     queue = ReadyQueue()
     queue.push(_c(99, cpus=3, estimate=10))
-    running = queue.take(Resources(cpus=3), now=0)
+    assert _keys(queue.take(Resources(cpus=3), now=0)) == [99]
     queue.push(_c(1, cpus=4, rank=1000))
     queue.push(_c(2, estimate=4))
-    assert queue.take(Resources(cpus=1), now=7, running=running) == []  # started at 0: ends at 10, 7 + 4 > 10
+    assert queue.take(Resources(cpus=1), now=7) == []  # started at 0: ends at 10, 7 + 4 > 10
     queue.push(_c(3, estimate=2))
-    assert _keys(queue.take(Resources(cpus=1), now=7, running=running)) == [3]
+    assert _keys(queue.take(Resources(cpus=1), now=7)) == [3]
+    assert [c.key for c in queue.running] == [3, 99]  # by expected end: 9, 10
+    assert queue.done(99) and queue.done(3)
+    assert _keys(queue.take(Resources(cpus=4), now=8)) == [1]  # nothing runs: no reservation holds 2 back
+    assert queue.running[0].key == 1
 
 
 def test_without_estimates_backfill_is_greedy() -> None:
@@ -223,8 +230,11 @@ def test_nothing_is_lost_across_many_turns() -> None:
     now = 0.0
     while len(queue):
         now += 1
-        launched += _keys(queue.take(Resources(cpus=3), now=now))
+        taken = _keys(queue.take(Resources(cpus=3), now=now))
+        assert [queue.done(key) for key in taken] == [True] * len(taken)
+        launched += taken
     assert sorted(launched) == list(range(200))
+    assert queue.running == []
 
 
 def _reference(queued: dict[int, Candidate], free: Resources) -> list[int]:

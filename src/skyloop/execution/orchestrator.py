@@ -214,9 +214,8 @@ class Orchestrator:
             return []
         if self.in_use.cpus > self._refill_at + 1e-9:  # the backend still has plenty queued
             return []
-        running = [e.candidate for e in self.running.values()]
         launches = []
-        for cand in self.queue.take(self.admission - self.in_use, now=now, running=running):
+        for cand in self.queue.take(self.admission - self.in_use, now=now):
             entry = self.pending.pop(cand.key)
             launch = entry.run.launch(entry.unit)
             self.in_use = self.in_use + entry.unit.task.resources
@@ -228,6 +227,7 @@ class Orchestrator:
         entry = self.running.pop(result.key, None)
         if entry is None:
             return
+        self.queue.done(entry.candidate.key)
         self.in_use = self.in_use - entry.unit.task.resources
         delay = entry.run.finish(entry.unit, result)
         if delay is not None:

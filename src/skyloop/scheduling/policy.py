@@ -34,10 +34,11 @@ scan) log n) per call, not O(waiting).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -197,8 +198,15 @@ class ReadyQueue:
         """How many queued candidates have each base priority: the top one caps aging."""
         self._cpus: Counter[float] = Counter()
         """How many queued candidates ask for each amount of CPU: a call ends once none can fit."""
-        self._started: dict[int, float] = {}
-        """When this queue launched each key, to tell when running attempts are expected to end."""
+        self._running: dict[int, tuple[Candidate, float, int]] = {}
+        """Key -> (candidate, expected end, stamp) of every attempt running (see `take`, `occupy`, `done`)."""
+        self._ends: list[tuple[float, int, int]] = []
+        """(expected end, stamp, key) of the running attempts, sorted: the reservation's timeline."""
+        self._usage: dict[str, float] = {}
+        """Run -> CPUs its running attempts hold (fair share)."""
+        self._in_pool: Counter[str] = Counter()
+        """Pool -> how many of its members run (pool limits)."""
+        self._held_cpus = 0.0
         self._short_since: dict[str, float] = {}
         """Run -> since when it has held less than its fair share."""
         self._starved: set[str] = set()
@@ -233,27 +241,62 @@ class ReadyQueue:
         self._forget(entry)
         return True
 
-    def take(self, free: Resources, now: float = 0.0, running: Sequence[Candidate] = ()) -> list[Candidate]:
-        """Remove and return the attempts to launch now, in launch order.
+    def take(self, free: Resources, now: float = 0.0) -> list[Candidate]:
+        """Remove and return the attempts to launch now, in launch order; they count as running until `done`.
 
-        `free` is what is free now; `running` the candidates running now (their runs' CPUs count for
-        fair share, their pools for pool limits, their expected ends for reservations). `now` is on
+        `free` is what is free now. The running attempts' CPUs count for their runs' fair share, their
+        pools for pool limits, their expected ends (start + estimate) for reservations. `now` is on
         the clock of `Candidate.ready_at` and must not go backwards between calls.
         """
         if not self._entries:
             return []
         self._age(now)
-        if len(self._started) > 2 * len(running) + 256:
-            self._started = {c.key: self._started[c.key] for c in running if c.key in self._started}
         top = max(self._classes)
         if top != self._top:
             self._top = top
             self._dirty.update(self._heads)
-        turn = _Turn(self, free, now, running)
+        turn = _Turn(self, free, now)
         for bucket in self._dirty:
             self._refresh(bucket)
         self._dirty.clear()
         return turn.launch()
+
+    def occupy(self, candidate: Candidate, started_at: float) -> None:
+        """Count an attempt this queue did not launch as running since `started_at` (e.g. one adopted)."""
+        self.done(candidate.key)
+        self._stamp += 1
+        end = started_at + candidate.estimate
+        self._running[candidate.key] = (candidate, end, self._stamp)
+        bisect.insort(self._ends, (end, self._stamp, candidate.key))
+        run_id, cpus = candidate.run_id, candidate.resources.cpus
+        self._usage[run_id] = self._usage.get(run_id, 0.0) + cpus
+        self._held_cpus += cpus
+        if candidate.pool is not None:
+            self._in_pool[candidate.pool] += 1
+
+    def done(self, key: int) -> bool:
+        """A running attempt ended (or never will): its resources, share and pool slot free up; False if unknown."""
+        held = self._running.pop(key, None)
+        if held is None:
+            return False
+        cand, end, stamp = held
+        ends = self._ends
+        del ends[bisect.bisect_left(ends, (end, stamp, key))]
+        run_id, cpus = cand.run_id, cand.resources.cpus
+        left = self._usage[run_id] - cpus
+        if left > _EPS:
+            self._usage[run_id] = left
+        else:
+            del self._usage[run_id]
+        self._held_cpus = self._held_cpus - cpus if self._running else 0.0
+        if cand.pool is not None:
+            _decrement(self._in_pool, cand.pool)
+        return True
+
+    @property
+    def running(self) -> list[Candidate]:
+        """The attempts counted as running, in order of expected end."""
+        return [self._running[key][0] for _, _, key in self._ends]
 
     # -- internals ----------------------------------------------------------------------------------
     def _insert(self, entry: _Entry) -> None:
@@ -367,65 +410,62 @@ class ReadyQueue:
                 group.append(entry)
         return group
 
-    def _reserve(self, head: Candidate, avail: _Vec, now: float, running: Iterable[Candidate]
-                 ) -> _Reservation | None:
+    def _reserve(self, head: Candidate, avail: _Vec, now: float) -> _Reservation | None:
         """When `head` should fit, from the expected ends of what runs; None if it never will."""
-        ends = sorted(((max(now, self._started.get(c.key, now) + c.estimate), i, c.resources)
-                       for i, c in enumerate(running)), key=lambda e: (e[0], e[1]))
         pool = avail.copy()
-        for end, _, res in ends:
-            pool.add(res)
+        running = self._running
+        for end, _, key in self._ends:
+            pool.add(running[key][0].resources)
             if pool.fits(head.resources):
                 pool.add(head.resources, -1)
-                return _Reservation(end, pool)
+                return _Reservation(max(now, end), pool)
         return None
 
 
 class _Turn:
     """One `take`: what is free, who uses what, who is starved, and the loop that launches."""
 
-    def __init__(self, queue: ReadyQueue, free: Resources, now: float, running: Sequence[Candidate]) -> None:
-        self.queue, self.now, self.running = queue, now, running
+    def __init__(self, queue: ReadyQueue, free: Resources, now: float) -> None:
+        self.queue, self.now = queue, now
         self.config = queue.config
         self.avail = _Vec.of(free)
-        self.usage: dict[str, float] = {}
-        self.in_pool: dict[str, int] = {}
-        total = free.cpus
-        for cand in running:
-            self.usage[cand.run_id] = self.usage.get(cand.run_id, 0.0) + cand.resources.cpus
-            total += cand.resources.cpus
-            if cand.pool is not None:
-                self.in_pool[cand.pool] = self.in_pool.get(cand.pool, 0) + 1
+        self.usage, self.in_pool = queue._usage, queue._in_pool  # launches below add to them (`occupy`)
         self.entitled: dict[str, float] = {}
         """Run -> the CPUs its fair share entitles it to."""
         if self.config.fair_share:
-            self.share(total)
+            self.share(free.cpus + queue._held_cpus)
         else:
             for run_id in list(queue._starved):
                 self.mark(run_id, False)
 
     def share(self, total: float) -> None:
         """Each waiting run's entitlement within its class, and whether it has been short of it too long."""
-        queue, weights = self.queue, self.config.run_weights
+        queue, weights, now = self.queue, self.config.run_weights, self.now
         top = queue._top if queue._top is not None else 0
-        tier = {run_id: min(max(counts), top) for run_id, counts in queue._run_classes.items()}
+        classes = queue._run_classes
+        tier: dict[str, tuple[int, float]] = {}
         sums: dict[int, float] = {}
-        for run_id, klass in tier.items():
-            sums[klass] = sums.get(klass, 0.0) + max(weights.get(run_id, 1.0), 0.0)
-        since = queue._short_since
-        for run_id in [r for r in since if r not in tier]:
-            del since[run_id]
-        for run_id in [r for r in queue._starved if r not in tier]:
-            self.mark(run_id, False)
-        for run_id, klass in tier.items():
+        for run_id, counts in classes.items():
+            klass = min(max(counts), top)
             weight = max(weights.get(run_id, 1.0), 0.0)
-            entitled = self.entitled[run_id] = total * weight / sums[klass] if sums[klass] > 0 else 0.0
-            if self.usage.get(run_id, 0.0) + _EPS >= entitled:
-                since.pop(run_id, None)
+            tier[run_id] = (klass, weight)
+            sums[klass] = sums.get(klass, 0.0) + weight
+        since, starved, usage = queue._short_since, queue._starved, self.usage
+        if len(since) > len(classes) or len(starved) > len(classes):  # runs no longer waiting
+            for run_id in [r for r in since if r not in classes]:
+                del since[run_id]
+            for run_id in [r for r in starved if r not in classes]:
                 self.mark(run_id, False)
-            else:
-                waited = self.now - since.setdefault(run_id, self.now)
-                self.mark(run_id, waited >= self.config.fair_share_seconds)
+        patience = self.config.fair_share_seconds
+        for run_id, (klass, weight) in tier.items():
+            total_weight = sums[klass]
+            entitled = self.entitled[run_id] = total * weight / total_weight if total_weight > 0 else 0.0
+            if usage.get(run_id, 0.0) + _EPS >= entitled:
+                since.pop(run_id, None)
+                if run_id in starved:
+                    self.mark(run_id, False)
+            elif (now - since.setdefault(run_id, now) >= patience) != (run_id in starved):
+                self.mark(run_id, run_id not in starved)
 
     def mark(self, run_id: str, starved: bool) -> set[_Bucket]:
         """Set whether a run is starved; the buckets whose heads must be placed again."""
@@ -459,7 +499,7 @@ class _Turn:
                 head = group[0].cand
                 if not avail.fits(head.resources):
                     reserved = True
-                    reservation = queue._reserve(head, avail, now, [*self.running, *chosen])
+                    reservation = queue._reserve(head, avail, now)
                 elif not self.pool_ok(head):
                     reserved = True  # waits for a pool slot, not for resources: nothing to hold for it
             best = self.best_fit(group, reservation)
@@ -486,11 +526,8 @@ class _Turn:
                 if reservation is not None and now + cand.estimate > reservation.shadow + _EPS:
                     reservation.spare.add(cand.resources, -1)
                 run_id = cand.run_id
-                self.usage[run_id] = self.usage.get(run_id, 0.0) + cand.resources.cpus
-                if cand.pool is not None:
-                    self.in_pool[cand.pool] = self.in_pool.get(cand.pool, 0) + 1
                 queue.remove(cand.key)
-                queue._started[cand.key] = now
+                queue.occupy(cand, now)
                 chosen.append(cand)
                 if run_id in queue._starved and self.usage[run_id] + _EPS >= self.entitled.get(run_id, 0.0):
                     queue._short_since.pop(run_id, None)
@@ -541,14 +578,16 @@ class _Turn:
         if len(siblings) > 1 and len(group) < scan:
             floor = head[2] + abs(head[2]) * self.config.fit_window + _EPS
             room = self.avail.cpus + _EPS
+            own = len(group)
             for other in siblings:
-                if other == bucket or other[0] != bucket[0] or other[2] > room:
+                if other[2] > room or other[0] != bucket[0] or other == bucket:
                     continue
                 place = heads.get(other)
                 if place is not None and place[2] <= floor and len(group) < scan:
                     item = heapq.heappop(queue._heaps[other])  # placed heads are live
                     group.append(queue._entries[item[3]])
-            group[1:] = sorted(group[1:], key=lambda e: (-e.cand.rank, e.cand.seq))
+            if len(group) > own and len(group) > 2:
+                group[1:] = sorted(group[1:], key=lambda e: (-e.cand.rank, e.cand.seq))
         return group
 
     def best_fit(self, group: list[_Entry], reservation: _Reservation | None) -> _Entry | None:
@@ -587,9 +626,12 @@ def _decrement(counter: Counter[_T], value: _T) -> None:
 
 
 def select(candidates: Iterable[Candidate], free: Resources, config: PolicyConfig | None = None,
-           now: float = 0.0, running: Sequence[Candidate] = ()) -> list[Candidate]:
-    """The attempts to launch from `candidates` with `free` resources (see `ReadyQueue.take`)."""
+           now: float = 0.0, running: Iterable[Candidate] = ()) -> list[Candidate]:
+    """The attempts to launch from `candidates` with `free` resources while `running` run, started
+    `now` (see `ReadyQueue.take`)."""
     queue = ReadyQueue(config)
+    for cand in running:
+        queue.occupy(cand, now)
     for cand in candidates:
         queue.push(cand)
-    return queue.take(free, now, running)
+    return queue.take(free, now)

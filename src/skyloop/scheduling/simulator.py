@@ -12,8 +12,9 @@ Nothing sleeps and nothing is launched: a task "runs" from the decision that lau
   downstream), highest first, then arrival; also launches every task that fits, in that order.
 
 All three respect capacity and pool limits. A callable policy is a factory of any object with
-`push(Candidate)` and `take(free, now, running) -> list[Candidate]`; candidates carry the key of
-the task in `[t for run in runs for t in run.tasks]`, its estimate and its upward rank.
+`push(Candidate)`, `take(free, now) -> list[Candidate]` and `done(key)` (a launched task ended);
+candidates carry the key of the task in `[t for run in runs for t in run.tasks]`, its estimate and
+its upward rank.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class Scheduler(Protocol):
 
     def push(self, candidate: Candidate) -> None: ...
 
-    def take(self, free: Resources, now: float = 0.0, running: Sequence[Candidate] = ()) -> list[Candidate]: ...
+    def take(self, free: Resources, now: float = 0.0) -> list[Candidate]: ...
+
+    def done(self, key: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class ListQueue:
         self._pools = dict(pools or {})
         self._backfill = backfill
         self._items: list[tuple[tuple[float, ...], int, Candidate]] = []
+        self._pooled: dict[int, str] = {}
+        """Key -> pool of the running members of a pool."""
+        self._in_pool: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -82,12 +88,16 @@ class ListQueue:
         """Add a ready candidate."""
         bisect.insort(self._items, (self._order(candidate), candidate.key, candidate))
 
-    def take(self, free: Resources, now: float = 0.0, running: Sequence[Candidate] = ()) -> list[Candidate]:
+    def done(self, key: int) -> bool:
+        """A launched candidate ended: its pool slot frees up."""
+        pool = self._pooled.pop(key, None)
+        if pool is not None:
+            self._in_pool[pool] -= 1
+        return pool is not None
+
+    def take(self, free: Resources, now: float = 0.0) -> list[Candidate]:
         """Everything that fits, in order."""
-        in_pool: dict[str, int] = {}
-        for cand in running:
-            if cand.pool is not None:
-                in_pool[cand.pool] = in_pool.get(cand.pool, 0) + 1
+        in_pool = self._in_pool
         chosen: list[Candidate] = []
         kept = []
         for n, item in enumerate(self._items):
@@ -98,6 +108,7 @@ class ListQueue:
                 free = free - cand.resources
                 if cand.pool is not None:
                     in_pool[cand.pool] = in_pool.get(cand.pool, 0) + 1
+                    self._pooled[cand.key] = cand.pool
             elif self._backfill:
                 kept.append(item)
             else:
@@ -222,6 +233,7 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
                         ready(key_of[(runs[i].run_id, t.name)])
                 continue
             cand = running.pop(i)
+            scheduler.done(i)
             use.add(cand.resources, -1)
             if cand.pool is not None:
                 in_pool[cand.pool] -= 1
@@ -231,7 +243,7 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
                 if waiting[child] == 0:
                     ready(child)
         started = time.perf_counter()
-        launched = scheduler.take(use.free(capacity), now, list(running.values()))
+        launched = scheduler.take(use.free(capacity), now)
         spent += time.perf_counter() - started
         decisions += 1
         for cand in launched:
