@@ -42,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from skyloop.scheduling.amounts import EPS, Amounts
 from skyloop.spec.resources import Resources
 
 __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
@@ -49,7 +50,6 @@ __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
 BACKFILL_SCAN = 64
 """How many candidates that cannot launch are looked past, per call, to find ones that can."""
 
-_EPS = 1e-9
 _T = TypeVar("_T")
 
 
@@ -101,8 +101,9 @@ _Bucket = tuple[int, str, float]
 """(class, run id, CPUs asked for): the candidates of one heap."""
 _Item = tuple[float, int, int, int]
 """A heap item: (-rank, seq, stamp, key). Stamps are unique, so comparisons never reach the key."""
-_Head = tuple[int, int, float, int, int]
-"""Where a bucket's head stands, min() first: (-tier, 0 if its run is starved else 1, -rank, seq, stamp)."""
+_Head = tuple[int, int, float, int, int, _Bucket]
+"""Where a bucket's head stands, min() first: (-tier, 0 if its run is starved else 1, -rank, seq, stamp, bucket).
+Flat, so that heap comparisons stay cheap; stamps are unique, so they never reach the bucket."""
 
 
 class _Entry:
@@ -115,60 +116,18 @@ class _Entry:
         return (-self.cand.rank, self.cand.seq, self.stamp, self.cand.key)
 
 
-class _Vec:
-    """A mutable amount of every resource (the free pool while a call decides)."""
-
-    __slots__ = ("cpus", "custom", "gpus", "memory")
-
-    def __init__(self, cpus: float, memory: int, gpus: int, custom: dict[str, float]) -> None:
-        self.cpus, self.memory, self.gpus, self.custom = cpus, memory, gpus, custom
-
-    @classmethod
-    def of(cls, res: Resources) -> _Vec:
-        return cls(res.cpus, res.memory, res.gpus, dict(res.custom))
-
-    def copy(self) -> _Vec:
-        return _Vec(self.cpus, self.memory, self.gpus, dict(self.custom))
-
-    def fits(self, res: Resources) -> bool:
-        if res.cpus > self.cpus + _EPS or res.memory > self.memory or res.gpus > self.gpus:
-            return False
-        return all(amount <= self.custom.get(name, 0.0) + _EPS for name, amount in res.custom.items())
-
-    def add(self, res: Resources, sign: int = 1) -> None:
-        self.cpus += sign * res.cpus
-        self.memory += sign * res.memory
-        self.gpus += sign * res.gpus
-        for name, amount in res.custom.items():
-            self.custom[name] = self.custom.get(name, 0.0) + sign * amount
-
-    def tightness(self, res: Resources) -> float:
-        """The largest fraction of a free resource that `res` would take (1.0: fills it exactly)."""
-        best = 0.0
-        if res.cpus > 0:
-            best = res.cpus / max(self.cpus, _EPS)
-        if res.memory > 0:
-            best = max(best, res.memory / max(self.memory, 1))
-        if res.gpus > 0:
-            best = max(best, res.gpus / max(self.gpus, 1))
-        for name, amount in res.custom.items():
-            if amount > 0:
-                best = max(best, amount / max(self.custom.get(name, 0.0), _EPS))
-        return best
-
-
 @dataclass
 class _Reservation:
     """What the first blocked candidate is promised (EASY backfilling)."""
 
     shadow: float
     """When it is expected to fit."""
-    spare: _Vec
+    spare: Amounts
     """What will be free beyond its request at that time."""
 
     def allows(self, cand: Candidate, now: float) -> bool:
         """Whether launching `cand` now keeps the promise: it ends by then, or fits in the spare part."""
-        return now + cand.estimate <= self.shadow + _EPS or self.spare.fits(cand.resources)
+        return now + cand.estimate <= self.shadow + EPS or self.spare.fits(cand.resources)
 
 
 class ReadyQueue:
@@ -181,8 +140,8 @@ class ReadyQueue:
         """Bucket -> heap of its candidates (with stale items of moved or removed ones)."""
         self._heads: dict[_Bucket, _Head] = {}
         """Bucket -> its head's place in the order; right for every bucket not in `_dirty`."""
-        self._order: list[tuple[_Head, _Bucket]] = []
-        """Heap of (head, bucket) over the placed heads, first in order on top; those unlike `_heads` are stale."""
+        self._order: list[_Head] = []
+        """Heap of the placed heads, first in order on top; those that are not `_heads`' (by identity) are stale."""
         self._dirty: set[_Bucket] = set()
         self._short: dict[_Bucket, list[tuple[float, int, int]]] = {}
         """Bucket -> heap of (estimate, stamp, key): its shortest candidate, for backfilling a reservation."""
@@ -284,7 +243,7 @@ class ReadyQueue:
         del ends[bisect.bisect_left(ends, (end, stamp, key))]
         run_id, cpus = cand.run_id, cand.resources.cpus
         left = self._usage[run_id] - cpus
-        if left > _EPS:
+        if left > EPS:
             self._usage[run_id] = left
         else:
             del self._usage[run_id]
@@ -355,11 +314,12 @@ class ReadyQueue:
             return
         top = self._top if self._top is not None else bucket[0]
         rank, seq, stamp, _ = heap[0]
-        place = self._heads[bucket] = (-min(bucket[0], top), 0 if bucket[1] in self._starved else 1, rank, seq, stamp)
+        place = self._heads[bucket] = (-min(bucket[0], top), 0 if bucket[1] in self._starved else 1, rank, seq, stamp,
+                                       bucket)
         order = self._order
-        heapq.heappush(order, (place, bucket))
+        heapq.heappush(order, place)
         if len(order) > 2 * len(self._heads) + 64:  # mostly stale: build it again from the placed heads
-            order[:] = [(head, b) for b, head in self._heads.items()]
+            order[:] = self._heads.values()
             heapq.heapify(order)
 
     def _age(self, now: float) -> None:
@@ -401,7 +361,7 @@ class ReadyQueue:
         heap, entries = self._heaps[bucket], self._entries
         first = heapq.heappop(heap)
         group = [entries[first[3]]]
-        floor = first[0] + abs(first[0]) * self.config.fit_window + _EPS  # on -rank
+        floor = first[0] + abs(first[0]) * self.config.fit_window + EPS  # on -rank
         scan = self.config.fit_scan
         while heap and heap[0][0] <= floor and len(group) < scan:
             item = heapq.heappop(heap)
@@ -410,7 +370,7 @@ class ReadyQueue:
                 group.append(entry)
         return group
 
-    def _reserve(self, head: Candidate, avail: _Vec, now: float) -> _Reservation | None:
+    def _reserve(self, head: Candidate, avail: Amounts, now: float) -> _Reservation | None:
         """When `head` should fit, from the expected ends of what runs; None if it never will."""
         pool = avail.copy()
         running = self._running
@@ -428,7 +388,7 @@ class _Turn:
     def __init__(self, queue: ReadyQueue, free: Resources, now: float) -> None:
         self.queue, self.now = queue, now
         self.config = queue.config
-        self.avail = _Vec.of(free)
+        self.avail = Amounts.of(free)
         self.usage, self.in_pool = queue._usage, queue._in_pool  # launches below add to them (`occupy`)
         self.entitled: dict[str, float] = {}
         """Run -> the CPUs its fair share entitles it to."""
@@ -460,7 +420,7 @@ class _Turn:
         for run_id, (klass, weight) in tier.items():
             total_weight = sums[klass]
             entitled = self.entitled[run_id] = total * weight / total_weight if total_weight > 0 else 0.0
-            if usage.get(run_id, 0.0) + _EPS >= entitled:
+            if usage.get(run_id, 0.0) + EPS >= entitled:
                 since.pop(run_id, None)
                 if run_id in starved:
                     self.mark(run_id, False)
@@ -490,7 +450,7 @@ class _Turn:
         spent: set[_Bucket] = set()  # buckets whose head group could not launch: not looked at again this call
         order = queue._order
         aside: dict[_Bucket, _Head] = {}  # placed heads taken off `order` that this call looks at no more
-        while heads and len(passed) < config.backfill_scan and avail.cpus + _EPS >= min(queue._cpus):
+        while heads and len(passed) < config.backfill_scan and avail.cpus + EPS >= min(queue._cpus):
             bucket = self.next_bucket(order, aside, spent if reserved else None, reservation)
             if bucket is None:
                 break
@@ -523,20 +483,20 @@ class _Turn:
             if best is not None:
                 cand = best.cand
                 avail.add(cand.resources, -1)
-                if reservation is not None and now + cand.estimate > reservation.shadow + _EPS:
+                if reservation is not None and now + cand.estimate > reservation.shadow + EPS:
                     reservation.spare.add(cand.resources, -1)
                 run_id = cand.run_id
                 queue.remove(cand.key)
                 queue.occupy(cand, now)
                 chosen.append(cand)
-                if run_id in queue._starved and self.usage[run_id] + _EPS >= self.entitled.get(run_id, 0.0):
+                if run_id in queue._starved and self.usage[run_id] + EPS >= self.entitled.get(run_id, 0.0):
                     queue._short_since.pop(run_id, None)
                     touched |= self.mark(run_id, False)
             for other in touched:
                 queue._refresh(other)
         for bucket, place in aside.items():
-            if heads.get(bucket) == place:
-                heapq.heappush(order, (place, bucket))
+            if heads.get(bucket) is place:
+                heapq.heappush(order, place)
         for bucket, item in passed:
             queue._restore(bucket, item)
         for bucket in {bucket for bucket, _ in passed}:
@@ -545,22 +505,23 @@ class _Turn:
         queue._sweep()
         return chosen
 
-    def next_bucket(self, order: list[tuple[_Head, _Bucket]], aside: dict[_Bucket, _Head],
+    def next_bucket(self, order: list[_Head], aside: dict[_Bucket, _Head],
                     spent: set[_Bucket] | None, reservation: _Reservation | None) -> _Bucket | None:
         """Pop the first bucket worth a look; the others go `aside` for this call. Once the head is
         settled (`spent` given) they are those already looked at, asking for more CPUs than are free,
         or too big for the reservation's spare part with a shortest candidate that ends after its shadow."""
         queue, heads = self.queue, self.queue._heads
-        room = self.avail.cpus + _EPS
+        room = self.avail.cpus + EPS
         while order:
-            place, bucket = heapq.heappop(order)
-            if heads.get(bucket) != place:
+            place = heapq.heappop(order)
+            bucket = place[5]
+            if heads.get(bucket) is not place:
                 continue  # stale: the bucket was placed again or emptied
             if spent is not None:
                 hopeless = bucket[2] > room or bucket in spent
-                if not hopeless and reservation is not None and bucket[2] > reservation.spare.cpus + _EPS:
+                if not hopeless and reservation is not None and bucket[2] > reservation.spare.cpus + EPS:
                     short = queue._shortest(bucket)
-                    hopeless = short is None or self.now + short.cand.estimate > reservation.shadow + _EPS
+                    hopeless = short is None or self.now + short.cand.estimate > reservation.shadow + EPS
                 if hopeless:
                     aside[bucket] = place
                     continue
@@ -576,8 +537,8 @@ class _Turn:
         scan = self.config.fit_scan
         siblings = queue._by_run.get(bucket[1], ())
         if len(siblings) > 1 and len(group) < scan:
-            floor = head[2] + abs(head[2]) * self.config.fit_window + _EPS
-            room = self.avail.cpus + _EPS
+            floor = head[2] + abs(head[2]) * self.config.fit_window + EPS
+            room = self.avail.cpus + EPS
             own = len(group)
             for other in siblings:
                 if other[2] > room or other[0] != bucket[0] or other == bucket:
@@ -601,14 +562,14 @@ class _Turn:
             if len(group) == 1:
                 return entry
             tightness = avail.tightness(entry.cand.resources)
-            if tightness > best_fit + _EPS:
+            if tightness > best_fit + EPS:
                 best, best_fit = entry, tightness
         return best
 
     def can_launch(self, entry: _Entry, reservation: _Reservation | None) -> bool:
         """Whether it fits now, has a pool slot and keeps the reservation."""
         res = entry.cand.resources
-        if res.cpus > self.avail.cpus + _EPS or not self.avail.fits(res) or not self.pool_ok(entry.cand):
+        if res.cpus > self.avail.cpus + EPS or not self.avail.fits(res) or not self.pool_ok(entry.cand):
             return False
         return reservation is None or reservation.allows(entry.cand, self.now)
 

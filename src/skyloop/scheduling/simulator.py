@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from skyloop.scheduling.amounts import Amounts
 from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
 from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
 from skyloop.scheduling.workloads import SimRun, SimTask
@@ -208,8 +209,8 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
     events: list[tuple[float, int, int]] = [(run.submit_at, 1, i) for i, run in enumerate(runs)]
     heapq.heapify(events)  # (time, 0 = a task ends / 1 = a run is submitted, index)
     running: dict[int, Candidate] = {}
-    use = _Usage()
-    peak = _Usage()
+    use, peak = Amounts.of(Resources(cpus=0)), Amounts.of(Resources(cpus=0))
+    full = Amounts.of(capacity)
     peak_pools: dict[str, int] = {}
     in_pool: dict[str, int] = {}
     spans: dict[tuple[str, str], tuple[float, float]] = {}
@@ -243,7 +244,7 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
                 if waiting[child] == 0:
                     ready(child)
         started = time.perf_counter()
-        launched = scheduler.take(use.free(capacity), now)
+        launched = scheduler.take(full.less(use), now)
         spent += time.perf_counter() - started
         decisions += 1
         for cand in launched:
@@ -283,37 +284,6 @@ def _scheduler(policy: str | Callable[[], Scheduler], runs: Sequence[SimRun], co
                 weight[key_of[(run.run_id, name)]] = w
         return ListQueue(lambda c: (-weight[c.key], c.seq), config.pools)
     raise ValueError(f"unknown policy {policy!r}: use 'skyloop', 'fifo', 'fifo-hol', 'airflow' or a factory")
-
-
-class _Usage:
-    """Amounts of every resource, kept as plain numbers (the simulator's hot loop)."""
-
-    def __init__(self) -> None:
-        self.cpus, self.memory, self.gpus = 0.0, 0, 0
-        self.custom: dict[str, float] = {}
-
-    def add(self, res: Resources, sign: int = 1) -> None:
-        self.cpus += sign * res.cpus
-        self.memory += sign * res.memory
-        self.gpus += sign * res.gpus
-        for name, amount in res.custom.items():
-            self.custom[name] = self.custom.get(name, 0.0) + sign * amount
-
-    def raise_to(self, other: _Usage) -> None:
-        self.cpus, self.memory, self.gpus = max(self.cpus, other.cpus), max(self.memory, other.memory), \
-            max(self.gpus, other.gpus)
-        for name, amount in other.custom.items():
-            self.custom[name] = max(self.custom.get(name, 0.0), amount)
-
-    def free(self, capacity: Resources) -> Resources:
-        custom = dict(capacity.custom)
-        for name, amount in self.custom.items():
-            custom[name] = custom.get(name, 0.0) - amount
-        return Resources.model_construct(cpus=capacity.cpus - self.cpus, memory=capacity.memory - self.memory,
-                                         gpus=capacity.gpus - self.gpus, custom=custom)
-
-    def resources(self) -> Resources:
-        return Resources(cpus=self.cpus, memory=self.memory, gpus=self.gpus, custom=self.custom)
 
 
 def lower_bound(runs: Iterable[SimRun], capacity: Resources, pools: Mapping[str, int] | None = None,
