@@ -241,7 +241,13 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def pg_url(postgres_url: str) -> str:
-    """A fresh, empty database on the session's server, so that tests share no rows (nor cache hits)."""
-    return create_database(postgres_url, f"skyloop_{uuid.uuid4().hex[:12]}")
+def new_pg_url(postgres_url: str) -> Callable[[], str]:
+    """Makes a fresh, empty database on the session's server, so that tests share no rows (nor cache hits)."""
+    return lambda: create_database(postgres_url, f"skyloop_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def pg_url(new_pg_url: Callable[[], str]) -> str:
+    """A fresh, empty database on the session's server."""
+    return new_pg_url()
 

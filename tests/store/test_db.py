@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
+from tests_support import replayed_database, schema_of
 
 from skyloop.errors import StoreError
 from skyloop.store.db import Database
@@ -36,9 +37,21 @@ def test_a_new_db_is_migrated_to_head(db: Database) -> None:
         assert set(inspect(conn).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
 
 
-def test_the_migrations_match_the_models(db: Database) -> None:
-    with db.engine.connect() as conn:
+def test_the_migrations_match_the_models(tmp_path: Path) -> None:
+    replayed = replayed_database(f"sqlite:///{tmp_path / 'replayed.db'}")
+    with replayed.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    replayed.dispose()
+
+
+def test_a_new_db_gets_the_schema_the_migrations_build(db: Database, tmp_path: Path) -> None:
+    # A new database is created from the models at once and stamped HEAD; one that has tables is
+    # migrated. Both must end with the same schema, server defaults and constraints included.
+    replayed = replayed_database(f"sqlite:///{tmp_path / 'replayed.db'}")
+    created = schema_of(db)
+    assert created == schema_of(replayed)
+    assert ("weight", "FLOAT", False, "'1'") in created["runs"]["columns"]  # type: ignore[index]
+    replayed.dispose()
 
 
 def test_migrating_again_is_a_no_op(db: Database, sqlite_url: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
+from tests_support import replayed_database, schema_of
 
 from skyloop import Settings, run
 from skyloop.errors import Conflict
@@ -44,14 +45,19 @@ def test_urls_use_psycopg_3(pg_db: Database) -> None:
     assert not pg_db.is_sqlite
 
 
-def test_the_migration_applies(pg_db: Database, pg_url: str) -> None:
+def test_the_migration_applies(pg_db: Database, pg_url: str, new_pg_url: Callable[[], str]) -> None:
     with pg_db.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
         assert set(inspect(conn).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     again = Database(pg_url)  # opening it again finds it current
     again.migrate()
     again.dispose()
+    # The new database was created from the models; the scripts, replayed, must build the same.
+    replayed = replayed_database(new_pg_url())
+    with replayed.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    assert schema_of(pg_db) == schema_of(replayed)
+    replayed.dispose()
 
 
 def test_a_pipeline_runs_end_to_end_and_reruns_from_cache(chain: ModuleType, pg_settings: Settings) -> None:

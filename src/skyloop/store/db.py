@@ -16,7 +16,7 @@ from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from skyloop.errors import StoreError
-from skyloop.store.migrations import HEAD, upgrade
+from skyloop.store.migrations import HEAD, create, upgrade
 
 __all__ = ["Database", "translate_errors"]
 
@@ -97,7 +97,10 @@ class Database:
         with self._migration_lock(), translate_errors("migrating the schema"):
             if self._current_revision() != HEAD:
                 with self.engine.begin() as conn:
-                    upgrade(conn)
+                    if inspect(conn).get_table_names():
+                        upgrade(conn)
+                    else:  # a new database
+                        create(conn)
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:

@@ -8,7 +8,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
 
-__all__ = ["HEAD", "alembic_config", "upgrade"]
+from skyloop.store.models import Base
+
+__all__ = ["HEAD", "alembic_config", "create", "upgrade"]
 
 HEAD = "0006"
 """The newest revision; a test checks it against the scripts so that the quick check stays right."""
@@ -26,3 +28,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
 def upgrade(connection: Connection, revision: str = "head") -> None:
     """Apply migrations up to `revision` on `connection`."""
     command.upgrade(alembic_config(connection), revision)
+
+
+def create(connection: Connection) -> None:
+    """Create the newest schema in an empty database at once and stamp it `HEAD` (Alembic's recipe for
+    a new database: a third of the time of replaying every migration, which a test proves equivalent)."""
+    Base.metadata.create_all(connection, checkfirst=False)
+    command.stamp(alembic_config(connection), HEAD)
