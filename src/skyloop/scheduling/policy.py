@@ -39,62 +39,16 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from skyloop.scheduling.amounts import EPS, Amounts
+from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
 from skyloop.spec.resources import Resources
 
 __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
 
-BACKFILL_SCAN = 64
-"""How many candidates that cannot launch are looked past, per call, to find ones that can."""
-
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A ready attempt waiting for resources."""
-
-    key: int
-    resources: Resources
-    priority: int = 0
-    """Priority class: higher first."""
-    seq: int = 0
-    """Arrival order: earlier first among equals."""
-    run_id: str = ""
-    rank: float = 0.0
-    """Upward rank, seconds: the longest path from this task to the end of its run, its own estimate included."""
-    estimate: float = 0.0
-    """Expected seconds of this attempt."""
-    pool: str | None = None
-    """Named concurrency pool (see `PolicyConfig.pools`)."""
-    ready_at: float = 0.0
-    """When it became ready, seconds on the clock that `take(now=...)` uses."""
-
-
-@dataclass
-class PolicyConfig:
-    """Knobs of the policy; `run_weights` and `pools` are read on every call, so they may change."""
-
-    aging_seconds: float = 300.0
-    """Each full period a candidate waits lifts it one priority class; 0 or less turns aging off."""
-    run_weights: dict[str, float] = field(default_factory=dict)
-    """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the CPUs."""
-    pools: dict[str, int] = field(default_factory=dict)
-    """Concurrency pool -> how many of its members may run at once, across runs; unknown = unlimited."""
-    backfill_scan: int = BACKFILL_SCAN
-    """Candidates passed over per call before giving up on the rest."""
-    fit_window: float = 0.0
-    """Ranks within this fraction of the best one count as the same standing for best fit (0: ties only)."""
-    fit_scan: int = 8
-    """At most this many candidates of the same standing are compared for best fit."""
-    fair_share: bool = True
-    """Guarantee every run its weighted share of the CPUs within its class; off, rank alone orders
-    runs of one class (and only aging keeps a run from waiting behind another's critical path)."""
-    fair_share_seconds: float = 300.0
-    """How long a run may hold less than its share before it goes first (0: at once, strict fair share)."""
 
 
 _Bucket = tuple[int, str, float]
@@ -147,6 +101,11 @@ class ReadyQueue:
         """Bucket -> heap of (estimate, stamp, key): its shortest candidate, for backfilling a reservation."""
         self._by_run: dict[str, set[_Bucket]] = {}
         self._run_classes: dict[str, Counter[int]] = {}
+        self._shares: dict[str, float] | None = None
+        """Run -> its weight over the weights of the runs waiting in its class; None when a run's
+        class, the runs waiting or the top class changed (`_Turn.share` works it out again)."""
+        self._share_weights: dict[str, float] = {}
+        """The weights `_shares` was worked out from (they may change between calls)."""
         """Run -> how many of its queued candidates sit in each (aged) class."""
         self._aging: list[tuple[float, int, int]] = []
         """(when the candidate next rises a class, token, key)."""
@@ -209,10 +168,11 @@ class ReadyQueue:
         """
         if not self._entries:
             return []
-        self._age(now)
         top = max(self._classes)
+        self._age(now, top)
         if top != self._top:
             self._top = top
+            self._shares = None
             self._dirty.update(self._heads)
         turn = _Turn(self, free, now)
         for bucket in self._dirty:
@@ -263,7 +223,10 @@ class ReadyQueue:
         self._restore(bucket, entry.item())
         heapq.heappush(self._short.setdefault(bucket, []), (entry.cand.estimate, entry.stamp, entry.cand.key))
         self._dirty.add(bucket)
-        self._run_classes.setdefault(bucket[1], Counter())[bucket[0]] += 1
+        counts = self._run_classes.setdefault(bucket[1], Counter())
+        counts[bucket[0]] += 1
+        if counts[bucket[0]] == 1:
+            self._shares = None
 
     def _forget(self, entry: _Entry) -> None:
         """Account for `entry` leaving its bucket (its heap item goes stale)."""
@@ -271,6 +234,8 @@ class ReadyQueue:
         self._dirty.add(entry.bucket)
         counts = self._run_classes[run_id]
         _decrement(counts, klass)
+        if klass not in counts:
+            self._shares = None
         if not counts:
             del self._run_classes[run_id]
 
@@ -322,14 +287,14 @@ class ReadyQueue:
             order[:] = self._heads.values()
             heapq.heapify(order)
 
-    def _age(self, now: float) -> None:
+    def _age(self, now: float, top: int) -> None:
+        """Lift the candidates that waited another `aging_seconds` (`top`: the highest class waiting)."""
         aging = self.config.aging_seconds
         heap = self._aging
         if not 0 < aging < math.inf:
             heap.clear()
             self._capped.clear()
             return
-        top = max(self._classes, default=0)
         if self._capped and top > self._capped_top:  # a higher class arrived: those at the old top rise on
             for token, key in self._capped:
                 heapq.heappush(heap, (now, token, key))
@@ -401,31 +366,37 @@ class _Turn:
     def share(self, total: float) -> None:
         """Each waiting run's entitlement within its class, and whether it has been short of it too long."""
         queue, weights, now = self.queue, self.config.run_weights, self.now
-        top = queue._top if queue._top is not None else 0
-        classes = queue._run_classes
-        tier: dict[str, tuple[int, float]] = {}
-        sums: dict[int, float] = {}
-        for run_id, counts in classes.items():
-            klass = min(max(counts), top)
-            weight = max(weights.get(run_id, 1.0), 0.0)
-            tier[run_id] = (klass, weight)
-            sums[klass] = sums.get(klass, 0.0) + weight
         since, starved, usage = queue._short_since, queue._starved, self.usage
-        if len(since) > len(classes) or len(starved) > len(classes):  # runs no longer waiting
-            for run_id in [r for r in since if r not in classes]:
+        shares = queue._shares
+        if shares is None or weights != queue._share_weights:
+            shares = queue._shares = self.shares()
+            queue._share_weights = dict(weights)
+            for run_id in [r for r in since if r not in shares]:
                 del since[run_id]
-            for run_id in [r for r in starved if r not in classes]:
+            for run_id in [r for r in starved if r not in shares]:
                 self.mark(run_id, False)
         patience = self.config.fair_share_seconds
-        for run_id, (klass, weight) in tier.items():
-            total_weight = sums[klass]
-            entitled = self.entitled[run_id] = total * weight / total_weight if total_weight > 0 else 0.0
+        for run_id, share in shares.items():
+            entitled = self.entitled[run_id] = total * share
             if usage.get(run_id, 0.0) + EPS >= entitled:
                 since.pop(run_id, None)
                 if run_id in starved:
                     self.mark(run_id, False)
             elif (now - since.setdefault(run_id, now) >= patience) != (run_id in starved):
                 self.mark(run_id, run_id not in starved)
+
+    def shares(self) -> dict[str, float]:
+        """Run -> its weight over the weights of the waiting runs of its class (its aged class, up to the top)."""
+        queue, weights = self.queue, self.config.run_weights
+        top = queue._top if queue._top is not None else 0
+        tier: dict[str, tuple[int, float]] = {}
+        sums: dict[int, float] = {}
+        for run_id, counts in queue._run_classes.items():
+            klass = min(max(counts), top)
+            weight = max(weights.get(run_id, 1.0), 0.0)
+            tier[run_id] = (klass, weight)
+            sums[klass] = sums.get(klass, 0.0) + weight
+        return {run_id: weight / sums[klass] if sums[klass] > 0 else 0.0 for run_id, (klass, weight) in tier.items()}
 
     def mark(self, run_id: str, starved: bool) -> set[_Bucket]:
         """Set whether a run is starved; the buckets whose heads must be placed again."""
