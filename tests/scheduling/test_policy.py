@@ -143,6 +143,17 @@ def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
     assert _keys(select(cands, Resources(cpus=2), STRICT, running=running)) == [2, 1]
 
 
+def test_fair_share_follows_weights_changed_between_calls() -> None:
+    config = PolicyConfig(fair_share_seconds=0)
+    queue = ReadyQueue(config)
+    for i in range(8):
+        queue.push(_c(i, run="a", rank=100 - i))
+        queue.push(_c(10 + i, run="b", rank=10 - i))
+    assert _keys(queue.take(Resources(cpus=4))) == [0, 1, 10, 11]  # equal weights: 2 CPUs each
+    config.run_weights["b"] = 3.0  # of 8 CPUs, b is now owed 6: it takes all 4 that free up
+    assert _keys(queue.take(Resources(cpus=4))) == [12, 13, 14, 15]
+
+
 def test_fair_share_honours_weights() -> None:
     config = PolicyConfig(run_weights={"a": 2.0}, fair_share_seconds=0)
     cands = [_c(i, run="a") for i in range(6)] + [_c(10 + i, run="b") for i in range(6)]
