@@ -136,6 +136,19 @@ def test_fair_share_waits_fair_share_seconds_before_overriding_rank() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=301)) == [10]  # short for 301 s: it goes first
 
 
+def test_a_run_that_comes_back_waits_fair_share_seconds_anew() -> None:
+    queue = ReadyQueue()  # default: 300 s
+    for i in range(6):
+        queue.push(_c(i, run="long", rank=1000 - i))
+    queue.push(_c(10, run="short", rank=5))
+    assert _keys(queue.take(Resources(cpus=1), now=0)) == [0]  # "short" is short of its share from 0 s
+    assert queue.remove(10)  # ...until it has nothing waiting
+    queue.push(_c(11, run="short", rank=5, ready_at=1000))
+    assert _keys(queue.take(Resources(cpus=1), now=1000)) == [1]  # short again since 1000 s, not since 0
+    queue.push(_c(11, run="short", rank=6, ready_at=1000))  # re-ranked: replaced, but it never left
+    assert _keys(queue.take(Resources(cpus=1), now=1300)) == [11]
+
+
 def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
     # The starved run goes first, but its longer critical path still before its shorter one.
     cands = [_c(1, run="a", rank=5), _c(2, run="a", rank=50), _c(3, run="b", rank=500)]

@@ -137,7 +137,7 @@ class ReadyQueue:
 
     def push(self, candidate: Candidate) -> None:
         """Add a ready attempt (a queued one with the same key is replaced)."""
-        self.remove(candidate.key)
+        self._drop(candidate.key)
         self._stamp += 1
         bucket = (candidate.priority, candidate.run_id, candidate.resources.cpus)
         entry = _Entry(candidate, bucket, self._stamp, self._stamp)
@@ -150,13 +150,14 @@ class ReadyQueue:
             heapq.heappush(self._aging, (candidate.ready_at + aging, entry.token, candidate.key))
 
     def remove(self, key: int) -> bool:
-        """Drop a queued attempt; False if it was not queued."""
-        entry = self._entries.pop(key, None)
+        """Drop a queued attempt (launched, cancelled); False if it was not queued."""
+        entry = self._drop(key)
         if entry is None:
             return False
-        _decrement(self._classes, entry.cand.priority)
-        _decrement(self._cpus, entry.cand.resources.cpus)
-        self._forget(entry)
+        run_id = entry.cand.run_id
+        if run_id not in self._run_classes:  # nothing of its run waits: short of nothing, fair share starts afresh
+            self._short_since.pop(run_id, None)
+            self._starved.discard(run_id)
         return True
 
     def take(self, free: Resources, now: float = 0.0) -> list[Candidate]:
@@ -218,6 +219,14 @@ class ReadyQueue:
         return [self._running[key][0] for _, _, key in self._ends]
 
     # -- internals ----------------------------------------------------------------------------------
+    def _drop(self, key: int) -> _Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            _decrement(self._classes, entry.cand.priority)
+            _decrement(self._cpus, entry.cand.resources.cpus)
+            self._forget(entry)
+        return entry
+
     def _insert(self, entry: _Entry) -> None:
         bucket = entry.bucket
         self._restore(bucket, entry.item())
@@ -371,10 +380,6 @@ class _Turn:
         if shares is None or weights != queue._share_weights:
             shares = queue._shares = self.shares()
             queue._share_weights = dict(weights)
-            for run_id in [r for r in since if r not in shares]:
-                del since[run_id]
-            for run_id in [r for r in starved if r not in shares]:
-                self.mark(run_id, False)
         patience = self.config.fair_share_seconds
         for run_id, share in shares.items():
             entitled = self.entitled[run_id] = total * share
@@ -421,7 +426,8 @@ class _Turn:
         spent: set[_Bucket] = set()  # buckets whose head group could not launch: not looked at again this call
         order = queue._order
         aside: dict[_Bucket, _Head] = {}  # placed heads taken off `order` that this call looks at no more
-        while heads and len(passed) < config.backfill_scan and avail.cpus + EPS >= min(queue._cpus):
+        least = min(queue._cpus)  # the smallest CPU request queued: once it cannot fit, nothing can
+        while heads and len(passed) < config.backfill_scan and avail.cpus + EPS >= least:
             bucket = self.next_bucket(order, aside, spent if reserved else None, reservation)
             if bucket is None:
                 break
@@ -435,7 +441,7 @@ class _Turn:
                     reserved = True  # waits for a pool slot, not for resources: nothing to hold for it
             best = self.best_fit(group, reservation)
             touched = {bucket}
-            if best is None and reservation is not None and all(self.can_launch(e, None) for e in group):
+            if best is None and reservation is not None and self.all_fit(group):
                 # They fit but would delay the reserved head. Rather than walk the bucket in rank order
                 # for one short enough, try its shortest candidate and look at the bucket no more this
                 # call: a busy machine then costs O(buckets) a call, not O(backfill_scan).
@@ -460,6 +466,7 @@ class _Turn:
                 queue.remove(cand.key)
                 queue.occupy(cand, now)
                 chosen.append(cand)
+                least = min(queue._cpus, default=math.inf)
                 if run_id in queue._starved and self.usage[run_id] + EPS >= self.entitled.get(run_id, 0.0):
                     queue._short_since.pop(run_id, None)
                     touched |= self.mark(run_id, False)
@@ -536,6 +543,12 @@ class _Turn:
             if tightness > best_fit + EPS:
                 best, best_fit = entry, tightness
         return best
+
+    def all_fit(self, group: list[_Entry]) -> bool:
+        """Whether every entry of `group` could launch but for the reservation."""
+        if len(group) == 1:  # the usual case, without a generator
+            return self.can_launch(group[0], None)
+        return all(self.can_launch(entry, None) for entry in group)
 
     def can_launch(self, entry: _Entry, reservation: _Reservation | None) -> bool:
         """Whether it fits now, has a pool slot and keeps the reservation."""
