@@ -101,12 +101,12 @@ class ReadyQueue:
         """Bucket -> heap of (estimate, stamp, key): its shortest candidate, for backfilling a reservation."""
         self._by_run: dict[str, set[_Bucket]] = {}
         self._run_classes: dict[str, Counter[int]] = {}
+        """Run -> how many of its queued candidates sit in each (aged) class."""
         self._shares: dict[str, float] | None = None
         """Run -> its weight over the weights of the runs waiting in its class; None when a run's
         class, the runs waiting or the top class changed (`_Turn.share` works it out again)."""
         self._share_weights: dict[str, float] = {}
         """The weights `_shares` was worked out from (they may change between calls)."""
-        """Run -> how many of its queued candidates sit in each (aged) class."""
         self._aging: list[tuple[float, int, int]] = []
         """(when the candidate next rises a class, token, key)."""
         self._capped: list[tuple[int, int]] = []
@@ -125,6 +125,7 @@ class ReadyQueue:
         self._in_pool: Counter[str] = Counter()
         """Pool -> how many of its members run (pool limits)."""
         self._held_cpus = 0.0
+        """CPUs the running attempts hold: with what is free, the CPUs fair share divides."""
         self._short_since: dict[str, float] = {}
         """Run -> since when it has held less than its fair share."""
         self._starved: set[str] = set()
