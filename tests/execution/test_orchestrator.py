@@ -228,3 +228,39 @@ def test_where_attempts_die_with_the_driver_rows_are_committed_in_groups(setting
     quick = _RowProbe(Workspace.open(settings).db, die_with_driver=True)
     _probe_chain(settings, quick, x=10)
     assert quick.seen == [("submit", None), ("end", None)] * 3
+
+
+def test_a_long_lived_orchestrator_forgets_every_attempt_that_ended(settings: Settings, tmp_path: Path) -> None:
+    # The agent's shape: one orchestrator, run after run. An ended attempt still counted as running
+    # by the queue would keep its pool slot (here the pool's only one) and block the next run.
+    settings.execution.pools = {"one": 1}
+    marker = tmp_path / "failed-once"
+
+    @step(pool="one", retries=1)
+    def flaky(x: int) -> int:
+        if not marker.exists():
+            marker.write_text("1")
+            raise RuntimeError("the first attempt fails")
+        return x * 2
+
+    @step(pool="one")
+    def double(x: int) -> int:
+        return x * 2
+
+    @pipeline
+    def twice(x: int = 1):
+        return double(flaky(x))
+
+    workspace = Workspace.open(settings)
+    orchestrator = Orchestrator(settings, workspace.db, workspace.store, InlineBackend())
+    try:
+        for x in (1, 2):
+            run_id = orchestrator.start(prepare(twice, {"x": x}))
+            assert orchestrator.finished[run_id] == ("SUCCEEDED", None)
+            assert orchestrator.queue.running == [] and len(orchestrator.queue) == 0
+        with workspace.db.read() as session:
+            states = session.scalars(select(StepRunRow.state).where(StepRunRow.task == "flaky")).all()
+        assert sorted(states) == ["FAILED", "SUCCEEDED", "SUCCEEDED"]  # the retry, then the second run
+    finally:
+        orchestrator.close()
+        workspace.close()
