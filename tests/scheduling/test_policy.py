@@ -147,6 +147,11 @@ def test_a_run_that_comes_back_waits_fair_share_seconds_anew() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=1000)) == [1]  # short again since 1000 s, not since 0
     queue.push(_c(11, run="short", rank=6, ready_at=1000))  # re-ranked: replaced, but it never left
     assert _keys(queue.take(Resources(cpus=1), now=1300)) == [11]
+    queue.push(_c(12, run="short", rank=6, ready_at=1300))
+    assert _keys(queue.take(Resources(cpus=0), now=1301)) == []
+    queue.push(_c(12, run="long", rank=6, ready_at=1301))  # the same key, now another run's: "short" left
+    queue.push(_c(13, run="short", rank=5, ready_at=2000))
+    assert _keys(queue.take(Resources(cpus=1), now=2000)) == [2]  # short since 2000 s, not since 1301
 
 
 def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
@@ -232,6 +237,37 @@ def test_reservation_uses_when_this_queue_launched_what_runs() -> None:
     assert queue.done(99) and queue.done(3)
     assert _keys(queue.take(Resources(cpus=4), now=8)) == [1]  # nothing runs: no reservation holds 2 back
     assert queue.running[0].key == 1
+
+
+def test_the_reservation_counts_overdue_attempts_longest_overdue_first() -> None:
+    # At t=10 both running attempts are overdue. The head (2 CPUs, 1 free) is promised the one that
+    # should have ended first (1 CPU): nothing is left spare for a long task, whichever started first.
+    small, big = _c(1, estimate=1), _c(2, cpus=4, estimate=5)
+    for first, second in ((small, big), (big, small)):
+        queue = ReadyQueue(PolicyConfig(fair_share=False))
+        queue.occupy(first, started_at=0)
+        queue.occupy(second, started_at=0)
+        queue.push(_c(10, cpus=2, rank=1000, estimate=1))
+        queue.push(_c(11, rank=1, estimate=100))
+        assert queue.take(Resources(cpus=1), now=10) == []
+
+
+def test_attempts_asking_for_no_cpu_end_cleanly() -> None:
+    queue = ReadyQueue(PolicyConfig(pools={"p": 1}))
+    queue.push(_c(1, run="a"))
+    queue.push(_c(2, cpus=0, memory=1, run="a", pool="p"))
+    queue.push(_c(3, cpus=0, memory=1, run="a", pool="p"))
+    assert _keys(queue.take(Resources(cpus=2, memory=10))) == [1, 2]  # the pool holds one
+    assert queue.done(1) and queue.done(2)
+    assert _keys(queue.take(Resources(cpus=2, memory=10))) == [3]  # its slot freed
+
+
+def test_occupy_takes_a_queued_attempt_off_the_queue() -> None:
+    queue = ReadyQueue()
+    queue.push(_c(7, run="a"))
+    queue.occupy(_c(7, run="a"), started_at=0)
+    assert len(queue) == 0 and _keys(queue.running) == [7]
+    assert queue.take(Resources(cpus=4)) == []
 
 
 def test_without_estimates_backfill_is_greedy() -> None:

@@ -302,6 +302,7 @@ class Orchestrator:
             for result in self.backend.wait(0.2):
                 entry = self.running.pop(result.key, None)
                 if entry is not None:
+                    self.queue.done(entry.candidate.key)
                     self.recorder.finished(result)
         # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
         with contextlib.suppress(Exception):
@@ -317,7 +318,9 @@ class Orchestrator:
         deadline = time.monotonic() + 5
         while self.running and time.monotonic() < deadline:
             for result in self.backend.wait(0.2):
-                if self.running.pop(result.key, None) is not None:
+                entry = self.running.pop(result.key, None)
+                if entry is not None:
+                    self.queue.done(entry.candidate.key)
                     self.recorder.finished(result)
         with contextlib.suppress(Exception):
             self.recorder.flush()

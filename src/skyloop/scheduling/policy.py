@@ -138,7 +138,9 @@ class ReadyQueue:
 
     def push(self, candidate: Candidate) -> None:
         """Add a ready attempt (a queued one with the same key is replaced)."""
-        self._drop(candidate.key)
+        replaced = self._drop(candidate.key)
+        if replaced is not None and replaced.cand.run_id != candidate.run_id:
+            self._left(replaced.cand.run_id)
         self._stamp += 1
         bucket = (candidate.priority, candidate.run_id, candidate.resources.cpus)
         entry = _Entry(candidate, bucket, self._stamp, self._stamp)
@@ -155,10 +157,7 @@ class ReadyQueue:
         entry = self._drop(key)
         if entry is None:
             return False
-        run_id = entry.cand.run_id
-        if run_id not in self._run_classes:  # nothing of its run waits: short of nothing, fair share starts afresh
-            self._short_since.pop(run_id, None)
-            self._starved.discard(run_id)
+        self._left(entry.cand.run_id)
         return True
 
     def take(self, free: Resources, now: float = 0.0) -> list[Candidate]:
@@ -183,7 +182,9 @@ class ReadyQueue:
         return turn.launch()
 
     def occupy(self, candidate: Candidate, started_at: float) -> None:
-        """Count an attempt this queue did not launch as running since `started_at` (e.g. one adopted)."""
+        """Count an attempt this queue did not launch as running since `started_at` (e.g. one adopted);
+        queued under the same key, it leaves the queue."""
+        self.remove(candidate.key)
         self.done(candidate.key)
         self._stamp += 1
         end = started_at + candidate.estimate
@@ -204,11 +205,11 @@ class ReadyQueue:
         ends = self._ends
         del ends[bisect.bisect_left(ends, (end, stamp, key))]
         run_id, cpus = cand.run_id, cand.resources.cpus
-        left = self._usage[run_id] - cpus
+        left = self._usage.get(run_id, 0.0) - cpus  # absent: what runs of it asks for no CPU
         if left > EPS:
             self._usage[run_id] = left
         else:
-            del self._usage[run_id]
+            self._usage.pop(run_id, None)
         self._held_cpus = self._held_cpus - cpus if self._running else 0.0
         if cand.pool is not None:
             _decrement(self._in_pool, cand.pool)
@@ -220,6 +221,13 @@ class ReadyQueue:
         return [self._running[key][0] for _, _, key in self._ends]
 
     # -- internals ----------------------------------------------------------------------------------
+    def _left(self, run_id: str) -> None:
+        """A candidate of `run_id` left the queue: with nothing of it waiting, it is short of nothing
+        and its fair-share clock starts afresh when it comes back."""
+        if run_id not in self._run_classes:
+            self._short_since.pop(run_id, None)
+            self._starved.discard(run_id)
+
     def _drop(self, key: int) -> _Entry | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -349,6 +357,8 @@ class ReadyQueue:
         """When `head` should fit, from the expected ends of what runs; None if it never will."""
         pool = avail.copy()
         running = self._running
+        # By expected end. Attempts past theirs may end any moment: they count from now, the longest
+        # overdue first, and only as many as the head needs, so the spare part stays a cautious one.
         for end, _, key in self._ends:
             pool.add(running[key][0].resources)
             if pool.fits(head.resources):
