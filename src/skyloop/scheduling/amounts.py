@@ -56,14 +56,6 @@ class Amounts:
                 best = max(best, amount / max(self.custom.get(name, 0.0), EPS))
         return best
 
-    def less(self, other: Amounts) -> Resources:
-        """What is left of these amounts once `other` is taken away."""
-        custom = dict(self.custom)
-        for name, amount in other.custom.items():
-            custom[name] = custom.get(name, 0.0) - amount
-        return Resources.model_construct(cpus=self.cpus - other.cpus, memory=self.memory - other.memory,
-                                         gpus=self.gpus - other.gpus, custom=custom)
-
     def raise_to(self, other: Amounts) -> None:
         """Raise every amount to at least `other`'s."""
         self.cpus, self.memory, self.gpus = max(self.cpus, other.cpus), max(self.memory, other.memory), \
@@ -72,4 +64,5 @@ class Amounts:
             self.custom[name] = max(self.custom.get(name, 0.0), amount)
 
     def resources(self) -> Resources:
-        return Resources(cpus=self.cpus, memory=self.memory, gpus=self.gpus, custom=self.custom)
+        """These amounts as `Resources` (unvalidated: they come from valid ones)."""
+        return Resources.model_construct(cpus=self.cpus, memory=self.memory, gpus=self.gpus, custom=dict(self.custom))

@@ -210,7 +210,6 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
     heapq.heapify(events)  # (time, 0 = a task ends / 1 = a run is submitted, index)
     running: dict[int, Candidate] = {}
     use, peak = Amounts.of(Resources(cpus=0)), Amounts.of(Resources(cpus=0))
-    full = Amounts.of(capacity)
     peak_pools: dict[str, int] = {}
     in_pool: dict[str, int] = {}
     spans: dict[tuple[str, str], tuple[float, float]] = {}
@@ -243,8 +242,9 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
                 waiting[child] -= 1
                 if waiting[child] == 0:
                     ready(child)
-        started = time.perf_counter()
-        launched = scheduler.take(full.less(use), now)
+        free = capacity - use.resources()
+        started = time.perf_counter()  # the policy's decision alone
+        launched = scheduler.take(free, now)
         spent += time.perf_counter() - started
         decisions += 1
         for cand in launched:
