@@ -209,6 +209,13 @@ def test_best_fit_does_not_override_rank_unless_within_the_window() -> None:
     assert _keys(select(cands, Resources(cpus=4), PolicyConfig(fit_window=0.1))) == [2]
 
 
+def test_a_blocked_head_shares_its_standing_with_its_runs_other_cpu_requests() -> None:
+    # The head (2 CPUs, 1 free) cannot launch; key 3, of its run and rank, stands with it and goes
+    # before key 2 of another run, although 2 arrived first.
+    cands = [_c(1, cpus=2, run="r", rank=10), _c(2, run="s", rank=10), _c(3, run="r", rank=10)]
+    assert _keys(select(cands, Resources(cpus=1), PolicyConfig(fair_share=False))) == [3]
+
+
 def test_reservation_keeps_the_blocked_head_on_time() -> None:
     # 3 of 4 CPUs run a task expected to end in 10 s; the head needs all 4.
     running = [_c(99, cpus=3, estimate=10)]

@@ -3,7 +3,8 @@
 - `policy`: `ReadyQueue` orders ready attempts by priority class (with aging), fair share between
   runs, upward rank (critical path first) and arrival, packs them best-fit with EASY backfilling,
   and honours concurrency pools across runs. It decides on `candidates` (a `Candidate` per ready
-  attempt, and the `PolicyConfig`), keeping free resources as `amounts`.
+  attempt, and the `PolicyConfig`), keeping free resources as `amounts`; `backfill` holds the
+  reservation of the first candidate that cannot launch.
 - `ranks`: upward ranks (longest remaining path) from per-task estimates; across runs, lengthened by
   the queue each shared concurrency pool will have (`pooled_ranks`).
 - `estimates`: expected durations learned from a step's history (median or EWMA, scaled by input size).

@@ -20,16 +20,15 @@ Packing: among candidates of the same standing (same class and run, rank within 
 best one, at most `fit_scan` looked at) that can launch, the tightest fit wins: the one that uses the
 largest fraction of what is free of some resource it asks for (best fit; with CPUs alone, the
 largest request that fits). When the first candidate in order does not fit, it gets a reservation
-(EASY backfilling): from the expected ends of the running attempts, the time its resources free up
-(the shadow time) and what will be spare then. Candidates behind it launch only if they are
-expected to end by the shadow time or fit in the spare part, so small work fills the gap without
+(EASY backfilling, see `backfill`): candidates behind it launch only if they are expected to end
+before it could start or fit in what will be spare then, so small work fills the gap without
 delaying it. Without estimates (all 0) this is plain greedy backfill.
 
 Cost: candidates sit in heaps per bucket, a bucket being one (class, run, CPU request); bucket heads
-sit in a heap, kept between calls, and only buckets touched since are placed again. A call passes
-over buckets that cannot launch (CPUs that do not fit, or that cannot backfill the reservation) without
-popping their candidates and stops after `backfill_scan` were passed over: O((buckets + launched +
-scan) log n) per call, not O(waiting).
+sit in a heap, kept between calls, and only buckets touched since are placed again. Once the first
+candidate is settled, a call looks only at the heads of buckets whose CPUs fit what is free, passing
+over those that cannot backfill the reservation without popping their candidates, and stops after
+`backfill_scan` were passed over: O((buckets + launched + scan) log n) per call, not O(waiting).
 """
 
 from __future__ import annotations
@@ -39,17 +38,16 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from skyloop.scheduling.amounts import EPS, Amounts
+from skyloop.scheduling.backfill import Reservation, reserve
 from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
 from skyloop.spec.resources import Resources
 
 __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
 
 _T = TypeVar("_T")
-
 
 _Bucket = tuple[int, str, float]
 """(class, run id, CPUs asked for): the candidates of one heap."""
@@ -68,20 +66,6 @@ class _Entry:
 
     def item(self) -> _Item:
         return (-self.cand.rank, self.cand.seq, self.stamp, self.cand.key)
-
-
-@dataclass
-class _Reservation:
-    """What the first blocked candidate is promised (EASY backfilling)."""
-
-    shadow: float
-    """When it is expected to fit."""
-    spare: Amounts
-    """What will be free beyond its request at that time."""
-
-    def allows(self, cand: Candidate, now: float) -> bool:
-        """Whether launching `cand` now keeps the promise: it ends by then, or fits in the spare part."""
-        return now + cand.estimate <= self.shadow + EPS or self.spare.fits(cand.resources)
 
 
 class ReadyQueue:
@@ -186,6 +170,10 @@ class ReadyQueue:
         queued under the same key, it leaves the queue."""
         self.remove(candidate.key)
         self.done(candidate.key)
+        self._hold(candidate, started_at)
+
+    def _hold(self, candidate: Candidate, started_at: float) -> None:
+        """Count a candidate that is neither queued nor running as running since `started_at`."""
         self._stamp += 1
         end = started_at + candidate.estimate
         self._running[candidate.key] = (candidate, end, self._stamp)
@@ -277,8 +265,8 @@ class ReadyQueue:
         if len(self._short) > 2 * len(self._heaps) + 16:
             self._short = {b: heap for b, heap in self._short.items() if b in self._heaps}
 
-    def _refresh(self, bucket: _Bucket) -> None:
-        """Drop stale items off the bucket's heap and place its head; forget the bucket once empty."""
+    def _refresh(self, bucket: _Bucket) -> _Head | None:
+        """Drop stale items off the bucket's heap and place its head (returned); forget the bucket once empty."""
         heap = self._heaps.get(bucket)
         entries = self._entries
         while heap:
@@ -294,7 +282,7 @@ class ReadyQueue:
                 buckets.discard(bucket)
                 if not buckets:
                     del self._by_run[bucket[1]]
-            return
+            return None
         top = self._top if self._top is not None else bucket[0]
         rank, seq, stamp, _ = heap[0]
         place = self._heads[bucket] = (-min(bucket[0], top), 0 if bucket[1] in self._starved else 1, rank, seq, stamp,
@@ -304,6 +292,7 @@ class ReadyQueue:
         if len(order) > 2 * len(self._heads) + 64:  # mostly stale: build it again from the placed heads
             order[:] = self._heads.values()
             heapq.heapify(order)
+        return place
 
     def _age(self, now: float, top: int) -> None:
         """Lift the candidates that waited another `aging_seconds` (`top`: the highest class waiting)."""
@@ -353,26 +342,17 @@ class ReadyQueue:
                 group.append(entry)
         return group
 
-    def _reserve(self, head: Candidate, avail: Amounts, now: float) -> _Reservation | None:
+    def _reserve(self, head: Candidate, avail: Amounts, now: float) -> Reservation | None:
         """When `head` should fit, from the expected ends of what runs; None if it never will."""
-        pool = avail.copy()
         running = self._running
-        # By expected end. Attempts past theirs may end any moment: they count from now, the longest
-        # overdue first, and only as many as the head needs, so the spare part stays a cautious one.
-        for end, _, key in self._ends:
-            pool.add(running[key][0].resources)
-            if pool.fits(head.resources):
-                pool.add(head.resources, -1)
-                return _Reservation(max(now, end), pool)
-        return None
+        return reserve(head, avail, ((end, running[key][0].resources) for end, _, key in self._ends), now)
 
 
 class _Turn:
     """One `take`: what is free, who uses what, who is starved, and the loop that launches."""
 
     def __init__(self, queue: ReadyQueue, free: Resources, now: float) -> None:
-        self.queue, self.now = queue, now
-        self.config = queue.config
+        self.queue, self.now, self.config = queue, now, queue.config
         self.avail = Amounts.of(free)
         self.usage, self.in_pool = queue._usage, queue._in_pool  # launches below add to them (`occupy`)
         self.entitled: dict[str, float] = {}
@@ -432,14 +412,27 @@ class _Turn:
         queue, config, avail, now, heads = self.queue, self.config, self.avail, self.now, self.queue._heads
         chosen: list[Candidate] = []
         passed: list[tuple[_Bucket, _Item]] = []
-        reservation: _Reservation | None = None
+        reservation: Reservation | None = None
         reserved = False  # a reservation was tried (one per call, for the first candidate that cannot launch)
         spent: set[_Bucket] = set()  # buckets whose head group could not launch: not looked at again this call
-        order = queue._order
-        aside: dict[_Bucket, _Head] = {}  # placed heads taken off `order` that this call looks at no more
+        walk: list[_Head] | None = None  # once the head is settled: the heads still worth a look (a heap)
         least = min(queue._cpus)  # the smallest CPU request queued: once it cannot fit, nothing can
-        while heads and len(passed) < config.backfill_scan and avail.cpus + EPS >= least:
-            bucket = self.next_bucket(order, aside, spent if reserved else None, reservation)
+        blocked = 0  # 1 once the first bucket was passed over without popping its candidates
+        while heads and len(passed) + blocked < config.backfill_scan and avail.cpus + EPS >= least:
+            if not reserved:
+                bucket = self.first_bucket()
+                if bucket is not None and bucket[2] > avail.cpus + EPS and not self.tied(bucket):
+                    # Its head, like all of its standing, asks for more CPUs than are free (a busy machine's
+                    # usual call): it gets the reservation without popping anything, and is looked at no more.
+                    heapq.heappush(queue._order, heads[bucket])
+                    reserved, blocked = True, 1
+                    reservation = queue._reserve(queue._entries[queue._heaps[bucket][0][3]].cand, avail, now)
+                    continue
+            else:
+                if walk is None:
+                    walk = [place for place in heads.values() if place[5][2] <= avail.cpus + EPS]
+                    heapq.heapify(walk)
+                bucket = self.next_bucket(walk, spent, reservation)
             if bucket is None:
                 break
             group = self.gather(bucket)
@@ -475,17 +468,16 @@ class _Turn:
                     reservation.spare.add(cand.resources, -1)
                 run_id = cand.run_id
                 queue.remove(cand.key)
-                queue.occupy(cand, now)
+                queue._hold(cand, now)
                 chosen.append(cand)
                 least = min(queue._cpus, default=math.inf)
                 if run_id in queue._starved and self.usage[run_id] + EPS >= self.entitled.get(run_id, 0.0):
                     queue._short_since.pop(run_id, None)
                     touched |= self.mark(run_id, False)
             for other in touched:
-                queue._refresh(other)
-        for bucket, place in aside.items():
-            if heads.get(bucket) is place:
-                heapq.heappush(order, place)
+                place = queue._refresh(other)
+                if walk is not None and place is not None:
+                    heapq.heappush(walk, place)
         for bucket, item in passed:
             queue._restore(bucket, item)
         for bucket in {bucket for bucket, _ in passed}:
@@ -494,25 +486,29 @@ class _Turn:
         queue._sweep()
         return chosen
 
-    def next_bucket(self, order: list[_Head], aside: dict[_Bucket, _Head],
-                    spent: set[_Bucket] | None, reservation: _Reservation | None) -> _Bucket | None:
-        """Pop the first bucket worth a look; the others go `aside` for this call. Once the head is
-        settled (`spent` given) they are those already looked at, asking for more CPUs than are free,
-        or too big for the reservation's spare part with a shortest candidate that ends after its shadow."""
-        queue, heads = self.queue, self.queue._heads
-        room = self.avail.cpus + EPS
+    def first_bucket(self) -> _Bucket | None:
+        """Pop the first bucket in order (its head is placed again once looked at)."""
+        order, heads = self.queue._order, self.queue._heads
         while order:
             place = heapq.heappop(order)
+            if heads.get(place[5]) is place:
+                return place[5]
+        return None
+
+    def next_bucket(self, walk: list[_Head], spent: set[_Bucket], reservation: Reservation | None) -> _Bucket | None:
+        """Once the head is settled: pop the first bucket of `walk` worth a look, passing over those already
+        looked at, asking for more CPUs than are free, or too big for the reservation's spare part with
+        a shortest candidate that ends after its shadow. The order keeps every head placed meanwhile."""
+        queue, heads = self.queue, self.queue._heads
+        room = self.avail.cpus + EPS
+        while walk:
+            place = heapq.heappop(walk)
             bucket = place[5]
-            if heads.get(bucket) is not place:
-                continue  # stale: the bucket was placed again or emptied
-            if spent is not None:
-                hopeless = bucket[2] > room or bucket in spent
-                if not hopeless and reservation is not None and bucket[2] > reservation.spare.cpus + EPS:
-                    short = queue._shortest(bucket)
-                    hopeless = short is None or self.now + short.cand.estimate > reservation.shadow + EPS
-                if hopeless:
-                    aside[bucket] = place
+            if heads.get(bucket) is not place or bucket[2] > room or bucket in spent:
+                continue  # stale (placed again or emptied), or hopeless
+            if reservation is not None and bucket[2] > reservation.spare.cpus + EPS:
+                short = queue._shortest(bucket)
+                if short is None or self.now + short.cand.estimate > reservation.shadow + EPS:
                     continue
             return bucket
         return None
@@ -520,27 +516,36 @@ class _Turn:
     def gather(self, bucket: _Bucket) -> list[_Entry]:
         """The bucket's head, the candidates of the same standing behind it, and the heads of the same
         standing in the run's buckets of other CPU requests that fit (all popped off their heaps)."""
-        queue, heads = self.queue, self.queue._heads
-        head = heads[bucket]
+        queue = self.queue
+        tied = self.tied(bucket)
         group = queue._group(bucket)
-        scan = self.config.fit_scan
-        siblings = queue._by_run.get(bucket[1], ())
-        if len(siblings) > 1 and len(group) < scan:
-            floor = head[2] + abs(head[2]) * self.config.fit_window + EPS
-            room = self.avail.cpus + EPS
+        if tied:
             own = len(group)
-            for other in siblings:
-                if other[2] > room or other[0] != bucket[0] or other == bucket:
-                    continue
-                place = heads.get(other)
-                if place is not None and place[2] <= floor and len(group) < scan:
-                    item = heapq.heappop(queue._heaps[other])  # placed heads are live
-                    group.append(queue._entries[item[3]])
+            for other in tied[:max(0, self.config.fit_scan - own)]:
+                item = heapq.heappop(queue._heaps[other])  # placed heads are live
+                group.append(queue._entries[item[3]])
             if len(group) > own and len(group) > 2:
                 group[1:] = sorted(group[1:], key=lambda e: (-e.cand.rank, e.cand.seq))
         return group
 
-    def best_fit(self, group: list[_Entry], reservation: _Reservation | None) -> _Entry | None:
+    def tied(self, bucket: _Bucket) -> list[_Bucket]:
+        """The run's other buckets of the class whose heads stand with the bucket's head and ask for CPUs that fit."""
+        heads = self.queue._heads
+        siblings = self.queue._by_run.get(bucket[1], ())
+        if len(siblings) < 2:
+            return []
+        floor = heads[bucket][2] + abs(heads[bucket][2]) * self.config.fit_window + EPS
+        room = self.avail.cpus + EPS
+        tied = []
+        for other in siblings:
+            if other[2] > room or other[0] != bucket[0] or other == bucket:
+                continue
+            place = heads.get(other)
+            if place is not None and place[2] <= floor:
+                tied.append(other)
+        return tied
+
+    def best_fit(self, group: list[_Entry], reservation: Reservation | None) -> _Entry | None:
         """The entry of `group` that can launch and fits tightest (the first among equals), if any."""
         avail = self.avail
         best: _Entry | None = None
@@ -561,10 +566,10 @@ class _Turn:
             return self.can_launch(group[0], None)
         return all(self.can_launch(entry, None) for entry in group)
 
-    def can_launch(self, entry: _Entry, reservation: _Reservation | None) -> bool:
+    def can_launch(self, entry: _Entry, reservation: Reservation | None) -> bool:
         """Whether it fits now, has a pool slot and keeps the reservation."""
         res = entry.cand.resources
-        if res.cpus > self.avail.cpus + EPS or not self.avail.fits(res) or not self.pool_ok(entry.cand):
+        if not self.avail.fits(res) or not self.pool_ok(entry.cand):
             return False
         return reservation is None or reservation.allows(entry.cand, self.now)
 
@@ -576,8 +581,10 @@ class _Turn:
 
 
 def _decrement(counter: Counter[_T], value: _T) -> None:
-    counter[value] -= 1
-    if not counter[value]:
+    left = counter[value] - 1
+    if left:
+        counter[value] = left
+    else:
         del counter[value]
 
 
