@@ -12,23 +12,21 @@ The order, from the first criterion to the last:
    candidates go first until it holds its entitlement again. Otherwise runs do not take turns:
    rank alone orders them, because interleaving runs by share delays every run's critical path
    for the sake of the others (the benchmark measured 5-15% longer makespans that way).
-3. **Upward rank**, longest first: the task heading the longest remaining path (of any run of
-   the class).
+3. **Upward rank**, longest first: the task heading the longest remaining path (of any run of the class).
 4. **Arrival** (`seq`), oldest first.
 
 Packing: among candidates of the same standing (same class and run, rank within `fit_window` of the
-best one, at most `fit_scan` looked at) that can launch, the tightest fit wins: the one that uses the
-largest fraction of what is free of some resource it asks for (best fit; with CPUs alone, the
-largest request that fits). When the first candidate in order does not fit, it gets a reservation
+best one; the first `fit_scan` of them in order) that can launch, the tightest fit wins: the one that
+uses the largest fraction of what is free of some resource it asks for (best fit; with CPUs alone,
+the largest request that fits). When the first candidate in order does not fit, it gets a reservation
 (EASY backfilling, see `backfill`): candidates behind it launch only if they are expected to end
 before it could start or fit in what will be spare then, so small work fills the gap without
 delaying it. Without estimates (all 0) this is plain greedy backfill.
 
-Cost: candidates sit in heaps per bucket, a bucket being one (class, run, CPU request); bucket heads
-sit in a heap, kept between calls, and only buckets touched since are placed again. Once the first
-candidate is settled, a call looks only at the heads of buckets whose CPUs fit what is free, passing
-over those that cannot backfill the reservation without popping their candidates, and stops after
-`backfill_scan` were passed over: O((buckets + launched + scan) log n) per call, not O(waiting).
+Cost: candidates sit in heaps per bucket (class, run, CPU request), bucket heads in a heap kept between
+calls; only buckets touched since are placed again. Once the first candidate is settled, a call looks
+only at heads whose CPUs fit, passes over those that cannot backfill unpopped, and stops after
+`backfill_scan` passes: O((buckets + launched + scan) log n) per call, not O(waiting).
 """
 
 from __future__ import annotations
@@ -169,11 +167,11 @@ class ReadyQueue:
         """Count an attempt this queue did not launch as running since `started_at` (e.g. one adopted);
         queued under the same key, it leaves the queue."""
         self.remove(candidate.key)
-        self.done(candidate.key)
         self._hold(candidate, started_at)
 
     def _hold(self, candidate: Candidate, started_at: float) -> None:
-        """Count a candidate that is neither queued nor running as running since `started_at`."""
+        """Count a candidate no longer queued as running since `started_at` (in place of a running one of its key)."""
+        self.done(candidate.key)
         self._stamp += 1
         end = started_at + candidate.estimate
         self._running[candidate.key] = (candidate, end, self._stamp)
@@ -487,7 +485,7 @@ class _Turn:
         return chosen
 
     def first_bucket(self) -> _Bucket | None:
-        """Pop the first bucket in order (its head is placed again once looked at)."""
+        """Pop the first bucket in order; the caller places its head again (`_refresh`, or pushing it back)."""
         order, heads = self.queue._order, self.queue._heads
         while order:
             place = heapq.heappop(order)
@@ -498,7 +496,8 @@ class _Turn:
     def next_bucket(self, walk: list[_Head], spent: set[_Bucket], reservation: Reservation | None) -> _Bucket | None:
         """Once the head is settled: pop the first bucket of `walk` worth a look, passing over those already
         looked at, asking for more CPUs than are free, or too big for the reservation's spare part with
-        a shortest candidate that ends after its shadow. The order keeps every head placed meanwhile."""
+        a shortest candidate that ends after its shadow. `walk` is this call's view: `_order` is no longer
+        popped, so it keeps every head, those placed again meanwhile included."""
         queue, heads = self.queue, self.queue._heads
         room = self.avail.cpus + EPS
         while walk:
@@ -529,20 +528,21 @@ class _Turn:
         return group
 
     def tied(self, bucket: _Bucket) -> list[_Bucket]:
-        """The run's other buckets of the class whose heads stand with the bucket's head and ask for CPUs that fit."""
-        heads = self.queue._heads
+        """The run's other buckets of the class whose heads stand with the bucket's head and ask for CPUs
+        that fit, the best-standing first (not in the set's order, which varies with hash seeds)."""
+        heads, room = self.queue._heads, self.avail.cpus + EPS
         siblings = self.queue._by_run.get(bucket[1], ())
         if len(siblings) < 2:
             return []
         floor = heads[bucket][2] + abs(heads[bucket][2]) * self.config.fit_window + EPS
-        room = self.avail.cpus + EPS
         tied = []
         for other in siblings:
-            if other[2] > room or other[0] != bucket[0] or other == bucket:
-                continue
-            place = heads.get(other)
-            if place is not None and place[2] <= floor:
-                tied.append(other)
+            if other[2] <= room and other[0] == bucket[0] and other != bucket:
+                place = heads.get(other)
+                if place is not None and place[2] <= floor:
+                    tied.append(other)
+        if len(tied) > 1:
+            tied.sort(key=heads.__getitem__)
         return tied
 
     def best_fit(self, group: list[_Entry], reservation: Reservation | None) -> _Entry | None:
