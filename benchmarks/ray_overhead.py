@@ -121,7 +121,7 @@ def main() -> None:
                           f"{marginal / raw:.2f}x", f"{TARGET_RATIO:g}x", "yes" if ratio <= TARGET_RATIO else "NO")
         console = Console(width=max(Console().width, 130))
         console.print(table)
-        console.print(f"fixed: a one-step run on ray takes {fixed * 1e3:.0f} ms in all, most of it creating the "
+        console.print(f"fixed: a one-step run on ray takes {fixed * 1e3:.0f} ms in all, much of it creating the "
                       "fresh home's DB (a home used before skips that)")
     finally:
         ray.shutdown()

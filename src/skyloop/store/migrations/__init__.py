@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
 from skyloop.store.models import Base
@@ -32,6 +33,13 @@ def upgrade(connection: Connection, revision: str = "head") -> None:
 
 def create(connection: Connection) -> None:
     """Create the newest schema in an empty database at once and stamp it `HEAD` (Alembic's recipe for
-    a new database: a third of the time of replaying every migration, which a test proves equivalent)."""
+    a new database: a third of the time of replaying every migration, which a test proves equivalent).
+
+    The stamp writes Alembic's own version table (its `version_table_impl` hook) rather than running
+    `alembic stamp`, which loads every migration script only to look up `HEAD` (~9 ms per new DB).
+    """
     Base.metadata.create_all(connection, checkfirst=False)
-    command.stamp(alembic_config(connection), HEAD)
+    version = MigrationContext.configure(connection).impl.version_table_impl(
+        version_table="alembic_version", version_table_schema=None, version_table_pk=True)
+    version.create(connection)
+    connection.execute(version.insert().values(version_num=HEAD))
