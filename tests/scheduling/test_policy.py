@@ -337,6 +337,43 @@ def test_nothing_is_lost_across_many_turns() -> None:
     assert queue.running == []
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_queued_and_running_stay_exact_under_any_sequence_of_calls(seed: int) -> None:
+    # A model of what the queue must hold, driven through every public call in random order: keys pushed
+    # again while queued or running, removed, occupied, launched, ended (some twice).
+    rng = random.Random(seed)
+    queue = ReadyQueue(PolicyConfig(aging_seconds=rng.choice([0, 2]), pools={"p": 2}, fit_scan=rng.choice([1, 3, 8]),
+                                    fit_window=rng.choice([0.0, 0.2]), fair_share_seconds=rng.choice([0, 5])))
+    queued: set[int] = set()
+    running: set[int] = set()
+    for step in range(400):
+        key, now = rng.randrange(30), step / 4
+        cand = _c(key, cpus=rng.choice([0, 1, 2, 4]), memory=rng.randint(0, 4) * GiB, priority=rng.choice([0, 1]),
+                  run=f"r{rng.randrange(3)}", rank=float(rng.randrange(5)), estimate=rng.uniform(0, 3),
+                  pool="p" if rng.random() < 0.2 else None, ready_at=now)
+        action = rng.random()
+        if action < 0.4:
+            queue.push(cand)
+            queued.add(key)
+        elif action < 0.5:
+            assert queue.remove(key) == (key in queued)
+            queued.discard(key)
+        elif action < 0.55:
+            queue.occupy(cand, started_at=now)
+            queued.discard(key)
+            running.add(key)
+        elif action < 0.8:
+            taken = _keys(queue.take(Resources(cpus=rng.choice([0, 1, 4, 8]), memory=8 * GiB), now=now))
+            assert len(set(taken)) == len(taken) and set(taken) <= queued
+            queued -= set(taken)
+            running |= set(taken)
+        else:
+            assert queue.done(key) == (key in running)
+            running.discard(key)
+        assert len(queue) == len(queued)
+        assert sorted(_keys(queue.running)) == sorted(running)
+
+
 def _reference(queued: dict[int, Candidate], free: Resources) -> list[int]:
     """Greedy list scheduling in the documented order, by brute force: sort everything, launch what fits."""
     order = sorted(queued.values(), key=lambda c: (-c.priority, -c.rank, c.seq))
