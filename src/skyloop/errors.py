@@ -14,7 +14,8 @@ Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map t
     ├── ModelLoadError     a model could not be loaded
     ├── InvalidRequest     an inference request that breaks the protocol (bad JSON, shape vs data)
     │   ├── PayloadTooLarge  a request body over the configured limit
-    │   └── SignatureMismatch  a well-formed request that does not fit the model's signature
+    │   ├── SignatureMismatch  a well-formed request that does not fit the model's signature
+    │   └── InputRejected  a registered model refused the request's values (e.g. NaN it cannot take)
     ├── NotReady           the model or server is still loading (or failed to)
     ├── NodeError          a user's graph node raised (carries the node and the message)
     └── AuthError          authentication or authorisation failed
@@ -27,6 +28,7 @@ __all__ = [
     "BackendError",
     "Conflict",
     "CycleError",
+    "InputRejected",
     "IntegrityError",
     "InvalidRequest",
     "ModelLoadError",
@@ -101,6 +103,10 @@ class PayloadTooLarge(InvalidRequest):
 
 class SignatureMismatch(InvalidRequest):
     """A well-formed request whose tensors do not fit the model's signature."""
+
+
+class InputRejected(InvalidRequest):
+    """A registered model refused the values of a request that fits its signature (e.g. NaN it cannot take)."""
 
 
 class NotReady(SkyloopError):

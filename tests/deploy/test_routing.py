@@ -102,6 +102,10 @@ def test_sticky_clients_stay_on_one_predictor(env: Env) -> None:
             assert resp.status == 200
             assert answer["parameters"]["predictor"] == resp.getheader("skyloop-predictor")
             seen.setdefault(f"user-{user}", set()).add(resp.getheader("skyloop-predictor") or "")
+    conn.request("GET", "/v2/models/sticky/infer")  # a wrong method is named as such, with what to use
+    resp = conn.getresponse()
+    assert (resp.status, resp.getheader("allow")) == (405, "POST")
+    assert "GET is not allowed on /v2/models/sticky/infer; use POST" in json.loads(resp.read())["error"]
     conn.close()
     assert all(len(p) == 1 for p in seen.values())
     assert set().union(*seen.values()) == {"a", "b"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,13 +21,15 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyloop.config import Settings
+from skyloop.store.feedback import list_feedback
+from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 
 
-def _post(port: int, path: str, body: bytes) -> tuple[int, Any]:
+def _post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, orjson.loads(response.read())
@@ -91,10 +94,24 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: S
             ("/v2/models/iris/feedback", b'{"truth": 1}', 400, "needs the 'id'"),
             ("/v2/models/iris/feedback", b'{"id": "x", "reward": "big"}', 400, "finite number"),
         ]
+        # Values the model cannot take, in a request that fits its signature: the request's fault (422).
+        nan = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                        "parameters": {"binary_data_size": 32}}]})
+        cases.append(("/v2/models/iris/infer", nan + np.array([np.nan, 1, 2, 3]).tobytes(), 422,
+                      "model 'iris' refused the input"))
         for path, body, status, message in cases:
-            got, doc = _post(port, path, body)
+            headers = {"Inference-Header-Content-Length": str(len(nan))} if body.startswith(nan) else None
+            got, doc = _post(port, path, body, headers)
             assert (got, set(doc)) == (status, {"error"}), (path, got, doc)
             assert message in doc["error"], doc
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/iris/infer", timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert (exc.code, exc.headers["allow"]) == (405, "POST")
+        else:
+            raise AssertionError("GET on the infer endpoint was answered")
+        got, doc = _post(port, "/v2/models/iris/infer", _rows(X[:1]), {"Inference-Header-Content-Length": "\u00b9"})
+        assert got == 400 and "must be a number of bytes" in doc["error"]
         unknown_output = orjson.loads(_rows(X[:1]))
         unknown_output["outputs"] = [{"name": "proba"}]
         got, doc = _post(port, "/v2/models/iris/infer", orjson.dumps(unknown_output))
@@ -102,9 +119,18 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: S
         got, doc = _post(port, "/v2/models/iris/infer", _rows(X[:3]))
         assert got == 200 and doc["outputs"][0]["data"] == clf.predict(X[:3]).tolist()
         assert proc.poll() is None
-        # Feedback for that answer is stored against the served version.
-        got, doc = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": doc["id"], "truth": 2}))
+        # Feedback for that answer is stored against the served version; a ragged truth is refused first.
+        answered = doc["id"]
+        got, bad = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": answered, "truth": [[1], [2, 3]]}))
+        assert got == 400 and "regular (rectangular) array" in bad["error"]
+        got, doc = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": answered, "truth": 2}))
         assert got == 200 and doc["stored"] is True
+    workspace = Workspace.open(settings)
+    try:
+        with workspace.db.read() as session:
+            assert [row.truth for row in list_feedback(session, "iris")] == [2]
+    finally:
+        workspace.close()
 
 
 def test_metrics_count_requests_batches_and_latency(serve: Any, settings: Settings, iris_uri: str,
@@ -115,14 +141,23 @@ def test_metrics_count_requests_batches_and_latency(serve: Any, settings: Settin
             assert _post(port, "/v2/models/iris/infer", _rows(X[i:i + 2]))[0] == 200
         for _ in range(3):
             assert _post(port, "/v2/models/iris/infer", _rows(X[:1, :2]))[0] == 422
+        # A version asked for that is not served is counted against the one served, not as a new series.
+        assert _post(port, "/v2/models/iris/versions/no-such/infer", _rows(X[:1]))[0] == 404
+        # A client that hangs up mid-body is not a server error.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"")
+        time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     ok = samples[("skyloop_inference_requests_total", (("model", "iris"), ("status", "200"), ("version", "1")))]
     bad = samples[("skyloop_inference_requests_total", (("model", "iris"), ("status", "422"), ("version", "1")))]
-    assert (ok, bad) == (12, 3)
-    assert samples[("skyloop_inference_request_seconds_count", (("model", "iris"), ("version", "1")))] == 15
+    missing = samples[("skyloop_inference_requests_total", (("model", "iris"), ("status", "404"), ("version", "1")))]
+    assert (ok, bad, missing) == (12, 3, 1)
+    assert not [labels for _, labels in samples if ("version", "no-such") in labels]
+    assert not [labels for _, labels in samples if ("status", "500") in labels]
+    assert samples[("skyloop_inference_request_seconds_count", (("model", "iris"), ("version", "1")))] == 17
     assert samples[("skyloop_batch_size_sum", (("model", "iris"),))] == 24  # rows predicted, summed over workers
     assert samples[("skyloop_graph_node_seconds_count", (("model", "iris"), ("node", "iris")))] >= 1
     assert samples[("skyloop_inflight_requests", (("model", "iris"),))] == 0

@@ -460,6 +460,12 @@ class Gateway:
             return _json({"error": f"no endpoint {request.method} {request.url.path}; see /v2/models/"
                                    f"{self.deployment}/infer"}, 404)
 
+        async def not_allowed(request: Request, exc: Exception) -> Response:
+            allow = dict(getattr(exc, "headers", None) or {}).get("Allow", "")
+            return Response(orjson.dumps({"error": f"{request.method} is not allowed on {request.url.path}; use "
+                                                   f"{allow or 'another method'}"}),
+                            405, {"Allow": allow} if allow else None, media_type="application/json")
+
         async def failed(request: Request, exc: Exception) -> Response:
             log.exception("gateway error", exc_info=exc)
             return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
@@ -471,4 +477,4 @@ class Gateway:
             Route(model, model_metadata), Route(model + "/ready", model_metadata),
             Route(model + "/infer", self.infer, methods=["POST"]),
             Route(model + "/feedback", self.feedback, methods=["POST"]),
-        ], exception_handlers={404: not_found, 405: not_found, Exception: failed})
+        ], exception_handlers={404: not_found, 405: not_allowed, Exception: failed})

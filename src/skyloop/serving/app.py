@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from skyloop.errors import (
+    InputRejected,
     InvalidRequest,
     NodeError,
     NotFound,
@@ -43,6 +44,7 @@ log = logging.getLogger("skyloop.serving")
 STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
     (SignatureMismatch, 422),
+    (InputRejected, 422),
     (InvalidRequest, 400),
     (SpecError, 400),
     (NotFound, 404),
@@ -67,6 +69,8 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 def _error(exc: Exception) -> Response:
+    if isinstance(exc, ClientDisconnect):  # nobody to answer; counted as nginx does, not as a server error
+        return _json({"error": "the client closed the connection before sending the whole request"}, 499)
     status = status_of(exc)
     message = str(exc) if isinstance(exc, SkyloopError) else f"internal error: {type(exc).__name__}"
     if not isinstance(exc, SkyloopError):
@@ -76,7 +80,7 @@ def _error(exc: Exception) -> Response:
 
 async def _body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
@@ -92,7 +96,7 @@ def _header_length(request: Request) -> int | None:
     raw = request.headers.get("inference-header-content-length")
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}")
     return int(raw)
 
@@ -138,8 +142,9 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
         start = time.perf_counter()
         served = plane.models.get(name)
         known = served is not None
-        # Errors are counted against the version being served, so that a bad version's error rate shows.
-        label_version = version or (served.graph.version if served is not None and served.graph else "")
+        # Errors are counted against the version being served, so that a bad version's error rate shows
+        # (not the one asked for: any string a client sends would become a new series).
+        label_version = served.graph.version if served is not None and served.graph else ""
         if known:
             metrics.inflight.labels(name).inc()
         plane.admit(name)
@@ -186,7 +191,8 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
         if status == 404:
             detail = f"no endpoint {request.method} {request.url.path}; see /v2 and /v2/models/NAME"
-        return _json({"error": detail}, status)
+        headers = getattr(exc, "headers", None)  # 405: Allow
+        return _json({"error": detail}, status, dict(headers) if headers else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

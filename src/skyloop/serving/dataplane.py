@@ -244,6 +244,10 @@ class DataPlane:
         if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
                                    or not math.isfinite(reward)):
             raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
+        try:
+            plain_truth = _plain(truth)  # before anything is stored
+        except ValueError:
+            raise InvalidRequest("'truth' must be a value or a regular (rectangular) array, like the output") from None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, inference_id,
                                    truth, None if reward is None else float(reward))
@@ -256,7 +260,7 @@ class DataPlane:
             features, trace = remembered
             x = graph.features(features)
             told = await loop.run_in_executor(self._executor, graph.send_feedback, x,
-                                              None if reward is None else float(reward), _plain(truth), trace)
+                                              None if reward is None else float(reward), plain_truth, trace)
         return {"id": inference_id, "stored": True, "nodes_told": told}
 
     def _store_feedback(self, name: str, version: str, inference_id: str, truth: Any, reward: float | None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from skyloop.config import Settings
-from skyloop.errors import NodeError, SignatureMismatch, SpecError
+from skyloop.errors import InputRejected, NodeError, SignatureMismatch, SpecError
 from skyloop.registry.package import Signature, TensorSpec
 from skyloop.serving.protocol import DTYPES
 from skyloop.serving.spec import METHODS, GraphNode, NodeType, ServeSpec
@@ -135,6 +135,12 @@ class Graph:
         start = time.perf_counter()
         try:
             return node.method(*args)
+        except ValueError as exc:
+            if node.spec.type is NodeType.MODEL and node.spec.model_uri:
+                # A registered model (not the user's own code) refusing values that fit its signature,
+                # as scikit-learn does NaN or infinity: the request's fault, not the server's.
+                raise InputRejected(f"model {node.name!r} refused the input: {exc}") from exc
+            raise NodeError(node.name, f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise NodeError(node.name, f"{type(exc).__name__}: {exc}") from exc
         finally:

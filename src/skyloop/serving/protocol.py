@@ -98,9 +98,17 @@ def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
+_MAX_DIM = 2**31 - 1
+"""The largest dimension a shape may give (numpy's own limit is reached long before memory is)."""
+
+
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise InvalidRequest(f"{where}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    if any(d > _MAX_DIM for d in raw):
+        raise InvalidRequest(f"{where}: shape {raw} has a dimension over {_MAX_DIM}")
+    if 0 in raw:
+        raise InvalidRequest(f"{where}: shape {raw} holds no values; send at least one")
     return tuple(raw)
 
 
@@ -122,8 +130,6 @@ def _json_values(name: str, datatype: str, data: Any, shape: tuple[int, ...]) ->
         if not all(isinstance(v, str) for v in flat):
             raise InvalidRequest(f"{where}: BYTES data must be strings")
         return flat.reshape(shape)
-    if raw.size == 0:
-        return np.zeros(shape, dtype=target)
     if datatype == "BOOL":
         if kind != "b":
             raise InvalidRequest(f"{where}: BOOL data must be true/false, got {raw.dtype.name} values")
@@ -135,7 +141,12 @@ def _json_values(name: str, datatype: str, data: Any, shape: tuple[int, ...]) ->
             raise InvalidRequest(f"{where}: a value is outside the range of {datatype} [{info.min}, {info.max}]")
     elif kind not in "iuf":
         raise InvalidRequest(f"{where}: {datatype} data must be numbers, got {_kind_name(kind)} values")
-    return raw.astype(target, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+        values = raw.astype(target, copy=False).reshape(shape)
+    if target.kind == "f" and not np.isfinite(values).all():  # JSON has no inf/NaN: a value overflowed
+        top = float(np.finfo(target).max)
+        raise InvalidRequest(f"{where}: a value is outside the range of {datatype} [{-top:g}, {top:g}]")
+    return values
 
 
 def _kind_name(kind: str) -> str:
