@@ -78,6 +78,9 @@ tasks:
     (["run", "steps.py:missing"], {}, "missing a required argument: 'n'"),
     (["run", "steps.py:nothing"], {}, "defines no 'nothing'"),
     (["run", "nofile.py:fine"], {}, "does not exist"),
+    (["run", "broken.py:fine"], {"broken.py": "def fine(:\n"}, "cannot load 'broken.py': SyntaxError"),
+    (["submit", "broken.py:fine"], {"broken.py": "import no_such_module_here\n"},
+     "cannot load 'broken.py': ModuleNotFoundError"),
     (["runs", "show", "feedbeef00"], {}, "no run with id 'feedbeef00'"),
     (["run", "steps.py:fine", "--backend", "warp"], {}, "unknown backend 'warp'"),
 ])
@@ -100,6 +103,41 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Pat
             assert conn.execute("select count(*) from artifacts").fetchone() == (0,)
     blobs = [p for p in (home / "artifacts").rglob("*") if p.is_file()] if (home / "artifacts").exists() else []
     assert blobs == []
+
+
+FAILING = '''
+from skyloop import pipeline, step
+
+@step
+def boom() -> int:
+    raise ValueError("no luck")
+
+@pipeline
+def failing():
+    return boom()
+'''
+
+
+def test_a_failed_run_exits_with_the_step_failed_code(cli, tmp_path: Path) -> None:
+    write(tmp_path / "fail.py", FAILING)
+    for extra in ([], ["--json"]):
+        result = cli("run", "fail.py:failing", "--backend", "inline", *extra)
+        assert result.returncode == 5, result.stdout + result.stderr
+
+
+def test_a_queued_run_whose_file_stopped_loading_fails_alone(cli, tmp_path: Path, home: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    write(tmp_path / "edited.py", GOOD)
+    broken = cli("submit", "edited.py:fine").stdout.strip()
+    (tmp_path / "edited.py").write_text("def fine(:\n")  # edited into a syntax error while it waited
+    fine = cli("submit", "steps.py:fine", "-p", "n=2").stdout.strip()
+    agent = cli("agent", "--once", "--backend", "inline")
+    assert agent.returncode == 0, agent.stderr
+    with sqlite3.connect(home / "skyloop.db") as conn:
+        status = dict(conn.execute("select id, status from runs").fetchall())
+        error = conn.execute("select error from runs where id = ?", (broken,)).fetchone()[0]
+    assert status == {broken: "FAILED", fine: "SUCCEEDED"}
+    assert "cannot load" in error and "SyntaxError" in error
 
 
 def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning skyloop errors into one line and an exit code."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode Click returns the code of a `typer.Exit` instead of exiting with it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except SkyloopError as exc:
         if state.debug:
             raise

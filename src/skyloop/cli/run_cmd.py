@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
+from skyloop.cli.errors import EXIT_CODES
 from skyloop.cli.main import console, state
 from skyloop.cli.render import show_run
-from skyloop.errors import SpecError
+from skyloop.errors import SpecError, StepFailed
 from skyloop.execution.api import load_target
 from skyloop.execution.params import parse_cli_params
 from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
@@ -58,7 +59,7 @@ def run(
         result = run_pipeline(loaded, params, backend=backend, settings=settings, resume=resume)
     show_run(console, result, as_json)
     if not result.succeeded:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CODES[StepFailed])
 
 
 def register(app: typer.Typer) -> None:

@@ -41,6 +41,9 @@ def load_file_module(path: str | Path) -> ModuleType:
         sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except Exception as exc:  # a syntax error, a failed import, or the file's own code raising
+        del sys.modules[name]
+        raise SpecError(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         del sys.modules[name]
         raise
