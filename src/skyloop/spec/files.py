@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,14 +25,27 @@ def format_validation(exc: ValidationError, what: str) -> str:
     return f"invalid {what}: " + "; ".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false, so that keys and values such as
+    `on`, `off`, `yes` and `no` stay strings (a loop's `triggers: {on: [...]}` is not `{True: [...]}`)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def read_yaml(path: str | Path) -> Any:
     """The parsed content of a YAML (or JSON) file, or a SpecError saying why it cannot be read."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=_Loader)  # a SafeLoader: no arbitrary objects
     except OSError as exc:
         raise SpecError(f"cannot read {str(path)!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{str(path)!r} is not valid YAML: {exc}") from None
+        raise SpecError(f"{str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def validate(cls: type[M], data: Any, what: str) -> M:
