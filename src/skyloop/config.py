@@ -15,11 +15,11 @@ class ExecutionSettings(BaseModel):
 
     backend: str = "local"
     """Default backend: `local` (warm worker processes) or `inline` (in-process, for debugging)."""
-    max_cpus: float | None = None
+    max_cpus: float | None = Field(default=None, gt=0)
     """CPUs the local backend may hand out; default: the machine's logical CPUs."""
-    max_memory: int | None = None
+    max_memory: int | None = Field(default=None, gt=0)
     """Bytes of memory the local backend may hand out; default: the machine's total memory."""
-    max_gpus: int | None = None
+    max_gpus: int | None = Field(default=None, ge=0)
     """GPUs the local backend may hand out; default: as many as `gpu_ids` names, else 0."""
     gpu_ids: list[int] | None = None
     """Device ids the local backend hands to steps that ask for GPUs (sets CUDA_VISIBLE_DEVICES);

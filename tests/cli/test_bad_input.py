@@ -83,6 +83,12 @@ tasks:
      "cannot load 'broken.py': ModuleNotFoundError"),
     (["runs", "show", "feedbeef00"], {}, "no run with id 'feedbeef00'"),
     (["run", "steps.py:fine", "--backend", "warp"], {}, "unknown backend 'warp'"),
+    (["submit", "steps.py:fine", "--backend", "warp"], {}, "unknown backend 'warp'"),
+    (["submit", "steps.py:fine", "--weight", "0"], {}, "weight must be a positive number"),
+    (["run", "steps.py:fine", "--max-cpus", "-1"], {}, "--max-cpus: Input should be greater than 0"),
+    (["run", "steps.py:fine", "--max-gpus", "-2"], {}, "--max-gpus: Input should be greater than or equal to 0"),
+    (["run", "steps.py:fine", "--max-memory", "lots"], {}, "--max-memory: memory 'lots' is not a size"),
+    (["--home", "taken", "run", "steps.py:fine"], {"taken": "a file"}, "cannot use"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Path, args: list[str],
                                                   files: dict[str, str], message: str) -> None:

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from typer.exceptions import TyperException
 
 from skyloop.cli.errors import exit_code
-from skyloop.config import Settings
-from skyloop.errors import SkyloopError
+from skyloop.config import ExecutionSettings, Settings
+from skyloop.errors import SkyloopError, SpecError
 
 __all__ = ["app", "main"]
 
@@ -33,7 +34,12 @@ class State:
         settings = Settings() if self.home is None else Settings(home=self.home)
         overrides = {k: v for k, v in execution.items() if v is not None}
         if overrides:
-            settings.execution = settings.execution.model_copy(update=overrides)
+            try:
+                settings.execution = ExecutionSettings.model_validate({**settings.execution.model_dump(), **overrides})
+            except ValidationError as exc:
+                bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                                for e in exc.errors())
+                raise SpecError(bad) from None
         return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
@@ -158,6 +159,10 @@ def submit(target: Target, params: dict[str, Any] | None = None, *, priority: in
            backend: str | None = None, settings: Settings | None = None) -> str:
     """Validate a pipeline and queue a run of it for `skyloop agent`; returns the run id."""
     settings = settings or Settings()
+    if backend is not None and backend not in BACKENDS:
+        raise SpecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise SpecError(f"weight must be a positive number (a fair-share weight), got {weight}")
     prepared = prepare(target, params)
     local = [name for name, step in prepared.steps.items() if not step.importable]
     if local:

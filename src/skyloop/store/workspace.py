@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from skyloop.config import Settings
+from skyloop.errors import StoreError
 from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 
@@ -22,7 +23,11 @@ class Workspace:
     @classmethod
     def open(cls, settings: Settings) -> Workspace:
         """Open (and migrate) the DB and the artifact store."""
-        settings.home.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot use {str(settings.home)!r} as the skyloop home ({exc.strerror}); give a "
+                             "folder this user can write with --home or SKYLOOP_HOME") from None
         return cls(settings, Database(settings.resolved_db_url), ArtifactStore(settings.resolved_artifacts_url))
 
     def close(self) -> None:
