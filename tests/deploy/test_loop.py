@@ -84,7 +84,7 @@ def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: 
     assert first.metrics is not None
     # Whichever the labels met first (quality can drop below 0.99 before 150 rows are labelled), never drift.
     met = {name for name, condition in first.metrics["conditions"].items() if condition["met"]}
-    assert met and met <= {"labelled_rows", "quality"}, first.metrics["conditions"]
+    assert met and met <= {"labelled_rows", "quality_below"}, first.metrics["conditions"]
     rejected = [e for e in history if e.kind == "loop.rejected"]
     assert all(e.metrics is not None and e.metrics["challenger"] < e.metrics["champion"] for e in rejected)
     assert all(k not in [e.kind for e in history] for k in ("loop.blessed", "loop.rollout", "promoted"))
