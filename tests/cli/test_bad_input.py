@@ -89,6 +89,8 @@ tasks:
     (["run", "steps.py:fine", "--max-gpus", "-2"], {}, "--max-gpus: Input should be greater than or equal to 0"),
     (["run", "steps.py:fine", "--max-memory", "lots"], {}, "--max-memory: memory 'lots' is not a size"),
     (["--home", "taken", "run", "steps.py:fine"], {"taken": "a file"}, "cannot use"),
+    (["run", "empty.yaml"], {"empty.yaml": "api_version: skyloop/v1\nkind: Pipeline\nname: empty\ntasks: []\n"},
+     "tasks: List should have at least 1 item"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Path, args: list[str],
                                                   files: dict[str, str], message: str) -> None:
@@ -144,6 +146,11 @@ def test_a_queued_run_whose_file_stopped_loading_fails_alone(cli, tmp_path: Path
         error = conn.execute("select error from runs where id = ?", (broken,)).fetchone()[0]
     assert status == {broken: "FAILED", fine: "SUCCEEDED"}
     assert "cannot load" in error and "SyntaxError" in error
+
+
+def test_an_agent_must_drive_at_least_one_run(cli) -> None:
+    result = cli("agent", "--once", "--max-runs", "0")
+    assert result.returncode == 2 and "--max-runs" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:

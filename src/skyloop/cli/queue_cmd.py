@@ -48,7 +48,7 @@ class _Log:
 def agent(
     backend: Annotated[str | None, typer.Option(help="inline | local | ray")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to use with --backend ray.")] = None,
-    max_runs: Annotated[int, typer.Option(help="Runs driven at once.")] = 16,
+    max_runs: Annotated[int, typer.Option(min=1, help="Runs driven at once.")] = 16,
     once: Annotated[bool, typer.Option("--once", help="Exit when nothing is queued or running.")] = False,
     max_cpus: Annotated[float | None, typer.Option(help="CPUs the steps may use at once.")] = None,
     max_gpus: Annotated[int | None, typer.Option(help="GPUs the steps may use at once.")] = None,

@@ -188,7 +188,7 @@ class PipelineSpec(_Model):
     source: StepRef | None = None
     """The `@pipeline` function this spec was compiled from, if any."""
     params: list[ParamSpec] = Field(default_factory=list)
-    tasks: list[TaskSpec]
+    tasks: list[TaskSpec] = Field(min_length=1)
     outputs: dict[str, TaskInput] = Field(default_factory=dict)
     """Named pipeline outputs, each bound to a task output."""
 
