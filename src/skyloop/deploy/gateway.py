@@ -133,8 +133,8 @@ class _Metrics:
                                    ["deployment"], registry=r)
 
 
-def _json(doc: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(doc), status, media_type="application/json")
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status, headers, media_type="application/json")
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
@@ -462,9 +462,8 @@ class Gateway:
 
         async def not_allowed(request: Request, exc: Exception) -> Response:
             allow = dict(getattr(exc, "headers", None) or {}).get("Allow", "")
-            return Response(orjson.dumps({"error": f"{request.method} is not allowed on {request.url.path}; use "
-                                                   f"{allow or 'another method'}"}),
-                            405, {"Allow": allow} if allow else None, media_type="application/json")
+            return _json({"error": f"{request.method} is not allowed on {request.url.path}; use "
+                                   f"{allow or 'another method'}"}, 405, {"Allow": allow} if allow else None)
 
         async def failed(request: Request, exc: Exception) -> Response:
             log.exception("gateway error", exc_info=exc)

@@ -116,7 +116,11 @@ def make_backend(name: str, settings: Settings) -> Backend:
         from skyloop.execution.backends.ray import RayBackend
 
         return RayBackend(settings.execution, address=settings.execution.ray_address)
-    raise SpecError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise _unknown_backend(name)
+
+
+def _unknown_backend(name: str) -> SpecError:
+    return SpecError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def run(target: Target | None = None, params: dict[str, Any] | None = None, *, backend: str | None = None,
@@ -160,7 +164,7 @@ def submit(target: Target, params: dict[str, Any] | None = None, *, priority: in
     """Validate a pipeline and queue a run of it for `skyloop agent`; returns the run id."""
     settings = settings or Settings()
     if backend is not None and backend not in BACKENDS:
-        raise SpecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise _unknown_backend(backend)
     if not (weight > 0 and math.isfinite(weight)):
         raise SpecError(f"weight must be a positive number (a fair-share weight), got {weight}")
     prepared = prepare(target, params)

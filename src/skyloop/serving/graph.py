@@ -135,13 +135,11 @@ class Graph:
         start = time.perf_counter()
         try:
             return node.method(*args)
-        except ValueError as exc:
-            if node.spec.type is NodeType.MODEL and node.spec.model_uri:
+        except Exception as exc:
+            if isinstance(exc, ValueError) and node.spec.type is NodeType.MODEL and node.spec.model_uri:
                 # A registered model (not the user's own code) refusing values that fit its signature,
                 # as scikit-learn does NaN or infinity: the request's fault, not the server's.
                 raise InputRejected(f"model {node.name!r} refused the input: {exc}") from exc
-            raise NodeError(node.name, f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
             raise NodeError(node.name, f"{type(exc).__name__}: {exc}") from exc
         finally:
             if self.observe is not None:
