@@ -144,3 +144,10 @@ def test_the_cli_shows_status_and_history_and_refuses_bad_specs(env: Env) -> Non
     refused = env.cli("deploy", "apply", str(missing))
     assert refused.returncode == 2 and "predictor 'main'" in refused.stderr and "nope" in refused.stderr
     assert "Traceback" not in refused.stderr
+    (env.folder / "not-a-model").mkdir()  # a folder without model.yaml, and a path that is nothing at all
+    for uri in ("not-a-model", "models/nowhere"):
+        folder = env.spec({"name": "bad", "predictors": [{"name": "main", "model_uri": uri, "traffic": 100}]})
+        refused = env.cli("deploy", "apply", str(folder))
+        assert refused.returncode == 2, refused.stderr
+        assert f"model_uri {uri!r}" in refused.stderr and "model.yaml" in refused.stderr
+    assert env.cli("deploy", "history", "bad", "--json").returncode == 3  # nothing was recorded for it

@@ -21,7 +21,7 @@ from typing import Any
 
 from skyloop.config import Settings
 from skyloop.deploy.spec import DeploymentSpec, load_deployment_spec
-from skyloop.errors import BackendError, NotFound, SpecError
+from skyloop.errors import BackendError, ModelLoadError, NotFound, SpecError
 from skyloop.store import deployments as store
 from skyloop.store.runs import owner_is_dead, utcnow
 from skyloop.store.workspace import Workspace
@@ -31,6 +31,9 @@ __all__ = ["apply_deployment", "controller_alive", "delete_deployment", "send_co
 
 
 def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
+    """Refuse, before anything is recorded, a model the replicas could not load: a registered model that
+    does not resolve, or a model folder (any other `model_uri`) without its `model.yaml`."""
+    from skyloop.registry.package import read_manifest
     from skyloop.registry.registry import resolve
     from skyloop.registry.uri import parse_model_ref
 
@@ -41,6 +44,18 @@ def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
                     resolve(session, parse_model_ref(uri))
                 except NotFound as exc:
                     raise SpecError(f"predictor {predictor.name!r}: {exc}") from None
+    for predictor in spec.predictors:
+        for node in predictor.node().walk():
+            if node.model_uri is None or node.model_uri.startswith("models:/"):
+                continue
+            folder = Path(node.model_uri)
+            if not folder.is_absolute() and spec.base_dir is not None:
+                folder = spec.base_dir / folder
+            try:
+                read_manifest(folder)
+            except ModelLoadError as exc:
+                raise SpecError(f"predictor {predictor.name!r}: model_uri {node.model_uri!r}: {exc}; give a "
+                                "registered model (models:/NAME@ALIAS) or a model folder with its model.yaml") from None
 
 
 def controller_alive(workspace: Workspace) -> bool:
