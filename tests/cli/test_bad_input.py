@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
 import textwrap
 from pathlib import Path
@@ -91,6 +93,8 @@ tasks:
     (["--home", "taken", "run", "steps.py:fine"], {"taken": "a file"}, "cannot use"),
     (["run", "empty.yaml"], {"empty.yaml": "api_version: skyloop/v1\nkind: Pipeline\nname: empty\ntasks: []\n"},
      "tasks: List should have at least 1 item"),
+    (["runs", "list", "--status", "BOGUS"], {}, "unknown run status 'BOGUS'; choose one of QUEUED, RUNNING"),
+    (["pipeline", "graph", "steps.py:fine", "-o", "g.xyz"], {}, "cannot tell what to write to g.xyz"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Path, args: list[str],
                                                   files: dict[str, str], message: str) -> None:
@@ -151,6 +155,49 @@ def test_a_queued_run_whose_file_stopped_loading_fails_alone(cli, tmp_path: Path
 def test_an_agent_must_drive_at_least_one_run(cli) -> None:
     result = cli("agent", "--once", "--max-runs", "0")
     assert result.returncode == 2 and "--max-runs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_run_row_is_named_and_hides_no_other_run(cli, tmp_path: Path, home: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    ids = [cli("submit", "steps.py:fine", "-p", f"n={n}").stdout.strip() for n in (1, 2)]
+    with sqlite3.connect(home / "skyloop.db") as conn:  # one row's spec is no longer JSON
+        conn.execute("update runs set spec = '{\"tasks\": [' where id = ?", (ids[0],))
+    listed = cli("runs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(r["id"] for r in json.loads(listed.stdout)) == sorted(ids)
+    shown = cli("runs", "show", ids[0])
+    assert shown.returncode == 6 and "Traceback" not in shown.stderr, shown.stderr
+    assert f"run {ids[0][:12]}" in shown.stderr and "damaged" in shown.stderr
+    assert cli("runs", "show", ids[1]).returncode == 0
+
+
+def test_an_unknown_schema_revision_is_named(cli, tmp_path: Path, home: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    assert cli("submit", "steps.py:fine").returncode == 0
+    with sqlite3.connect(home / "skyloop.db") as conn:  # as a newer skyloop would leave it
+        conn.execute("update alembic_version set version_num = '0999'")
+    result = cli("runs", "list")
+    assert result.returncode == 6 and "Traceback" not in result.stderr, result.stderr
+    assert "schema revision '0999'" in result.stderr and "newer skyloop" in result.stderr
+    with sqlite3.connect(home / "skyloop.db") as conn:  # left as it was
+        assert conn.execute("select version_num from alembic_version").fetchone() == ("0999",)
+
+
+@pytest.mark.skipif(shutil.which("dot") is not None, reason="this machine has Graphviz: the picture is drawn")
+def test_a_picture_without_graphviz_says_so_and_writes_no_file(cli, tmp_path: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    result = cli("pipeline", "graph", "steps.py:fine", "-o", "g.jpg")
+    assert result.returncode == 2 and "Graphviz" in result.stderr, result.stderr
+    assert not (tmp_path / "g.jpg").exists()
+
+
+def test_graph_output_takes_its_format_from_the_suffix(cli, tmp_path: Path) -> None:
+    write(tmp_path / "steps.py", GOOD)
+    for name, start in (("g.mmd", "flowchart"), ("g.dot", "digraph"), ("g.txt", "fine")):
+        result = cli("pipeline", "graph", "steps.py:fine", "-o", name)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name).read_text().lstrip().startswith(start), name
+    assert "number" in (tmp_path / "g.txt").read_text()
 
 
 def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:

@@ -1,17 +1,19 @@
-"""`skyloop pipeline compile|validate`."""
+"""`skyloop pipeline compile|validate|graph`."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.tree import Tree
 
 from skyloop.cli.main import console
-from skyloop.errors import SpecError
+from skyloop.errors import SkyloopError, SpecError
 from skyloop.execution.api import dump_spec, load_target, prepare
 from skyloop.pipelines.graph import edges, label, to_dot, to_mermaid
 from skyloop.pipelines.validate import topological_order
@@ -44,34 +46,57 @@ def validate(target: Annotated[str, typer.Argument(help="SPEC.yaml or FILE.py:PI
     console.print(f"[green]valid[/]: pipeline {prepared.spec.name!r} with {len(prepared.spec.tasks)} tasks")
 
 
+PICTURES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".gif")
+"""Suffixes of `-o` drawn as a picture by Graphviz's `dot`."""
+TEXTS = {".dot": "dot", ".gv": "dot", ".mmd": "mermaid", ".mermaid": "mermaid", ".txt": "tree"}
+"""Suffixes of `-o` that say which text to write, when `--format` does not."""
+
+
 @app.command()
 def graph(
     target: Annotated[str, typer.Argument(help="FILE.py:PIPELINE, module:PIPELINE or SPEC.yaml")],
-    fmt: Annotated[str, typer.Option("--format", help="tree | mermaid | dot")] = "tree",
-    output: Annotated[Path | None, typer.Option("-o", "--output",
-                                                help="Write here; .png/.svg render with dot.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="tree | mermaid | dot (default: tree, or what the "
+                                                              "suffix of -o says)")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Write here: .png/.svg/.pdf/.jpg are drawn with dot; .dot/.gv, .mmd, .txt are text.")
+    ] = None,
 ) -> None:
-    """Draw the pipeline's DAG: a tree in the terminal, or Mermaid / Graphviz text (PNG/SVG when dot exists)."""
-    spec = prepare(load_target(target)).spec
-    if output is not None and output.suffix in (".png", ".svg"):
-        dot = shutil.which("dot")
-        if dot is None:
-            raise SpecError("rendering PNG/SVG needs Graphviz's `dot` (apt-get install graphviz); "
-                            "or write --format dot / mermaid text instead")
-        subprocess.run([dot, f"-T{output.suffix[1:]}", "-o", str(output)], input=to_dot(spec), text=True, check=True)
-        console.print(f"wrote {output}")
-        return
-    if fmt == "tree":
-        console.print(_tree(spec))
-        return
-    if fmt not in ("mermaid", "dot"):
+    """Draw the pipeline's DAG: a tree in the terminal, or Mermaid / Graphviz text (a picture when dot exists)."""
+    if fmt is not None and fmt not in ("tree", "mermaid", "dot"):
         raise SpecError(f"unknown format {fmt!r}; choose tree, mermaid or dot")
-    text = to_mermaid(spec) if fmt == "mermaid" else to_dot(spec)
+    spec = prepare(load_target(target)).spec
     if output is None:
-        print(text, end="")
+        if fmt in (None, "tree"):
+            console.print(_tree(spec))
+        else:
+            print(to_mermaid(spec) if fmt == "mermaid" else to_dot(spec), end="")
+        return
+    if output.suffix.lower() in PICTURES:
+        _draw(spec, output)
+        return
+    chosen = fmt or TEXTS.get(output.suffix.lower())
+    if chosen is None:
+        raise SpecError(f"cannot tell what to write to {output}: draw a picture with {', '.join(PICTURES)} "
+                        f"(with Graphviz's dot), write text with {', '.join(TEXTS)}, or pass --format")
+    if chosen == "tree":
+        text = io.StringIO()
+        Console(file=text, width=200, no_color=True).print(_tree(spec))
+        output.write_text(text.getvalue())
     else:
-        output.write_text(text)
-        console.print(f"wrote {output}")
+        output.write_text(to_mermaid(spec) if chosen == "mermaid" else to_dot(spec))
+    console.print(f"wrote {output}")
+
+
+def _draw(spec: PipelineSpec, output: Path) -> None:
+    dot = shutil.which("dot")
+    if dot is None:
+        raise SpecError(f"drawing {output.suffix} needs Graphviz's `dot` (apt-get install graphviz); "
+                        "or write text with -o FILE.dot or FILE.mmd")
+    done = subprocess.run([dot, f"-T{output.suffix[1:].lower()}", "-o", str(output)], input=to_dot(spec),
+                          text=True, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise SkyloopError(f"dot could not draw {output}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    console.print(f"wrote {output}")
 
 
 def _tree(spec: PipelineSpec) -> Tree:

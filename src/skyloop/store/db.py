@@ -16,7 +16,7 @@ from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from skyloop.errors import StoreError
-from skyloop.store.migrations import HEAD, create, upgrade
+from skyloop.store.migrations import HEAD, create, known_revision, upgrade
 
 __all__ = ["Database", "translate_errors"]
 
@@ -95,7 +95,12 @@ class Database:
             if self._current_revision() == HEAD:
                 return
         with self._migration_lock(), translate_errors("migrating the schema"):
-            if self._current_revision() != HEAD:
+            current = self._current_revision()
+            if current is not None and current != HEAD and not known_revision(current):
+                raise StoreError(f"the metadata DB {self.url} is at schema revision {current!r}, which this "
+                                 f"skyloop does not know (its newest is {HEAD!r}): a newer skyloop wrote it. "
+                                 "Upgrade skyloop, or use another --home (or SKYLOOP_DB_URL)")
+            if current != HEAD:
                 with self.engine.begin() as conn:
                     if inspect(conn).get_table_names():
                         upgrade(conn)

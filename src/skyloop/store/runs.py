@@ -9,13 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
-from skyloop.errors import Conflict, NotFound
+from skyloop.errors import Conflict, NotFound, SpecError, StoreError
 from skyloop.store.models import Event, RunRow, StepRunRow
 
 __all__ = [
     "ACTIVE_RUN_STATES",
+    "RUN_STATUSES",
     "add_event",
     "claim_run",
     "claimable_runs",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 ACTIVE_RUN_STATES = ("PENDING", "RUNNING")
+RUN_STATUSES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+"""Every status a run row can have: queued by `submit`, held by an orchestrator, or ended."""
 
 
 def utcnow() -> datetime:
@@ -59,25 +62,33 @@ def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, 
 
 def get_run(session: Session, run_id: str) -> RunRow:
     """The run with this id (a unique prefix of at least 6 characters works too)."""
-    row = session.get(RunRow, run_id)
-    if row is not None:
-        return row
-    if len(run_id) >= 6:
-        rows = session.scalars(select(RunRow).where(RunRow.id.startswith(run_id, autoescape=True)).limit(2)).all()
-        if len(rows) == 1:
-            return rows[0]
-        if len(rows) > 1:
+    found = session.scalars(select(RunRow.id).where(RunRow.id == run_id)).all()
+    if not found and len(run_id) >= 6:
+        found = session.scalars(select(RunRow.id).where(RunRow.id.startswith(run_id, autoescape=True)).limit(2)).all()
+        if len(found) > 1:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous; give more characters")
-    raise NotFound(f"no run with id {run_id!r}; `skyloop runs list` shows the runs")
+    if not found:
+        raise NotFound(f"no run with id {run_id!r}; `skyloop runs list` shows the runs")
+    try:
+        row = session.get(RunRow, found[0])
+    except ValueError as exc:  # the JSON columns no longer parse: say which run, not a traceback
+        raise StoreError(f"run {found[0][:12]} is damaged in the metadata DB: its stored spec or parameters "
+                         f"are not valid JSON ({exc}); the other runs are not affected") from None
+    assert row is not None  # found just above, in the same transaction
+    return row
 
 
 def list_runs(session: Session, *, limit: int = 50, pipeline: str | None = None,
               status: str | None = None) -> Sequence[RunRow]:
-    """Newest runs first."""
-    query = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+    """Newest runs first, without their spec and parameters (not loaded: a list must not need them, and one
+    unreadable run must not hide the others). A status that no run can have is refused."""
+    query = (select(RunRow).options(defer(RunRow.spec), defer(RunRow.params))
+             .order_by(RunRow.created_at.desc()).limit(limit))
     if pipeline:
         query = query.where(RunRow.pipeline == pipeline)
     if status:
+        if status.upper() not in RUN_STATUSES:
+            raise SpecError(f"unknown run status {status!r}; choose one of {', '.join(RUN_STATUSES)}")
         query = query.where(RunRow.status == status.upper())
     return session.scalars(query).all()
 

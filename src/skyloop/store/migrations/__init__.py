@@ -7,11 +7,13 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection
 
 from skyloop.store.models import Base
 
-__all__ = ["HEAD", "alembic_config", "create", "upgrade"]
+__all__ = ["HEAD", "alembic_config", "create", "known_revision", "upgrade"]
 
 HEAD = "0006"
 """The newest revision; a test checks it against the scripts so that the quick check stays right."""
@@ -24,6 +26,14 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+def known_revision(revision: str) -> bool:
+    """Whether `revision` is one of this skyloop's migrations (loads the scripts: only off the quick path)."""
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:  # Alembic's "Can't locate revision" and its kin
+        return False
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:
