@@ -40,6 +40,11 @@ class ExecutionSettings(BaseModel):
     """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
     ray_address: str | None = None
     """Address of a running Ray cluster (`host:port`) for the ray backend; default: start a local one."""
+    lookahead: bool = True
+    """On a backend that can (ray), send a step whose one upstream runs before that upstream ends, so it
+    starts as soon as the upstream does (see `skyloop.execution.lookahead`). Its worker then looks it up
+    in the cache itself, so it must reach the metadata DB: turn this off for a cluster whose workers
+    cannot."""
     lease_seconds: float = 30.0
     """A run's lease: another process may adopt the run when no heartbeat came for this long."""
     heartbeat_seconds: float = 5.0

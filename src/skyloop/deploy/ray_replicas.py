@@ -124,7 +124,7 @@ class RayReplicaHost(ReplicaHost):
 
     async def start(self, timeout: float = _START_TIMEOUT) -> list[Endpoint]:
         """Start one actor per replica and wait until each answers `/v2/health/ready`; ModelLoadError if not."""
-        from skyloop.execution.backends.ray import connect_ray
+        from skyloop.execution.backends.ray_connect import connect_ray
 
         name = self.predictor.name
         ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)

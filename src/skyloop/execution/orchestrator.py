@@ -23,6 +23,11 @@ row inserted and ended in one transaction. An orchestrator killed before the com
 for those attempts; their tasks die with it, and resuming runs those units again, as it runs again
 the ones whose RUNNING rows it marks CRASHED. A commit that fails aborts the runs, cancelling what
 was submitted.
+
+On a backend that can (`submit_after`: Ray), a turn that leaves nothing waiting in the queue sends
+the steps that wait only on an attempt it runs (and theirs, as far as admission goes) before that
+attempt ends: see `skyloop.execution.lookahead`. Their rows are recorded when their upstream's end
+is taken, as if they were launched then; one whose upstream did not succeed is forgotten.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from skyloop.execution.estimates import estimate_run, rank_together
 from skyloop.execution.history import Prior, crash_orphans, load_prior
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.runstate import Observer, Prepared, RunState
-from skyloop.execution.tasks import TaskLaunch, TaskResult
+from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.units import Unit
 from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
 from skyloop.spec.resources import Resources
@@ -85,6 +90,13 @@ class _Entry:
     run: RunState
     unit: Unit
     candidate: Candidate = field(init=False)
+    ahead_of: str | None = None
+    """For an attempt sent ahead (see `skyloop.execution.lookahead`): its upstream's key, until its row is
+    recorded; such an attempt never went through the policy's queue."""
+    parked: TaskResult | None = None
+    """Its end, when it came before the row was recorded."""
+    dropped: bool = False
+    """Sent ahead of an upstream that did not succeed: nothing is recorded of it, its end is ignored."""
 
 
 class Orchestrator:
@@ -108,6 +120,14 @@ class Orchestrator:
         """CPUs launched at or under which to launch more (with slack: once half of it is used up)."""
         self._submit_first = bool(getattr(backend, "attempts_die_with_driver", False))
         """Submit a turn's launches before committing their RUNNING rows (see the module docstring)."""
+        self._submit_after = getattr(backend, "submit_after", None) if settings.execution.lookahead else None
+        """The backend's way to send an attempt that waits for another's end (None: no lookahead)."""
+        self._dispatch = getattr(backend, "dispatch", None)
+        """The backend's way to send what it was given this turn at once (it may hold launches until `wait`)."""
+        self.ahead: dict[str, list[str]] = {}
+        """Running attempt -> the attempts sent ahead of it."""
+        self._confirmed: list[_Entry] = []
+        """Attempts sent ahead whose rows this turn recorded (what may be sent ahead of them next)."""
         self.in_use = Resources(cpus=0, memory=0, gpus=0)
         self.runs: dict[str, RunState] = {}
         self.pending: dict[int, _Entry] = {}
@@ -224,26 +244,92 @@ class Orchestrator:
         return launches
 
     def _finish(self, result: TaskResult) -> None:
-        entry = self.running.pop(result.key, None)
+        entry = self.running.get(result.key)
         if entry is None:
             return
-        self.queue.done(entry.candidate.key)
+        if entry.ahead_of is not None and not entry.dropped:
+            entry.parked = result  # taken once its upstream's end is (see `_confirm`)
+            return
+        del self.running[result.key]
         self.in_use = self.in_use - entry.unit.task.resources
+        if entry.dropped:
+            return
+        if entry.ahead_of is None and hasattr(entry, "candidate"):
+            self.queue.done(entry.candidate.key)
         delay = entry.run.finish(entry.unit, result)
         if delay is not None:
             heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
+        followers = self.ahead.pop(result.key, ())
+        if entry.run.tasks[entry.unit.task.name].state not in (TaskState.SUCCEEDED, TaskState.CACHED):
+            for key in followers:  # their workers see the failure and do not run them
+                self._drop_sent(key)
+
+    # -- lookahead (see `skyloop.execution.lookahead`) ----------------------------------------------
+    def _send_ahead(self, entries: list[_Entry]) -> None:
+        """Send the successors waiting only on these running attempts, and theirs in turn (as far as the
+        backend's admission goes), when nothing else waits to launch."""
+        assert self._submit_after is not None
+        work = list(entries)
+        while work and not self.pending:
+            entry = work.pop(0)
+            if entry.unit.step_run_id not in self.running:
+                continue
+            for launch in entry.run.ahead_of(entry.unit):
+                sent = _Entry(entry.run, entry.run.ahead[launch.task_name], ahead_of=entry.unit.step_run_id)
+                if not (self.in_use + launch.resources).fits(self.admission) \
+                        or not self._submit_after(launch, entry.unit.step_run_id):
+                    entry.run.forget_ahead(launch.task_name)
+                    continue
+                self.running[launch.key] = sent
+                self.in_use = self.in_use + launch.resources
+                self.ahead.setdefault(entry.unit.step_run_id, []).append(launch.key)
+                work.append(sent)
+
+    def _drop_sent(self, key: str) -> None:
+        """Forget an attempt sent ahead (its upstream did not succeed), and those sent ahead of it."""
+        sent = self.running.get(key)
+        if sent is None or sent.dropped:
+            return
+        sent.dropped = True
+        sent.run.forget_ahead(sent.unit.task.name)
+        if sent.parked is not None:  # its end came already: nothing more will
+            del self.running[key]
+            self.in_use = self.in_use - sent.unit.task.resources
+        for follower in self.ahead.pop(key, ()):
+            self._drop_sent(follower)
+
+    def _confirm(self, run: RunState, unit: Unit) -> None:
+        """The row of an attempt sent ahead was recorded: it runs like any other now."""
+        entry = self.running[unit.step_run_id]
+        entry.ahead_of = None
+        self._seq += 1
+        unit.seq = self._seq  # its place, should it go through the queue for a retry
+        self._confirmed.append(entry)
+        if entry.parked is not None:
+            parked, entry.parked = entry.parked, None
+            self._finish(parked)
 
     def turn(self, max_wait: float) -> None:
         """One pass: activate, launch what the policy picks, wait up to `max_wait` for ends, close runs."""
         for run_id in list(self._heartbeat.lost & set(self.runs)):
             self._drop(self.runs[run_id])
         for run in list(self.runs.values()):
-            run.activate_ready(self._enqueue)
+            run.activate_ready(self._enqueue, self._confirm)
+            for unit in run.dropped:  # sent ahead, then not confirmed: as if never sent
+                self._drop_sent(unit.step_run_id)
+            run.dropped.clear()
         launches = self._launch_ready()
         if launches and not self._submit_first:
             self.recorder.flush()  # the RUNNING rows before their launch (see the docstring)
         for launch in launches:
             self.backend.submit(launch)
+        if self._submit_after is not None:
+            started = [self.running[launch.key] for launch in launches] + self._confirmed
+            self._confirmed = []
+            if started:
+                self._send_ahead(started)
+        if self._dispatch is not None:
+            self._dispatch()  # before the commit below: the launches are not kept waiting for it
         since = self.recorder.waiting_since()
         if since is not None and (time.monotonic() - since >= FLUSH_SECONDS
                                   or self.recorder.work_at_risk >= FLUSH_SECONDS):
@@ -301,8 +387,9 @@ class Orchestrator:
         while self.running and time.monotonic() < deadline:
             for result in self.backend.wait(0.2):
                 entry = self.running.pop(result.key, None)
-                if entry is not None:
-                    self.queue.done(entry.candidate.key)
+                if entry is not None and entry.ahead_of is None:  # one sent ahead has no row, nor a place in the queue
+                    if hasattr(entry, "candidate"):
+                        self.queue.done(entry.candidate.key)
                     self.recorder.finished(result)
         # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
         with contextlib.suppress(Exception):
@@ -319,8 +406,9 @@ class Orchestrator:
         while self.running and time.monotonic() < deadline:
             for result in self.backend.wait(0.2):
                 entry = self.running.pop(result.key, None)
-                if entry is not None:
-                    self.queue.done(entry.candidate.key)
+                if entry is not None and entry.ahead_of is None:  # one sent ahead has no row, nor a place in the queue
+                    if hasattr(entry, "candidate"):
+                        self.queue.done(entry.candidate.key)
                     self.recorder.finished(result)
         with contextlib.suppress(Exception):
             self.recorder.flush()

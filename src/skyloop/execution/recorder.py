@@ -97,7 +97,7 @@ class Recorder:
             "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
             "started_at": _ts(result.started_at),
             "error": result.error, "traceback": result.traceback, "worker": result.worker,
-            "max_rss": result.max_rss,
+            "max_rss": result.max_rss, "cached_from": result.cached_from,
         })
         for ref in result.outputs.values():
             self._artifacts[ref.digest] = ref

@@ -19,11 +19,11 @@ import cloudpickle
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.history import Prior
 from skyloop.execution.recorder import Recorder
-from skyloop.execution.tasks import Element, Gathered, InputValue, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.tasks import After, Element, Gathered, InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
 from skyloop.pipelines.step import Step, code_hash
 from skyloop.pipelines.validate import topological_order
-from skyloop.spec.pipeline import PipelineSpec, TaskSpec
+from skyloop.spec.pipeline import PipelineSpec, TaskInput, TaskSpec
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.db import Database
@@ -104,6 +104,10 @@ class RunState:
         self.payloads: dict[str, bytes | None] = {}
         self.active_units = 0
         """Units queued, waiting to retry or running."""
+        self.ahead: dict[str, Unit] = {}
+        """Task -> its attempt sent before its upstream ended (`ahead_of`), not recorded until `_activate`."""
+        self.dropped: list[Unit] = []
+        """Attempts sent ahead that activation did not confirm, for the caller to forget."""
 
     # -- progress ----------------------------------------------------------------------------------
     def _notify(self, progress: TaskProgress) -> None:
@@ -150,14 +154,21 @@ class RunState:
         return "FAILED", f"step {first.spec.name!r} {first.state.value}: {first.error}"
 
     # -- activation: a task whose upstream tasks all ended ----------------------------------------
-    def activate_ready(self, enqueue: Callable[[RunState, Unit], None]) -> None:
-        """Activate every task whose upstream ended; attempts to run go to `enqueue`."""
+    def activate_ready(self, enqueue: Callable[[RunState, Unit], None],
+                       confirm: Callable[[RunState, Unit], None] = lambda run, unit: None) -> None:
+        """Activate every task whose upstream ended; attempts to run go to `enqueue`, and those sent ahead
+        (see `ahead_of`) to `confirm` once their row is recorded. A task sent ahead that ends otherwise
+        (its upstream failed or was skipped) is dropped from `ahead`; the caller forgets its launch."""
         while self.ready:
-            self._activate(self.ready.popleft(), enqueue)
+            self._activate(self.ready.popleft(), enqueue, confirm)
 
-    def _activate(self, name: str, enqueue: Callable[[RunState, Unit], None]) -> None:
+    def _activate(self, name: str, enqueue: Callable[[RunState, Unit], None],
+                  confirm: Callable[[RunState, Unit], None]) -> None:
         progress = self.tasks[name]
         task = progress.spec
+        sent = self.ahead.pop(name, None)
+        if sent is not None and self._confirm(progress, sent):
+            return confirm(self, sent)
         upstream = [self.tasks[d] for d in task.upstream()]
         failed = [u.spec.name for u in upstream if u.state in FAILED_STATES]
         if failed:
@@ -239,24 +250,87 @@ class RunState:
 
     def launch(self, unit: Unit) -> TaskLaunch:
         """Record a RUNNING attempt of `unit` (committed by the caller before launching) and build it."""
+        launch = self._build(unit)
+        self._record_launch(unit)
+        return launch
+
+    def _build(self, unit: Unit, after: After | None = None) -> TaskLaunch:
         task = unit.task
         unit.attempt, unit.step_run_id = self._next_attempt(task.name, unit.index)
         suffix = f"-{unit.index}" if unit.index >= 0 else ""
-        log_path = str(self.logs / f"{task.name}{suffix}.{unit.attempt}.log")
+        unit.log_path = str(self.logs / f"{task.name}{suffix}.{unit.attempt}.log")
         estimate = self.estimate(unit)
+        return TaskLaunch(
+            key=unit.step_run_id, task_name=task.name, step=task.step, inputs=unit.inputs,
+            output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
+            resources=task.resources, timeout=task.timeout, log_path=unit.log_path,
+            artifacts_url=self.store.url, fn_payload=self._payload(task.name),
+            run_id=self.run_id, db_url=self.db.url, home=self.home,
+            estimate=None if estimate[1] == "default" else estimate[0], after=after,
+        )
+
+    def _record_launch(self, unit: Unit) -> None:
+        task = unit.task
         self.recorder.attempt(run_id=self.run_id, step_run_id=unit.step_run_id, task=task.name,
                               map_index=unit.index, attempt=unit.attempt, state="RUNNING", step_ref=task.step.path,
                               code_hash=code_hash(self.steps[task.name].fn), cache_key=unit.cache_key,
                               resources=task.resources.model_dump(mode="json"), inputs=unit.inputs,
-                              log_path=log_path, estimate=estimate, input_bytes=input_bytes(unit.inputs))
-        return TaskLaunch(
-            key=unit.step_run_id, task_name=task.name, step=task.step, inputs=unit.inputs,
-            output_names=[o.name for o in task.outputs], multi_output=task.multi_output,
-            resources=task.resources, timeout=task.timeout, log_path=log_path,
-            artifacts_url=self.store.url, fn_payload=self._payload(task.name),
-            run_id=self.run_id, db_url=self.db.url, home=self.home,
-            estimate=None if estimate[1] == "default" else estimate[0],
-        )
+                              log_path=unit.log_path, estimate=self.estimate(unit),
+                              input_bytes=input_bytes(unit.inputs))
+
+    # -- lookahead (see `skyloop.execution.lookahead`) ---------------------------------------------
+    def ahead_of(self, unit: Unit) -> list[TaskLaunch]:
+        """Launches of the tasks that wait only on `unit` (running, not mapped), to send before it ends.
+
+        Only a task that is not mapped, has no `when` and no pool (the policy's queue holds pool limits),
+        fits, and whose other inputs are known."""
+        if unit.index >= 0 or unit.task.map_over:
+            return []
+        launches = []
+        for name in self.dependents[unit.task.name]:
+            task, progress = self.tasks[name].spec, self.tasks[name]
+            if (progress.waiting_on != {unit.task.name} or task.map_over or task.when or task.pool is not None
+                    or name in self.ahead or (name, -1) in self.prior.outputs
+                    or not task.resources.fits(self.capacity)):
+                continue
+            from_upstream = {n: b.output for n, b in task.inputs.items()
+                             if isinstance(b, TaskInput) and b.task == unit.task.name}
+            try:
+                known = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()
+                         if n not in from_upstream}
+            except KeyError:
+                continue
+            after = After(key=unit.step_run_id, inputs=from_upstream, code_hash=code_hash(self.steps[name].fn),
+                          cache_version=task.cache.version if task.cache.enabled else None)
+            sent = self.ahead[name] = Unit(task, -1, known, None, seq=0)
+            launches.append(self._build(sent, after))
+        return launches
+
+    def _confirm(self, progress: TaskProgress, sent: Unit) -> bool:
+        """Record the attempt of a task sent ahead, now that its upstream succeeded (its only one: no other
+        check can fail); False, and the attempt is forgotten, when its inputs cannot be resolved."""
+        task = progress.spec
+        try:
+            sent.inputs = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()}
+        except KeyError:
+            self.prior.attempts[(task.name, -1)] -= 1
+            self.dropped.append(sent)
+            return False  # activated as without lookahead, which records why
+        code = code_hash(self.steps[task.name].fn)
+        sent.cache_key = cache_key(code, task.cache.version, sent.inputs) if task.cache.enabled else None
+        progress.size = 1
+        self.active_units += 1
+        self._record_launch(sent)
+        progress.state = TaskState.RUNNING
+        self._notify(progress)
+        return True
+
+    def forget_ahead(self, name: str) -> Unit | None:
+        """Drop the attempt of `name` sent ahead (its upstream did not succeed): as if never built."""
+        unit = self.ahead.pop(name, None)
+        if unit is not None:
+            self.prior.attempts[(name, -1)] -= 1
+        return unit
 
     # -- results -----------------------------------------------------------------------------------
     def finish(self, unit: Unit, result: TaskResult) -> float | None:
@@ -273,14 +347,14 @@ class RunState:
         if progress.state.done:
             self.active_units -= 1
             return None  # a sibling unit already failed the task
-        if result.state == TaskState.SUCCEEDED:
+        if result.state in (TaskState.SUCCEEDED, TaskState.CACHED):  # CACHED: found by a worker (lookahead)
             missing = [o.name for o in unit.task.outputs if o.name not in result.outputs]
             if not missing:
                 self.active_units -= 1
                 progress.unit_outputs[unit.index] = result.outputs
                 self._notify(progress)
                 if len(progress.unit_outputs) == progress.size:
-                    self._complete(progress, TaskState.SUCCEEDED)
+                    self._complete(progress, result.state if unit.index < 0 else TaskState.SUCCEEDED)
                 return None
         retry = unit.task.retry
         if result.state != TaskState.CANCELLED and unit.attempt <= retry.retries:

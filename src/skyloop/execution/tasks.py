@@ -10,8 +10,8 @@ from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactRef
 
-__all__ = ["Element", "Gathered", "InputValue", "Literal_", "TaskLaunch", "TaskResult", "TaskState", "input_digests",
-           "input_edges"]
+__all__ = ["After", "Element", "Gathered", "InputValue", "Literal_", "TaskLaunch", "TaskResult", "TaskState",
+           "input_digests", "input_edges"]
 
 
 class TaskState(StrEnum):
@@ -94,6 +94,23 @@ def input_digests(inputs: dict[str, InputValue]) -> dict[str, str]:
     return digests
 
 
+@dataclass(frozen=True)
+class After:
+    """What an attempt sent before its upstream attempt ended (see `skyloop.execution.lookahead`) takes from it.
+
+    The worker fills `inputs` (input name -> output name of the upstream step) from the upstream's result
+    once it has one, and looks the attempt up in the cache (it could not be looked up before the
+    upstream's outputs were known): on a hit it ends CACHED without running.
+    """
+
+    key: str
+    """The upstream attempt's key."""
+    inputs: dict[str, str]
+    code_hash: str
+    cache_version: str | None
+    """The step's cache version; None when its cache is off."""
+
+
 @dataclass
 class TaskLaunch:
     """One step attempt for a backend to run."""
@@ -121,6 +138,8 @@ class TaskLaunch:
     """The run's skyloop home (with `db_url` and `artifacts_url`, the settings `log_model` uses)."""
     estimate: float | None = None
     """Expected seconds of the attempt, when learned (from history or finished siblings); None if not."""
+    after: After | None = None
+    """Set when the attempt is sent before its upstream ended: the inputs it still lacks."""
 
 
 @dataclass
@@ -138,6 +157,8 @@ class TaskResult:
     worker: str | None = None
     max_rss: int | None = None
     """Peak resident memory of the attempt in bytes, where the backend measures it."""
+    cached_from: str | None = None
+    """For a CACHED end: the earlier attempt whose outputs these are."""
 
     @property
     def seconds(self) -> float | None:

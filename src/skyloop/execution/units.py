@@ -34,6 +34,8 @@ class Unit:
     step_run_id: str = ""
     not_before: float = 0.0
     """Earliest launch time (retry delay)."""
+    log_path: str = ""
+    """The current attempt's log file."""
 
 
 @dataclass

@@ -30,7 +30,10 @@ class Backend(Protocol):
     # backend queues launches beyond its capacity itself (default: `capacity()`). Not part of the
     # protocol, so that a backend without it still is one. Likewise `attempts_die_with_driver: bool`,
     # true when the backend's attempts end with the process that submitted them (default: false):
-    # the orchestrator then commits RUNNING rows while the launches travel, not before.
+    # the orchestrator then commits RUNNING rows while the launches travel, not before. And
+    # `submit_after(launch, upstream_key) -> bool`, to send an attempt that starts once another ended,
+    # with its result (see `skyloop.execution.lookahead`), with `dispatch()`, which sends what `submit`
+    # and `submit_after` held back (to send a step with those sent ahead of it, in one go).
 
     def submit(self, launch: TaskLaunch) -> None:
         """Start the attempt; its end is reported by a later `wait`."""

@@ -24,19 +24,29 @@ in a pack keeps its own log, result and memory peak; a worker that dies takes it
 it (each attempt CRASHED, retried per its step's policy), and cancelling one attempt of a pack
 cancels the pack and sends the others again on their own.
 
+Steps sent ahead of their upstream (`submit_after`, see `skyloop.execution.lookahead`) take its
+result as an argument, so Ray starts them when it ends. Without timeouts, and asking for the same
+resources, they travel with it as a chain: one Ray task (a streaming generator) runs them one after
+the other in one worker and yields each one's outcome as it ends, so the driver sees every end at
+once while Ray's round trip (1.5 ms on a small machine: the owner learns of the end, then leases and
+pushes the next task) is saved between them. The one after a step that did not succeed ends unrun
+(`NOT_RUN`, dropped by the orchestrator); a worker that dies takes the step it ran; cancelling one
+step of a chain sends those before it again as a chain of their own and ends those after it unrun.
+A turn's launches are held until the orchestrator calls `dispatch` (or `wait`), so that the steps
+sent ahead of them can join them.
+
 Artifacts go through the artifact store from inside the task: only the launch and the result (with
-small inline values) pass through the driver. What runs in the worker lives in `ray_task`.
+small inline values) pass through the driver. What runs in the worker lives in `ray_task`, the
+connection to Ray in `ray_connect`.
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import pickle
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -45,12 +55,13 @@ from typing import Any
 import cloudpickle
 
 from skyloop.config import ExecutionSettings
-from skyloop.errors import BackendError
-from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt, run_attempts
+from skyloop.execution.backends.ray_connect import connect_ray
+from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt, run_attempts, run_chain
+from skyloop.execution.lookahead import NOT_RUN
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
-__all__ = ["RayBackend", "connect_ray"]
+__all__ = ["RayBackend"]
 
 _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
@@ -64,6 +75,8 @@ PACK_SECONDS = 0.05
 """The longest a pack is expected to take."""
 MAX_PACK = 32
 """The most attempts in one pack."""
+MAX_CHAIN = 32
+"""The most attempts in one chain (see `submit_after`)."""
 
 
 def pickled(obj: object) -> bytes:
@@ -98,45 +111,20 @@ class _Attempt:
     """The state and error to report for an attempt we force-cancelled."""
     give_up: float | None = None
     """Monotonic time after which a cancelled attempt is reported even if Ray has not confirmed it."""
+    followers: list[_Attempt] | None = None
+    """Attempts sent ahead of this one (`submit_after`), whose timeouts start when it ends."""
+    chained: bool = False
+    """Whether `ref` is a chain's (a streaming generator yielding its attempts' outcomes in order)."""
+    upstream: Any = None
+    """The ref of the upstream result its task was given (`submit_after`), if any."""
 
 
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise BackendError("the ray backend needs the ray extra: pip install 'skyloop[ray]'") from exc
-    return ray
+@dataclass(eq=False)
+class _Chain:
+    """Launches not sent yet, each after the one before it (the first after `after`, if given)."""
 
-
-def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, bool]:
-    """The `ray` module, connected to `address` or to a local Ray started here (sized by `settings`),
-    unless Ray is already initialised in this process; and whether this call initialised it.
-
-    A Ray started here listens on 127.0.0.1 only, unless this process imported `ray` before
-    without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment (Ray reads it at import).
-    """
-    if address is None and "ray" not in sys.modules:
-        # Loopback only: Ray reads this once, at import, and only from the environment (its own
-        # processes inherit it). Not for a remote cluster, which must reach this driver. A user's
-        # value is kept.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = _import_ray()
-    if ray.is_initialized():
-        return ray, False
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    try:
-        if address is not None:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(
-                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
-                num_gpus=settings.max_gpus, _memory=settings.max_memory, **quiet,
-            )
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
-        where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
-        raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
-    return ray, True
+    launches: list[TaskLaunch]
+    after: _Attempt | None = None
 
 
 class RayBackend:
@@ -155,6 +143,7 @@ class RayBackend:
         self._capacity: Resources | None = None
         self._remote: Any = None
         self._remote_pack: Any = None
+        self._remote_chain: Any = None
         self._options: dict[tuple[Any, ...], Any] = {}
         self._context = b""  # the pickled `DriverContext` every task gets
         self._running: dict[str, _Attempt] = {}
@@ -169,6 +158,12 @@ class RayBackend:
         """Launches not given to Ray yet: one with a timeout that would queue there, and those after it."""
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         """What the attempts given to Ray and not ended yet ask for."""
+        self._unsent: dict[str, _Chain] = {}
+        """Launches to send at the next `wait`, by the key of their chain's first (most are alone)."""
+        self._tails: dict[str, _Chain] = {}
+        """The unsent chains by the key of their last launch (what `submit_after` may extend)."""
+        self._chain_last: dict[Any, Any] = {}
+        """A running chain's generator -> the ref of the last outcome it yielded."""
 
     @property
     def attempts_die_with_driver(self) -> bool:
@@ -185,6 +180,7 @@ class RayBackend:
         ray, self._owns_ray = connect_ray(self.address, self.settings)
         self._ray = ray
         self._remote, self._remote_pack = ray.remote(run_attempt), ray.remote(run_attempts)
+        self._remote_chain = ray.remote(run_chain)
         context = DriverContext(node_id=self._node_id(ray), sys_path=own_paths())
         self._context = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -212,17 +208,73 @@ class RayBackend:
                          custom={name: amount * factor for name, amount in cap.custom.items()})
 
     def submit(self, launch: TaskLaunch) -> None:
-        """Submit the attempt as a Ray task with the step's resources; Ray places it."""
-        if launch.key in self._running or launch.key in self._packable or any(held.key == launch.key
-                                                                               for held in self._held):
+        """Submit the attempt as a Ray task with the step's resources; Ray places it (at the next `wait`,
+        so that attempts sent ahead of it may travel with it)."""
+        if launch.key in self._running or launch.key in self._packable or launch.key in self._tails \
+                or any(launch.key == each.key for each in self._held):
             raise ValueError(f"task {launch.key!r} is already running")
         self.start()
+        if launch.timeout is not None:  # whether it has room depends on them
+            self.dispatch()
         if self._held or (launch.timeout is not None and not self._has_room(launch)):
             self._held.append(launch)
         elif launch.timeout is None and launch.estimate is not None and launch.estimate < PACK_BELOW_SECONDS:
             self._packable[launch.key] = launch
         else:
-            self._send(launch)
+            self._chain_up(_Chain([launch]))
+
+    def submit_after(self, launch: TaskLaunch, upstream: str) -> bool:
+        """Submit the attempt to start once the attempt `upstream` ended, with that attempt's result (see
+        `skyloop.execution.lookahead`); False when it cannot (the upstream travels in a pack or a chain
+        already sent, or launches wait in `_held`, whose order this would jump).
+
+        Without timeouts, and with the same resources, it joins the upstream's chain: one Ray task that
+        runs them one after the other in one worker, without Ray's round trip between them (about a
+        millisecond on a small machine). Otherwise, it is a Ray task of its own that waits for the
+        upstream's."""
+        if launch.key in self._running or launch.key in self._tails or self._held:
+            return False
+        first = self._packable.pop(upstream, None)
+        if first is not None:  # in a pack its result would be hidden among others': a chain instead
+            self._chain_up(_Chain([first]))
+        split = self._unsent.get(upstream)
+        if split is not None and len(split.launches) > 1:  # a second step after it: it goes alone, now
+            rest = _Chain(split.launches[1:])
+            split.launches = split.launches[:1]
+            self._tails[upstream] = split
+            self._send_chain(split)
+            rest.after = self._running.get(upstream)
+            if rest.after is None:  # it could not be sent (its result says why): the rest never runs
+                self._done.extend(_not_run(each.key) for each in rest.launches)
+                return False
+            self._chain_up(rest)
+        chain = self._tails.get(upstream)
+        if chain is not None:
+            head = chain.launches[0]
+            if launch.timeout is None and head.timeout is None and len(chain.launches) < MAX_CHAIN \
+                    and self._options_key(head)[:-1] == self._options_key(launch)[:-1]:
+                chain.launches.append(launch)
+                self._tails[launch.key] = self._tails.pop(upstream)
+                return True
+            self._send_chain(chain)
+        attempt = self._running.get(upstream)
+        if attempt is None or attempt.packed or attempt.chained or attempt.stopped is not None:
+            return False
+        self._chain_up(_Chain([launch], after=attempt))
+        return True
+
+    def _chain_up(self, chain: _Chain) -> None:
+        self._unsent[chain.launches[0].key] = self._tails[chain.launches[-1].key] = chain
+
+    def dispatch(self) -> None:
+        """Send what `submit` and `submit_after` took since the last call (also done by `wait`)."""
+        for chain in list(self._unsent.values()):
+            self._send_chain(chain)
+
+    def _send_chain(self, chain: _Chain) -> None:
+        del self._unsent[chain.launches[0].key]
+        del self._tails[chain.launches[-1].key]
+        self._send(*chain.launches, after=chain.after, chained=len(chain.launches) > 1)
 
     def _has_room(self, launch: TaskLaunch) -> bool:
         """Whether Ray can start the launch now, as far as our own attempts go."""
@@ -233,15 +285,21 @@ class RayBackend:
         while self._held and (self._held[0].timeout is None or self._has_room(self._held[0])):
             self._send(self._held.popleft())
 
-    def _send(self, launch: TaskLaunch, *pack: TaskLaunch) -> None:
-        """One Ray task for `launch`, or for the pack of it and `pack` (same task, same resources)."""
+    def _send(self, launch: TaskLaunch, *pack: TaskLaunch, after: _Attempt | None = None,
+              chained: bool = False, upstream: Any = None) -> None:
+        """One Ray task for `launch`, or for the pack (or with `chained`, the chain) of it and `pack` (same
+        task, same resources); with `after` (or the ref `upstream`), one that Ray starts once that
+        attempt's task ended, given its result."""
         submitted, now = time.time(), time.monotonic()
         launches = (launch, *pack)
+        upstream = after.ref if after is not None else upstream
         try:
             # As bytes, which Ray passes as they are (its own serialization of an object costs ~0.3 ms
             # more per task).
             payload = pickled(list(launches) if pack else launch)
-            ref = self._options_for(launch, packed=bool(pack)).remote(payload, self._context)
+            options = self._options_for(launch, kind="chain" if chained else "pack" if pack else "one")
+            ref = options.remote(payload, self._context) if upstream is None else \
+                options.remote(payload, self._context, upstream)
         except Exception as exc:  # e.g. an input value that cannot be pickled
             for each in launches:
                 self._done.append(TaskResult(key=each.key, state=TaskState.FAILED, ended_at=time.time(),
@@ -250,10 +308,13 @@ class RayBackend:
         self.tasks_sent += 1
         attempts = self._by_ref[ref] = []
         for each in launches:
-            deadline = None if each.timeout is None else now + each.timeout
-            attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, packed=bool(pack))
+            deadline = None if each.timeout is None or upstream is not None else now + each.timeout
+            attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, chained=chained,
+                                                         packed=bool(pack) and not chained, upstream=upstream)
             attempts.append(attempt)
             self._in_ray = self._in_ray + each.resources
+            if after is not None:
+                after.followers = [*(after.followers or ()), attempt]
 
     def _send_packs(self) -> None:
         """Send the packable launches of this turn: per task, in order, in packs that keep every CPU busy."""
@@ -276,13 +337,16 @@ class RayBackend:
         res = launch.resources
         return res.cpus, res.gpus, res.memory, tuple(sorted(res.custom.items())), launch.task_name
 
-    def _options_for(self, launch: TaskLaunch, packed: bool = False) -> Any:
-        key = (*self._options_key(launch), packed)
+    def _options_for(self, launch: TaskLaunch, kind: str = "one") -> Any:
+        key = (*self._options_key(launch), kind)
         options = self._options.get(key)
         if options is None:
             res = launch.resources
-            extra = {"memory": res.memory} if res.memory > 0 else {}
-            options = self._options[key] = (self._remote_pack if packed else self._remote).options(
+            extra: dict[str, Any] = {"memory": res.memory} if res.memory > 0 else {}
+            if kind == "chain":
+                extra["num_returns"] = "streaming"
+            remote = {"one": self._remote, "pack": self._remote_pack, "chain": self._remote_chain}[kind]
+            options = self._options[key] = remote.options(
                 num_cpus=res.cpus, num_gpus=res.gpus, resources=dict(res.custom), name=launch.task_name,
                 max_retries=0, retry_exceptions=False, **extra,
             )
@@ -290,6 +354,7 @@ class RayBackend:
 
     def wait(self, timeout: float) -> list[TaskResult]:
         """Results of attempts that ended, waiting up to `timeout` seconds for one while any runs."""
+        self.dispatch()
         if self._packable:
             self._send_packs()
         end = time.monotonic() + max(0.0, timeout)
@@ -308,7 +373,9 @@ class RayBackend:
     def cancel(self, key: str) -> None:
         """Force-cancel the attempt (killing its worker if it runs); `wait` reports it CANCELLED."""
         attempt = self._running.get(key)
-        if attempt is not None and attempt.stopped is None:
+        if attempt is not None and attempt.stopped is None and attempt.chained:
+            self._cancel_in_chain(attempt)
+        elif attempt is not None and attempt.stopped is None:
             pack = self._by_ref.get(attempt.ref, [])
             if len(pack) > 1:  # the others of its pack go again on their own
                 self._by_ref[attempt.ref] = [attempt]
@@ -320,11 +387,38 @@ class RayBackend:
             self._stop(attempt, TaskState.CANCELLED, "cancelled")
         if self._packable.pop(key, None) is not None:
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled", ended_at=time.time()))
+        for chain in [c for c in self._unsent.values() if any(launch.key == key for launch in c.launches)]:
+            keys = [launch.key for launch in chain.launches]
+            cut = keys.index(key)
+            del self._tails[keys[-1]]
+            chain.launches, later = chain.launches[:cut], chain.launches[cut + 1:]
+            if chain.launches:
+                self._tails[chain.launches[-1].key] = chain
+            else:
+                del self._unsent[key]
+            self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled", ended_at=time.time()))
+            self._done.extend(_not_run(launch.key) for launch in later)
         for held in [h for h in self._held if h.key == key]:
             self._held.remove(held)
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled",
                                          ended_at=time.time()))
             self._release()  # the launches behind it may go now
+
+    def _cancel_in_chain(self, attempt: _Attempt) -> None:
+        """Stop the chain's task: the attempts after `attempt` end `NOT_RUN` (they needed it), those before
+        it go again as a chain of their own, from the last result the chain gave."""
+        members = self._by_ref.get(attempt.ref, [])
+        cut = members.index(attempt)
+        before, later = members[:cut], members[cut + 1:]
+        self._by_ref[attempt.ref] = [attempt]
+        for other in before + later:
+            del self._running[other.launch.key]
+            self._in_ray = self._in_ray - other.launch.resources
+        if before:
+            upstream = self._chain_last.get(attempt.ref, before[0].upstream)
+            self._send(*(other.launch for other in before), chained=len(before) > 1, upstream=upstream)
+        self._done.extend(_not_run(other.launch.key) for other in later)
+        self._stop(attempt, TaskState.CANCELLED, "cancelled")
 
     def shutdown(self) -> None:
         """Cancel what still runs, and stop Ray if this backend started it; safe to repeat."""
@@ -336,6 +430,9 @@ class RayBackend:
         self._running.clear()
         self._by_ref.clear()
         self._packable.clear()
+        self._unsent.clear()
+        self._tails.clear()
+        self._chain_last.clear()
         self._options.clear()
         self._held.clear()
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
@@ -377,6 +474,13 @@ class RayBackend:
             return
         if len(refs) > 1:
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        streams = [ref for ref in ready if isinstance(ref, self._ray.ObjectRefGenerator)]
+        for stream in streams:
+            self._stream(stream)
+        if streams:
+            ready = [ref for ref in ready if not isinstance(ref, self._ray.ObjectRefGenerator)]
+            if not ready:
+                return
         try:
             values = self._ray.get(ready)
         except Exception:  # one of them failed: take them one by one
@@ -393,10 +497,35 @@ class RayBackend:
             else:
                 self._returned(ref, value)
 
+    def _stream(self, stream: Any) -> None:
+        """Take in the outcomes a chain yielded so far; if its task died, the attempt it ran ends with why,
+        and those after it `NOT_RUN`."""
+        while self._by_ref.get(stream) and (stream.next_ready() or stream.is_finished()):
+            try:
+                ref = next(stream)
+                value = self._ray.get(ref)
+            except Exception as exc:  # StopIteration too: a chain that ended without a word for some
+                first, *later = self._by_ref[stream]
+                self._end(first, self._failed(first, exc) if not isinstance(exc, StopIteration)
+                          else self._ended(first, TaskState.CRASHED, "the chain's Ray task ended before the step"))
+                for other in later:
+                    self._end(other, _not_run(other.launch.key))
+                break
+            self._chain_last[stream] = ref
+            self._returned(stream, value)
+        if stream not in self._by_ref:
+            self._chain_last.pop(stream, None)
+
     def _end(self, attempt: _Attempt, result: TaskResult) -> None:
         if self._running.get(attempt.launch.key) is attempt:
             del self._running[attempt.launch.key]
             self._in_ray = self._in_ray - attempt.launch.resources
+        now = time.monotonic()
+        for follower in attempt.followers or ():  # they start now: so do their clocks
+            timeout = follower.launch.timeout
+            if timeout is not None and follower.stopped is None:
+                follower.deadline = now + timeout
+        attempt.followers = None
         pack = self._by_ref.get(attempt.ref)
         if pack is not None and attempt in pack:
             pack.remove(attempt)
@@ -414,6 +543,8 @@ class RayBackend:
             else [pickle.loads(value)]
         by_key = {result.key: (result, log_tail) for result, log_tail in outcomes}
         for attempt in attempts:
+            if attempt.chained and attempt.launch.key not in by_key:
+                continue  # a chain yields one outcome at a time
             result, log_tail = by_key[attempt.launch.key]
             if log_tail:  # it ran on another node, which cannot write our log folder
                 path = attempt.launch.log_path
@@ -451,3 +582,8 @@ class RayBackend:
     def _ended(self, attempt: _Attempt, state: TaskState, error: str) -> TaskResult:
         return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=attempt.submitted,
                           ended_at=time.time())
+
+
+def _not_run(key: str) -> TaskResult:
+    now = time.time()
+    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=now, ended_at=now)

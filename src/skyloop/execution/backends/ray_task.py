@@ -18,14 +18,16 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from skyloop.execution.lookahead import fill
 from skyloop.execution.procworker import PeakMemory, capture_output, scoped_environ
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import execute
 from skyloop.store.artifacts import ArtifactStore
 
-__all__ = ["LOG_TAIL_BYTES", "DriverContext", "own_paths", "run_attempt", "run_attempts"]
+__all__ = ["LOG_TAIL_BYTES", "DriverContext", "own_paths", "run_attempt", "run_attempts", "run_chain"]
 
 LOG_TAIL_BYTES = 4 * 2**20
 """How much of a step's log an attempt on another node sends back (the end of it)."""
@@ -131,14 +133,20 @@ def _take_tail(path: str) -> bytes:
 _worker: _Worker | None = None
 
 
-def run_attempt(launch: bytes, context: bytes) -> bytes:
+def run_attempt(launch: bytes, context: bytes, upstream: bytes | None = None) -> bytes:
     """The Ray task: run the launch in this worker process (see `RayBackend`).
 
     `launch` is a pickled `TaskLaunch`, `context` a pickled `DriverContext`; returns the pickled
-    `(TaskResult, log tail or None)`.
+    `(TaskResult, log tail or None)`. `upstream` is what the task of the attempt it was sent ahead of
+    returned (see `skyloop.execution.lookahead`): the launch takes its inputs from it, or ends unrun.
     """
     worker = _the_worker()
-    outcome = worker.run(pickle.loads(launch), worker.context_of(context))
+    attempt: TaskLaunch | TaskResult = pickle.loads(launch)
+    if upstream is not None:
+        assert isinstance(attempt, TaskLaunch)
+        result, _ = pickle.loads(upstream)
+        attempt = fill(attempt, result, time.time())
+    outcome = (attempt, None) if isinstance(attempt, TaskResult) else worker.run(attempt, worker.context_of(context))
     return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -152,6 +160,24 @@ def run_attempts(launches: bytes, context: bytes) -> bytes:
     driver = worker.context_of(context)
     outcomes = [worker.run(launch, driver) for launch in pickle.loads(launches)]
     return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def run_chain(launches: bytes, context: bytes, upstream: bytes | None = None) -> Iterator[bytes]:
+    """The Ray task of a chain (a streaming generator): run a pickled list of `TaskLaunch`es, each after
+    the one before it (the first after `upstream`, as in `run_attempt`, when given), whose outputs it
+    takes (`TaskLaunch.after`); yield each one's pickled `(TaskResult, log tail or None)` as soon as it
+    ended, so that the driver learns of every end at once. Once one did not succeed, the rest end
+    `NOT_RUN` without running."""
+    worker = _the_worker()
+    driver = worker.context_of(context)
+    previous: TaskResult | None = None if upstream is None else pickle.loads(upstream)[0]
+    for launch in pickle.loads(launches):
+        attempt: TaskLaunch | TaskResult = launch
+        if previous is not None:
+            attempt = fill(launch, previous, time.time())
+        outcome = (attempt, None) if isinstance(attempt, TaskResult) else worker.run(attempt, driver)
+        previous = outcome[0]
+        yield pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _the_worker() -> _Worker:

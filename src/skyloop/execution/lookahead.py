@@ -1,0 +1,62 @@
+"""Attempts sent before their upstream attempt ends, and what the worker does with them once it has.
+
+On a backend that queues work and can make one task wait for another's result (Ray), a step whose
+last missing upstream step is running may be sent at once, to start as soon as that upstream ends:
+the orchestrator's own work for it (taking the upstream's end, activating the step, building and
+sending its launch: most of a short step's cost in a chain) then happens while the upstream runs,
+not between the two. What the step cannot know before its upstream ended travels as `After`:
+
+- its inputs from the upstream, which the worker fills from the upstream's result;
+- its cache lookup, which the worker makes against the metadata DB once the inputs are known; on a
+  hit the attempt ends CACHED without running, as it would have without lookahead;
+- whether it runs at all: an upstream that did not succeed leaves it `NOT_RUN`, and the orchestrator
+  forgets it (no row was written for it) and goes on as without lookahead (a retry, or
+  UPSTREAM_FAILED).
+
+The orchestrator sends ahead only a step that nothing else competes with (its ready queue is empty,
+so the policy has no order to keep), that waits on exactly one running attempt (not a `.map`), and
+that has no `when` condition (its value is only known at the upstream's end). Its attempt row is
+written when the upstream's end is taken, as any other launch's; its timeout counts from then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from skyloop.execution.cache import cache_key, find_cached, lookup_connection
+from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
+from skyloop.store.db import Database
+
+__all__ = ["NOT_RUN", "fill"]
+
+NOT_RUN = "not run: its upstream attempt did not succeed"
+"""The error of an attempt sent ahead whose upstream failed (the orchestrator drops it, unrecorded)."""
+
+_databases: dict[str, Database] = {}
+"""The metadata DBs this process looked up cache entries in, by URL (the last `DATABASES_KEPT`)."""
+DATABASES_KEPT = 4
+
+
+def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch | TaskResult:
+    """`launch` with the inputs it takes from `upstream`; or how it ended without running (its upstream
+    failed, or the cache has its result)."""
+    after = launch.after
+    assert after is not None
+    if upstream.state not in (TaskState.SUCCEEDED, TaskState.CACHED) \
+            or not set(after.inputs.values()) <= set(upstream.outputs):
+        return TaskResult(key=launch.key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=started,
+                          ended_at=started)
+    inputs: dict[str, InputValue] = {**launch.inputs,
+                                     **{name: upstream.outputs[output] for name, output in after.inputs.items()}}
+    if after.cache_version is not None and launch.db_url is not None:
+        key = cache_key(after.code_hash, after.cache_version, inputs)
+        db = _databases.pop(launch.db_url, None) or Database(launch.db_url, migrate=False)
+        _databases[launch.db_url] = db  # the newest last
+        while len(_databases) > DATABASES_KEPT:
+            _databases.pop(next(iter(_databases))).dispose()
+        with lookup_connection(db) as conn:
+            hit = find_cached(conn, [key], launch.output_names).get(key)
+        if hit is not None:
+            return TaskResult(key=launch.key, state=TaskState.CACHED, outputs=hit[1], cached_from=hit[0],
+                              started_at=started, ended_at=started)
+    return replace(launch, inputs=inputs, after=None)

@@ -1,0 +1,271 @@
+"""Lookahead on a real Ray: steps sent before their upstream ended, and chains run in one Ray task.
+
+Each test checks what a run without lookahead gives too (outputs, states, attempts, cache keys),
+what ran (each step appends to a trace file when it runs), and that lookahead really happened (a
+spy on the backend's `submit_after` and `_send`, which it does not change).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from ray_support import local_ray
+
+from skyloop import Settings, run
+from skyloop.config import ExecutionSettings
+from skyloop.execution.backends.ray import RayBackend
+from skyloop.execution.loading import load_file_module
+from skyloop.execution.lookahead import NOT_RUN
+from skyloop.execution.run import Run
+from skyloop.execution.tasks import After, Literal_, TaskLaunch, TaskResult, TaskState
+from skyloop.spec.pipeline import StepRef
+from skyloop.spec.resources import Resources
+from skyloop.store.artifacts import ArtifactStore
+from skyloop.store.models import Lineage, StepRunRow
+from skyloop.store.workspace import Workspace
+
+HERE = Path(__file__).parent
+CHAINS = str(HERE / "chain_pipelines.py")
+STEPS = str(HERE / "ray_steps.py")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[ModuleType]:
+    with local_ray() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def chains() -> ModuleType:
+    return load_file_module(CHAINS)
+
+
+class Spy:
+    """What the Ray backend was asked to send ahead, and the chains it sent (it still does all of it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.after: list[tuple[str, bool]] = []
+        self.chains: list[list[str]] = []
+        submit_after, send = RayBackend.submit_after, RayBackend._send
+
+        def spy_submit_after(backend: RayBackend, launch: TaskLaunch, upstream: str) -> bool:
+            taken = submit_after(backend, launch, upstream)
+            self.after.append((launch.task_name, taken))
+            return taken
+
+        def spy_send(backend: RayBackend, *launches: TaskLaunch, **options: Any) -> None:
+            if options.get("chained"):
+                self.chains.append([launch.task_name for launch in launches])
+            send(backend, *launches, **options)
+
+        monkeypatch.setattr(RayBackend, "submit_after", spy_submit_after)
+        monkeypatch.setattr(RayBackend, "_send", spy_send)
+
+    def sent_ahead(self) -> list[str]:
+        return [name for name, taken in self.after if taken]
+
+
+def _run(target: Any, params: dict[str, Any], home: Path, lookahead: bool = True) -> Run:
+    settings = Settings.for_home(home)
+    settings.execution.lookahead = lookahead
+    return run(target, params, backend="ray", settings=settings)
+
+
+def _rows(home: Path, run_id: str) -> list[StepRunRow]:
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        with workspace.db.read() as session:
+            return list(session.query(StepRunRow).filter_by(run_id=run_id).order_by(StepRunRow.created_at))
+    finally:
+        workspace.close()
+
+
+def _inputs_recorded(home: Path, run_id: str) -> dict[str, int]:
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        with workspace.db.read() as session:
+            rows = session.query(StepRunRow.task, Lineage.name).join(Lineage, Lineage.step_run_id == StepRunRow.id) \
+                .filter(StepRunRow.run_id == run_id, Lineage.direction == "in").all()
+            counts: dict[str, int] = {}
+            for task, _ in rows:
+                counts[task] = counts.get(task, 0) + 1
+            return counts
+    finally:
+        workspace.close()
+
+
+def _trace(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_chain_runs_in_one_task_and_is_recorded_as_without_lookahead(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    trace = tmp_path / "trace"
+    ahead = _run(chains.counting, {"trace": str(trace)}, tmp_path / "on")
+    assert ahead.status == "SUCCEEDED", ahead.error
+    assert ahead.output("add_one-6") == 6
+    assert _trace(trace) == [f"add_one({i})" for i in range(6)]  # each once, in order
+    assert len(spy.sent_ahead()) == 5 and spy.chains and max(len(c) for c in spy.chains) >= 2
+    spy.after.clear()
+    plain = _run(chains.counting, {"trace": str(tmp_path / "trace2")}, tmp_path / "off", lookahead=False)
+    assert spy.after == []  # turned off: nothing sent ahead
+    assert plain.outputs == ahead.outputs
+    assert {n: (s.state, s.attempts) for n, s in ahead.steps.items()} == \
+        {n: (s.state, s.attempts) for n, s in plain.steps.items()}
+    # The rows say the same: one SUCCEEDED attempt per step, with its cache key (the same inputs but
+    # the trace's path give the same keys), inputs recorded in the lineage, and the worker that ran it.
+    on, off = _rows(tmp_path / "on", ahead.id), _rows(tmp_path / "off", plain.id)
+    assert [(r.task, r.attempt, r.state) for r in on] == [(r.task, r.attempt, r.state) for r in off]
+    assert all(r.cache_key and r.worker and r.log_path and r.ended_at for r in on)
+    assert _inputs_recorded(tmp_path / "on", ahead.id) == _inputs_recorded(tmp_path / "off", plain.id)
+
+
+def test_a_worker_finds_the_cached_result_of_a_step_sent_ahead_and_does_not_run_it(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace, home = tmp_path / "trace", tmp_path / "home"
+    first = _run(chains.cached_tail, {"x": 5, "trace": str(trace)}, home)
+    assert first.status == "SUCCEEDED", first.error
+    spy = Spy(monkeypatch)
+    second = _run(chains.cached_tail, {"x": 5, "trace": str(trace)}, home)
+    assert second.status == "SUCCEEDED", second.error
+    assert second.output("add_one-2") == 7
+    assert {n: s.state.value for n, s in second.steps.items()} == \
+        {"origin": "SUCCEEDED", "add_one": "CACHED", "add_one-2": "CACHED"}
+    assert _trace(trace) == ["origin", "add_one(5)", "add_one(6)", "origin"]  # the origin only ran again
+    assert spy.sent_ahead() == ["add_one", "add_one-2"]  # their workers found the results
+    earlier = {r.task: r.id for r in _rows(home, first.id)}
+    again = {r.task: r for r in _rows(home, second.id)}
+    assert again["add_one"].cached_from == earlier["add_one"]
+    assert again["add_one-2"].cached_from == earlier["add_one-2"]
+
+
+def test_a_retried_upstream_runs_its_follower_once_after_it(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    trace = tmp_path / "trace"
+    result = _run(chains.retried_middle, {"x": 1, "trace": str(trace)}, tmp_path / "home")
+    assert result.status == "SUCCEEDED", result.error
+    assert result.output("add_one-2") == 21
+    assert _trace(trace) == ["add_one(1)", "fails_first", "fails_first", "add_one(20)"]
+    assert (result.steps["fails_first"].attempts, result.steps["add_one-2"].attempts) == (2, 1)
+    assert spy.sent_ahead().count("add_one-2") == 2  # sent ahead of each attempt; the first one never ran
+    rows = _rows(tmp_path / "home", result.id)
+    assert [(r.attempt, r.state) for r in rows if r.task == "add_one-2"] == [(1, "SUCCEEDED")]
+
+
+def test_two_steps_sent_ahead_of_one_upstream_are_each_retried(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    result = _run(chains.two_retried, {"x": 1, "trace": str(tmp_path / "trace")}, tmp_path / "home")
+    assert result.status == "SUCCEEDED", result.error
+    assert result.output("pair") == 20020
+    assert {"flaky", "flaky-2"} <= set(spy.sent_ahead())
+    assert (result.steps["flaky"].attempts, result.steps["flaky-2"].attempts) == (2, 2)
+
+
+def test_a_failed_upstream_leaves_the_steps_sent_ahead_unrun_and_unrecorded(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    trace = tmp_path / "trace"
+    result = _run(chains.failed_middle, {"x": 1, "trace": str(trace)}, tmp_path / "home")
+    assert result.status == "FAILED"
+    assert "always_fails" in (result.error or "")
+    assert _trace(trace) == ["add_one(1)", "always_fails"]
+    assert {"add_one-2", "add_one-3"} <= set(spy.sent_ahead())
+    rows = _rows(tmp_path / "home", result.id)
+    assert [(r.task, r.attempt, r.state) for r in rows] == [
+        ("add_one", 1, "SUCCEEDED"), ("always_fails", 1, "FAILED"),
+        ("add_one-2", 1, "UPSTREAM_FAILED"), ("add_one-3", 1, "UPSTREAM_FAILED")]
+
+
+def test_a_worker_dying_in_a_chain_is_retried_and_the_rest_runs_after(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    trace = tmp_path / "trace"
+    result = _run(chains.crashed_middle, {"x": 1, "trace": str(trace)}, tmp_path / "home")
+    assert result.status == "SUCCEEDED", result.error
+    assert result.output("add_one-2") == 201
+    assert any("dies_first" in chain for chain in spy.chains)  # it died inside a chain
+    rows = _rows(tmp_path / "home", result.id)
+    assert [(r.task, r.attempt, r.state) for r in rows] == [
+        ("add_one", 1, "SUCCEEDED"), ("dies_first", 1, "CRASHED"), ("dies_first", 2, "SUCCEEDED"),
+        ("add_one-2", 1, "SUCCEEDED")]
+    assert _trace(trace).count("add_one(200)") == 1
+
+
+def test_the_timeout_of_a_step_sent_ahead_counts_from_its_upstream_end(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    # Sent 1.5 s before it can start, with a 1 s timeout: it must not time out while it waits...
+    fine = _run(chains.timed_after_slow, {"trace": str(tmp_path / "t1")}, tmp_path / "home")
+    assert fine.status == "SUCCEEDED", fine.error
+    assert "timed" in spy.sent_ahead() and not any("timed" in chain for chain in spy.chains)
+    # ... and times out once it ran for its second.
+    slow = _run(chains.timed_after_slow, {"trace": str(tmp_path / "t2"), "slow_seconds": 0.5, "timed_seconds": 30.0},
+                tmp_path / "home")
+    info = slow.steps["timed"]
+    assert (slow.status, info.state.value) == ("FAILED", "TIMED_OUT")
+    assert info.seconds is not None and info.seconds < 10
+
+
+# -- the backend on its own ------------------------------------------------------------------------
+
+def _launch(tmp_path: Path, qualname: str, after: TaskLaunch | None = None, input_name: str = "a",
+            **inputs: object) -> TaskLaunch:
+    key = f"{qualname}-{uuid.uuid4().hex[:8]}"
+    return TaskLaunch(
+        key=key, task_name=qualname, step=StepRef(module=STEPS, qualname=qualname),
+        inputs={name: Literal_(value) for name, value in inputs.items()}, output_names=["output"],
+        multi_output=False, resources=Resources(), timeout=None, log_path=str(tmp_path / "logs" / f"{key}.log"),
+        artifacts_url=str(tmp_path / "artifacts"),
+        after=None if after is None else After(key=after.key, inputs={input_name: "output"}, code_hash="-",
+                                                cache_version=None),
+    )
+
+
+def _collect(backend: RayBackend, count: int, limit: float = 30.0) -> dict[str, TaskResult]:
+    results: dict[str, TaskResult] = {}
+    deadline = time.monotonic() + limit
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"only {len(results)} of {count} results after {limit}s"
+        for result in backend.wait(deadline - time.monotonic()):
+            results[result.key] = result
+    return results
+
+
+def test_cancelling_a_step_in_a_chain_sends_those_before_it_again_and_ends_those_after(
+        ray_session: ModuleType, tmp_path: Path) -> None:
+    backend = RayBackend(ExecutionSettings())
+    backend.start()
+    try:
+        first = _launch(tmp_path, "sleep", seconds=1.0)
+        middle = _launch(tmp_path, "add", after=first, b=1)
+        last = _launch(tmp_path, "add", after=middle, b=1)
+        backend.submit(first)
+        assert backend.submit_after(middle, first.key) and backend.submit_after(last, middle.key)
+        assert backend.wait(0.3) == []  # the chain is sent and its first step runs
+        backend.cancel(middle.key)
+        results = _collect(backend, 3)
+        assert results[first.key].state == TaskState.SUCCEEDED  # sent again on its own, and ran
+        assert (results[middle.key].state, results[middle.key].error) == (TaskState.CANCELLED, "cancelled")
+        assert (results[last.key].state, results[last.key].error) == (TaskState.CANCELLED, NOT_RUN)
+        # Uncut, a chain hands each result on: the step after reads the one before.
+        again = _launch(tmp_path, "add", a=1, b=1)
+        then = _launch(tmp_path, "add", after=again, b=10)
+        backend.submit(again)
+        assert backend.submit_after(then, again.key)
+        outputs = _collect(backend, 2)
+        assert outputs[then.key].state == TaskState.SUCCEEDED, outputs[then.key].error
+        store = ArtifactStore(str(tmp_path / "artifacts"))
+        assert store.get(outputs[then.key].outputs["output"]) == 12
+    finally:
+        backend.shutdown()
