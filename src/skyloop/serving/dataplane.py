@@ -8,15 +8,11 @@ statuses. Model code runs in worker threads (batched when the graph allows it), 
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-import orjson
 
 import skyloop
 from skyloop.config import Settings
@@ -24,8 +20,16 @@ from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError
 from skyloop.serving.batching import Batcher, Prediction
 from skyloop.serving.graph import Graph, Trace, load_graph
 from skyloop.serving.metrics import ServingMetrics
-from skyloop.serving.protocol import Tensor, datatype_of_array, decode_request, encode_response
+from skyloop.serving.protocol import (
+    FeedbackRequest,
+    Tensor,
+    datatype_of_array,
+    decode_feedback,
+    decode_request,
+    encode_response,
+)
 from skyloop.serving.spec import ServeSpec
+from skyloop.store.feedback import record_feedback
 
 __all__ = ["DataPlane", "InferenceResult", "ServedModel"]
 
@@ -226,54 +230,27 @@ class DataPlane:
         served = self.model(name, version)
         graph = served.graph
         assert graph is not None
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"the feedback body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise InvalidRequest('feedback must be a JSON object like {"id": "...", "truth": 1} or {"reward": 0.5}')
-        unknown = sorted(set(doc) - {"id", "truth", "reward"})
-        if unknown:
-            raise InvalidRequest(f"unknown feedback field {unknown[0]!r}; use id, truth and reward")
-        inference_id = doc.get("id")
-        if not isinstance(inference_id, str) or not inference_id:
-            raise InvalidRequest("feedback needs the 'id' of the inference it is about (the response's id)")
-        truth, reward = doc.get("truth"), doc.get("reward")
-        if truth is None and reward is None:
-            raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")
-        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
-                                   or not math.isfinite(reward)):
-            raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
-        try:
-            plain_truth = _plain(truth)  # before anything is stored
-        except ValueError:
-            raise InvalidRequest("'truth' must be a value or a regular (rectangular) array, like the output") from None
+        request = decode_feedback(body)
+        inference_id, kinds = request.id, request.kinds
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, inference_id,
-                                   truth, None if reward is None else float(reward))
-        for kind, value in (("truth", truth), ("reward", reward)):
-            if value is not None:
-                self.metrics.feedback.labels(name, kind).inc()
+        await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request)
+        for kind in sorted(kinds):
+            self.metrics.feedback.labels(name, kind).inc()
         remembered = served.traces.get(inference_id)
         told = 0
         if remembered is not None:
             features, trace = remembered
             x = graph.features(features)
-            told = await loop.run_in_executor(self._executor, graph.send_feedback, x,
-                                              None if reward is None else float(reward), plain_truth, trace)
+            told = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
+                                              request.plain_truth, trace)
         return {"id": inference_id, "stored": True, "nodes_told": told}
 
-    def _store_feedback(self, name: str, version: str, inference_id: str, truth: Any, reward: float | None) -> None:
+    def _store_feedback(self, name: str, version: str, request: FeedbackRequest) -> None:
         if self.settings is None:
             return
-        from skyloop.store.feedback import record_feedback
         from skyloop.store.workspace import Workspace
 
         if self._workspace is None:
             self._workspace = Workspace.open(self.settings)
         with self._workspace.db.session() as session:
-            record_feedback(session, name, version, inference_id, truth, reward)
-
-
-def _plain(truth: Any) -> Any:
-    return np.asarray(truth) if isinstance(truth, list) else truth
+            record_feedback(session, name, version, request.id, request.truth, request.reward)
