@@ -1,13 +1,14 @@
-"""The gateway's answers to bad input match a replica's."""
+"""The gateway's answers to bad input match a replica's, and feedback is joined to an answer once per kind."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
 from deploy_support import Env
-from tests_support import post
+from tests_support import at_once, post
 
 pytestmark = pytest.mark.integration
 
@@ -54,3 +55,34 @@ def test_the_gateway_refuses_what_a_replica_refuses_with_the_same_answer(urls: t
         assert expected[0] == 400, (path, body, headers, expected)
         assert post(gateway + path, body, headers) == expected, (path, body, headers)
 
+
+def test_each_answer_takes_one_truth_and_one_reward_at_the_gateway(env: Env, urls: tuple[str, str]) -> None:
+    gateway, _ = urls
+
+    def answer() -> str:
+        status, doc = post(gateway + "/infer", orjson.dumps({"inputs": [ROW]}))
+        assert status == 200, doc
+        return str(doc["id"])
+
+    def feedback(doc: dict[str, Any]) -> tuple[int, Any]:
+        return post(gateway + "/feedback", orjson.dumps(doc))
+
+    first = answer()
+    assert feedback({"id": first, "truth": 0})[0] == 200
+    for repeat in ({"id": first, "truth": 0}, {"id": first, "truth": 1, "reward": 1}):
+        assert feedback(repeat) == (409, {"error": f"feedback for inference id {first!r} was already recorded; "
+                                                   "each answer takes one truth"}), repeat
+    assert feedback({"id": first, "reward": 1.0})[0] == 200
+    assert feedback({"id": first, "reward": 1.0}) == (
+        409, {"error": f"feedback for inference id {first!r} was already recorded; each answer takes one reward"})
+
+    second = answer()
+    statuses = at_once(8, lambda _: feedback({"id": second, "truth": 0})[0])
+    assert sorted(statuses) == [200] + [409] * 7
+
+    # Counted once per answer: two labels, one reward, and the bandit rewarded once for each answer.
+    state = env.wait("inputs", lambda i: i.state["windows"]["main"]["labelled"] >= 2
+                     and i.state["arms"]["main"]["feedback"] >= 2, 10, "the feedback").state
+    window, arm = state["windows"]["main"], state["arms"]["main"]
+    assert (window["labelled"], window["accuracy"], window["rewarded"]) == (2, 1.0, 1)
+    assert arm["feedback"] == 2

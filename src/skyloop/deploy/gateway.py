@@ -38,6 +38,7 @@ from skyloop.errors import InvalidRequest
 from skyloop.monitoring.payloads import PayloadLog
 from skyloop.serving.metrics import CONTENT_TYPE
 from skyloop.serving.protocol import decode_feedback, header_length, request_header
+from skyloop.store.feedback import repeated_feedback
 
 __all__ = ["Endpoint", "Gateway", "Pool"]
 
@@ -104,6 +105,10 @@ class _Answer:
     shadows: dict[str, Any] = field(default_factory=dict)
     labelled: bool = False
     truth: Any = None
+    taken: set[str] = field(default_factory=set)
+    """The kinds of feedback ('truth', 'reward') taken or being passed on: each answer takes one of each."""
+    rewarded: bool = False
+    """Whether the bandit has had this answer's reward (or the one its truth implies): one per pull."""
 
 
 class _Metrics:
@@ -378,13 +383,17 @@ class Gateway:
             self.answers.popitem(last=False)
 
     async def feedback(self, request: Request) -> Response:
-        """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica."""
+        """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica.
+
+        Each answer takes one truth and one reward, as on a replica: a repeat is refused (409) before it is
+        passed on or counted. The bandit learns once per answer, from its reward or, before one comes, its truth.
+        """
         if (wrong := self._check_name(request)) is not None:
             return wrong
         body = await request.body()
         if len(body) > self.max_body_bytes:
             return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
-        try:  # the replica's own checks, so that what it would refuse is refused here in the same words
+        try:
             given = decode_feedback(body)
         except InvalidRequest as exc:
             return _json({"error": str(exc)}, 400)
@@ -392,17 +401,29 @@ class Gateway:
         if remembered is None:
             return _json({"error": f"no answer {given.id!r} is known to this gateway (too old, or never given); "
                                    "send feedback with the id of a response"}, 404)
-        status, data = await self._pass_on(remembered, body)
+        if repeated := remembered.taken & given.kinds:
+            return _json({"error": str(repeated_feedback(given.id, repeated))}, 409)
+        # Taken before the first await, so that a copy posted at the same moment is refused; given back
+        # unless the replica stores it.
+        remembered.taken |= given.kinds
+        status, data = 503, b""
+        try:
+            status, data = await self._pass_on(remembered, body)
+        finally:
+            if status != 200:
+                remembered.taken -= given.kinds
         if status != 200:
             return Response(data, status, media_type="application/json")
         predictor, truth, reward = remembered.predictor, given.truth, given.reward
         correct = is_correct(remembered.output, truth)
         self.window(predictor).add_feedback(correct, reward)
-        remembered.truth, remembered.labelled = truth, True
-        for shadow, shadow_output in remembered.shadows.items():
-            self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
+        if truth is not None:
+            remembered.truth, remembered.labelled = truth, True
+            for shadow, shadow_output in remembered.shadows.items():
+                self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
         value = reward if reward is not None else (None if correct is None else float(correct))
-        if value is not None:
+        if value is not None and not remembered.rewarded:
+            remembered.rewarded = True
             self.traffic.reward(predictor, value)
         self.metrics.feedback.labels(self.deployment, predictor).inc()
         answer = orjson.loads(data)

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from skyloop.errors import (
+    Conflict,
     InputRejected,
     InvalidRequest,
     NodeError,
@@ -49,6 +50,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (InvalidRequest, 400),
     (SpecError, 400),
     (NotFound, 404),
+    (Conflict, 409),
     (NotReady, 503),
     (NodeError, 500),
 ]

@@ -1,7 +1,7 @@
 """The data plane: health, metadata, inference and feedback for the served graphs. Knows nothing of HTTP.
 
 The REST layer (`serving.app`) hands it bytes and gets bytes back; errors are domain errors
-(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `NotReady`, `NodeError`) that the REST layer maps to
+(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `Conflict`, `NotReady`, `NodeError`) that the REST layer maps to
 statuses. Model code runs in worker threads (batched when the graph allows it), never on the event loop.
 """
 
@@ -29,7 +29,7 @@ from skyloop.serving.protocol import (
     encode_response,
 )
 from skyloop.serving.spec import ServeSpec
-from skyloop.store.feedback import record_feedback
+from skyloop.store.feedback import record_feedback, repeated_feedback
 
 __all__ = ["DataPlane", "InferenceResult", "ServedModel"]
 
@@ -45,6 +45,8 @@ class ServedModel:
     """Why loading failed, if it did."""
     traces: OrderedDict[str, tuple[Any, Trace]] = field(default_factory=OrderedDict)
     """Recent inference id -> (features, trace), so that feedback reaches the nodes that answered."""
+    feedback_taken: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
+    """Recent inference id -> the kinds of feedback ('truth', 'reward') this process has taken for it."""
 
     @property
     def name(self) -> str:
@@ -226,14 +228,31 @@ class DataPlane:
     # -- feedback ------------------------------------------------------------------------------------------
 
     async def feedback(self, name: str, version: str | None, body: bytes) -> dict[str, Any]:
-        """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes."""
+        """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes.
+
+        Each answer takes one truth and one reward (`store.feedback.record_feedback`); a repeat is a
+        `Conflict`, and nothing of it is stored, counted or told.
+        """
         served = self.model(name, version)
         graph = served.graph
         assert graph is not None
         request = decode_feedback(body)
         inference_id, kinds = request.id, request.kinds
+        # Claimed before the first await, so that a copy posted at the same moment is refused here; the DB
+        # holds the rule across processes and restarts (and is the only record with several workers).
+        taken = served.feedback_taken.setdefault(inference_id, set())
+        if taken & kinds:
+            raise repeated_feedback(inference_id, taken & kinds)
+        taken |= kinds
+        served.feedback_taken.move_to_end(inference_id)
+        while len(served.feedback_taken) > self.trace_cache:
+            served.feedback_taken.popitem(last=False)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request)
+        try:
+            await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request)
+        except BaseException:
+            taken -= kinds
+            raise
         for kind in sorted(kinds):
             self.metrics.feedback.labels(name, kind).inc()
         remembered = served.traces.get(inference_id)

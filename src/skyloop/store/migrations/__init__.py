@@ -13,7 +13,7 @@ from skyloop.store.models import Base
 
 __all__ = ["HEAD", "alembic_config", "create", "upgrade"]
 
-HEAD = "0006"
+HEAD = "0007"
 """The newest revision; a test checks it against the scripts so that the quick check stays right."""
 
 
