@@ -441,12 +441,12 @@ def test_labelled_picks_the_row_of_a_batched_truth(workspace: Workspace) -> None
         ("batch", 0, "a"), ("batch", 1, "b"), ("batch", 2, "c"), ("single", 0, "d")]
 
 
-def test_labelled_keeps_the_last_feedback_for_an_id(workspace: Workspace) -> None:
+def test_labelled_joins_a_truth_and_a_reward_given_apart(workspace: Workspace) -> None:
     log = _log(workspace)
     _add(log, "i1", 1.0)
     _flush(log)
-    _feedback(workspace, "i1", truth=0, reward=0.0)
-    _feedback(workspace, "i1", truth=1, reward=1.0)
+    _feedback(workspace, "i1", truth=1)
+    _feedback(workspace, "i1", reward=1.0)  # one row per answer (a second truth would be refused)
     frame = labelled(workspace, DEPLOYMENT)
     assert len(frame) == 1
     assert (frame["truth"][0], frame["reward"][0]) == (1, 1.0)

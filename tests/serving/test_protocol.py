@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from skyloop.errors import InvalidRequest
-from skyloop.serving.protocol import Tensor, decode_request, encode_response
+from skyloop.serving.protocol import Tensor, decode_feedback, decode_request, encode_response, header_length
 
 
 def _body(*inputs: dict[str, Any], **extra: Any) -> bytes:
@@ -122,3 +122,21 @@ def test_non_utf8_bytes_output_needs_binary() -> None:
         encode_response("m", None, None, [tensor])
     body, header = encode_response("m", None, None, [tensor], binary={"b"})
     assert header is not None and body[header:] == struct.pack("<I", 1) + b"\xff"
+
+
+@pytest.mark.parametrize("raw", ["-1", "+12", "1_0", " 12", "\u00b9", "\u0661\u0662", "12.0", ""])
+def test_a_header_length_is_ascii_digits_only(raw: str) -> None:
+    # int() takes all of these but the first digits-only check; a replica and the gateway must refuse them alike.
+    with pytest.raises(InvalidRequest, match="must be a number of bytes"):
+        header_length(raw)
+
+
+def test_a_header_length_of_digits_is_taken() -> None:
+    assert (header_length(None), header_length("0"), header_length("120")) == (None, 0, 120)
+
+
+def test_feedback_decodes_to_its_kinds() -> None:
+    both = decode_feedback(b'{"id": "a", "truth": [[1, 2]], "reward": 1}')
+    assert (both.id, both.truth, both.reward, both.kinds) == ("a", [[1, 2]], 1.0, {"truth", "reward"})
+    assert both.plain_truth.shape == (1, 2)
+    assert decode_feedback(b'{"id": "a", "reward": 0}').kinds == {"reward"}

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
+from tests_support import post
 
 from skyloop.config import Settings
 from skyloop.store.feedback import list_feedback
@@ -28,13 +29,7 @@ pytestmark = pytest.mark.integration
 
 
 def _post(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read())
+    return post(f"http://127.0.0.1:{port}{path}", body, headers)
 
 
 def _rows(X: np.ndarray[Any, Any], datatype: str = "FP64", name: str = "input-0") -> bytes:

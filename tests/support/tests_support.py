@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import textwrap
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import inspect
 
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["replayed_database", "schema_of", "write"]
+__all__ = ["at_once", "post", "replayed_database", "schema_of", "write"]
+
+T = TypeVar("T")
 
 
 def write(path: Path, text: str) -> Path:
@@ -40,3 +48,32 @@ def schema_of(database: Database) -> dict[str, object]:
             "foreign keys": sorted((tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]),
                                     f["options"].get("ondelete")) for f in found.get_foreign_keys(table)),
         } for table in sorted(found.get_table_names())}
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST `body` as JSON; the status and the decoded JSON answer, for errors too."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def at_once(count: int, call: Callable[[int], T]) -> list[T]:
+    """`call(i)` for i in range(count), each in its own thread, released together; what they returned."""
+    barrier = threading.Barrier(count)
+    results: list[T] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results.append(call(i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == count, f"{count - len(results)} of {count} calls failed or did not finish"
+    return results

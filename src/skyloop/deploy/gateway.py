@@ -34,8 +34,11 @@ from starlette.routing import Route
 from skyloop.deploy.analysis import Window
 from skyloop.deploy.spec import RouterSpec
 from skyloop.deploy.traffic import Traffic
+from skyloop.errors import InvalidRequest
 from skyloop.monitoring.payloads import PayloadLog
 from skyloop.serving.metrics import CONTENT_TYPE
+from skyloop.serving.protocol import decode_feedback, header_length, request_header
+from skyloop.store.feedback import repeated_feedback
 
 __all__ = ["Endpoint", "Gateway", "Pool"]
 
@@ -102,6 +105,10 @@ class _Answer:
     shadows: dict[str, Any] = field(default_factory=dict)
     labelled: bool = False
     truth: Any = None
+    taken: set[str] = field(default_factory=set)
+    """The kinds of feedback ('truth', 'reward') taken or being passed on: each answer takes one of each."""
+    rewarded: bool = False
+    """Whether the bandit has had this answer's reward (or the one its truth implies): one per pull."""
 
 
 class _Metrics:
@@ -137,9 +144,9 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(orjson.dumps(doc), status, headers, media_type="application/json")
 
 
-def _split(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+def _split(body: bytes, head_length: int | None) -> tuple[Any, bytes]:
     """The JSON part of a V2 body and the binary tail after it (empty for plain JSON)."""
-    head, tail = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    head, tail = (body, b"") if head_length is None else (body[:head_length], body[head_length:])
     return orjson.loads(head), tail
 
 
@@ -314,14 +321,14 @@ class Gateway:
             return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
         raw_length = request.headers.get("inference-header-content-length")
         binary = raw_length is not None
-        try:
-            doc, tail = _split(body, int(raw_length) if raw_length else None)
-        except (ValueError, orjson.JSONDecodeError) as exc:
-            return _json({"error": f"the request is not a V2 inference request: {exc}"}, 400)
-        if not isinstance(doc, dict):
-            return _json({"error": 'the request must be a JSON object like {"inputs": [...]}'}, 400)
+        try:  # the replica's own checks, so that what it would refuse is refused here in the same words
+            length = header_length(raw_length)
+            doc = request_header(body, length)
+        except InvalidRequest as exc:
+            return _json({"error": str(exc)}, 400)
+        tail = body[length:] if length is not None else b""
         request_id = doc.get("id")
-        if not isinstance(request_id, str) or not request_id:
+        if not request_id:
             request_id = doc["id"] = uuid.uuid4().hex
             body, length = _join(doc, tail, binary)
             raw_length = str(length) if length is not None else None
@@ -376,49 +383,68 @@ class Gateway:
             self.answers.popitem(last=False)
 
     async def feedback(self, request: Request) -> Response:
-        """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica."""
+        """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica.
+
+        Each answer takes one truth and one reward, as on a replica: a repeat is refused (409) before it is
+        passed on or counted. The bandit learns once per answer, from its reward or, before one comes, its truth.
+        """
         if (wrong := self._check_name(request)) is not None:
             return wrong
         body = await request.body()
+        if len(body) > self.max_body_bytes:
+            return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
         try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return _json({"error": f"the feedback body is not valid JSON: {exc}"}, 400)
-        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
-            return _json({"error": 'feedback must be a JSON object like {"id": "...", "truth": 1} or '
-                                   '{"id": "...", "reward": 0.5}'}, 400)
-        remembered = self.answers.get(doc["id"])
+            given = decode_feedback(body)
+        except InvalidRequest as exc:
+            return _json({"error": str(exc)}, 400)
+        remembered = self.answers.get(given.id)
         if remembered is None:
-            return _json({"error": f"no answer {doc['id']!r} is known to this gateway (too old, or never given); "
+            return _json({"error": f"no answer {given.id!r} is known to this gateway (too old, or never given); "
                                    "send feedback with the id of a response"}, 404)
-        predictor, output, endpoint = remembered.predictor, remembered.output, remembered.endpoint
-        path = f"/v2/models/{self.deployment}/feedback"
-        pool = self.pools.get(predictor)
-        target = endpoint if endpoint is not None and pool and endpoint in pool.endpoints else None
+        if repeated := remembered.taken & given.kinds:
+            return _json({"error": str(repeated_feedback(given.id, repeated))}, 409)
+        # Taken before the first await, so that a copy posted at the same moment is refused; given back
+        # unless the replica stores it.
+        remembered.taken |= given.kinds
+        status, data = 503, b""
         try:
-            if target is not None:
-                async with self._client().post(target.url + path, data=body,
-                                               headers={"content-type": "application/json"}) as resp:
-                    status, data = resp.status, await resp.read()
-            else:
-                status, _, data, _ = await self._send(predictor, path, body, {"content-type": "application/json"})
-        except (ConnectionError, aiohttp.ClientError) as exc:
-            return _json({"error": f"predictor {predictor!r} could not take the feedback: {exc}"}, 503)
+            status, data = await self._pass_on(remembered, body)
+        finally:
+            if status != 200:
+                remembered.taken -= given.kinds
         if status != 200:
             return Response(data, status, media_type="application/json")
-        truth, reward = doc.get("truth"), doc.get("reward")
-        correct = is_correct(output, truth)
-        self.window(predictor).add_feedback(correct, reward if isinstance(reward, int | float) else None)
-        remembered.truth, remembered.labelled = truth, True
-        for shadow, shadow_output in remembered.shadows.items():
-            self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
-        value = float(reward) if isinstance(reward, int | float) else (None if correct is None else float(correct))
-        if value is not None:
+        predictor, truth, reward = remembered.predictor, given.truth, given.reward
+        correct = is_correct(remembered.output, truth)
+        self.window(predictor).add_feedback(correct, reward)
+        if truth is not None:
+            remembered.truth, remembered.labelled = truth, True
+            for shadow, shadow_output in remembered.shadows.items():
+                self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
+        value = reward if reward is not None else (None if correct is None else float(correct))
+        if value is not None and not remembered.rewarded:
+            remembered.rewarded = True
             self.traffic.reward(predictor, value)
         self.metrics.feedback.labels(self.deployment, predictor).inc()
         answer = orjson.loads(data)
         answer["predictor"] = predictor
         return _json(answer)
+
+    async def _pass_on(self, remembered: _Answer, body: bytes) -> tuple[int, bytes]:
+        """Send feedback to the replica that gave the answer (another of its predictor's if that one is gone)."""
+        predictor, endpoint = remembered.predictor, remembered.endpoint
+        path = f"/v2/models/{self.deployment}/feedback"
+        pool = self.pools.get(predictor)
+        target = endpoint if endpoint is not None and pool and endpoint in pool.endpoints else None
+        headers = {"content-type": "application/json"}
+        try:
+            if target is not None:
+                async with self._client().post(target.url + path, data=body, headers=headers) as resp:
+                    return resp.status, await resp.read()
+            status, _, data, _ = await self._send(predictor, path, body, headers)
+            return status, data
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            return 503, orjson.dumps({"error": f"predictor {predictor!r} could not take the feedback: {exc}"})
 
     async def _any_replica(self, method: str, path: str) -> Response:
         for name in sorted(self.pools, key=lambda n: -self.weights.get(n, 0.0)):

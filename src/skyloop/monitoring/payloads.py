@@ -286,7 +286,6 @@ def labelled(workspace: Workspace, deployment: str, since: float | None = None, 
         feedback = pd.DataFrame(session.execute(query).all(), columns=["id", "truth", "reward"])
     if payloads.empty or feedback.empty:
         return payloads.iloc[0:0].assign(truth=[], reward=[])
-    feedback = feedback.drop_duplicates("id", keep="last")
     joined = payloads.merge(feedback, on="id", how="inner")
     # A batched request's truth is a list: row i of the request gets element i.
     joined["truth"] = [t[r] if isinstance(t, list) and r < len(t) else t

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from skyloop.errors import (
+    Conflict,
     InputRejected,
     InvalidRequest,
     NodeError,
@@ -36,6 +37,7 @@ from skyloop.errors import (
 )
 from skyloop.serving.dataplane import DataPlane
 from skyloop.serving.metrics import CONTENT_TYPE
+from skyloop.serving.protocol import header_length
 
 __all__ = ["STATUS", "create_app", "status_of"]
 
@@ -48,6 +50,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (InvalidRequest, 400),
     (SpecError, 400),
     (NotFound, 404),
+    (Conflict, 409),
     (NotReady, 503),
     (NodeError, 500),
 ]
@@ -90,15 +93,6 @@ async def _body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get("inference-header-content-length")
-    if raw is None:
-        return None
-    if not (raw.isascii() and raw.isdigit()):
-        raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}")
-    return int(raw)
 
 
 def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: bool = True) -> Starlette:
@@ -151,11 +145,11 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
         try:
             try:
                 body = await _body(request, max_body_bytes)
-                header_length = _header_length(request)
+                length = header_length(request.headers.get("inference-header-content-length"))
             except BaseException:
                 plane.release(name)
                 raise
-            result = await plane.infer(name, version, body, header_length)  # releases the admission
+            result = await plane.infer(name, version, body, length)  # releases the admission
         except Exception as exc:
             response = _error(exc)
         else:

@@ -1,22 +1,18 @@
 """The data plane: health, metadata, inference and feedback for the served graphs. Knows nothing of HTTP.
 
 The REST layer (`serving.app`) hands it bytes and gets bytes back; errors are domain errors
-(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `NotReady`, `NodeError`) that the REST layer maps to
+(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `Conflict`, `NotReady`, `NodeError`) that the REST layer maps to
 statuses. Model code runs in worker threads (batched when the graph allows it), never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-import orjson
 
 import skyloop
 from skyloop.config import Settings
@@ -24,8 +20,16 @@ from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError
 from skyloop.serving.batching import Batcher, Prediction
 from skyloop.serving.graph import Graph, Trace, load_graph
 from skyloop.serving.metrics import ServingMetrics
-from skyloop.serving.protocol import Tensor, datatype_of_array, decode_request, encode_response
+from skyloop.serving.protocol import (
+    FeedbackRequest,
+    Tensor,
+    datatype_of_array,
+    decode_feedback,
+    decode_request,
+    encode_response,
+)
 from skyloop.serving.spec import ServeSpec
+from skyloop.store.feedback import record_feedback, repeated_feedback
 
 __all__ = ["DataPlane", "InferenceResult", "ServedModel"]
 
@@ -41,6 +45,8 @@ class ServedModel:
     """Why loading failed, if it did."""
     traces: OrderedDict[str, tuple[Any, Trace]] = field(default_factory=OrderedDict)
     """Recent inference id -> (features, trace), so that feedback reaches the nodes that answered."""
+    feedback_taken: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
+    """Recent inference id -> the kinds of feedback ('truth', 'reward') this process has taken for it."""
 
     @property
     def name(self) -> str:
@@ -222,58 +228,48 @@ class DataPlane:
     # -- feedback ------------------------------------------------------------------------------------------
 
     async def feedback(self, name: str, version: str | None, body: bytes) -> dict[str, Any]:
-        """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes."""
+        """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes.
+
+        Each answer takes one truth and one reward (`store.feedback.record_feedback`); a repeat is a
+        `Conflict`, and nothing of it is stored, counted or told.
+        """
         served = self.model(name, version)
         graph = served.graph
         assert graph is not None
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"the feedback body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise InvalidRequest('feedback must be a JSON object like {"id": "...", "truth": 1} or {"reward": 0.5}')
-        unknown = sorted(set(doc) - {"id", "truth", "reward"})
-        if unknown:
-            raise InvalidRequest(f"unknown feedback field {unknown[0]!r}; use id, truth and reward")
-        inference_id = doc.get("id")
-        if not isinstance(inference_id, str) or not inference_id:
-            raise InvalidRequest("feedback needs the 'id' of the inference it is about (the response's id)")
-        truth, reward = doc.get("truth"), doc.get("reward")
-        if truth is None and reward is None:
-            raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")
-        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
-                                   or not math.isfinite(reward)):
-            raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
-        try:
-            plain_truth = _plain(truth)  # before anything is stored
-        except ValueError:
-            raise InvalidRequest("'truth' must be a value or a regular (rectangular) array, like the output") from None
+        request = decode_feedback(body)
+        inference_id, kinds = request.id, request.kinds
+        # Claimed before the first await, so that a copy posted at the same moment is refused here; the DB
+        # holds the rule across processes and restarts (and is the only record with several workers).
+        taken = served.feedback_taken.setdefault(inference_id, set())
+        if taken & kinds:
+            raise repeated_feedback(inference_id, taken & kinds)
+        taken |= kinds
+        served.feedback_taken.move_to_end(inference_id)
+        while len(served.feedback_taken) > self.trace_cache:
+            served.feedback_taken.popitem(last=False)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, inference_id,
-                                   truth, None if reward is None else float(reward))
-        for kind, value in (("truth", truth), ("reward", reward)):
-            if value is not None:
-                self.metrics.feedback.labels(name, kind).inc()
+        try:
+            await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request)
+        except BaseException:
+            taken -= kinds
+            raise
+        for kind in sorted(kinds):
+            self.metrics.feedback.labels(name, kind).inc()
         remembered = served.traces.get(inference_id)
         told = 0
         if remembered is not None:
             features, trace = remembered
             x = graph.features(features)
-            told = await loop.run_in_executor(self._executor, graph.send_feedback, x,
-                                              None if reward is None else float(reward), plain_truth, trace)
+            told = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
+                                              request.plain_truth, trace)
         return {"id": inference_id, "stored": True, "nodes_told": told}
 
-    def _store_feedback(self, name: str, version: str, inference_id: str, truth: Any, reward: float | None) -> None:
+    def _store_feedback(self, name: str, version: str, request: FeedbackRequest) -> None:
         if self.settings is None:
             return
-        from skyloop.store.feedback import record_feedback
         from skyloop.store.workspace import Workspace
 
         if self._workspace is None:
             self._workspace = Workspace.open(self.settings)
         with self._workspace.db.session() as session:
-            record_feedback(session, name, version, inference_id, truth, reward)
-
-
-def _plain(truth: Any) -> Any:
-    return np.asarray(truth) if isinstance(truth, list) else truth
+            record_feedback(session, name, version, request.id, request.truth, request.reward)

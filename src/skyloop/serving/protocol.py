@@ -4,6 +4,9 @@ Both encodings are spoken: plain JSON (`"data": [...]`, nested or flat, row-majo
 tensor extension that `tritonclient` uses by default, where a JSON header of
 `Inference-Header-Content-Length` bytes is followed by each binary tensor's raw little-endian bytes
 (BYTES elements as a 4-byte little-endian length and the bytes).
+
+The gateway forwards requests it has only read the header of: it checks them with the same functions
+(`header_length`, `request_header`, `decode_feedback`), so that it refuses what a replica refuses, in the same words.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from skyloop.errors import InvalidRequest
 
 __all__ = [
     "DTYPES",
+    "FeedbackRequest",
     "InferenceRequest",
     "RequestedOutput",
     "Tensor",
     "datatype_of_array",
+    "decode_feedback",
     "decode_request",
     "encode_response",
+    "header_length",
+    "request_header",
 ]
 
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -180,8 +187,20 @@ def _binary_values(name: str, datatype: str, chunk: bytes, shape: tuple[int, ...
     return np.frombuffer(chunk, dtype=dtype).astype(DTYPES[datatype], copy=False).reshape(shape)
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferenceRequest:
-    """Decode a V2 inference request (JSON, or JSON header + binary tensors when `header_length` is given)."""
+def header_length(raw: str | None) -> int | None:
+    """The value of an `Inference-Header-Content-Length` header (None when there is none).
+
+    Only ASCII digits are a length: `int()` would also take signs, underscores, spaces and other scripts' digits.
+    """
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidRequest(f"Inference-Header-Content-Length must be a number of bytes, got {raw!r}")
+    return int(raw)
+
+
+def request_header(body: bytes, header_length: int | None = None) -> dict[str, Any]:
+    """The JSON header of a V2 inference request (all of `body` without a binary part), with a string 'id' if any."""
     if header_length is not None and not 0 <= header_length <= len(body):
         raise InvalidRequest(f"Inference-Header-Content-Length {header_length} is outside the body "
                              f"({len(body)} bytes)")
@@ -195,6 +214,13 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("field 'id' must be a string")
+    return doc
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferenceRequest:
+    """Decode a V2 inference request (JSON, or JSON header + binary tensors when `header_length` is given)."""
+    doc = request_header(body, header_length)
+    request_id = doc.get("id")
     raw_inputs = _field(doc, "inputs", list, "request")
     if not raw_inputs:
         raise InvalidRequest("request: 'inputs' is empty; send at least one input tensor")
@@ -237,6 +263,50 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
     if not isinstance(parameters, dict):
         raise InvalidRequest("field 'parameters' must be an object")
     return InferenceRequest(request_id, inputs, outputs, parameters)
+
+
+@dataclass(frozen=True)
+class FeedbackRequest:
+    """A decoded feedback body: a `truth` and/or a `reward` for the answered inference `id`."""
+
+    id: str
+    truth: Any
+    reward: float | None
+    plain_truth: Any
+    """`truth` with lists as a numpy array, for the graph's nodes."""
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """What it gives: 'truth', 'reward' or both."""
+        return frozenset(k for k, v in (("truth", self.truth), ("reward", self.reward)) if v is not None)
+
+
+def decode_feedback(body: bytes) -> FeedbackRequest:
+    """Decode a feedback body, `{"id": ..., "truth": ...}` and/or `"reward": <number>`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the feedback body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest('feedback must be a JSON object like {"id": "...", "truth": 1} or '
+                             '{"id": "...", "reward": 0.5}')
+    unknown = sorted(set(doc) - {"id", "truth", "reward"})
+    if unknown:
+        raise InvalidRequest(f"unknown feedback field {unknown[0]!r}; use id, truth and reward")
+    inference_id = doc.get("id")
+    if not isinstance(inference_id, str) or not inference_id:
+        raise InvalidRequest("feedback needs the 'id' of the inference it is about (the response's id)")
+    truth, reward = doc.get("truth"), doc.get("reward")
+    if truth is None and reward is None:
+        raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
+                               or not math.isfinite(reward)):
+        raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
+    try:
+        plain_truth = np.asarray(truth) if isinstance(truth, list) else truth
+    except ValueError:
+        raise InvalidRequest("'truth' must be a value or a regular (rectangular) array, like the output") from None
+    return FeedbackRequest(inference_id, truth, None if reward is None else float(reward), plain_truth)
 
 
 def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:

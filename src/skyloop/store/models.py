@@ -235,9 +235,11 @@ class ModelAliasRow(Base):
 
 
 class FeedbackRow(Base):
-    """A label (`truth`) or `reward` for one answered inference, joined to it later by `inference_id`."""
+    """The label (`truth`) and/or `reward` of one answered inference, joined to it later by `inference_id`."""
 
     __tablename__ = "inference_feedback"
+    # One row per answer: each takes one truth and one reward (`store.feedback.record_feedback`).
+    __table_args__ = (Index("ix_inference_feedback_model_inference_id", "model", "inference_id", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(200), index=True)
@@ -247,6 +249,7 @@ class FeedbackRow(Base):
     truth: Mapped[Any | None] = mapped_column(JSON)
     reward: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(index=True)
+    """When its latest feedback arrived (a reward after the truth, or the reverse, moves it)."""
 
 
 class DeploymentRow(Base):
