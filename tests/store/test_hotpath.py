@@ -45,7 +45,7 @@ BATCHES: list[tuple[TextClause, list[dict[str, Any]]]] = [
                                                         ended_at=datetime(2030, 1, 2, 0, 0, tzinfo=UTC))]),
     (UPDATE_STEP_RUN, [{"id": "a" * 32, "state": "FAILED", "ended_at": datetime(2030, 1, 3, 1, 2, 3, 4, tzinfo=WEST),
                         "started_at": None, "error": "ValueError: no", "traceback": "Traceback ...\n",
-                        "worker": "ray:127.0.0.1:42", "max_rss": 2**40}]),
+                        "worker": "ray:127.0.0.1:42", "max_rss": 2**40, "cached_from": "b" * 32}]),
     (INSERT_EDGE, [{"step_run_id": "a" * 32, "artifact": "d" * 64, "direction": "in", "name": "xs", "position": 0},
                    {"step_run_id": "a" * 32, "artifact": "e" * 64, "direction": "out", "name": "return",
                     "position": -1}]),
