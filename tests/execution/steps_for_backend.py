@@ -34,6 +34,16 @@ def chatty(text: str) -> str:
     return text
 
 
+def say_then_leave(text: str, code: int) -> None:
+    print(text, flush=True)
+    os._exit(code)
+
+
+def say_then_sleep(text: str, seconds: float) -> None:
+    print(text, flush=True)
+    time.sleep(seconds)
+
+
 def boom() -> None:
     raise ValueError("boom from step")
 

@@ -134,6 +134,34 @@ def test_output_of_python_fds_and_child_processes_lands_in_the_log(backend: Loca
     assert "three" not in log
 
 
+def test_a_quiet_step_leaves_no_log_file_and_one_that_prints_does(backend: LocalBackend, tmp_path: Path) -> None:
+    launches = [make_launch(tmp_path, "noop"), make_launch(tmp_path, "chatty", text="hi"),
+                make_launch(tmp_path, "noop"), make_launch(tmp_path, "noop")]
+    results = [run_one(backend, launch) for launch in launches]
+    assert {r.state for r in results} == {TaskState.SUCCEEDED}
+    quiet = [Path(launch.log_path) for launch in launches if launch.task_name == "noop"]
+    assert not any(path.exists() for path in quiet)
+    loud = Path(launches[1].log_path)
+    assert "print hi\n" in loud.read_text()
+    # Nothing else there but each worker's one spare file, named as the next attempt's log when it starts.
+    others = {p.name for p in (tmp_path / "logs").iterdir()} - {loud.name}
+    assert others <= {f".spare-{worker_pid(r)}" for r in results} and others
+
+
+def test_a_log_is_there_while_its_step_runs_and_after_its_worker_died(backend: LocalBackend, tmp_path: Path) -> None:
+    running = make_launch(tmp_path, "say_then_sleep", text="still going", seconds=30.0)
+    backend.submit(running)
+    deadline = time.monotonic() + 10
+    while "still going" not in (Path(running.log_path).read_text() if Path(running.log_path).exists() else ""):
+        assert time.monotonic() < deadline, "the running step's output never showed in its log"
+        time.sleep(0.05)
+    backend.cancel(running.key)
+    assert collect(backend, 1)[running.key].state == TaskState.CANCELLED
+    dead = make_launch(tmp_path, "say_then_leave", text="last words", code=3)
+    assert run_one(backend, dead).state == TaskState.CRASHED
+    assert Path(dead.log_path).read_text() == "last words\n"
+
+
 def test_env_applies_to_one_task_only(backend: LocalBackend, tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "artifacts"))
     with_env = run_one(backend, make_launch(tmp_path, "getenv", env={"SKYLOOP_T": "on"}, name="SKYLOOP_T"))

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from skyloop.execution.tasks import TaskLaunch, TaskResult
     from skyloop.store.artifacts import ArtifactStore
 
-__all__ = ["READY", "UNREADABLE", "PeakMemory", "capture_output", "scoped_environ", "serve"]
+__all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "scoped_environ", "serve"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -118,10 +118,9 @@ class _Runner:
         self._execute = execute
         self._store_type = ArtifactStore
         self._stores: dict[str, ArtifactStore] = {}
-        self._log_dirs: set[str] = set()
         self._memory = PeakMemory()
         # The worker's own stdout/stderr and folder, put back after each task.
-        self._saved_fds = (os.dup(1), os.dup(2))
+        self._output = StepOutput((os.dup(1), os.dup(2)))
         self._cwd = os.open(".", os.O_RDONLY)
 
     def run(self, launch: TaskLaunch) -> TaskResult:
@@ -130,7 +129,7 @@ class _Runner:
             store = self._stores.get(launch.artifacts_url)
             if store is None:
                 store = self._stores[launch.artifacts_url] = self._store_type(launch.artifacts_url)
-            with self._captured(launch.log_path), scoped_environ(launch.env):
+            with self._output.capture(launch.log_path), scoped_environ(launch.env):
                 self._memory.reset()
                 result = self._execute(launch, store)
                 result.max_rss = self._memory.peak()
@@ -140,36 +139,77 @@ class _Runner:
             os.fchdir(self._cwd)  # a step's os.chdir() must not move the next task
         return result
 
-    def _captured(self, log_path: str) -> contextlib.AbstractContextManager[None]:
-        return capture_output(log_path, self._saved_fds, self._log_dirs)
+class StepOutput:
+    """Sends file descriptors 1 and 2 of this process to an attempt's log file while it runs.
 
-
-@contextlib.contextmanager
-def capture_output(log_path: str, saved_fds: tuple[int, int], made_dirs: set[str]) -> Iterator[None]:
-    """Send file descriptors 1 and 2 to `log_path` (appending) for the block, then back to `saved_fds`.
-
-    File descriptors, not sys.stdout: output of C extensions and child processes lands too.
-    `made_dirs` remembers the folders already created, so a warm worker makes each once.
+    File descriptors, not sys.stdout: output of C extensions and child processes lands too. The file
+    is named as the attempt's log from its start (it can be followed while the step runs, and a
+    worker that dies leaves what it printed there), but a quiet attempt leaves no file: its file is
+    renamed back to this process's spare (`.spare-PID`, in the folder of the last log) and named as
+    the next attempt's log. Renaming is cheap where creating a file is not (on some filesystems, for
+    some folders, creating one costs up to a millisecond: more than the whole orchestration of a
+    small step), so a warm worker creates files only for attempts that print.
     """
-    folder = os.path.dirname(log_path)
-    if folder and folder not in made_dirs:
-        os.makedirs(folder, exist_ok=True)
-        made_dirs.add(folder)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    stdout, stderr = sys.stdout, sys.stderr
-    _flush(stdout, stderr)
-    try:
+
+    def __init__(self, saved_fds: tuple[int, int]) -> None:
+        self.saved_fds = saved_fds
+        """The worker's own stdout and stderr, put back after each attempt."""
+        self._made: set[str] = set()
+        """Folders already created."""
+        self._spare: tuple[str, int] | None = None
+        """An empty file (its path, and a descriptor open on it for appending) to name as the next log."""
+        atexit.register(self._remove_spare)
+
+    @contextlib.contextmanager
+    def capture(self, log_path: str) -> Iterator[None]:
+        """Send descriptors 1 and 2 to `log_path` (appending) for the block, then back."""
+        folder = os.path.dirname(log_path)
+        if folder and folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+        fd = self._open(log_path)
+        stdout, stderr = sys.stdout, sys.stderr
+        _flush(stdout, stderr)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-    finally:
+        try:
+            yield
+        finally:
+            _flush(sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
+            os.dup2(self.saved_fds[0], 1)
+            os.dup2(self.saved_fds[1], 2)
+            self._close(log_path, fd)
+
+    def _open(self, log_path: str) -> int:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            if not os.path.exists(log_path):  # an attempt's log is new; never replace one
+                try:
+                    os.rename(spare[0], log_path)
+                    return spare[1]
+                except OSError:  # another filesystem, or the spare is gone: a file of its own
+                    pass
+            os.close(spare[1])
+            with contextlib.suppress(OSError):
+                os.unlink(spare[0])
+        return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _close(self, log_path: str, fd: int) -> None:
+        spare = os.path.join(os.path.dirname(log_path), f".spare-{os.getpid()}")
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.rename(log_path, spare)
+                self._spare = (spare, fd)
+                return
+        except OSError:  # the log's folder is gone, or read-only: it stays as it is
+            pass
         os.close(fd)
-    try:
-        yield
-    finally:
-        _flush(sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = stdout, stderr  # a step may have replaced them
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
+
+    def _remove_spare(self) -> None:
+        if self._spare is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._spare[0])
 
 
 def _flush(*streams: Any) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from skyloop.execution.lookahead import fill
-from skyloop.execution.procworker import PeakMemory, capture_output, scoped_environ
+from skyloop.execution.procworker import PeakMemory, StepOutput, scoped_environ
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import execute
 from skyloop.store.artifacts import ArtifactStore
@@ -64,11 +64,10 @@ class _Worker:
         self.name = f"ray:{ray.util.get_node_ip_address()}:{os.getpid()}"  # type: ignore[no-untyped-call]
         self.stores: dict[str, ArtifactStore] = {}
         self.memory = PeakMemory()
-        self.log_dirs: set[str] = set()
         self.paths: tuple[str, ...] = ()
         self.context: tuple[bytes, DriverContext] | None = None
         # The worker's own stdout/stderr (Ray's log files for it) and folder, put back after each attempt.
-        self.saved_fds = (os.dup(1), os.dup(2))
+        self.output = StepOutput((os.dup(1), os.dup(2)))
         self.cwd = os.open(".", os.O_RDONLY)
 
     def run(self, launch: TaskLaunch, context: DriverContext) -> tuple[TaskResult, bytes | None]:
@@ -81,7 +80,7 @@ class _Worker:
             store = self.stores.get(launch.artifacts_url)
             if store is None:
                 store = self.stores[launch.artifacts_url] = ArtifactStore(launch.artifacts_url)
-            with self._captured(log_path), scoped_environ(launch.env):
+            with self.output.capture(log_path), scoped_environ(launch.env):
                 self.memory.reset()
                 result = execute(launch, store)
                 result.max_rss = self.memory.peak()
@@ -105,9 +104,6 @@ class _Worker:
             sys.path.extend(path for path in paths if path not in sys.path)
             self.paths = paths
 
-    def _captured(self, log_path: str) -> contextlib.AbstractContextManager[None]:
-        return capture_output(log_path, self.saved_fds, self.log_dirs)
-
 
 def _temporary_log() -> str:
     fd, path = tempfile.mkstemp(prefix="skyloop-step-", suffix=".log")
@@ -116,7 +112,9 @@ def _temporary_log() -> str:
 
 
 def _take_tail(path: str) -> bytes:
-    """The last `LOG_TAIL_BYTES` of the file, which is then removed."""
+    """The last `LOG_TAIL_BYTES` of the file, which is then removed (none: the attempt printed nothing)."""
+    if not os.path.exists(path):
+        return b""
     try:
         with open(path, "rb") as log:
             size = log.seek(0, os.SEEK_END)
