@@ -13,13 +13,12 @@ orchestrator did before it admitted `RayBackend.queue_factor` times the capacity
 and the same pipeline on the `inline` backend (the orchestrator's own cost per step: its DB rows,
 scheduling and artifact bookkeeping, with no backend at all), and the `ray` figure less what a run
 costs whatever its length (a one-step run's time: compiling, the run's rows, loading the result),
-spread over the other steps. A chain cannot batch: the next step is
-known only once the previous one ended, so the orchestrator's cost per step adds to Ray's own round
-trip, except the commits, which on Ray are grouped (one every 0.1 s; see
-`skyloop.execution.orchestrator`). Ray's round trip also grows when the driver is busy between two
-tasks (on 2 CPUs, by about 1 ms), so a raw chain is a floor that a real driver does not reach. The
-fan-out's no-op units, once a few have ended, travel in packs of several per Ray task (see
-`skyloop.execution.backends.ray`); raw Ray sends one task each.
+spread over the other steps. A chain's steps are sent ahead of the step they wait on and run as a
+chain in one Ray task (see `skyloop.execution.lookahead`), so neither Ray's round trip nor the
+orchestrator's work per step lies between two of them, while the raw chain pays a round trip per
+step (`ray.get` of each task before the next). The fan-out's no-op units, once a few have ended,
+travel in packs of several per Ray task (see `skyloop.execution.backends.ray`); raw Ray sends one
+task each.
 """
 
 from __future__ import annotations
