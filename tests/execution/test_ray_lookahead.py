@@ -202,14 +202,13 @@ def test_a_worker_dying_in_a_chain_is_retried_and_the_rest_runs_after(
     assert _trace(trace).count("add_one(200)") == 1
 
 
-def test_the_timeout_of_a_step_sent_ahead_counts_from_its_upstream_end(
+def test_a_step_with_a_timeout_is_not_sent_ahead_and_its_clock_runs_once_it_was_sent(
         ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
-    # Sent 1.5 s before it can start, with a 1 s timeout: it must not time out while it waits...
+    # Sent ahead, it would wait 1.5 s in Ray's queue with a 1 s timeout: it goes once its upstream ended.
     fine = _run(chains.timed_after_slow, {"trace": str(tmp_path / "t1")}, tmp_path / "home")
     assert fine.status == "SUCCEEDED", fine.error
-    assert "timed" in spy.sent_ahead() and not any("timed" in chain for chain in spy.chains)
-    # ... and times out once it ran for its second.
+    assert ("timed", False) in spy.after and "timed" not in spy.sent_ahead()
     slow = _run(chains.timed_after_slow, {"trace": str(tmp_path / "t2"), "slow_seconds": 0.5, "timed_seconds": 30.0},
                 tmp_path / "home")
     info = slow.steps["timed"]
@@ -227,8 +226,8 @@ def _launch(tmp_path: Path, qualname: str, after: TaskLaunch | None = None, inpu
         inputs={name: Literal_(value) for name, value in inputs.items()}, output_names=["output"],
         multi_output=False, resources=Resources(), timeout=None, log_path=str(tmp_path / "logs" / f"{key}.log"),
         artifacts_url=str(tmp_path / "artifacts"),
-        after=None if after is None else After(key=after.key, inputs={input_name: "output"}, code_hash="-",
-                                                cache_version=None),
+        after=None if after is None else After(key=after.key, inputs={input_name: "output"}, outputs=("output",),
+                                                code_hash="-", cache_version=None),
     )
 
 

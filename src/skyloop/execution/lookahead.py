@@ -8,21 +8,25 @@ not between the two. What the step cannot know before its upstream ended travels
 
 - its inputs from the upstream, which the worker fills from the upstream's result;
 - its cache lookup, which the worker makes against the metadata DB once the inputs are known; on a
-  hit the attempt ends CACHED without running, as it would have without lookahead;
-- whether it runs at all: an upstream that did not succeed leaves it `NOT_RUN`, and the orchestrator
-  forgets it (no row was written for it) and goes on as without lookahead (a retry, or
-  UPSTREAM_FAILED).
+  hit the attempt ends CACHED without running, as it would have without lookahead (a lookup that
+  fails fails the attempt, which does not run);
+- whether it runs at all: after an upstream that did not succeed it ends `NOT_RUN` (or with Ray's
+  error, when the upstream's task itself was lost), and the orchestrator forgets it (no row was
+  written for it) and goes on as without lookahead (a retry, or UPSTREAM_FAILED).
 
 The orchestrator sends ahead only a step that nothing else competes with (its ready queue is empty,
 so the policy has no order to keep), that waits on exactly one running attempt (not a `.map`), and
-that has no `when` condition (its value is only known at the upstream's end). Its attempt row is
-written when the upstream's end is taken, as any other launch's; its timeout counts from then.
+that has no `when` condition (its value is only known at the upstream's end), no pool and no timeout
+(which must not run while it waits). Its attempt row is written when the orchestrator next activates
+it after taking the upstream's end, and from then on the policy counts it as running.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
+from skyloop.errors import SkyloopError
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.store.db import Database
@@ -42,20 +46,24 @@ def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch
     failed, or the cache has its result)."""
     after = launch.after
     assert after is not None
-    if upstream.state not in (TaskState.SUCCEEDED, TaskState.CACHED) \
-            or not set(after.inputs.values()) <= set(upstream.outputs):
+    if upstream.state not in (TaskState.SUCCEEDED, TaskState.CACHED) or not set(after.outputs) <= set(upstream.outputs):
         return TaskResult(key=launch.key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=started,
                           ended_at=started)
     inputs: dict[str, InputValue] = {**launch.inputs,
                                      **{name: upstream.outputs[output] for name, output in after.inputs.items()}}
     if after.cache_version is not None and launch.db_url is not None:
         key = cache_key(after.code_hash, after.cache_version, inputs)
-        db = _databases.pop(launch.db_url, None) or Database(launch.db_url, migrate=False)
-        _databases[launch.db_url] = db  # the newest last
-        while len(_databases) > DATABASES_KEPT:
-            _databases.pop(next(iter(_databases))).dispose()
-        with lookup_connection(db) as conn:
-            hit = find_cached(conn, [key], launch.output_names).get(key)
+        try:
+            db = _databases.pop(launch.db_url, None) or Database(launch.db_url, migrate=False)
+            _databases[launch.db_url] = db  # the newest last
+            while len(_databases) > DATABASES_KEPT:
+                _databases.pop(next(iter(_databases))).dispose()
+            with lookup_connection(db) as conn:
+                hit = find_cached(conn, [key], launch.output_names).get(key)
+        except SkyloopError as exc:  # not run: it may be cached, and a cached step must not run again
+            return TaskResult(key=launch.key, state=TaskState.FAILED, started_at=started, ended_at=time.time(),
+                              error=f"the worker could not look the step up in the cache: {exc}; if workers "
+                                    "cannot reach the metadata DB, set SKYLOOP_EXECUTION__LOOKAHEAD=false")
         if hit is not None:
             return TaskResult(key=launch.key, state=TaskState.CACHED, outputs=hit[1], cached_from=hit[0],
                               started_at=started, ended_at=started)

@@ -120,8 +120,10 @@ class Orchestrator:
         """CPUs launched at or under which to launch more (with slack: once half of it is used up)."""
         self._submit_first = bool(getattr(backend, "attempts_die_with_driver", False))
         """Submit a turn's launches before committing their RUNNING rows (see the module docstring)."""
-        self._submit_after = getattr(backend, "submit_after", None) if settings.execution.lookahead else None
-        """The backend's way to send an attempt that waits for another's end (None: no lookahead)."""
+        self._submit_after = getattr(backend, "submit_after", None) \
+            if settings.execution.lookahead and self._submit_first else None
+        """The backend's way to send an attempt that waits for another's end (None: no lookahead). Not where
+        attempts outlive the driver (Ray Client): those sent ahead run before their rows are committed."""
         self._dispatch = getattr(backend, "dispatch", None)
         """The backend's way to send what it was given this turn at once (it may hold launches until `wait`)."""
         self.ahead: dict[str, list[str]] = {}
@@ -129,6 +131,9 @@ class Orchestrator:
         self._confirmed: list[_Entry] = []
         """Attempts sent ahead whose rows this turn recorded (what may be sent ahead of them next)."""
         self.in_use = Resources(cpus=0, memory=0, gpus=0)
+        self.ahead_use = Resources(cpus=0, memory=0, gpus=0)
+        """What the attempts sent ahead and not confirmed yet ask for: they wait on others, so they count
+        only against how far lookahead goes, not against what may launch."""
         self.runs: dict[str, RunState] = {}
         self.pending: dict[int, _Entry] = {}
         self.running: dict[str, _Entry] = {}
@@ -215,7 +220,7 @@ class Orchestrator:
         entry = _Entry(run, unit)
         self._push(entry)
 
-    def _push(self, entry: _Entry) -> None:
+    def _push(self, entry: _Entry, queued: bool = True) -> None:
         run, unit = entry.run, entry.unit
         estimate = run.estimate(unit)[0]
         entry.candidate = Candidate(
@@ -223,8 +228,11 @@ class Orchestrator:
             run_id=run.run_id, rank=run.ranks.get(unit.task.name, estimate), estimate=estimate,
             pool=unit.task.pool, ready_at=time.monotonic(),
         )
-        self.pending[unit.seq] = entry
-        self.queue.push(entry.candidate)
+        if queued:
+            self.pending[unit.seq] = entry
+            self.queue.push(entry.candidate)
+        else:
+            self.queue.occupy(entry.candidate, time.monotonic())
 
     def _launch_ready(self) -> list[TaskLaunch]:
         now = time.monotonic()
@@ -251,11 +259,11 @@ class Orchestrator:
             entry.parked = result  # taken once its upstream's end is (see `_confirm`)
             return
         del self.running[result.key]
-        self.in_use = self.in_use - entry.unit.task.resources
         if entry.dropped:
+            self.ahead_use = self.ahead_use - entry.unit.task.resources
             return
-        if entry.ahead_of is None and hasattr(entry, "candidate"):
-            self.queue.done(entry.candidate.key)
+        self.in_use = self.in_use - entry.unit.task.resources
+        self.queue.done(entry.candidate.key)
         delay = entry.run.finish(entry.unit, result)
         if delay is not None:
             heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
@@ -276,12 +284,12 @@ class Orchestrator:
                 continue
             for launch in entry.run.ahead_of(entry.unit):
                 sent = _Entry(entry.run, entry.run.ahead[launch.task_name], ahead_of=entry.unit.step_run_id)
-                if not (self.in_use + launch.resources).fits(self.admission) \
+                if not (self.in_use + self.ahead_use + launch.resources).fits(self.admission) \
                         or not self._submit_after(launch, entry.unit.step_run_id):
                     entry.run.forget_ahead(launch.task_name)
                     continue
                 self.running[launch.key] = sent
-                self.in_use = self.in_use + launch.resources
+                self.ahead_use = self.ahead_use + launch.resources
                 self.ahead.setdefault(entry.unit.step_run_id, []).append(launch.key)
                 work.append(sent)
 
@@ -294,7 +302,7 @@ class Orchestrator:
         sent.run.forget_ahead(sent.unit.task.name)
         if sent.parked is not None:  # its end came already: nothing more will
             del self.running[key]
-            self.in_use = self.in_use - sent.unit.task.resources
+            self.ahead_use = self.ahead_use - sent.unit.task.resources
         for follower in self.ahead.pop(key, ()):
             self._drop_sent(follower)
 
@@ -302,8 +310,11 @@ class Orchestrator:
         """The row of an attempt sent ahead was recorded: it runs like any other now."""
         entry = self.running[unit.step_run_id]
         entry.ahead_of = None
+        resources = unit.task.resources
+        self.ahead_use, self.in_use = self.ahead_use - resources, self.in_use + resources
         self._seq += 1
         unit.seq = self._seq  # its place, should it go through the queue for a retry
+        self._push(entry, queued=False)  # running: counted by the policy (fair share, reservations)
         self._confirmed.append(entry)
         if entry.parked is not None:
             parked, entry.parked = entry.parked, None
@@ -357,6 +368,8 @@ class Orchestrator:
         for key, entry in list(self.running.items()):
             if entry.run is run:
                 self.backend.cancel(key)
+                if entry.ahead_of is not None:
+                    self._drop_sent(key)
         for seq, entry in list(self.pending.items()):
             if entry.run is run:
                 del self.pending[seq]
@@ -379,18 +392,23 @@ class Orchestrator:
             self.abort(status, error)
             raise
 
-    def abort(self, status: str, error: str) -> None:
-        """Cancel everything running and end every held run with `status`."""
+    def _cancel_all(self) -> None:
+        """Cancel every attempt and take in their ends (at most 5 s); those sent ahead are forgotten."""
         for key in list(self.running):
             self.backend.cancel(key)
+            if key in self.running and self.running[key].ahead_of is not None:
+                self._drop_sent(key)  # no row to end; one whose end came already leaves at once
         deadline = time.monotonic() + 5
         while self.running and time.monotonic() < deadline:
             for result in self.backend.wait(0.2):
                 entry = self.running.pop(result.key, None)
-                if entry is not None and entry.ahead_of is None:  # one sent ahead has no row, nor a place in the queue
-                    if hasattr(entry, "candidate"):
-                        self.queue.done(entry.candidate.key)
+                if entry is not None and not entry.dropped:
+                    self.queue.done(entry.candidate.key)
                     self.recorder.finished(result)
+
+    def abort(self, status: str, error: str) -> None:
+        """Cancel everything running and end every held run with `status`."""
+        self._cancel_all()
         # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
         with contextlib.suppress(Exception):
             self.recorder.flush()
@@ -400,16 +418,7 @@ class Orchestrator:
 
     def relinquish(self) -> None:
         """Give up every held run: cancel its attempts and clear the owner so another process adopts it."""
-        for key in list(self.running):
-            self.backend.cancel(key)
-        deadline = time.monotonic() + 5
-        while self.running and time.monotonic() < deadline:
-            for result in self.backend.wait(0.2):
-                entry = self.running.pop(result.key, None)
-                if entry is not None and entry.ahead_of is None:  # one sent ahead has no row, nor a place in the queue
-                    if hasattr(entry, "candidate"):
-                        self.queue.done(entry.candidate.key)
-                    self.recorder.finished(result)
+        self._cancel_all()
         with contextlib.suppress(Exception):
             self.recorder.flush()
         with self.db.session() as session:

@@ -156,8 +156,9 @@ class StepOutput:
         """The worker's own stdout and stderr, put back after each attempt."""
         self._made: set[str] = set()
         """Folders already created."""
-        self._spare: tuple[str, int] | None = None
-        """An empty file (its path, and a descriptor open on it for appending) to name as the next log."""
+        self._spare: tuple[str, int, str] | None = None
+        """An empty file to name as the next log: its path, a descriptor open on it for appending, and the
+        log it was (where it goes back to if something, say a step's child process, wrote to it since)."""
         atexit.register(self._remove_spare)
 
     @contextlib.contextmanager
@@ -184,15 +185,18 @@ class StepOutput:
     def _open(self, log_path: str) -> int:
         spare, self._spare = self._spare, None
         if spare is not None:
-            if not os.path.exists(log_path):  # an attempt's log is new; never replace one
-                try:
-                    os.rename(spare[0], log_path)
-                    return spare[1]
-                except OSError:  # another filesystem, or the spare is gone: a file of its own
-                    pass
-            os.close(spare[1])
+            path, fd, was = spare
             with contextlib.suppress(OSError):
-                os.unlink(spare[0])
+                if os.fstat(fd).st_size > 0:  # written after its attempt ended: it is that attempt's log
+                    if not os.path.exists(was):
+                        os.rename(path, was)
+                elif not os.path.exists(log_path):  # an attempt's log is new; never replace one
+                    os.rename(path, log_path)
+                    return fd
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                if os.path.exists(path) and os.stat(path).st_size == 0:
+                    os.unlink(path)
         return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _close(self, log_path: str, fd: int) -> None:
@@ -200,7 +204,7 @@ class StepOutput:
         try:
             if os.fstat(fd).st_size == 0:
                 os.rename(log_path, spare)
-                self._spare = (spare, fd)
+                self._spare = (spare, fd, log_path)
                 return
         except OSError:  # the log's folder is gone, or read-only: it stays as it is
             pass
@@ -208,8 +212,12 @@ class StepOutput:
 
     def _remove_spare(self) -> None:
         if self._spare is not None:
+            path, fd, was = self._spare
             with contextlib.suppress(OSError):
-                os.unlink(self._spare[0])
+                if os.fstat(fd).st_size > 0 and not os.path.exists(was):
+                    os.rename(path, was)
+                else:
+                    os.unlink(path)
 
 
 def _flush(*streams: Any) -> None:

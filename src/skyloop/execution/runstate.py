@@ -300,7 +300,8 @@ class RunState:
                          if n not in from_upstream}
             except KeyError:
                 continue
-            after = After(key=unit.step_run_id, inputs=from_upstream, code_hash=code_hash(self.steps[name].fn),
+            after = After(key=unit.step_run_id, inputs=from_upstream, outputs=tuple(o.name for o in unit.task.outputs),
+                          code_hash=code_hash(self.steps[name].fn),
                           cache_version=task.cache.version if task.cache.enabled else None)
             sent = self.ahead[name] = Unit(task, -1, known, None, seq=0)
             launches.append(self._build(sent, after))

@@ -106,6 +106,8 @@ class After:
     key: str
     """The upstream attempt's key."""
     inputs: dict[str, str]
+    outputs: tuple[str, ...]
+    """Every output the upstream step declares: without all of them its attempt did not succeed."""
     code_hash: str
     cache_version: str | None
     """The step's cache version; None when its cache is off."""

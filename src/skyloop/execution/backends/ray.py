@@ -111,8 +111,6 @@ class _Attempt:
     """The state and error to report for an attempt we force-cancelled."""
     give_up: float | None = None
     """Monotonic time after which a cancelled attempt is reported even if Ray has not confirmed it."""
-    followers: list[_Attempt] | None = None
-    """Attempts sent ahead of this one (`submit_after`), whose timeouts start when it ends."""
     chained: bool = False
     """Whether `ref` is a chain's (a streaming generator yielding its attempts' outcomes in order)."""
     upstream: Any = None
@@ -162,6 +160,8 @@ class RayBackend:
         """Launches to send at the next `wait`, by the key of their chain's first (most are alone)."""
         self._tails: dict[str, _Chain] = {}
         """The unsent chains by the key of their last launch (what `submit_after` may extend)."""
+        self._nodes: int | None = None
+        """Live nodes of the cluster (counted once, when a cache lookup in a worker is first considered)."""
         self._chain_last: dict[Any, Any] = {}
         """A running chain's generator -> the ref of the last outcome it yielded."""
 
@@ -225,14 +225,18 @@ class RayBackend:
 
     def submit_after(self, launch: TaskLaunch, upstream: str) -> bool:
         """Submit the attempt to start once the attempt `upstream` ended, with that attempt's result (see
-        `skyloop.execution.lookahead`); False when it cannot (the upstream travels in a pack or a chain
-        already sent, or launches wait in `_held`, whose order this would jump).
+        `skyloop.execution.lookahead`); False when it cannot: it has a timeout (which must not run while
+        it waits in Ray's queue), the upstream travels in a pack or a chain already sent, launches wait
+        in `_held` (whose order this would jump), or its worker could not look it up in the cache (a
+        SQLite metadata DB, which only this node's workers reach, on a cluster of several nodes).
 
-        Without timeouts, and with the same resources, it joins the upstream's chain: one Ray task that
-        runs them one after the other in one worker, without Ray's round trip between them (about a
+        With the same resources as its upstream, it joins the upstream's chain: one Ray task that runs
+        them one after the other in one worker, without Ray's round trip between them (about a
         millisecond on a small machine). Otherwise, it is a Ray task of its own that waits for the
         upstream's."""
-        if launch.key in self._running or launch.key in self._tails or self._held:
+        if launch.key in self._running or launch.key in self._tails or self._held or launch.timeout is not None:
+            return False
+        if launch.after is not None and launch.after.cache_version is not None and not self._db_reachable(launch):
             return False
         first = self._packable.pop(upstream, None)
         if first is not None:  # in a pack its result would be hidden among others': a chain instead
@@ -251,7 +255,7 @@ class RayBackend:
         chain = self._tails.get(upstream)
         if chain is not None:
             head = chain.launches[0]
-            if launch.timeout is None and head.timeout is None and len(chain.launches) < MAX_CHAIN \
+            if head.timeout is None and len(chain.launches) < MAX_CHAIN \
                     and self._options_key(head)[:-1] == self._options_key(launch)[:-1]:
                 chain.launches.append(launch)
                 self._tails[launch.key] = self._tails.pop(upstream)
@@ -262,6 +266,14 @@ class RayBackend:
             return False
         self._chain_up(_Chain([launch], after=attempt))
         return True
+
+    def _db_reachable(self, launch: TaskLaunch) -> bool:
+        """Whether every worker can reach the launch's metadata DB: not a SQLite file on a cluster of nodes."""
+        if not (launch.db_url or "").startswith("sqlite"):
+            return True
+        if self._nodes is None:
+            self._nodes = sum(1 for node in self._ray.nodes() if node.get("Alive"))
+        return self._nodes <= 1
 
     def _chain_up(self, chain: _Chain) -> None:
         self._unsent[chain.launches[0].key] = self._tails[chain.launches[-1].key] = chain
@@ -308,13 +320,11 @@ class RayBackend:
         self.tasks_sent += 1
         attempts = self._by_ref[ref] = []
         for each in launches:
-            deadline = None if each.timeout is None or upstream is not None else now + each.timeout
+            deadline = None if each.timeout is None else now + each.timeout
             attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, chained=chained,
                                                          packed=bool(pack) and not chained, upstream=upstream)
             attempts.append(attempt)
             self._in_ray = self._in_ray + each.resources
-            if after is not None:
-                after.followers = [*(after.followers or ()), attempt]
 
     def _send_packs(self) -> None:
         """Send the packable launches of this turn: per task, in order, in packs that keep every CPU busy."""
@@ -520,12 +530,6 @@ class RayBackend:
         if self._running.get(attempt.launch.key) is attempt:
             del self._running[attempt.launch.key]
             self._in_ray = self._in_ray - attempt.launch.resources
-        now = time.monotonic()
-        for follower in attempt.followers or ():  # they start now: so do their clocks
-            timeout = follower.launch.timeout
-            if timeout is not None and follower.stopped is None:
-                follower.deadline = now + timeout
-        attempt.followers = None
         pack = self._by_ref.get(attempt.ref)
         if pack is not None and attempt in pack:
             pack.remove(attempt)

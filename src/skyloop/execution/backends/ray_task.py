@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,9 +107,8 @@ class _Worker:
 
 
 def _temporary_log() -> str:
-    fd, path = tempfile.mkstemp(prefix="skyloop-step-", suffix=".log")
-    os.close(fd)
-    return path
+    """A new path for the log of an attempt on another node (not created: see `StepOutput`)."""
+    return os.path.join(tempfile.gettempdir(), f"skyloop-step-{uuid.uuid4().hex}.log")
 
 
 def _take_tail(path: str) -> bytes:
