@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from skyloop import pipeline, step
+from skyloop import pipeline, step, unmapped
 
 
 def _ran(trace: str, name: str) -> int:
@@ -113,3 +113,23 @@ def timed_after_slow(x: int = 1, slow_seconds: float = 1.5, timed_seconds: float
 def two_retried(x: int = 1, trace: str = "trace"):
     start = add_one(x, trace)
     return pair(flaky(start, "left", trace), flaky(start, "right", trace))
+
+
+@step
+def nap(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x + 1
+
+
+@step
+def spread(x: int) -> list[int]:
+    return list(range(x, x + 4))
+
+
+@pipeline
+def chain_beside_map(seconds: float = 0.25):
+    start = nap(0, seconds)
+    x = start
+    for _ in range(12):
+        x = nap(x, seconds)
+    return x, nap.map(spread(start), unmapped(seconds))

@@ -172,6 +172,21 @@ def test_two_steps_sent_ahead_of_one_upstream_are_each_retried(
     assert (result.steps["flaky"].attempts, result.steps["flaky-2"].attempts) == (2, 2)
 
 
+def test_steps_sent_ahead_do_not_hold_back_other_work(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    result = _run(chains.chain_beside_map, {"seconds": 0.5}, tmp_path / "home")
+    assert result.status == "SUCCEEDED", result.error
+    assert len(spy.sent_ahead()) >= 10  # most of the chain went ahead: counted as held, 10+ CPUs on 2
+    rows = {(r.task, r.map_index): r for r in _rows(tmp_path / "home", result.id)}
+    listed = rows[("spread", -1)].ended_at
+    first = min(r.started_at for (task, index), r in rows.items() if index >= 0)
+    assert listed is not None and first is not None
+    # The map's units start as soon as their list is there, on the CPU the chain leaves free, not
+    # after chain steps (0.5 s each) have ended to make room.
+    assert (first - listed).total_seconds() < 0.25
+
+
 def test_a_failed_upstream_leaves_the_steps_sent_ahead_unrun_and_unrecorded(
         ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
