@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+from tests_support import collect
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
@@ -38,15 +39,6 @@ def make_launch(tmp_path: Path, qualname: str, memory: str | int = 0, gpus: int 
         log_path=str(tmp_path / "logs" / f"{key}.log"), artifacts_url=str(tmp_path / "artifacts"), env=env or {},
     )
 
-
-def collect(backend: LocalBackend, count: int, limit: float = 20.0) -> dict[str, TaskResult]:
-    results: dict[str, TaskResult] = {}
-    deadline = time.monotonic() + limit
-    while len(results) < count:
-        assert time.monotonic() < deadline, f"only {len(results)} of {count} results after {limit}s"
-        for result in backend.wait(deadline - time.monotonic()):
-            results[result.key] = result
-    return results
 
 
 def run_one(backend: LocalBackend, launch: TaskLaunch) -> TaskResult:

@@ -23,7 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
-from ray_support import RAY_ENV, local_ray
+from ray_support import RAY_ENV
+from tests_support import collect
 
 from skyloop import Settings, run
 from skyloop.config import ExecutionSettings
@@ -45,13 +46,6 @@ SAMPLE = str(HERE / "sample_pipelines.py")
 EXAMPLE = str(HERE.parent.parent / "examples" / "train.py")
 
 integration = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[ModuleType]:
-    """One local Ray for the module (see `ray_support.local_ray`)."""
-    with local_ray() as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +71,6 @@ def make_launch(tmp_path: Path, qualname: str, timeout: float | None = None, res
         log_path=str(tmp_path / "logs" / f"{key}.log"), artifacts_url=str(tmp_path / "artifacts"), env=env or {},
     )
 
-
-def collect(backend: RayBackend, count: int, limit: float = 30.0) -> dict[str, TaskResult]:
-    results: dict[str, TaskResult] = {}
-    deadline = time.monotonic() + limit
-    while len(results) < count:
-        assert time.monotonic() < deadline, f"only {len(results)} of {count} results after {limit}s"
-        for result in backend.wait(deadline - time.monotonic()):
-            results[result.key] = result
-    return results
 
 
 def run_all(backend: RayBackend, *launches: TaskLaunch) -> list[TaskResult]:

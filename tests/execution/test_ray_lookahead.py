@@ -7,15 +7,13 @@ spy on the backend's `submit_after` and `_send`, which it does not change).
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from ray_support import local_ray
+from tests_support import collect
 
 from skyloop import Settings, run
 from skyloop.config import ExecutionSettings
@@ -23,7 +21,7 @@ from skyloop.execution.backends.ray import RayBackend
 from skyloop.execution.loading import load_file_module
 from skyloop.execution.lookahead import NOT_RUN
 from skyloop.execution.run import Run
-from skyloop.execution.tasks import After, Literal_, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.tasks import After, Literal_, TaskLaunch, TaskState
 from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
@@ -35,12 +33,6 @@ CHAINS = str(HERE / "chain_pipelines.py")
 STEPS = str(HERE / "ray_steps.py")
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[ModuleType]:
-    with local_ray() as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -246,15 +238,6 @@ def _launch(tmp_path: Path, qualname: str, after: TaskLaunch | None = None, inpu
     )
 
 
-def _collect(backend: RayBackend, count: int, limit: float = 30.0) -> dict[str, TaskResult]:
-    results: dict[str, TaskResult] = {}
-    deadline = time.monotonic() + limit
-    while len(results) < count:
-        assert time.monotonic() < deadline, f"only {len(results)} of {count} results after {limit}s"
-        for result in backend.wait(deadline - time.monotonic()):
-            results[result.key] = result
-    return results
-
 
 def test_cancelling_a_step_in_a_chain_sends_those_before_it_again_and_ends_those_after(
         ray_session: ModuleType, tmp_path: Path) -> None:
@@ -268,7 +251,7 @@ def test_cancelling_a_step_in_a_chain_sends_those_before_it_again_and_ends_those
         assert backend.submit_after(middle, first.key) and backend.submit_after(last, middle.key)
         assert backend.wait(0.3) == []  # the chain is sent and its first step runs
         backend.cancel(middle.key)
-        results = _collect(backend, 3)
+        results = collect(backend, 3)
         assert results[first.key].state == TaskState.SUCCEEDED  # sent again on its own, and ran
         assert (results[middle.key].state, results[middle.key].error) == (TaskState.CANCELLED, "cancelled")
         assert (results[last.key].state, results[last.key].error) == (TaskState.CANCELLED, NOT_RUN)
@@ -277,7 +260,7 @@ def test_cancelling_a_step_in_a_chain_sends_those_before_it_again_and_ends_those
         then = _launch(tmp_path, "add", after=again, b=10)
         backend.submit(again)
         assert backend.submit_after(then, again.key)
-        outputs = _collect(backend, 2)
+        outputs = collect(backend, 2)
         assert outputs[then.key].state == TaskState.SUCCEEDED, outputs[then.key].error
         store = ArtifactStore(str(tmp_path / "artifacts"))
         assert store.get(outputs[then.key].outputs["output"]) == 12

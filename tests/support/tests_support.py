@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,12 +14,25 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy import inspect
 
+from skyloop.execution.backends.base import Backend
+from skyloop.execution.tasks import TaskResult
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["at_once", "post", "replayed_database", "schema_of", "write"]
+__all__ = ["at_once", "collect", "post", "replayed_database", "schema_of", "write"]
 
 T = TypeVar("T")
+
+
+def collect(backend: Backend, count: int, limit: float = 30.0) -> dict[str, TaskResult]:
+    """The results of `count` attempts from `backend.wait`, by key; fails after `limit` seconds."""
+    results: dict[str, TaskResult] = {}
+    deadline = time.monotonic() + limit
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"only {len(results)} of {count} results after {limit}s"
+        for result in backend.wait(deadline - time.monotonic()):
+            results[result.key] = result
+    return results
 
 
 def write(path: Path, text: str) -> Path:

@@ -157,8 +157,8 @@ class RunState:
     def activate_ready(self, enqueue: Callable[[RunState, Unit], None],
                        confirm: Callable[[RunState, Unit], None] = lambda run, unit: None) -> None:
         """Activate every task whose upstream ended; attempts to run go to `enqueue`, and those sent ahead
-        (see `ahead_of`) to `confirm` once their row is recorded. A task sent ahead that ends otherwise
-        (its upstream failed or was skipped) is dropped from `ahead`; the caller forgets its launch."""
+        (see `ahead_of`) to `confirm` once their row is recorded. One sent ahead whose inputs do not
+        resolve goes to `dropped` (the caller forgets its launch) and is activated as any other."""
         while self.ready:
             self._activate(self.ready.popleft(), enqueue, confirm)
 
@@ -166,7 +166,7 @@ class RunState:
                   confirm: Callable[[RunState, Unit], None]) -> None:
         progress = self.tasks[name]
         task = progress.spec
-        sent = self.ahead.pop(name, None)
+        sent = self.ahead.get(name)
         if sent is not None and self._confirm(progress, sent):
             return confirm(self, sent)
         upstream = [self.tasks[d] for d in task.upstream()]
@@ -314,9 +314,10 @@ class RunState:
         try:
             sent.inputs = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()}
         except KeyError:
-            self.prior.attempts[(task.name, -1)] -= 1
+            self.forget_ahead(task.name)
             self.dropped.append(sent)
             return False  # activated as without lookahead, which records why
+        del self.ahead[task.name]
         code = code_hash(self.steps[task.name].fn)
         sent.cache_key = cache_key(code, task.cache.version, sent.inputs) if task.cache.enabled else None
         progress.size = 1
@@ -326,12 +327,10 @@ class RunState:
         self._notify(progress)
         return True
 
-    def forget_ahead(self, name: str) -> Unit | None:
+    def forget_ahead(self, name: str) -> None:
         """Drop the attempt of `name` sent ahead (its upstream did not succeed): as if never built."""
-        unit = self.ahead.pop(name, None)
-        if unit is not None:
+        if self.ahead.pop(name, None) is not None:
             self.prior.attempts[(name, -1)] -= 1
-        return unit
 
     # -- results -----------------------------------------------------------------------------------
     def finish(self, unit: Unit, result: TaskResult) -> float | None:
