@@ -136,6 +136,29 @@ def test_runs_sharing_a_pool_feed_it_in_the_order_that_keeps_it_busy(settings: S
 
 
 @pytest.mark.integration
+def test_the_pool_order_comes_from_simulating_the_runs_together(settings: Settings) -> None:
+    pools = load_file_module(HERE / "pool_pipelines.py")
+    settings.execution.max_cpus, settings.execution.max_gpus = 4, 1
+    settings.execution.pools = {"trainer": 1}
+    for pipe in (pools.fanned, pools.gpu_fed):  # history: how long each feed takes
+        assert run(pipe, {}, backend="local", settings=settings).status == "SUCCEEDED"
+    hog = submit(pools.hogging, {}, priority=1, settings=settings)
+    fanned = submit(pools.fanned, {}, settings=settings)  # first in, and first in Schrage's plan
+    gpu_fed = submit(pools.gpu_fed, {}, settings=settings)
+    agent = _agent(settings, "--max-cpus", "4", "--max-gpus", "1", "--backend", "local", "--once",
+                   env_extra={"SKYLOOP_EXECUTION__POOLS": '{"trainer": 1}'})
+    try:
+        assert _wait_for(settings, [hog, fanned, gpu_fed]) == dict.fromkeys([hog, fanned, gpu_fed], "SUCCEEDED")
+    finally:
+        _stop(agent)
+    started = {(r.run_id, r.task): r.started_at for r in _rows(settings) if r.run_id in (fanned, gpu_fed)}
+    # The GPU-fed run was fed first (its embed beside the hog, ahead of the chunks) and trained first.
+    chunks = sorted(at for (run_id, task), at in started.items() if run_id == fanned and task.startswith("chunk"))
+    assert started[(gpu_fed, "embed")] <= chunks[1], (started[(gpu_fed, "embed")], chunks)
+    assert started[(gpu_fed, "fit")] < started[(fanned, "fit")]
+
+
+@pytest.mark.integration
 def test_second_run_is_faster_with_learned_durations(sched: ModuleType, settings: Settings) -> None:
     settings.execution.max_cpus = 2
     params = {"n": 6, "pause": 0.3, "seconds": 2.0}

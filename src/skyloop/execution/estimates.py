@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
 from skyloop.execution.runstate import Prepared, RunState
 from skyloop.execution.tasks import TaskState
 from skyloop.pipelines.step import code_hash
+from skyloop.scheduling.candidates import PolicyConfig
 from skyloop.scheduling.estimates import Estimator, Sample
-from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
+from skyloop.scheduling.ranks import RankedRun, pool_queues, pooled_ranks, upward_ranks
+from skyloop.scheduling.simulator import PLAN_BUDGET, plan_pools
+from skyloop.scheduling.workloads import SimRun, SimTask
+from skyloop.spec.resources import Resources
 from skyloop.store.durations import duration_history
 
-__all__ = ["estimate_run", "rank_together"]
+__all__ = ["PLAN_TASKS", "estimate_run", "rank_together"]
+
+PLAN_TASKS = 20_000
+"""Simulated tasks the pool planning of `rank_together` may run through (tasks times simulations)."""
 
 
 def estimate_run(session: Session, prepared: Prepared, default_seconds: float
@@ -34,12 +41,19 @@ def estimate_run(session: Session, prepared: Prepared, default_seconds: float
     return estimates, upward_ranks(deps, {task: seconds for task, (seconds, _) in estimates.items()})
 
 
-def rank_together(runs: Sequence[RunState], pools: Mapping[str, int], cpus: float) -> bool:
-    """Set the ranks of `runs` taken together where their tasks share a limited pool (`pooled_ranks`).
+def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Resources,
+                  plan_tasks: int = PLAN_TASKS) -> bool:
+    """Set the ranks of `runs` taken together where their tasks share a limited pool (`pooled_ranks`),
+    with the order through each queued pool that simulating the policy on the estimates finds best
+    (`plan_pools`).
 
-    Tasks that ended count 0 seconds; a mapped task counts as one member of its pool. Returns whether
-    any run has a task in one of `pools` (else nothing was changed).
+    Only tasks still to run or running count (those that ended are past every queue); a mapped task
+    counts as its units once it has them (as one task where it is in a pool: one member of it). The planning runs at
+    most `plan_tasks` simulated tasks in all (fewer simulations for larger runs; none past it:
+    Schrage's rule alone). Returns whether any run has a task in one of the pools (else nothing was
+    changed).
     """
+    pools = config.pools
     if not any(p.spec.pool in pools for run in runs for p in run.tasks.values()):
         return False
     open_states = (TaskState.PENDING, TaskState.RUNNING)
@@ -47,10 +61,32 @@ def rank_together(runs: Sequence[RunState], pools: Mapping[str, int], cpus: floa
         RankedRun(deps={name: p.spec.upstream() for name, p in run.tasks.items()},
                   estimates={name: run.estimates.get(name, (0.0, ""))[0] if p.state in open_states else 0.0
                              for name, p in run.tasks.items()},
-                  pools={name: p.spec.pool for name, p in run.tasks.items() if p.spec.pool is not None},
+                  pools={name: p.spec.pool for name, p in run.tasks.items()
+                         if p.spec.pool is not None and p.state in open_states},
                   klass=run.priority, cpus={name: p.spec.resources.cpus for name, p in run.tasks.items()})
         for run in runs
     ]
-    for run, ranks in zip(runs, pooled_ranks(graphs, pools, cpus), strict=True):
+    orders = None
+    if pool_queues(graphs, pools, capacity.cpus):
+        sims = [_simulated(run, open_states) for run in runs]
+        size = sum(len(run.tasks) for run in sims)
+        orders = plan_pools(sims, capacity, config, min(PLAN_BUDGET, plan_tasks // max(1, size)))
+    for run, ranks in zip(runs, pooled_ranks(graphs, pools, capacity.cpus, orders), strict=True):
         run.ranks = ranks
     return True
+
+
+def _simulated(run: RunState, open_states: tuple[TaskState, ...]) -> SimRun:
+    """The tasks of `run` still to run (or running) as the simulator takes them, each its estimate long."""
+    names: dict[str, list[str]] = {}  # task -> its simulated tasks (a mapped one's units)
+    for name, p in run.tasks.items():
+        if p.state in open_states:
+            units = p.size if p.spec.map_over and p.spec.pool is None else 1  # a pool member stays one
+            names[name] = [f"{name}[{i}]" for i in range(units)] if units > 1 else [name]
+    tasks = []
+    for name, sims in names.items():
+        p = run.tasks[name]
+        deps = tuple(sim for up in p.spec.upstream() for sim in names.get(up, ()))
+        seconds = run.estimates.get(name, (0.0, ""))[0]
+        tasks += [SimTask(sim, deps, p.spec.resources, seconds, pool=p.spec.pool) for sim in sims]
+    return SimRun(run.run_id, tuple(tasks), run.priority, run.weight)

@@ -194,7 +194,7 @@ class Orchestrator:
 
     def _rank_together(self) -> None:
         """Rank the held runs together where they share a limited pool, and requeue what moved."""
-        if not rank_together(list(self.runs.values()), self.config.pools, self.capacity.cpus):
+        if not rank_together(list(self.runs.values()), self.config, self.capacity):
             return
         for entry in self.pending.values():
             rank = entry.run.ranks.get(entry.unit.task.name, entry.candidate.rank)

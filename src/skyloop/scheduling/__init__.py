@@ -6,7 +6,8 @@
   attempt, and the `PolicyConfig`), keeping free resources as `amounts`; `backfill` holds the
   reservation of the first candidate that cannot launch.
 - `ranks`: upward ranks (longest remaining path) from per-task estimates; across runs, lengthened by
-  the queue each shared concurrency pool will have (`pooled_ranks`).
+  the queue each shared concurrency pool will have (`pooled_ranks`), in the order through the pool
+  that simulating the policy finds best (`plan_pools`).
 - `estimates`: expected durations learned from a step's history (median or EWMA, scaled by input size).
 - `workloads` and `simulator`: seeded synthetic runs and an event-driven simulator with FIFO and
   Airflow-style baselines and a makespan lower bound (`benchmarks/scheduling.py` uses them).
@@ -17,7 +18,15 @@ from __future__ import annotations
 from skyloop.scheduling.estimates import Estimate, Estimator, Sample
 from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
 from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
-from skyloop.scheduling.simulator import ListQueue, Scheduler, SimResult, downstream_weights, lower_bound, simulate
+from skyloop.scheduling.simulator import (
+    ListQueue,
+    Scheduler,
+    SimResult,
+    downstream_weights,
+    lower_bound,
+    plan_pools,
+    simulate,
+)
 from skyloop.scheduling.workloads import (
     FAMILIES,
     WORKSTATION,
@@ -36,6 +45,6 @@ __all__ = [
     "Candidate", "Estimate", "Estimator", "ListQueue", "PolicyConfig", "RankedRun", "ReadyQueue", "Sample",
     "Scenario",
     "Scheduler", "SimResult", "SimRun", "SimTask",
-    "downstream_weights", "fork_join", "layered_dag", "lower_bound", "ml_pipeline", "pooled_ranks", "realize", "select",
-    "simulate", "upward_ranks",
+    "downstream_weights", "fork_join", "layered_dag", "lower_bound", "ml_pipeline", "plan_pools", "pooled_ranks",
+    "realize", "select", "simulate", "upward_ranks",
 ]

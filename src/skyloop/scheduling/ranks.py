@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-__all__ = ["RankedRun", "pooled_ranks", "upward_ranks"]
+__all__ = ["Group", "Member", "RankedRun", "pool_queues", "pooled_ranks", "upward_ranks"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -71,47 +71,40 @@ class RankedRun:
     """Task -> CPUs it asks for (missing: 0): its ancestors' CPU-seconds delay a pool member too."""
 
 
-def pooled_ranks(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: float = 0.0
-                 ) -> list[dict[str, float]]:
+Member = tuple[int, str]
+"""A member of a pool: (index of its run, task)."""
+Group = tuple[str, int]
+"""The members of a pool that queue behind each other: (pool, priority class)."""
+
+
+def pooled_ranks(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: float = 0.0,
+                 orders: Mapping[Group, Sequence[Member]] | None = None) -> list[dict[str, float]]:
     """Upward ranks of every run's tasks, lengthened by the queue in front of each shared pool.
 
     Per run, a task's rank is its longest path to the end of the run. A pool of limit `L` whose
-    members outnumber `L` serialises them, so this plans the order they go through the pool: list
-    scheduling on `L` lanes, where each member is released at its earliest start (its run's release
-    plus its longest path from a source, or plus its ancestors' CPU-seconds over `cpus` where that is
-    later) and, among those released, the one with the longest tail
-    after it goes first (Schrage's rule). Consecutive members of a lane become an edge, as if the
-    later one waited for the earlier, and ranks are taken over the runs joined by those edges. A
-    member early in the plan then carries the pool work queued behind it, so the tasks that feed it
-    go first and the pool starts as soon as it can; a member the plan puts last keeps its own rank,
-    and so does all work of a pool that never queues (the rank only grows where the queue is tight).
+    members outnumber `L` serialises them, so this plans the order they go through the pool (see
+    `pool_queues`; `orders` gives it instead, per group, as `plan_pools` finds by simulation) and
+    lays them on `L` lanes, each member on the lane that frees first. Consecutive members of a lane
+    become an edge, as if the later one waited for the earlier, and ranks are taken over the runs
+    joined by those edges. A member early in the plan then carries the pool work queued behind it,
+    so the tasks that feed it go first and the pool starts as soon as it can; a member the plan puts
+    last keeps its own rank, and so does all work of a pool that never queues (the rank only grows
+    where the queue is tight).
 
     Pools missing from `limits` are unlimited. Returns one `{task: rank}` per run, in order; the
     plain per-run ranks where the joined graph has a cycle (it cannot with positive estimates).
     """
     plain = [upward_ranks(run.deps, run.estimates) for run in runs]
-    members: dict[tuple[str, int], list[tuple[float, float, float, int, str]]] = {}
-    for i, run in enumerate(runs):
-        if not run.pools:
-            continue
-        waiting_on: dict[str, list[str]] = {task: [] for task in plain[i]}
-        for task, ups in run.deps.items():
-            for up in ups:
-                waiting_on[up].append(task)
-        heads = upward_ranks(waiting_on, run.estimates)  # the graph reversed: longest path from a source
-        for task, pool in run.pools.items():
-            if pool in limits and task in plain[i]:
-                own = float(run.estimates.get(task, 0.0))
-                start = run.release + max(heads[task] - own, _work_before(run, task) / cpus if cpus > 0 else 0.0)
-                members.setdefault((pool, run.klass), []).append((start, plain[i][task] - own, own, i, task))
-    edges: list[tuple[tuple[int, str], tuple[int, str]]] = []
-    for (pool, _), tasks in members.items():
-        limit = max(1, limits[pool])
-        if len(tasks) > limit:
-            edges += _lanes(tasks, limit)
+    edges: list[tuple[Member, Member]] = []
+    for group, members in _queued(runs, limits, cpus, plain).items():
+        given = (orders or {}).get(group)
+        planned = _plan(members, limits[group[0]])
+        if given is not None and sorted(given) == sorted(planned):
+            planned = list(given)
+        edges += _lanes(members, max(1, limits[group[0]]), planned)
     if not edges:
         return plain
-    deps: dict[tuple[int, str], list[tuple[int, str]]] = {
+    deps: dict[Member, list[Member]] = {
         (i, task): [(i, up) for up in run.deps.get(task, ())] for i, run in enumerate(runs) for task in plain[i]
     }
     for before, after in edges:
@@ -127,14 +120,46 @@ def pooled_ranks(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: flo
     return out
 
 
-def _lanes(tasks: list[tuple[float, float, float, int, str]], limit: int
-           ) -> list[tuple[tuple[int, str], tuple[int, str]]]:
-    """Plan the members (start, tail, own, run, task) on `limit` lanes; consecutive ones on a lane."""
+def pool_queues(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: float = 0.0) -> dict[Group, list[Member]]:
+    """The groups of pool members that queue (more members than the pool's limit), each in the order
+    `pooled_ranks` plans by default: list scheduling on the pool's lanes, where each member is
+    released at its earliest start (its run's release plus its longest path from a source, or plus
+    its ancestors' CPU-seconds over `cpus` where that is later) and, among those released, the one
+    with the longest tail after it goes first (Schrage's rule)."""
+    plain = [upward_ranks(run.deps, run.estimates) for run in runs]
+    return {group: _plan(members, limits[group[0]]) for group, members in _queued(runs, limits, cpus, plain).items()}
+
+
+_Timed = tuple[float, float, float, int, str]
+"""A pool member as planned: (earliest start, tail after it, own estimate, run, task)."""
+
+
+def _queued(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: float, plain: Sequence[Mapping[str, float]]
+            ) -> dict[Group, list[_Timed]]:
+    """The members of every group that outnumber their pool's limit."""
+    members: dict[Group, list[_Timed]] = {}
+    for i, run in enumerate(runs):
+        if not run.pools:
+            continue
+        waiting_on: dict[str, list[str]] = {task: [] for task in plain[i]}
+        for task, ups in run.deps.items():
+            for up in ups:
+                waiting_on[up].append(task)
+        heads = upward_ranks(waiting_on, run.estimates)  # the graph reversed: longest path from a source
+        for task, pool in run.pools.items():
+            if pool in limits and task in plain[i]:
+                own = float(run.estimates.get(task, 0.0))
+                start = run.release + max(heads[task] - own, _work_before(run, task) / cpus if cpus > 0 else 0.0)
+                members.setdefault((pool, run.klass), []).append((start, plain[i][task] - own, own, i, task))
+    return {group: tasks for group, tasks in members.items() if len(tasks) > max(1, limits[group[0]])}
+
+
+def _plan(tasks: list[_Timed], limit: int) -> list[Member]:
+    """Schrage's rule on `limit` lanes: the order in which the members go through the pool."""
     pending = sorted(tasks)
     released: list[tuple[float, float, float, int, str]] = []  # (-tail, start, own, run, task)
-    lanes = [(0.0, n) for n in range(limit)]  # (free at, lane)
-    last: dict[int, tuple[int, str]] = {}
-    edges: list[tuple[tuple[int, str], tuple[int, str]]] = []
+    lanes = [(0.0, n) for n in range(max(1, limit))]  # (free at, lane)
+    order: list[Member] = []
     nxt = 0
     while nxt < len(pending) or released:
         free_at, lane = heapq.heappop(lanes)
@@ -145,9 +170,23 @@ def _lanes(tasks: list[tuple[float, float, float, int, str]], limit: int
             heapq.heappush(released, (-tail, start, own, run, task))
             nxt += 1
         _, start, own, run, task = heapq.heappop(released)
+        order.append((run, task))
+        heapq.heappush(lanes, (max(free_at, start) + own, lane))
+    return order
+
+
+def _lanes(tasks: list[_Timed], limit: int, order: Sequence[Member]) -> list[tuple[Member, Member]]:
+    """Lay the members on `limit` lanes in `order`, each on the lane that frees first; consecutive ones on a lane."""
+    timed = {(run, task): (start, own) for start, _, own, run, task in tasks}
+    lanes = [(0.0, n) for n in range(limit)]  # (free at, lane)
+    last: dict[int, Member] = {}
+    edges: list[tuple[Member, Member]] = []
+    for member in order:
+        free_at, lane = heapq.heappop(lanes)
         if lane in last:
-            edges.append((last[lane], (run, task)))
-        last[lane] = (run, task)
+            edges.append((last[lane], member))
+        last[lane] = member
+        start, own = timed[member]
         heapq.heappush(lanes, (max(free_at, start) + own, lane))
     return edges
 

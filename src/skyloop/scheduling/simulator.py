@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from skyloop.scheduling.amounts import Amounts
 from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
-from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
+from skyloop.scheduling.ranks import Group, Member, RankedRun, pool_queues, pooled_ranks, upward_ranks
 from skyloop.scheduling.workloads import SimRun, SimTask
 from skyloop.spec.resources import Resources
 
-__all__ = ["ListQueue", "Scheduler", "SimResult", "downstream_weights", "lower_bound", "simulate"]
+__all__ = ["ListQueue", "Scheduler", "SimResult", "downstream_weights", "lower_bound", "plan_pools", "simulate"]
+
+PLAN_BUDGET = 24
+"""Simulations `plan_pools` may run to order a set of runs through their shared pools."""
 
 
 class Scheduler(Protocol):
@@ -64,6 +68,8 @@ class SimResult:
     """Wall time spent inside those calls."""
     spans: dict[tuple[str, str], tuple[float, float]]
     """(run id, task) -> (start, end)."""
+    plan_seconds: float = 0.0
+    """Wall time spent planning the order through shared pools (`plan_pools`), once, before the first decision."""
 
 
 class ListQueue:
@@ -176,12 +182,16 @@ def _check(runs: Sequence[SimRun], capacity: Resources, pools: Mapping[str, int]
 
 def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable[[], Scheduler] = "skyloop",
              estimates: Mapping[tuple[str, str], float] | None = None, config: PolicyConfig | None = None,
-             default_estimate: float = 1.0) -> SimResult:
+             default_estimate: float = 1.0, orders: Mapping[Group, Sequence[Member]] | None = None,
+             plan_budget: int = PLAN_BUDGET) -> SimResult:
     """Run `runs` on a machine of `capacity` under `policy`; each task takes its `duration`.
 
     `estimates` maps (run id, task) to the seconds the policy believes a task takes (missing ones:
     `default_estimate`); None gives it the true durations. `config` supplies pools, aging and
-    fair-share weights (run weights default to each run's `weight`).
+    fair-share weights (run weights default to each run's `weight`). For `skyloop`, `orders` fixes
+    the order of the members of each queued pool group (see `pooled_ranks`); without it, the order
+    is planned as the orchestrator does (`plan_pools` on the believed durations, at most
+    `plan_budget` simulations; 0: Schrage's rule alone).
     """
     config = replace(config) if config is not None else PolicyConfig()
     config.run_weights = {**{run.run_id: run.weight for run in runs}, **config.run_weights}
@@ -191,12 +201,14 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
     believed = [t.duration if estimates is None else estimates.get((run.run_id, t.name), default_estimate)
                 for run, t in tasks]
     rank: list[float] = [0.0] * len(tasks)
-    graphs = [RankedRun({t.name: t.deps for t in run.tasks},
-                        {t.name: believed[key_of[(run.run_id, t.name)]] for t in run.tasks},
-                        {t.name: t.pool for t in run.tasks if t.pool is not None}, run.submit_at, run.priority,
-                        {t.name: t.resources.cpus for t in run.tasks})
-              for run in runs]
-    for run, ranks in zip(runs, pooled_ranks(graphs, config.pools, capacity.cpus), strict=True):
+    graphs = [_ranked(run, {t.name: believed[key_of[(run.run_id, t.name)]] for t in run.tasks}) for run in runs]
+    planning = time.perf_counter()
+    if policy == "skyloop" and orders is None and plan_budget > 0:
+        seen = tuple(replace(run, tasks=tuple(replace(t, duration=believed[key_of[(run.run_id, t.name)]])
+                                              for t in run.tasks)) for run in runs)
+        orders = plan_pools(seen, capacity, config, plan_budget)
+    plan_seconds = time.perf_counter() - planning
+    for run, ranks in zip(runs, pooled_ranks(graphs, config.pools, capacity.cpus, orders), strict=True):
         for name, value in ranks.items():
             rank[key_of[(run.run_id, name)]] = value
     scheduler = _scheduler(policy, runs, config, key_of)
@@ -265,8 +277,67 @@ def simulate(runs: Sequence[SimRun], capacity: Resources, policy: str | Callable
     return SimResult(
         policy=policy if isinstance(policy, str) else getattr(policy, "__name__", "custom"),
         makespan=max(finish.values(), default=0.0), finish=finish, peak=peak.resources(),
-        peak_pools=peak_pools, decisions=decisions, decision_seconds=spent, spans=spans,
+        peak_pools=peak_pools, decisions=decisions, decision_seconds=spent, spans=spans, plan_seconds=plan_seconds,
     )
+
+
+def _ranked(run: SimRun, estimates: Mapping[str, float]) -> RankedRun:
+    return RankedRun({t.name: t.deps for t in run.tasks}, estimates,
+                     {t.name: t.pool for t in run.tasks if t.pool is not None}, run.submit_at, run.priority,
+                     {t.name: t.resources.cpus for t in run.tasks})
+
+
+def plan_pools(runs: Sequence[SimRun], capacity: Resources, config: PolicyConfig | None = None,
+               budget: int = PLAN_BUDGET) -> dict[Group, list[Member]]:
+    """The order through each queued pool group (see `pool_queues`) under which skyloop's policy ends
+    `runs` soonest, their durations taken as known (give it the estimates).
+
+    Which run a pool of limit 1 should serve first depends on how soon each can feed it while the
+    others compete for the same CPUs and GPUs, which the planned release times of `pool_queues` only
+    guess at; simulating the candidates settles it. Groups are searched one after the other from
+    Schrage's order: every order of a group of up to 4 members, else swaps of neighbours while one
+    helps; at most `budget` simulations in all, the shortest makespan kept (the earlier order on a tie).
+    """
+    config = config if config is not None else PolicyConfig()
+    plan = pool_queues([_ranked(run, {t.name: t.duration for t in run.tasks}) for run in runs], config.pools,
+                       capacity.cpus)
+    if not plan or budget <= 0:
+        return plan
+    left = budget
+
+    def span(candidate: dict[Group, list[Member]]) -> float:
+        nonlocal left
+        left -= 1
+        return simulate(runs, capacity, "skyloop", None, config, orders=candidate).makespan
+
+    best = span(plan)
+    for group in list(plan):
+        if len(plan[group]) <= 4:
+            for permuted in itertools.permutations(plan[group]):
+                if left <= 0:
+                    return plan
+                order = list(permuted)
+                if order != plan[group] and (made := span(candidate := {**plan, group: order})) < best:
+                    best, plan = made, candidate
+            continue
+        climbing = True
+        while climbing:  # swap neighbours until none helps, climbing on from each better order
+            climbing = False
+            for order in _swaps(plan[group]):
+                if left <= 0:
+                    return plan
+                if (made := span(candidate := {**plan, group: order})) < best:
+                    best, plan, climbing = made, candidate, True
+                    break
+    return plan
+
+
+def _swaps(order: list[Member]) -> Iterator[list[Member]]:
+    """`order` with each pair of neighbours swapped in turn."""
+    for n in range(len(order) - 1):
+        swapped = list(order)
+        swapped[n], swapped[n + 1] = swapped[n + 1], swapped[n]
+        yield swapped
 
 
 def _scheduler(policy: str | Callable[[], Scheduler], runs: Sequence[SimRun], config: PolicyConfig,
