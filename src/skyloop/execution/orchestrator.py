@@ -139,6 +139,8 @@ class Orchestrator:
         self.running: dict[str, _Entry] = {}
         self.delayed: list[tuple[float, int, _Entry]] = []
         self.finished: dict[str, tuple[str, str | None]] = {}
+        self._rerank = False
+        """Runs came or went since the ranks were last taken together (see `_rank_together`)."""
         self._seq = 0
         self._heartbeat = _Heartbeat(self)
         self._heartbeat.start()
@@ -188,12 +190,14 @@ class Orchestrator:
             home=self.settings.home,
         )
         self.config.run_weights[run_id] = weight
-        self._rank_together()
+        self._rerank = True
         if self.observer:
             self.observer.run_changed(run_id, "RUNNING")
 
     def _rank_together(self) -> None:
-        """Rank the held runs together where they share a limited pool, and requeue what moved."""
+        """Rank the held runs together where they share a limited pool, and requeue what moved (at the
+        start of a turn after runs came or went: several runs held at once are planned once)."""
+        self._rerank = False
         if not rank_together(list(self.runs.values()), self.config, self.capacity):
             return
         for entry in self.pending.values():
@@ -206,7 +210,7 @@ class Orchestrator:
         self.runs.pop(run.run_id, None)
         self.config.run_weights.pop(run.run_id, None)
         self.finished[run.run_id] = (status, error)
-        self._rank_together()
+        self._rerank = True
         if run.run_id not in self._heartbeat.lost:
             with self.db.session() as session:
                 release_run(session, run.run_id, self.owner, status, error)
@@ -324,6 +328,8 @@ class Orchestrator:
         """One pass: activate, launch what the policy picks, wait up to `max_wait` for ends, close runs."""
         for run_id in list(self._heartbeat.lost & set(self.runs)):
             self._drop(self.runs[run_id])
+        if self._rerank:
+            self._rank_together()
         for run in list(self.runs.values()):
             run.activate_ready(self._enqueue, self._confirm)
             for unit in run.dropped:  # sent ahead, then not confirmed: as if never sent
