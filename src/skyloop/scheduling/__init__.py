@@ -19,6 +19,7 @@ from skyloop.scheduling.estimates import Estimate, Estimator, Sample
 from skyloop.scheduling.policy import BACKFILL_SCAN, Candidate, PolicyConfig, ReadyQueue, select
 from skyloop.scheduling.ranks import RankedRun, pooled_ranks, upward_ranks
 from skyloop.scheduling.simulator import (
+    PLAN_BUDGET,
     ListQueue,
     Scheduler,
     SimResult,
@@ -41,7 +42,7 @@ from skyloop.scheduling.workloads import (
 )
 
 __all__ = [
-    "BACKFILL_SCAN", "FAMILIES", "WORKSTATION", "WORKSTATION_POOLS",
+    "BACKFILL_SCAN", "FAMILIES", "PLAN_BUDGET", "WORKSTATION", "WORKSTATION_POOLS",
     "Candidate", "Estimate", "Estimator", "ListQueue", "PolicyConfig", "RankedRun", "ReadyQueue", "Sample",
     "Scenario",
     "Scheduler", "SimResult", "SimRun", "SimTask",
