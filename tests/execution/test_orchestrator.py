@@ -264,3 +264,38 @@ def test_a_long_lived_orchestrator_forgets_every_attempt_that_ended(settings: Se
     finally:
         orchestrator.close()
         workspace.close()
+
+
+def test_runs_sharing_a_pool_with_a_step_beyond_capacity_fail_that_run_alone(settings: Settings) -> None:
+    # The pool plan simulates the held runs together; a step no machine here can run must not stop
+    # that (the simulator refuses it), only fail its own run with the numbers, as without a pool.
+    settings.execution.pools = {"one": 1}
+
+    @step(pool="one")
+    def fit(x: int) -> int:
+        return x + 1
+
+    @step(resources=Resources(cpus=10_000))
+    def huge(x: int) -> int:
+        return x
+
+    @pipeline
+    def fine(x: int = 1):
+        return fit(fit(x))
+
+    @pipeline
+    def too_big(x: int = 1):
+        return fit(huge(fit(x)))
+
+    workspace = Workspace.open(settings)
+    orchestrator = Orchestrator(settings, workspace.db, workspace.store, InlineBackend())
+    try:
+        good = orchestrator.create(prepare(fine, {}))
+        bad = orchestrator.create(prepare(too_big, {}))
+        orchestrator.drive_until_done(good)
+        orchestrator.drive_until_done(bad)
+        assert orchestrator.finished[good] == ("SUCCEEDED", None)
+        status, error = orchestrator.finished[bad]
+        assert status == "FAILED" and error is not None and "10000" in error.replace(",", "")
+    finally:
+        orchestrator.close()

@@ -50,10 +50,10 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     (`plan_pools`).
 
     Only tasks still to run or running count (those that ended are past every queue); a mapped task
-    counts as its units once it has them (as one task where it is in a pool: one member of it). The planning runs at
-    most `plan_tasks` simulated tasks in all (fewer simulations for larger runs; none past it:
-    Schrage's rule alone). Returns whether any run has a task in one of the pools (else nothing was
-    changed).
+    counts as its units once it has them (as one task where it is in a pool: one member of it). The
+    planning runs at most `plan_tasks` simulated tasks in all (fewer simulations for larger runs;
+    none past it: Schrage's rule alone, as where a step asks for more than the capacity). Returns
+    whether any run has a task in one of the pools (else nothing was changed).
     """
     pools = config.pools
     if not any(p.spec.pool in pools for run in runs for p in run.tasks.values()):
@@ -72,7 +72,10 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     if pool_queues(graphs, pools, capacity.cpus):
         sims = [_simulated(run, open_states) for run in runs]
         size = sum(len(run.tasks) for run in sims)
-        orders = plan_pools(sims, capacity, config, min(PLAN_BUDGET, plan_tasks // max(1, size)))
+        try:
+            orders = plan_pools(sims, capacity, config, min(PLAN_BUDGET, plan_tasks // max(1, size)))
+        except ValueError:  # the simulator refuses a step beyond the capacity: its run fails on activation
+            orders = None
     for run, ranks in zip(runs, pooled_ranks(graphs, pools, capacity.cpus, orders), strict=True):
         run.ranks = ranks
     return True
