@@ -4,7 +4,8 @@ Nothing sleeps and nothing is launched: a task "runs" from the decision that lau
 `duration` has passed on the simulated clock. Policies compared:
 
 - `skyloop`: `ReadyQueue` with upward ranks from the given estimates (true durations when none),
-  taken across the runs where they share a limited pool (`pooled_ranks`), as the orchestrator does.
+  taken across the runs where they share a limited pool (`pooled_ranks`) in the order through it
+  that `plan_pools` finds by simulating the policy on those estimates, as the orchestrator does.
 - `fifo`: arrival order, launching every ready task that fits (FIFO with unbounded backfill, so a
   large request never stalls the machine); ignores priority classes.
 - `fifo-hol`: strict FIFO: stops at the first task that cannot launch (head-of-line blocking).
