@@ -98,10 +98,9 @@ def pooled_ranks(runs: Sequence[RankedRun], limits: Mapping[str, int], cpus: flo
     edges: list[tuple[Member, Member]] = []
     for group, members in _queued(runs, limits, cpus, plain).items():
         given = (orders or {}).get(group)
-        planned = _plan(members, limits[group[0]])
-        if given is not None and sorted(given) == sorted(planned):
-            planned = list(given)
-        edges += _lanes(members, max(1, limits[group[0]]), planned)
+        if given is None or sorted(given) != sorted((run, task) for *_, run, task in members):
+            given = _plan(members, limits[group[0]])  # none given, or not these members: Schrage's
+        edges += _lanes(members, max(1, limits[group[0]]), given)
     if not edges:
         return plain
     deps: dict[Member, list[Member]] = {
