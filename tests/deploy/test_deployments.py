@@ -14,6 +14,7 @@ from deploy_support import Env, Load
 
 from skyloop.registry.registry import resolve
 from skyloop.registry.uri import parse_model_ref
+from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -112,11 +113,27 @@ def test_without_traffic_the_rollout_pauses_as_inconclusive_and_never_promotes(e
     assert info.reason.startswith("Inconclusive") and "30 needed" in info.reason
     time.sleep(2)
     assert env.info("idle").status == "Paused" and "promoted" not in kinds(env, "idle")
-    from skyloop.deploy.api import send_command
-
-    send_command(env.settings, "idle", "rollback")
+    rolled = env.cli("deploy", "rollback", "idle")
+    assert rolled.returncode == 0 and "rollback of idle requested" in rolled.stdout, rolled.stderr
     info = env.wait("idle", lambda i: i.status == "Degraded", 30, "the rollback")
     assert "rollback requested" in info.reason
+
+    # The rollout is over: a command is refused, with why and what to do instead.
+    refused = env.cli("deploy", "promote", "idle")
+    assert refused.returncode == 4, refused.stderr  # Conflict
+    assert "deployment 'idle' has no rollout in progress (its status is Degraded: canary rolled back to 0%: " \
+           "rollback requested)" in refused.stderr and "`skyloop deploy apply` a changed spec" in refused.stderr
+    # One queued just before the rollout ended (past that check) is recorded as ignored, not acted on.
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.session() as session:
+            store.queue_command(session, "idle", "promote_full")
+    finally:
+        workspace.close()
+    ignored = env.wait("idle", lambda i: "command_ignored" in kinds(env, "idle"), 30, "the ignored command")
+    assert ignored.status == "Degraded" and "promoted" not in kinds(env, "idle")
+    event = next(e for e in env.history("idle") if e.kind == "command_ignored")
+    assert event.reason.startswith("promote_full: no rollout in progress (status Degraded: canary rolled back")
     env.delete("idle")
 
 

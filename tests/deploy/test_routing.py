@@ -129,9 +129,10 @@ def test_the_cli_shows_status_and_history_and_refuses_bad_specs(env: Env) -> Non
     assert drawn.returncode == 0, drawn.stderr
     assert (env.folder / "pictures" / "cli-demo-history.png").read_bytes()[:4] == b"\x89PNG"
     assert "reconciled" in (env.folder / "pictures" / "cli-demo-history.html").read_text()
-    ignored = env.cli("deploy", "promote", "cli-demo")
-    assert ignored.returncode == 0
-    env.wait("cli-demo", lambda i: True)
+    refused = env.cli("deploy", "promote", "cli-demo")  # a rolling deployment: nothing to promote
+    assert refused.returncode == 4, refused.stderr  # Conflict
+    assert "deployment 'cli-demo' has no rollout in progress (its status is Healthy: spec version 1 applied" \
+           in refused.stderr and "its rollout strategy is rolling" in refused.stderr
     assert env.cli("deploy", "delete", "cli-demo").returncode == 0
     assert env.cli("deploy", "status", "cli-demo").returncode == 3  # NotFound
     assert env.cli("deploy", "history", "cli-demo", "--json").returncode == 0  # history outlives it

@@ -114,7 +114,7 @@ def history(name: Name, limit: Annotated[int | None, typer.Option(help="Only the
 @app.command()
 def promote(name: Name, full: Annotated[bool, typer.Option("--full", help="Skip the remaining steps.")] = False
             ) -> None:
-    """Resume a paused rollout (or, with --full, give the target 100% now)."""
+    """Resume a paused rollout (or, with --full, give the target 100% now); refused when none is in progress."""
     from skyloop.deploy.api import send_command
 
     send_command(state.settings(), name, "promote_full" if full else "promote")
@@ -123,7 +123,7 @@ def promote(name: Name, full: Annotated[bool, typer.Option("--full", help="Skip 
 
 @app.command()
 def rollback(name: Name) -> None:
-    """Abort the rollout: the target goes back to 0%."""
+    """Abort the rollout: the target goes back to 0%; refused when none is in progress."""
     from skyloop.deploy.api import send_command
 
     send_command(state.settings(), name, "rollback")

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from skyloop.config import Settings
-from skyloop.deploy.spec import DeploymentSpec, load_deployment_spec
-from skyloop.errors import BackendError, ModelLoadError, NotFound, SpecError
+from skyloop.deploy.rollout import Phase
+from skyloop.deploy.spec import DeploymentSpec, Strategy, load_deployment_spec
+from skyloop.errors import BackendError, Conflict, ModelLoadError, NotFound, SpecError
 from skyloop.store import deployments as store
 from skyloop.store.runs import owner_is_dead, utcnow
 from skyloop.store.workspace import Workspace
 
-__all__ = ["apply_deployment", "controller_alive", "delete_deployment", "send_command", "start_controller",
-           "wait_for"]
+__all__ = ["apply_deployment", "controller_alive", "delete_deployment", "no_rollout", "send_command",
+           "start_controller", "wait_for"]
 
 
 def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
@@ -126,11 +127,41 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
         workspace.close()
 
 
+def no_rollout(info: store.DeploymentInfo) -> str | None:
+    """Why a `promote` or `rollback` has nothing to act on in `info` (None: a rollout is in progress, or is
+    about to start from a spec version the controller has not applied yet, and the command waits for it)."""
+    if info.desired == "deleted":
+        return f"deployment {info.name!r} is being deleted; it has no rollout to promote or roll back"
+    rollout = info.state.get("rollout") or {}
+    if rollout.get("phase") in (Phase.PROGRESSING, Phase.PAUSED):
+        return None
+    rolling = DeploymentSpec.model_validate(info.spec).rollout.strategy is Strategy.ROLLING
+    if not rolling and int(info.state.get("applied") or 0) < info.spec_version:
+        return None
+    status = f"{info.status}: {info.reason}" if info.reason else info.status
+    if rolling:
+        return (f"deployment {info.name!r} has no rollout in progress (its status is {status}): its rollout "
+                "strategy is rolling, which replaces replicas with no steps to promote or roll back; `skyloop deploy "
+                "apply` a spec with a canary or blue_green rollout to start one")
+    return (f"deployment {info.name!r} has no rollout in progress (its status is {status}); `skyloop deploy apply` "
+            "a changed spec to start a new one")
+
+
 def send_command(settings: Settings, name: str, command: str) -> None:
-    """Queue `promote`, `promote_full` or `rollback` for the deployment's controller."""
+    """Queue `promote`, `promote_full` or `rollback` for the deployment's rollout.
+
+    Raises `NotFound` for an unknown deployment and `Conflict` when it has no rollout in progress (`no_rollout`).
+    A rollout that ends before the controller takes the command (it finished its last step, or rolled back on
+    its own) leaves it ignored, as a `command_ignored` event in the deployment's history."""
+    if command not in store.COMMANDS:
+        raise SpecError(f"unknown deployment command {command!r}; use one of {', '.join(store.COMMANDS)}")
     workspace = Workspace.open(settings)
     try:
+        # One write transaction: the controller's view read here is still current when the command is queued.
         with workspace.db.session() as session:
+            refusal = no_rollout(store.get_deployment(session, name))
+            if refusal is not None:
+                raise Conflict(refusal)
             store.queue_command(session, name, command)
     finally:
         workspace.close()

@@ -382,12 +382,16 @@ class DeploymentRunner:
                 except SkyloopError as exc:
                     self.status, self.reason = Phase.DEGRADED.value, str(exc)
         now = time.monotonic()
-        if self.rollout is not None:
-            for command in commands:
+        for command in commands:
+            if self.rollout is None or self.rollout.done:
+                # `send_command` queues only while a rollout is in progress; this one ended before we got here
+                # (or an earlier command ended it): say so rather than drop it silently.
+                await self.event("command_ignored", f"{command}: no rollout in progress "
+                                 f"(status {self.status}: {self.reason})")
+            else:
                 await self._transitions(self.rollout.command(command, now))
+        if self.rollout is not None:
             await self._transitions(self.rollout.tick(now, self.gateway.windows))
-        elif commands:
-            await self.event("command_ignored", f"{', '.join(commands)}: no rollout in progress")
         if self.loop is not None:
             await self.loop.tick()
         await self.write_state()
