@@ -1,14 +1,20 @@
 """Feedback on a real `skyloop serve`: each answer takes one truth and one reward, held by the DB across
-worker processes and restarts, and never counted twice."""
+worker processes and restarts, and never counted twice; feedback must name an answer the server gave."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+import psutil
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tests_support import at_once, post
 
@@ -72,3 +78,61 @@ def test_each_answer_takes_one_truth_and_one_reward(serve: Any, settings: Settin
     finally:
         workspace.close()
     assert rows == {(first, 0, 1.0), (second, 1, 0.5)}
+
+
+def _stored(settings: Settings, model: str) -> set[tuple[str, Any, Any]]:
+    workspace = Workspace.open(settings)
+    try:
+        with workspace.db.read() as session:
+            return {(row.inference_id, row.truth, row.reward) for row in list_feedback(session, model)}
+    finally:
+        workspace.close()
+
+
+def _replace_workers(proc: Any) -> None:
+    """SIGKILL every worker of the server at `proc`, and wait until as many new ones serve."""
+    old = psutil.Process(proc.pid).children()
+    for worker in old:
+        os.kill(worker.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = {c.pid for c in psutil.Process(proc.pid).children() if c.status() != psutil.STATUS_ZOMBIE}
+        if len(now) == len(old) and not now & {w.pid for w in old}:
+            return
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+
+
+def test_feedback_must_name_an_answer_of_this_server(serve: Any, settings: Settings, iris_uri: str,
+                                                     iris: tuple[Any, Any], nodes_dir: Path) -> None:
+    _, X = iris
+    constant = nodes_dir / "constant.yaml"
+    constant.write_text(yaml.safe_dump({"name": "constant", "graph": {
+        "name": "const", "type": "MODEL", "implementation": "nodes.py:Constant"}}))
+    with serve(settings, iris_uri, str(constant), workers=2) as (proc, port):
+        status, doc = _post(port, "/v2/models/iris/feedback", {"id": "made-up", "truth": 1})
+        assert status == 404
+        assert doc["error"] == ("no inference with id 'made-up' was answered by model 'iris' on this server; feedback "
+                                "must name the id of an inference response (each worker process remembers its last "
+                                "20,000 answers or more, and for good those that took feedback before)")
+        # An answer of one model is not one of another model's.
+        answered = _answer(port, X[:1])
+        status, doc = _post(port, "/v2/models/constant/feedback", {"id": answered, "truth": 1})
+        assert status == 404 and f"id {answered!r} was answered by model 'constant'" in doc["error"]
+
+        # Whichever worker answered, any worker takes its feedback, even once every worker was replaced
+        # (the answers are no longer in any live process's own memory).
+        ids = [_answer(port, X[i:i + 1]) for i in range(20)]
+        _replace_workers(proc)
+        for i, inference_id in enumerate(ids[:10]):
+            assert _post(port, "/v2/models/iris/feedback", {"id": inference_id, "truth": i % 3})[0] == 200
+        assert _feedback_counted(port) == {"truth": 10.0}  # the refused ones were not counted
+        late = ids[10]
+
+    # After a restart the answers are forgotten: feedback is taken only for one that took feedback before.
+    with serve(settings, iris_uri) as (_, port):
+        assert _post(port, "/v2/models/iris/feedback", {"id": ids[0], "reward": 1.0})[0] == 200
+        status, doc = _post(port, "/v2/models/iris/feedback", {"id": late, "truth": 1})
+        assert status == 404 and f"no inference with id {late!r} was answered by model 'iris'" in doc["error"]
+    assert _stored(settings, "iris") == {(i, n % 3, 1.0 if n == 0 else None) for n, i in enumerate(ids[:10])}
+    assert _stored(settings, "constant") == set()

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert, inspect
 from tests_support import at_once
 
-from skyloop.errors import Conflict
+from skyloop.errors import Conflict, NotFound
 from skyloop.store.db import Database
 from skyloop.store.feedback import list_feedback, record_feedback
 from skyloop.store.migrations import upgrade
@@ -36,6 +36,18 @@ def _rows(db: Database) -> list[tuple[str, object, float | None]]:
     with db.read() as session:
         return [(f.inference_id, f.truth, f.reward) for f in list_feedback(session, "m")]
 
+
+def test_feedback_for_an_answer_the_caller_does_not_know_needs_its_row(database: Database) -> None:
+    """A server that forgot an answer (a restart) takes feedback for it only if it took feedback before."""
+    with pytest.raises(NotFound, match=r"^no feedback was recorded for inference id 'a' of 'm'$"), \
+            database.session() as session:
+        record_feedback(session, "m", "1", "a", truth=1, answered=False)
+    assert _rows(database) == []
+    with database.session() as session:
+        record_feedback(session, "m", "1", "a", truth=1)
+    with database.session() as session:
+        record_feedback(session, "m", "1", "a", reward=0.5, answered=False)
+    assert _rows(database) == [("a", 1, 0.5)]
 
 def test_an_answer_takes_one_truth_and_one_reward(database: Database) -> None:
     def record(truth: object = None, reward: float | None = None) -> None:

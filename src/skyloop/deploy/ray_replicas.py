@@ -54,7 +54,8 @@ class ReplicaServer:
         from skyloop.serving.spec import ServeSpec
 
         settings = Settings.for_home(home).model_copy(update={"db_url": db_url, "artifacts_url": artifacts_url})
-        plane = DataPlane([ServeSpec.model_validate(spec)], settings, threads=threads)
+        # Behind the deployment's gateway, which checks feedback ids against the answers it gave.
+        plane = DataPlane([ServeSpec.model_validate(spec)], settings, threads=threads, behind_router=True)
         plane.load()
         failed = [f"{m.name}: {m.failure}" for m in plane.models.values() if m.failure]
         if failed:

@@ -17,6 +17,7 @@ from typing import Any
 import skyloop
 from skyloop.config import Settings
 from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError
+from skyloop.serving.answered import REMEMBERED, AnsweredIds
 from skyloop.serving.batching import Batcher, Prediction
 from skyloop.serving.graph import Graph, Trace, load_graph
 from skyloop.serving.metrics import ServingMetrics
@@ -65,14 +66,24 @@ class InferenceResult:
 
 
 class DataPlane:
-    """Serves one or more graphs."""
+    """Serves one or more graphs.
+
+    Feedback must name an answer of this server: one its workers remember (`answered`: the server's table
+    shared by its worker processes; by default one for this process alone), or one that took feedback before
+    (its row in the DB, e.g. from before a restart). With `behind_router` a router in front (a deployment's
+    gateway) has checked the id against the answers it gave, and may pass feedback on to another replica
+    than the one that answered (that one is gone), so the id is taken as given.
+    """
 
     def __init__(self, specs: list[ServeSpec], settings: Settings | None = None, metrics: ServingMetrics | None = None,
-                 threads: int = 4, trace_cache: int = 10_000) -> None:
+                 threads: int = 4, trace_cache: int = 10_000, answered: AnsweredIds | None = None,
+                 behind_router: bool = False) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SkyloopError(f"two served models share a name: {names}")
         self.settings = settings
+        self.answered = None if behind_router else answered or AnsweredIds()
+        """Ids this server answered; None when a router in front checks feedback ids."""
         self.metrics = metrics or ServingMetrics()
         self.models = {s.name: ServedModel(s) for s in specs}
         self.trace_cache = trace_cache
@@ -204,7 +215,6 @@ class DataPlane:
                 self.release(name)
         outputs, trace = prediction
         request_id = request.id or uuid.uuid4().hex
-        self._remember(served, request_id, inputs, trace)
         tensors = [Tensor(n, datatype_of_array(a), a) for n, a in outputs.items()]
         binary: set[str] = {t.name for t in tensors} if request.binary_output else set()
         if request.outputs is not None:
@@ -218,12 +228,15 @@ class DataPlane:
         if trace.routing:
             parameters["routing"] = trace.routing
         body_out, length = encode_response(name, graph.version, request_id, tensors, parameters, binary)
+        self._remember(served, request_id, inputs, trace)  # answered: feedback may name it
         return InferenceResult(body_out, length, name, graph.version)
 
     def _remember(self, served: ServedModel, request_id: str, inputs: dict[str, Any], trace: Trace) -> None:
         served.traces[request_id] = (inputs, trace)
         while len(served.traces) > self.trace_cache:
             served.traces.popitem(last=False)
+        if self.answered is not None:
+            self.answered.add(served.name, request_id)
 
     # -- feedback ------------------------------------------------------------------------------------------
 
@@ -231,13 +244,19 @@ class DataPlane:
         """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes.
 
         Each answer takes one truth and one reward (`store.feedback.record_feedback`); a repeat is a
-        `Conflict`, and nothing of it is stored, counted or told.
+        `Conflict`, and nothing of it is stored, counted or told. An id this server does not remember
+        answering (see the class docstring) is `NotFound`, unless the answer took feedback before.
         """
         served = self.model(name, version)
         graph = served.graph
         assert graph is not None
         request = decode_feedback(body)
         inference_id, kinds = request.id, request.kinds
+        # Not remembered: too old, from before a restart, or never answered. Of these, only an answer that
+        # took feedback before has left a record (its row in the DB, which `_store_feedback` requires).
+        known = self.answered is None or inference_id in served.traces or self.answered.has(name, inference_id)
+        if not known and self.settings is None:
+            raise _unknown_answer(name, inference_id)
         # Claimed before the first await, so that a copy posted at the same moment is refused here; the DB
         # holds the rule across processes and restarts (and is the only record with several workers).
         taken = served.feedback_taken.setdefault(inference_id, set())
@@ -249,7 +268,7 @@ class DataPlane:
             served.feedback_taken.popitem(last=False)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request)
+            await loop.run_in_executor(self._db_executor, self._store_feedback, name, graph.version, request, known)
         except BaseException:
             taken -= kinds
             raise
@@ -264,12 +283,21 @@ class DataPlane:
                                               request.plain_truth, trace)
         return {"id": inference_id, "stored": True, "nodes_told": told}
 
-    def _store_feedback(self, name: str, version: str, request: FeedbackRequest) -> None:
+    def _store_feedback(self, name: str, version: str, request: FeedbackRequest, known: bool) -> None:
         if self.settings is None:
             return
         from skyloop.store.workspace import Workspace
 
         if self._workspace is None:
             self._workspace = Workspace.open(self.settings)
-        with self._workspace.db.session() as session:
-            record_feedback(session, name, version, request.id, request.truth, request.reward)
+        try:
+            with self._workspace.db.session() as session:
+                record_feedback(session, name, version, request.id, request.truth, request.reward, answered=known)
+        except NotFound:
+            raise _unknown_answer(name, request.id) from None
+
+
+def _unknown_answer(name: str, inference_id: str) -> NotFound:
+    return NotFound(f"no inference with id {inference_id!r} was answered by model {name!r} on this server; feedback "
+                    "must name the id of an inference response (each worker process remembers its last "
+                    f"{REMEMBERED:,} answers or more, and for good those that took feedback before)")

@@ -10,6 +10,10 @@ Replica mode (`replicas=N`) is for a controller with a router in front: N socket
 worker each. The parent keeps every socket open, so while a dead replica is being replaced (at once: the
 parent wakes on SIGCHLD) its new connections wait in the listen backlog instead of being refused. A JSON
 state file tells the controller which pid serves which port.
+
+Feedback must name an answer: the workers of a server share a table of the ids they answered
+(`serving.answered`, made before the fork). Replicas take the word of the gateway in front of them, which
+checks ids against its own answers and may pass feedback on to another replica than the one that answered.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class _Slot:
     started: float = 0.0  # monotonic, to spot a crash loop
 
 
-def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wakeup: tuple[int, int]) -> int:
+def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wakeup: tuple[int, int],
+                 in_worker: Callable[[int], object] | None = None) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -124,6 +129,8 @@ def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wake
             signal.signal(sig, signal.SIG_DFL)
         if slot.metrics_dir is not None:  # prometheus_client re-reads this after a fork, on the first update
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = slot.metrics_dir
+        if in_worker is not None:
+            in_worker(slot.index)
         _watch_parent(parent)
         _run_uvicorn(app, slot.sock, log_level)
     except BaseException:
@@ -149,8 +156,11 @@ def _write_state(path: Path, slots: list[_Slot]) -> None:
 
 
 def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | None = None,
-               exit_with_parent: bool = False, on_started: Callable[[], object] | None = None) -> None:
-    """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT or orphaning."""
+               exit_with_parent: bool = False, on_started: Callable[[], object] | None = None,
+               in_worker: Callable[[int], object] | None = None) -> None:
+    """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT or orphaning.
+
+    `in_worker(index)` runs in each forked worker (a replacement too) with its slot's index, before it serves."""
     # Imported once here rather than in every (re)started worker: a replacement serves sooner.
     import uvicorn.loops.uvloop
     import uvicorn.protocols.http.httptools_impl  # noqa: F401
@@ -172,7 +182,7 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
     due: dict[int, float] = {}  # slot index -> when to start its next worker
 
     def start(slot: _Slot) -> None:
-        slot.pid = _fork_worker(app, slot, slots, log_level, wakeup)
+        slot.pid = _fork_worker(app, slot, slots, log_level, wakeup, in_worker)
         slot.started_at, slot.started = time.time(), time.monotonic()
         by_pid[slot.pid] = slot
 
@@ -287,6 +297,7 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
         metrics_dir = tempfile.mkdtemp(prefix="skyloop-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
+        from skyloop.serving.answered import AnsweredIds
         from skyloop.serving.app import create_app
         from skyloop.serving.dataplane import DataPlane
 
@@ -295,7 +306,9 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
             for i in range(replicas or 1):
                 socks.append(bind(host, port + i if port else 0))
                 stack.callback(socks[-1].close)
-            plane = DataPlane(specs, settings, threads=threads)
+            # Replicas sit behind a deployment's gateway, which checks feedback ids against its answers.
+            answered = None if replicas else AnsweredIds(parts=workers)
+            plane = DataPlane(specs, settings, threads=threads, answered=answered, behind_router=bool(replicas))
             plane.load()
             failed = [m.failure for m in plane.models.values() if m.failure]
             if len(failed) == 1:
@@ -317,7 +330,7 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
                 _run_uvicorn(app, socks[0], log_level)
             else:
                 _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level,
-                           exit_with_parent=exit_with_parent)
+                           exit_with_parent=exit_with_parent, in_worker=answered.use_part if answered else None)
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from skyloop.errors import Conflict
+from skyloop.errors import Conflict, NotFound
 from skyloop.store.models import FeedbackRow
 
 __all__ = ["Feedback", "list_feedback", "record_feedback", "repeated_feedback"]
@@ -36,13 +36,15 @@ def repeated_feedback(inference_id: str, kinds: Iterable[str]) -> Conflict:
 
 
 def record_feedback(session: Session, model: str, version: str | None, inference_id: str,
-                    truth: Any = None, reward: float | None = None) -> None:
+                    truth: Any = None, reward: float | None = None, answered: bool = True) -> None:
     """Store a label and/or reward for inference `inference_id` of `model`.
 
     An answer takes one truth and one reward, together or apart (a reward that arrives later fills in the
     row of the truth, and the reverse): metrics and bandits must count each answer once. Raises `Conflict`,
     storing nothing, when a kind given was already recorded. A unique index on (model, inference_id) keeps
     the rule between processes; the row lock keeps two that fill in the same row from both succeeding.
+    `answered=False`: the caller does not know the answer (a server that no longer remembers the id): the
+    feedback fills in the row of one that took feedback before, and without that row is `NotFound`.
     """
     given = {k for k, v in (("truth", truth), ("reward", reward)) if v is not None}
     for _ in range(2):
@@ -59,6 +61,8 @@ def record_feedback(session: Session, model: str, version: str | None, inference
                 row.reward = reward
             row.created_at = datetime.now(UTC)  # new feedback: counted as such by `count_feedback`
             return
+        if not answered:
+            raise NotFound(f"no feedback was recorded for inference id {inference_id!r} of {model!r}")
         try:
             with session.begin_nested():
                 session.add(FeedbackRow(model=model, version=version, inference_id=inference_id, truth=truth,
