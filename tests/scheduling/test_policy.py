@@ -157,6 +157,17 @@ def test_a_run_that_comes_back_waits_fair_share_seconds_anew() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=2000)) == [2]  # short since 2000 s, not since 1301
 
 
+def test_fair_share_weighs_a_run_by_its_dominant_resource() -> None:
+    # Of 4 CPUs and 1 GPU, run a holds the GPU (and 1 CPU): its dominant share is all the GPUs, more than
+    # its half, so it is owed nothing. By CPUs alone (1 of 4) it would be starved and go before b's third.
+    cands = [_c(i, run="a", rank=1) for i in range(3)] + [_c(10 + i, run="b", rank=100 - i) for i in range(3)]
+    running = [_c(50, cpus=1, gpus=1, run="a")]
+    assert _keys(select(cands, Resources(cpus=3), STRICT, running=running)) == [10, 11, 12]
+    # Memory counts too: 6 of 8 GiB is a's dominant share, though it holds 1 CPU of 4.
+    running = [_c(50, cpus=1, memory=6 * GiB, run="a")]
+    assert _keys(select(cands, Resources(cpus=3, memory=2 * GiB), STRICT, running=running)) == [10, 11, 12]
+
+
 def test_fair_share_does_not_reorder_the_tasks_of_one_run() -> None:
     # The starved run goes first, but its longer critical path still before its shorter one.
     cands = [_c(1, run="a", rank=5), _c(2, run="a", rank=50), _c(3, run="b", rank=500)]

@@ -7,9 +7,10 @@ The order, from the first criterion to the last:
    that lifting would only reorder work of one class, and fair share (next) already serves the
    starved run first.
 2. **Fair share** between runs of one class, as a guarantee rather than a sort key: each run is
-   entitled to the machine's CPUs times its weight over the weights of the runs waiting in its
-   class. A run that has held less than that for `fair_share_seconds` is *starved*, and its
-   candidates go first until it holds its entitlement again. Otherwise runs do not take turns:
+   entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
+   resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
+   half the machine, whatever its CPUs). A run that has held less than that for `fair_share_seconds`
+   is *starved*, and its candidates go first until it holds its entitlement again. Otherwise runs do not take turns:
    rank alone orders them, because interleaving runs by share delays every run's critical path
    for the sake of the others (the benchmark measured 5-15% longer makespans that way).
 3. **Upward rank**, longest first: the task heading the longest remaining path (of any run of the class).
@@ -38,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TypeVar
 
-from skyloop.scheduling.amounts import EPS, Amounts
+from skyloop.scheduling.amounts import EPS, Amounts, Holdings
 from skyloop.scheduling.backfill import Reservation, reserve
 from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
 from skyloop.spec.resources import Resources
@@ -102,12 +103,9 @@ class ReadyQueue:
         """Key -> (candidate, expected end, stamp) of every attempt running (see `take`, `occupy`, `done`)."""
         self._ends: list[tuple[float, int, int]] = []
         """(expected end, stamp, key) of the running attempts, sorted: the reservation's timeline."""
-        self._usage: dict[str, float] = {}
-        """Run -> CPUs its running attempts hold (fair share)."""
+        self._holdings = Holdings()
         self._in_pool: Counter[str] = Counter()
         """Pool -> how many of its members run (pool limits)."""
-        self._held_cpus = 0.0
-        """CPUs the running attempts hold: with what is free, the CPUs fair share divides."""
         self._short_since: dict[str, float] = {}
         """Run -> since when it has held less than its fair share."""
         self._starved: set[str] = set()
@@ -176,9 +174,7 @@ class ReadyQueue:
         end = started_at + candidate.estimate
         self._running[candidate.key] = (candidate, end, self._stamp)
         bisect.insort(self._ends, (end, self._stamp, candidate.key))
-        run_id, cpus = candidate.run_id, candidate.resources.cpus
-        self._usage[run_id] = self._usage.get(run_id, 0.0) + cpus
-        self._held_cpus += cpus
+        self._holdings.hold(candidate.run_id, candidate.resources)
         if candidate.pool is not None:
             self._in_pool[candidate.pool] += 1
 
@@ -190,13 +186,7 @@ class ReadyQueue:
         cand, end, stamp = held
         ends = self._ends
         del ends[bisect.bisect_left(ends, (end, stamp, key))]
-        run_id, cpus = cand.run_id, cand.resources.cpus
-        left = self._usage.get(run_id, 0.0) - cpus  # absent: what runs of it asks for no CPU
-        if left > EPS:
-            self._usage[run_id] = left
-        else:
-            self._usage.pop(run_id, None)
-        self._held_cpus = self._held_cpus - cpus if self._running else 0.0
+        self._holdings.release(cand.run_id, cand.resources)
         if cand.pool is not None:
             _decrement(self._in_pool, cand.pool)
         return True
@@ -352,27 +342,28 @@ class _Turn:
     def __init__(self, queue: ReadyQueue, free: Resources, now: float) -> None:
         self.queue, self.now, self.config = queue, now, queue.config
         self.avail = Amounts.of(free)
-        self.usage, self.in_pool = queue._usage, queue._in_pool  # launches below add to them (`occupy`)
+        self.holdings, self.in_pool = queue._holdings, queue._in_pool  # launches below add to them (`occupy`)
         self.entitled: dict[str, float] = {}
-        """Run -> the CPUs its fair share entitles it to."""
+        """Run -> the share of the machine (of its dominant resource) it is entitled to."""
         if self.config.fair_share:
-            self.share(free.cpus + queue._held_cpus)
+            self.holdings.measure(free)
+            self.share()
         else:
             for run_id in list(queue._starved):
                 self.mark(run_id, False)
 
-    def share(self, total: float) -> None:
+    def share(self) -> None:
         """Each waiting run's entitlement within its class, and whether it has been short of it too long."""
         queue, weights, now = self.queue, self.config.run_weights, self.now
-        since, starved, usage = queue._short_since, queue._starved, self.usage
+        since, starved = queue._short_since, queue._starved
         shares = queue._shares
         if shares is None or weights != queue._share_weights:
             shares = queue._shares = self.shares()
             queue._share_weights = dict(weights)
         patience = self.config.fair_share_seconds
         for run_id, share in shares.items():
-            entitled = self.entitled[run_id] = total * share
-            if usage.get(run_id, 0.0) + EPS >= entitled:
+            entitled = self.entitled[run_id] = share
+            if self.holdings.dominant(run_id) + EPS >= entitled:
                 since.pop(run_id, None)
                 if run_id in starved:
                     self.mark(run_id, False)
@@ -469,7 +460,8 @@ class _Turn:
                 queue._hold(cand, now)
                 chosen.append(cand)
                 least = min(queue._cpus, default=math.inf)
-                if run_id in queue._starved and self.usage[run_id] + EPS >= self.entitled.get(run_id, 0.0):
+                if run_id in queue._starved and \
+                        self.holdings.dominant(run_id) + EPS >= self.entitled.get(run_id, 0.0):
                     queue._short_since.pop(run_id, None)
                     touched |= self.mark(run_id, False)
             for other in touched:
