@@ -7,6 +7,7 @@ which order, across processes.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def dies_first(x: int, trace: str) -> int:
     return x * 100
 
 
+@step(retries=1, retry_delay=0)
+def killed_first(x: int, trace: str) -> int:
+    if _ran(trace, "killed_first") == 1:
+        print("about to be killed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would end its worker
+    return x * 100
+
+
 @step
 def slow(x: int, seconds: float, trace: str) -> int:
     _ran(trace, "slow")
@@ -102,6 +111,11 @@ def failed_middle(x: int = 1, trace: str = "trace"):
 @pipeline
 def crashed_middle(x: int = 1, trace: str = "trace"):
     return add_one(dies_first(add_one(x, trace), trace), trace)
+
+
+@pipeline
+def killed_after_slow(x: int = 1, seconds: float = 0.5, trace: str = "trace"):
+    return add_one(killed_first(slow(x, seconds, trace), trace), trace)
 
 
 @pipeline

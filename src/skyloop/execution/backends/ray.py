@@ -57,7 +57,8 @@ import cloudpickle
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.ray_connect import connect_ray
 from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt, run_attempts, run_chain
-from skyloop.execution.lookahead import NOT_RUN
+from skyloop.execution.lookahead import not_run
+from skyloop.execution.procworker import drop_spares
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -65,6 +66,8 @@ __all__ = ["RayBackend"]
 
 _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
+_EXIT_GRACE_SECONDS = 2.0
+"""How long `shutdown` waits for the workers of a Ray it stopped (or disconnected from) to exit (their spares)."""
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
@@ -164,6 +167,9 @@ class RayBackend:
         """Live nodes of the cluster (counted once, when a cache lookup in a worker is first considered)."""
         self._chain_last: dict[Any, Any] = {}
         """A running chain's generator -> the ref of the last outcome it yielded."""
+        self._spares: dict[str, str] = {}
+        """Worker on this node -> the log of the last attempt it ran, beside which it keeps its spare log file
+        (see `StepOutput`): Ray ends workers without letting them remove it, so `shutdown` does."""
 
     @property
     def attempts_die_with_driver(self) -> bool:
@@ -249,7 +255,7 @@ class RayBackend:
             self._send_chain(split)
             rest.after = self._running.get(upstream)
             if rest.after is None:  # it could not be sent (its result says why): the rest never runs
-                self._done.extend(_not_run(each.key) for each in rest.launches)
+                self._done.extend(not_run(each.key) for each in rest.launches)
                 return False
             self._chain_up(rest)
         chain = self._tails.get(upstream)
@@ -407,7 +413,7 @@ class RayBackend:
             else:
                 del self._unsent[key]
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled", ended_at=time.time()))
-            self._done.extend(_not_run(launch.key) for launch in later)
+            self._done.extend(not_run(launch.key) for launch in later)
         for held in [h for h in self._held if h.key == key]:
             self._held.remove(held)
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled",
@@ -427,7 +433,7 @@ class RayBackend:
         if before:
             upstream = self._chain_last.get(attempt.ref, before[0].upstream)
             self._send(*(other.launch for other in before), chained=len(before) > 1, upstream=upstream)
-        self._done.extend(_not_run(other.launch.key) for other in later)
+        self._done.extend(not_run(other.launch.key) for other in later)
         self._stop(attempt, TaskState.CANCELLED, "cancelled")
 
     def shutdown(self) -> None:
@@ -447,7 +453,10 @@ class RayBackend:
         self._held.clear()
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         if self._owns_ray:
-            self._ray.shutdown()
+            self._ray.shutdown()  # our job's workers end with it (with a connection to a cluster, soon after)
+        drop_spares({int(name.rpartition(":")[2]): log for name, log in self._spares.items()},
+                    grace=_EXIT_GRACE_SECONDS if self._owns_ray else 0.0)
+        self._spares.clear()
         self._ray, self._remote, self._remote_pack, self._owns_ray, self._capacity = None, None, None, False, None
 
     # -- ends of attempts --------------------------------------------------------------------------
@@ -519,7 +528,7 @@ class RayBackend:
                 self._end(first, self._failed(first, exc) if not isinstance(exc, StopIteration)
                           else self._ended(first, TaskState.CRASHED, "the chain's Ray task ended before the step"))
                 for other in later:
-                    self._end(other, _not_run(other.launch.key))
+                    self._end(other, not_run(other.launch.key))
                 break
             self._chain_last[stream] = ref
             self._returned(stream, value)
@@ -557,6 +566,8 @@ class RayBackend:
                     os.makedirs(folder, exist_ok=True)
                 with open(path, "ab") as log:
                     log.write(log_tail)
+            elif log_tail is None and result.worker:  # it ran on this node, in our log folder
+                self._spares[result.worker] = attempt.launch.log_path
             self._end(attempt, result)
 
     def _failed(self, attempt: _Attempt, exc: Exception) -> TaskResult:
@@ -587,7 +598,3 @@ class RayBackend:
         return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=attempt.submitted,
                           ended_at=time.time())
 
-
-def _not_run(key: str) -> TaskResult:
-    now = time.time()
-    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=now, ended_at=now)
