@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from skyloop import pipeline, step, unmapped
+from skyloop import Resources, pipeline, step, unmapped
 
 
 def _ran(trace: str, name: str) -> int:
@@ -116,6 +116,13 @@ def crashed_middle(x: int = 1, trace: str = "trace"):
 @pipeline
 def killed_after_slow(x: int = 1, seconds: float = 0.5, trace: str = "trace"):
     return add_one(killed_first(slow(x, seconds, trace), trace), trace)
+
+
+@pipeline
+def killed_alone_after_slow(x: int = 1, seconds: float = 0.5, trace: str = "trace"):
+    # Asking for other resources than its upstream, it is sent ahead as a Ray task of its own, not in a chain.
+    killed = killed_first.with_options(resources=Resources(cpus=0.5))
+    return add_one(killed(slow(x, seconds, trace), trace), trace)
 
 
 @pipeline

@@ -42,9 +42,8 @@ DATABASES_KEPT = 4
 
 
 def not_run(key: str, at: float | None = None) -> TaskResult:
-    """How an attempt sent ahead ends when its upstream did not succeed (at `at`, or now)."""
-    at = time.time() if at is None else at
-    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=at, ended_at=at)
+    """How an attempt sent ahead ends when its upstream did not succeed (at `at`, or now): it never started."""
+    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, ended_at=time.time() if at is None else at)
 
 
 def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch | TaskResult:
