@@ -7,10 +7,11 @@ which order, across processes.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
-from skyloop import pipeline, step, unmapped
+from skyloop import Resources, pipeline, step, unmapped
 
 
 def _ran(trace: str, name: str) -> int:
@@ -63,6 +64,14 @@ def dies_first(x: int, trace: str) -> int:
     return x * 100
 
 
+@step(retries=1, retry_delay=0)
+def killed_first(x: int, trace: str) -> int:
+    if _ran(trace, "killed_first") == 1:
+        print("about to be killed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would end its worker
+    return x * 100
+
+
 @step
 def slow(x: int, seconds: float, trace: str) -> int:
     _ran(trace, "slow")
@@ -102,6 +111,18 @@ def failed_middle(x: int = 1, trace: str = "trace"):
 @pipeline
 def crashed_middle(x: int = 1, trace: str = "trace"):
     return add_one(dies_first(add_one(x, trace), trace), trace)
+
+
+@pipeline
+def killed_after_slow(x: int = 1, seconds: float = 0.5, trace: str = "trace"):
+    return add_one(killed_first(slow(x, seconds, trace), trace), trace)
+
+
+@pipeline
+def killed_alone_after_slow(x: int = 1, seconds: float = 0.5, trace: str = "trace"):
+    # Asking for other resources than its upstream, it is sent ahead as a Ray task of its own, not in a chain.
+    killed = killed_first.with_options(resources=Resources(cpus=0.5))
+    return add_one(killed(slow(x, seconds, trace), trace), trace)
 
 
 @pipeline

@@ -154,6 +154,34 @@ def test_a_log_is_there_while_its_step_runs_and_after_its_worker_died(backend: L
     assert Path(dead.log_path).read_text() == "last words\n"
 
 
+def test_a_worker_killed_while_idle_leaves_no_spare_log_file(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    pool = LocalBackend(ExecutionSettings(max_workers=1))
+    try:
+        pid = worker_pid(run_one(pool, make_launch(tmp_path, "noop")))
+        spare = logs / f".spare-{pid}"
+        assert spare.exists()  # kept to be named as the worker's next log
+        os.kill(pid, signal.SIGKILL)  # idle, as the kernel's OOM killer may pick it
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead (and left for the pool to reap)
+        after = run_one(pool, make_launch(tmp_path, "noop"))  # the pool finds it dead, reaps it, starts another
+        assert after.state == TaskState.SUCCEEDED and worker_pid(after) != pid
+        assert not spare.exists()
+        # A process the step left wrote to the spare after the step ended: that text is the step's log.
+        late = make_launch(tmp_path, "late_child", text="said late", seconds=0.2)
+        pid = worker_pid(run_one(pool, late))
+        spare = logs / f".spare-{pid}"
+        deadline = time.monotonic() + 10
+        while not (spare.exists() and spare.stat().st_size > 0):
+            assert time.monotonic() < deadline, "the step's child never wrote to the spare"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    finally:
+        pool.shutdown()
+    assert Path(late.log_path).read_text() == "said late\n"
+    assert sorted(p.name for p in logs.iterdir()) == [Path(late.log_path).name]
+
+
 def test_env_applies_to_one_task_only(backend: LocalBackend, tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "artifacts"))
     with_env = run_one(backend, make_launch(tmp_path, "getenv", env={"SKYLOOP_T": "on"}, name="SKYLOOP_T"))
@@ -334,6 +362,53 @@ for i in range(2):
 print(*backend.pids(), flush=True)
 time.sleep(120)
 """
+
+
+IDLE_PARENT = """
+import time
+from skyloop.config import ExecutionSettings
+from skyloop.execution.backends.local import LocalBackend
+from skyloop.execution.tasks import TaskLaunch
+from skyloop.spec.pipeline import StepRef
+from skyloop.spec.resources import Resources
+
+backend = LocalBackend(ExecutionSettings(max_workers=1))
+backend.submit(TaskLaunch(
+    key="quiet", task_name="noop", step=StepRef(module={steps!r}, qualname="noop"), inputs={{}},
+    output_names=["output"], multi_output=False, resources=Resources(), timeout=None,
+    log_path="{tmp}/logs/quiet.log", artifacts_url="{tmp}/artifacts"))
+while not backend.wait(30):
+    pass
+print(*backend.pids(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_idle_worker_removes_its_spare_log_file_when_the_orchestrator_dies(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(IDLE_PARENT.format(steps=STEPS, tmp=tmp_path)))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        assert parent.stdout is not None
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 1
+        spare = tmp_path / "logs" / f".spare-{workers[0]}"
+        assert spare.exists()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert gone(workers[0], within=5), "the worker outlived its orchestrator"
+        assert not spare.exists()
+        assert list((tmp_path / "logs").iterdir()) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in workers:
+            if not gone(pid, within=0):
+                os.kill(pid, signal.SIGKILL)
+        if parent.stdout is not None:
+            parent.stdout.close()
 
 
 def test_workers_exit_when_the_orchestrator_dies(tmp_path: Path) -> None:

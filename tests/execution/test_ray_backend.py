@@ -30,8 +30,8 @@ from skyloop import Settings, run
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.backends.ray import RayBackend, pickled
-from skyloop.execution.backends.ray_task import DriverContext, run_attempt
+from skyloop.execution.backends.ray import RayBackend
+from skyloop.execution.backends.ray_task import DriverContext, pickled, run_attempt
 from skyloop.execution.loading import load_file_module
 from skyloop.execution.tasks import Literal_, TaskLaunch, TaskResult, TaskState
 from skyloop.spec.pipeline import StepRef

@@ -28,6 +28,7 @@ from skyloop.store.workspace import Workspace
 HERE = Path(__file__).parent
 STEPS = str(HERE / "ray_steps.py")
 SAMPLE = str(HERE / "sample_pipelines.py")
+CHAINS = str(HERE / "chain_pipelines.py")
 
 integration = pytest.mark.integration
 
@@ -86,6 +87,42 @@ def test_a_ray_started_by_the_backend_is_sized_on_loopback_and_stopped(tmp_path:
     assert (answer["cpus"], answer["state"], answer["initialized"], answer["alive"]) == (1.0, "SUCCEEDED", False, [])
     assert answer["worker"].startswith("ray:127.0.0.1:")
     assert answer["listening"] and set(answer["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, answer
+
+
+KILLED = """\
+import json, sys
+from pathlib import Path
+import psutil
+from skyloop import Settings, run
+from skyloop.execution.loading import load_file_module
+home, chains = sys.argv[1:3]
+result = run(load_file_module(chains).killed_after_slow, {"seconds": 0.2, "trace": home + "/trace"}, backend="ray",
+             settings=Settings.for_home(Path(home)))
+_, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=20)
+print(json.dumps({"status": result.status, "error": result.error, "id": result.id, "alive": [p.pid for p in alive]}))
+"""
+
+
+@integration
+def test_a_run_on_a_ray_of_its_own_leaves_no_spare_log_file_though_a_worker_was_killed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    child = subprocess.run([sys.executable, "-c", KILLED, str(home), CHAINS], env={**os.environ, **RAY_ENV},
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    answer: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    for pid in answer["alive"]:  # not expected; but never leave them behind
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    assert (answer["status"], answer["alive"]) == ("SUCCEEDED", []), answer["error"]
+    rows = _rows(Settings.for_home(home), answer["id"])
+    assert sorted((r.task, r.attempt, r.state) for r in rows) == [
+        ("add_one", 1, "SUCCEEDED"), ("killed_first", 1, "CRASHED"), ("killed_first", 2, "SUCCEEDED"),
+        ("slow", 1, "SUCCEEDED")]
+    # The log of the attempt whose worker was SIGKILLed keeps what it printed; the quiet attempts left no
+    # log; and no worker left its spare log file, though Ray ended them all without letting them remove it.
+    logs = home / "logs" / answer["id"]
+    assert sorted(path.name for path in logs.iterdir()) == ["killed_first.1.log"]
+    assert (logs / "killed_first.1.log").read_text() == "about to be killed\n"
 
 
 # -- a separate head, reached by address ------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from tests_support import collect
 
 from skyloop import Settings, run
+from skyloop.cli.render import run_json
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.ray import RayBackend
 from skyloop.execution.loading import load_file_module
@@ -207,6 +208,36 @@ def test_a_worker_dying_in_a_chain_is_retried_and_the_rest_runs_after(
         ("add_one", 1, "SUCCEEDED"), ("dies_first", 1, "CRASHED"), ("dies_first", 2, "SUCCEEDED"),
         ("add_one-2", 1, "SUCCEEDED")]
     assert _trace(trace).count("add_one(200)") == 1
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_a_step_whose_worker_is_killed_started_when_its_upstream_ended_not_when_it_was_sent_ahead(
+        ray_session: ModuleType, chains: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        chained: bool) -> None:
+    spy = Spy(monkeypatch)
+    trace, home = tmp_path / "trace", tmp_path / "home"
+    target = chains.killed_after_slow if chained else chains.killed_alone_after_slow
+    result = _run(target, {"seconds": 1.0, "trace": str(trace)}, home)
+    assert result.status == "SUCCEEDED", result.error
+    assert result.output("add_one") == 101
+    # It was sent ahead of `slow`, in a chain with it or as a Ray task waiting on it, and so was `add_one`
+    # after it: the worker SIGKILLed while it ran took `add_one` along, which never started then.
+    assert {"killed_first", "add_one"} <= set(spy.sent_ahead())
+    assert any("killed_first" in chain for chain in spy.chains) == chained
+    assert _trace(trace) == ["slow", "killed_first", "killed_first", "add_one(100)"]
+    rows = _rows(home, result.id)
+    assert [(r.task, r.attempt, r.state) for r in rows] == [
+        ("slow", 1, "SUCCEEDED"), ("killed_first", 1, "CRASHED"), ("killed_first", 2, "SUCCEEDED"),
+        ("add_one", 1, "SUCCEEDED")]  # nothing recorded of the `add_one` that never started
+    slow, killed, again = rows[:3]
+    assert slow.ended_at is not None and killed.started_at is not None and killed.ended_at is not None
+    # Not when it was sent (before `slow` even started): it could only start once `slow` ended.
+    assert slow.ended_at <= killed.started_at <= killed.ended_at
+    assert (killed.ended_at - killed.started_at).total_seconds() < 1.0  # `slow`'s second is not counted
+    # `runs show` times the step from there to its retry's end.
+    shown = run_json(result)["steps"]["killed_first"]
+    assert again.ended_at is not None
+    assert shown["seconds"] == pytest.approx((again.ended_at - killed.started_at).total_seconds())
 
 
 def test_a_step_with_a_timeout_is_not_sent_ahead_and_its_clock_runs_once_it_was_sent(

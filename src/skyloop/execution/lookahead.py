@@ -31,7 +31,7 @@ from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.store.db import Database
 
-__all__ = ["NOT_RUN", "fill"]
+__all__ = ["NOT_RUN", "fill", "not_run"]
 
 NOT_RUN = "not run: its upstream attempt did not succeed"
 """The error of an attempt sent ahead whose upstream failed (the orchestrator drops it, unrecorded)."""
@@ -41,14 +41,18 @@ _databases: dict[str, Database] = {}
 DATABASES_KEPT = 4
 
 
+def not_run(key: str, at: float | None = None) -> TaskResult:
+    """How an attempt sent ahead ends when its upstream did not succeed (at `at`, or now): it never started."""
+    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, ended_at=time.time() if at is None else at)
+
+
 def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch | TaskResult:
     """`launch` with the inputs it takes from `upstream`; or how it ended without running (its upstream
     failed, or the cache has its result)."""
     after = launch.after
     assert after is not None
     if upstream.state not in (TaskState.SUCCEEDED, TaskState.CACHED) or not set(after.outputs) <= set(upstream.outputs):
-        return TaskResult(key=launch.key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=started,
-                          ended_at=started)
+        return not_run(launch.key, started)
     inputs: dict[str, InputValue] = {**launch.inputs,
                                      **{name: upstream.outputs[output] for name, output in after.inputs.items()}}
     if after.cache_version is not None and launch.db_url is not None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from skyloop.execution.tasks import TaskLaunch, TaskResult
     from skyloop.store.artifacts import ArtifactStore
 
-__all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "scoped_environ", "serve"]
+__all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "drop_spare", "drop_spares", "scoped_environ", "serve"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -38,6 +38,7 @@ UNREADABLE = "unreadable"
 """Sent as `(UNREADABLE, error, traceback)` for a launch the worker cannot unpickle."""
 
 _PARENT_POLL_SECONDS = 0.5
+_EXIT_POLL_SECONDS = 0.05
 # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -120,7 +121,7 @@ class _Runner:
         self._stores: dict[str, ArtifactStore] = {}
         self._memory = PeakMemory()
         # The worker's own stdout/stderr and folder, put back after each task.
-        self._output = StepOutput((os.dup(1), os.dup(2)))
+        self.output = StepOutput((os.dup(1), os.dup(2)))
         self._cwd = os.open(".", os.O_RDONLY)
 
     def run(self, launch: TaskLaunch) -> TaskResult:
@@ -129,7 +130,7 @@ class _Runner:
             store = self._stores.get(launch.artifacts_url)
             if store is None:
                 store = self._stores[launch.artifacts_url] = self._store_type(launch.artifacts_url)
-            with self._output.capture(launch.log_path), scoped_environ(launch.env):
+            with self.output.capture(launch.log_path), scoped_environ(launch.env):
                 self._memory.reset()
                 result = self._execute(launch, store)
                 result.max_rss = self._memory.peak()
@@ -149,6 +150,9 @@ class StepOutput:
     the next attempt's log. Renaming is cheap where creating a file is not (on some filesystems, for
     some folders, creating one costs up to a millisecond: more than the whole orchestration of a
     small step), so a warm worker creates files only for attempts that print.
+
+    A worker that exits removes its spare; one that cannot (killed, or ended by Ray) leaves it to whoever
+    sees it gone: `drop_spare`.
     """
 
     def __init__(self, saved_fds: tuple[int, int]) -> None:
@@ -159,7 +163,7 @@ class StepOutput:
         self._spare: tuple[str, int, str] | None = None
         """An empty file to name as the next log: its path, a descriptor open on it for appending, and the
         log it was (where it goes back to if something, say a step's child process, wrote to it since)."""
-        atexit.register(self._remove_spare)
+        atexit.register(self.remove_spare)
 
     @contextlib.contextmanager
     def capture(self, log_path: str) -> Iterator[None]:
@@ -200,7 +204,7 @@ class StepOutput:
         return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _close(self, log_path: str, fd: int) -> None:
-        spare = os.path.join(os.path.dirname(log_path), f".spare-{os.getpid()}")
+        spare = _spare_path(log_path, os.getpid())
         try:
             if os.fstat(fd).st_size == 0:
                 os.rename(log_path, spare)
@@ -210,14 +214,58 @@ class StepOutput:
             pass
         os.close(fd)
 
-    def _remove_spare(self) -> None:
+    def remove_spare(self) -> None:
+        """Remove the spare file (or name it as the log it was, if something wrote to it since)."""
         if self._spare is not None:
             path, fd, was = self._spare
+            self._spare = None
             with contextlib.suppress(OSError):
                 if os.fstat(fd).st_size > 0 and not os.path.exists(was):
                     os.rename(path, was)
                 else:
                     os.unlink(path)
+
+
+def _spare_path(log_path: str, pid: int) -> str:
+    return os.path.join(os.path.dirname(log_path), f".spare-{pid}")
+
+
+def drop_spare(pid: int, log_path: str) -> None:
+    """Remove the spare file (see `StepOutput`) that worker process `pid`, which has exited, may have left
+    beside `log_path` (the log of an attempt it ran); one that something wrote to since (a process its
+    step started) is not removed but named as that log, unless that exists.
+
+    Only for a process known to have exited: a live worker names its spare as its next attempt's log.
+    """
+    spare = _spare_path(log_path, pid)
+    with contextlib.suppress(OSError):
+        if os.stat(spare).st_size == 0:
+            os.unlink(spare)
+        elif not os.path.exists(log_path):
+            os.rename(spare, log_path)
+
+
+def drop_spares(logs: dict[int, str], grace: float = 0.0) -> None:
+    """`drop_spare` for each process in `logs` (its id -> the log of the last attempt it ran) that has
+    exited, waiting up to `grace` seconds for those still running; the rest keep their spares."""
+    deadline = time.monotonic() + grace
+    waiting = dict(logs)
+    while waiting:
+        for pid in [pid for pid in waiting if not _running(pid)]:
+            drop_spare(pid, waiting.pop(pid))
+        if not waiting or time.monotonic() >= deadline:
+            return
+        time.sleep(_EXIT_POLL_SECONDS)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: the id was taken again
+        return True
+    return True
 
 
 def _flush(*streams: Any) -> None:
@@ -291,5 +339,6 @@ def serve(conn: Connection, parent_pid: int) -> None:
             if launch is None:
                 _leave()
             conn.send(runner.run(launch))
-    except (EOFError, OSError):
-        _die()  # the parent closed the pipe or went away
+    except (EOFError, OSError):  # the parent closed the pipe or went away: it will not tidy up after us
+        runner.output.remove_spare()
+        _die()

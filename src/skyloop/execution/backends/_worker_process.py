@@ -22,6 +22,7 @@ from multiprocessing.connection import wait as wait_ready
 
 from skyloop.errors import BackendError
 from skyloop.execution.backends.limits import MemoryWatch
+from skyloop.execution.procworker import drop_spare
 from skyloop.execution.tasks import TaskLaunch
 
 __all__ = ["BOOT", "WorkerProcess"]
@@ -64,6 +65,9 @@ class WorkerProcess:
     """The memory watch of its current task, if that task asked for memory."""
     idle_rss: int | None = None
     """Its resident size when it said READY (idle), until a task's watch takes it as baseline."""
+    logs: tuple[str, ...] = ()
+    """The logs of its last two launches: it keeps its spare log file beside one of them (beside the one
+    before when it could not read the last), which `reap` removes should the worker not (see `StepOutput`)."""
 
     @classmethod
     def spawn(cls) -> WorkerProcess:
@@ -111,6 +115,7 @@ class WorkerProcess:
     def assign(self, launch: TaskLaunch) -> None:
         """Make `launch` this worker's task (the caller sends it)."""
         self.launch, self.used, self.devices = launch, True, launch.env.get(_DEVICES)
+        self.logs = (*self.logs[-1:], launch.log_path)
 
     def send(self, message: TaskLaunch | None) -> None:
         """Send a launch, or `None` to ask the worker to exit; a dead worker is noticed elsewhere."""
@@ -132,7 +137,8 @@ class WorkerProcess:
         """Give the process `grace` seconds to exit, kill its group, reap it and close its handles.
 
         The group is killed while the worker is still a zombie, so its id cannot have been reused:
-        that also ends whatever its steps left running.
+        that also ends whatever its steps left running, and makes sure that the spare log file named
+        after that id, which a worker that did not exit by itself (killed, crashed) leaves, is its own.
         """
         if self.pidfd is not None:
             wait_ready([self.pidfd], grace)
@@ -140,6 +146,10 @@ class WorkerProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace)
         self.kill()
+        with contextlib.suppress(ChildProcessError):  # dead, not reaped: the id in the spare's name is its own
+            os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            for log in reversed(self.logs):
+                drop_spare(self.proc.pid, log)
         self.proc.wait()
         self.conn.close()
         if self.pidfd is not None:

@@ -36,8 +36,8 @@ A turn's launches are held until the orchestrator calls `dispatch` (or `wait`), 
 sent ahead of them can join them.
 
 Artifacts go through the artifact store from inside the task: only the launch and the result (with
-small inline values) pass through the driver. What runs in the worker lives in `ray_task`, the
-connection to Ray in `ray_connect`.
+small inline values) pass through the driver. What runs in the worker (and how a launch travels
+there) lives in `ray_task`, the connection to Ray in `ray_connect`.
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
 """
 
@@ -52,12 +52,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.ray_connect import connect_ray
-from skyloop.execution.backends.ray_task import DriverContext, own_paths, run_attempt, run_attempts, run_chain
-from skyloop.execution.lookahead import NOT_RUN
+from skyloop.execution.backends.ray_task import DriverContext, own_paths, pickled, run_attempt, run_attempts, run_chain
+from skyloop.execution.lookahead import not_run
+from skyloop.execution.procworker import drop_spares
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -65,6 +64,8 @@ __all__ = ["RayBackend"]
 
 _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
+_EXIT_GRACE_SECONDS = 2.0
+"""How long `shutdown` waits for the workers of a Ray it stopped (or disconnected from) to exit (their spares)."""
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
@@ -77,23 +78,6 @@ MAX_PACK = 32
 """The most attempts in one pack."""
 MAX_CHAIN = 32
 """The most attempts in one chain (see `submit_after`)."""
-
-
-def pickled(obj: object) -> bytes:
-    """`obj` pickled so that a worker can load it: by value where needed (a class defined in a
-    notebook or `__main__`), like Ray would.
-
-    Plain pickle when it does: cloudpickle's hook on every object costs it 3x (60 vs 20 us a launch).
-    The two differ only for what pickle refuses (local classes, lambdas, modules it cannot import),
-    for `__main__`, whose name is then in the bytes, and for modules registered to go by value.
-    """
-    if not cloudpickle.list_registry_pickle_by_value():
-        data = None
-        with contextlib.suppress(Exception):  # what pickle refuses, cloudpickle takes (or says why not)
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        if data is not None and b"__main__" not in data:
-            return data
-    return bytes(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 @dataclass(eq=False)
@@ -115,6 +99,10 @@ class _Attempt:
     """Whether `ref` is a chain's (a streaming generator yielding its attempts' outcomes in order)."""
     upstream: Any = None
     """The ref of the upstream result its task was given (`submit_after`), if any."""
+    after: _Attempt | None = None
+    """The attempt after whose end it starts: the one it was sent ahead of, or the one before it in its chain."""
+    ended: float | None = None
+    """When it ended (when the attempt after it started)."""
 
 
 @dataclass(eq=False)
@@ -164,6 +152,9 @@ class RayBackend:
         """Live nodes of the cluster (counted once, when a cache lookup in a worker is first considered)."""
         self._chain_last: dict[Any, Any] = {}
         """A running chain's generator -> the ref of the last outcome it yielded."""
+        self._spares: dict[str, str] = {}
+        """Worker on this node -> the log of the last attempt it ran, beside which it keeps its spare log file
+        (see `StepOutput`): Ray ends workers without letting them remove it, so `shutdown` does."""
 
     @property
     def attempts_die_with_driver(self) -> bool:
@@ -249,7 +240,7 @@ class RayBackend:
             self._send_chain(split)
             rest.after = self._running.get(upstream)
             if rest.after is None:  # it could not be sent (its result says why): the rest never runs
-                self._done.extend(_not_run(each.key) for each in rest.launches)
+                self._done.extend(not_run(each.key) for each in rest.launches)
                 return False
             self._chain_up(rest)
         chain = self._tails.get(upstream)
@@ -300,11 +291,11 @@ class RayBackend:
     def _send(self, launch: TaskLaunch, *pack: TaskLaunch, after: _Attempt | None = None,
               chained: bool = False, upstream: Any = None) -> None:
         """One Ray task for `launch`, or for the pack (or with `chained`, the chain) of it and `pack` (same
-        task, same resources); with `after` (or the ref `upstream`), one that Ray starts once that
-        attempt's task ended, given its result."""
+        task, same resources); with `after` (or the ref `upstream`, which wins), one that Ray starts once
+        that attempt's task ended, given its result."""
         submitted, now = time.time(), time.monotonic()
         launches = (launch, *pack)
-        upstream = after.ref if after is not None else upstream
+        upstream = after.ref if after is not None and upstream is None else upstream
         try:
             # As bytes, which Ray passes as they are (its own serialization of an object costs ~0.3 ms
             # more per task).
@@ -322,7 +313,9 @@ class RayBackend:
         for each in launches:
             deadline = None if each.timeout is None else now + each.timeout
             attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, chained=chained,
-                                                         packed=bool(pack) and not chained, upstream=upstream)
+                                                         packed=bool(pack) and not chained, upstream=upstream,
+                                                         after=after)
+            after = attempt if chained else None
             attempts.append(attempt)
             self._in_ray = self._in_ray + each.resources
 
@@ -407,7 +400,7 @@ class RayBackend:
             else:
                 del self._unsent[key]
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled", ended_at=time.time()))
-            self._done.extend(_not_run(launch.key) for launch in later)
+            self._done.extend(not_run(launch.key) for launch in later)
         for held in [h for h in self._held if h.key == key]:
             self._held.remove(held)
             self._done.append(TaskResult(key=key, state=TaskState.CANCELLED, error="cancelled",
@@ -426,8 +419,9 @@ class RayBackend:
             self._in_ray = self._in_ray - other.launch.resources
         if before:
             upstream = self._chain_last.get(attempt.ref, before[0].upstream)
-            self._send(*(other.launch for other in before), chained=len(before) > 1, upstream=upstream)
-        self._done.extend(_not_run(other.launch.key) for other in later)
+            self._send(*(other.launch for other in before), chained=len(before) > 1, upstream=upstream,
+                       after=before[0].after)
+        self._done.extend(not_run(other.launch.key) for other in later)
         self._stop(attempt, TaskState.CANCELLED, "cancelled")
 
     def shutdown(self) -> None:
@@ -447,7 +441,10 @@ class RayBackend:
         self._held.clear()
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         if self._owns_ray:
-            self._ray.shutdown()
+            self._ray.shutdown()  # our job's workers end with it (with a connection to a cluster, soon after)
+        drop_spares({int(name.rpartition(":")[2]): log for name, log in self._spares.items()},
+                    grace=_EXIT_GRACE_SECONDS if self._owns_ray else 0.0)
+        self._spares.clear()
         self._ray, self._remote, self._remote_pack, self._owns_ray, self._capacity = None, None, None, False, None
 
     # -- ends of attempts --------------------------------------------------------------------------
@@ -519,7 +516,7 @@ class RayBackend:
                 self._end(first, self._failed(first, exc) if not isinstance(exc, StopIteration)
                           else self._ended(first, TaskState.CRASHED, "the chain's Ray task ended before the step"))
                 for other in later:
-                    self._end(other, _not_run(other.launch.key))
+                    self._end(other, not_run(other.launch.key))
                 break
             self._chain_last[stream] = ref
             self._returned(stream, value)
@@ -527,6 +524,8 @@ class RayBackend:
             self._chain_last.pop(stream, None)
 
     def _end(self, attempt: _Attempt, result: TaskResult) -> None:
+        # What waits on it started then; forgetting what it waited on keeps no line of ended attempts alive.
+        attempt.ended, attempt.after = result.ended_at or time.time(), None
         if self._running.get(attempt.launch.key) is attempt:
             del self._running[attempt.launch.key]
             self._in_ray = self._in_ray - attempt.launch.resources
@@ -557,6 +556,8 @@ class RayBackend:
                     os.makedirs(folder, exist_ok=True)
                 with open(path, "ab") as log:
                     log.write(log_tail)
+            elif log_tail is None and result.worker:  # it ran on this node, in our log folder
+                self._spares[result.worker] = attempt.launch.log_path
             self._end(attempt, result)
 
     def _failed(self, attempt: _Attempt, exc: Exception) -> TaskResult:
@@ -584,10 +585,9 @@ class RayBackend:
         return self._ended(attempt, TaskState.CRASHED, reason)
 
     def _ended(self, attempt: _Attempt, state: TaskState, error: str) -> TaskResult:
-        return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=attempt.submitted,
+        """How the attempt ended when it sent no result. It started (as far as the driver knows) when it was
+        submitted, or, sent after another, when that one ended: never, if that one has not."""
+        started = attempt.submitted if attempt.after is None else attempt.after.ended
+        return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=started,
                           ended_at=time.time())
 
-
-def _not_run(key: str) -> TaskResult:
-    now = time.time()
-    return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, started_at=now, ended_at=now)
