@@ -39,7 +39,7 @@ class PolicyConfig:
     aging_seconds: float = 300.0
     """Each full period a candidate waits lifts it one priority class; 0 or less turns aging off."""
     run_weights: dict[str, float] = field(default_factory=dict)
-    """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the CPUs."""
+    """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the share."""
     pools: dict[str, int] = field(default_factory=dict)
     """Concurrency pool -> how many of its members may run at once, across runs; unknown = unlimited."""
     backfill_scan: int = BACKFILL_SCAN
@@ -49,7 +49,8 @@ class PolicyConfig:
     fit_scan: int = 8
     """At most this many candidates of the same standing are compared for best fit."""
     fair_share: bool = True
-    """Guarantee every run its weighted share of the CPUs within its class; off, rank alone orders
-    runs of one class (and only aging keeps a run from waiting behind another's critical path)."""
+    """Guarantee every run its weighted share of the machine (of its dominant resource) within its class;
+    off, rank alone orders runs of one class (and only aging keeps a run from waiting behind another's
+    critical path)."""
     fair_share_seconds: float = 300.0
     """How long a run may hold less than its share before it goes first (0: at once, strict fair share)."""

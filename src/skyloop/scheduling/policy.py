@@ -10,9 +10,9 @@ The order, from the first criterion to the last:
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
    half the machine, whatever its CPUs). A run that has held less than that for `fair_share_seconds`
-   is *starved*, and its candidates go first until it holds its entitlement again. Otherwise runs do not take turns:
-   rank alone orders them, because interleaving runs by share delays every run's critical path
-   for the sake of the others (the benchmark measured 5-15% longer makespans that way).
+   is *starved*, and its candidates go first until it holds its entitlement again. Otherwise runs
+   do not take turns: rank alone orders them, because interleaving runs by share delays every run's
+   critical path for the sake of the others (the benchmark measured 5-15% longer makespans that way).
 3. **Upward rank**, longest first: the task heading the longest remaining path (of any run of the class).
 4. **Arrival** (`seq`), oldest first.
 
