@@ -264,7 +264,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's: the id was taken again
-        return True
+        pass
     return True
 
 

@@ -73,7 +73,7 @@ class Amounts:
 class Holdings:
     """What running attempts hold, per run and in all, and each run's dominant share of the machine (fair share)."""
 
-    __slots__ = ("_machine", "_shares", "all", "attempts", "machine", "runs")
+    __slots__ = ("_shares", "all", "attempts", "machine", "runs")
 
     def __init__(self) -> None:
         self.runs: dict[str, Amounts] = {}
@@ -82,7 +82,6 @@ class Holdings:
         self.all = Amounts(0.0, 0, 0, {})
         self.machine = Amounts(0.0, 0, 0, {})
         """What the shares are of (`measure`)."""
-        self._machine: tuple[float, int, int, dict[str, float]] | None = None
         self._shares: dict[str, float] = {}
         """Run -> its dominant share, for runs whose holdings and machine did not change since it was worked out."""
 
@@ -112,9 +111,9 @@ class Holdings:
         """Take the machine as what is `free` plus what is held (the shares are worked out anew if it changed)."""
         machine = Amounts.of(free)
         machine.add(self.all)
-        key = (machine.cpus, machine.memory, machine.gpus, machine.custom)
-        if key != self._machine:
-            self._machine, self.machine = key, machine
+        old = self.machine
+        if (machine.cpus, machine.memory, machine.gpus, machine.custom) != (old.cpus, old.memory, old.gpus, old.custom):
+            self.machine = machine
             self._shares.clear()
 
     def dominant(self, run_id: str) -> float:
