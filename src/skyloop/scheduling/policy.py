@@ -3,9 +3,11 @@
 The order, from the first criterion to the last:
 
 1. **Priority class**, higher first. A candidate rises one class for every `aging_seconds` it has
-   waited, up to the highest class waiting, so nothing starves behind a stream of urgent work; past
-   that lifting would only reorder work of one class, and fair share (next) already serves the
-   starved run first.
+   waited while its run launched nothing, up to the highest class waiting, so nothing starves behind
+   a stream of urgent work. A run that launches is served, not starved: lifting its other candidates
+   over urgent work would only delay that work's critical path (2% of the mixed workload's makespan).
+   Past the highest class waiting, lifting would only reorder work of one class, and fair share
+   (next) already serves the starved run first.
 2. **Fair share** between runs of one class, as a guarantee rather than a sort key: each run is
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
@@ -58,10 +60,12 @@ Flat, so that heap comparisons stay cheap; stamps are unique, so they never reac
 
 
 class _Entry:
-    __slots__ = ("bucket", "cand", "stamp", "token")
+    __slots__ = ("bucket", "cand", "risen", "stamp", "token")
 
     def __init__(self, cand: Candidate, bucket: _Bucket, stamp: int, token: int) -> None:
         self.cand, self.bucket, self.stamp, self.token = cand, bucket, stamp, token
+        self.risen = cand.ready_at
+        """When its aging clock last started: when it became ready or last rose a class."""
 
     def item(self) -> _Item:
         return (-self.cand.rank, self.cand.seq, self.stamp, self.cand.key)
@@ -112,6 +116,8 @@ class ReadyQueue:
         """Runs whose candidates go first (as the heads in `_heads` say)."""
         self._top: int | None = None
         self._stamp = 0
+        self._served: dict[str, float] = {}
+        """Run -> when it last launched an attempt: its candidates age only while it launches nothing."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -175,6 +181,8 @@ class ReadyQueue:
         self._running[candidate.key] = (candidate, end, self._stamp)
         bisect.insort(self._ends, (end, self._stamp, candidate.key))
         self._holdings.hold(candidate.run_id, candidate.resources)
+        run_id = candidate.run_id
+        self._served[run_id] = max(started_at, self._served.get(run_id, started_at))
         if candidate.pool is not None:
             self._in_pool[candidate.pool] += 1
 
@@ -203,6 +211,7 @@ class ReadyQueue:
         if run_id not in self._run_classes:
             self._short_since.pop(run_id, None)
             self._starved.discard(run_id)
+            self._served.pop(run_id, None)  # what it pushes next became ready after that launch
 
     def _drop(self, key: int) -> _Entry | None:
         entry = self._entries.pop(key, None)
@@ -301,11 +310,14 @@ class ReadyQueue:
             if entry is None or entry.token != token:
                 continue
             cand = entry.cand
-            periods = max(0, math.floor((now - cand.ready_at) / aging))
+            # A run that launched something meanwhile is served, not starved: the clock starts again.
+            since = max(entry.risen, self._served.get(cand.run_id, entry.risen))
+            periods = max(0, math.floor((now - since) / aging))
             # Past the top class waiting, rising would only reorder work within it (see the module doc);
             # such a candidate waits in `_capped` until a higher class arrives.
-            klass = min(cand.priority + periods, max(top, cand.priority))
+            klass = min(entry.bucket[0] + periods, max(top, cand.priority))
             if klass > entry.bucket[0]:
+                since = entry.risen = since + (klass - entry.bucket[0]) * aging
                 self._forget(entry)
                 self._stamp += 1
                 entry.bucket, entry.stamp = (klass, cand.run_id, cand.resources.cpus), self._stamp
@@ -313,8 +325,7 @@ class ReadyQueue:
             if klass >= top:
                 self._capped.append((token, key))
             else:
-                heapq.heappush(heap, (max(cand.ready_at + (periods + 1) * aging, math.nextafter(now, math.inf)),
-                                      token, key))
+                heapq.heappush(heap, (max(since + aging, math.nextafter(now, math.inf)), token, key))
 
     def _group(self, bucket: _Bucket) -> list[_Entry]:
         """Pop the bucket's head and the candidates of the same standing behind it (at most `fit_scan`)."""
