@@ -29,7 +29,7 @@ class ExecutionSettings(BaseModel):
     pools: dict[str, int] = Field(default_factory=dict)
     """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs."""
     aging_seconds: float = 300.0
-    """A step waiting this long while its run launches nothing rises one priority class, so nothing starves."""
+    """Each time a run launches nothing for this long, its oldest waiting step rises one priority class."""
     default_estimate_seconds: float = 1.0
     """Expected duration of a step never seen before (before history teaches better)."""
     agent_poll_seconds: float = 1.0

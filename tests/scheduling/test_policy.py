@@ -116,6 +116,24 @@ def test_aging_counts_only_the_time_its_run_launched_nothing() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=18)) == [2]  # 10 s since its run's last launch
 
 
+def test_aging_lifts_one_step_of_a_waiting_run_per_period() -> None:
+    # Lifting every waiting step of a run at once put whole runs into the urgent class after one
+    # period: the urgent run then got only its fair share of the machine and could finish last.
+    queue = ReadyQueue(PolicyConfig(aging_seconds=10, fair_share_seconds=0))
+    for key in (1, 2, 3):
+        queue.push(_c(key, run="batch", rank=1, ready_at=0))
+    for key in range(10, 20):
+        queue.push(_c(key, priority=1, run="urgent", rank=100, ready_at=0))
+    queue.occupy(_c(100, priority=1, run="urgent"), started_at=0)  # the urgent run holds the other CPU
+    assert _keys(queue.take(Resources(cpus=1), now=5)) == [10]
+    assert queue.done(10)
+    assert _keys(queue.take(Resources(cpus=1), now=10)) == [1]  # the oldest rose, and went first
+    assert queue.done(1)
+    assert _keys(queue.take(Resources(cpus=1), now=15)) == [11]  # 2 and 3 stayed in their class
+    assert queue.done(11)
+    assert _keys(queue.take(Resources(cpus=1), now=20)) == [2]  # a period after the last launch
+
+
 def test_aging_off_keeps_classes() -> None:
     queue = ReadyQueue(PolicyConfig(aging_seconds=0))
     queue.push(_c(1, priority=0, run="batch"))

@@ -37,8 +37,8 @@ class PolicyConfig:
     """Knobs of the policy; `run_weights` and `pools` are read on every call, so they may change."""
 
     aging_seconds: float = 300.0
-    """Each full period a candidate waits while its run launches nothing lifts it one priority class;
-    0 or less turns aging off."""
+    """Each full period in which a run launches nothing lifts its oldest waiting candidate one priority
+    class; 0 or less turns aging off."""
     run_weights: dict[str, float] = field(default_factory=dict)
     """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the share."""
     pools: dict[str, int] = field(default_factory=dict)

@@ -2,12 +2,14 @@
 
 The order, from the first criterion to the last:
 
-1. **Priority class**, higher first. A candidate rises one class for every `aging_seconds` it has
-   waited while its run launched nothing, up to the highest class waiting, so nothing starves behind
-   a stream of urgent work. A run that launches is served, not starved: lifting its other candidates
-   over urgent work would only delay that work's critical path (2% of the mixed workload's makespan).
-   Past the highest class waiting, lifting would only reorder work of one class, and fair share
-   (next) already serves the starved run first.
+1. **Priority class**, higher first. Aging, so that nothing starves behind a stream of urgent work:
+   for every `aging_seconds` in which a run launched nothing, its oldest waiting candidate rises one
+   class, up to the highest class waiting. A run that launches is served, not starved, and one
+   candidate a period is enough to keep it going: lifting all of a run's candidates at once put whole
+   runs into the urgent class after one period, where fair share left the urgent run a fraction of
+   the machine (in the mixed workload the high-priority run often finished last). Past the highest
+   class waiting, lifting would only reorder work of one class, and fair share (next) already serves
+   the starved run first.
 2. **Fair share** between runs of one class, as a guarantee rather than a sort key: each run is
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
@@ -117,7 +119,7 @@ class ReadyQueue:
         self._top: int | None = None
         self._stamp = 0
         self._served: dict[str, float] = {}
-        """Run -> when it last launched an attempt: its candidates age only while it launches nothing."""
+        """Run -> when it last launched an attempt or had a candidate lifted: the clock of its aging."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -292,7 +294,8 @@ class ReadyQueue:
         return place
 
     def _age(self, now: float, top: int) -> None:
-        """Lift the candidates that waited another `aging_seconds` (`top`: the highest class waiting)."""
+        """Lift the oldest candidate of each run that launched nothing for another `aging_seconds` (`top`:
+        the highest class waiting)."""
         aging = self.config.aging_seconds
         heap = self._aging
         if not 0 < aging < math.inf:
@@ -310,7 +313,7 @@ class ReadyQueue:
             if entry is None or entry.token != token:
                 continue
             cand = entry.cand
-            # A run that launched something meanwhile is served, not starved: the clock starts again.
+            # A run that launched something, or had a candidate lifted, meanwhile: its clock started again.
             since = max(entry.risen, self._served.get(cand.run_id, entry.risen))
             periods = max(0, math.floor((now - since) / aging))
             # Past the top class waiting, rising would only reorder work within it (see the module doc);
@@ -318,6 +321,7 @@ class ReadyQueue:
             klass = min(entry.bucket[0] + periods, max(top, cand.priority))
             if klass > entry.bucket[0]:
                 since = entry.risen = since + (klass - entry.bucket[0]) * aging
+                self._served[cand.run_id] = max(since, self._served.get(cand.run_id, since))
                 self._forget(entry)
                 self._stamp += 1
                 entry.bucket, entry.stamp = (klass, cand.run_id, cand.resources.cpus), self._stamp
