@@ -2,14 +2,10 @@
 
 The order, from the first criterion to the last:
 
-1. **Priority class**, higher first. Aging, so that nothing starves behind a stream of urgent work:
-   for every `aging_seconds` in which a run launched nothing, its oldest waiting candidate rises one
-   class, up to the highest class waiting. A run that launches is served, not starved, and one
-   candidate a period is enough to keep it going: lifting all of a run's candidates at once put whole
-   runs into the urgent class after one period, where fair share left the urgent run a fraction of
-   the machine (in the mixed workload the high-priority run often finished last). Past the highest
-   class waiting, lifting would only reorder work of one class, and fair share (next) already serves
-   the starved run first.
+1. **Priority class**, higher first. Aging (`aging.py`), so that nothing starves behind a stream of
+   urgent work: for every `aging_seconds` in which a run launched nothing, its oldest waiting
+   candidate rises one class, up to the highest class waiting. Past that, lifting would only reorder
+   work of one class, and fair share (next) already serves the starved run first.
 2. **Fair share** between runs of one class, as a guarantee rather than a sort key: each run is
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
@@ -43,6 +39,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TypeVar
 
+from skyloop.scheduling.aging import Aging
 from skyloop.scheduling.amounts import EPS, Amounts, Holdings
 from skyloop.scheduling.backfill import Reservation, reserve
 from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
@@ -62,12 +59,10 @@ Flat, so that heap comparisons stay cheap; stamps are unique, so they never reac
 
 
 class _Entry:
-    __slots__ = ("bucket", "cand", "risen", "stamp", "token")
+    __slots__ = ("bucket", "cand", "stamp", "token")
 
     def __init__(self, cand: Candidate, bucket: _Bucket, stamp: int, token: int) -> None:
         self.cand, self.bucket, self.stamp, self.token = cand, bucket, stamp, token
-        self.risen = cand.ready_at
-        """When its aging clock last started: when it became ready or last rose a class."""
 
     def item(self) -> _Item:
         return (-self.cand.rank, self.cand.seq, self.stamp, self.cand.key)
@@ -96,11 +91,7 @@ class ReadyQueue:
         class, the runs waiting or the top class changed (`_Turn.share` works it out again)."""
         self._share_weights: dict[str, float] = {}
         """The weights `_shares` was worked out from (they may change between calls)."""
-        self._aging: list[tuple[float, int, int]] = []
-        """(when the candidate next rises a class, token, key)."""
-        self._capped: list[tuple[int, int]] = []
-        """(token, key) of candidates aged up to the top class: they rise on only when a higher one arrives."""
-        self._capped_top = 0
+        self._aging = Aging(self.config.aging_seconds)
         self._classes: Counter[int] = Counter()
         """How many queued candidates have each base priority: the top one caps aging."""
         self._cpus: Counter[float] = Counter()
@@ -118,8 +109,6 @@ class ReadyQueue:
         """Runs whose candidates go first (as the heads in `_heads` say)."""
         self._top: int | None = None
         self._stamp = 0
-        self._served: dict[str, float] = {}
-        """Run -> when it last launched an attempt or had a candidate lifted: the clock of its aging."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -136,9 +125,7 @@ class ReadyQueue:
         self._insert(entry)
         self._classes[candidate.priority] += 1
         self._cpus[candidate.resources.cpus] += 1
-        aging = self.config.aging_seconds
-        if 0 < aging < math.inf:
-            heapq.heappush(self._aging, (candidate.ready_at + aging, entry.token, candidate.key))
+        self._aging.add(candidate.run_id, candidate.ready_at, entry.token, candidate.key)
 
     def remove(self, key: int) -> bool:
         """Drop a queued attempt (launched, cancelled); False if it was not queued."""
@@ -183,8 +170,7 @@ class ReadyQueue:
         self._running[candidate.key] = (candidate, end, self._stamp)
         bisect.insort(self._ends, (end, self._stamp, candidate.key))
         self._holdings.hold(candidate.run_id, candidate.resources)
-        run_id = candidate.run_id
-        self._served[run_id] = max(started_at, self._served.get(run_id, started_at))
+        self._aging.served(candidate.run_id, started_at)
         if candidate.pool is not None:
             self._in_pool[candidate.pool] += 1
 
@@ -213,7 +199,7 @@ class ReadyQueue:
         if run_id not in self._run_classes:
             self._short_since.pop(run_id, None)
             self._starved.discard(run_id)
-            self._served.pop(run_id, None)  # what it pushes next became ready after that launch
+            self._aging.forget(run_id)
 
     def _drop(self, key: int) -> _Entry | None:
         entry = self._entries.pop(key, None)
@@ -294,42 +280,18 @@ class ReadyQueue:
         return place
 
     def _age(self, now: float, top: int) -> None:
-        """Lift the oldest candidate of each run that launched nothing for another `aging_seconds` (`top`:
-        the highest class waiting)."""
-        aging = self.config.aging_seconds
-        heap = self._aging
-        if not 0 < aging < math.inf:
-            heap.clear()
-            self._capped.clear()
-            return
-        if self._capped and top > self._capped_top:  # a higher class arrived: those at the old top rise on
-            for token, key in self._capped:
-                heapq.heappush(heap, (now, token, key))
-            self._capped.clear()
-        self._capped_top = top
-        while heap and heap[0][0] <= now:
-            _, token, key = heapq.heappop(heap)
-            entry = self._entries.get(key)
-            if entry is None or entry.token != token:
-                continue
-            cand = entry.cand
-            # A run that launched something, or had a candidate lifted, meanwhile: its clock started again.
-            since = max(entry.risen, self._served.get(cand.run_id, entry.risen))
-            periods = max(0, math.floor((now - since) / aging))
-            # Past the top class waiting, rising would only reorder work within it (see the module doc);
-            # such a candidate waits in `_capped` until a higher class arrives.
-            klass = min(entry.bucket[0] + periods, max(top, cand.priority))
-            if klass > entry.bucket[0]:
-                since = entry.risen = since + (klass - entry.bucket[0]) * aging
-                self._served[cand.run_id] = max(since, self._served.get(cand.run_id, since))
-                self._forget(entry)
-                self._stamp += 1
-                entry.bucket, entry.stamp = (klass, cand.run_id, cand.resources.cpus), self._stamp
-                self._insert(entry)
-            if klass >= top:
-                self._capped.append((token, key))
-            else:
-                heapq.heappush(heap, (max(since + aging, math.nextafter(now, math.inf)), token, key))
+        """Lift the candidates that `Aging` says waited long enough (`top`: the highest class waiting)."""
+        for key, klass in self._aging.lifts(now, top, self._standing):
+            entry = self._entries[key]
+            self._forget(entry)
+            self._stamp += 1
+            entry.bucket, entry.stamp = (klass, entry.cand.run_id, entry.cand.resources.cpus), self._stamp
+            self._insert(entry)
+
+    def _standing(self, key: int, token: int) -> tuple[int, int] | None:
+        """(class now, own class) of the queued candidate `key` pushed as `token`; None if it left."""
+        entry = self._entries.get(key)
+        return None if entry is None or entry.token != token else (entry.bucket[0], entry.cand.priority)
 
     def _group(self, bucket: _Bucket) -> list[_Entry]:
         """Pop the bucket's head and the candidates of the same standing behind it (at most `fit_scan`)."""
