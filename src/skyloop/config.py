@@ -29,7 +29,8 @@ class ExecutionSettings(BaseModel):
     pools: dict[str, int] = Field(default_factory=dict)
     """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs."""
     aging_seconds: float = 300.0
-    """Each time a run launches nothing for this long, its oldest waiting step rises one priority class."""
+    """Each time a run launches nothing for this long, its oldest waiting step rises one priority class
+    (one waiting four times as long rises even while its run launches other steps)."""
     default_estimate_seconds: float = 1.0
     """Expected duration of a step never seen before (before history teaches better)."""
     agent_poll_seconds: float = 1.0

@@ -134,6 +134,22 @@ def test_aging_lifts_one_step_of_a_waiting_run_per_period() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=20)) == [2]  # a period after the last launch
 
 
+def test_a_step_pushed_again_keeps_what_aging_gave_it() -> None:
+    # The orchestrator pushes waiting steps again when their ranks change (runs sharing a pool came or
+    # went); a step that rose must not start over, or steady re-ranking would keep it waiting forever.
+    queue = ReadyQueue(PolicyConfig(aging_seconds=10, fair_share_seconds=0))
+    queue.push(_c(1, run="batch", rank=1, ready_at=0))
+    for key in range(10, 30):
+        queue.push(_c(key, priority=2, run="urgent", rank=100, ready_at=0))
+    queue.occupy(_c(100, priority=2, run="urgent"), started_at=0)  # the urgent run holds the other CPU
+    assert _keys(queue.take(Resources(cpus=1), now=10)) == [10]  # 1 rose to class 1 of 2
+    assert queue.done(10)
+    queue.push(_c(1, run="batch", rank=2, ready_at=0))  # re-ranked
+    assert _keys(queue.take(Resources(cpus=1), now=15)) == [11]
+    assert queue.done(11)
+    assert _keys(queue.take(Resources(cpus=1), now=20)) == [1]  # a second period: class 2, and served first
+
+
 def test_aging_off_keeps_classes() -> None:
     queue = ReadyQueue(PolicyConfig(aging_seconds=0))
     queue.push(_c(1, priority=0, run="batch"))

@@ -38,7 +38,7 @@ class PolicyConfig:
 
     aging_seconds: float = 300.0
     """Each full period in which a run launches nothing lifts its oldest waiting candidate one priority
-    class; 0 or less turns aging off."""
+    class (see `aging.py`); 0 or less turns aging off."""
     run_weights: dict[str, float] = field(default_factory=dict)
     """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the share."""
     pools: dict[str, int] = field(default_factory=dict)

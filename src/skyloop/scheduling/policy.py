@@ -4,8 +4,9 @@ The order, from the first criterion to the last:
 
 1. **Priority class**, higher first. Aging (`aging.py`), so that nothing starves behind a stream of
    urgent work: for every `aging_seconds` in which a run launched nothing, its oldest waiting
-   candidate rises one class, up to the highest class waiting. Past that, lifting would only reorder
-   work of one class, and fair share (next) already serves the starved run first.
+   candidate rises one class, up to the highest class waiting (and so does one that waited four
+   periods while its run launched other work). Past that, lifting would only reorder work of one
+   class, and fair share (next) already serves the starved run first.
 2. **Fair share** between runs of one class, as a guarantee rather than a sort key: each run is
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
@@ -91,7 +92,7 @@ class ReadyQueue:
         class, the runs waiting or the top class changed (`_Turn.share` works it out again)."""
         self._share_weights: dict[str, float] = {}
         """The weights `_shares` was worked out from (they may change between calls)."""
-        self._aging = Aging(self.config.aging_seconds)
+        self._aging = Aging(self.config.aging_seconds, self._standing)
         self._classes: Counter[int] = Counter()
         """How many queued candidates have each base priority: the top one caps aging."""
         self._cpus: Counter[float] = Counter()
@@ -119,13 +120,17 @@ class ReadyQueue:
         if replaced is not None and replaced.cand.run_id != candidate.run_id:
             self._left(replaced.cand.run_id)
         self._stamp += 1
-        bucket = (candidate.priority, candidate.run_id, candidate.resources.cpus)
-        entry = _Entry(candidate, bucket, self._stamp, self._stamp)
+        klass, token = candidate.priority, self._stamp
+        if replaced is not None and replaced.cand.run_id == candidate.run_id:
+            # The same attempt again (a new rank, say): it keeps the classes aging gave it, and its clock.
+            klass, token = klass + max(0, replaced.bucket[0] - replaced.cand.priority), replaced.token
+        entry = _Entry(candidate, (klass, candidate.run_id, candidate.resources.cpus), self._stamp, token)
         self._entries[candidate.key] = entry
         self._insert(entry)
         self._classes[candidate.priority] += 1
         self._cpus[candidate.resources.cpus] += 1
-        self._aging.add(candidate.run_id, candidate.ready_at, entry.token, candidate.key)
+        if token == self._stamp:
+            self._aging.add(candidate.run_id, candidate.ready_at, token, candidate.key)
 
     def remove(self, key: int) -> bool:
         """Drop a queued attempt (launched, cancelled); False if it was not queued."""
@@ -281,7 +286,7 @@ class ReadyQueue:
 
     def _age(self, now: float, top: int) -> None:
         """Lift the candidates that `Aging` says waited long enough (`top`: the highest class waiting)."""
-        for key, klass in self._aging.lifts(now, top, self._standing):
+        for key, klass in self._aging.lifts(now, top):
             entry = self._entries[key]
             self._forget(entry)
             self._stamp += 1
