@@ -67,7 +67,8 @@ class Aging:
             heap[:] = [item for item in heap if self._standing(item[2], item[1]) is not None]
             heapq.heapify(heap)
             self._sweep_at[run_id] = 2 * len(heap) + 64
-        self._schedule(run_id)
+        if heap[0][1] == token or run_id not in self._due:  # else the oldest, and so the wake, is as it was
+            self._schedule(run_id)
 
     def served(self, run_id: str, at: float) -> None:
         """The run launched an attempt `at`: its clock starts again (its wake moves on when it comes)."""
@@ -84,11 +85,9 @@ class Aging:
     def lifts(self, now: float, top: int) -> list[tuple[int, int]]:
         """(key, class to rise to) of the candidates whose run's period ended by `now`; `top` is the
         highest class waiting."""
-        if not self.on:
-            self._runs.clear()
-            self._wakes.clear()
-            self._due.clear()
-            self._capped.clear()
+        wakes = self._wakes
+        if (not wakes or wakes[0][0] > now) and (not self._capped or top <= self._top):
+            self._top = top  # the usual call: no period ended, no higher class arrived
             return []
         standing = self._standing
         if self._capped and top > self._top:  # a higher class arrived: those at the old top rise on
@@ -98,7 +97,7 @@ class Aging:
                     self._schedule(run_id)
             self._capped.clear()
         self._top = top
-        seconds, wakes = self.seconds, self._wakes
+        seconds = self.seconds
         lifted: dict[int, int] = {}  # key -> its class after this call (one may rise more than once)
         while wakes and wakes[0][0] <= now:
             due, _, run_id = heapq.heappop(wakes)
