@@ -142,7 +142,8 @@ def one_seed(scenario: Scenario, seed: int, search: int = 0) -> dict[str, float]
     # High-priority runs: from submission to end over the same run alone on the machine (scheduled
     # knowing its durations, so learned estimates' errors count too), averaged over such runs.
     config = PolicyConfig(pools=dict(scenario.pools))
-    urgent = [r for r in measured if r.priority > min(x.priority for x in measured)]
+    lowest = min(r.priority for r in measured)
+    urgent = [r for r in measured if r.priority > lowest]
     for run_ in urgent:
         alone = simulate([run_], scenario.capacity, "skyloop", None, config).makespan - run_.submit_at
         for label in (LAST, "fifo"):

@@ -105,14 +105,14 @@ class Aging:
                 continue
             del self._due[run_id]
             heap = self._runs.get(run_id)
-            while heap and standing(heap[0][2], heap[0][1]) is None:
+            place = None
+            while heap and (place := standing(heap[0][2], heap[0][1])) is None:
                 heapq.heappop(heap)
-            if not heap:
+            if not heap or place is None:
                 self._runs.pop(run_id, None)
                 continue
             clock, token, key = heap[0]
-            own = (standing(key, token) or (0, 0))[1]
-            klass = lifted.get(key, (standing(key, token) or (0, 0))[0])
+            klass, own = lifted.get(key, place[0]), place[1]
             since = self._since(run_id, clock)
             if now - since < seconds:  # served meanwhile
                 self._wake(run_id, since + seconds)
