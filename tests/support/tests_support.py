@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 import threading
 import time
@@ -16,10 +17,11 @@ from sqlalchemy import inspect
 
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.tasks import TaskResult
+from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["at_once", "collect", "post", "replayed_database", "schema_of", "write"]
+__all__ = ["age_blobs", "at_once", "collect", "post", "replayed_database", "schema_of", "write"]
 
 T = TypeVar("T")
 
@@ -33,6 +35,14 @@ def collect(backend: Backend, count: int, limit: float = 30.0) -> dict[str, Task
         for result in backend.wait(deadline - time.monotonic()):
             results[result.key] = result
     return results
+
+
+def age_blobs(store: ArtifactStore, seconds: float = 3600.0) -> None:
+    """Make every blob of a local store look written `seconds` ago (garbage collection keeps fresh ones)."""
+    then = time.time() - seconds
+    for path in Path(store.root).rglob("*"):
+        if path.is_file():
+            os.utime(path, (then, then))
 
 
 def write(path: Path, text: str) -> Path:

@@ -57,8 +57,7 @@ def lookup_connection(db: Database) -> Iterator[Connection]:
     Not an ORM session: setting one up and committing it cost twice the lookup itself, and the
     lookup runs on the critical path of every step.
     """
-    engine = db.read_engine if db.is_sqlite else db.engine
-    with translate_errors("looking up cached results"), engine.connect() as conn:
+    with translate_errors("looking up cached results"), db.read_engine.connect() as conn:
         yield conn
 
 

@@ -53,12 +53,18 @@ class ArtifactStore:
     def _path(self, digest: str) -> str:
         return f"{self.root}/{digest[:2]}/{digest}"
 
-    def put_bytes(self, data: bytes) -> str:
-        """Store `data` (once) and return its sha256."""
+    def put_bytes(self, data: bytes, verify: bool = False) -> str:
+        """Store `data` (once) and return its sha256.
+
+        A blob already there is reused when its size matches (with `verify`, its bytes too) and written
+        again when it does not: a damaged blob is repaired by storing the same value again. On a local
+        folder a reuse also touches the blob, which tells garbage collection that a writer is about to
+        record it (see `delete_unless_used`).
+        """
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(digest)
         try:
-            if self.fs.exists(path):
+            if self._reuse(path, data, verify):
                 return digest
             folder = path.rsplit("/", 1)[0]
             if folder not in self._made:
@@ -75,6 +81,23 @@ class ArtifactStore:
         except OSError as exc:
             raise StoreError(f"cannot write artifact {digest[:12]} to {self.url}: {exc}") from exc
         return digest
+
+    def _reuse(self, path: str, data: bytes, verify: bool) -> bool:
+        """Whether the blob at `path` holds `data` already (touched, on a local folder)."""
+        if not self._local:
+            return bool(self.fs.exists(path)) and self.fs.size(path) == len(data) \
+                and (not verify or self.fs.cat_file(path) == data)
+        try:
+            if os.stat(path).st_size != len(data):
+                return False
+            if verify:
+                with open(path, "rb") as fh:
+                    if fh.read() != data:
+                        return False
+            os.utime(path)
+        except FileNotFoundError:  # never there, or garbage collection took it just now
+            return False
+        return True
 
     def get_bytes(self, digest: str, verify: bool = False) -> bytes:
         """The bytes stored under `digest`."""
@@ -112,11 +135,29 @@ class ArtifactStore:
         """Whether the blob is present."""
         return bool(self.fs.exists(self._path(digest)))
 
-    def delete(self, digest: str) -> None:
-        """Remove the blob (missing is fine)."""
+    def delete_unless_used(self, digest: str, since: float) -> bool:
+        """Remove the blob unless it was written or reused at or after `since` (a Unix time); True when
+        it is gone (or never was).
+
+        Garbage collection marks a row deleted and then calls this, while a writer that found the blob
+        may still be about to record it again. On a local folder the two meet on the blob itself: the
+        blob is renamed aside (atomic) and its time read there; a writer that touched it before the
+        rename shows in that time, and the blob goes back; one that comes after finds no blob and
+        writes it again. Elsewhere (object stores have no cheap touch) the blob is removed.
+        """
+        path = self._path(digest)
         try:
-            self.fs.rm_file(self._path(digest))
+            if not self._local:
+                self.fs.rm_file(path)
+                return True
+            aside = f"{path.rsplit('/', 1)[0]}/.gc-{uuid.uuid4().hex}"
+            os.rename(path, aside)
+            if os.stat(aside).st_mtime >= since:
+                os.replace(aside, path)  # a writer may have written it again meanwhile: the same bytes
+                return False
+            os.remove(aside)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise StoreError(f"cannot delete artifact {digest[:12]}: {exc}") from exc
+        return True

@@ -74,9 +74,12 @@ class Database:
             event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._readers = self._sessions
-        if self.is_sqlite:
-            # Reads need no write lock: a second engine whose transactions begin deferred.
-            self.read_engine: Engine = create_engine(parsed, **kwargs)
+        self.read_engine: Engine = self.engine
+        """Where reads go (see `read`)."""
+        if self.is_sqlite and parsed.database and parsed.database != ":memory:":
+            # Reads need no write lock: a second engine whose transactions begin deferred (not for an
+            # in-memory DB, which a second engine would open empty).
+            self.read_engine = create_engine(parsed, **kwargs)
             event.listen(self.read_engine, "connect", _sqlite_pragmas)
             event.listen(self.read_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
             self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
@@ -146,5 +149,5 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
-        if self._readers is not self._sessions:
+        if self.read_engine is not self.engine:
             self.read_engine.dispose()

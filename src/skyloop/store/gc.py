@@ -14,7 +14,10 @@ from skyloop.store.models import Artifact
 from skyloop.store.runs import utcnow
 from skyloop.store.workspace import Workspace
 
-__all__ = ["GcReport", "collect_garbage", "parse_age"]
+__all__ = ["IN_FLIGHT", "GcReport", "collect_garbage", "parse_age"]
+
+IN_FLIGHT = timedelta(minutes=1)
+"""A blob written or reused this recently is never collected: its writer may not have recorded it yet."""
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -43,20 +46,32 @@ def collect_garbage(workspace: Workspace, older_than: timedelta, dry_run: bool =
 
     The DB row is marked deleted before the blob goes, so a crash in between leaves an orphan blob
     (harmless, never a row pointing at nothing) and a cache lookup never hands out a deleted artifact.
+    Only the rows this collection marked lose their blobs, and a blob a writer wrote or reused within
+    `older_than` (at least `IN_FLIGHT` ago) stays, its row live again: the writer of a value equal to an
+    old artifact's may be about to record it (see `ArtifactStore.delete_unless_used`; on object stores,
+    which cannot tell, run collections when no run writes).
     """
-    cutoff = utcnow() - older_than
+    now = utcnow()
+    cutoff = now - older_than
     with workspace.db.session() as session:
         victims = [(a.digest, a.size) for a in collectable_artifacts(session, cutoff)]
         if dry_run or not victims:
             return GcReport(len(victims), sum(s for _, s in victims), dry_run, [d for d, _ in victims])
+        marked: dict[str, int] = {}
         digests = [d for d, _ in victims]
         for i in range(0, len(digests), 500):
-            session.execute(
+            # Checked again as the rows are marked: one used since the query above keeps its blob.
+            marked.update(session.execute(
                 update(Artifact)
                 .where(Artifact.digest.in_(digests[i:i + 500]), Artifact.deleted_at.is_(None),
                        Artifact.last_used_at < cutoff)
-                .values(deleted_at=utcnow(), data=None)
-            )
-    for digest in digests:
-        workspace.store.delete(digest)
-    return GcReport(len(victims), sum(s for _, s in victims), False, digests)
+                .values(deleted_at=now, data=None)
+                .returning(Artifact.digest, Artifact.size)
+            ).tuples().all())
+    since = min(cutoff, now - IN_FLIGHT).timestamp()
+    kept = {digest for digest in marked if not workspace.store.delete_unless_used(digest, since)}
+    if kept:
+        with workspace.db.session() as session:
+            session.execute(update(Artifact).where(Artifact.digest.in_(kept)).values(deleted_at=None))
+    gone = [digest for digest in marked if digest not in kept]
+    return GcReport(len(gone), sum(marked[d] for d in gone), False, gone)

@@ -20,6 +20,7 @@ from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, tex
 from sqlalchemy.types import TypeEngine
 
 from skyloop.store.models import UTCDateTime
+from skyloop.store.serializers import RAW
 
 __all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "dbapi_cursor", "execute_many"]
 
@@ -35,11 +36,15 @@ def _statement(sql: str, **types: TypeEngine[Any]) -> TextClause:
     return clause
 
 
+# A value's serializer and type replace a raw file's (the same bytes stored as a model file), never the
+# reverse: the cache reads a step's output back with the serializer of its row.
+_VALUE_WINS = f"CASE WHEN excluded.serializer = '{RAW}' THEN artifacts.{{0}} ELSE excluded.{{0}} END"
 UPSERT_ARTIFACT: TextClause = _statement(
     "INSERT INTO artifacts (digest, serializer, type_name, size, created_at, last_used_at, deleted_at, data) "
     "VALUES (:digest, :serializer, :type_name, :size, :created_at, :last_used_at, NULL, :data) "
     "ON CONFLICT (digest) DO UPDATE SET last_used_at = excluded.last_used_at, deleted_at = NULL, "
-    "data = excluded.data",
+    f"data = excluded.data, serializer = {_VALUE_WINS.format('serializer')}, "
+    f"type_name = {_VALUE_WINS.format('type_name')}",
     created_at=UTCDateTime(), last_used_at=UTCDateTime(), data=LargeBinary(),
 )
 

@@ -9,9 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SERIALIZERS", "Serializer", "deserialize", "serialize", "type_name"]
+__all__ = ["RAW", "SERIALIZERS", "Serializer", "deserialize", "serialize", "type_name"]
 
 _PLAIN = (str, int, float, bool, type(None))
+
+RAW = "bytes"
+"""What the artifact row of a file stored as it is (a registered model's) names as its serializer: no value
+is read back from it. Equal bytes are one artifact, so a value's serializer wins over it (see
+`skyloop.store.hotpath.UPSERT_ARTIFACT`)."""
 
 
 def type_name(value: object) -> str:
@@ -34,7 +39,9 @@ def _is_plain(value: object, depth: int = 0) -> bool:
 
 
 def _json_dump(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    # Keys keep their order (code downstream may build columns from it); equal dicts in another order
+    # are other bytes, so at worst a cache miss.
+    return json.dumps(value, separators=(",", ":"), allow_nan=True).encode()
 
 
 def _json_load(data: bytes) -> Any:
