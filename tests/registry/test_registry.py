@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
+from tests_support import age_blobs
 
 from skyloop import Settings
 from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
@@ -176,6 +177,7 @@ def test_a_model_directory_with_an_altered_or_missing_file_is_refused(classifier
 def test_gc_keeps_a_registered_models_artifacts(classifier: LogisticRegression, settings: Settings,
                                                 workspace: Workspace) -> None:
     info = log_model(classifier, "iris", settings=settings)
+    age_blobs(workspace.store)
     report = collect_garbage(workspace, timedelta(0))
     assert not set(info.files.values()) & set(report.digests)
     with workspace.db.read() as session:
@@ -262,3 +264,11 @@ def test_bad_arguments_are_spec_errors(classifier: LogisticRegression, settings:
         log_model(classifier, "iris", flavor="tensorflow", settings=settings)
     with pytest.raises(SpecError, match="cannot tell the flavor"):
         log_model(object(), "iris", settings=settings)
+    with pytest.raises(SpecError, match=r"invalid model: metrics\.acc"):
+        log_model(classifier, "iris", metrics={"acc": "high"}, settings=settings)  # type: ignore[dict-item]
+    with pytest.raises(SpecError, match=r"invalid signature: inputs\.0\.datatype"):
+        log_model(classifier, "iris", signature={"inputs": [{"name": "x"}]}, settings=settings)
+    with pytest.raises(SpecError, match=r"extra file 'notes\.txt': cannot copy"):
+        log_model(classifier, "iris", extra_files={"notes.txt": "/nonexistent/notes.txt"}, settings=settings)
+    with pytest.raises(SpecError, match="model name"):
+        log_model(classifier, "iris\n", settings=settings)

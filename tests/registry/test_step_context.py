@@ -94,3 +94,41 @@ def test_log_model_in_a_step_records_run_step_and_inputs(backend: str, tmp_path:
         "shards[1]": outputs[rows["shard[1]"].id],
     }
     assert info.manifest.metrics == {"rows": 6.0}
+
+
+RETURNS_ITS_MODEL = '''
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+import skyloop
+from skyloop import pipeline, step
+
+@step
+def fit() -> LogisticRegression:
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    model = LogisticRegression(max_iter=300).fit(x, np.arange(30) % 3)
+    skyloop.log_model(model, "returned", flavor="sklearn")  # model.joblib: the same bytes as the output
+    return model
+
+@step
+def use(model: LogisticRegression, k: int) -> float:
+    return float(model.coef_.sum()) * k
+
+@pipeline
+def fit_and_use(k: int = 1):
+    return use(fit(), k)
+'''
+
+
+def test_a_step_that_registers_the_model_it_returns_is_read_back_from_the_cache(tmp_path: Path) -> None:
+    file = tmp_path / "returns_its_model.py"
+    file.write_text(RETURNS_ITS_MODEL)
+    settings = Settings.for_home(tmp_path / "home")
+    pipe = load_file_module(file).fit_and_use
+    first = run(pipe, {"k": 1}, backend="inline", settings=settings)
+    first._ws.close()
+    assert first.status == "SUCCEEDED", first.error
+    second = run(pipe, {"k": 2}, backend="inline", settings=settings)
+    second._ws.close()
+    assert second.status == "SUCCEEDED", second.error
+    assert second.steps["fit"].state.value == "CACHED"
+    assert second.output("use") == pytest.approx(2 * first.output("use"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from skyloop.errors import SpecError
-from skyloop.registry.uri import ModelRef, parse_model_ref
+from skyloop.registry.uri import ModelRef, check_alias, check_name, parse_model_ref
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -28,7 +30,14 @@ def test_uris_round_trip(ref: ModelRef) -> None:
 
 
 @pytest.mark.parametrize("text", ["models:/", "models:/iris/0", "models:/iris/x", "iris@3", "iris@", "bad name",
-                                  "models:/a/b/c", "-iris"])
+                                  "models:/a/b/c", "-iris", "models:/iris/²"])
 def test_bad_references_are_spec_errors(text: str) -> None:
     with pytest.raises(SpecError):
         parse_model_ref(text)
+
+
+@pytest.mark.parametrize(("check", "text"), [(check_name, "iris\n"), (check_alias, "champion\n"),
+                                             (check_name, "iris\nx"), (check_alias, " champion")])
+def test_names_and_aliases_with_a_line_break_or_space_are_spec_errors(check: Callable[[str], str], text: str) -> None:
+    with pytest.raises(SpecError):
+        check(text)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -12,10 +14,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
-from tests_support import replayed_database, schema_of
+from tests_support import age_blobs, replayed_database, schema_of
 
 from skyloop import Settings, run
 from skyloop.errors import Conflict
+from skyloop.registry.package import ModelManifest
+from skyloop.registry.registry import create_version
 from skyloop.store import lineage
 from skyloop.store.db import Database
 from skyloop.store.gc import collect_garbage
@@ -86,6 +90,7 @@ def test_a_pipeline_runs_end_to_end_and_reruns_from_cache(chain: ModuleType, pg_
             assert stamp is not None and stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
         assert first.steps["make"].started_at is not None and first.steps["make"].started_at.tzinfo is not None
 
+        age_blobs(workspace.store)
         report = collect_garbage(workspace, timedelta(0))
         assert report.artifacts == 2 and not workspace.store.exists(listed)
     finally:
@@ -146,3 +151,25 @@ def test_two_processes_migrate_and_insert_at_once(pg_url: str,
     database.dispose()
     assert ids == {f"w{n}-{i}" for n in range(2) for i in range(100)}
     assert custom == 200
+
+
+def test_two_writers_register_the_first_version_of_a_new_model_at_once(pg_db: Database) -> None:
+    # FOR UPDATE locks no row before the model exists: both writers used to insert it, and one failed.
+    manifest = ModelManifest(name=f"fresh-{uuid.uuid4().hex[:8]}", flavor="python")
+    second: list[int | BaseException] = []
+
+    def register() -> None:
+        try:
+            with pg_db.session() as session:
+                second.append(create_version(session, manifest, "0" * 64, {}).version)
+        except BaseException as exc:
+            second.append(exc)
+
+    with pg_db.session() as session:
+        assert create_version(session, manifest, "0" * 64, {}).version == 1
+        writer = threading.Thread(target=register)
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive()  # it waits for this transaction's model row
+    writer.join(30)
+    assert second == [2]

@@ -7,9 +7,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from skyloop.config import Settings
 from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
@@ -30,12 +31,16 @@ from skyloop.registry.package import (
 from skyloop.registry.registry import ModelVersionInfo, create_version, resolve
 from skyloop.registry.signature import infer_signature
 from skyloop.registry.uri import SCHEME, check_name, parse_model_ref
+from skyloop.spec.files import format_validation
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.lineage import record_artifacts
 from skyloop.store.models import StepRunRow
+from skyloop.store.serializers import RAW
 from skyloop.store.workspace import Workspace
 
 __all__ = ["LoadedModel", "load_model", "log_model", "materialize", "verify_model"]
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -133,9 +138,13 @@ def log_model(model: object, name: str, flavor: str | None = None,
             if dest.exists() or not dest.resolve().is_relative_to(root.resolve()):
                 raise SpecError(f"extra file {target!r} clashes with a model file or leaves the model directory")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, dest)
+            try:
+                shutil.copyfile(source, dest)
+            except OSError as exc:
+                raise SpecError(f"extra file {target!r}: cannot copy {str(source)!r} ({exc.strerror or exc}); "
+                                "give the path of a readable file") from exc
         chosen = get_flavor(manifest.flavor if manifest else flavor or detect_flavor(model).name)
-        spec: Signature | None = (Signature.model_validate(signature) if isinstance(signature, Mapping)
+        spec: Signature | None = (_validated(Signature, signature, "signature") if isinstance(signature, Mapping)
                                   else signature)
         if spec is None and manifest is not None:
             spec = manifest.signature
@@ -151,26 +160,34 @@ def log_model(model: object, name: str, flavor: str | None = None,
                     step = session.get(StepRunRow, producer.step_run_id)
                     if step is not None:
                         producer = producer.model_copy(update={"run_id": step.run_id, "task": step.task})
-            manifest = ModelManifest(
+            manifest = _validated(ModelManifest, dict(
                 name=name, flavor=chosen.name, signature=spec,
                 metrics={**(manifest.metrics if manifest else {}), **(metrics or {})},
                 files=hash_files(root), producer=producer or (manifest.producer if manifest else None),
                 environment=manifest.environment if manifest else chosen.environment(),
-            )
+            ), "model")
             write_manifest(root, manifest)
             # Blobs first, rows after: a crash in between leaves an unreferenced blob, never a dangling row.
             files: dict[str, str] = {}
             refs: list[ArtifactRef] = []
             for rel in [*manifest.files, MANIFEST]:
                 data = (root / rel).read_bytes()
-                digest = workspace.store.put_bytes(data)
+                digest = workspace.store.put_bytes(data, verify=True)  # repairs a damaged blob of the same file
                 files[rel] = digest
-                refs.append(ArtifactRef(digest, "bytes", f"model-file:{rel}", len(data)))
+                refs.append(ArtifactRef(digest, RAW, f"model-file:{rel}", len(data)))
             with workspace.db.session() as session:
                 record_artifacts(session, refs)
                 return create_version(session, manifest, files[MANIFEST], files, tags=tags, description=description)
         finally:
             workspace.close()
+
+
+def _validated(model: type[M], data: Any, what: str) -> M:
+    """`model` built from `data`, or a SpecError naming the fields at fault (metrics=, signature=, ...)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation(exc, what)) from None
 
 
 REFERENCE = "reference.parquet"

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from skyloop.errors import NotFound, SpecError
@@ -146,13 +147,17 @@ def create_version(session: Session, manifest: ModelManifest, manifest_digest: s
     """
     name = check_name(manifest.name)
     now = utcnow()
-    model = session.scalars(select(ModelRow).where(ModelRow.name == name).with_for_update()).first()
+    lock = select(ModelRow).where(ModelRow.name == name).with_for_update()
+    model = session.scalars(lock).first()
     if model is None:
-        model = ModelRow(name=name, description=description or "", tags={}, latest_version=0,
-                         created_at=now, updated_at=now)
-        session.add(model)
-        session.flush()
-    elif description is not None:
+        # Two writers of a new model's first version: one inserts the row, both then lock it (FOR UPDATE
+        # finds no row to lock before it exists, so both would insert it on PostgreSQL).
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        session.execute(dialect.insert(ModelRow).values(
+            name=name, description=description or "", tags={}, latest_version=0, created_at=now, updated_at=now,
+        ).on_conflict_do_nothing(index_elements=["name"]))
+        model = session.scalars(lock).one()
+    if description is not None:
         model.description = description
     # The model row is locked (SQLite: the whole DB is), so two writers never take the same number.
     model.latest_version += 1

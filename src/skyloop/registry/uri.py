@@ -18,7 +18,7 @@ LATEST = "latest"
 
 def check_name(name: str) -> str:
     """`name` if it is a valid model name, else a `SpecError` naming the rule."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise SpecError(f"model name {name!r} is invalid: use letters, digits, '_', '.', '-' (at most 200), "
                         "starting with a letter or digit")
     return name
@@ -26,7 +26,7 @@ def check_name(name: str) -> str:
 
 def check_alias(alias: str) -> str:
     """`alias` if it is a valid alias, else a `SpecError` naming the rule."""
-    if not _ALIAS.match(alias):
+    if not _ALIAS.fullmatch(alias):
         raise SpecError(f"alias {alias!r} is invalid: use letters, digits, '_', '.', '-', starting with a letter "
                         "or '_' (so that it never reads as a version number)")
     return alias
@@ -71,7 +71,7 @@ def parse_model_ref(text: str) -> ModelRef:
         check_name(name)
         if version == LATEST:
             return ModelRef(name)
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:
             raise SpecError(f"model reference {text!r}: version {version!r} must be a number >= 1; {fix}")
         return ModelRef(name, version=int(version))
     if not body:
