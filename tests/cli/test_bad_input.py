@@ -12,7 +12,9 @@ import pytest
 from tests_support import write
 
 GOOD = '''
-from skyloop import pipeline, step
+from typing import Literal
+
+from skyloop import pipeline, step, unmapped
 
 @step
 def number(n: int) -> int:
@@ -33,6 +35,42 @@ def mismatched(n: int = 1):
 @pipeline
 def missing():
     return number()
+
+@step
+def floats(n: int) -> list[float]:
+    return [1.0] * n
+
+@step
+def words(xs: list[str]) -> str:
+    return " ".join(xs)
+
+@pipeline
+def lists(n: int = 1):
+    return words(floats(n))
+
+@pipeline
+def choose(mode: Literal["a", "b"] = "a"):
+    return text(mode)
+
+@pipeline
+def fan_const():
+    return number.map(5)
+'''
+
+NUMPY_CONDITION = '''
+import numpy as np
+from skyloop import pipeline, step, when
+
+@step
+def number(n: int) -> int:
+    return n
+
+@pipeline
+def npcond(n: int = 1):
+    t = number(n)
+    with when(t >= np.int64(0)):
+        number(2)
+    return t
 '''
 
 CYCLIC = '''
@@ -78,6 +116,20 @@ tasks:
     (["run", "steps.py:fine", "-p", "m=1"], {}, "has no parameter 'm'"),
     (["run", "steps.py:mismatched"], {}, "number.output gives int but text.s expects str"),
     (["run", "steps.py:missing"], {}, "missing a required argument: 'n'"),
+    (["run", "steps.py:lists"], {}, "floats.output gives list[float] but words.xs expects list[str]"),
+    (["run", "steps.py:choose", "-p", "mode=zzz"], {}, "parameter 'mode' expects Literal['a', 'b'], got 'zzz'"),
+    (["run", "steps.py:fan_const"], {}, "number.n is mapped over, but the constant 5 gives int, not a list"),
+    (["run", "size.py:p"], {"size.py": "from skyloop import Resources, step\n"
+                                       "@step(resources=Resources(memory='5Gbb'))\ndef f() -> int:\n    return 1\n"},
+     "cannot load 'size.py': invalid Resources: memory: memory '5Gbb' is not a size"),
+    (["run", "np.py:npcond"], {"np.py": NUMPY_CONDITION},
+     "the value compared with number.output in when(...) is a numpy int64"),
+    (["run", "named.py:p"], {"named.py": "from skyloop import step\n@step(name='my step')\ndef f() -> int:\n"
+                                         "    return 1\n"}, "@step 'my step': a step name must start with a letter"),
+    (["run", "pool.py:p"], {"pool.py": "from skyloop import step\n@step(pool='gpu pool')\ndef f() -> int:\n"
+                                       "    return 1\n"}, "pool 'gpu pool' is not a valid pool name"),
+    (["run", "plname.py:p"], {"plname.py": "from skyloop import pipeline\n@pipeline(name='my pipeline')\n"
+                                           "def p():\n    pass\n"}, "a pipeline name must start with a letter"),
     (["run", "steps.py:nothing"], {}, "defines no 'nothing'"),
     (["run", "nofile.py:fine"], {}, "does not exist"),
     (["run", "broken.py:fine"], {"broken.py": "def fine(:\n"}, "cannot load 'broken.py': SyntaxError"),
@@ -135,6 +187,43 @@ def test_a_failed_run_exits_with_the_step_failed_code(cli, tmp_path: Path) -> No
     for extra in ([], ["--json"]):
         result = cli("run", "fail.py:failing", "--backend", "inline", *extra)
         assert result.returncode == 5, result.stdout + result.stderr
+
+
+BRACKETS = '''
+from skyloop import pipeline, step, when
+
+@step
+def flag(s: str) -> str:
+    return s
+
+@step
+def boom(s: str) -> int:
+    raise ValueError("bad row [/data] in [bold]input[/bold]")
+
+@pipeline
+def brackets(s: str = "[/x]"):
+    f = flag(s)
+    with when(f == "[/x]"):
+        boom(s)
+'''
+
+
+def test_error_text_with_brackets_is_printed_verbatim(cli, tmp_path: Path) -> None:
+    write(tmp_path / "brackets.py", BRACKETS)
+    error = "ValueError: bad row [/data] in [bold]input[/bold]"
+    ran = cli("run", "brackets.py:brackets", "--backend", "inline")
+    assert ran.returncode == 5, ran.stdout + ran.stderr
+    assert error in ran.stdout + ran.stderr and "Traceback" not in ran.stdout + ran.stderr
+    run_id = json.loads(cli("runs", "list", "--json").stdout)[0]["id"]
+    shown = cli("runs", "show", run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert error in shown.stdout and "Traceback" not in shown.stdout + shown.stderr
+    graph = cli("pipeline", "graph", "brackets.py:brackets")
+    assert graph.returncode == 0, graph.stderr
+    assert "boom | when flag.output == '[/x]'" in graph.stdout
+    wrote = cli("pipeline", "graph", "brackets.py:brackets", "-o", "g.txt")
+    assert wrote.returncode == 0, wrote.stderr
+    assert "boom | when flag.output == '[/x]'" in (tmp_path / "g.txt").read_text()
 
 
 def test_a_queued_run_whose_file_stopped_loading_fails_alone(cli, tmp_path: Path, home: Path) -> None:

@@ -192,6 +192,28 @@ def test_nans_are_dropped_and_an_absent_feature_drifts() -> None:
     assert gone.drifted and math.isnan(gone.statistic)
 
 
+@pytest.mark.parametrize(("rows", "test"), [(2_000, "wasserstein"), (300, "ks")])
+@pytest.mark.parametrize("dtype", ["float64", "Float64", "object"])
+def test_infinities_are_dropped_like_missing_values(rows: int, test: str, dtype: str) -> None:
+    def with_inf(frame: pd.DataFrame) -> pd.DataFrame:
+        values = frame["x"].astype(object)
+        values.iloc[0], values.iloc[1] = np.inf, -np.inf
+        return pd.DataFrame({"x": values.astype(dtype)})
+
+    ref, same, shifted = _numeric(1, rows), _numeric(2, rows), _numeric(3, rows, shift=5.0)
+    kinds = DriftSpec(features={"x": FeatureDriftSpec(kind="numeric")})
+    moved = _only(with_inf(ref), with_inf(shifted), kinds)  # one inf once made the statistic NaN: no drift
+    assert moved.test == test and math.isfinite(moved.statistic) and moved.drifted
+    assert moved.statistic == _only(ref.iloc[2:], shifted.iloc[2:], kinds).statistic
+    still = _only(with_inf(ref), with_inf(same), kinds)
+    assert math.isfinite(still.statistic) and not still.drifted
+
+
+def test_a_reference_of_infinities_only_has_no_values() -> None:
+    with pytest.raises(SpecError, match="has no values in the reference"):
+        detect_drift(pd.DataFrame({"x": [np.inf, -np.inf] * 50}), _numeric(1, 100))
+
+
 def test_to_dict_round_trips_through_orjson() -> None:
     ref = pd.DataFrame({"n": np.random.default_rng(0).normal(size=100), "c": ["p", "q"] * 50})
     cur = ref.copy()

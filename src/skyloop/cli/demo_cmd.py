@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
-from skyloop.cli.main import console, state
+from skyloop.cli.main import state
 
 __all__ = ["register"]
 
@@ -18,7 +19,8 @@ def demo(
     """Train, deploy, drive agent traffic with feedback, shift the world, and watch the loop retrain and roll out."""
     from skyloop.demo.run import Demo
 
-    ok = Demo(state.settings(), console, baseline=baseline, limit=limit).run()
+    # The demo's own console keeps Rich markup on: it styles its fixed messages with tags (the CLI's does not).
+    ok = Demo(state.settings(), Console(), baseline=baseline, limit=limit).run()
     if not ok:
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from skyloop.cli.main import console, state
 from skyloop.store import deployments as store
@@ -28,8 +29,9 @@ def _weights(weights: dict[str, Any]) -> str:
 
 def _show(info: store.DeploymentInfo) -> None:
     s = info.state
-    console.print(f"[bold]{info.name}[/]  {info.status}  spec v{info.spec_version}  {s.get('gateway', '')}"
-                  f"/v2/models/{info.name}/infer", highlight=False)
+    console.print(Text.assemble((info.name, "bold"), f"  {info.status}  spec v{info.spec_version}  "
+                                                     f"{s.get('gateway', '')}/v2/models/{info.name}/infer"),
+                  highlight=False)
     if info.reason:
         console.print(f"  {info.reason}", highlight=False)
     table = Table("predictor", "weight", "shadow", "version", "replicas (port/pid/restarts)", "requests", "errors",
@@ -60,7 +62,7 @@ def apply(
     """Create or update a deployment; starts a controller if none is running."""
     from skyloop.deploy.api import apply_deployment
 
-    with console.status(f"applying {file} ...", spinner="dots"):
+    with console.status(Text(f"applying {file} ..."), spinner="dots"):  # Text: a path is not markup
         info = apply_deployment(file, state.settings(), wait=wait, timeout=timeout)
     if as_json:
         print(json.dumps(info.to_dict(), indent=2, default=str))

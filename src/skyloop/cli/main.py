@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 from typer.exceptions import TyperException
 
 from skyloop.cli.errors import exit_code
@@ -19,8 +20,15 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(name="skyloop", help="Run AI agent workflows in production.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: run errors, step names and spec text are user data, and `[/data]` in one is not a style tag.
+# Styled words are built as `rich.text.Text` instead.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def _labelled(label: str, message: str) -> Text:
+    """`error: message` with the label in bold red and the message as plain text."""
+    return Text.assemble((label, "bold red"), " ", message)
 
 
 class State:
@@ -90,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     except SkyloopError as exc:
         if state.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(_labelled("error:", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+        err_console.print("interrupted", style="yellow")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -104,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         if callable(show):
             show()
         else:
-            err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False)
+            err_console.print(_labelled("error:", exc.format_message()), highlight=False)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if state.debug:
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)",
+        err_console.print(_labelled("internal error:", f"{type(exc).__name__}: {exc} (rerun with --debug)"),
                           highlight=False, soft_wrap=True)
         sys.exit(70)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from skyloop.cli.main import console, state
 from skyloop.errors import SpecError
@@ -67,7 +68,8 @@ def show(
         if as_json:
             print(json.dumps({**model.to_dict(), "versions": [v.to_dict() for v in versions]}, indent=2))
             return
-        console.print(f"[bold]{model.name}[/]  latest {model.latest_version}  {model.description}", highlight=False)
+        console.print(Text.assemble((model.name, "bold"), f"  latest {model.latest_version}  {model.description}"),
+                      highlight=False)
         for key, value in model.tags.items():
             console.print(f"  tag {key}={value}", highlight=False)
         table = Table("version", "flavor", "aliases", "metrics", "run", "created", box=None)
@@ -81,8 +83,8 @@ def show(
         print(json.dumps(version.to_dict(), indent=2))
         return
     m = version.manifest
-    console.print(f"[bold]{version.uri}[/]  flavor {version.flavor}  aliases {', '.join(version.aliases) or '-'}",
-                  highlight=False)
+    console.print(Text.assemble((version.uri, "bold"), f"  flavor {version.flavor}  aliases "
+                                                       f"{', '.join(version.aliases) or '-'}"), highlight=False)
     if m.producer is not None:
         console.print(f"  produced by run {m.producer.run_id or '-'} step run {m.producer.step_run_id or '-'}",
                       highlight=False)

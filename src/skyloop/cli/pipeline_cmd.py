@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.tree import Tree
 
 from skyloop.cli.main import console
@@ -43,7 +44,8 @@ def compile(
 def validate(target: Annotated[str, typer.Argument(help="SPEC.yaml or FILE.py:PIPELINE")]) -> None:
     """Check a pipeline: references, cycles, missing inputs, types between steps, importable steps."""
     prepared = prepare(load_target(target), None)
-    console.print(f"[green]valid[/]: pipeline {prepared.spec.name!r} with {len(prepared.spec.tasks)} tasks")
+    console.print(Text.assemble(("valid", "green"), f": pipeline {prepared.spec.name!r} with "
+                                                   f"{len(prepared.spec.tasks)} tasks"))
 
 
 PICTURES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".gif")
@@ -80,7 +82,7 @@ def graph(
                         f"(with Graphviz's dot), write text with {', '.join(TEXTS)}, or pass --format")
     if chosen == "tree":
         text = io.StringIO()
-        Console(file=text, width=200, no_color=True).print(_tree(spec))
+        Console(file=text, width=200, no_color=True, markup=False).print(_tree(spec))
         output.write_text(text.getvalue())
     else:
         output.write_text(to_mermaid(spec) if chosen == "mermaid" else to_dot(spec))
@@ -101,7 +103,7 @@ def _draw(spec: PipelineSpec, output: Path) -> None:
 
 def _tree(spec: PipelineSpec) -> Tree:
     """Each task under the first task it depends on; further parents are named in brackets."""
-    root = Tree(f"[bold]{spec.name}[/]")
+    root = Tree(Text(spec.name, style="bold"))
     nodes: dict[str, Tree] = {}
     parents: dict[str, list[str]] = {t.name: [] for t in spec.tasks}
     for src, dst, _ in edges(spec):
@@ -109,7 +111,8 @@ def _tree(spec: PipelineSpec) -> Tree:
     for name in topological_order(spec):
         task = spec.task(name)
         first, others = (parents[name][0], parents[name][1:]) if parents[name] else (None, [])
-        also = f" [dim](also after {', '.join(others)})[/]" if others else ""
-        text = label(task).replace("[", "\\[") + also
+        text = Text(label(task))  # a Text, not markup: labels hold types such as `list[float]`
+        if others:
+            text.append(f" (also after {', '.join(others)})", style="dim")
         nodes[name] = (nodes[first] if first else root).add(text)
     return root

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from skyloop.cli.progress import state_text
 from skyloop.execution.run import Run
@@ -30,15 +31,17 @@ def run_json(run: Run) -> dict[str, Any]:
 
 
 def run_table(run: Run) -> Table:
-    """The steps of a run with state, attempts, units and time."""
-    title = f"run {run.id}  {run.pipeline}  "
-    table = Table(title=title + run.status, title_justify="left")
+    """The steps of a run with state, attempts, units and time.
+
+    Names and errors are `Text`, never markup: a step error may hold `[...]` (e.g. `list[float]`).
+    """
+    table = Table(title=Text(f"run {run.id}  {run.pipeline}  {run.status}"), title_justify="left")
     for column in ("step", "state", "attempts", "units", "time", "est/unit", "actual/unit", "error"):
         table.add_column(column, overflow="fold")
     for name, info in run.steps.items():
-        table.add_row(name, state_text(info.state.value), str(info.attempts), str(info.units), _secs(info.seconds),
-                      _secs(info.estimate) + (" (default)" if info.estimate_source == "default" else ""),
-                      _secs(info.actual), (info.error or "")[:200])
+        estimate = _secs(info.estimate) + (" (default)" if info.estimate_source == "default" else "")
+        table.add_row(Text(name), state_text(info.state.value), str(info.attempts), str(info.units),
+                      _secs(info.seconds), estimate, _secs(info.actual), Text((info.error or "")[:200]))
     return table
 
 
@@ -49,7 +52,7 @@ def show_run(console: Console, run: Run, as_json: bool) -> None:
         return
     console.print(run_table(run))
     if run.error:
-        console.print(f"[red]{run.error}[/]", highlight=False)
+        console.print(Text(run.error, style="red"), highlight=False)
 
 
 def _secs(value: float | None) -> str:

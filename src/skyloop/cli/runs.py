@@ -69,5 +69,5 @@ def logs(run_id: str, step: Annotated[str | None, typer.Argument(help="Only this
     for name in [step] if step else list(run.steps):
         text = run.logs(name)
         if text:
-            console.print(f"[bold]{name}[/]")
+            console.print(name, style="bold", highlight=False)
             print(text)

@@ -37,9 +37,16 @@ def load_spec(path: str | Path) -> PipelineSpec:
     """Read a YAML or JSON pipeline spec; step files are found relative to the spec's folder."""
     file = Path(path)
     spec = validate(PipelineSpec, read_yaml(file), f"pipeline spec {str(path)!r}")
+
+    def located(ref: StepRef) -> StepRef:
+        if ref.module.endswith(".py") and not Path(ref.module).is_absolute():
+            return StepRef(module=str((file.parent / ref.module).resolve()), qualname=ref.qualname)
+        return ref
+
     for task in spec.tasks:
-        if task.step.module.endswith(".py") and not Path(task.step.module).is_absolute():
-            task.step = StepRef(module=str((file.parent / task.step.module).resolve()), qualname=task.step.qualname)
+        task.step = located(task.step)
+    if spec.source is not None:
+        spec.source = located(spec.source)
     return spec
 
 

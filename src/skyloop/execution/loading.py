@@ -10,7 +10,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pydantic import ValidationError
+
 from skyloop.errors import SpecError
+from skyloop.spec.files import format_validation
 from skyloop.spec.pipeline import StepRef
 
 __all__ = ["load_file_module", "module_ref", "resolve"]
@@ -41,6 +44,9 @@ def load_file_module(path: str | Path) -> ModuleType:
         sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except ValidationError as exc:  # e.g. Resources(memory="5Gbb") at import time
+        del sys.modules[name]
+        raise SpecError(f"cannot load {str(path)!r}: {format_validation(exc, exc.title)}") from exc
     except Exception as exc:  # a syntax error, a failed import, or the file's own code raising
         del sys.modules[name]
         raise SpecError(f"cannot load {str(path)!r}: {type(exc).__name__}: {exc}") from exc

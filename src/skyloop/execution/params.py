@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from skyloop.errors import SpecError
-from skyloop.pipelines.types import parse_type
+from skyloop.pipelines.types import only_strings, parse_type
 from skyloop.spec.pipeline import PipelineSpec
 
 __all__ = ["parse_cli_params", "resolve_params"]
@@ -47,7 +47,7 @@ def parse_cli_params(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
             raise SpecError(f"parameter {pair!r} must look like NAME=VALUE")
-        if declared.get(name) == "str":
+        if only_strings(parse_type(declared.get(name, "Any"))):
             values[name] = raw
             continue
         try:

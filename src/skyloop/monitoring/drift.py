@@ -11,8 +11,9 @@ binary        two-proportion z-test, drift if p<0.05  Jensen-Shannon, drift if >
 ============  ======================================  ==================================
 
 A column is numeric when its reference dtype is numeric (not bool) with more than 5 distinct values.
-Missing values (NaN, None) are dropped per feature before testing; a feature with no current values
-left is reported drifted with a NaN statistic (a feature that stops arriving is drift worth hearing of).
+Missing values (NaN, None) and infinities (±inf, which no test can measure) are dropped per feature before
+testing; a feature with no current values left is reported drifted with a NaN statistic (a feature that stops
+arriving is drift worth hearing of). Any NaN statistic or p-value counts as drift, never as its absence.
 The dataset drifts when at least `share` of the checked features drift.
 """
 
@@ -149,13 +150,24 @@ def detect_drift(reference: pd.DataFrame, current: pd.DataFrame, spec: DriftSpec
         return DriftReport([], 0, 0.0, False, ref_rows, cur_rows, enough_data=False)
     ref_by_name = {str(c): reference[c] for c in reference.columns}
     cur_by_name = {str(c): current[c] for c in current.columns}
-    results = [_check(name, ref_by_name[name].dropna(), cur_by_name[name].dropna(),
+    results = [_check(name, _present(ref_by_name[name]), _present(cur_by_name[name]),
                       spec.features.get(name, FeatureDriftSpec()), large=ref_rows > _SMALL_REFERENCE)
                for name in checked]
     drifted = sum(r.drifted for r in results)
     share = drifted / len(results) if results else 0.0
     return DriftReport(results, drifted, share, bool(results) and share >= spec.share, ref_rows, cur_rows,
                        enough_data=True)
+
+
+def _present(values: pd.Series[Any]) -> pd.Series[Any]:
+    """The values a test can use: without missing ones, and without ±inf (one inf makes a std or a distance NaN)."""
+    from pandas.api.types import is_float_dtype, is_object_dtype
+
+    if is_float_dtype(values.dtype):
+        values = values[~np.isinf(values.fillna(0.0))]
+    elif is_object_dtype(values.dtype):
+        values = values[~values.map(lambda v: isinstance(v, float) and math.isinf(v)).astype(bool)]
+    return values.dropna()
 
 
 def _test_kind(test: FeatureTest) -> Literal["numeric", "categorical"]:
@@ -183,7 +195,10 @@ def _check(name: str, ref: pd.Series[Any], cur: pd.Series[Any], fspec: FeatureDr
         statistic, p_value = _numeric(name, test, ref, cur)
     else:
         statistic, p_value = _categorical(name, test, ref, cur)
-    drifted = statistic >= threshold if p_value is None else p_value < threshold
+    if math.isnan(statistic) or (p_value is not None and math.isnan(p_value)):
+        drifted = True  # a test that cannot tell is not a test that found nothing
+    else:
+        drifted = statistic >= threshold if p_value is None else p_value < threshold
     return FeatureDrift(name, _test_kind(test), test.value, statistic, p_value, threshold, bool(drifted))
 
 

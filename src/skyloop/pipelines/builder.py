@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from skyloop.errors import SpecError
+from skyloop.pipelines.constants import check_constant
 from skyloop.pipelines.refs import Ref, TaskHandle
 from skyloop.pipelines.step import Step, unmapped
 from skyloop.pipelines.types import type_str
+from skyloop.spec.files import format_validation
 from skyloop.spec.pipeline import Condition, ConstInput, InputBinding, TaskSpec
 
 __all__ = ["Built", "PipelineBuilder", "current_builder", "when"]
@@ -35,13 +38,7 @@ class Built:
 
 
 def _const(value: Any, where: str) -> ConstInput:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        raise SpecError(
-            f"{where} is a {type(value).__name__}, which a pipeline spec cannot hold as a constant; "
-            "make it a pipeline parameter or have a step produce it"
-        ) from None
+    check_constant(value, where)
     return ConstInput(value=value)
 
 
@@ -54,6 +51,7 @@ class PipelineBuilder:
         self.steps: dict[str, Step[Any, Any]] = {}
         self._conditions: list[Condition] = []
         self._names: dict[str, int] = {}
+        self._taken: set[str] = set()
 
     @contextlib.contextmanager
     def active(self) -> Iterator[PipelineBuilder]:
@@ -65,9 +63,16 @@ class PipelineBuilder:
             _builder.reset(token)
 
     def _unique_name(self, base: str) -> str:
-        count = self._names.get(base, 0) + 1
+        # `a`, `a-2`, `a-3`, ...; skipping names already taken, such as a step renamed `a-2` by hand.
+        count = self._names.get(base, 0)
+        while True:
+            count += 1
+            name = base if count == 1 else f"{base}-{count}"
+            if name not in self._taken:
+                break
         self._names[base] = count
-        return base if count == 1 else f"{base}-{count}"
+        self._taken.add(name)
+        return name
 
     def _bind(self, task: str, name: str, value: Any) -> InputBinding:
         if isinstance(value, Ref):
@@ -101,13 +106,16 @@ class PipelineBuilder:
                 map_over.append(name)
         if mapped and not map_over:
             raise SpecError(f"step {task!r}: .map(...) needs at least one list argument to fan out over")
-        spec = TaskSpec(
-            name=task, step=step.ref, inputs=inputs,
-            input_types={n: type_str(t) for n, t in step.input_types.items()},
-            outputs=step.output_decls(), multi_output=step.multi_output, map_over=map_over,
-            when=list(self._conditions), resources=step.resources, retry=step.retry,
-            timeout=step.timeout, cache=step.cache, priority=step.priority, pool=step.pool,
-        )
+        try:
+            spec = TaskSpec(
+                name=task, step=step.ref, inputs=inputs,
+                input_types={n: type_str(t) for n, t in step.input_types.items()},
+                outputs=step.output_decls(), multi_output=step.multi_output, map_over=map_over,
+                when=list(self._conditions), resources=step.resources, retry=step.retry,
+                timeout=step.timeout, cache=step.cache, priority=step.priority, pool=step.pool,
+            )
+        except ValidationError as exc:
+            raise SpecError(format_validation(exc, f"step {task!r} in pipeline {self.pipeline_name!r}")) from None
         self.tasks.append(spec)
         self.steps[task] = step
         return TaskHandle(task, step.output_types, step.multi_output, gathered=mapped)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
+from pydantic import ValidationError
+
 from skyloop.errors import SpecError
 from skyloop.execution.loading import module_ref
 from skyloop.pipelines.builder import Built, PipelineBuilder
+from skyloop.pipelines.constants import check_constant
 from skyloop.pipelines.refs import OutputRef, ParamRef, Ref
 from skyloop.pipelines.types import type_str
 from skyloop.pipelines.validate import validate_spec
+from skyloop.spec.files import format_validation
+from skyloop.spec.pipeline import NAME_RULE, PipelineSpec, StepRef, TaskInput, is_name
 from skyloop.spec.pipeline import ParamSpec as ParamDecl
-from skyloop.spec.pipeline import PipelineSpec, StepRef, TaskInput
 
 if TYPE_CHECKING:
     from skyloop.execution.run import Run
@@ -64,6 +67,8 @@ class Pipeline(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], *, name: str | None = None, description: str | None = None) -> None:
         self.fn = fn
         self.name = name or fn.__name__
+        if not is_name(self.name):
+            raise SpecError(f"@pipeline {self.name!r}: a pipeline name must {NAME_RULE}")
         self.description = description if description is not None else inspect.getdoc(fn) or ""
         functools.update_wrapper(self, fn)
 
@@ -77,11 +82,7 @@ class Pipeline(Generic[P, R]):
         for name, param in inspect.signature(self.fn).parameters.items():
             required = param.default is inspect.Parameter.empty
             default = None if required else param.default
-            try:
-                json.dumps(default)
-            except (TypeError, ValueError):
-                raise SpecError(f"parameter {name!r} of pipeline {self.name!r} has a default that a spec "
-                                "cannot hold; use JSON-like values (numbers, strings, lists, dicts)") from None
+            check_constant(default, f"the default of parameter {name!r} of pipeline {self.name!r}")
             decls.append(ParamDecl(name=name, type=type_str(hints.get(name, Any)), default=default,
                                    required=required))
         return decls
@@ -101,11 +102,14 @@ class Pipeline(Generic[P, R]):
         if not built.tasks:
             raise SpecError(f"pipeline {self.name!r} calls no step")
         where = module_ref(self.fn.__module__)
-        spec = PipelineSpec(
-            name=self.name, description=self.description,
-            source=StepRef(module=where, qualname=self.fn.__qualname__) if where else None,
-            params=decls, tasks=built.tasks, outputs=_outputs(result),
-        )
+        try:
+            spec = PipelineSpec(
+                name=self.name, description=self.description,
+                source=StepRef(module=where, qualname=self.fn.__qualname__) if where else None,
+                params=decls, tasks=built.tasks, outputs=_outputs(result),
+            )
+        except ValidationError as exc:
+            raise SpecError(format_validation(exc, f"pipeline {self.name!r}")) from None
         validate_spec(spec, built.steps)
         return CompiledPipeline(spec, built.steps)
 

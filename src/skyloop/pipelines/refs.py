@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from skyloop.errors import SpecError
+from skyloop.pipelines.constants import check_constant
 from skyloop.spec.pipeline import Condition, InputBinding, ParamInput, TaskInput
 
 __all__ = ["OutputRef", "ParamRef", "Ref", "TaskHandle"]
@@ -26,7 +27,9 @@ class Ref:
         if isinstance(value, Ref):
             raise SpecError("a condition compares an output with a constant or a parameter; "
                             "compare two outputs inside a step")
-        return Condition(source=self.binding(), op=op, value=value)
+        source = self.binding()
+        check_constant(value, f"the value compared with {Condition(source=source).describe()} in when(...)")
+        return Condition(source=source, op=op, value=value)
 
     def __eq__(self, value: object) -> Condition:  # type: ignore[override]
         return self._compare("==", value)

@@ -12,7 +12,7 @@ from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 from skyloop.errors import SpecError
 from skyloop.execution.loading import module_ref
 from skyloop.pipelines.types import type_str
-from skyloop.spec.pipeline import CacheSpec, OutputDecl, RetrySpec, StepRef
+from skyloop.spec.pipeline import NAME_RULE, CacheSpec, OutputDecl, RetrySpec, StepRef, is_name
 from skyloop.spec.resources import Resources
 
 __all__ = ["Step", "code_hash", "step"]
@@ -65,6 +65,11 @@ class Step(Generic[P, R]):
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
+        if not is_name(self.name):
+            raise SpecError(f"@step {self.name!r}: a step name must {NAME_RULE}")
+        if pool is not None and not is_name(pool):
+            raise SpecError(f"@step {self.name!r}: pool {pool!r} is not a valid pool name; a pool name must "
+                            f"{NAME_RULE}")
         try:
             self.resources = resources or Resources()
             self.retry = RetrySpec(retries=retries, delay=retry_delay, backoff=retry_backoff)

@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["compatible", "element_type", "parse_type", "type_str"]
+__all__ = ["can_map", "compatible", "element_type", "only_strings", "parse_type", "type_str"]
 
 _NUMERIC_WIDENING = {(int, float), (int, complex), (float, complex), (bool, int), (bool, float)}
 
@@ -27,20 +27,32 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
+def _bare(tp: Any) -> Any:
+    """`tp` without `Annotated[...]` metadata, which says nothing about what values fit."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
 def compatible(produced: Any, wanted: Any) -> bool:
     """Whether a value typed `produced` may be passed where `wanted` is declared (lenient on generics)."""
+    produced, wanted = _bare(produced), _bare(wanted)
     if produced in (Any, None) or wanted in (Any, None) or isinstance(wanted, typing.TypeVar):
         return True
     if isinstance(produced, typing.TypeVar):
         return True
-    if _is_union(wanted):
-        return any(compatible(produced, arm) for arm in typing.get_args(wanted))
+    # A union produced fits when each of its arms does; only then look for an arm of a union wanted
+    # (the other order refuses `int | None` -> `int | None`: neither arm alone fits the whole union).
     if _is_union(produced):
         return all(compatible(arm, wanted) for arm in typing.get_args(produced))
+    if _is_union(wanted):
+        return any(compatible(produced, arm) for arm in typing.get_args(wanted))
+    if typing.get_origin(produced) is typing.Literal:
+        return all(compatible(type(value), wanted) for value in typing.get_args(produced))
     p_origin = typing.get_origin(produced) or produced
     w_origin = typing.get_origin(wanted) or wanted
     if not isinstance(p_origin, type) or not isinstance(w_origin, type):
-        return True  # Literal, Annotated, protocols: not worth refusing a pipeline over
+        return True  # a Literal wanted, protocols: not worth refusing a pipeline over
     if (p_origin, w_origin) in _NUMERIC_WIDENING:
         return True
     try:
@@ -63,10 +75,47 @@ def element_type(tp: Any) -> Any:
     return Any
 
 
+def can_map(tp: Any) -> bool:
+    """Whether a value typed `tp` may be a list or tuple, which is what `.map` fans out over.
+
+    Lenient like `compatible`: unknown types, `Any`, `Sequence[...]` and `object` may all hold a list.
+    """
+    tp = _bare(tp)
+    if tp in (Any, None) or isinstance(tp, typing.TypeVar):
+        return True
+    if _is_union(tp):
+        return any(can_map(arm) for arm in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return False  # literals are strings, numbers, bools, enums or None
+    origin = typing.get_origin(tp) or tp
+    if not isinstance(origin, type):
+        return True
+    try:
+        return issubclass(origin, list | tuple) or issubclass(list, origin)
+    except TypeError:
+        return True
+
+
+def only_strings(tp: Any) -> bool:
+    """Whether every value `tp` allows is a string: `str`, `Literal['a', 'b']`, or a union of those.
+
+    A command-line parameter of such a type keeps its text as given (`-p mode=1` is the string '1').
+    """
+    tp = _bare(tp)
+    if tp is str:
+        return True
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(arg, str) for arg in args)
+    if _is_union(tp):
+        return all(only_strings(arm) for arm in args)
+    return False
+
+
 _PARSE_NAMES: dict[str, Any] = {
     "Any": Any, "None": type(None), "int": int, "float": float, "str": str, "bool": bool,
-    "bytes": bytes, "list": list, "dict": dict, "tuple": tuple, "set": set,
-    "Optional": typing.Optional, "Union": typing.Union,
+    "bytes": bytes, "list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset,
+    "Optional": typing.Optional, "Union": typing.Union, "Literal": typing.Literal, "Annotated": typing.Annotated,
 }
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from skyloop.errors import CycleError, SpecError
-from skyloop.pipelines.types import compatible, element_type, parse_type, type_str
+from skyloop.pipelines.types import can_map, compatible, element_type, parse_type, type_str
 from skyloop.spec.pipeline import ConstInput, InputBinding, ParamInput, PipelineSpec, TaskInput, TaskSpec
 
 __all__ = ["find_cycle", "topological_order", "validate_spec"]
@@ -103,6 +103,20 @@ def _describe(binding: InputBinding) -> str:
     return f"the constant {binding.value!r}"
 
 
+def _check_mapped(spec: PipelineSpec, task: TaskSpec, name: str, steps: Mapping[str, Any],
+                  tasks: dict[str, TaskSpec]) -> None:
+    """`.map` fans out over lists (or tuples): refuse a value that cannot be one before the run starts."""
+    binding = task.inputs[name]
+    if isinstance(binding, ConstInput):
+        ok, gives = isinstance(binding.value, list), type(binding.value).__name__
+    else:
+        produced = _produced_type(spec, binding, steps, tasks, mapped=False)
+        ok, gives = can_map(produced), type_str(produced)
+    if not ok:
+        raise SpecError(f"{task.name}.{name} is mapped over, but {_describe(binding)} gives {gives}, not a list; "
+                        f"pass a list, or wrap it in unmapped(...) to give it whole to every call")
+
+
 def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, TaskSpec],
                 steps: Mapping[str, Any]) -> None:
     params = step.signature.parameters
@@ -115,6 +129,8 @@ def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, 
         if name not in task.inputs and param.default is inspect.Parameter.empty and param.kind not in kinds:
             raise SpecError(f"missing input: task {task.name!r} needs {name!r} (it has no default); "
                             f"bind it to a step output, a parameter or a constant")
+    for name in task.map_over:
+        _check_mapped(spec, task, name, steps, tasks)
     wanted_types = step.input_types
     for name, binding in task.inputs.items():
         if isinstance(binding, ConstInput) and binding.value is None:

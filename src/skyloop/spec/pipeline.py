@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from skyloop.spec.resources import Resources
 
 __all__ = [
+    "NAME_RULE",
     "CacheSpec",
     "Condition",
     "ConstInput",
@@ -21,9 +23,17 @@ __all__ = [
     "StepRef",
     "TaskInput",
     "TaskSpec",
+    "is_name",
 ]
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_\-\.]*$"
+NAME_RULE = "start with a letter or '_' and hold only letters, digits, '_', '-' and '.'"
+"""What a task, step, pool, output, parameter or pipeline name must look like (the `_NAME` pattern)."""
+
+
+def is_name(text: object) -> bool:
+    """Whether `text` is a valid name for a task, step, pool, output, parameter or pipeline."""
+    return isinstance(text, str) and re.fullmatch(_NAME[1:-1], text) is not None
 
 
 class _Model(BaseModel):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
@@ -24,6 +25,8 @@ def parse_memory(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError("memory must be a size such as '512Mi' or a number of bytes, not a bool")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"memory must be a finite size, got {value}")
         if value < 0:
             raise ValueError("memory must not be negative")
         return int(value)
@@ -53,8 +56,8 @@ class Resources(BaseModel):
     """Bytes; accepts '512Mi', '2Gi'. 0 means no request."""
     gpus: int = Field(default=0, ge=0)
     """Whole GPUs."""
-    custom: dict[str, float] = Field(default_factory=dict)
-    """Named resources such as `license: 1`."""
+    custom: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    """Named resources such as `license: 1` (never negative: a negative request would add to what is free)."""
 
     @field_validator("memory", mode="before")
     @classmethod

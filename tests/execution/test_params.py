@@ -1,0 +1,30 @@
+"""Parameters given on the command line (`-p NAME=VALUE`) and checked against the pipeline's declarations."""
+
+from __future__ import annotations
+
+import pytest
+
+from skyloop.errors import SpecError
+from skyloop.execution.params import parse_cli_params, resolve_params
+from skyloop.spec.pipeline import PipelineSpec
+
+
+def spec(*params: tuple[str, str]) -> PipelineSpec:
+    task = {"name": "a", "step": {"module": "m", "qualname": "f"}}
+    return PipelineSpec.model_validate({"name": "p", "tasks": [task], "params": [
+        {"name": name, "type": type_} for name, type_ in params]})
+
+
+@pytest.mark.parametrize("declared", ["str", "Literal['a', '1']"])
+def test_a_value_for_a_string_only_parameter_stays_the_string_typed(declared: str) -> None:
+    pipeline = spec(("mode", declared))
+    values = parse_cli_params(pipeline, ["mode=1"])
+    assert values == {"mode": "1"}
+    assert resolve_params(pipeline, values) == {"mode": "1"}
+
+
+def test_other_values_parse_as_json_and_are_checked() -> None:
+    pipeline = spec(("n", "int"), ("mode", "Literal['a', 'b']"))
+    assert parse_cli_params(pipeline, ["n=3", "mode=a"]) == {"n": 3, "mode": "a"}
+    with pytest.raises(SpecError, match="parameter 'mode' expects Literal"):
+        resolve_params(pipeline, parse_cli_params(pipeline, ["mode=zzz"]))
