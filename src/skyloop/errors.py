@@ -18,6 +18,7 @@ Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map t
     │   └── InputRejected  a registered model refused the request's values (e.g. NaN it cannot take)
     ├── NotReady           the model or server is still loading (or failed to)
     ├── NodeError          a user's graph node raised (carries the node and the message)
+    ├── OutputError        a model answered what the protocol cannot carry (NaN in JSON, a complex dtype)
     └── AuthError          authentication or authorisation failed
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "NodeError",
     "NotFound",
     "NotReady",
+    "OutputError",
     "PayloadTooLarge",
     "SignatureMismatch",
     "SkyloopError",
@@ -119,6 +121,10 @@ class NodeError(SkyloopError):
     def __init__(self, node: str, message: str) -> None:
         self.node = node
         super().__init__(f"node {node!r} failed: {message}")
+
+
+class OutputError(SkyloopError):
+    """A served model answered what the V2 protocol cannot carry: the model's fault, a server error."""
 
 
 class AuthError(SkyloopError):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 
-from skyloop.deploy.analysis import MAX_LATENCIES, Analysis, Verdict, Window, analyse
+from skyloop.deploy.analysis import MAX_LATENCIES, Analysis, Verdict, Window, analyse, same_answer
 from skyloop.deploy.spec import MetricCheck
 
 
@@ -195,3 +196,13 @@ def test_inconclusive_when_nothing_failed() -> None:
 def test_no_checks_is_successful() -> None:
     result = analyse([], Window(), None, min_samples=1)
     assert result == Analysis(Verdict.SUCCESSFUL, [], "no metrics to check")
+
+
+@pytest.mark.parametrize(("answer", "truth", "same"), [
+    (0, 0.0, True), (np.int64(2), 2.0, True), (np.float32(0.5), 0.5, True), (2**63, 2**63, True),
+    ([0, 1], [0.0, 1.0], True), ([[0], [1]], [[0.0], [1.0]], True), ("setosa", "setosa", True), (0, "0", True),
+    (1, 2.0, False), ([0, 1], [0.0], False), (float("nan"), float("nan"), False),
+    (True, True, True), (np.bool_(False), False, True), (True, 1, False), (1.0, True, False), (0, False, False),
+])
+def test_answers_and_labels_compare_as_numbers_when_both_are_numbers(answer: Any, truth: Any, same: bool) -> None:
+    assert same_answer(answer, truth) is same

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,3 +88,26 @@ def test_each_answer_takes_one_truth_and_one_reward_at_the_gateway(env: Env, url
     window, arm = state["windows"]["main"], state["arms"]["main"]
     assert (window["labelled"], window["accuracy"], window["rewarded"]) == (2, 1.0, 1)
     assert arm["feedback"] == 2
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_replicas_report_a_version_a_path_can_name_and_the_gateway_routes_it(urls: tuple[str, str]) -> None:
+    gateway, replica = urls  # the deployment serves models:/iris/1
+    body = orjson.dumps({"inputs": [ROW]})
+    for base in (replica, gateway):
+        status, meta = _get(base)
+        assert status == 200 and meta["versions"] == ["1"], (base, meta)
+        assert _get(base + "/versions/1/ready") == (200, {"name": "inputs", "ready": True})
+        status, doc = post(base + "/versions/1/infer", body)
+        assert status == 200 and doc["model_version"] == "1", (base, doc)
+    status, doc = post(gateway + "/versions/iris:1/infer", body)
+    assert status == 200 and doc["parameters"] == {"predictor": "main", "model_version": "iris/1"}
+    status, doc = post(gateway + "/versions/2/infer", body)
+    assert (status, doc) == (404, {"error": "deployment 'inputs' serves no version '2'; it serves 1, iris:1"})

@@ -146,6 +146,8 @@ def test_broken_nodes_are_refused_at_load(nodes_dir: Path, settings: Settings, g
     ({"name": "g", "graph": {"name": "m", "implementation": "x.py:A"}, "batching": {"max_batch_time": "soon"}},
      "max_batch_time"),
     ({"name": "g", "graph": {"name": "m", "type": "MODLE", "implementation": "x.py:A"}}, "graph.type"),
+    ({"name": "g", "version": "iris/1", "graph": {"name": "m", "implementation": "x.py:A"}},
+     "version: 'iris/1' cannot be named in a /v2/models/NAME/versions/VERSION path"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(tmp_path: Path, doc: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message):

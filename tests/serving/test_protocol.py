@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -9,8 +10,15 @@ import numpy as np
 import orjson
 import pytest
 
-from skyloop.errors import InvalidRequest
-from skyloop.serving.protocol import Tensor, decode_feedback, decode_request, encode_response, header_length
+from skyloop.errors import InvalidRequest, OutputError
+from skyloop.serving.protocol import (
+    Tensor,
+    decode_feedback,
+    decode_request,
+    encode_response,
+    header_length,
+    output_tensor,
+)
 
 
 def _body(*inputs: dict[str, Any], **extra: Any) -> bytes:
@@ -118,7 +126,8 @@ def test_requested_outputs_and_binary_output_flag() -> None:
 
 def test_non_utf8_bytes_output_needs_binary() -> None:
     tensor = Tensor("b", "BYTES", np.array([b"\xff"], dtype=object))
-    with pytest.raises(InvalidRequest, match="not UTF-8"):
+    with pytest.raises(OutputError, match="model 'm' returned bytes that are not UTF-8 in output 'b', which JSON "
+                                          "cannot carry; ask for it as binary data"):
         encode_response("m", None, None, [tensor])
     body, header = encode_response("m", None, None, [tensor], binary={"b"})
     assert header is not None and body[header:] == struct.pack("<I", 1) + b"\xff"
@@ -140,3 +149,56 @@ def test_feedback_decodes_to_its_kinds() -> None:
     assert (both.id, both.truth, both.reward, both.kinds) == ("a", [[1, 2]], 1.0, {"truth", "reward"})
     assert both.plain_truth.shape == (1, 2)
     assert decode_feedback(b'{"id": "a", "reward": 0}').kinds == {"reward"}
+
+
+@pytest.mark.parametrize(("datatype", "data"), [
+    ("UINT64", [1, 2**64 - 1]),
+    ("UINT64", [[0, 2**63], [2**64 - 1, 7]]),
+    ("INT64", [-(2**63), 2**63 - 1]),
+    ("INT64", [[1, 0] * 40, [0, 1] * 40]),  # many values that could have been booleans: each is looked at
+])
+def test_integer_data_decodes_exactly_as_its_datatype(datatype: str, data: list[Any]) -> None:
+    shape = [len(data), len(data[0])] if isinstance(data[0], list) else [len(data)]
+    (tensor,) = decode_request(_body({"name": "x", "shape": shape, "datatype": datatype, "data": data})).inputs
+    assert tensor.data.dtype == np.dtype(datatype.lower())
+    assert tensor.data.tolist() == data
+
+
+@pytest.mark.parametrize(("datatype", "data", "message"), [
+    ("INT64", [-1, 2**63], r"a value is outside the range of INT64 \[-9223372036854775808, 9223372036854775807\]"),
+    ("UINT64", [[2**64 - 1], [-1]], r"a value is outside the range of UINT64 \[0, 18446744073709551615\]"),
+    ("UINT64", [2**64 - 1, 0.5], "UINT64 data must be integers, got floating-point values"),
+    ("INT16", [True, False], "INT16 data must be integers, got boolean values"),
+])
+def test_integer_data_that_does_not_fit_is_named(datatype: str, data: list[Any], message: str) -> None:
+    shape = [len(data), len(data[0])] if isinstance(data[0], list) else [len(data)]
+    with pytest.raises(InvalidRequest, match=f"input 'x': {message}"):
+        decode_request(_body({"name": "x", "shape": shape, "datatype": datatype, "data": data}))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_go_out_only_as_binary_data(value: float) -> None:
+    tensor = Tensor("y", "FP32", np.array([1.0, value], dtype=np.float32))
+    with pytest.raises(OutputError, match="model 'm' returned NaN or infinity in output 'y', which JSON cannot carry; "
+                                          "ask for it as binary data"):
+        encode_response("m", None, None, [tensor])
+    body, header = encode_response("m", None, None, [tensor], binary={"y"})
+    assert header is not None
+    np.testing.assert_array_equal(np.frombuffer(body[header:], "<f4"), tensor.data)
+
+
+@pytest.mark.parametrize(("dtype", "datatype"), [(">f8", "FP64"), (">i2", "INT16"), (">u8", "UINT64"),
+                                                 ("<f4", "FP32"), ("|b1", "BOOL"), (">U3", "BYTES")])
+def test_outputs_of_either_byte_order_take_their_datatype(dtype: str, datatype: str) -> None:
+    tensor = output_tensor("m", "y", np.array([1, 0, 1]).astype(dtype))
+    assert tensor.datatype == datatype
+    body, _ = encode_response("m", None, None, [tensor])
+    expected = ["1", "0", "1"] if datatype == "BYTES" else [True, False, True] if datatype == "BOOL" else [1, 0, 1]
+    assert orjson.loads(body)["outputs"][0]["data"] == expected
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "datetime64[s]", "timedelta64[ms]"])
+def test_an_output_with_no_datatype_is_an_output_error(dtype: str) -> None:
+    with pytest.raises(OutputError, match=f"model 'm' returned output 'y' of dtype {re.escape(dtype)}, which no V2 "
+                                          "datatype carries"):
+        output_tensor("m", "y", np.zeros(2, dtype=dtype))

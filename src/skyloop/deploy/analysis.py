@@ -7,6 +7,7 @@ step or analysis interval, then calls `analyse(checks, target_window, stable_win
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -16,7 +17,7 @@ import numpy as np
 
 from skyloop.deploy.spec import MetricCheck
 
-__all__ = ["MAX_LATENCIES", "Analysis", "MetricResult", "Verdict", "Window", "analyse"]
+__all__ = ["MAX_LATENCIES", "Analysis", "MetricResult", "Verdict", "Window", "analyse", "same_answer"]
 
 MAX_LATENCIES = 20_000
 """Latencies a window keeps (a uniform reservoir sample of all its requests)."""
@@ -26,6 +27,21 @@ _SLACK = 1e-9
 
 _UNITS = {"error_rate": "requests", "latency_p99": "requests", "accuracy": "labelled answers",
           "mean_reward": "rewarded answers"}
+
+
+def _is_number(value: Any) -> bool:
+    # A bool is an int to Python, but true is not the answer 1 (nor 1.0): booleans compare as text.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def same_answer(answer: Any, truth: Any) -> bool:
+    """Whether an answer matches its label: numbers by value (`0` is `0.0`), lists element by element, anything
+    else as text (`"setosa"`, and a label `"0"` for the answer `0`)."""
+    if isinstance(answer, list | tuple) and isinstance(truth, list | tuple):
+        return len(answer) == len(truth) and all(same_answer(a, t) for a, t in zip(answer, truth, strict=True))
+    if _is_number(answer) and _is_number(truth):
+        return bool(answer == truth)
+    return str(answer) == str(truth)
 
 
 @dataclass

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from skyloop.config import Settings
-from skyloop.deploy.gateway import Gateway, Pool
+from skyloop.deploy.gateway import Gateway
+from skyloop.deploy.pools import Pool
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
 from skyloop.deploy.rollout import Phase, Rollout, Transition
 from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy

@@ -4,12 +4,17 @@
     POST /v2/models/{deployment}/feedback   joined to the answer by id: live quality, bandit rewards
     GET  /v2/health/live|ready, /v2, /v2/models/{deployment}[/ready], /metrics
 
+and the same model routes under `/v2/models/{deployment}/versions/{version}`, which go to the predictor that
+serves that version (`pools.served_version`: `2` for `iris/2`, or `iris:2`), never to another.
+
 Every answer says who gave it: the `skyloop-predictor` and `skyloop-model-version` headers, and the same
 in the V2 response's `parameters`. Requests without an `id` get one, so that feedback can name them.
 A request whose replica dies before answering (a broken connection, nothing received) is sent again
-to another replica of the same predictor: inference has no side effect. A replica being drained gets
-no new requests and keeps its in-flight ones until they finish. Shadows get a copy of the request in the
-background; their answers are compared with later feedback and never reach the client.
+to another replica of the same predictor: inference has no side effect. A request whose replica broke off
+an answer it had begun gets a 502 (it is not sent again), one left without a replica a 503; both count as
+errors of the predictor. A replica being drained gets no new requests and keeps its in-flight ones until
+they finish. Shadows get a copy of the request in the background; their answers are compared with later
+feedback and never reach the client.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from skyloop.deploy.analysis import Window
+from skyloop.deploy.analysis import Window, same_answer
+from skyloop.deploy.pools import Endpoint, Pool, version_names
 from skyloop.deploy.spec import RouterSpec
 from skyloop.deploy.traffic import Traffic
 from skyloop.errors import InvalidRequest
@@ -40,7 +46,7 @@ from skyloop.serving.metrics import CONTENT_TYPE
 from skyloop.serving.protocol import decode_feedback, header_length, request_header
 from skyloop.store.feedback import repeated_feedback
 
-__all__ = ["Endpoint", "Gateway", "Pool"]
+__all__ = ["BrokenAnswer", "Endpoint", "Gateway", "Pool"]
 
 log = logging.getLogger("skyloop.deploy")
 
@@ -50,49 +56,6 @@ _RETRY_SECONDS = 5.0
 """How long a request may keep retrying replicas that went away before it fails."""
 _SHADOW_CONCURRENCY = 256
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass(eq=False)
-class Endpoint:
-    """One replica's address and what the gateway has in flight there."""
-
-    predictor: str
-    index: int
-    port: int
-    host: str = "127.0.0.1"
-    inflight: int = 0
-    draining: bool = False
-    served: int = 0
-
-    @property
-    def url(self) -> str:
-        """Base URL of the replica."""
-        return f"http://{self.host}:{self.port}"
-
-
-@dataclass
-class Pool:
-    """A predictor's replicas, as the gateway sees them."""
-
-    name: str
-    version: str = ""
-    endpoints: list[Endpoint] = field(default_factory=list)
-    _turn: int = 0
-
-    def pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
-        """The least-busy replica that is not draining (round robin among equals)."""
-        best: Endpoint | None = None
-        count = len(self.endpoints)
-        for i in range(count):
-            ep = self.endpoints[(self._turn + i) % count]
-            if ep.draining or ep is avoid:
-                continue
-            if best is None or ep.inflight < best.inflight:
-                best = ep
-        self._turn += 1
-        if best is None and avoid is not None and not avoid.draining:
-            return avoid
-        return best
 
 
 @dataclass
@@ -140,6 +103,10 @@ class _Metrics:
                                    ["deployment"], registry=r)
 
 
+class BrokenAnswer(ConnectionError):
+    """A replica began an answer and broke off (it died mid-body): the gateway answers 502."""
+
+
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(doc), status, headers, media_type="application/json")
 
@@ -168,7 +135,7 @@ def is_correct(output: Any, truth: Any) -> bool | None:
     labels = truth if isinstance(truth, list) else [truth]
     if len(data) != len(labels):
         return None
-    return all(str(a) == str(b) for a, b in zip(data, labels, strict=True))
+    return same_answer(data, labels)
 
 
 class Gateway:
@@ -256,12 +223,17 @@ class Gateway:
                 pool = self.pools.get(predictor)
                 continue
             endpoint.inflight += 1
+            begun = False
             try:
                 async with self._client().post(endpoint.url + path, data=body, headers=headers) as resp:
+                    begun = True
                     data = await resp.read()
                     endpoint.served += 1
                     return resp.status, dict(resp.headers), data, endpoint
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if begun:  # the replica took the request and broke off its answer: not sent again
+                    raise BrokenAnswer(f"replica {endpoint.index} of predictor {predictor!r} broke off its answer "
+                                       f"({type(exc).__name__}: {exc})") from None
                 attempt += 1
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"replica {endpoint.index} of {predictor!r} went away: {exc}") from None
@@ -310,7 +282,17 @@ class Gateway:
         name = request.path_params["name"]
         if name != self.deployment:
             return _json({"error": f"no model {name!r} here; this gateway serves {self.deployment!r}"}, 404)
+        version = request.path_params.get("version")
+        if version is not None and not self._serving(version):
+            served = sorted({n for pool in self.pools.values() for n in version_names(pool.version)})
+            return _json({"error": f"deployment {self.deployment!r} serves no version {version!r}; it serves "
+                                   f"{', '.join(served) or 'nothing yet'}"}, 404)
         return None
+
+    def _serving(self, version: str) -> list[str]:
+        """The predictors that serve `version`, those with ready replicas and the most traffic first."""
+        found = [name for name, pool in self.pools.items() if version in version_names(pool.version)]
+        return sorted(found, key=lambda n: (not self.pools[n].ready, -self.weights.get(n, 0.0), n))
 
     async def infer(self, request: Request) -> Response:
         """Route, forward, annotate and remember one inference."""
@@ -338,6 +320,14 @@ class Gateway:
         forced = request.headers.get("skyloop-predictor")
         if forced is not None and forced not in self.pools:
             return _json({"error": f"no predictor {forced!r}; this deployment has {', '.join(self.pools)}"}, 404)
+        version = request.path_params.get("version")
+        if version is not None:  # the version decides, as the header does; both must agree
+            serving = self._serving(version)
+            if forced is not None and forced not in serving:
+                return _json({"error": f"predictor {forced!r} does not serve version {version!r}"}, 404)
+            if not serving:  # retired while the body came in
+                return _json({"error": f"deployment {self.deployment!r} serves no version {version!r}"}, 404)
+            forced = forced or serving[0]
         sticky = request.headers.get(self.router.sticky_header) if self.router.sticky_header else None
         predictor = forced or self.traffic.choose(sticky)
         path = f"/v2/models/{self.deployment}/infer"
@@ -346,7 +336,8 @@ class Gateway:
         try:
             status, resp_headers, data, endpoint = await self._send(predictor, path, body, headers)
         except ConnectionError as exc:
-            status, resp_headers, data, endpoint = 503, {}, orjson.dumps({"error": str(exc)}), None
+            status = 502 if isinstance(exc, BrokenAnswer) else 503
+            resp_headers, data, endpoint = {}, orjson.dumps({"error": str(exc)}), None
         seconds = time.perf_counter() - start
         self.window(predictor).add_request(seconds, status < 500)
         self.metrics.requests.labels(self.deployment, predictor, str(status)).inc()
@@ -401,6 +392,10 @@ class Gateway:
         if remembered is None:
             return _json({"error": f"no answer {given.id!r} is known to this gateway (too old, or never given); "
                                    "send feedback with the id of a response"}, 404)
+        version = request.path_params.get("version")
+        if version is not None and remembered.predictor not in self._serving(version):
+            return _json({"error": f"answer {given.id!r} was not given by version {version!r}; send its feedback "
+                                   f"to /v2/models/{self.deployment}/feedback"}, 404)
         if repeated := remembered.taken & given.kinds:
             return _json({"error": str(repeated_feedback(given.id, repeated))}, 409)
         # Taken before the first await, so that a copy posted at the same moment is refused; given back
@@ -443,11 +438,12 @@ class Gateway:
                     return resp.status, await resp.read()
             status, _, data, _ = await self._send(predictor, path, body, headers)
             return status, data
-        except (ConnectionError, aiohttp.ClientError) as exc:
+        except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
             return 503, orjson.dumps({"error": f"predictor {predictor!r} could not take the feedback: {exc}"})
 
-    async def _any_replica(self, method: str, path: str) -> Response:
-        for name in sorted(self.pools, key=lambda n: -self.weights.get(n, 0.0)):
+    async def _any_replica(self, method: str, path: str, predictors: list[str] | None = None) -> Response:
+        names = predictors if predictors is not None else sorted(self.pools, key=lambda n: -self.weights.get(n, 0.0))
+        for name in names:
             endpoint = self.pools[name].pick()
             if endpoint is None:
                 continue
@@ -458,8 +454,7 @@ class Gateway:
 
     def ready(self) -> bool:
         """Every predictor with traffic has a replica to send it to."""
-        return all(any(not e.draining for e in self.pools[n].endpoints) if n in self.pools else False
-                   for n, w in self.weights.items() if w > 0)
+        return all(n in self.pools and self.pools[n].ready for n, w in self.weights.items() if w > 0)
 
     def _build(self) -> Starlette:
         async def live(request: Request) -> Response:
@@ -477,7 +472,10 @@ class Gateway:
         async def model_metadata(request: Request) -> Response:
             if (wrong := self._check_name(request)) is not None:
                 return wrong
-            return await self._any_replica("GET", request.url.path)
+            # A replica knows only its own version: it is asked at its plain path, once the version chose it.
+            version = request.path_params.get("version")
+            path = f"/v2/models/{self.deployment}" + ("/ready" if request.url.path.endswith("/ready") else "")
+            return await self._any_replica("GET", path, None if version is None else self._serving(version))
 
         async def prometheus(request: Request) -> Response:
             return Response(generate_latest(self.metrics.registry), 200, media_type=CONTENT_TYPE)
@@ -495,11 +493,12 @@ class Gateway:
             log.exception("gateway error", exc_info=exc)
             return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
 
-        model = "/v2/models/{name}"
+        bases = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
         return Starlette(routes=[
             Route("/v2/health/live", live), Route("/v2/health/ready", ready),
             Route("/v2", server_metadata), Route("/v2/", server_metadata), Route("/metrics", prometheus),
-            Route(model, model_metadata), Route(model + "/ready", model_metadata),
-            Route(model + "/infer", self.infer, methods=["POST"]),
-            Route(model + "/feedback", self.feedback, methods=["POST"]),
+            *(Route(base, model_metadata) for base in bases),
+            *(Route(base + "/ready", model_metadata) for base in bases),
+            *(Route(base + "/infer", self.infer, methods=["POST"]) for base in bases),
+            *(Route(base + "/feedback", self.feedback, methods=["POST"]) for base in bases),
         ], exception_handlers={404: not_found, 405: not_allowed, Exception: failed})

@@ -23,6 +23,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from skyloop.deploy.analysis import same_answer
 from skyloop.deploy.spec import DeploymentSpec, LoopSpec, RolloutSpec, Strategy
 from skyloop.monitoring.payloads import META, PayloadLog, count_feedback, labelled, read_payloads
 from skyloop.monitoring.triggers import Firing, Signals, Triggers
@@ -174,7 +177,8 @@ class Loop:
             value = float(rows["reward"].mean()) if len(rows) else None
         else:
             rows = rows[rows["truth"].notna()]
-            value = float((rows["prediction"].astype(str) == rows["truth"].astype(str)).mean()) if len(rows) else None
+            hits = [same_answer(p, t) for p, t in zip(rows["prediction"], rows["truth"], strict=True)]
+            value = sum(hits) / len(hits) if hits else None
         if value is not None:
             self.gauges.live_quality.labels(self._name, version, self.spec.quality.metric).set(value)
         if len(rows) < self.spec.quality.min_samples:
@@ -283,11 +287,12 @@ class Loop:
         from skyloop.registry.uri import parse_model_ref
 
         settings = self.runner.controller.settings
-        truth = holdout["truth"].astype(str).to_numpy()
+        truth = holdout["truth"].tolist()
         scores = {}
         for label, version in (("champion", champion), ("challenger", challenger)):
             predicted = load_model(f"models:/{version}", settings).predict(holdout[features])
-            scores[label] = float((predicted.astype(str) == truth).mean())
+            hits = [same_answer(p, t) for p, t in zip(np.asarray(predicted).tolist(), truth, strict=True)]
+            scores[label] = sum(hits) / len(hits) if hits else 0.0
         gate = self.spec.gate
         reasons = []
         if gate.min is not None and scores["challenger"] < gate.min:

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from skyloop.config import Settings
-from skyloop.deploy.gateway import Endpoint
+from skyloop.deploy.pools import Endpoint
 from skyloop.deploy.replicas import ReplicaHost
 from skyloop.deploy.spec import PredictorSpec
 from skyloop.errors import ModelLoadError
@@ -130,8 +130,7 @@ class RayReplicaHost(ReplicaHost):
         name = self.predictor.name
         ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
         self._ray = ray
-        doc = {"name": self.deployment, "version": self.version, "graph": self.graph.model_dump(mode="json"),
-               "batching": self.predictor.batching.model_dump(mode="json")}
+        doc = self.serve_doc()
         s = self.settings
         actor_class = ray.remote(ReplicaServer).options(**self._options())
         actors = [actor_class.remote(doc, str(s.home), s.resolved_db_url, s.resolved_artifacts_url)

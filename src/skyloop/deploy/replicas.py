@@ -26,7 +26,7 @@ import orjson
 import yaml
 
 from skyloop.config import Settings
-from skyloop.deploy.gateway import Endpoint
+from skyloop.deploy.pools import Endpoint, served_version
 from skyloop.deploy.spec import PredictorSpec
 from skyloop.errors import ModelLoadError
 from skyloop.serving.spec import GraphNode
@@ -84,11 +84,16 @@ class ReplicaHost:
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoints: list[Endpoint] = []
 
+    def serve_doc(self) -> dict[str, Any]:
+        """The serving spec each replica serves: the pinned graph under the deployment's name, reporting the
+        version in a form a V2 path can carry (`served_version`)."""
+        return {"name": self.deployment, "version": served_version(self.version),
+                "graph": self.graph.model_dump(mode="json"),
+                "batching": self.predictor.batching.model_dump(mode="json")}
+
     def _write_spec(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        doc = {"name": self.deployment, "version": self.version, "graph": self.graph.model_dump(mode="json"),
-               "batching": self.predictor.batching.model_dump(mode="json")}
-        self.spec_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.spec_file.write_text(yaml.safe_dump(self.serve_doc(), sort_keys=False))
 
     async def start(self, timeout: float = _START_TIMEOUT) -> list[Endpoint]:
         """Start the host and wait until every replica is ready; ModelLoadError with its log if it cannot."""

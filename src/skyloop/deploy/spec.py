@@ -61,7 +61,9 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN passes every bound (all its comparisons are False) and neither NaN nor infinity survives the JSON the
+    # controller stores: a spec's numbers must be finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _seconds(field: str) -> Any:

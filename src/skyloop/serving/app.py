@@ -30,6 +30,7 @@ from skyloop.errors import (
     NodeError,
     NotFound,
     NotReady,
+    OutputError,
     PayloadTooLarge,
     SignatureMismatch,
     SkyloopError,
@@ -53,6 +54,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (Conflict, 409),
     (NotReady, 503),
     (NodeError, 500),
+    (OutputError, 500),
 ]
 """Domain error -> HTTP status, most specific first (MLServer's `rest/errors.py` shape)."""
 

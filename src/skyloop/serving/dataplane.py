@@ -1,8 +1,8 @@
 """The data plane: health, metadata, inference and feedback for the served graphs. Knows nothing of HTTP.
 
 The REST layer (`serving.app`) hands it bytes and gets bytes back; errors are domain errors
-(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `Conflict`, `NotReady`, `NodeError`) that the REST layer maps to
-statuses. Model code runs in worker threads (batched when the graph allows it), never on the event loop.
+(`InvalidRequest`, `SignatureMismatch`, `NotFound`, `Conflict`, `NotReady`, `NodeError`, `OutputError`) that the REST
+layer maps to statuses. Model code runs in worker threads (batched when the graph allows it), never on the event loop.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from skyloop.serving.graph import Graph, Trace, load_graph
 from skyloop.serving.metrics import ServingMetrics
 from skyloop.serving.protocol import (
     FeedbackRequest,
-    Tensor,
-    datatype_of_array,
     decode_feedback,
     decode_request,
     encode_response,
+    output_tensor,
 )
 from skyloop.serving.spec import ServeSpec
 from skyloop.store.feedback import record_feedback, repeated_feedback
@@ -215,7 +214,7 @@ class DataPlane:
                 self.release(name)
         outputs, trace = prediction
         request_id = request.id or uuid.uuid4().hex
-        tensors = [Tensor(n, datatype_of_array(a), a) for n, a in outputs.items()]
+        tensors = [output_tensor(name, n, a) for n, a in outputs.items()]
         binary: set[str] = {t.name for t in tensors} if request.binary_output else set()
         if request.outputs is not None:
             known = {t.name: t for t in tensors}

@@ -174,7 +174,7 @@ class Graph:
         """The X the root node gets for the request's tensors (already passed through `check`)."""
         specs = self.signature.inputs if self.signature else []
         if specs:
-            if len(specs) > 1 and all(len(s.shape) == 1 for s in specs):
+            if _columns(specs):
                 try:
                     import pandas as pd
                 except ImportError:
@@ -230,11 +230,17 @@ def _walk(node: Node) -> list[Node]:
     return [node, *(n for child in node.children for n in _walk(child))]
 
 
+def _columns(specs: list[TensorSpec]) -> bool:
+    """Whether a signature lists the columns of one table (several 1-D inputs: the model takes a frame)."""
+    return len(specs) > 1 and all(len(s.shape) == 1 for s in specs)
+
+
 def check_inputs(inputs: Mapping[str, np.ndarray[Any, Any]],
                  specs: list[TensorSpec]) -> dict[str, np.ndarray[Any, Any]]:
     """The inputs as the signature types them (widened where that loses nothing, e.g. FP32 -> FP64).
 
-    Tensors that do not fit are refused, naming the input and what it should be.
+    Tensors that do not fit are refused, naming the input and what it should be; columns of one table
+    (see `_columns`) must have the same length.
     """
     checked: dict[str, np.ndarray[Any, Any]] = {}
     expected = {s.name: s for s in specs}
@@ -256,6 +262,14 @@ def check_inputs(inputs: Mapping[str, np.ndarray[Any, Any]],
             raise SignatureMismatch(f"input {spec.name!r} must have shape {spec.shape} (-1: any), "
                                     f"got {list(array.shape)}")
         checked[spec.name] = array
+    if _columns(specs):
+        lengths = {name: len(array) for name, array in checked.items()}
+        first = specs[0].name
+        for spec in specs[1:]:
+            if lengths[spec.name] != lengths[first]:
+                raise SignatureMismatch(f"inputs {first!r} and {spec.name!r} are columns of one table and need the "
+                                        f"same length; {first!r} has {lengths[first]} values, {spec.name!r} has "
+                                        f"{lengths[spec.name]}")
     return checked
 
 

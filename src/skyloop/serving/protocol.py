@@ -5,12 +5,17 @@ tensor extension that `tritonclient` uses by default, where a JSON header of
 `Inference-Header-Content-Length` bytes is followed by each binary tensor's raw little-endian bytes
 (BYTES elements as a 4-byte little-endian length and the bytes).
 
+A request that breaks the protocol is the client's fault (`InvalidRequest`); an answer that the protocol
+cannot carry (a dtype with no V2 datatype; NaN, infinity or non-UTF-8 bytes in JSON) is the model's
+(`OutputError`, a server error).
+
 The gateway forwards requests it has only read the header of: it checks them with the same functions
 (`header_length`, `request_header`, `decode_feedback`), so that it refuses what a replica refuses, in the same words.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Iterable, Mapping
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from skyloop.errors import InvalidRequest
+from skyloop.errors import InvalidRequest, OutputError
 
 __all__ = [
     "DTYPES",
@@ -33,6 +38,7 @@ __all__ = [
     "decode_request",
     "encode_response",
     "header_length",
+    "output_tensor",
     "request_header",
 ]
 
@@ -87,14 +93,33 @@ class InferenceRequest:
         return bool(self.parameters.get("binary_data_output", False))
 
 
-def datatype_of_array(array: np.ndarray[Any, Any]) -> str:
-    """The V2 datatype of a numpy array (strings, bytes and objects are BYTES)."""
-    if array.dtype.kind in ("O", "U", "S"):
+def _datatype(dtype: np.dtype[Any]) -> str | None:
+    if dtype.kind in ("O", "U", "S"):
         return "BYTES"
-    name = _BY_DTYPE.get(array.dtype)
+    # Byte order is no part of a datatype: a big-endian float64 is FP64 (and is sent little-endian).
+    return _BY_DTYPE.get(dtype) or _BY_DTYPE.get(dtype.newbyteorder("="))
+
+
+def datatype_of_array(array: np.ndarray[Any, Any]) -> str:
+    """The V2 datatype of a numpy array (strings, bytes and objects are BYTES); OutputError if none fits."""
+    name = _datatype(array.dtype)
     if name is None:
-        raise InvalidRequest(f"an output of dtype {array.dtype} has no V2 datatype")
+        raise OutputError(f"an array of dtype {array.dtype} has no V2 datatype")
     return name
+
+
+def output_tensor(model: str, name: str, array: np.ndarray[Any, Any]) -> Tensor:
+    """Output `name` of `model` as a V2 tensor (numbers in native byte order).
+
+    An array no V2 datatype carries (complex, datetime64, float128, ...) is an `OutputError` naming both.
+    """
+    datatype = _datatype(array.dtype)
+    if datatype is None:
+        raise OutputError(f"model {model!r} returned output {name!r} of dtype {array.dtype}, which no V2 datatype "
+                          "carries; return booleans, integers, floats (16, 32 or 64 bits) or strings")
+    if datatype != "BYTES" and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return Tensor(name, datatype, array)
 
 
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -141,9 +166,9 @@ def _json_values(name: str, datatype: str, data: Any, shape: tuple[int, ...]) ->
         if kind != "b":
             raise InvalidRequest(f"{where}: BOOL data must be true/false, got {raw.dtype.name} values")
     elif target.kind in "iu":
-        if kind not in "iu":
-            raise InvalidRequest(f"{where}: {datatype} data must be integers, got {_kind_name(kind)} values")
         info = np.iinfo(target)
+        if kind not in "iu":  # numpy fell back to float or object: look at each value (e.g. -1 next to 2**63)
+            return _exact_integers(where, datatype, data, raw.shape, info).reshape(shape)
         if raw.min() < info.min or raw.max() > info.max:
             raise InvalidRequest(f"{where}: a value is outside the range of {datatype} [{info.min}, {info.max}]")
     elif kind not in "iuf":
@@ -158,6 +183,27 @@ def _json_values(name: str, datatype: str, data: Any, shape: tuple[int, ...]) ->
 
 def _kind_name(kind: str) -> str:
     return {"b": "boolean", "U": "string", "O": "mixed", "f": "floating-point"}.get(kind, kind)
+
+
+def _flat(data: list[Any], ndim: int) -> Iterable[Any]:
+    """The Python values of regular nested lists `ndim` deep, row-major."""
+    values: Iterable[Any] = data
+    for _ in range(ndim - 1):
+        values = itertools.chain.from_iterable(values)
+    return values
+
+
+def _exact_integers(where: str, datatype: str, data: list[Any], nesting: tuple[int, ...],
+                    info: np.iinfo[Any]) -> np.ndarray[Any, Any]:
+    """Integer data that numpy could not type at once, checked value by value and built as `datatype`."""
+    values = list(_flat(data, len(nesting)))
+    for value in values:
+        if type(value) is not int:  # bool is an int subclass, and is refused here
+            kind = {bool: "boolean", float: "floating-point", str: "string"}.get(type(value), "mixed")
+            raise InvalidRequest(f"{where}: {datatype} data must be integers, got {kind} values")
+    if min(values) < info.min or max(values) > info.max:
+        raise InvalidRequest(f"{where}: a value is outside the range of {datatype} [{info.min}, {info.max}]")
+    return np.array(values, dtype=info.dtype)
 
 
 def _binary_values(name: str, datatype: str, chunk: bytes, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
@@ -328,15 +374,20 @@ def _bytes_element(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _json_data(tensor: Tensor) -> Any:
+def _json_data(model: str, tensor: Tensor) -> Any:
     array = tensor.data
     if tensor.datatype == "BYTES":
         flat = array.reshape(-1)
         try:
             return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
         except UnicodeDecodeError:
-            raise InvalidRequest(f"output {tensor.name!r} holds bytes that are not UTF-8; ask for it as "
-                                 "binary data") from None
+            raise OutputError(f"model {model!r} returned bytes that are not UTF-8 in output {tensor.name!r}, which "
+                              "JSON cannot carry; ask for it as binary data") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # orjson would write null: a silent wrong answer. The binary encoding carries NaN and infinity.
+        raise OutputError(f"model {model!r} returned NaN or infinity in output {tensor.name!r}, which JSON cannot "
+                          "carry; ask for it as binary data (the binary tensor extension: the requested output's "
+                          'parameter "binary_data": true, or the request\'s "binary_data_output": true)')
     return np.ascontiguousarray(array.reshape(-1))
 
 
@@ -360,7 +411,7 @@ def encode_response(model_name: str, model_version: str | None, request_id: str 
             chunks.append(chunk)
             params["binary_data_size"] = len(chunk)
         else:
-            entry["data"] = _json_data(tensor)
+            entry["data"] = _json_data(model_name, tensor)
         if params:
             entry["parameters"] = params
         entries.append(entry)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +61,8 @@ def parse_duration(value: float | str, field: str) -> float:
         if match is None:
             raise ValueError(f"{field}: {value!r} is not a duration; write e.g. 2ms, 1.5s, 5m or 1h")
         seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+    if not math.isfinite(seconds):  # YAML's .nan and .inf: every comparison with NaN is False, so check first
+        raise ValueError(f"{field}: must be a finite number of seconds, got {value!r}")
     if seconds < 0:
         raise ValueError(f"{field}: a duration cannot be negative")
     return seconds
@@ -109,7 +112,7 @@ class GraphNode(BaseModel):
 class BatchingSpec(BaseModel):
     """Adaptive batching: requests queued while the model is busy are predicted together."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool | None = None
     """None: on when the graph's input signature has a batch dimension (a leading -1)."""
@@ -136,6 +139,14 @@ class ServeSpec(BaseModel):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     base_dir: Path | None = Field(default=None, exclude=True)
     """Where `file.py:Class` implementations and model directories are looked up (the spec file's folder)."""
+
+    @field_validator("version")
+    @classmethod
+    def _path_safe(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or not value.strip()):
+            raise ValueError(f"{value!r} cannot be named in a /v2/models/NAME/versions/VERSION path; "
+                             "give a version without '/' (e.g. 1 or 2024-06)")
+        return value
 
     @model_validator(mode="after")
     def _unique(self) -> ServeSpec:
