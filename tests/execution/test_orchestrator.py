@@ -54,6 +54,16 @@ def test_diamond_and_fanout_on_local_never_overcommit(sample: ModuleType, settin
     assert 1.0 < peak <= 2.0, peak  # ran in parallel, within the limit
 
 
+def test_a_map_over_an_empty_list_succeeds_with_a_row_that_says_so(settings: Settings) -> None:
+    fan = load_file_module(HERE / "sched_pipelines.py").fan
+    result = run(fan, {"n": 0, "pause": 0.0}, backend="inline", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    assert (result.steps["tick"].state.value, result.steps["tick"].attempts) == ("SUCCEEDED", 1)
+    assert result.outputs["output"] == []
+    (row,) = [r for r in _rows(settings, result.id) if r.task == "tick"]
+    assert (row.state, row.error) == ("SUCCEEDED", "mapped over an empty list: no unit to run")
+
+
 @pytest.mark.integration
 def test_rerun_is_all_cached_and_runs_nothing(sample: ModuleType, settings: Settings) -> None:
     first = run(sample.diamond_fanout, {"n": 6, "pause": 0.0}, backend="local", settings=settings)

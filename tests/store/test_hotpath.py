@@ -12,9 +12,10 @@ from sqlalchemy import TextClause, text
 from skyloop.errors import StoreError
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.tasks import TaskResult, TaskState
+from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT, execute_many
-from skyloop.store.models import Artifact, Lineage, StepRunRow
+from skyloop.store.models import Artifact, Event, Lineage, StepRunRow
 from skyloop.store.runs import create_run
 
 EAST = timezone(timedelta(hours=5))
@@ -114,8 +115,8 @@ def test_an_attempt_that_ends_before_the_flush_is_inserted_with_its_end(db: Data
         recorder.attempt(run_id="r", step_run_id=key, task=task, map_index=-1, attempt=1, state="RUNNING",
                          step_ref="m:f", resources={"cpus": 1.0}, log_path="/l")
     recorder.finished(TaskResult(key="a" * 32, state=TaskState.SUCCEEDED, started_at=started, ended_at=ended,
-                                 worker="ray:127.0.0.1:7", max_rss=2**20))
-    recorder.finished(TaskResult(key="b" * 32, state=TaskState.CRASHED, error="worker died", ended_at=ended))
+                                 worker="ray:127.0.0.1:7", max_rss=2**20), "r")
+    recorder.finished(TaskResult(key="b" * 32, state=TaskState.CRASHED, error="worker died", ended_at=ended), "r")
     recorder.flush()
     recorder.close()
     with db.read() as session:
@@ -126,3 +127,26 @@ def test_an_attempt_that_ends_before_the_flush_is_inserted_with_its_end(db: Data
                                                       datetime.fromtimestamp(ended, UTC))
         assert (lost.state, lost.error, lost.ended_at) == ("CRASHED", "worker died", datetime.fromtimestamp(ended, UTC))
         assert lost.started_at is not None and lost.started_at < lost.ended_at  # the launch's, kept
+
+
+def test_a_flush_drops_the_writes_of_runs_the_owner_no_longer_holds(db: Database) -> None:
+    with db.session() as session:
+        for run_id, owner in (("held", "me"), ("taken", "other")):
+            create_run(session, run_id=run_id, pipeline="p", spec={}, params={}, backend="local", owner=owner,
+                       lease_seconds=30)
+    recorder = Recorder(db, owner="me")
+    output = ArtifactRef("d" * 64, "json", "int", 1, b"1")
+    for run_id, key in (("held", "a" * 32), ("taken", "b" * 32)):
+        recorder.attempt(run_id=run_id, step_run_id=key, task="t", map_index=-1, attempt=1, state="RUNNING",
+                         step_ref="m:f", resources={})
+        recorder.finished(TaskResult(key=key, state=TaskState.SUCCEEDED, outputs={"output": output},
+                                     ended_at=1_900_000_000.0), run_id)
+        recorder.event(run_id, "step.note", "ended", key)
+    recorder.flush()
+    recorder.close()
+    assert recorder.lost == {"taken"}
+    with db.read() as session:
+        assert [(r.run_id, r.state) for r in session.query(StepRunRow)] == [("held", "SUCCEEDED")]
+        assert {e.run_id for e in session.query(Event) if e.kind == "step.note"} == {"held"}
+        assert {e.step_run_id for e in session.query(Lineage)} == {"a" * 32}
+        assert session.get(Artifact, output.digest) is not None  # artifacts belong to no run

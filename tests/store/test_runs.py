@@ -16,7 +16,9 @@ from skyloop.store.db import Database
 from skyloop.store.models import Event, RunRow, StepRunRow
 from skyloop.store.runs import (
     claim_run,
+    claimable_runs,
     create_run,
+    disown_runs,
     get_run,
     list_runs,
     reap_expired_runs,
@@ -194,3 +196,20 @@ def test_reaping_fails_runs_whose_lease_expired(db: Database) -> None:
         assert reap_expired_runs(session) == []  # nothing is reaped twice
     with db.session() as session:
         assert claim_run(session, "lost", "carol", lease_seconds=60).status == "RUNNING"  # and it can resume
+
+
+def test_an_agent_claims_the_runs_queued_for_its_backend_and_records_the_one_it_uses(db: Database) -> None:
+    with db.session() as session:
+        for run_id, backend in (("for-local", "local"), ("for-inline", "inline"), ("for-any", None)):
+            create_run(session, run_id=run_id, pipeline="p", spec={}, params={}, backend=backend, owner=None,
+                       lease_seconds=0)
+    new_run(db, "orphan", owner="alice", lease_seconds=60)
+    with db.session() as session:
+        disown_runs(session, ["orphan"], "alice")  # let go by its process: any agent adopts it
+    with db.session() as session:
+        assert claimable_runs(session, backend="local") == ["for-local", "for-any", "orphan"]
+        assert claimable_runs(session, backend="inline") == ["for-inline", "for-any", "orphan"]
+        assert claimable_runs(session) == ["for-local", "for-inline", "for-any", "orphan"]
+        assert claim_run(session, "orphan", "bob", lease_seconds=60, backend="inline").backend == "inline"
+        assert claim_run(session, "for-local", "bob", lease_seconds=60).backend == "local"
+        assert claim_run(session, "for-any", "bob", lease_seconds=60, backend="ray").backend == "ray"

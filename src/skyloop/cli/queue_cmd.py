@@ -20,7 +20,8 @@ def submit(
     param: Annotated[list[str] | None, typer.Option("-p", "--param", help="NAME=VALUE (repeatable)")] = None,
     priority: Annotated[int, typer.Option(help="Priority class: higher runs start first.")] = 0,
     weight: Annotated[float, typer.Option(help="Fair-share weight among runs of one priority.")] = 1.0,
-    backend: Annotated[str | None, typer.Option(help="Backend the agent should use.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="Backend to run it on: only an agent of that backend claims it (default: any agent).")] = None,
 ) -> None:
     """Queue a run for `skyloop agent`; prints its id and returns at once."""
     from skyloop.execution.api import load_target

@@ -25,7 +25,7 @@ __all__ = ["Agent"]
 
 
 class Agent:
-    """Claims runs (queued, or orphaned by a dead process) and drives up to `max_runs` at once."""
+    """Claims runs (queued for its backend, or orphaned by a dead process) and drives up to `max_runs` at once."""
 
     def __init__(self, settings: Settings, workspace: Workspace, backend: Backend,
                  observer: Observer | None = None, max_runs: int = 16) -> None:
@@ -40,7 +40,8 @@ class Agent:
         if room <= 0:
             return 0
         with self.workspace.db.read() as session:
-            candidates = [c for c in claimable_runs(session, limit=room) if c not in orch.runs]
+            candidates = [c for c in claimable_runs(session, limit=room, backend=self.backend.name)
+                          if c not in orch.runs]
         taken = 0
         for run_id in candidates:
             with self.workspace.db.read() as session:
@@ -87,6 +88,8 @@ class Agent:
                     orch.turn(max_wait=max(0.0, min(poll, next_poll - time.monotonic())))
                 else:
                     stop.wait(max(0.0, next_poll - time.monotonic()))
+        except KeyboardInterrupt:
+            raise  # stopped by the user (Ctrl-C), like a stop request: the runs are handed back below
         except BaseException as exc:
             orch.abort("FAILED", f"agent stopped: {type(exc).__name__}: {exc}")
             raise

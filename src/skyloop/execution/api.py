@@ -185,7 +185,7 @@ def submit(target: Target, params: dict[str, Any] | None = None, *, priority: in
         with workspace.db.session() as session:
             create_run(session, run_id=run_id, pipeline=prepared.spec.name,
                        spec=prepared.spec.model_dump(mode="json"), params=prepared.params,
-                       backend=backend or settings.execution.backend, owner=None, lease_seconds=0,
+                       backend=backend, owner=None, lease_seconds=0,
                        priority=priority, weight=weight)
         return run_id
     finally:

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.models import Artifact, Lineage, StepRunRow
-from skyloop.store.runs import utcnow
+from skyloop.store.runs import ORCHESTRATOR_LOST, utcnow
 
 __all__ = ["Prior", "crash_orphans", "load_prior"]
 
@@ -22,6 +22,8 @@ class Prior:
 
     outputs: dict[tuple[str, int], dict[str, ArtifactRef]] = field(default_factory=dict)
     attempts: dict[tuple[str, int], int] = field(default_factory=dict)
+    spared: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Attempts that spent none of the step's retries: cancelled, or lost with the process driving them."""
 
 
 def load_prior(session: Session, run_id: str) -> Prior:
@@ -31,6 +33,8 @@ def load_prior(session: Session, run_id: str) -> Prior:
     for row in session.scalars(select(StepRunRow).where(StepRunRow.run_id == run_id)):
         unit = (row.task, row.map_index)
         prior.attempts[unit] = max(prior.attempts.get(unit, 0), row.attempt)
+        if row.state == "CANCELLED" or (row.state == "CRASHED" and (row.error or "").startswith(ORCHESTRATOR_LOST)):
+            prior.spared[unit] = prior.spared.get(unit, 0) + 1
         if row.state in OK_STATES and (unit not in latest or latest[unit].attempt < row.attempt):
             latest[unit] = row
     ids = {row.id: unit for unit, row in latest.items()}

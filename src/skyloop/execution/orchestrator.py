@@ -42,6 +42,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from skyloop.config import Settings
+from skyloop.errors import Conflict
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.estimates import estimate_run, rank_together
 from skyloop.execution.history import Prior, crash_orphans, load_prior
@@ -53,7 +54,14 @@ from skyloop.scheduling.policy import Candidate, PolicyConfig, ReadyQueue
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
-from skyloop.store.runs import claim_run, create_run, disown_runs, release_run, renew_leases
+from skyloop.store.runs import (
+    ORCHESTRATOR_LOST,
+    claim_run,
+    create_run,
+    disown_runs,
+    release_run,
+    renew_leases,
+)
 
 __all__ = ["FLUSH_SECONDS", "Observer", "Orchestrator", "Prepared"]
 
@@ -110,7 +118,7 @@ class Orchestrator:
         execution = settings.execution
         self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools))
         self.queue = ReadyQueue(self.config)
-        self.recorder = Recorder(db)
+        self.recorder = Recorder(db, owner=self.owner)
         self.capacity = backend.capacity()
         # A backend that queues work itself (Ray) may take more than it runs at once: launching ahead
         # saves a loop turn (and a DB commit) per short step, while the launch order stays the policy's.
@@ -172,8 +180,8 @@ class Orchestrator:
     def adopt(self, run_id: str, prepared: Prepared) -> str:
         """Claim a run whose owner is gone (or a queued one) and hold it."""
         with self.db.session() as session:
-            row = claim_run(session, run_id, self.owner, self.settings.execution.lease_seconds)
-            crash_orphans(session, row.id, "orchestrator lost while the step ran; re-run on resume")
+            row = claim_run(session, run_id, self.owner, self.settings.execution.lease_seconds, self.backend.name)
+            crash_orphans(session, row.id, f"{ORCHESTRATOR_LOST}; re-run on resume")
             prior = load_prior(session, row.id)
             priority, weight = row.priority, row.weight
         self.hold(row.id, prepared, prior, priority, weight)
@@ -326,8 +334,7 @@ class Orchestrator:
 
     def turn(self, max_wait: float) -> None:
         """One pass: activate, launch what the policy picks, wait up to `max_wait` for ends, close runs."""
-        for run_id in list(self._heartbeat.lost & set(self.runs)):
-            self._drop(self.runs[run_id])
+        self._drop_lost()
         if self._rerank:
             self._rank_together()
         for run in list(self.runs.values()):
@@ -338,6 +345,8 @@ class Orchestrator:
         launches = self._launch_ready()
         if launches and not self._submit_first:
             self.recorder.flush()  # the RUNNING rows before their launch (see the docstring)
+            if self.recorder.lost:  # their rows were not written: not launched either
+                launches = self._unlaunch(launches, self.recorder.lost)
         for launch in launches:
             self.backend.submit(launch)
         if self._submit_after is not None:
@@ -353,7 +362,8 @@ class Orchestrator:
             self.recorder.flush()
         for run in [r for r in self.runs.values() if r.done]:
             self.recorder.flush()
-            self._release(run, *run.outcome())
+            if run.run_id not in self.recorder.lost:  # else another process holds it now: let go next turn
+                self._release(run, *run.outcome())
         if not self.runs:
             return
         if not (self.running or self.delayed or launches) and self.pending:
@@ -368,6 +378,26 @@ class Orchestrator:
         if self.running or self.delayed:
             for result in self.backend.wait(timeout):
                 self._finish(result)
+
+    def _unlaunch(self, launches: list[TaskLaunch], lost: set[str]) -> list[TaskLaunch]:
+        """The launches of runs still held; those of `lost` runs are taken back before they were submitted."""
+        kept = []
+        for launch in launches:
+            entry = self.running[launch.key]
+            if entry.run.run_id in lost:
+                del self.running[launch.key]
+                self.in_use = self.in_use - entry.unit.task.resources
+                self.queue.done(entry.candidate.key)
+            else:
+                kept.append(launch)
+        return kept
+
+    def _drop_lost(self) -> None:
+        """Let go of the runs another process adopted (seen by the heartbeat, or by a fenced flush)."""
+        lost = self._heartbeat.lost | self.recorder.lost
+        self.recorder.lost.clear()
+        for run_id in list(lost & set(self.runs)):
+            self._drop(self.runs[run_id])
 
     def _drop(self, run: RunState) -> None:
         """Stop driving a run another process adopted (its lease was lost)."""
@@ -397,6 +427,9 @@ class Orchestrator:
                 f"orchestrator error: {type(exc).__name__}: {exc}"
             self.abort(status, error)
             raise
+        if self.finished.get(run_id, ("", None))[0] == "LOST":
+            raise Conflict(f"run {run_id} was adopted by another process while this one was held up past its "
+                           f"lease; it goes on there (skyloop runs show {run_id})")
 
     def _cancel_all(self) -> None:
         """Cancel every attempt and take in their ends (at most 5 s); those sent ahead are forgotten."""
@@ -410,7 +443,7 @@ class Orchestrator:
                 entry = self.running.pop(result.key, None)
                 if entry is not None and not entry.dropped:
                     self.queue.done(entry.candidate.key)
-                    self.recorder.finished(result)
+                    self.recorder.finished(result, entry.run.run_id)
 
     def abort(self, status: str, error: str) -> None:
         """Cancel everything running and end every held run with `status`."""

@@ -3,6 +3,11 @@
 A turn that launches nothing may leave its writes (attempts that ended, cache hits) for a later
 turn, at most `Orchestrator`'s flush interval: nothing waits on them but readers in other processes.
 
+Writes are fenced by ownership: each transaction first checks, under the write lock, which of its runs
+the orchestrator still holds, and drops the writes of the others (`lost`). A process that was paused
+past its lease while another adopted its run (SIGSTOP, a long GC, a suspended laptop) must not record
+ends or launches there: the adopter re-runs what was in flight, and two writers would collide.
+
 The recorder keeps one connection for its writes: checking one out of the pool and building an ORM
 session for each turn cost more than the writes themselves (about 0.5 ms of a 1.2 ms flush).
 """
@@ -22,7 +27,14 @@ from skyloop.execution.tasks import InputValue, TaskResult, input_edges
 from skyloop.store import lineage
 from skyloop.store.artifacts import ArtifactRef
 from skyloop.store.db import Database, translate_errors
-from skyloop.store.hotpath import INSERT_EDGE, INSERT_STEP_RUN, UPDATE_STEP_RUN, UPSERT_ARTIFACT, execute_many
+from skyloop.store.hotpath import (
+    INSERT_EDGE,
+    INSERT_STEP_RUN,
+    UPDATE_STEP_RUN,
+    UPSERT_ARTIFACT,
+    execute_many,
+    held_runs,
+)
 from skyloop.store.runs import add_event, utcnow
 
 __all__ = ["Recorder", "input_edges"]
@@ -38,6 +50,12 @@ class Recorder:
     one transaction."""
 
     db: Database
+    owner: str | None = None
+    """Who must hold a run for its writes to land (None: no check, for a process that owns no runs)."""
+    lost: set[str] = field(default_factory=set)
+    """Runs whose writes a flush dropped because `owner` no longer held them (the caller lets them go)."""
+    _runs: dict[str, str] = field(default_factory=dict)
+    """Step run id -> run id, of every attempt written since the last flush."""
     _inserts: list[dict[str, Any]] = field(default_factory=list)
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
@@ -73,6 +91,7 @@ class Recorder:
                 input_bytes: int | None = None) -> None:
         """A new attempt row (RUNNING before launch, or already ended: CACHED, SKIPPED, ...)."""
         self._mark()
+        self._runs[step_run_id] = run_id
         now = utcnow()
         ended = state not in ("RUNNING", "PENDING")
         self._inserts.append({
@@ -89,9 +108,10 @@ class Recorder:
             self._touched.update(ref.digest for ref in outputs.values())
             self._edges.append((step_run_id, "out", [(n, r.digest, -1) for n, r in outputs.items()]))
 
-    def finished(self, result: TaskResult) -> None:
+    def finished(self, result: TaskResult, run_id: str) -> None:
         """An attempt's end as the backend reported it."""
         self._mark()
+        self._runs[result.key] = run_id
         self._at_risk += result.seconds or 0.0
         self._updates.append({
             "id": result.key, "state": result.state.value, "ended_at": _ts(result.ended_at) or utcnow(),
@@ -126,13 +146,30 @@ class Recorder:
         conn = self._conn
         try:
             with translate_errors("writing metadata"), conn.begin():
+                self._fence(conn)
                 self._write(conn)
         except BaseException:
             self.close()  # a broken connection must not be reused; the next flush opens a new one
             raise
+        self._runs = {}
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
         self._artifacts, self._touched = {}, set()
         self._since, self._at_risk = None, 0.0
+
+    def _fence(self, conn: Connection) -> None:
+        """Drop the writes of runs `owner` does not hold any more (artifact rows stay: they belong to no run)."""
+        runs = set(self._runs.values()) | {event[0] for event in self._events}
+        if self.owner is None or not runs:
+            return
+        gone = runs - held_runs(conn, runs, self.owner)
+        if not gone:
+            return
+        self.lost |= gone
+        keep = {step_run_id for step_run_id, run_id in self._runs.items() if run_id not in gone}
+        self._inserts = [row for row in self._inserts if row["id"] in keep]
+        self._updates = [row for row in self._updates if row["id"] in keep]
+        self._edges = [edge for edge in self._edges if edge[0] in keep]
+        self._events = [event for event in self._events if event[0] not in gone]
 
     def _write(self, conn: Connection) -> None:
         # The prebuilt statements run on the connection (on SQLite, on its cursor): the ORM session's

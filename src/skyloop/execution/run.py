@@ -98,7 +98,8 @@ class Run:
         self.status: str = row.status
         self.error: str | None = row.error
         self.params: dict[str, Any] = row.params
-        self.backend: str = row.backend
+        self.backend: str | None = row.backend
+        """The backend it ran on (None: queued for any agent, not claimed yet)."""
         self.created_at, self.started_at, self.ended_at = row.created_at, row.started_at, row.ended_at
         self.spec = PipelineSpec.model_validate(row.spec)
         by_task: dict[str, list[StepRunRow]] = {t.name: [] for t in self.spec.tasks}

@@ -195,6 +195,9 @@ class RunState:
             self._record_end(task, TaskState.FAILED, error)
             return self._complete(progress, TaskState.FAILED, error)
         progress.size = len(unit_inputs)
+        if task.map_over and not unit_inputs:  # a row says so: else the step would show PENDING for ever
+            self._record_end(task, TaskState.SUCCEEDED, "mapped over an empty list: no unit to run")
+            return self._complete(progress, TaskState.SUCCEEDED)
         code = code_hash(self.steps[name].fn)
         all_cached = True
         keyed: list[tuple[int, dict[str, InputValue], str | None]] = []
@@ -335,7 +338,7 @@ class RunState:
     # -- results -----------------------------------------------------------------------------------
     def finish(self, unit: Unit, result: TaskResult) -> float | None:
         """Take an attempt's end; returns the retry delay when the unit must run again, else None."""
-        self.recorder.finished(result)
+        self.recorder.finished(result, self.run_id)
         progress = self.tasks[unit.task.name]
         seconds = result.seconds
         if unit.index >= 0 and result.state == TaskState.SUCCEEDED and seconds is not None:
@@ -357,8 +360,9 @@ class RunState:
                     self._complete(progress, result.state if unit.index < 0 else TaskState.SUCCEEDED)
                 return None
         retry = unit.task.retry
-        if result.state != TaskState.CANCELLED and unit.attempt <= retry.retries:
-            delay = retry.delay * retry.backoff ** (unit.attempt - 1)
+        failures = unit.attempt - self.prior.spared.get((unit.task.name, unit.index), 0)
+        if result.state != TaskState.CANCELLED and failures <= retry.retries:
+            delay = retry.delay * retry.backoff ** (failures - 1)
             self.recorder.event(self.run_id, "step.retry", f"step {unit.task.name!r} attempt {unit.attempt} "
                                 f"ended {result.state.value} ({result.error}); retrying in {delay:g}s", result.key)
             return delay

@@ -13,7 +13,7 @@ context) cost more than SQLite's work, about half of a step's commit (1.0 -> 0.6
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, text
@@ -22,7 +22,8 @@ from sqlalchemy.types import TypeEngine
 from skyloop.store.models import UTCDateTime
 from skyloop.store.serializers import RAW
 
-__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "dbapi_cursor", "execute_many"]
+__all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "dbapi_cursor", "execute_many",
+           "held_runs"]
 
 _TYPES: dict[int, dict[str, TypeEngine[Any]]] = {}
 """id(statement) -> its typed parameters (those whose values need converting)."""
@@ -100,3 +101,19 @@ def dbapi_cursor(conn: Connection) -> Iterator[Any]:
         yield cursor
     finally:
         cursor.close()
+
+
+_HELD = text("SELECT id FROM runs WHERE owner = :owner AND id IN :ids FOR UPDATE").bindparams(
+    bindparam("ids", expanding=True))
+
+
+def held_runs(conn: Connection, run_ids: Collection[str], owner: str) -> set[str]:
+    """Which of `run_ids` `owner` holds, checked in `conn`'s write transaction so that nobody adopts them before
+    it commits (SQLite: its write lock; PostgreSQL: the rows are locked FOR UPDATE)."""
+    if conn.dialect.name != "sqlite":
+        return {row[0] for row in conn.execute(_HELD, {"owner": owner, "ids": list(run_ids)})}
+    ids = list(run_ids)
+    with dbapi_cursor(conn) as cursor:
+        rows = cursor.execute(f"SELECT id FROM runs WHERE owner = ? AND id IN ({', '.join('?' * len(ids))})",
+                              [owner, *ids]).fetchall()
+    return {row[0] for row in rows}

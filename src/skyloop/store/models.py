@@ -76,7 +76,8 @@ class RunRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(20), index=True)
-    backend: Mapped[str] = mapped_column(String(20))
+    backend: Mapped[str | None] = mapped_column(String(20))
+    """The backend it runs on; for a queued run, the one it asked for (None: any agent's)."""
     created_at: Mapped[datetime] = mapped_column(index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()

@@ -38,15 +38,20 @@ RUN_STATUSES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 """Every status a run row can have: queued by `submit`, held by an orchestrator, or ended."""
 
 
+ORCHESTRATOR_LOST = "orchestrator lost while the step ran"
+"""The error of an attempt left RUNNING by a process that vanished: the step's fault it is not (no retry spent)."""
+
+
 def utcnow() -> datetime:
     """Now, timezone-aware UTC."""
     return datetime.now(UTC)
 
 
 def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, Any], params: dict[str, Any],
-               backend: str, owner: str | None, lease_seconds: float, priority: int = 0,
+               backend: str | None, owner: str | None, lease_seconds: float, priority: int = 0,
                weight: float = 1.0) -> RunRow:
-    """Insert a new run: RUNNING and owned by `owner`, or QUEUED for an agent when `owner` is None."""
+    """Insert a new run: RUNNING and owned by `owner`, or QUEUED for an agent when `owner` is None (for an
+    agent of `backend`, or any agent when it is None)."""
     now = utcnow()
     queued = owner is None
     row = RunRow(id=run_id, pipeline=pipeline, spec=spec, params=params, status="QUEUED" if queued else "RUNNING",
@@ -56,7 +61,7 @@ def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, 
     session.add(row)
     session.flush()  # no ORM relationships: the run row must exist before rows that point at it
     add_event(session, run_id, "run.queued" if queued else "run.started",
-              f"run of {pipeline} {'queued' if queued else 'started'} for {backend}")
+              f"run of {pipeline} {'queued' if queued else 'started'} for {backend or 'any backend'}")
     return row
 
 
@@ -150,13 +155,13 @@ def disown_runs(session: Session, run_ids: Sequence[str], owner: str) -> None:
             add_event(session, run_id, "run.disowned", f"{owner} stopped; the run waits for another agent")
 
 
-def claimable_runs(session: Session, limit: int = 10) -> list[str]:
-    """Runs an agent may take: queued ones (highest priority, then oldest) and RUNNING ones whose
-    owner is gone (lease expired, or a dead process on this host)."""
-    queued = session.scalars(
-        select(RunRow.id).where(RunRow.status == "QUEUED")
-        .order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)
-    ).all()
+def claimable_runs(session: Session, limit: int = 10, backend: str | None = None) -> list[str]:
+    """Runs an agent may take: queued ones (highest priority, then oldest; with `backend`, those queued for it
+    or for any backend) and RUNNING ones whose owner is gone (lease expired, or a dead process on this host)."""
+    query = select(RunRow.id).where(RunRow.status == "QUEUED")
+    if backend is not None:
+        query = query.where(or_(RunRow.backend.is_(None), RunRow.backend == backend))
+    queued = session.scalars(query.order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)).all()
     now = utcnow()
     orphans = [row.id for row in session.scalars(select(RunRow).where(RunRow.status == "RUNNING"))
                if row.owner is None or (row.lease_expires_at is not None and row.lease_expires_at < now)
@@ -164,9 +169,10 @@ def claimable_runs(session: Session, limit: int = 10) -> list[str]:
     return [*queued, *orphans][:limit]
 
 
-def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -> RunRow:
+def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
+              backend: str | None = None) -> RunRow:
     """Adopt a run whose owner is gone (lease expired, released, or a dead local process);
-    `Conflict` if it is alive."""
+    `Conflict` if it is alive. `backend`: the one it runs on from now (recorded on the run)."""
     row = get_run(session, run_id)
     now = utcnow()
     if row.status == "SUCCEEDED":
@@ -182,7 +188,7 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float) -
     result = session.execute(
         update(RunRow)
         .where(RunRow.id == row.id, or_(RunRow.owner.is_(None), RunRow.owner == row.owner))
-        .values(owner=owner, status="RUNNING", ended_at=None, error=None,
+        .values(owner=owner, status="RUNNING", ended_at=None, error=None, backend=backend or row.backend,
                 started_at=func.coalesce(RunRow.started_at, now),
                 lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
@@ -218,7 +224,7 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
                   f"resume with `skyloop run --resume {row.id}`")
         session.execute(
             update(StepRunRow).where(StepRunRow.run_id == row.id, StepRunRow.state.in_(("RUNNING", "PENDING")))
-            .values(state="CRASHED", ended_at=now, error="orchestrator lost while the step ran")
+            .values(state="CRASHED", ended_at=now, error=ORCHESTRATOR_LOST)
         )
         session.execute(
             update(RunRow).where(RunRow.id == row.id, RunRow.owner == row.owner, RunRow.lease_expires_at < now)
