@@ -61,11 +61,6 @@ def sleep(seconds: float) -> int:
     return os.getpid()
 
 
-def late_child(text: str, seconds: float) -> None:
-    """End at once, leaving a child process that prints `text` after `seconds` (to this step's output)."""
-    subprocess.Popen(["sh", "-c", 'sleep "$1"; echo "$2"', "sh", str(seconds), text])
-
-
 def sleep_with_child(seconds: float, pid_file: str) -> None:
     child = subprocess.Popen(["sleep", str(seconds)])
     with open(pid_file, "w") as fh:

@@ -14,10 +14,11 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from skyloop.config import ExecutionSettings, Settings
-from skyloop.execution.loading import resolve
+from skyloop.execution.loading import load_file_module, resolve
 from skyloop.execution.tasks import (
     Element,
     Gathered,
@@ -33,7 +34,8 @@ from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 
 __all__ = ["execute", "load_function", "load_input", "step_context_of"]
 
-_functions: dict[tuple[str, bytes | None], Callable[..., Any]] = {}
+_functions: dict[tuple[str, bytes | None], tuple[Callable[..., Any], ModuleType | None]] = {}
+"""(step path, pickled function) -> the function, and the `.py` file module it was taken from (if any)."""
 _settings: dict[tuple[str, str | None, str], Settings] = {}
 _mapped: OrderedDict[str, Any] = OrderedDict()
 """Digest -> the loaded list a `.map` fans out over (the last few, newest last): without it, every unit
@@ -46,15 +48,23 @@ _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
 
 
 def load_function(launch: TaskLaunch) -> Callable[..., Any]:
-    """The plain function behind the launch's step (cached per process)."""
+    """The plain function behind the launch's step (cached per process).
+
+    A step from a `.py` file is taken from the file as it is now: if the file has changed since the
+    function was cached, it is imported again (see `load_file_module`), as a new process would.
+    """
     key = (launch.step.path, launch.fn_payload)
-    fn = _functions.get(key)
-    if fn is None:
-        obj = pickle.loads(launch.fn_payload) if launch.fn_payload is not None else resolve(launch.step)
-        fn = getattr(obj, "fn", obj)  # a @step object wraps the user's function
-        if not callable(fn):
-            raise TypeError(f"{launch.step.path} is not callable")
-        _functions[key] = fn
+    module = None
+    if launch.fn_payload is None and launch.step.module.endswith(".py"):
+        module = load_file_module(launch.step.module)
+    cached = _functions.get(key)
+    if cached is not None and cached[1] is module:
+        return cached[0]
+    obj = pickle.loads(launch.fn_payload) if launch.fn_payload is not None else resolve(launch.step)
+    fn: Callable[..., Any] = getattr(obj, "fn", obj)  # a @step object wraps the user's function
+    if not callable(fn):
+        raise TypeError(f"{launch.step.path} is not callable")
+    _functions[key] = (fn, module)
     return fn
 
 

@@ -18,6 +18,7 @@ import psutil
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
+from skyloop.execution.procworker import descendants
 from skyloop.spec.resources import format_memory
 
 __all__ = ["GpuPool", "MemoryWatch", "resident"]
@@ -92,7 +93,9 @@ class MemoryWatch:
     copy-on-write and resident sizes count those once per process; so when the sum passes the limit
     and there are descendants, it is measured again with their proportional set sizes (PSS, a page
     shared by n processes counts 1/n), which costs milliseconds, hence only then. A descendant
-    whose parent exited is adopted by init and no longer counted.
+    whose parent exited is adopted by the worker (a child subreaper, on Linux) and still counted.
+    Each attempt counts only its own processes: the worker ends what an attempt left running before
+    it reports the attempt's end (see `skyloop.execution.procworker.end_leftovers`).
     """
 
     def __init__(self, pid: int, request: int, margin: float, baseline: int) -> None:
@@ -172,35 +175,6 @@ def resident(pid: int) -> int | None:
         return None
 
 
-def descendants(pid: int) -> list[int]:
-    """Process ids of the children of `pid`, their children and so on (empty if it is gone).
-
-    Linux lists each thread's children in `/proc/PID/task/TID/children`: reading those costs
-    microseconds, where psutil scans every process on the machine (milliseconds).
-    """
-    if not _has_children_files():
-        try:
-            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-        except psutil.Error:
-            return []
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            threads = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in threads:
-            try:
-                kids = [int(text) for text in _read(f"/proc/{parent}/task/{tid}/children").split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 def _proportional(pid: int) -> int | None:
     try:
         text = _read(f"/proc/{pid}/smaps_rollup")
@@ -232,11 +206,6 @@ def _read(path: str) -> bytes:
 @functools.cache
 def _has_proc() -> bool:
     return os.path.exists(f"/proc/{os.getpid()}/statm")
-
-
-@functools.cache
-def _has_children_files() -> bool:
-    return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
 
 
 def _mi(n: int) -> str:

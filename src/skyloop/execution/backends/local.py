@@ -3,6 +3,9 @@
 The pool grows on demand up to `max_workers` and keeps idle workers warm; a launch that finds no
 free worker waits in a queue. A task's timeout counts from when its worker is up. Timeouts,
 cancels and crashes cost the worker (it is killed with its process group and replaced lazily).
+An attempt that ends on its own leaves the worker warm but nothing else: before answering, the
+worker kills what the step left running (`procworker.end_leftovers`), and it imports a step's
+`.py` file again if the file has changed since (`loading.load_file_module`).
 How one worker process is started and reaped lives in `_worker_process`; what runs inside it in
 `skyloop.execution.procworker`; the GPU pool and memory sampling in `limits`. Unix only.
 
