@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from skyloop.config import Settings
 from skyloop.deploy.gateway import Endpoint, Gateway, Pool
 from skyloop.deploy.pools import served_version
 from skyloop.deploy.spec import RouterSpec
+from skyloop.deploy.traffic import Traffic
 from skyloop.serving import DataPlane, create_app
 from skyloop.serving.spec import GraphNode, ServeSpec
 
@@ -96,9 +98,10 @@ async def _replica(settings: Settings, folder: Path, implementation: str, versio
 
 
 @contextlib.asynccontextmanager
-async def _gateway(pools: dict[str, tuple[str, int]], weights: dict[str, float]) -> AsyncIterator[tuple[Gateway, str]]:
+async def _gateway(pools: dict[str, tuple[str, int]], weights: dict[str, float],
+                   router: RouterSpec | None = None) -> AsyncIterator[tuple[Gateway, str]]:
     """A gateway for deployment `dep` over `pools` (predictor -> (pinned version, replica port))."""
-    gateway = Gateway("dep", RouterSpec(), weights)
+    gateway = Gateway("dep", router or RouterSpec(), weights)
     for name, (version, port) in pools.items():
         gateway.pools[name] = Pool(name, version, [Endpoint(name, 0, port)])
     try:
@@ -180,6 +183,41 @@ def test_a_model_output_the_protocol_cannot_carry_is_a_server_error_at_the_gatew
             assert (window.requests, window.errors) == (3, 3)  # a broken canary does not look healthy
             _, metrics = await _get(url + "/metrics")
             assert _requests_counted(metrics, "canary") == {"500": 3.0}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("router", [RouterSpec(type="epsilon_greedy", epsilon=0.1), RouterSpec(type="thompson")])
+def test_a_bandit_learns_to_avoid_an_arm_whose_every_answer_is_a_server_error(settings: Settings, nodes: Path,
+                                                                               router: RouterSpec) -> None:
+    async def scenario() -> None:
+        async with _replica(settings, nodes, "Constant", "1", label=0) as good, \
+                _replica(settings, nodes, "Complex", "2") as broken, \
+                _gateway({"good": ("iris/1", good), "broken": ("iris/2", broken)}, {"good": 0, "broken": 0},
+                         router) as (gateway, url):
+            gateway.traffic = Traffic(router, {"good": 0, "broken": 0}, rng=random.Random(0))  # reproducible
+            base = url + "/v2/models/dep"
+            answered: list[str] = []
+
+            async def client() -> None:
+                for _ in range(60):
+                    status, headers, doc = await _post(base + "/infer", INFER)
+                    answered.append(headers["skyloop-predictor"])
+                    if status == 200:  # every answer gets its label: the good arm's are all correct
+                        feedback = orjson.dumps({"id": doc["id"], "truth": 0})
+                        assert (await _post(base + "/feedback", feedback))[0] == 200
+                    else:
+                        assert (status, headers["skyloop-predictor"]) == (500, "broken"), doc
+
+            await asyncio.gather(*(client() for _ in range(5)))
+            failed = answered.count("broken")
+            assert answered[-100:].count("broken") <= 15, answered
+            arms = gateway.traffic.arms()
+            assert arms["broken"] == {**arms["broken"], "pulls": failed, "feedback": 0, "errors": failed,
+                                      "mean_reward": 0.0}
+            assert arms["good"]["mean_reward"] == 1.0 and arms["good"]["errors"] == 0
+            _, metrics = await _get(url + "/metrics")
+            assert _requests_counted(metrics, "broken") == {"500": float(failed)}
 
     asyncio.run(scenario())
 

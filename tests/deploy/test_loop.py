@@ -15,6 +15,8 @@ import pytest
 from deploy_support import Env, Load
 from tests_support import write
 
+from skyloop.deploy.loop import gate_failures
+from skyloop.deploy.spec import GateSpec
 from skyloop.registry.registry import resolve
 from skyloop.registry.uri import parse_model_ref
 from skyloop.store.workspace import Workspace
@@ -62,6 +64,20 @@ def loop_spec(name: str, cooldown: str) -> dict[str, Any]:
 
 def fired(env: Env, name: str) -> list[Any]:
     return [e for e in env.history(name) if e.kind == "loop.fired"]
+
+
+@pytest.mark.parametrize(("champion", "challenger", "gate", "failures"), [
+    # Scores are shares of a holdout, as the gate computes them: 0.80 + 0.05 is 0.8500000000000001 in floats.
+    (80 / 100, 85 / 100, {"min_delta": 0.05}, []),
+    (16 / 20, 17 / 20, {"min_delta": 0.05}, []),
+    (80 / 100, 84 / 100, {"min_delta": 0.05}, ["challenger accuracy 0.840 < champion 0.800 + 0.05"]),
+    (80 / 100, 58 / 100, {"min": 0.58, "min_delta": -0.3}, []),
+    (80 / 100, 57 / 100, {"min": 0.58}, ["challenger accuracy 0.570 < min 0.58",
+                                         "challenger accuracy 0.570 < champion 0.800 + 0"]),
+])
+def test_the_gate_holds_its_bounds_as_written_despite_float_rounding(
+        champion: float, challenger: float, gate: dict[str, float], failures: list[str]) -> None:
+    assert gate_failures(GateSpec.model_validate(gate), champion, challenger) == failures
 
 
 def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: Env) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
 
 from skyloop.deploy.analysis import Window
 from skyloop.deploy.rollout import Phase, Rollout, Transition
@@ -157,3 +160,56 @@ def test_quality_from_feedback_decides() -> None:
         canary.add_feedback(correct=i % 2 == 0)    # 0.5
     moves = run(r, 10, {"stable": stable, "canary": canary})
     assert moves[-1].kind == "rolled_back" and "accuracy" in moves[-1].reason
+
+
+
+def resumed(r: Rollout, saved_at: float, now: float) -> Rollout:
+    """The rollout a controller started later makes, at `now` on its own clock, of what `r` saved at `saved_at`."""
+    again = Rollout.resume(r.spec, json.loads(json.dumps(r.saved(saved_at))), now)
+    assert again is not None
+    return again
+
+
+def test_a_restarted_controller_goes_on_at_the_step_and_time_it_saved() -> None:
+    steps = {"strategy": "canary", "steps": [{"weight": 20, "duration": 60}, {"pause": {}},
+                                             {"weight": 60, "duration": 60}]}
+    r = Rollout(spec(steps, failure_limit=3), 0.0)
+    r.start(0.0)
+    r.command("promote", 1.0)
+    # Paused at step 2/3 until promoted: still so after a restart.
+    paused = resumed(r, 2.0, 1000.0)
+    assert (paused.step, paused.phase, paused.waiting, paused.weights) == (1, Phase.PAUSED, True, r.weights)
+    assert run(paused, 1200.0, healthy(), start=1000.0) == []
+    r.command("promote", 3.0)
+    assert r.tick(4.0, {"stable": window(200), "canary": window(100, errors=30)})[0].kind == "analysis.failed"
+    assert run(r, 23.0, healthy(), start=5.0, step=1.0) == []
+    # 20s of the step's 60 and the failed check are kept: the canary is not sent back to 20% and step 1.
+    later = resumed(r, 23.0, 5000.0)
+    assert (later.step, later.phase, later.failures, later.waiting) == (2, Phase.PROGRESSING, 1, False)
+    assert later.weights == {"canary": 60.0, "stable": 40.0} and later.mirrors == {}
+    promoted_at = next(t for t in range(5000, 5100) if later.tick(float(t), healthy()))
+    assert promoted_at == 5040 and later.phase is Phase.HEALTHY
+    # Saved a moment before its end, the step gets one analysis interval (1s) of fresh windows to be judged on.
+    assert resumed(r, 62.9, 5000.0).step_started == 5000.0 - 59.0
+
+
+def test_a_restarted_controller_keeps_a_preview_and_a_finished_rollout() -> None:
+    r = Rollout(spec({"strategy": "blue_green", "preview": 30}), 0.0)
+    r.start(0.0)
+    preview = resumed(r, 10.0, 500.0)
+    assert (preview.step, preview.mirrors, preview.weights) == (0, {"canary": 1.0}, {"canary": 0.0, "stable": 100.0})
+    assert [t.kind for t in run(preview, 600.0, healthy(), start=500.0)] == ["promoted"]
+    r.command("rollback", 11.0)
+    ended = resumed(r, 12.0, 500.0)
+    assert ended.done and ended.phase is Phase.DEGRADED and ended.weights == {"canary": 0.0, "stable": 100.0}
+    assert run(ended, 600.0, healthy(), start=500.0) == [] and ended.command("promote", 601.0) == []
+
+
+@pytest.mark.parametrize("change", [
+    {"target": "stable"}, {"strategy": "blue_green"}, {"step": 5}, {"step": -1}, {"phase": "Lost"},
+    {"weights": {"canary": 10.0}}, {"elapsed": "1m"}, {"mirrors": {"stable": 1.0}},
+])
+def test_a_saved_rollout_that_does_not_fit_the_spec_is_started_afresh(change: dict[str, Any]) -> None:
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    assert Rollout.resume(r.spec, {**r.saved(1.0), **change}, 10.0) is None

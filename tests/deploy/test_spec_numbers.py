@@ -58,6 +58,25 @@ def test_a_deployment_spec_refuses_numbers_that_are_not_finite(doc: dict[str, An
         load_deployment_spec(doc)
 
 
+LOOP = {"name": "d", "predictors": TWO[:1]}
+RETRAIN = {"pipeline": "train.py:train", "model": "iris"}
+
+
+@pytest.mark.parametrize(("loop", "message"), [
+    ({"triggers": {"on": [{"quality_below": NAN}]}, "retrain": RETRAIN},
+     "loop.triggers.on.0.quality_below: Input should be a finite number"),
+    ({"log": {"flush_seconds": INF}}, "loop.log.flush_seconds: Input should be a finite number"),
+    ({"log": {"sample": NAN}}, "loop.log.sample: Input should be a finite number"),
+    ({"drift": {"tests": {"features": {"x": {"threshold": INF}}}}},
+     "loop.drift.tests.features.x.threshold: Input should be a finite number"),
+    ({"drift": {"tests": {"share": NAN}}}, "loop.drift.tests.share: Input should be a finite number"),
+])
+def test_the_monitoring_specs_a_loop_embeds_refuse_numbers_that_are_not_finite(loop: dict[str, Any],
+                                                                               message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+        load_deployment_spec({**LOOP, "loop": loop})
+
+
 def test_a_finite_spec_survives_the_json_the_controller_stores() -> None:
     doc = canary({"weight": 10, "duration": "1h"})
     doc["analysis"] = {"interval": "250ms", "metrics": [{"name": "error_rate", "max": 0.05}]}

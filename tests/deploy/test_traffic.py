@@ -91,15 +91,38 @@ def test_epsilon_greedy_converges_to_the_better_arm(seed: int) -> None:
     assert chosen[-1_000:].count("good") >= 850  # about 1 - epsilon/2 = 95%
 
 
-def test_epsilon_greedy_tries_unrewarded_arms_first() -> None:
-    traffic = Traffic(RouterSpec(type="epsilon_greedy", epsilon=0.0), {"a": 0, "b": 0, "c": 0},
-                      rng=random.Random(5))
-    traffic.reward("a", 1.0)
-    assert set(draws(traffic, 200)) == {"b", "c"}
-    traffic.reward("b", 0.0)
-    assert set(draws(traffic, 200)) == {"c"}
-    traffic.reward("c", 0.5)
-    assert set(draws(traffic, 200)) == {"a"}
+def test_epsilon_greedy_leaves_unrewarded_arms_to_exploration() -> None:
+    greedy = Traffic(RouterSpec(type="epsilon_greedy", epsilon=0.0), {"a": 0, "b": 0, "c": 0},
+                     rng=random.Random(5))
+    assert set(draws(greedy, 200)) == {"a", "b", "c"}  # nothing rewarded yet: every arm is as good
+    greedy.reward("b", 0.0)
+    assert set(draws(greedy, 200)) == {"b"}  # the only arm known, however bad, until another is rewarded
+    greedy.reward("a", 1.0)
+    assert set(draws(greedy, 200)) == {"a"}
+    exploring = Traffic(RouterSpec(type="epsilon_greedy", epsilon=0.3), {"a": 0, "b": 0, "c": 0},
+                        rng=random.Random(5))
+    exploring.reward("a", 0.2)
+    exploring.reward("b", 0.1)
+    # c has had no feedback (it is new, or its feedback is on its way): it gets its share of exploration only.
+    assert draws(exploring, 20_000)["c"] / 20_000 == pytest.approx(0.1, abs=0.015)
+
+
+@pytest.mark.parametrize(("router", "most"), [(GREEDY, 0.1), (THOMPSON, 0.03)])
+def test_an_arm_whose_every_answer_fails_loses_its_traffic(router: RouterSpec, most: float) -> None:
+    traffic = Traffic(router, {"broken": 0, "good": 0}, rng=random.Random(1))
+    rng = random.Random(0)
+    chosen = []
+    for _ in range(5_000):
+        name = traffic.choose()
+        if name == "broken":
+            traffic.fail(name)  # a 5xx: no answer, so no feedback
+        else:
+            traffic.reward(name, 1.0 if rng.random() < 0.9 else 0.0)
+        chosen.append(name)
+    assert chosen[-2_000:].count("broken") / 2_000 <= most
+    broken = traffic.arms()["broken"]
+    assert broken["errors"] == broken["pulls"] == chosen.count("broken") and broken["feedback"] == 0
+    assert broken["mean_reward"] == 0.0
 
 
 def test_epsilon_greedy_explores_epsilon_of_requests() -> None:
@@ -128,7 +151,7 @@ def test_thompson_fractional_rewards_are_clipped_probabilities() -> None:
     traffic = Traffic(THOMPSON, {"a": 0}, rng=random.Random(0))
     for value in (0.25, 2.0, -1.0):
         traffic.reward("a", value)
-    assert traffic.arms()["a"] == {"pulls": 0, "feedback": 3, "mean_reward": pytest.approx(1.25 / 3),
+    assert traffic.arms()["a"] == {"pulls": 0, "feedback": 3, "errors": 0, "mean_reward": pytest.approx(1.25 / 3),
                                    "alpha": 2.25, "beta": 2.75}
 
 
@@ -140,7 +163,7 @@ def test_set_weights_keeps_stats_of_arms_that_stay() -> None:
     arms = traffic.arms()
     assert set(arms) == {"a", "c"}
     assert arms["a"]["alpha"] == 2.0
-    assert arms["c"] == {"pulls": 0, "feedback": 0, "mean_reward": None, "alpha": 1.0, "beta": 1.0}
+    assert arms["c"] == {"pulls": 0, "feedback": 0, "errors": 0, "mean_reward": None, "alpha": 1.0, "beta": 1.0}
     traffic.set_weights({"a": 0, "b": 0})
     assert traffic.arms()["b"]["feedback"] == 0  # a removed arm comes back fresh
 
@@ -149,10 +172,12 @@ def test_rewards_ignored_for_unknown_predictors_and_the_weighted_router() -> Non
     bandit = Traffic(GREEDY, {"a": 0}, rng=random.Random(0))
     bandit.reward("ghost", 1.0)
     bandit.reward("a", float("nan"))
+    bandit.fail("ghost")
     assert set(bandit.arms()) == {"a"}
     assert bandit.arms()["a"]["feedback"] == 0
     weighted = Traffic(WEIGHTED, {"a": 100})
     weighted.reward("a", 1.0)
+    weighted.fail("a")
     assert weighted.arms() == {"a": {"pulls": 0, "weight": 100.0}}
 
 

@@ -17,13 +17,13 @@ import numpy as np
 
 from skyloop.deploy.spec import MetricCheck
 
-__all__ = ["MAX_LATENCIES", "Analysis", "MetricResult", "Verdict", "Window", "analyse", "same_answer"]
+__all__ = ["MAX_LATENCIES", "SLACK", "Analysis", "MetricResult", "Verdict", "Window", "analyse", "same_answer"]
 
 MAX_LATENCIES = 20_000
 """Latencies a window keeps (a uniform reservoir sample of all its requests)."""
 
-# Bounds are compared with this slack so that e.g. 0.90 >= 0.92 - 0.02 holds despite float rounding.
-_SLACK = 1e-9
+SLACK = 1e-9
+"""Bounds are compared with this slack, so that e.g. 0.90 >= 0.92 - 0.02 holds despite float rounding."""
 
 _UNITS = {"error_rate": "requests", "latency_p99": "requests", "accuracy": "labelled answers",
           "mean_reward": "rewarded answers"}
@@ -171,11 +171,11 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
     failures: list[str] = []
     if check.max is not None:
         bounds.append(f"<= {_num(check.max)}")
-        if value is not None and value > check.max + _SLACK:
+        if value is not None and value > check.max + SLACK:
             failures.append(f"> max {_num(check.max)}")
     if check.min is not None:
         bounds.append(f">= {_num(check.min)}")
-        if value is not None and value < check.min - _SLACK:
+        if value is not None and value < check.min - SLACK:
             failures.append(f"< min {_num(check.min)}")
     if check.max_ratio is not None:
         if base is None or not have_base:
@@ -184,7 +184,7 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
             # With a stable value of 0 the limit is 0: only a target at 0 too passes.
             limit = check.max_ratio * base
             bounds.append(f"<= {_num(check.max_ratio)}x stable ({_num(limit)})")
-            if value is not None and value > limit + _SLACK:
+            if value is not None and value > limit + SLACK:
                 failures.append(f"> {_num(check.max_ratio)}x stable {_num(base)} ({_num(limit)})")
     if check.max_drop is not None:
         if base is None or not have_base:
@@ -192,7 +192,7 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
         else:
             limit = base - check.max_drop
             bounds.append(f">= stable - {_num(check.max_drop)} ({_num(limit)})")
-            if value is not None and value < limit - _SLACK:
+            if value is not None and value < limit - SLACK:
                 failures.append(f"< stable {_num(base)} - {_num(check.max_drop)} ({_num(limit)})")
 
     def result(passed: bool | None) -> MetricResult:

@@ -13,6 +13,11 @@ the old one drains until its in-flight requests are answered), then the old host
 A canary or blue-green target is started first, then walked by `rollout.Rollout`; on promotion the
 registry alias named by `promote_alias` moves to the target's model version and the old stable
 predictor's replicas stop; on rollback the target's replicas stop.
+
+A controller that takes over a deployment (after a restart, or from one that died) at the spec version the
+last one applied goes on with its rollout where it stood (`Rollout.resume`): in the middle of a step, or
+finished, when only the predictors that kept traffic are started again. Without a rollout (rolling updates,
+bandit routers) every predictor of the spec is started, as on a first start.
 """
 
 from __future__ import annotations
@@ -202,8 +207,10 @@ class DeploymentRunner:
     async def _apply(self, info: store.DeploymentInfo) -> None:
         old_spec, new_spec = self.spec if self.spec_version else None, DeploymentSpec.model_validate(info.spec)
         self.spec, self.spec_version = new_spec, info.spec_version
-        restored = self._restored_weights()
-        wanted = [p for p in new_spec.predictors if restored is None or restored.get(p.name, 0) > 0 or p.shadow]
+        resumed = self._resumed()
+        # A finished rollout left its loser (the target, or the old stable predictors) at 0%: it stays stopped.
+        wanted = [p for p in new_spec.predictors
+                  if resumed is None or not resumed.done or resumed.weights.get(p.name, 0) > 0 or p.shadow]
         changed = [p for p in wanted if p.name not in self.hosts or old_spec is None
                    or p.name not in {q.name for q in old_spec.predictors}
                    or not await self._serves_already(p, old_spec.predictor(p.name))]
@@ -226,7 +233,7 @@ class DeploymentRunner:
         for name in [n for n in hosts if n not in self.hosts]:
             await self._swap(name, hosts.pop(name))
         gone = [n for n in self.hosts if n not in {p.name for p in wanted}]
-        self._start_traffic(old_spec, restored)
+        self._start_traffic(old_spec, resumed)
         for name, host in hosts.items():
             await self._swap(name, host)
         for name in gone:
@@ -234,8 +241,12 @@ class DeploymentRunner:
         self._start_loop(old_spec)
         self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
                       f"{self._split_text()}"
+        if resumed is not None and self.rollout is not None:
+            self.reason += f"; {self._resumed_text(self.rollout)}"
         if self.rollout is None:
             self.status = Phase.HEALTHY.value
+        elif self.rollout.step >= 0:  # a rollout that goes on (or ended): its phase, not "starting"
+            self.status = self.rollout.phase.value
         await self.event("reconciled", self.reason)
         if self.rollout is not None and self.rollout.step < 0:
             await self._transitions(self.rollout.start(time.monotonic()))
@@ -266,14 +277,31 @@ class DeploymentRunner:
 
             self.loop = Loop(self, self.spec.loop)
 
-    def _restored_weights(self) -> dict[str, float] | None:
+    def _resumed(self) -> Rollout | None:
+        """The rollout the controller before this one left at this spec version (None: start afresh)."""
         saved = self.saved_state.get("rollout") or {}
         self.saved_state = {}
-        if saved.get("spec_version") == self.spec_version and saved.get("phase") in (Phase.HEALTHY, Phase.DEGRADED):
-            return {k: float(v) for k, v in saved.get("weights", {}).items()}
-        return None
+        # Only a canary or blue-green rollout is resumed. The split of a rolling update or a bandit router is the
+        # spec's (a bandit's arms have no `traffic` at all): nothing of it is taken from a saved state.
+        if self.spec.rollout.strategy is Strategy.ROLLING or saved.get("spec_version") != self.spec_version \
+                or "target" not in saved:  # no rollout had begun (e.g. the spec version failed to apply)
+            return None
+        resumed = Rollout.resume(self.spec, saved, time.monotonic())
+        if resumed is None:
+            log.warning("%s: the saved rollout does not fit spec version %s; starting it afresh", self.name,
+                        self.spec_version)
+        return resumed
 
-    def _start_traffic(self, old: DeploymentSpec | None, restored: dict[str, float] | None) -> None:
+    def _resumed_text(self, rollout: Rollout) -> str:
+        if rollout.done:
+            return f"the rollout of {rollout.target} had ended {rollout.phase.value}"
+        steps = len(self.spec.rollout.steps)
+        where = "its preview" if self.spec.rollout.strategy is Strategy.BLUE_GREEN else \
+            f"step {rollout.step + 1}/{steps}"
+        return f"the rollout of {rollout.target} goes on at {where} ({rollout.phase.value}, " \
+               f"{time.monotonic() - rollout.step_started:.0f}s in, {rollout.failures} failed check(s))"
+
+    def _start_traffic(self, old: DeploymentSpec | None, resumed: Rollout | None) -> None:
         spec = self.spec
         shadows = self._spec_shadows(spec)
         rolling = spec.rollout.strategy is Strategy.ROLLING
@@ -282,9 +310,11 @@ class DeploymentRunner:
                         and not self.rollout.done and target is not None
                         and target in {p.name for p in old.predictors}
                         and _shape(old.predictor(target)) == _shape(spec.predictor(target)))
-        if restored is not None:
-            self.rollout = None
-            self.gateway.set_weights({k: v for k, v in restored.items() if k in self.hosts}, shadows)
+        if resumed is not None:
+            # Taken up again from the same point, now: the step's clock stood still while the predictors started.
+            self.rollout = Rollout.resume(spec, resumed.saved(resumed.last_check), time.monotonic()) or resumed
+            self.gateway.set_weights({k: v for k, v in resumed.weights.items() if k in self.hosts},
+                                     {**shadows, **resumed.mirrors})
         elif rolling:
             self.rollout = None
             self.gateway.set_weights(self._spec_weights(spec), shadows)
@@ -409,9 +439,7 @@ class DeploymentRunner:
         rollout = None
         if self.rollout is not None:
             r = self.rollout
-            rollout = {"strategy": self.spec.rollout.strategy.value, "target": r.target, "stable": r.stable,
-                       "phase": r.phase.value, "step": r.step, "failures": r.failures, "waiting": r.waiting,
-                       "weights": dict(r.weights), "spec_version": self.spec_version,
+            rollout = {**r.saved(time.monotonic()), "spec_version": self.spec_version,
                        "analysis": r.last.to_dict() if r.last else None}
         elif self.status in (Phase.HEALTHY, Phase.DEGRADED):
             rollout = {"phase": self.status, "weights": dict(self.gateway.weights), "spec_version": self.spec_version}

@@ -12,9 +12,10 @@ in the V2 response's `parameters`. Requests without an `id` get one, so that fee
 A request whose replica dies before answering (a broken connection, nothing received) is sent again
 to another replica of the same predictor: inference has no side effect. A request whose replica broke off
 an answer it had begun gets a 502 (it is not sent again), one left without a replica a 503; both count as
-errors of the predictor. A replica being drained gets no new requests and keeps its in-flight ones until
-they finish. Shadows get a copy of the request in the background; their answers are compared with later
-feedback and never reach the client.
+errors of the predictor, as does any 5xx of its replicas, and a bandit router takes each as a reward of 0.
+A replica being drained gets no new requests and keeps its in-flight ones until they finish. Shadows get
+a copy of the request in the background; their answers are compared with later feedback and never reach
+the client.
 """
 
 from __future__ import annotations
@@ -340,6 +341,8 @@ class Gateway:
             resp_headers, data, endpoint = {}, orjson.dumps({"error": str(exc)}), None
         seconds = time.perf_counter() - start
         self.window(predictor).add_request(seconds, status < 500)
+        if status >= 500:  # no answer to give feedback on: a bandit learns of the failure here, as a reward of 0
+            self.traffic.fail(predictor)
         self.metrics.requests.labels(self.deployment, predictor, str(status)).inc()
         self.metrics.latency.labels(self.deployment, predictor).observe(seconds)
         pool = self.pools.get(predictor)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from skyloop.deploy.analysis import same_answer
-from skyloop.deploy.spec import DeploymentSpec, LoopSpec, RolloutSpec, Strategy
+from skyloop.deploy.analysis import SLACK, same_answer
+from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
 from skyloop.monitoring.payloads import META, PayloadLog, count_feedback, labelled, read_payloads
 from skyloop.monitoring.triggers import Firing, Signals, Triggers
 
@@ -35,11 +35,24 @@ if TYPE_CHECKING:
 
     from skyloop.deploy.controller import DeploymentRunner
 
-__all__ = ["Loop"]
+__all__ = ["Loop", "gate_failures"]
 
 log = logging.getLogger("skyloop.deploy")
 
 _LABELS = ("truth", "reward")
+
+
+def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[str]:
+    """Why a challenger's holdout score fails the gate against the champion's (empty: it passes).
+
+    The bounds hold as written (`>=`) despite float rounding: 0.85 passes `min_delta: 0.05` over 0.80.
+    """
+    failures = []
+    if gate.min is not None and challenger < gate.min - SLACK:
+        failures.append(f"challenger accuracy {challenger:.3f} < min {gate.min:g}")
+    if challenger < champion + gate.min_delta - SLACK:
+        failures.append(f"challenger accuracy {challenger:.3f} < champion {champion:.3f} + {gate.min_delta:g}")
+    return failures
 
 
 class Loop:
@@ -294,12 +307,7 @@ class Loop:
             hits = [same_answer(p, t) for p, t in zip(np.asarray(predicted).tolist(), truth, strict=True)]
             scores[label] = sum(hits) / len(hits) if hits else 0.0
         gate = self.spec.gate
-        reasons = []
-        if gate.min is not None and scores["challenger"] < gate.min:
-            reasons.append(f"challenger accuracy {scores['challenger']:.3f} < min {gate.min:g}")
-        if scores["challenger"] < scores["champion"] + gate.min_delta:
-            reasons.append(f"challenger accuracy {scores['challenger']:.3f} < champion "
-                           f"{scores['champion']:.3f} + {gate.min_delta:g}")
+        reasons = gate_failures(gate, scores["champion"], scores["challenger"])
         blessed = not reasons
         reason = "; ".join(reasons) if reasons else (
             f"accuracy {scores['challenger']:.3f} vs champion {scores['champion']:.3f} on {len(holdout)} held-out "

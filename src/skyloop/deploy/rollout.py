@@ -14,10 +14,15 @@ the controller applies its weights). Semantics follow Argo Rollouts, with the ga
 - after the last step the target takes 100% (Healthy), and the controller moves the registry alias;
 - blue_green mirrors every request to the target for `preview` (answers discarded, metrics kept),
   then switches all traffic at once.
+
+A controller can be restarted at any moment: `saved()` is what it stores of a rollout (the step, the time
+spent in it, the failed checks, a pause), and `Rollout.resume` goes on from there instead of step 1.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -35,6 +40,10 @@ class Phase(StrEnum):
     PAUSED = "Paused"
     HEALTHY = "Healthy"
     DEGRADED = "Degraded"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -98,6 +107,47 @@ class Rollout:
             self.step_started = self.last_check = now
         return Transition(kind, self.phase, self.step, dict(self.weights), dict(self.mirrors), reason, metrics,
                           new_window)
+
+    def saved(self, now: float) -> dict[str, Any]:
+        """Where the rollout stands, JSON-able, for `Rollout.resume` in a controller started later."""
+        return {"strategy": self.spec.rollout.strategy.value, "target": self.target, "stable": self.stable,
+                "phase": self.phase.value, "step": self.step, "failures": self.failures, "waiting": self.waiting,
+                "weights": dict(self.weights), "mirrors": dict(self.mirrors),
+                "elapsed": max(0.0, now - self.step_started) if self.step >= 0 else 0.0}
+
+    @classmethod
+    def resume(cls, spec: DeploymentSpec, saved: Mapping[str, Any], now: float) -> Rollout | None:
+        """The rollout of `spec` as `saved()` left it, going on from `now` (None if it is not one of `spec`'s).
+
+        The step keeps the time it had run (a restart does not lengthen it, nor does the downtime count), its
+        failed checks and its pause. The windows it was judged on are gone with the controller that filled
+        them: it is judged on fresh ones, and so the step has at least one `analysis.interval` left.
+        """
+        rollout = cls(spec, now)
+        if not rollout._fits(saved):
+            return None
+        rollout.phase, rollout.step = Phase(saved["phase"]), int(saved["step"])
+        rollout.failures, rollout.waiting = int(saved.get("failures") or 0), bool(saved.get("waiting"))
+        rollout.weights = {n: float(w) for n, w in saved["weights"].items()}
+        rollout.mirrors = {n: float(f) for n, f in (saved.get("mirrors") or {}).items()}
+        elapsed = float(saved.get("elapsed") or 0.0)
+        end = rollout._step_end()
+        if end is not None and not rollout.done:
+            elapsed = min(elapsed, end - spec.analysis.interval)
+        rollout.step_started, rollout.last_check = now - max(0.0, elapsed), now
+        return rollout
+
+    def _fits(self, saved: Mapping[str, Any]) -> bool:
+        """Whether `saved` is a state of this rollout: the same strategy and target, a step it has, its weights."""
+        step, elapsed, weights, mirrors = (saved.get(k) for k in ("step", "elapsed", "weights", "mirrors"))
+        steps = 1 if self.spec.rollout.strategy is Strategy.BLUE_GREEN else len(self.spec.rollout.steps)
+        mirrors = {} if mirrors is None else mirrors
+        return (saved.get("strategy") == self.spec.rollout.strategy.value and saved.get("target") == self.target
+                and saved.get("phase") in {p.value for p in Phase} and type(step) is int and 0 <= step < steps
+                and (elapsed is None or _finite(elapsed))  # None: saved before `elapsed` was (at the step's start)
+                and isinstance(weights, dict) and set(weights) == set(self.weights)
+                and isinstance(mirrors, dict) and set(mirrors) <= {self.target}
+                and all(_finite(v) for v in (*weights.values(), *mirrors.values())))
 
     def start(self, now: float) -> list[Transition]:
         """The first transitions: the first canary step, or the blue-green preview."""

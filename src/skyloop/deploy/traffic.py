@@ -1,7 +1,12 @@
 """Which predictor answers a request, and which shadows see a copy: weighted splits and bandits.
 
 Pure: no I/O, no threads, no clocks. The gateway owns one `Traffic` per deployment and calls
-`choose` and `mirrors` per request, `reward` per feedback event, `set_weights` when a rollout step moves.
+`choose` and `mirrors` per request, `reward` per feedback event, `fail` per answer that failed (a 5xx: it
+gets no feedback, so a bandit learns of it only this way), `set_weights` when a rollout step moves.
+
+Epsilon-greedy exploits the best mean reward among the arms that have had any (all arms, before any has);
+an arm without rewards yet (a new one, or one whose feedback is still on its way) is tried by exploration,
+never handed the exploiting share on trust. Thompson sampling draws an unrewarded arm from its Beta(1, 1) prior.
 
 Sticky keys (the value of `RouterSpec.sticky_header`):
 
@@ -39,11 +44,13 @@ _UNIT = 2**53 + 2  # divides a 53-bit hash into a point strictly inside (0, 1)
 class _Arm:
     """Counters of one predictor (an arm, for bandits)."""
 
-    __slots__ = ("count", "failures", "pulls", "successes", "total")
+    __slots__ = ("count", "errors", "failures", "pulls", "successes", "total")
 
     def __init__(self) -> None:
         self.pulls = 0
         self.count = 0
+        """Rewards, failed answers (`errors`) included."""
+        self.errors = 0
         self.total = 0.0
         self.successes = 0.0
         self.failures = 0.0
@@ -138,6 +145,21 @@ class Traffic:
         arm = self._arms.get(predictor)
         if arm is None or self._kind is RouterKind.WEIGHTED or not math.isfinite(value):
             return
+        self._add(arm, value)
+
+    def fail(self, predictor: str) -> None:
+        """An answer of `predictor` failed (a server error): for bandits a reward of 0, counted in its `errors`.
+
+        A failed answer gets no feedback: without this, an arm that fails every request is never rewarded,
+        and the bandit never learns to avoid it. Ignored for unknown predictors and the weighted router.
+        """
+        arm = self._arms.get(predictor)
+        if arm is None or self._kind is RouterKind.WEIGHTED:
+            return
+        arm.errors += 1
+        self._add(arm, 0.0)
+
+    def _add(self, arm: _Arm, value: float) -> None:
         arm.count += 1
         arm.total += value
         clipped = min(1.0, max(0.0, value))
@@ -147,10 +169,11 @@ class Traffic:
             self._update_best()
 
     def arms(self) -> dict[str, dict[str, float | None]]:
-        """Per predictor, for status JSON: pulls, weight (weighted) or feedback and mean reward (bandits).
+        """Per predictor, for status JSON: pulls, weight (weighted) or feedback, errors and mean reward (bandits).
 
-        Thompson arms also show their Beta posterior `alpha` and `beta`. `mean_reward` is None
-        for an arm without feedback.
+        `errors` are failed answers, each counted as a reward of 0 in `mean_reward` (and in Thompson's
+        Beta posterior `alpha` and `beta`, which its arms also show). `mean_reward` is None for an arm
+        with neither feedback nor errors.
         """
         out: dict[str, dict[str, float | None]] = {}
         for name in self._names:
@@ -158,7 +181,8 @@ class Traffic:
             if self._kind is RouterKind.WEIGHTED:
                 out[name] = {"pulls": arm.pulls, "weight": self._weights[name]}
                 continue
-            stats: dict[str, float | None] = {"pulls": arm.pulls, "feedback": arm.count,
+            stats: dict[str, float | None] = {"pulls": arm.pulls, "feedback": arm.count - arm.errors,
+                                              "errors": arm.errors,
                                               "mean_reward": arm.total / arm.count if arm.count else None}
             if self._kind is RouterKind.THOMPSON:
                 stats["alpha"] = 1.0 + arm.successes
@@ -214,11 +238,14 @@ class Traffic:
         return name
 
     def _update_best(self) -> None:
-        """Epsilon-greedy's exploit set: arms never rewarded first, else those with the best mean."""
-        fresh = [name for name in self._names if not self._arms[name].count]
-        if fresh:
-            self._best = fresh
+        """Epsilon-greedy's exploit set: the rewarded arms with the best mean (every arm while none is rewarded).
+
+        An unrewarded arm is left to exploration: its feedback may be late or never come, and trusting it
+        meanwhile would hand it all the exploiting traffic, however bad it is.
+        """
+        means = {name: arm.total / arm.count for name in self._names if (arm := self._arms[name]).count}
+        if not means:
+            self._best = list(self._names)
             return
-        means = {name: self._arms[name].total / self._arms[name].count for name in self._names}
         top = max(means.values())
-        self._best = [name for name in self._names if means[name] == top]
+        self._best = [name for name in means if means[name] == top]

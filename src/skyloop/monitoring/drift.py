@@ -65,7 +65,8 @@ class FeatureDriftSpec(BaseModel):
     A named test fixes the kind: ks and wasserstein are numeric, the others categorical.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Finite numbers only, as in `deploy.spec`: NaN passes every bound and neither survives the stored JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["auto", "numeric", "categorical"] = "auto"
     test: FeatureTest = FeatureTest.AUTO
@@ -82,7 +83,7 @@ class FeatureDriftSpec(BaseModel):
 class DriftSpec(BaseModel):
     """Which features to check, how, and when the whole dataset counts as drifted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     features: dict[str, FeatureDriftSpec] = {}
     """Per-feature overrides; every name must be a reference column."""

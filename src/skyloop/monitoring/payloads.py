@@ -44,7 +44,8 @@ META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
 class LogSpec(BaseModel):
     """What a deployment logs."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Finite numbers only, as in `deploy.spec`: NaN passes every bound and neither survives the stored JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sample: float = Field(default=1.0, ge=0, le=1)
     """The share of inferences logged."""

@@ -22,7 +22,8 @@ __all__ = ["Condition", "Firing", "Signals", "Triggers", "TriggersSpec"]
 class Condition(BaseModel):
     """One condition; give exactly one field."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Finite numbers only, as in `deploy.spec`: NaN passes every bound and neither survives the stored JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     drift: bool | None = None
     """Dataset drift of the serving version's recent inputs against its training reference."""
@@ -55,7 +56,7 @@ class Condition(BaseModel):
 class TriggersSpec(BaseModel):
     """The `triggers` of a deployment's `loop`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     on: list[Condition] = Field(min_length=1)
     mode: Literal["any", "all"] = "any"
