@@ -15,6 +15,7 @@ import pytest
 from deploy_support import Env, Load
 from tests_support import write
 
+from skyloop.deploy.api import send_command
 from skyloop.deploy.loop import gate_failures
 from skyloop.deploy.spec import GateSpec
 from skyloop.registry.registry import resolve
@@ -151,3 +152,25 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert "models:/agent@champion moved from version 1 to version 2" in moved["reason"]
     promoted = next(e for e in events if e["kind"] == "promoted")
     assert promoted["versions"]["challenger"] == "agent/2" and promoted["weights"]["challenger"] == 100.0
+
+
+def test_the_loop_fires_nothing_over_its_canary_in_flight_and_follows_it_to_its_end(env: Env) -> None:
+    # A loop's canary (target `challenger`) that a restarted controller took up where it stood: the new loop
+    # must follow it, not fire a second iteration over it (its phase lived only in the old process's memory).
+    write(env.folder / "retrain.py", WORSE)
+    doc = loop_spec("guarded", cooldown="1s")
+    doc["loop"]["triggers"] = {"on": [{"schedule": "1s"}], "cooldown": "1s"}
+    doc["predictors"] = [{"name": "champion", "model_uri": "models:/iris@champion", "traffic": 100},
+                         {"name": "challenger", "model_uri": "models:/iris@champion", "traffic": 0}]
+    doc["rollout"] = {"strategy": "canary", "target": "challenger",
+                      "steps": [{"weight": 20, "duration": "1s"}, {"pause": {}}]}
+    env.apply(doc)
+    env.wait("guarded", lambda i: (i.state.get("loop") or {}).get("phase") == "rolling_out", 30,
+             "the loop following the canary")
+    time.sleep(3.0)  # three periods of the schedule trigger
+    assert fired(env, "guarded") == []
+    send_command(env.settings, "guarded", "promote_full")
+    env.wait("guarded", lambda i: "loop.finished" in [e.kind for e in env.history("guarded")], 60,
+             "the loop seeing the canary end")
+    env.wait("guarded", lambda i: bool(fired(env, "guarded")), 30, "the schedule firing once the rollout ended")
+    env.delete("guarded")

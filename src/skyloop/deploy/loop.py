@@ -42,6 +42,10 @@ log = logging.getLogger("skyloop.deploy")
 _LABELS = ("truth", "reward")
 
 
+CHALLENGER = "challenger"
+"""The predictor name of the model a loop rolls out (its canary's target)."""
+
+
 def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[str]:
     """Why a challenger's holdout score fails the gate against the champion's (empty: it passes).
 
@@ -84,18 +88,22 @@ class Loop:
             batch = self.payloads.take()
             await asyncio.to_thread(self.payloads.write, batch)
         now = time.monotonic()
-        if self.phase == "rolling_out" and self.runner.applied >= self.rollout_version:
-            rollout = self.runner.rollout
-            if rollout is None or rollout.done:
-                outcome = rollout.phase.value if rollout else "stopped"
-                await self.runner.event("loop.finished", f"loop iteration over: the challenger's rollout ended "
-                                                          f"{outcome}")
-                self._idle(now)
+        rollout = self.runner.rollout
+        busy = rollout is not None and not rollout.done
+        if self.phase == "watching" and busy and rollout is not None and rollout.target == CHALLENGER:
+            # This loop's canary, taken up where it stood by a restarted controller: follow it to its end
+            # (and its cooldown), never fire a second iteration over it.
+            self.phase, self.rollout_version = "rolling_out", self.runner.applied
+        if self.phase == "rolling_out" and self.runner.applied >= self.rollout_version and not busy:
+            outcome = rollout.phase.value if rollout else "stopped"
+            await self.runner.event("loop.finished", f"loop iteration over: the challenger's rollout ended "
+                                                      f"{outcome}")
+            self._idle(now)
         if now - self.last_check < self.spec.drift.every:
             return
         self.last_check = now
         signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
-        if self.triggers is None or self.phase != "watching":
+        if self.triggers is None or self.phase != "watching" or busy:  # not over a rollout in flight
             return
         firing = self.triggers.check(signals, now)
         if firing is not None:
@@ -329,11 +337,11 @@ class Loop:
         predictors = [
             template.model_copy(update={"name": "champion", "model_uri": f"models:/{champion}", "graph": None,
                                         "traffic": 100.0, "shadow": 0.0}),
-            template.model_copy(update={"name": "challenger", "model_uri": f"models:/{challenger}", "graph": None,
+            template.model_copy(update={"name": CHALLENGER, "model_uri": f"models:/{challenger}", "graph": None,
                                         "traffic": 0.0, "shadow": 0.0}),
             *(p for p in spec.predictors if p.shadow),
         ]
-        rollout = RolloutSpec(strategy=Strategy.CANARY, target="challenger", steps=self.spec.steps,
+        rollout = RolloutSpec(strategy=Strategy.CANARY, target=CHALLENGER, steps=self.spec.steps,
                               promote_alias=self.spec.champion_alias)
         new = DeploymentSpec.model_validate({**spec.model_dump(), "predictors": [p.model_dump() for p in predictors],
                                             "rollout": rollout.model_dump()})
