@@ -136,3 +136,65 @@ def test_an_agent_runs_the_edited_code_of_a_run_submitted_after_the_edit(pool: L
         assert old_pid == new_pid, "both runs should have used the same warm worker"
     finally:
         workspace.close()
+
+
+EDITED_MID_RUN = '''
+import os
+import time
+from pathlib import Path
+
+from skyloop import pipeline, step
+
+
+@step(cache=False)
+def first(x: int) -> int:
+    gate = Path(os.environ["GATE"])
+    while not gate.exists():  # the test edits `second` meanwhile
+        time.sleep(0.01)
+    return x
+
+
+@step
+def second(x: int) -> str:
+    return "{version}"
+
+
+@pipeline
+def edited(x: int = 1):
+    return second(first(x))
+'''
+
+
+def test_a_step_edited_during_its_run_is_cached_under_the_code_that_ran(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from skyloop import run
+
+    file = tmp_path / "edited.py"
+    file.write_text(EDITED_MID_RUN.format(version="old"))
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("GATE", str(gate))
+    settings = Settings.for_home(tmp_path / "home")
+
+    def edit() -> None:
+        time.sleep(0.3)  # while `first` waits
+        file.write_text(EDITED_MID_RUN.format(version="new"))
+        gate.touch()
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    result = run(load_file_module(file).edited, backend="inline", settings=settings)
+    editor.join()
+    result._ws.close()
+    assert result.status == "SUCCEEDED", result.error
+    assert result.output("second") == "new"
+    ws = Workspace.open(settings)
+    try:
+        with ws.db.read() as session:
+            from skyloop.store.models import StepRunRow
+
+            (row,) = session.query(StepRunRow).filter_by(task="second").all()
+    finally:
+        ws.close()
+    assert row.code_hash == code_hash(load_file_module(file).second.fn)  # the new code's, not the old

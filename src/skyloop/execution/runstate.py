@@ -16,8 +16,10 @@ from typing import Any, Protocol
 
 import cloudpickle
 
+from skyloop.errors import SpecError
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.history import Prior
+from skyloop.execution.loading import resolve
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.tasks import After, Element, Gathered, InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
@@ -102,6 +104,8 @@ class RunState:
                 self.dependents[dep].append(name)
         self.ready: deque[str] = deque(n for n in order if not self.tasks[n].waiting_on)
         self.payloads: dict[str, bytes | None] = {}
+        self._code: dict[str, str] = {}
+        """Task -> the code hash of its step as last activated (what its attempts record and are cached under)."""
         self.active_units = 0
         """Units queued, waiting to retry or running."""
         self.ahead: dict[str, Unit] = {}
@@ -198,7 +202,7 @@ class RunState:
         if task.map_over and not unit_inputs:  # a row says so: else the step would show PENDING for ever
             self._record_end(task, TaskState.SUCCEEDED, "mapped over an empty list: no unit to run")
             return self._complete(progress, TaskState.SUCCEEDED)
-        code = code_hash(self.steps[name].fn)
+        code = self._task_code(name)
         all_cached = True
         keyed: list[tuple[int, dict[str, InputValue], str | None]] = []
         for i, unit_in in enumerate(unit_inputs):
@@ -232,6 +236,25 @@ class RunState:
             return self._complete(progress, TaskState.CACHED if all_cached and progress.size else TaskState.SUCCEEDED)
         progress.state = TaskState.RUNNING
         self._notify(progress)
+
+    def _task_code(self, name: str) -> str:
+        """The code hash of the step as it runs now (kept for the task's launches)."""
+        code = self._code[name] = code_hash(self._current_fn(name))
+        return code
+
+    def _current_fn(self, name: str) -> Callable[..., Any]:
+        """The step's function as its file holds it now: workers import a `.py` file again once it changed
+        (see `skyloop.execution.loading`), so a step of a file edited during the run is keyed in the cache
+        by the code that runs, not by the code the run started with."""
+        step = self.steps[name]
+        ref = self.tasks[name].spec.step
+        if not (step.importable and ref.module.endswith(".py")):
+            return step.fn
+        try:
+            current = resolve(ref)
+        except SpecError:  # a broken edit: the worker reports it when it loads the step
+            return step.fn
+        return current.fn if isinstance(current, Step) else step.fn
 
     # -- launching ---------------------------------------------------------------------------------
     def _payload(self, name: str) -> bytes | None:
@@ -276,7 +299,8 @@ class RunState:
         task = unit.task
         self.recorder.attempt(run_id=self.run_id, step_run_id=unit.step_run_id, task=task.name,
                               map_index=unit.index, attempt=unit.attempt, state="RUNNING", step_ref=task.step.path,
-                              code_hash=code_hash(self.steps[task.name].fn), cache_key=unit.cache_key,
+                              code_hash=self._code.get(task.name) or self._task_code(task.name),
+                              cache_key=unit.cache_key,
                               resources=task.resources.model_dump(mode="json"), inputs=unit.inputs,
                               log_path=unit.log_path, estimate=self.estimate(unit),
                               input_bytes=input_bytes(unit.inputs))
@@ -304,7 +328,7 @@ class RunState:
             except KeyError:
                 continue
             after = After(key=unit.step_run_id, inputs=from_upstream, outputs=tuple(o.name for o in unit.task.outputs),
-                          code_hash=code_hash(self.steps[name].fn),
+                          code_hash=self._task_code(name),
                           cache_version=task.cache.version if task.cache.enabled else None)
             sent = self.ahead[name] = Unit(task, -1, known, None, seq=0)
             launches.append(self._build(sent, after))
@@ -321,7 +345,7 @@ class RunState:
             self.dropped.append(sent)
             return False  # activated as without lookahead, which records why
         del self.ahead[task.name]
-        code = code_hash(self.steps[task.name].fn)
+        code = self._code.get(task.name) or self._task_code(task.name)
         sent.cache_key = cache_key(code, task.cache.version, sent.inputs) if task.cache.enabled else None
         progress.size = 1
         self.active_units += 1
