@@ -14,7 +14,16 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from skyloop.config import Settings
-from skyloop.monitoring.payloads import META, LogSpec, PayloadLog, feature_rows, labelled, read_payloads
+from skyloop.monitoring.payloads import (
+    META,
+    LogSpec,
+    PayloadLog,
+    feature_column,
+    feature_rows,
+    input_name,
+    labelled,
+    read_payloads,
+)
 from skyloop.store.feedback import record_feedback
 from skyloop.store.models import PayloadSegmentRow
 from skyloop.store.workspace import Workspace
@@ -475,3 +484,26 @@ def test_labelled_without_feedback_is_empty_with_truth_and_reward(workspace: Wor
     nothing = labelled(workspace, "nobody")
     assert nothing.empty
     assert {"truth", "reward", *META} <= set(nothing.columns)
+
+
+def test_inputs_named_like_metadata_keep_the_metadata_and_their_values(workspace: Workspace) -> None:
+    log = _log(workspace)
+    inputs = [*_x(42.0, name="id"), *_x(1.5, name="version"), *_x(0.5)]
+    log.add("inf-1", "main", "v3", 0.01, inputs, None)
+    _flush(log)
+    _feedback(workspace, "inf-1", truth=1)
+    (row,) = read_payloads(workspace, DEPLOYMENT, version="v3").to_dict("records")
+    assert (row["id"], row["version"], row["input.id"], row["input.version"], row["x"]) == ("inf-1", "v3", 42.0,
+                                                                                          1.5, 0.5)
+    assert labelled(workspace, DEPLOYMENT)["truth"].tolist() == [1]
+    assert [input_name(c) for c in ("input.id", "input.version", "x", "input.x")] == ["id", "version", "x", "input.x"]
+    assert [feature_column(n) for n in ("id", "x")] == ["input.id", "x"]
+
+
+def test_a_segment_holds_at_most_flush_rows_requests(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=5, flush_seconds=3_600)
+    for i in range(12):
+        _add(log, f"i{i}", float(i))
+    assert _flush(log) == 12
+    assert [s.rows for s in _segments(workspace)] == [5, 5, 2]
+    assert read_payloads(workspace, DEPLOYMENT)["x"].tolist() == [float(i) for i in range(12)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from skyloop.monitoring.report import DPI, FIGSIZE, LoopReport, render_report
+from skyloop.monitoring.report import DPI, FIGSIZE, LoopReport, _named_version, render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -156,3 +156,13 @@ def test_renders_repeatably_from_threads(tmp_path: Path, rendered: tuple[Path, P
         data = (tmp_path / f"r{i}.png").read_bytes()
         assert png_size(data) == png_size(reference)
         assert abs(len(data) - len(reference)) <= 0.01 * len(reference)
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    ("iris/10 promoted to 100%", "iris/10"),
+    ("champion moved to models:/iris/1", "iris/1"),
+    ("spec version 2: iris/2 as a canary against iris/1", "iris/2"),
+    ("rolled back", ""),
+])
+def test_an_event_label_names_the_version_its_text_names_whole(text: str, version: str) -> None:
+    assert _named_version(text, ["iris/1", "iris/2", "iris/10"]) == version

@@ -89,7 +89,7 @@ def status(name: Annotated[str | None, typer.Argument(help="One deployment (defa
 
 
 @app.command()
-def history(name: Name, limit: Annotated[int | None, typer.Option(help="Only the last N events.")] = None,
+def history(name: Name, limit: Annotated[int | None, typer.Option(min=1, help="Only the last N events.")] = None,
             as_json: JsonOption = False,
             picture: Annotated[Path | None, typer.Option(help="Also draw it: DIR/NAME-history.png and .html.")] = None,
             ) -> None:

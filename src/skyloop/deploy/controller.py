@@ -551,9 +551,9 @@ class Controller:
 
     def _drop(self, info: store.DeploymentInfo) -> None:
         with self.workspace.db.session() as session:
-            store.record_event(session, info.name, info.spec_version, "stopped", "Stopped",
-                               reason="deployment deleted; replicas stopped")
-            store.drop_deployment(session, info.name, self.owner)
+            if store.drop_deployment(session, info.name, self.owner):  # else applied again meanwhile: started next
+                store.record_event(session, info.name, info.spec_version, "stopped", "Stopped",
+                                   reason="deployment deleted; replicas stopped")
 
     def _release(self) -> None:
         with contextlib.suppress(Exception), self.workspace.db.session() as session:

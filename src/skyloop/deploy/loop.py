@@ -27,7 +27,15 @@ import numpy as np
 
 from skyloop.deploy.analysis import SLACK, same_answer
 from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
-from skyloop.monitoring.payloads import META, PayloadLog, count_feedback, labelled, read_payloads
+from skyloop.monitoring.payloads import (
+    META,
+    PayloadLog,
+    count_feedback,
+    feature_column,
+    input_name,
+    labelled,
+    read_payloads,
+)
 from skyloop.monitoring.triggers import Firing, Signals, Triggers
 
 if TYPE_CHECKING:
@@ -170,8 +178,9 @@ class Loop:
             recent = read_payloads(self.workspace, self._name, since=since, version=version,
                                    last=self.spec.drift.window)
             if len(recent) >= self.spec.drift.tests.min_rows:
-                features = [c for c in reference.columns if c in recent.columns]
-                report = detect_drift(reference[features], recent[features], self.spec.drift.tests)
+                features = [c for c in reference.columns if feature_column(c) in recent.columns]
+                current = recent[[feature_column(c) for c in features]].set_axis(features, axis=1)
+                report = detect_drift(reference[features], current, self.spec.drift.tests)
                 if report.enough_data:
                     drift = report.dataset_drift
                     detail = f"{report.drifted}/{len(report.features)} features drift"
@@ -244,7 +253,7 @@ class Loop:
         folder = self.runner.folder / "loop"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"train-{int(time.time())}.parquet"
-        train_frame = train[features].assign(target=train["truth"].to_numpy())
+        train_frame = train[features].rename(columns=input_name).assign(target=train["truth"].to_numpy())
         await asyncio.to_thread(train_frame.to_parquet, path, index=False)
         await self.runner.event("loop.retraining", f"running {retrain.pipeline} on {len(train)} labelled rows "
                                                    f"({len(holdout)} held out for the gate)")
@@ -311,7 +320,7 @@ class Loop:
         truth = holdout["truth"].tolist()
         scores = {}
         for label, version in (("champion", champion), ("challenger", challenger)):
-            predicted = load_model(f"models:/{version}", settings).predict(holdout[features])
+            predicted = load_model(f"models:/{version}", settings).predict(holdout[features].rename(columns=input_name))
             hits = [same_answer(p, t) for p, t in zip(np.asarray(predicted).tolist(), truth, strict=True)]
             scores[label] = sum(hits) / len(hits) if hits else 0.0
         gate = self.spec.gate

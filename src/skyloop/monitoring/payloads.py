@@ -35,9 +35,23 @@ from skyloop.store.workspace import Workspace
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_rows", "labelled", "read_payloads"]
+__all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_column", "feature_rows", "input_name", "labelled",
+           "read_payloads"]
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
+_SHIFTED = "input."
+
+
+def feature_column(name: str) -> str:
+    """The column of model input `name` in a payload frame: its name, or `input.NAME` for an input named like a
+    metadata column (an input `id` must not overwrite the inference ids that feedback is joined on)."""
+    return _SHIFTED + name if name in META else name
+
+
+def input_name(column: str) -> str:
+    """The model input behind a payload frame's feature column (the inverse of `feature_column`)."""
+    name = column.removeprefix(_SHIFTED)
+    return name if name in META else column
 """The columns of a payload frame besides the features."""
 
 
@@ -140,12 +154,15 @@ class PayloadLog:
         return batch
 
     def write(self, batch: list[Any]) -> int:
-        """Write `batch` (from `take`) as one segment and index it; returns the requests written (worker thread)."""
+        """Write `batch` (from `take`) as segments of at most `flush_rows` requests and index them; returns the
+        requests written (worker thread)."""
+        size = self.spec.flush_rows
+        return sum(self._segment(batch[i:i + size]) for i in range(0, len(batch), size))
+
+    def _segment(self, batch: list[Any]) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not batch:
-            return 0
         ids, ats, predictors, versions, latencies, requests, responses = (list(c) for c in zip(*batch, strict=True))
         requests = [self._request(r) for r in requests]
         responses = [r if isinstance(r, bytes) else orjson.dumps({"outputs": r or []}) for r in responses]
@@ -208,9 +225,10 @@ def _expand(frame: pd.DataFrame) -> pd.DataFrame:
         if not rows:
             continue
         for name, values in columns.items():
-            features.setdefault(name, [None] * total).extend(values)
+            features.setdefault(feature_column(name), [None] * total).extend(values)
+        shifted = {feature_column(name) for name in columns}
         for name, values in features.items():
-            if name not in columns:
+            if name not in shifted:
                 values.extend([None] * rows)
         meta["id"].extend([inference_id] * rows)
         meta["row"].extend(range(rows))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,13 @@ def _timeline_panel(ax: Axes, report: LoopReport, versions: list[str], colours: 
     ax.grid(axis="x", alpha=0.3)
 
 
+def _named_version(text: str, versions: list[str]) -> str:
+    """The version an event's text names first, matched whole (`iris/1` is not in "iris/10 promoted")."""
+    found = [(m.start(), v) for v in versions
+             if (m := re.search(rf"(?<![\w.-]){re.escape(v)}(?![\w/.-])", text)) is not None]
+    return min(found)[1] if found else ""
+
+
 def _event_markers(axes: list[Axes], report: LoopReport, versions: list[str]) -> None:
     """Vertical lines across all panels for important events, short labels in the timeline's top lane."""
     marked = sorted((e for e in report.events if e[1] in EVENT_COLOURS), key=lambda e: e[0])
@@ -227,7 +235,7 @@ def _event_markers(axes: list[Axes], report: LoopReport, versions: list[str]) ->
         colour = EVENT_COLOURS[kind]
         for ax in axes:
             ax.axvline(t, color=colour, ls=":", lw=1.2, alpha=0.9)
-        version = next((v for v in versions if v in text), "")
+        version = _named_version(text, versions)
         label = f"{kind} {version}".strip()
         # Stagger labels over three heights so neighbouring events do not print on top of each other.
         timeline.annotate(

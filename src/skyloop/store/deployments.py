@@ -133,11 +133,16 @@ def delete_deployment(session: Session, name: str) -> None:
     record_event(session, name, row.spec_version, "deleted", row.status, reason="deletion requested")
 
 
-def drop_deployment(session: Session, name: str, owner: str | None) -> None:
-    """Remove a stopped deployment (its history stays); `owner` None: one that no controller holds."""
+def drop_deployment(session: Session, name: str, owner: str | None) -> bool:
+    """Remove a stopped deployment (its history stays); `owner` None: one that no controller holds. False when it
+    is not deleted any more (applied again while its replicas stopped): it stays, to be started again."""
     held = DeploymentRow.controller.is_(None) if owner is None else DeploymentRow.controller == owner
-    session.execute(delete(DeploymentRow).where(DeploymentRow.name == name, held))
+    gone = session.execute(delete(DeploymentRow).where(DeploymentRow.name == name, held,
+                                                       DeploymentRow.desired == "deleted"))
+    if not gone.rowcount:  # type: ignore[attr-defined]
+        return False
     session.execute(delete(DeploymentCommandRow).where(DeploymentCommandRow.deployment == name))
+    return True
 
 
 def claim_deployments(session: Session, owner: str, lease_seconds: float) -> list[str]:
@@ -182,7 +187,9 @@ def record_event(session: Session, name: str, spec_version: int, kind: str, stat
 
 
 def deployment_history(session: Session, name: str, limit: int | None = None) -> list[DeploymentEvent]:
-    """The transitions of `name`, oldest first (the last `limit` when given)."""
+    """The transitions of `name`, oldest first (the last `limit` when given, at least 1)."""
+    if limit is not None and limit < 1:
+        raise SpecError(f"limit must be at least 1 (the last N events), got {limit}")
     query = select(DeploymentEventRow).where(DeploymentEventRow.deployment == name)
     if limit is not None:
         query = query.order_by(DeploymentEventRow.id.desc()).limit(limit)
