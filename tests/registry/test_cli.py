@@ -81,6 +81,17 @@ def test_list_show_alias_tag(cli: Cli, two_versions: None) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("ref", ["iris@latest", "iris/latest", "models:/iris@latest"])
+def test_show_latest_is_the_newest_version_in_full(cli: Cli, two_versions: None, ref: str) -> None:
+    shown = cli("models", "show", ref, "--json")
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert (doc["name"], doc["version"], doc["run_id"]) == ("iris", 2, "run123")
+    assert "versions" not in doc
+    assert cli("models", "show", ref).stdout.startswith("models:/iris/2 ")
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(("args", "message"), [
     (("models", "show", "ghost"), "no model named 'ghost'"),
     (("models", "show", "iris/9"), "has no version 9"),

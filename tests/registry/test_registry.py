@@ -3,7 +3,10 @@ tamper refusal, garbage collection, lineage and the python flavor."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.linear_model import LogisticRegression
 from tests_support import age_blobs
 
@@ -33,6 +37,7 @@ from skyloop.registry.registry import (
     set_alias,
     set_tags,
 )
+from skyloop.registry.signature import infer_signature
 from skyloop.store.gc import collect_garbage
 from skyloop.store.models import Artifact, ArtifactPin
 from skyloop.store.workspace import Workspace
@@ -54,14 +59,17 @@ def test_log_model_infers_flavor_and_signature(classifier: LogisticRegression, d
     assert info.manifest.environment["scikit-learn"]
 
 
-def test_a_dataframe_example_gives_a_feature_matrix_signature(classifier: LogisticRegression, data: Data,
+def test_a_dataframe_example_gives_one_input_per_column(classifier: LogisticRegression, data: Data,
                                                               settings: Settings) -> None:
     X, _ = data
     frame = pd.DataFrame(X, columns=["a", "b", "c", "d"])
     fitted = LogisticRegression(max_iter=1000).fit(frame, data[1])
     info = log_model(fitted, "frame", input_example=frame.head(3), settings=settings)
     assert info.manifest.signature is not None
-    assert info.manifest.signature.inputs[0].shape == [-1, 4]
+    # One column per input even when every column has the same type: the server rebuilds the frame.
+    assert [(t.name, t.datatype, t.shape) for t in info.manifest.signature.inputs] == [
+        (c, "FP64", [-1]) for c in "abcd"]
+    assert info.manifest.signature.frame is True
     np.testing.assert_array_equal(load_model(info.uri, settings=settings).predict(frame), fitted.predict(frame))
 
 
@@ -174,6 +182,29 @@ def test_a_model_directory_with_an_altered_or_missing_file_is_refused(classifier
         load_model(folder)
 
 
+def test_a_model_directory_with_an_unlisted_file_is_refused(settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(load_model(log_model(Zeros(), "py", settings=settings).uri, settings=settings).path, folder)
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest["files"] = {}  # and now the pickle could say anything
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(IntegrityError, match=r"file python_model\.pkl in .* is not listed in model\.yaml"):
+        load_model(folder)
+    with pytest.raises(IntegrityError, match=r"not listed in model\.yaml"):
+        log_model(str(folder), "again", settings=settings)
+
+
+def test_re_registering_a_model_directory_with_a_new_reference_replaces_it(settings: Settings) -> None:
+    X = np.ones((10, 2))
+    first = load_model(log_model(Zeros(), "rr", input_example=X, reference=X, settings=settings).uri,
+                       settings=settings)
+    second = log_model(str(first.path), "rr2", reference=X * 2, settings=settings)
+    reference = pd.read_parquet(load_model(second.uri, settings=settings).path / "reference.parquet")
+    assert reference.columns.tolist() == ["input-0_0", "input-0_1"]
+    assert (reference.to_numpy() == 2.0).all()
+    assert second.files["reference.parquet"] != first.metadata.files["reference.parquet"]
+
+
 def test_gc_keeps_a_registered_models_artifacts(classifier: LogisticRegression, settings: Settings,
                                                 workspace: Workspace) -> None:
     info = log_model(classifier, "iris", settings=settings)
@@ -200,6 +231,73 @@ class Doubler:
 
     def predict(self, data: Any) -> Any:
         return np.asarray(data) * self.factor
+
+
+class Zeros:
+    """A user model with nothing to load, for any input."""
+
+    def predict(self, data: Any) -> Any:
+        return np.zeros(len(data))
+
+
+CUSTOM_ESTIMATOR = '''
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.linear_model import LinearRegression
+from sklearn.pipeline import make_pipeline
+from skyloop.registry import log_model
+
+class Doubler(BaseEstimator, TransformerMixin):
+    def fit(self, X, y=None):
+        return self
+
+    def transform(self, X):
+        return np.asarray(X) * 2
+
+X = np.arange(10.0).reshape(5, 2)
+print(log_model(make_pipeline(Doubler(), LinearRegression()).fit(X, X.sum(axis=1)), "custom", input_example=X).uri)
+'''
+
+
+@pytest.mark.integration
+def test_an_sklearn_model_with_a_class_of_the_training_script_loads_in_another_process(
+        settings: Settings, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(CUSTOM_ESTIMATOR)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env["SKYLOOP_HOME"] = str(settings.home)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["models:/custom/1"]
+    loaded = load_model("models:/custom/1", settings=settings)  # this process has no __main__.Doubler
+    assert loaded.flavor == "sklearn"
+    np.testing.assert_allclose(loaded.predict(np.array([[1.0, 2.0]])), [3.0])
+
+
+def test_an_importable_sklearn_model_is_still_saved_with_joblib(classifier: LogisticRegression,
+                                                                 settings: Settings) -> None:
+    assert set(log_model(classifier, "iris", settings=settings).files) == {"model.joblib", "model.yaml"}
+
+
+@pytest.mark.parametrize(("column", "datatype"), [
+    (pd.Categorical(["x", "y"]), "BYTES"),
+    (pd.Categorical([1, 2]), "INT64"),
+    (pd.array(["x", "y"], dtype="string"), "BYTES"),
+])
+def test_categorical_and_string_columns_have_a_datatype(column: Any, datatype: str, settings: Settings) -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0], "c": column})
+    info = log_model(Zeros(), "cols", input_example=frame[["a"]], settings=settings)
+    assert info.manifest.signature is not None and info.manifest.signature.frame is True
+    assert infer_signature(frame).inputs[1].model_dump() == {"name": "c", "datatype": datatype, "shape": [-1]}
+
+
+def test_a_column_of_no_v2_datatype_is_a_spec_error_naming_it(settings: Settings) -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0], "when": pd.to_datetime(["2020-01-01", "2020-01-02"])})
+    with pytest.raises(SpecError, match=r"column 'when': dtype datetime64\[ns\] has no V2 datatype"):
+        log_model(Zeros(), "dates", input_example=frame, settings=settings)
+    with pytest.raises(SpecError, match=r"not one rectangular array"):
+        infer_signature([[1, 2], [3]])
 
 
 def test_the_python_flavor_with_a_user_class(settings: Settings, tmp_path: Path) -> None:

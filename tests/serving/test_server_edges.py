@@ -145,6 +145,41 @@ def test_integers_that_do_not_fit_are_named(client: TestClient, datatype: str, d
 
 
 @pytest.mark.integration
+def test_a_model_that_selects_columns_by_name_is_served_from_a_frame_of_one_dtype(serve: Any,
+                                                                                   settings: Settings) -> None:
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from skyloop.registry import log_model
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=50), "b": rng.normal(size=50), "c": rng.normal(size=50)})
+    pipe = make_pipeline(ColumnTransformer([("s", StandardScaler(), ["a", "b"])]), LogisticRegression())
+    pipe.fit(frame, (frame.a > 0).astype(int))
+    log_model(pipe, "ct", input_example=frame.head(5), reference=frame, settings=settings)
+    # And a single column: still a frame for the model, not a bare 1-D array.
+    one = make_pipeline(ColumnTransformer([("s", StandardScaler(), ["a"])]), LogisticRegression())
+    log_model(one.fit(frame[["a"]], (frame.a > 0).astype(int)), "one", input_example=frame[["a"]].head(2),
+              settings=settings)
+    rows = frame.head(4)
+    with serve(settings, "models:/ct/1", "models:/one/1") as (_, port):
+        status, doc = post(f"http://127.0.0.1:{port}/v2/models/ct/infer", orjson.dumps({"inputs": [
+            {"name": c, "shape": [4], "datatype": "FP64", "data": rows[c].tolist()} for c in "abc"]}))
+        assert status == 200, doc
+        assert doc["outputs"][0]["data"] == pipe.predict(rows).tolist()
+        status, doc = post(f"http://127.0.0.1:{port}/v2/models/one/infer", orjson.dumps({"inputs": [
+            {"name": "a", "shape": [4], "datatype": "FP64", "data": rows["a"].tolist()}]}))
+        assert status == 200, doc
+        assert doc["outputs"][0]["data"] == one.predict(rows[["a"]]).tolist()
+    # Drift compares payload columns (one per input) with the reference: the same names.
+    reference = pd.read_parquet(settings.home / "models" / "ct" / "1" / "reference.parquet")
+    assert reference.columns.tolist() == ["a", "b", "c"]
+
+
+@pytest.mark.integration
 def test_columns_of_different_lengths_are_refused_naming_both(serve: Any, settings: Settings) -> None:
     import pandas as pd
     from sklearn.linear_model import LogisticRegression

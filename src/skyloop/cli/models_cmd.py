@@ -14,7 +14,7 @@ from skyloop.errors import SpecError
 from skyloop.registry.registry import delete_tag, get_model, list_models, list_versions, remove_alias, resolve
 from skyloop.registry.registry import set_alias as set_alias_row
 from skyloop.registry.registry import set_tags as set_tags_row
-from skyloop.registry.uri import parse_model_ref
+from skyloop.registry.uri import names_version, parse_model_ref
 from skyloop.store.workspace import Workspace
 
 __all__ = ["app"]
@@ -56,15 +56,16 @@ def show(
 ) -> None:
     """A model and its versions, or one version in full (its model.yaml, files and lineage)."""
     parsed = parse_model_ref(ref)
+    whole = not names_version(ref)  # NAME@latest is the newest version, in full
     workspace = _workspace()
     with workspace.db.read() as session:
-        if parsed.version is None and parsed.alias is None:
+        if whole:
             model = get_model(session, parsed.name)
             versions = list_versions(session, parsed.name)
         else:
             version = resolve(session, parsed)
     workspace.close()
-    if parsed.version is None and parsed.alias is None:
+    if whole:
         if as_json:
             print(json.dumps({**model.to_dict(), "versions": [v.to_dict() for v in versions]}, indent=2))
             return

@@ -133,6 +133,8 @@ def log_model(model: object, name: str, flavor: str | None = None,
     with tempfile.TemporaryDirectory(prefix="skyloop-model-") as tmp:
         root = Path(tmp)
         manifest = _package(model, root, name, flavor)
+        if reference is not None and manifest is not None:
+            (root / REFERENCE).unlink(missing_ok=True)  # a new reference replaces the copied directory's
         for target, source in (extra_files or {}).items():
             dest = root / target
             if dest.exists() or not dest.resolve().is_relative_to(root.resolve()):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import io
+import pickle
 import platform
 import shutil
 from abc import ABC, abstractmethod
@@ -80,22 +82,74 @@ def _wrap_load_errors(flavor: str, root: Path, exc: Exception) -> ModelLoadError
     return ModelLoadError(f"cannot load the {flavor} model in {root}: {type(exc).__name__}: {exc}")
 
 
+class _Sink(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+class _ByReferenceScan(pickle.Pickler):
+    """Pickles into nothing, noting the first class or function that only the saving process can import."""
+
+    def __init__(self) -> None:
+        super().__init__(_Sink(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.local: str | None = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if self.local is None and (isinstance(obj, type) or inspect.isfunction(obj)):
+            module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+            if module in (None, "__main__") or "<locals>" in qualname:
+                self.local = f"{module}.{qualname}"
+        return NotImplemented
+
+
+def _defined_locally(model: object) -> bool:
+    """Whether pickling `model` by reference would name code that other processes cannot import.
+
+    A custom estimator defined in the training script lives in `__main__`: joblib would record
+    `__main__.Doubler`, which no server has.
+    """
+    scan = _ByReferenceScan()
+    try:
+        scan.dump(model)
+    except Exception:  # e.g. a lambda or a local class, which pickle refuses outright
+        return True
+    return scan.local is not None
+
+
 class SklearnFlavor(Flavor):
-    """scikit-learn estimators and pipelines, saved with joblib."""
+    """scikit-learn estimators and pipelines, saved with joblib.
+
+    A model that uses code of the training script itself (a custom transformer defined in `__main__`, a
+    lambda) is pickled by value with cloudpickle instead, as `model.pkl`, so that other processes load it.
+    """
 
     name = "sklearn"
-    libraries = ("scikit-learn", "joblib", "numpy")
+    libraries = ("scikit-learn", "joblib", "numpy", "cloudpickle")
     FILE = "model.joblib"
+    BY_VALUE_FILE = "model.pkl"
 
     def accepts(self, model: object) -> bool:
         return any(cls.__module__.startswith("sklearn.") for cls in type(model).__mro__)
 
     def save(self, model: object, root: Path) -> None:
-        joblib.dump(model, root / self.FILE)
+        if not _defined_locally(model):
+            joblib.dump(model, root / self.FILE)
+            return
+        try:
+            data = cloudpickle.dumps(model)
+        except Exception as exc:
+            raise SpecError(f"cannot pickle the sklearn model {type(model).__name__}: {type(exc).__name__}: "
+                            f"{exc}; move its custom classes into an importable module") from exc
+        (root / self.BY_VALUE_FILE).write_bytes(data)
 
     def load(self, root: Path) -> Predictor:
         try:
-            model: Predictor = joblib.load(root / self.FILE)
+            by_value = root / self.BY_VALUE_FILE
+            model: Predictor = (cloudpickle.loads(by_value.read_bytes()) if by_value.is_file()
+                                else joblib.load(root / self.FILE))
         except Exception as exc:
             raise _wrap_load_errors(self.name, root, exc) from exc
         return model

@@ -53,6 +53,9 @@ class Signature(BaseModel):
 
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)
+    frame: bool | None = None
+    """True when the inputs are the columns of one table (inferred from a pandas frame): the server passes
+    the model a frame with these column names, even when there is only one column."""
 
 
 class Producer(BaseModel):
@@ -94,9 +97,9 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(root: Path) -> dict[str, str]:
-    """Relative POSIX path -> sha256 of every regular file under `root` except `model.yaml`, sorted."""
-    found: dict[str, str] = {}
+def _model_files(root: Path) -> dict[str, Path]:
+    """Relative POSIX path -> path of every regular file under `root` except `model.yaml`, sorted."""
+    found: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
             raise SpecError(f"model directory {root} holds a symbolic link {path.relative_to(root)}; "
@@ -104,8 +107,13 @@ def hash_files(root: Path) -> dict[str, str]:
         if path.is_file():
             rel = path.relative_to(root).as_posix()
             if rel != MANIFEST and "__pycache__" not in path.parts:
-                found[rel] = hash_file(path)
+                found[rel] = path
     return found
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """Relative POSIX path -> sha256 of every regular file under `root` except `model.yaml`, sorted."""
+    return {rel: hash_file(path) for rel, path in _model_files(root).items()}
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -146,7 +154,20 @@ def read_manifest(root: Path) -> ModelManifest:
 
 
 def verify_directory(root: Path, manifest: ModelManifest) -> None:
-    """Refuse a directory whose files are missing or differ from the hashes in its manifest."""
+    """Refuse a directory whose files are missing, differ from the hashes in its manifest, or are not listed.
+
+    An unlisted file is refused too: otherwise emptying `files:` in `model.yaml` would let any file load.
+    """
+    try:
+        present = _model_files(root)
+    except SpecError as exc:
+        raise IntegrityError(f"model {manifest.name!r}: {exc}") from exc
+    # `.tmp-` files are another process's `write_atomic` in flight, renamed to a listed name when done.
+    unlisted = sorted(rel for rel in present if rel not in manifest.files
+                      and not Path(rel).name.startswith(".tmp-"))
+    if unlisted:
+        raise IntegrityError(f"model {manifest.name!r}: file {unlisted[0]} in {root} is not listed in {MANIFEST}; "
+                             "remove it or register the model again")
     for rel, expected in manifest.files.items():
         path = root / rel
         if not path.is_file():

@@ -19,21 +19,40 @@ _BY_NAME: dict[str, Datatype] = {
 }
 
 
-def datatype_of(dtype: Any) -> Datatype:
-    """The V2 datatype of a numpy (or pandas) dtype; text, bytes and objects are BYTES."""
-    dt = np.dtype(dtype) if not hasattr(dtype, "numpy_dtype") else np.dtype(dtype.numpy_dtype)
+def datatype_of(dtype: Any, column: str | None = None) -> Datatype:
+    """The V2 datatype of a numpy (or pandas) dtype; text, bytes and objects are BYTES.
+
+    A pandas categorical takes its categories' datatype (strings: BYTES), a pandas string dtype is BYTES.
+    `column` names the column at fault in the error when there is no V2 datatype.
+    """
+    where = f"column {column!r}: " if column is not None else ""
+    categories = getattr(dtype, "categories", None)
+    if categories is not None and hasattr(dtype, "ordered"):  # pandas CategoricalDtype
+        return datatype_of(categories.dtype, column)
+    if getattr(dtype, "name", None) == "string" or type(dtype).__name__ == "StringDtype":
+        return "BYTES"
+    try:
+        dt = np.dtype(dtype) if not hasattr(dtype, "numpy_dtype") else np.dtype(dtype.numpy_dtype)
+    except TypeError as exc:
+        raise SpecError(f"{where}dtype {dtype} has no V2 datatype; cast the sample to a numeric, bool or "
+                        "string type") from exc
     if dt.kind in ("O", "U", "S"):
         return "BYTES"
     found = _BY_NAME.get(dt.name)
     if found is None:
-        raise SpecError(f"dtype {dt} has no V2 datatype; cast the sample to a numeric, bool or string type")
+        raise SpecError(f"{where}dtype {dt} has no V2 datatype; cast the sample to a numeric, bool or string type")
     return found
 
 
-def _batched(name: str, array: np.ndarray[Any, Any]) -> TensorSpec:
+def _batched(name: str, value: Any, dtype: Any = None) -> TensorSpec:
     # The first dimension is the batch: any number of rows may come.
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"input {name!r}: the example is not one rectangular array ({exc})") from exc
     shape = [-1, *array.shape[1:]] if array.ndim >= 1 else [-1]
-    return TensorSpec(name=name, datatype=datatype_of(array.dtype), shape=[int(d) for d in shape])
+    datatype = datatype_of(array.dtype if dtype is None else dtype)
+    return TensorSpec(name=name, datatype=datatype, shape=[int(d) for d in shape])
 
 
 def _is_frame(value: object) -> bool:
@@ -41,24 +60,24 @@ def _is_frame(value: object) -> bool:
 
 
 def tensor_specs(value: object, default_name: str) -> list[TensorSpec]:
-    """The tensors that `value` stands for (a frame of mixed column types is one tensor per column)."""
+    """The tensors that `value` stands for (a frame is one 1-D tensor per column, named as the column)."""
     if isinstance(value, Mapping):
-        return [_batched(str(k), np.asarray(v)) for k, v in value.items()]
+        return [_batched(str(k), v) for k, v in value.items()]
     if _is_frame(value):
+        # Column by column, whatever their types: the server rebuilds the frame with these names, which
+        # models that select columns by name (a ColumnTransformer) need.
         frame = cast(Any, value)
-        kinds = {datatype_of(dt) for dt in frame.dtypes}
-        if len(kinds) == 1:
-            return [_batched(default_name, frame.to_numpy())]
-        return [TensorSpec(name=str(col), datatype=datatype_of(frame[col].dtype), shape=[-1])
+        return [TensorSpec(name=str(col), datatype=datatype_of(frame[col].dtype, str(col)), shape=[-1])
                 for col in frame.columns]
     if hasattr(value, "to_numpy") and hasattr(value, "name"):  # a pandas Series
         series = cast(Any, value)
-        return [_batched(str(series.name) if series.name is not None else default_name, series.to_numpy())]
-    return [_batched(default_name, np.asarray(value))]
+        name = str(series.name) if series.name is not None else default_name
+        return [_batched(name, series.to_numpy(), series.dtype)]
+    return [_batched(default_name, value)]
 
 
 def infer_signature(example: object, prediction: object | None = None) -> Signature:
     """A signature from a sample input and, when given, what the model returned for it."""
     inputs = tensor_specs(example, "input-0")
     outputs = tensor_specs(prediction, "predict") if prediction is not None else []
-    return Signature(inputs=inputs, outputs=outputs)
+    return Signature(inputs=inputs, outputs=outputs, frame=True if _is_frame(example) else None)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from skyloop.errors import SpecError
 
-__all__ = ["ModelRef", "check_alias", "check_name", "parse_model_ref"]
+__all__ = ["ModelRef", "check_alias", "check_name", "names_version", "parse_model_ref"]
 
 SCHEME = "models:/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
@@ -51,6 +51,16 @@ class ModelRef:
 
     def __str__(self) -> str:
         return self.uri
+
+
+def names_version(text: str) -> bool:
+    """Whether a (valid) model reference names one version (`/3`, `@alias`, `@latest`, `/latest`), not the model.
+
+    `parse_model_ref` reads `NAME@latest` as plain `NAME`; this tells the two apart where it matters
+    (`models show` lists a model's versions but shows one version in full).
+    """
+    ref = parse_model_ref(text)
+    return ref.version is not None or ref.alias is not None or text.strip().removeprefix(SCHEME).lstrip("/") != ref.name
 
 
 def parse_model_ref(text: str) -> ModelRef:

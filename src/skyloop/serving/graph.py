@@ -123,7 +123,7 @@ class Graph:
         if model is not None:
             self.signature = model.signature
             if len(self.nodes) > 1:  # the graph answers what its last node says, not what the root model says
-                self.signature = Signature(inputs=self.signature.inputs, outputs=[]) if self.signature else None
+                self.signature = self.signature.model_copy(update={"outputs": []}) if self.signature else None
 
     @property
     def batchable(self) -> bool:
@@ -174,7 +174,7 @@ class Graph:
         """The X the root node gets for the request's tensors (already passed through `check`)."""
         specs = self.signature.inputs if self.signature else []
         if specs:
-            if _columns(specs):
+            if _columns(specs) or (self.signature is not None and self.signature.frame):
                 try:
                     import pandas as pd
                 except ImportError:
