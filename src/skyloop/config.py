@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,9 @@ class ExecutionSettings(BaseModel):
     gpu_ids: list[int] | None = None
     """Device ids the local backend hands to steps that ask for GPUs (sets CUDA_VISIBLE_DEVICES);
     default: 0..max_gpus-1."""
+    resources: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict)
+    """Custom resources this machine offers to steps that ask for them (e.g. `{license: 2}`: at most two
+    steps with `Resources(custom={"license": 1})` at once, across runs); local and inline backends."""
     memory_margin: float = 0.25
     """A step whose resident memory passes its request by this fraction is killed as OUT_OF_MEMORY."""
     pools: dict[str, int] = Field(default_factory=dict)

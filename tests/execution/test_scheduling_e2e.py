@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -223,3 +224,74 @@ def test_runs_of_a_killed_agent_are_adopted_and_finished(sched: ModuleType, sett
     assert done == set(range(6))
     # Units that had finished under the first agent were not run again.
     assert len([r for r in ticks if r.state == "SUCCEEDED"]) == 6
+
+
+SIZED = '''
+import time
+from skyloop import pipeline, step
+
+@step(cache=False)
+def make(n: int) -> list[int]:
+    return list(range(n))
+
+@step(cache=False)
+def work(xs: list[int]) -> int:
+    time.sleep(len(xs) / 100_000)  # time grows with the input's size
+    return len(xs)
+
+@pipeline
+def sized(n: int = 1000):
+    return work(make(n))
+'''
+
+
+def test_a_steps_estimate_is_fitted_to_the_size_of_its_inputs(settings: Settings, tmp_path: Path) -> None:
+    file = tmp_path / "sized.py"
+    file.write_text(SIZED)
+    pipe = load_file_module(file).sized
+    seen = []
+    for n in (2_000, 4_000, 8_000):  # three sizes of history
+        result = run(pipe, {"n": n}, backend="inline", settings=settings)
+        assert result.status == "SUCCEEDED", result.error
+        seen.append(result.steps["work"].actual or 0.0)
+    result = run(pipe, {"n": 16_000}, backend="inline", settings=settings)
+    work = result.steps["work"]
+    assert work.estimate_source == "history-scaled"
+    assert work.estimate is not None and work.estimate > 1.3 * max(seen)  # the median of history would say 0.04 s
+
+
+LICENSED = '''
+import time
+from skyloop import Resources, pipeline, step, unmapped
+
+@step(cache=False)
+def items(n: int) -> list[int]:
+    return list(range(n))
+
+@step(cache=False, resources=Resources(cpus=0.5, custom={"license": 1}))
+def licensed(x: int, pause: float) -> int:
+    time.sleep(pause)
+    return x
+
+@pipeline
+def seats(n: int = 3, pause: float = 0.3):
+    return licensed.map(items(n), unmapped(pause))
+'''
+
+
+def test_custom_resources_declared_in_the_settings_are_never_over_committed(settings: Settings,
+                                                                            tmp_path: Path) -> None:
+    file = tmp_path / "licensed.py"
+    file.write_text(LICENSED)
+    pipe = load_file_module(file).seats
+    settings.execution.max_cpus = 3
+    undeclared = run(pipe, {"n": 3}, backend="local", settings=settings)
+    assert undeclared.status == "FAILED"
+    assert "declare 'license' in the settings' execution.resources" in (undeclared.steps["licensed"].error or "")
+    settings.execution.resources = {"license": 1}
+    result = run(pipe, {"n": 3}, backend="local", settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    rows = [r for r in _rows(settings, result.id) if r.task == "licensed" and r.state == "SUCCEEDED"]
+    assert len(rows) == 3
+    spans = sorted((r.started_at, r.ended_at) for r in rows)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))  # one seat: one at once

@@ -114,7 +114,7 @@ def make_backend(name: str, settings: Settings) -> Backend:
     if name == "inline":
         from skyloop.execution.backends.inline import InlineBackend
 
-        return InlineBackend()
+        return InlineBackend(custom=settings.execution.resources)
     if name == "local":
         from skyloop.execution.backends.local import LocalBackend
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
@@ -17,7 +18,7 @@ from skyloop.scheduling.workloads import SimRun, SimTask
 from skyloop.spec.resources import Resources
 from skyloop.store.durations import duration_history
 
-__all__ = ["PLAN_TASKS", "estimate_run", "rank_together"]
+__all__ = ["PLAN_TASKS", "RunEstimates", "estimate_run", "rank_together"]
 
 PLAN_TASKS = 5_000
 """Simulated tasks the pool planning of `rank_together` may run through (tasks times simulations): at
@@ -25,9 +26,20 @@ PLAN_TASKS = 5_000
 6 simulations, 45 ms)."""
 
 
-def estimate_run(session: Session, prepared: Prepared, default_seconds: float
-                 ) -> tuple[dict[str, tuple[float, str]], dict[str, float]]:
-    """Per task: expected seconds of one attempt (and where that came from), and its upward rank.
+@dataclass
+class RunEstimates:
+    """What a run's history says: per task the expected seconds of one attempt (and where that came from)
+    and its upward rank, and the history of the tasks whose attempts vary in input size (`sized`), for
+    estimates of each unit fitted to its own inputs (`Estimator.estimate` with `input_bytes`)."""
+
+    estimates: dict[str, tuple[float, str]]
+    ranks: dict[str, float]
+    estimator: Estimator
+    sized: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def estimate_run(session: Session, prepared: Prepared, default_seconds: float) -> RunEstimates:
+    """Per task: expected seconds of one attempt, its upward rank, and the samples to scale by input size.
 
     History is keyed by the step's import path and code hash, so editing a step starts it afresh.
     """
@@ -35,12 +47,18 @@ def estimate_run(session: Session, prepared: Prepared, default_seconds: float
     history = duration_history(session, keys.values())
     estimator = Estimator(default_seconds=default_seconds)
     estimates: dict[str, tuple[float, str]] = {}
+    sized: dict[str, list[Sample]] = {}
     for task, key in keys.items():
         # The history comes newest first; the estimator wants oldest first (EWMA weighs the last most).
-        found = estimator.estimate([Sample(seconds, size) for seconds, size in reversed(history[key])])
+        samples = [Sample(seconds, size) for seconds, size in reversed(history[key])]
+        found = estimator.estimate(samples)
         estimates[task] = (found.seconds, found.source)
+        window = samples[-estimator.window:]
+        if len({s.input_bytes for s in window if s.input_bytes is not None}) >= estimator.min_sizes:
+            sized[task] = samples
     deps = {t.name: t.upstream() for t in prepared.spec.tasks}
-    return estimates, upward_ranks(deps, {task: seconds for task, (seconds, _) in estimates.items()})
+    ranks = upward_ranks(deps, {task: seconds for task, (seconds, _) in estimates.items()})
+    return RunEstimates(estimates, ranks, estimator, sized)
 
 
 def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Resources,

@@ -190,12 +190,12 @@ class Orchestrator:
     def hold(self, run_id: str, prepared: Prepared, prior: Prior, priority: int, weight: float) -> None:
         """Start advancing a run this process owns in the DB."""
         with self.db.read() as session:
-            estimates, ranks = estimate_run(session, prepared, self.settings.execution.default_estimate_seconds)
+            learned = estimate_run(session, prepared, self.settings.execution.default_estimate_seconds)
         self.runs[run_id] = RunState(
             run_id, prepared, prior, db=self.db, store=self.store, recorder=self.recorder,
             capacity=self.capacity, backend_name=self.backend.name, logs=self.settings.logs_dir / run_id,
-            priority=priority, weight=weight, estimates=estimates, ranks=ranks, observer=self.observer,
-            home=self.settings.home,
+            priority=priority, weight=weight, estimates=learned.estimates, ranks=learned.ranks, observer=self.observer,
+            home=self.settings.home, estimator=learned.estimator, sized=learned.sized,
         )
         self.config.run_weights[run_id] = weight
         self._rerank = True

@@ -25,6 +25,7 @@ from skyloop.execution.tasks import After, Element, Gathered, InputValue, TaskLa
 from skyloop.execution.units import TaskProgress, Unit, evaluate, expand, resolve_binding
 from skyloop.pipelines.step import Step, code_hash
 from skyloop.pipelines.validate import topological_order
+from skyloop.scheduling.estimates import Estimator, Sample
 from skyloop.spec.pipeline import PipelineSpec, TaskInput, TaskSpec
 from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
@@ -73,6 +74,17 @@ def input_bytes(inputs: dict[str, InputValue]) -> int:
     return total
 
 
+def _raise_capacity(wanted: Resources, offered: Resources) -> str:
+    """How to offer what `wanted` asks beyond `offered`: the options or settings that declare it."""
+    fixes = [option for option, short in (("--max-cpus", wanted.cpus > offered.cpus),
+                                          ("--max-memory", wanted.memory > offered.memory),
+                                          ("--max-gpus (and gpu_ids)", wanted.gpus > offered.gpus)) if short]
+    fixes += [f"declare {name!r} in the settings' execution.resources (e.g. SKYLOOP_EXECUTION__RESOURCES="
+              f"'{{\"{name}\": {amount:g}}}')" for name, amount in wanted.custom.items()
+              if amount > offered.custom.get(name, 0.0)]
+    return "raise " + " and ".join(fixes) if fixes else "raise the backend's capacity"
+
+
 class RunState:
     """The in-memory view of one run; everything it learns is also written through `recorder`."""
 
@@ -80,7 +92,8 @@ class RunState:
                  recorder: Recorder, capacity: Resources, backend_name: str, logs: Path,
                  priority: int = 0, weight: float = 1.0, estimates: dict[str, tuple[float, str]] | None = None,
                  ranks: dict[str, float] | None = None, observer: Observer | None = None,
-                 home: Path | None = None) -> None:
+                 home: Path | None = None, estimator: Estimator | None = None,
+                 sized: dict[str, list[Sample]] | None = None) -> None:
         self.run_id, self.prior = run_id, prior
         self.home = str(home) if home is not None else None
         """The skyloop home of the run, passed to steps (with the DB and store URLs) for `log_model`."""
@@ -89,6 +102,9 @@ class RunState:
         self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
         self.priority, self.weight = priority, weight
         self.estimates = estimates or {}
+        self._estimator, self._sized = estimator, sized or {}
+        """History of the tasks whose attempts vary in input size: each unit's estimate is fitted to its inputs."""
+        self._unit_estimates: dict[tuple[str, int], tuple[float, str]] = {}
         self._siblings: dict[str, list[float]] = {}
         """Mapped task -> seconds its first units took in this run (at most `SIBLINGS_KEPT`)."""
         self._sibling_median: dict[str, float] = {}
@@ -194,8 +210,8 @@ class RunState:
             return self._complete(progress, TaskState.SKIPPED)
         if not task.resources.fits(self.capacity):
             error = (f"step asks for {task.resources.model_dump(mode='json')} but the {self.backend_name} "
-                     f"backend offers {self.capacity.model_dump(mode='json')}; lower the request or raise "
-                     "--max-cpus etc.")
+                     f"backend offers {self.capacity.model_dump(mode='json')}; lower the request or "
+                     f"{_raise_capacity(task.resources, self.capacity)}")
             self._record_end(task, TaskState.FAILED, error)
             return self._complete(progress, TaskState.FAILED, error)
         progress.size = len(unit_inputs)
@@ -266,11 +282,21 @@ class RunState:
     def estimate(self, unit: Unit) -> tuple[float, str]:
         """Expected seconds of one attempt of `unit`, and where that figure comes from.
 
-        A unit of a `.map` whose step has no history takes the median of the units of its task that
-        already ended in this run, once `SIBLINGS_NEEDED` have ("siblings").
+        A unit of a step whose history varies in input size is fitted to its own inputs' size
+        ("history-scaled", where size explains time). A unit of a `.map` whose step has no history takes
+        the median of the units of its task that already ended in this run, once `SIBLINGS_NEEDED` have
+        ("siblings").
         """
-        found = self.estimates.get(unit.task.name, (0.0, "default"))
-        if found[1] == "default" and unit.index >= 0 and unit.task.name in self._sibling_median:
+        name = unit.task.name
+        samples = self._sized.get(name)
+        if samples is not None and self._estimator is not None:
+            key = (name, unit.index)  # a unit's inputs never change, nor does its fit
+            if key not in self._unit_estimates:
+                fitted = self._estimator.estimate(samples, input_bytes(unit.inputs))
+                self._unit_estimates[key] = (fitted.seconds, fitted.source)
+            return self._unit_estimates[key]
+        found = self.estimates.get(name, (0.0, "default"))
+        if found[1] == "default" and unit.index >= 0 and name in self._sibling_median:
             return self._sibling_median[unit.task.name], "siblings"
         return found
 

@@ -83,8 +83,9 @@ class InlineBackend:
 
     name = "inline"
 
-    def __init__(self, capacity: Resources | None = None) -> None:
+    def __init__(self, capacity: Resources | None = None, custom: dict[str, float] | None = None) -> None:
         self._capacity = capacity
+        self._custom = dict(custom or {})
         self._stores: dict[str, ArtifactStore] = {}
         self._done: list[TaskResult] = []
 
@@ -92,10 +93,10 @@ class InlineBackend:
         """Nothing to start."""
 
     def capacity(self) -> Resources:
-        """The given capacity, or this machine's CPUs and memory (and no GPUs)."""
+        """The given capacity, or this machine's CPUs and memory (no GPUs; the custom resources given)."""
         if self._capacity is None:
             self._capacity = Resources(cpus=float(os.cpu_count() or 1),
-                                       memory=psutil.virtual_memory().total, gpus=0)
+                                       memory=psutil.virtual_memory().total, gpus=0, custom=self._custom)
         return self._capacity
 
     def submit(self, launch: TaskLaunch) -> None:

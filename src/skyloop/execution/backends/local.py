@@ -70,7 +70,7 @@ class LocalBackend:
         self._capacity = Resources(
             cpus=settings.max_cpus if settings.max_cpus is not None else float(os.cpu_count() or 1),
             memory=settings.max_memory if settings.max_memory is not None else psutil.virtual_memory().total,
-            gpus=len(self._gpus),
+            gpus=len(self._gpus), custom=dict(settings.resources),
         )
         self._margin = settings.memory_margin
         self._poll = settings.memory_poll_seconds
