@@ -39,7 +39,8 @@ def run_table(run: Run) -> Table:
     for column in ("step", "state", "attempts", "units", "time", "est/unit", "actual/unit", "error"):
         table.add_column(column, overflow="fold")
     for name, info in run.steps.items():
-        estimate = _secs(info.estimate) + (" (default)" if info.estimate_source == "default" else "")
+        estimate = _secs(info.estimate) + (f" ({info.estimate_source})" if info.estimate_source in ("default", "mixed")
+                                           else "")
         table.add_row(Text(name), state_text(info.state.value), str(info.attempts), str(info.units),
                       _secs(info.seconds), estimate, _secs(info.actual), Text((info.error or "")[:200]))
     return table

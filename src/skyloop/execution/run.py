@@ -38,6 +38,7 @@ class StepInfo:
     actual: float | None = None
     """Seconds one attempt took (mean over the units that ran to success)."""
     estimate_source: str | None = None
+    """Where the estimate came from (see `StepRunRow.estimate_source`); `mixed` when the units' sources differ."""
 
     @property
     def seconds(self) -> float | None:
@@ -72,13 +73,14 @@ def summarize_task(task: str, rows: list[StepRunRow]) -> StepInfo:
     ends = [r.ended_at for r in latest.values() if r.ended_at]
     errors = [r.error for r in latest.values() if r.error and r.state in _FAILURES]
     estimates = [r.estimate_seconds for r in latest.values() if r.estimate_seconds is not None]
+    sources = {r.estimate_source for r in latest.values() if r.estimate_source}
     durations = [(r.ended_at - r.started_at).total_seconds() for r in latest.values()
                  if r.state == "SUCCEEDED" and r.started_at and r.ended_at]
     return StepInfo(
         task=task, state=TaskState(state), attempts=len(rows), units=len(latest),
         estimate=sum(estimates) / len(estimates) if estimates else None,
         actual=sum(durations) / len(durations) if durations else None,
-        estimate_source=next((r.estimate_source for r in latest.values() if r.estimate_source), None),
+        estimate_source=(sources.pop() if len(sources) == 1 else "mixed") if sources else None,
         started_at=min(starts) if starts else None,
         ended_at=max(ends) if ends and len(ends) == len(latest) else None,
         error=errors[0] if errors else None, log_paths=[r.log_path for r in rows if r.log_path],

@@ -36,7 +36,18 @@ def edges(spec: PipelineSpec) -> list[tuple[str, str, str]]:
 
 
 def _id(name: str) -> str:
-    return "t_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+    """A node id made of ASCII letters, digits and `_`, one-to-one with the task name.
+
+    ASCII letters and digits stand for themselves, `_` becomes `__` and any other character `_<hex>_`,
+    so `prep-data` (`t_prep_2d_data`) and `prep_data` (`t_prep__data`) stay two nodes.
+    """
+    return "t_" + "".join(ch if ch.isascii() and ch.isalnum() else "__" if ch == "_" else f"_{ord(ch):x}_"
+                          for ch in name)
+
+
+def _dot_str(text: str) -> str:
+    """`text` as the inside of a DOT double-quoted string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "")
 
 
 def to_mermaid(spec: PipelineSpec) -> str:
@@ -54,12 +65,12 @@ def to_mermaid(spec: PipelineSpec) -> str:
 
 def to_dot(spec: PipelineSpec) -> str:
     """Graphviz DOT (`dot -Tpng`)."""
-    lines = [f'digraph "{spec.name}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", '
+    lines = [f'digraph "{_dot_str(spec.name)}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", '
              'fillcolor="#eef3fb", fontname="Helvetica"];']
     for task in spec.tasks:
         extra = ", peripheries=2" if task.map_over else ', shape=diamond, fillcolor="#fdf3e1"' if task.when else ""
-        lines.append(f'  {_id(task.name)} [label="{label(task)}"{extra}];')
+        lines.append(f'  {_id(task.name)} [label="{_dot_str(label(task))}"{extra}];')
     for src, dst, what in edges(spec):
-        lines.append(f'  {_id(src)} -> {_id(dst)} [label="{what}", fontsize=10];')
+        lines.append(f'  {_id(src)} -> {_id(dst)} [label="{_dot_str(what)}", fontsize=10];')
     lines.append("}")
     return "\n".join(lines) + "\n"
