@@ -18,7 +18,7 @@ import psutil
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
-from skyloop.execution.procworker import descendants
+from skyloop.execution.procworker import descendants, read_small
 from skyloop.spec.resources import format_memory
 
 __all__ = ["GpuPool", "MemoryWatch", "resident"]
@@ -166,7 +166,7 @@ def resident(pid: int) -> int | None:
     """Resident set size of a process in bytes, `None` if it is gone."""
     if _has_proc():
         try:
-            return int(_read(f"/proc/{pid}/statm").split()[1]) * _PAGE
+            return int(read_small(f"/proc/{pid}/statm").split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
             return None
     try:
@@ -177,7 +177,7 @@ def resident(pid: int) -> int | None:
 
 def _proportional(pid: int) -> int | None:
     try:
-        text = _read(f"/proc/{pid}/smaps_rollup")
+        text = read_small(f"/proc/{pid}/smaps_rollup")
         start = text.index(b"\nPss:")
         return int(text[start + 5:text.index(b"kB", start)]) * 1024
     except (OSError, ValueError):
@@ -187,20 +187,11 @@ def _proportional(pid: int) -> int | None:
 def _oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has killed since boot (Linux 4.13+)."""
     try:
-        text = _read("/proc/vmstat")
+        text = read_small("/proc/vmstat")
         start = text.index(b"\noom_kill ")
         return int(text[start + 10:text.index(b"\n", start + 1)])
     except (OSError, ValueError):
         return None
-
-
-def _read(path: str) -> bytes:
-    # os.open rather than open(): no buffered file object, about half the cost per small file.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 1 << 16)
-    finally:
-        os.close(fd)
 
 
 @functools.cache
