@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from skyloop.errors import SpecError
+from skyloop.spec.resources import parse_memory
 
 __all__ = ["ExecutionSettings", "Settings"]
 
@@ -18,8 +21,9 @@ class ExecutionSettings(BaseModel):
     """Default backend: `local` (warm worker processes) or `inline` (in-process, for debugging)."""
     max_cpus: float | None = Field(default=None, gt=0)
     """CPUs the local backend may hand out; default: the machine's logical CPUs."""
-    max_memory: int | None = Field(default=None, gt=0)
-    """Bytes of memory the local backend may hand out; default: the machine's total memory."""
+    max_memory: Annotated[int | None, BeforeValidator(lambda v: v if v is None else parse_memory(v))] = \
+        Field(default=None, gt=0)
+    """Memory (bytes, or a size such as `8Gi`) the local backend may hand out; default: the machine's total memory."""
     max_gpus: int | None = Field(default=None, ge=0)
     """GPUs the local backend may hand out; default: as many as `gpu_ids` names, else 0."""
     gpu_ids: list[int] | None = None
@@ -84,6 +88,20 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Folder holding one log file per step attempt."""
         return self.home / "logs"
+
+    @classmethod
+    def load(cls, **values: Any) -> Settings:
+        """Settings from the environment (`SKYLOOP_*`) and `values`; a bad variable is a SpecError naming it."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            bad = "; ".join(f"SKYLOOP_{'__'.join(str(p) for p in e['loc']).upper()}: "
+                            f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()[:5])
+            raise SpecError(f"invalid settings: {bad}") from None
+        except SettingsError as exc:  # a nested setting whose value is not JSON
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise SpecError(f"invalid settings: {exc}{cause}; nested settings such as SKYLOOP_EXECUTION__POOLS "
+                            'take JSON, e.g. \'{"gpu-train": 1}\'') from None
 
     @classmethod
     def for_home(cls, home: Path | str) -> Settings:

@@ -142,6 +142,7 @@ tasks:
     (["run", "steps.py:fine", "--max-cpus", "-1"], {}, "--max-cpus: Input should be greater than 0"),
     (["run", "steps.py:fine", "--max-gpus", "-2"], {}, "--max-gpus: Input should be greater than or equal to 0"),
     (["run", "steps.py:fine", "--max-memory", "lots"], {}, "--max-memory: memory 'lots' is not a size"),
+    (["agent", "--once", "--max-memory", "lots"], {}, "--max-memory: memory 'lots' is not a size"),
     (["--home", "taken", "run", "steps.py:fine"], {"taken": "a file"}, "cannot use"),
     (["run", "empty.yaml"], {"empty.yaml": "api_version: skyloop/v1\nkind: Pipeline\nname: empty\ntasks: []\n"},
      "tasks: List should have at least 1 item"),
@@ -282,11 +283,11 @@ def test_a_picture_without_graphviz_says_so_and_writes_no_file(cli, tmp_path: Pa
 
 def test_graph_output_takes_its_format_from_the_suffix(cli, tmp_path: Path) -> None:
     write(tmp_path / "steps.py", GOOD)
-    for name, start in (("g.mmd", "flowchart"), ("g.dot", "digraph"), ("g.txt", "fine")):
+    for name, start in (("g.mmd", "flowchart"), ("g.dot", "digraph"), ("new/folder/g.txt", "fine")):
         result = cli("pipeline", "graph", "steps.py:fine", "-o", name)
         assert result.returncode == 0, result.stderr
         assert (tmp_path / name).read_text().lstrip().startswith(start), name
-    assert "number" in (tmp_path / "g.txt").read_text()
+    assert "number" in (tmp_path / "new/folder/g.txt").read_text()  # missing folders made, as `compile -o` does
 
 
 def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
@@ -299,3 +300,53 @@ def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
 def test_write_helper_dedents(tmp_path: Path) -> None:
     write(tmp_path / "x.txt", "\n    a\n    b\n")
     assert (tmp_path / "x.txt").read_text() == textwrap.dedent("a\nb\n")
+
+
+BIG = """
+from skyloop import Resources, pipeline, step
+
+@step(resources=Resources(memory="1Gi"))
+def big() -> int:
+    return 1
+
+@pipeline
+def p():
+    return big()
+"""
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("SKYLOOP_EXECUTION__MAX_CPUS", "bogus", "invalid settings: SKYLOOP_EXECUTION__MAX_CPUS: Input should be a "
+                                             "valid number"),
+    ("SKYLOOP_EXECUTION__MAX_MEMORY", "lots", "invalid settings: SKYLOOP_EXECUTION__MAX_MEMORY: memory 'lots' is "
+                                              "not a size"),
+    ("SKYLOOP_EXECUTION__POOLS", "{gpu", "nested settings such as SKYLOOP_EXECUTION__POOLS take JSON"),
+])
+def test_a_bad_setting_in_the_environment_is_named_in_one_line(cli_env: dict[str, str], tmp_path: Path, variable: str,
+                                                              value: str, message: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "skyloop", "runs", "list"], capture_output=True, text=True,
+                            env=cli_env | {variable: value}, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.integration
+def test_memory_settings_take_sizes_like_the_option(cli_env: dict[str, str], cli, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write(tmp_path / "big.py", BIG)
+    result = subprocess.run([sys.executable, "-m", "skyloop", "run", "big.py:p"], capture_output=True, text=True,
+                            env=cli_env | {"SKYLOOP_EXECUTION__MAX_MEMORY": "512Mi"}, cwd=tmp_path, timeout=120)
+    assert result.returncode == 5, result.stderr  # the 512Mi offered is read as a size: 1Gi can never fit
+    assert "'memory': '512Mi'" in result.stdout + result.stderr
+    assert cli("submit", "big.py:p").returncode == 0
+    agent = cli("agent", "--once", "--max-memory", "512Mi")  # the agent takes the option too
+    assert agent.returncode == 0, agent.stderr
+    runs = json.loads(cli("runs", "list", "--json").stdout)
+    assert len(runs) == 2 and all(r["status"] == "FAILED" and "'memory': '512Mi'" in r["error"]
+                                  and "lower the request or raise --max-memory" in r["error"] for r in runs)

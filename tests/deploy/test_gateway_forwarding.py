@@ -278,3 +278,26 @@ def test_versioned_routes_reach_the_predictor_that_serves_the_version(settings: 
 ])
 def test_the_served_version_has_no_slash(pinned: str, version: str) -> None:
     assert served_version(pinned) == version
+
+
+def test_feedback_for_an_answer_whose_replica_went_away_goes_to_another_replica(settings: Settings,
+                                                                                 nodes: Path) -> None:
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as first, _replica(settings, nodes, "Constant", "1") as other:
+            port = await first.enter_async_context(_replica(settings, nodes, "Constant", "1"))
+            async with _gateway({}, {"main": 100}) as (gateway, url):
+                gateway.pools["main"] = Pool("main", "iris/1", [Endpoint("main", 0, port), Endpoint("main", 1, other)])
+                base = url + "/v2/models/dep"
+                answered = {}
+                while len(answered) < 2:  # an answer from each replica
+                    status, _, answer = await _post(base + "/infer", INFER)
+                    assert status == 200, answer
+                    answered[gateway.answers[answer["id"]].endpoint.port] = answer["id"]
+                await first.aclose()  # the first replica dies; the controller has not noticed yet
+                status, _, doc = await _post(base + "/feedback", orjson.dumps({"id": answered[port], "truth": 0}))
+                assert status == 200, doc  # taken by the live replica, not a 503
+                assert (gateway.window("main").labelled, gateway.window("main").correct) == (1, 1)
+                status, _, doc = await _post(base + "/feedback", orjson.dumps({"id": answered[port], "truth": 0}))
+                assert status == 409, doc  # and taken once
+
+    asyncio.run(scenario())

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from deploy_support import Env, Load
-from tests_support import write
+from tests_support import post, write
 
 from skyloop.deploy.api import send_command
 from skyloop.deploy.loop import gate_failures
@@ -174,3 +174,48 @@ def test_the_loop_fires_nothing_over_its_canary_in_flight_and_follows_it_to_its_
              "the loop seeing the canary end")
     env.wait("guarded", lambda i: bool(fired(env, "guarded")), 30, "the schedule firing once the rollout ended")
     env.delete("guarded")
+
+
+def test_drift_tests_of_features_the_reference_lacks_are_refused_at_apply_and_reported_at_run_time(env: Env) -> None:
+    import orjson
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.deploy.spec import DeploymentSpec
+    from skyloop.registry import log_model
+    from skyloop.store import deployments as store
+
+    # One [n, 4] tensor: the reference's features are input-0_0 .. input-0_3, not x0.
+    model = LogisticRegression(max_iter=500).fit(env.X, env.y)
+    log_model(model, "refiris", input_example=env.X[:5], reference=env.X, settings=env.settings)
+    doc: dict[str, Any] = {
+        "name": "drifty",
+        "predictors": [{"name": "main", "model_uri": "models:/refiris/1", "traffic": 100}],
+        "loop": {"drift": {"every": "200ms", "tests": {"min_rows": 1, "features": {"x0": {"test": "ks"}}}}},
+    }
+    refused = env.cli("deploy", "apply", str(env.spec(doc)))
+    assert refused.returncode == 2, refused.stderr
+    assert "loop.drift.tests.features: 'x0' not among the features of the reference stored with " \
+           "models:/refiris/1 (input-0_0, input-0_1, input-0_2, input-0_3)" in refused.stderr
+    assert env.cli("deploy", "history", "drifty", "--json").returncode == 3  # nothing was recorded
+
+    # Recorded behind apply's back (as a champion with other features would be): the loop says why it measures
+    # nothing, in an event and in status, instead of failing every tick in the controller's log alone.
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.session() as session:
+            store.apply_deployment(session, "drifty", DeploymentSpec.model_validate(doc).model_dump(mode="json"))
+    finally:
+        workspace.close()
+    info = env.wait("drifty", lambda i: bool(i.state.get("gateway")), 60, "the gateway")
+    status, answer = post(f"{info.state['gateway']}/v2/models/drifty/infer", orjson.dumps({
+        "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": env.X[:2].ravel().tolist()}]}))
+    assert status == 200, answer
+    info = env.wait("drifty", lambda i: "error" in (i.state.get("loop") or {}), 30, "the loop's error in status")
+    assert "drift spec names features the reference lacks: x0" in info.state["loop"]["error"]
+    failed = [e for e in env.history("drifty") if e.kind == "loop.measure_failed"]
+    assert len(failed) == 1 and "x0" in failed[0].reason  # once, not at every check
+    env.delete("drifty")
+
+    good = doc | {"loop": {"drift": {"every": "200ms", "tests": {"features": {"input-0_0": {"test": "ks"}}}}}}
+    assert env.cli("deploy", "apply", str(env.spec(good))).returncode == 0
+    env.delete("drifty")

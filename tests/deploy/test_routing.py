@@ -151,4 +151,11 @@ def test_the_cli_shows_status_and_history_and_refuses_bad_specs(env: Env) -> Non
         refused = env.cli("deploy", "apply", str(folder))
         assert refused.returncode == 2, refused.stderr
         assert f"model_uri {uri!r}" in refused.stderr and "model.yaml" in refused.stderr
+    lost = env.spec({"name": "bad", "predictors": [{"name": "main", "traffic": 100, "graph": {
+        "name": "t", "type": "TRANSFORMER", "implementation": "gone.py:Sleep",
+        "children": [{"name": "m", "model_uri": "models:/iris/1"}]}}]})
+    refused = env.cli("deploy", "apply", str(lost))
+    assert refused.returncode == 2, refused.stderr
+    assert "predictor 'main': node 't': implementation file" in refused.stderr and "gone.py' does not exist" \
+        in refused.stderr
     assert env.cli("deploy", "history", "bad", "--json").returncode == 3  # nothing was recorded for it

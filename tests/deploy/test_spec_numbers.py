@@ -23,7 +23,7 @@ def test_a_serving_spec_refuses_a_batch_time_that_is_not_finite(tmp_path: Path, 
     path = tmp_path / "serve.yaml"
     path.write_text("name: s\ngraph: {name: m, model_uri: 'models:/iris/1'}\n"
                     f"batching: {{max_batch_time: {yaml_value}}}\n")
-    with pytest.raises(SpecError, match=f"batching.max_batch_time: max_batch_time: must be a finite number of "
+    with pytest.raises(SpecError, match=f"batching.max_batch_time: must be a finite number of "
                                         f"seconds, got {value}"):
         load_serve_spec(path)
 
@@ -33,17 +33,17 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.mark.parametrize(("doc", "message"), [
     ({"name": "d", "predictors": [{**TWO[0], "batching": {"max_batch_time": NAN}}]},
-     "predictors.0.batching.max_batch_time: max_batch_time: must be a finite number of seconds"),
+     "predictors.0.batching.max_batch_time: must be a finite number of seconds"),
     ({"name": "d", "predictors": TWO[:1], "analysis": {"interval": NAN}},
-     "analysis.interval: interval: must be a finite number of seconds"),
+     "analysis.interval: must be a finite number of seconds"),
     ({"name": "d", "predictors": TWO[:1], "analysis": {"interval": INF}},
-     "analysis.interval: interval: must be a finite number of seconds"),
-    (canary({"weight": 10, "duration": NAN}), "rollout.steps.0.duration: duration: must be a finite number of seconds"),
+     "analysis.interval: must be a finite number of seconds"),
+    (canary({"weight": 10, "duration": NAN}), "rollout.steps.0.duration: must be a finite number of seconds"),
     (canary({"weight": 10, "duration": "9" * 306 + "h"}),  # a string that is finite until it is made seconds
-     "rollout.steps.0.duration: duration: must be a finite number of seconds"),
+     "rollout.steps.0.duration: must be a finite number of seconds"),
     (canary({"pause": {"duration": NAN}}), "rollout.steps.0: pause.duration: must be a finite number of seconds"),
     ({"name": "d", "predictors": TWO, "rollout": {"strategy": "blue_green", "target": "b", "preview": NAN}},
-     "rollout.preview: preview: must be a finite number of seconds"),
+     "rollout.preview: must be a finite number of seconds"),
     ({"name": "d", "predictors": TWO[:1], "analysis": {"metrics": [{"name": "error_rate", "max": NAN}]}},
      "analysis.metrics.0.max: Input should be a finite number"),
     ({"name": "d", "predictors": TWO[:1], "analysis": {"metrics": [{"name": "accuracy", "min": -INF}]}},

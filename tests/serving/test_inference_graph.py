@@ -141,7 +141,7 @@ def test_broken_nodes_are_refused_at_load(nodes_dir: Path, settings: Settings, g
         {"name": "a", "implementation": "x.py:A"}, {"name": "b", "implementation": "x.py:B"}]}},
      "put a COMBINER or ROUTER above them"),
     ({"name": "g", "graph": {"name": "a", "type": "COMBINER", "implementation": "x.py:C", "children": [
-        {"name": "a", "implementation": "x.py:A"}]}}, "appear more than once"),
+        {"name": "a", "implementation": "x.py:A"}]}}, "'a' appears more than once"),
     ({"name": "g", "graph": {"name": "m", "model_uri": "models:/x", "implementation": "x.py:A"}}, "not both"),
     ({"name": "g", "graph": {"name": "m", "implementation": "x.py:A"}, "batching": {"max_batch_time": "soon"}},
      "max_batch_time"),

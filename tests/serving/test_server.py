@@ -201,3 +201,25 @@ def test_a_model_directory_with_a_missing_file_is_refused(serve: Any, settings: 
     next(p for p in copy.iterdir() if p.name != "model.yaml").unlink()
     done = _serve_fails(settings, str(copy))
     assert done.returncode != 0 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_refusals_have_the_exit_code_of_their_cause(serve: Any, settings: Settings, iris_uri: str) -> None:
+    def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "skyloop", "--home", str(settings.home), "serve", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = serve_cli(iris_uri, "--port", str(taken.getsockname()[1]), "--workers", "1")
+    assert busy.returncode == 4, busy.stderr  # Conflict: the port is someone else's, not a model that failed to load
+    assert "Address already in use; pick another --port" in busy.stderr
+    twice = serve_cli(iris_uri, iris_uri, "--port", "0", "--workers", "1")
+    assert twice.returncode == 2 and "two served models share a name" in twice.stderr, twice.stderr
+    for option, value in (("--workers", "0"), ("--port", "70000"), ("--threads", "0")):
+        refused = serve_cli(iris_uri, option, value)
+        assert refused.returncode == 2 and f"Invalid value for '{option}'" in refused.stderr, refused.stderr
+    late = serve_cli(iris_uri, "--max-batch-time", "soon", "--port", "0")
+    lines = [line for line in late.stderr.splitlines() if line.strip()]
+    assert late.returncode == 2 and lines == ["error: invalid batching option: --max-batch-time: 'soon' is not a "
+                                              "duration; write e.g. 2ms, 1.5s, 5m or 1h"], late.stderr

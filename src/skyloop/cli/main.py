@@ -39,13 +39,14 @@ class State:
 
     def settings(self, **execution: Any) -> Settings:
         """The settings for this invocation (environment, then --home, then command options)."""
-        settings = Settings() if self.home is None else Settings(home=self.home)
+        settings = Settings.load() if self.home is None else Settings.load(home=self.home)
         overrides = {k: v for k, v in execution.items() if v is not None}
         if overrides:
             try:
                 settings.execution = ExecutionSettings.model_validate({**settings.execution.model_dump(), **overrides})
             except ValidationError as exc:
-                bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: "
+                                f"{str(e['msg']).removeprefix('Value error, ')}"
                                 for e in exc.errors())
                 raise SpecError(bad) from None
         return settings

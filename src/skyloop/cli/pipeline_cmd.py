@@ -73,6 +73,7 @@ def graph(
         else:
             print(to_mermaid(spec) if fmt == "mermaid" else to_dot(spec), end="")
         return
+    output.parent.mkdir(parents=True, exist_ok=True)  # as `compile -o` does
     if output.suffix.lower() in PICTURES:
         _draw(spec, output)
         return

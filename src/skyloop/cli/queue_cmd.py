@@ -52,6 +52,7 @@ def agent(
     max_runs: Annotated[int, typer.Option(min=1, help="Runs driven at once.")] = 16,
     once: Annotated[bool, typer.Option("--once", help="Exit when nothing is queued or running.")] = False,
     max_cpus: Annotated[float | None, typer.Option(help="CPUs the steps may use at once.")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Memory the steps may use at once, e.g. 8Gi.")] = None,
     max_gpus: Annotated[int | None, typer.Option(help="GPUs the steps may use at once.")] = None,
 ) -> None:
     """Claim queued runs (and runs whose process died) and drive them with one scheduling policy."""
@@ -59,7 +60,7 @@ def agent(
     from skyloop.execution.api import make_backend
     from skyloop.store.workspace import Workspace
 
-    settings = state.settings(max_cpus=max_cpus, max_gpus=max_gpus, ray_address=ray_address)
+    settings = state.settings(max_cpus=max_cpus, max_memory=max_memory, max_gpus=max_gpus, ray_address=ray_address)
     workspace = Workspace.open(settings)
     engine = make_backend(backend or settings.execution.backend, settings)
     engine.start()

@@ -14,7 +14,6 @@ from skyloop.execution.api import load_target
 from skyloop.execution.params import parse_cli_params
 from skyloop.pipelines.pipeline import CompiledPipeline, Pipeline
 from skyloop.spec.pipeline import PipelineSpec
-from skyloop.spec.resources import parse_memory
 
 __all__ = ["register"]
 
@@ -36,11 +35,7 @@ def run(
 
     if target is None and resume is None:
         raise SpecError("give a pipeline to run (FILE.py:PIPELINE or SPEC.yaml) or --resume RUN_ID")
-    try:
-        memory = parse_memory(max_memory) if max_memory else None
-    except ValueError as exc:
-        raise SpecError(f"--max-memory: {exc}") from None
-    settings = state.settings(max_cpus=max_cpus, max_memory=memory, max_gpus=max_gpus, ray_address=ray_address)
+    settings = state.settings(max_cpus=max_cpus, max_memory=max_memory, max_gpus=max_gpus, ray_address=ray_address)
     loaded: Pipeline[Any, Any] | CompiledPipeline | PipelineSpec | None = (
         load_target(target) if target is not None else None)
     params = None

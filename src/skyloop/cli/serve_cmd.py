@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from skyloop.cli.main import console, state
 from skyloop.errors import SpecError
+from skyloop.spec.files import format_validation
 
 __all__ = ["register"]
 
@@ -17,18 +19,18 @@ def serve(
     targets: Annotated[list[str], typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a model directory, "
                                                       "or a serving spec GRAPH.yaml (several may be given)")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one).")] = 8080,
     name: Annotated[str | None, typer.Option(help="Name clients use (one target only; default: the model's).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: one per core).")] = None,
-    threads: Annotated[int, typer.Option(help="Model threads per worker.")] = 4,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: one per core).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Model threads per worker.")] = 4,
     batching: Annotated[bool | None, typer.Option("--batching/--no-batching",
                                                   help="Adaptive batching (default: on when the signature "
                                                        "has a batch dimension).")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Rows per batch at most.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per batch at most.")] = None,
     max_batch_time: Annotated[str | None, typer.Option(help="Longest wait for a batch to fill, e.g. 2ms.")] = None,
-    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 16 * 1024 * 1024,
+    max_body: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (413 above).")] = 16 * 1024 * 1024,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
-    replicas: Annotated[int | None, typer.Option(help="Replicas of one worker each, on ports PORT, PORT+1, ... "
+    replicas: Annotated[int | None, typer.Option(min=1, help="Replicas of one worker each, on ports PORT, PORT+1, ... "
                                                       "(free ports with --port 0), restarted when they die.")] = None,
     state_file: Annotated[Path | None, typer.Option(help="With --replicas: keep each replica's port and pid "
                                                          "in this JSON file.")] = None,
@@ -53,8 +55,8 @@ def serve(
         try:
             specs = [s.model_copy(update={"batching": BatchingSpec.model_validate(
                 {**s.batching.model_dump(), **overrides})}) for s in specs]
-        except ValueError as exc:
-            raise SpecError(f"invalid batching option: {exc}") from None
+        except ValidationError as exc:
+            raise SpecError(format_validation(exc, "batching option").replace("max_batch_", "--max-batch-")) from None
     names = ", ".join(s.name for s in specs)
 
     def ready(bound: int | list[int]) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyloop.config import Settings
 from skyloop.deploy.rollout import Phase
@@ -26,6 +26,9 @@ from skyloop.errors import BackendError, Conflict, ModelLoadError, NotFound, Spe
 from skyloop.store import deployments as store
 from skyloop.store.runs import owner_is_dead, utcnow
 from skyloop.store.workspace import Workspace
+
+if TYPE_CHECKING:
+    from skyloop.registry.registry import ModelVersionInfo
 
 __all__ = ["apply_deployment", "controller_alive", "delete_deployment", "no_rollout", "send_command",
            "start_controller", "wait_for"]
@@ -42,11 +45,18 @@ def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
         for predictor in spec.predictors:
             for uri in predictor.registered_models():
                 try:
-                    resolve(session, parse_model_ref(uri))
+                    info = resolve(session, parse_model_ref(uri))
                 except NotFound as exc:
                     raise SpecError(f"predictor {predictor.name!r}: {exc}") from None
+                _check_drift_features(workspace, spec, info)
     for predictor in spec.predictors:
         for node in predictor.node().walk():
+            module = (node.implementation or "").rpartition(":")[0]
+            if module.endswith(".py"):
+                code = Path(module) if Path(module).is_absolute() or spec.base_dir is None else spec.base_dir / module
+                if not code.is_file():
+                    raise SpecError(f"predictor {predictor.name!r}: node {node.name!r}: implementation file "
+                                    f"{str(code)!r} does not exist; give FILE.py:CLASS relative to the spec's folder")
             if node.model_uri is None or node.model_uri.startswith("models:/"):
                 continue
             folder = Path(node.model_uri)
@@ -57,6 +67,27 @@ def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
             except ModelLoadError as exc:
                 raise SpecError(f"predictor {predictor.name!r}: model_uri {node.model_uri!r}: {exc}; give a "
                                 "registered model (models:/NAME@ALIAS) or a model folder with its model.yaml") from None
+
+
+def _check_drift_features(workspace: Workspace, spec: DeploymentSpec, info: ModelVersionInfo) -> None:
+    """Refuse drift tests of features the model's stored reference lacks: the loop could never measure them."""
+    from skyloop.registry.api import REFERENCE
+
+    named = spec.loop.drift.tests.features if spec.loop is not None else {}
+    digest = info.files.get(REFERENCE)
+    if not named or digest is None:
+        return
+    import io
+
+    import pyarrow.parquet as pq
+
+    columns = [str(c) for c in pq.read_schema(io.BytesIO(workspace.store.get_bytes(digest))).names
+               if not str(c).startswith("__index_level_")]
+    unknown = sorted(set(named) - set(columns))
+    if unknown:
+        raise SpecError(f"loop.drift.tests.features: {', '.join(map(repr, unknown))} not among the features of the "
+                        f"reference stored with models:/{info.name}/{info.version} ({', '.join(columns)}); name "
+                        "features from that list")
 
 
 def controller_alive(workspace: Workspace) -> bool:

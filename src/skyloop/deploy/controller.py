@@ -423,9 +423,11 @@ class DeploymentRunner:
                 await self._transitions(self.rollout.command(command, now))
         if self.rollout is not None:
             await self._transitions(self.rollout.tick(now, self.gateway.windows))
-        if self.loop is not None:
-            await self.loop.tick()
-        await self.write_state()
+        try:
+            if self.loop is not None:
+                await self.loop.tick()
+        finally:  # status shows what the rest of the tick did, even when the loop failed
+            await self.write_state()
 
     async def _swap_dead(self, name: str, dead: ReplicaHost) -> None:
         await dead.stop()  # whatever is left of it

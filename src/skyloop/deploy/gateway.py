@@ -96,7 +96,9 @@ class _Metrics:
                                    ["deployment", "version"], registry=r)
         self.drift_share = Gauge("skyloop_drifted_features_share", "Share of features that drift.",
                                  ["deployment", "version"], registry=r)
-        self.feature_drift = Gauge("skyloop_feature_drift", "Drift statistic per feature (p-value or distance).",
+        self.feature_drift = Gauge("skyloop_feature_drift",
+                                   "Drift per feature: the test's statistic (ks, chisquare, z) or distance "
+                                   "(wasserstein, jensenshannon), not its p-value.",
                                    ["deployment", "version", "feature"], registry=r)
         self.live_quality = Gauge("skyloop_live_quality", "Live quality of the serving version, from feedback.",
                                   ["deployment", "version", "metric"], registry=r)
@@ -437,8 +439,15 @@ class Gateway:
         headers = {"content-type": "application/json"}
         try:
             if target is not None:
-                async with self._client().post(target.url + path, data=body, headers=headers) as resp:
-                    return resp.status, await resp.read()
+                begun = False
+                try:
+                    async with self._client().post(target.url + path, data=body, headers=headers) as resp:
+                        begun = True
+                        return resp.status, await resp.read()
+                except (TimeoutError, aiohttp.ClientError):
+                    if begun:  # it took the feedback and broke off its answer: it may have stored it
+                        raise
+                    # That replica went away before taking it (as infer requests are, sent to another below).
             status, _, data, _ = await self._send(predictor, path, body, headers)
             return status, data
         except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:

@@ -27,6 +27,7 @@ import numpy as np
 
 from skyloop.deploy.analysis import SLACK, same_answer
 from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
+from skyloop.errors import SkyloopError
 from skyloop.monitoring.payloads import (
     META,
     PayloadLog,
@@ -110,7 +111,15 @@ class Loop:
         if now - self.last_check < self.spec.drift.every:
             return
         self.last_check = now
-        signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
+        try:
+            signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
+        except SkyloopError as exc:  # e.g. a new champion's reference lacks a feature the spec tests: say so, once
+            message = f"cannot measure drift and quality: {exc}"
+            if self.last.get("error") != message:
+                await self.runner.event("loop.measure_failed", message)
+            self.last = {"phase": self.phase, "error": message}
+            return
+        self.last.pop("error", None)
         if self.triggers is None or self.phase != "watching" or busy:  # not over a rollout in flight
             return
         firing = self.triggers.check(signals, now)

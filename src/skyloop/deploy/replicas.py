@@ -140,7 +140,8 @@ class ReplicaHost:
             text = self.log_file.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "(no log)"
-        return " | ".join(text[-lines:]) or "(empty log)"
+        # The replica's own `error: ...` line, without its label: the message it goes into is an error already.
+        return " | ".join(line.removeprefix("error: ") for line in text[-lines:]) or "(empty log)"
 
     def replicas(self) -> list[dict[str, Any]]:
         """The host's state file: one entry per replica (index, port, pid, restarts, started_at)."""

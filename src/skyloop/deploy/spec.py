@@ -68,7 +68,7 @@ class _Model(BaseModel):
 
 def _seconds(field: str) -> Any:
     def parse(cls: type, value: Any) -> Any:
-        return None if value is None else parse_duration(value, field)
+        return None if value is None else parse_duration(value)
 
     return field_validator(field, mode="before")(classmethod(parse))
 
@@ -372,7 +372,8 @@ class DeploymentSpec(_Model):
         names = [p.name for p in self.predictors]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"predictors: names must be unique, {', '.join(dupes)} appear more than once")
+            raise ValueError(f"predictors: names must be unique; {', '.join(map(repr, dupes))} "
+                             f"{'appears' if len(dupes) == 1 else 'appear'} more than once")
         live = [p for p in self.predictors if not p.shadow]
         if not live:
             raise ValueError("predictors: every predictor is a shadow; one must answer clients (traffic: 100)")

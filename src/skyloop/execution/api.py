@@ -136,7 +136,7 @@ def run(target: Target | None = None, params: dict[str, Any] | None = None, *, b
 
     `target` is a `@pipeline`, a compiled spec, or a path: `file.py:pipeline` or `spec.yaml`.
     """
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     workspace = Workspace.open(settings)
     try:
         if resume is not None:
@@ -169,7 +169,7 @@ def run(target: Target | None = None, params: dict[str, Any] | None = None, *, b
 def submit(target: Target, params: dict[str, Any] | None = None, *, priority: int = 0, weight: float = 1.0,
            backend: str | None = None, settings: Settings | None = None) -> str:
     """Validate a pipeline and queue a run of it for `skyloop agent`; returns the run id."""
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     if backend is not None and backend not in BACKENDS:
         raise _unknown_backend(backend)
     if not (weight > 0 and math.isfinite(weight)):

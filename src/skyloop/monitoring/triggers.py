@@ -37,7 +37,7 @@ class Condition(BaseModel):
     @field_validator("schedule", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value, "schedule")
+        return None if value is None else parse_duration(value)
 
     @model_validator(mode="after")
     def _one(self) -> Condition:
@@ -68,7 +68,7 @@ class TriggersSpec(BaseModel):
     @field_validator("cooldown", mode="before")
     @classmethod
     def _cooldown(cls, value: Any) -> float:
-        return parse_duration(value, "cooldown")
+        return parse_duration(value)
 
     @model_validator(mode="after")
     def _distinct(self) -> TriggersSpec:

@@ -93,7 +93,7 @@ def _settings(settings: Settings | None) -> Settings:
     context = current_step()
     if context is not None and context.settings is not None:
         return context.settings
-    return Settings()
+    return Settings.load()
 
 
 def _package(model: object, root: Path, name: str, flavor: str | None) -> ModelManifest | None:

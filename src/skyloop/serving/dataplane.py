@@ -16,7 +16,7 @@ from typing import Any
 
 import skyloop
 from skyloop.config import Settings
-from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError
+from skyloop.errors import InvalidRequest, NotFound, NotReady, SkyloopError, SpecError
 from skyloop.serving.answered import REMEMBERED, AnsweredIds
 from skyloop.serving.batching import Batcher, Prediction
 from skyloop.serving.graph import Graph, Trace, load_graph
@@ -79,7 +79,8 @@ class DataPlane:
                  behind_router: bool = False) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise SkyloopError(f"two served models share a name: {names}")
+            raise SpecError(f"two served models share a name: {names}; name them apart (a serving spec file each, "
+                            "with its own `name:`)")
         self.settings = settings
         self.answered = None if behind_router else answered or AnsweredIds()
         """Ids this server answered; None when a router in front checks feedback ids."""

@@ -95,7 +95,8 @@ def _load_node(spec: GraphNode, base: Path | None, settings: Settings | None) ->
                             f"{type(exc).__name__}: {exc}") from exc
     method = getattr(obj, method_name, None)
     if not callable(method):
-        raise SpecError(f"node {spec.name!r}: a {spec.type} needs a {method_name}() method, "
+        article = "an" if method_name[0] in "aeiou" else "a"
+        raise SpecError(f"node {spec.name!r}: a {spec.type} needs {article} {method_name}() method, "
                         f"{type(obj).__name__} has none")
     children = [_load_node(child, base, settings) for child in spec.children]
     return Node(spec, obj, method, children, version)

@@ -19,6 +19,7 @@ checks ids against its own answers and may pass feedback on to another replica t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from skyloop.config import Settings
-from skyloop.errors import ModelLoadError, SpecError
+from skyloop.errors import Conflict, ModelLoadError, SpecError
 from skyloop.serving.spec import GraphNode, NodeType, ServeSpec
 
 __all__ = ["bind", "serve", "spec_for_target"]
@@ -74,9 +75,14 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except OverflowError:
+        sock.close()
+        raise SpecError(f"--port {port}: a port is 0 to 65535 (0 picks a free one)") from None
     except OSError as exc:
         sock.close()
-        raise ModelLoadError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise Conflict(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from None
+        raise SpecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -52,19 +52,21 @@ METHODS: dict[NodeType, str] = {
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 
 
-def parse_duration(value: float | str, field: str) -> float:
-    """Seconds from a number (seconds) or a string like `2ms`, `1.5s`, `5m`, `1h`."""
+def parse_duration(value: float | str, field: str | None = None) -> float:
+    """Seconds from a number (seconds) or a string like `2ms`, `1.5s`, `5m`, `1h`; errors start with `field: `
+    when given (a field validator's errors are already placed by pydantic)."""
+    where = f"{field}: " if field else ""
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:
         match = _DURATION.match(str(value))
         if match is None:
-            raise ValueError(f"{field}: {value!r} is not a duration; write e.g. 2ms, 1.5s, 5m or 1h")
+            raise ValueError(f"{where}{value!r} is not a duration; write e.g. 2ms, 1.5s, 5m or 1h")
         seconds = float(match.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
     if not math.isfinite(seconds):  # YAML's .nan and .inf: every comparison with NaN is False, so check first
-        raise ValueError(f"{field}: must be a finite number of seconds, got {value!r}")
+        raise ValueError(f"{where}must be a finite number of seconds, got {value!r}")
     if seconds < 0:
-        raise ValueError(f"{field}: a duration cannot be negative")
+        raise ValueError(f"{where}a duration cannot be negative")
     return seconds
 
 
@@ -124,7 +126,7 @@ class BatchingSpec(BaseModel):
     @field_validator("max_batch_time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
-        return parse_duration(value, "max_batch_time")
+        return parse_duration(value)
 
 
 class ServeSpec(BaseModel):
@@ -153,7 +155,8 @@ class ServeSpec(BaseModel):
         names = [n.name for n in self.graph.walk()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"graph: node names must be unique, {', '.join(dupes)} appear more than once")
+            raise ValueError(f"graph: node names must be unique; {', '.join(map(repr, dupes))} "
+                             f"{'appears' if len(dupes) == 1 else 'appear'} more than once")
         return self
 
 
