@@ -57,3 +57,9 @@ def cwd() -> str:
 
 def type_of(value: object) -> str:
     return type(value).__name__
+
+
+def child_sleep(seconds: float) -> str:
+    """Waits on a child process: Ray's force-cancel kills the child first, and the step goes on to return."""
+    done = subprocess.run(["sleep", str(seconds)], check=False)
+    return f"child exit code {done.returncode}"

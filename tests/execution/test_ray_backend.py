@@ -171,6 +171,24 @@ def test_timeout_kills_the_task_and_the_next_one_runs(backend: RayBackend, tmp_p
 
 
 @integration
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_step_that_returns_after_the_kill_reached_its_child_is_stopped_not_succeeded(
+        backend: RayBackend, tmp_path: Path, how: str) -> None:
+    # Ray's force-cancel kills the step's child first; the step then returns what that left it with. That
+    # result came after the stop: the attempt ended as stopped, and nothing it returned is kept.
+    launch = make_launch(tmp_path, "child_sleep", timeout=1.0 if how == "timeout" else None, seconds=60)
+    backend.submit(launch)
+    if how == "cancel":
+        assert backend.wait(1.0) == []
+        backend.cancel(launch.key)
+    result = collect(backend, 1)[launch.key]
+    expected = (TaskState.TIMED_OUT, "timed out after 1s") if how == "timeout" else (TaskState.CANCELLED, "cancelled")
+    assert (result.state, result.error, result.outputs) == (*expected, {}), result
+    (after,) = run_all(backend, make_launch(tmp_path, "add", a=1, b=1))
+    assert after.state == TaskState.SUCCEEDED
+
+
+@integration
 def test_cancel_stops_running_and_queued_tasks(backend: RayBackend, tmp_path: Path) -> None:
     whole = Resources(cpus=2)
     running = make_launch(tmp_path, "sleep", resources=whole, seconds=60)

@@ -125,6 +125,60 @@ def test_a_run_on_a_ray_of_its_own_leaves_no_spare_log_file_though_a_worker_was_
     assert (logs / "killed_first.1.log").read_text() == "about to be killed\n"
 
 
+DECLARED = """\
+import json, sys, time, uuid
+from skyloop.config import ExecutionSettings
+from skyloop.errors import BackendError
+from skyloop.execution.backends.ray import RayBackend
+from skyloop.execution.tasks import Literal_, TaskLaunch
+from skyloop.spec.pipeline import StepRef
+from skyloop.spec.resources import Resources
+steps, folder, nowhere = sys.argv[1:4]
+started = time.monotonic()
+try:
+    RayBackend(ExecutionSettings(), address=nowhere).start()
+except BackendError as exc:
+    refused = [str(exc), time.monotonic() - started]
+backend = RayBackend(ExecutionSettings(max_cpus=2, max_gpus=2, gpu_ids=[2, 3], resources={"license": 2}))
+backend.start()
+capacity = backend.capacity()
+def launch(resources):
+    key = uuid.uuid4().hex[:8]
+    return TaskLaunch(key=key, task_name="getenv", step=StepRef(module=steps, qualname="getenv"),
+                      inputs={"name": Literal_("CUDA_VISIBLE_DEVICES")}, output_names=["output"],
+                      multi_output=False, resources=resources, timeout=None, log_path=folder + "/" + key + ".log",
+                      artifacts_url=folder)
+gpu, cpu, licensed = launch(Resources(cpus=1, gpus=1)), launch(Resources(cpus=1)), launch(
+    Resources(cpus=1, custom={"license": 1}))
+for each in (gpu, cpu, licensed):
+    backend.submit(each)
+results = {}
+while len(results) < 3:
+    results.update((r.key, r) for r in backend.wait(30))
+from skyloop.store.artifacts import ArtifactStore
+store = ArtifactStore(folder)
+seen = {name: store.get(results[each.key].outputs["output"]) if results[each.key].outputs else results[each.key].error
+        for name, each in (("gpu", gpu), ("cpu", cpu), ("licensed", licensed))}
+backend.shutdown()
+print(json.dumps({"refused": refused, "gpus": capacity.gpus, "custom": capacity.custom, "seen": seen}))
+"""
+
+
+@integration
+def test_a_ray_started_by_the_backend_offers_the_declared_devices_and_resources(tmp_path: Path) -> None:
+    (nowhere,) = _free_ports(1)  # nothing listens there
+    child = subprocess.run([sys.executable, "-c", DECLARED, STEPS, str(tmp_path), f"127.0.0.1:{nowhere}"],
+                           env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=180)
+    assert child.returncode == 0, child.stderr
+    answer: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    message, seconds = answer["refused"]
+    assert f"cannot connect to the Ray cluster at 127.0.0.1:{nowhere}: nothing answers there" in message
+    assert seconds < 30  # at once, not after Ray's own minutes of retries
+    assert (answer["gpus"], answer["custom"]) == (2, {"license": 2.0})
+    # The GPU step gets one of the declared devices; the CPU steps see none, as on the local backend.
+    assert answer["seen"]["gpu"] in ("2", "3") and answer["seen"]["cpu"] == answer["seen"]["licensed"] == "", answer
+
+
 # -- a separate head, reached by address ------------------------------------------------------------
 
 CLIENT = """\
@@ -136,7 +190,22 @@ address, home, sample = sys.argv[1:4]
 settings = Settings.for_home(Path(home))
 settings.execution.ray_address = address
 result = run(load_file_module(sample).diamond_fanout, {"n": 6, "pause": 0.0}, backend="ray", settings=settings)
-print(json.dumps({"status": result.status, "error": result.error, "outputs": result.outputs, "id": result.id}))
+settings.execution.max_cpus = 8  # sizes only a Ray skyloop starts: the head has 2
+greedy = run(load_file_module(sys.argv[4]).greedy, {}, backend="ray", settings=settings)
+print(json.dumps({"status": result.status, "error": result.error, "outputs": result.outputs, "id": result.id,
+                  "greedy": [greedy.status, greedy.error]}))
+"""
+
+GREEDY = """\
+from skyloop import Resources, pipeline, step
+
+@step(resources=Resources(cpus=4))
+def big() -> int:
+    return 1
+
+@pipeline
+def greedy():
+    return big()
 """
 
 
@@ -200,7 +269,8 @@ def test_pipeline_runs_on_a_separate_head_by_address(tmp_path: Path) -> None:
     address = f"127.0.0.1:{port}"
     # Short on purpose: Ray's socket paths under it must fit in 107 bytes, which tmp_path may not.
     temp_dir = tempfile.mkdtemp(prefix="skyray-", dir="/tmp")
-    env = {**os.environ, **RAY_ENV}
+    # Ray 2.5x+ may turn on token auth for `ray start --head` (a token in ~/.ray): off, on this loopback-only head.
+    env = {**os.environ, **RAY_ENV, "RAY_AUTH_MODE": "disabled"}
     head: list[psutil.Process] = []
     try:
         started = subprocess.run(
@@ -214,13 +284,16 @@ def test_pipeline_runs_on_a_separate_head_by_address(tmp_path: Path) -> None:
         head = _head_processes(temp_dir, address)
         assert started.returncode == 0, started.stdout + started.stderr
         home = tmp_path / "home"
-        client = subprocess.run([sys.executable, "-c", CLIENT, address, str(home), SAMPLE], env=env,
-                                capture_output=True, text=True, timeout=120)
+        (tmp_path / "greedy.py").write_text(GREEDY)
+        client = subprocess.run([sys.executable, "-c", CLIENT, address, str(home), SAMPLE, str(tmp_path / "greedy.py")],
+                                env=env, capture_output=True, text=True, timeout=120)
         assert client.returncode == 0, client.stderr
         answer: dict[str, Any] = json.loads(client.stdout.strip().splitlines()[-1])
         assert answer["status"] == "SUCCEEDED", answer["error"]
         squares = sum(i * i for i in range(6))
         assert answer["outputs"] == {"output": squares + sum(range(6)) * 1000 + 5}
+        status, error = answer["greedy"]  # more CPUs than the cluster has: the cure is in the cluster
+        assert status == "FAILED" and f"add it to the nodes of the Ray cluster at {address}" in error, error
         # The steps ran in workers of that head: their logs are in its session folder.
         pids = {(r.worker or "").rsplit(":", 1)[1] for r in _rows(Settings.for_home(home), answer["id"])}
         logs = " ".join(path.name for path in Path(temp_dir).glob("session_*/logs/*"))

@@ -7,6 +7,7 @@ spy on the backend's `submit_after` and `_send`, which it does not change).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -295,5 +296,78 @@ def test_cancelling_a_step_in_a_chain_sends_those_before_it_again_and_ends_those
         assert outputs[then.key].state == TaskState.SUCCEEDED, outputs[then.key].error
         store = ArtifactStore(str(tmp_path / "artifacts"))
         assert store.get(outputs[then.key].outputs["output"]) == 12
+    finally:
+        backend.shutdown()
+
+
+EDITED = '''
+import time
+from pathlib import Path
+
+from skyloop import pipeline, step
+
+
+@step(cache=False)
+def prepare(path: str, edit: bool) -> int:
+    if edit:  # the file of the step sent ahead of this one changes while it waits
+        source = Path(path).read_text()
+        Path(path).write_text(source.replace('return "v" + "1"', 'return "v" + "2"'))
+    time.sleep(0.5)
+    return 1
+
+
+@step
+def report(x: int) -> str:
+    return "v" + "1"
+
+
+@pipeline
+def edited(path: str = "", edit: bool = False):
+    return report(prepare(path, edit))
+'''
+
+
+def test_a_step_sent_ahead_whose_file_changed_while_it_waited_is_recorded_and_cached_as_the_code_that_ran(
+        ray_session: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skyloop.pipelines.step import code_hash
+
+    spy = Spy(monkeypatch)
+    file = tmp_path / "edited.py"
+    file.write_text(EDITED)
+    first = _run(load_file_module(str(file)).edited, {"path": str(file), "edit": True}, tmp_path / "home")
+    assert first.status == "SUCCEEDED", first.error
+    assert "report" in spy.sent_ahead()
+    assert first.outputs == {"output": "v2"}  # the worker ran the file as it was once `prepare` ended
+    ran = code_hash(load_file_module(str(file)).report.fn)
+    (row,) = [r for r in _rows(tmp_path / "home", first.id) if r.task == "report"]
+    assert row.code_hash == ran  # not the hash of the code it was sent with
+
+    file.write_text(EDITED)  # back to v1: v2's result must not be taken for it
+    second = _run(load_file_module(str(file)).edited, {"path": str(file), "edit": False}, tmp_path / "home")
+    assert second.status == "SUCCEEDED", second.error
+    assert (second.outputs, second.steps["report"].state.value) == ({"output": "v1"}, "SUCCEEDED")
+    third = _run(load_file_module(str(file)).edited, {"path": str(file), "edit": False}, tmp_path / "home")
+    assert (third.outputs, third.steps["report"].state.value) == ({"output": "v1"}, "CACHED")
+
+
+def test_attempts_waiting_on_another_hold_no_room_from_a_launch_with_a_timeout(
+        ray_session: ModuleType, tmp_path: Path) -> None:
+    # Three steps sent ahead of a 2 s step wait on it in Ray, holding no CPU: a launch with a timeout must
+    # not be held back for them (on 2 CPUs, the running step leaves one free).
+    backend = RayBackend(ExecutionSettings())
+    backend.start()
+    try:
+        first = _launch(tmp_path, "sleep", seconds=2.0)
+        backend.submit(first)
+        previous = first
+        for _ in range(3):
+            follower = _launch(tmp_path, "add", after=previous, b=1)
+            assert backend.submit_after(follower, previous.key)
+            previous = follower
+        timed = dataclasses.replace(_launch(tmp_path, "add", a=1, b=2), timeout=30.0)
+        backend.submit(timed)
+        results = collect(backend, 5)
+        assert {r.state for r in results.values()} == {TaskState.SUCCEEDED}
+        assert results[timed.key].started_at < results[first.key].ended_at  # it ran beside the first step
     finally:
         backend.shutdown()

@@ -287,7 +287,8 @@ def test_custom_resources_declared_in_the_settings_are_never_over_committed(sett
     settings.execution.max_cpus = 3
     undeclared = run(pipe, {"n": 3}, backend="local", settings=settings)
     assert undeclared.status == "FAILED"
-    assert "declare 'license' in the settings' execution.resources" in (undeclared.steps["licensed"].error or "")
+    assert "lower the request or declare 'license' in the settings' execution.resources" in \
+        (undeclared.steps["licensed"].error or "")
     settings.execution.resources = {"license": 1}
     result = run(pipe, {"n": 3}, backend="local", settings=settings)
     assert result.status == "SUCCEEDED", result.error

@@ -43,10 +43,15 @@ BATCHES: list[tuple[TextClause, list[dict[str, Any]]]] = [
                         "created_at": datetime(2030, 1, 1, tzinfo=UTC), "last_used_at": datetime(2030, 1, 1),
                         "data": None}]),
     (INSERT_STEP_RUN, [_step_run("a" * 32), _step_run("b" * 32, map_index=3, state="CACHED", resources={},
+                                                        cache_key="j" * 64,
                                                         ended_at=datetime(2030, 1, 2, 0, 0, tzinfo=UTC))]),
     (UPDATE_STEP_RUN, [{"id": "a" * 32, "state": "FAILED", "ended_at": datetime(2030, 1, 3, 1, 2, 3, 4, tzinfo=WEST),
                         "started_at": None, "error": "ValueError: no", "traceback": "Traceback ...\n",
-                        "worker": "ray:127.0.0.1:42", "max_rss": 2**40, "cached_from": "b" * 32}]),
+                        "worker": "ray:127.0.0.1:42", "max_rss": 2**40, "cached_from": "b" * 32,
+                        "code_hash": "f" * 64, "cache_key": "k" * 64},  # the code it ran, not the one it was sent with
+                       {"id": "b" * 32, "state": "CACHED", "ended_at": datetime(2030, 1, 3, tzinfo=UTC),
+                        "started_at": None, "error": None, "traceback": None, "worker": None, "max_rss": None,
+                        "cached_from": None, "code_hash": None, "cache_key": None}]),  # keeps its code and key
     (INSERT_EDGE, [{"step_run_id": "a" * 32, "artifact": "d" * 64, "direction": "in", "name": "xs", "position": 0},
                    {"step_run_id": "a" * 32, "artifact": "e" * 64, "direction": "out", "name": "return",
                     "position": -1}]),
@@ -80,6 +85,9 @@ def test_sqlite_stores_exactly_what_sqlalchemy_would(tmp_path: Path) -> None:
             row = session.get(StepRunRow, "a" * 32)
             assert row is not None
             assert row.state == "FAILED" and row.error == "ValueError: no" and row.max_rss == 2**40
+            assert (row.code_hash, row.cache_key) == ("f" * 64, "k" * 64)
+            other = session.get(StepRunRow, "b" * 32)
+            assert other is not None and (other.code_hash, other.cache_key) == ("c" * 64, "j" * 64)
             assert row.ended_at == datetime(2030, 1, 3, 1, 2, 3, 4, tzinfo=WEST) and row.ended_at.tzinfo == UTC
             assert row.started_at == datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=EAST)  # COALESCE kept it
             assert row.resources == {"cpus": 2.0, "custom": {"license": 1.0}, "memory": 2**31}

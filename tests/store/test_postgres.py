@@ -24,7 +24,7 @@ from skyloop.store import lineage
 from skyloop.store.db import Database
 from skyloop.store.gc import collect_garbage
 from skyloop.store.migrations import HEAD
-from skyloop.store.models import Artifact, Base, Event, RunRow
+from skyloop.store.models import Artifact, Base, Event, RunRow, StepRunRow
 from skyloop.store.runs import claim_run, create_run, get_run, reap_expired_runs, utcnow
 from skyloop.store.serializers import serialize
 from skyloop.store.workspace import Workspace
@@ -173,3 +173,26 @@ def test_two_writers_register_the_first_version_of_a_new_model_at_once(pg_db: Da
         assert writer.is_alive()  # it waits for this transaction's model row
     writer.join(30)
     assert second == [2]
+
+
+def test_an_attempt_sent_ahead_takes_the_code_it_ran_on_postgres(pg_db: Database) -> None:
+    from skyloop.store.hotpath import INSERT_STEP_RUN, UPDATE_STEP_RUN, execute_many
+
+    with pg_db.session() as session:
+        create_run(session, run_id="rk", pipeline="p", spec={}, params={}, backend="ray", owner="me",
+                   lease_seconds=30)
+    now = utcnow()
+    rows = [{"id": key, "run_id": "rk", "task": key, "map_index": -1, "attempt": 1, "state": "RUNNING",
+             "step_ref": "m:t", "code_hash": "old", "cache_key": f"key-{key}", "resources": {}, "created_at": now,
+             "started_at": now, "ended_at": None, "error": None, "traceback": None, "log_path": None, "worker": None,
+             "max_rss": None, "cached_from": None, "estimate_seconds": None, "estimate_source": None,
+             "input_bytes": None} for key in ("a", "b")]
+    end = {"state": "SUCCEEDED", "ended_at": now, "started_at": None, "error": None, "traceback": None,
+           "worker": None, "max_rss": None, "cached_from": None}
+    with pg_db.engine.connect() as conn, conn.begin():
+        execute_many(conn, INSERT_STEP_RUN, rows)
+        execute_many(conn, UPDATE_STEP_RUN, [{**end, "id": "a", "code_hash": "new", "cache_key": "key-new"},
+                                             {**end, "id": "b", "code_hash": None, "cache_key": None}])
+    with pg_db.session() as session:
+        found = {row.id: (row.state, row.code_hash, row.cache_key) for row in session.scalars(select(StepRunRow))}
+    assert found == {"a": ("SUCCEEDED", "new", "key-new"), "b": ("SUCCEEDED", "old", "key-b")}

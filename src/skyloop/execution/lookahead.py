@@ -24,14 +24,19 @@ it after taking the upstream's end, and from then on the policy counts it as run
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from skyloop.errors import SkyloopError
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.worker import loaded_code_hash
 from skyloop.store.db import Database
 
-__all__ = ["NOT_RUN", "fill", "not_run"]
+__all__ = ["NOT_RUN", "Outcome", "fill", "not_run", "run_after"]
+
+Outcome = tuple[TaskResult, bytes | None]
+"""An attempt's result and, when it ran on another node, the tail of its log."""
 
 NOT_RUN = "not run: its upstream attempt did not succeed"
 """The error of an attempt sent ahead whose upstream failed (the orchestrator drops it, unrecorded)."""
@@ -46,9 +51,26 @@ def not_run(key: str, at: float | None = None) -> TaskResult:
     return TaskResult(key=key, state=TaskState.CANCELLED, error=NOT_RUN, ended_at=time.time() if at is None else at)
 
 
-def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch | TaskResult:
+def run_after(launch: TaskLaunch, upstream: TaskResult, run: Callable[[TaskLaunch], Outcome]) -> Outcome:
+    """Run the attempt sent ahead of `upstream` with `run` once its inputs are filled in (see `fill`). When
+    its file changed while it waited, the result names the code that ran (`TaskResult.code_hash`), so that
+    its row and cache key are those of that code, not of the code it was sent with."""
+    started = time.time()
+    after = launch.after
+    assert after is not None
+    code = loaded_code_hash(launch) if upstream.state in (TaskState.SUCCEEDED, TaskState.CACHED) else None
+    code = code if code != after.code_hash else None
+    attempt = fill(launch, upstream, started, code)
+    outcome = (attempt, None) if isinstance(attempt, TaskResult) else run(attempt)
+    if code is not None and outcome[0].state != TaskState.CANCELLED:
+        outcome[0].code_hash = code
+    return outcome
+
+
+def fill(launch: TaskLaunch, upstream: TaskResult, started: float, code: str | None = None) -> TaskLaunch | TaskResult:
     """`launch` with the inputs it takes from `upstream`; or how it ended without running (its upstream
-    failed, or the cache has its result)."""
+    failed, or the cache has its result: looked up under `code`, the code hash of the function the worker
+    loaded, when it differs from the one the attempt was sent with)."""
     after = launch.after
     assert after is not None
     if upstream.state not in (TaskState.SUCCEEDED, TaskState.CACHED) or not set(after.outputs) <= set(upstream.outputs):
@@ -56,7 +78,7 @@ def fill(launch: TaskLaunch, upstream: TaskResult, started: float) -> TaskLaunch
     inputs: dict[str, InputValue] = {**launch.inputs,
                                      **{name: upstream.outputs[output] for name, output in after.inputs.items()}}
     if after.cache_version is not None and launch.db_url is not None:
-        key = cache_key(after.code_hash, after.cache_version, inputs)
+        key = cache_key(code or after.code_hash, after.cache_version, inputs)
         try:
             db = _databases.pop(launch.db_url, None) or Database(launch.db_url, migrate=False)
             _databases[launch.db_url] = db  # the newest last

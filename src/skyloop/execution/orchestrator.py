@@ -194,6 +194,7 @@ class Orchestrator:
         self.runs[run_id] = RunState(
             run_id, prepared, prior, db=self.db, store=self.store, recorder=self.recorder,
             capacity=self.capacity, backend_name=self.backend.name, logs=self.settings.logs_dir / run_id,
+            capacity_fix=getattr(self.backend, "capacity_fix", None),
             priority=priority, weight=weight, estimates=learned.estimates, ranks=learned.ranks, observer=self.observer,
             home=self.settings.home, estimator=learned.estimator, sized=learned.sized,
         )

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from skyloop.store.artifacts import ArtifactStore
 
 __all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "descendants", "drop_spare", "drop_spares",
-           "end_leftovers", "read_small", "scoped_environ", "serve"]
+           "end_leftovers", "read_small", "scoped_environ", "serve", "wait_gone"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -266,6 +266,16 @@ def drop_spares(logs: dict[int, str], grace: float = 0.0) -> None:
         if not waiting or time.monotonic() >= deadline:
             return
         time.sleep(_EXIT_POLL_SECONDS)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for process `pid` to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_EXIT_POLL_SECONDS)
+    return True
 
 
 def descendants(pid: int) -> list[int]:

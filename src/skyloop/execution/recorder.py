@@ -108,8 +108,9 @@ class Recorder:
             self._touched.update(ref.digest for ref in outputs.values())
             self._edges.append((step_run_id, "out", [(n, r.digest, -1) for n, r in outputs.items()]))
 
-    def finished(self, result: TaskResult, run_id: str) -> None:
-        """An attempt's end as the backend reported it."""
+    def finished(self, result: TaskResult, run_id: str, cache_key: str | None = None) -> None:
+        """An attempt's end as the backend reported it; one that names the code it ran (`code_hash`) takes
+        it and `cache_key` in place of what its row was written with."""
         self._mark()
         self._runs[result.key] = run_id
         self._at_risk += result.seconds or 0.0
@@ -118,6 +119,7 @@ class Recorder:
             "started_at": _ts(result.started_at),
             "error": result.error, "traceback": result.traceback, "worker": result.worker,
             "max_rss": result.max_rss, "cached_from": result.cached_from,
+            "code_hash": result.code_hash, "cache_key": cache_key if result.code_hash is not None else None,
         })
         for ref in result.outputs.values():
             self._artifacts[ref.digest] = ref
@@ -185,7 +187,9 @@ class Recorder:
                 if row is None:
                     rest.append(update)
                 else:
-                    row.update(update, started_at=update["started_at"] or row["started_at"])
+                    kept = ("code_hash", "cache_key") if update["code_hash"] is None else ()
+                    row.update({k: v for k, v in update.items() if k not in kept},
+                               started_at=update["started_at"] or row["started_at"])
             updates = rest
         if inserts:
             execute_many(conn, INSERT_STEP_RUN, inserts)

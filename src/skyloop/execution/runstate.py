@@ -74,15 +74,19 @@ def input_bytes(inputs: dict[str, InputValue]) -> int:
     return total
 
 
-def _raise_capacity(wanted: Resources, offered: Resources) -> str:
-    """How to offer what `wanted` asks beyond `offered`: the options or settings that declare it."""
-    fixes = [option for option, short in (("--max-cpus", wanted.cpus > offered.cpus),
-                                          ("--max-memory", wanted.memory > offered.memory),
-                                          ("--max-gpus (and gpu_ids)", wanted.gpus > offered.gpus)) if short]
+def _raise_capacity(wanted: Resources, offered: Resources, fix: str | None = None) -> str:
+    """How to offer what `wanted` asks beyond `offered`: the backend's own `fix`, else the options or
+    settings that declare it."""
+    if fix is not None:
+        return fix
+    fixes = [f"raise {option}" for option, short in (("--max-cpus", wanted.cpus > offered.cpus),
+                                                     ("--max-memory", wanted.memory > offered.memory),
+                                                     ("--max-gpus (and gpu_ids)", wanted.gpus > offered.gpus))
+             if short]
     fixes += [f"declare {name!r} in the settings' execution.resources (e.g. SKYLOOP_EXECUTION__RESOURCES="
               f"'{{\"{name}\": {amount:g}}}')" for name, amount in wanted.custom.items()
               if amount > offered.custom.get(name, 0.0)]
-    return "raise " + " and ".join(fixes) if fixes else "raise the backend's capacity"
+    return " and ".join(fixes) if fixes else "raise the backend's capacity"
 
 
 class RunState:
@@ -93,13 +97,15 @@ class RunState:
                  priority: int = 0, weight: float = 1.0, estimates: dict[str, tuple[float, str]] | None = None,
                  ranks: dict[str, float] | None = None, observer: Observer | None = None,
                  home: Path | None = None, estimator: Estimator | None = None,
-                 sized: dict[str, list[Sample]] | None = None) -> None:
+                 sized: dict[str, list[Sample]] | None = None, capacity_fix: str | None = None) -> None:
         self.run_id, self.prior = run_id, prior
         self.home = str(home) if home is not None else None
         """The skyloop home of the run, passed to steps (with the DB and store URLs) for `log_model`."""
         self.spec, self.steps, self.params = prepared.spec, prepared.steps, prepared.params
         self.db, self.store, self.recorder = db, store, recorder
         self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
+        self.capacity_fix = capacity_fix
+        """The backend's own advice for a step that asks for more than `capacity` (see `_raise_capacity`)."""
         self.priority, self.weight = priority, weight
         self.estimates = estimates or {}
         self._estimator, self._sized = estimator, sized or {}
@@ -211,7 +217,7 @@ class RunState:
         if not task.resources.fits(self.capacity):
             error = (f"step asks for {task.resources.model_dump(mode='json')} but the {self.backend_name} "
                      f"backend offers {self.capacity.model_dump(mode='json')}; lower the request or "
-                     f"{_raise_capacity(task.resources, self.capacity)}")
+                     f"{_raise_capacity(task.resources, self.capacity, self.capacity_fix)}")
             self._record_end(task, TaskState.FAILED, error)
             return self._complete(progress, TaskState.FAILED, error)
         progress.size = len(unit_inputs)
@@ -388,7 +394,12 @@ class RunState:
     # -- results -----------------------------------------------------------------------------------
     def finish(self, unit: Unit, result: TaskResult) -> float | None:
         """Take an attempt's end; returns the retry delay when the unit must run again, else None."""
-        self.recorder.finished(result, self.run_id)
+        if result.code_hash is not None:  # sent ahead, it ran the code its file held once its upstream ended
+            task = unit.task
+            self._code[task.name] = result.code_hash
+            unit.cache_key = cache_key(result.code_hash, task.cache.version, unit.inputs) if task.cache.enabled \
+                else None
+        self.recorder.finished(result, self.run_id, cache_key=unit.cache_key)
         progress = self.tasks[unit.task.name]
         seconds = result.seconds
         if unit.index >= 0 and result.state == TaskState.SUCCEEDED and seconds is not None:

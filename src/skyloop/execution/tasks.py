@@ -158,6 +158,9 @@ class TaskResult:
     ended_at: float | None = None
     worker: str | None = None
     max_rss: int | None = None
+    code_hash: str | None = None
+    """For an attempt sent ahead (`After`): the hash of the code its worker ran, when it is not the one the
+    attempt was sent with (its file changed while it waited); the row and the cache key take it."""
     """Peak resident memory of the attempt in bytes, where the backend measures it."""
     cached_from: str | None = None
     """For a CACHED end: the earlier attempt whose outputs these are."""

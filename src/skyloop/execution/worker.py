@@ -68,6 +68,28 @@ def load_function(launch: TaskLaunch) -> Callable[..., Any]:
     return fn
 
 
+_hashes: dict[Callable[..., Any], str] = {}
+"""Function -> its code hash (see `loaded_code_hash`)."""
+
+
+def loaded_code_hash(launch: TaskLaunch) -> str | None:
+    """The code hash of the step's function as this worker loads it now, for a step from a `.py` file (which
+    workers import again once it changed); None for any other step, or a file that no longer loads (the
+    attempt reports why when it runs)."""
+    if launch.fn_payload is not None or not launch.step.module.endswith(".py"):
+        return None
+    from skyloop.pipelines.step import code_hash
+
+    try:
+        fn = load_function(launch)
+    except Exception:
+        return None
+    found = _hashes.get(fn)
+    if found is None:
+        found = _hashes[fn] = code_hash(fn)
+    return found
+
+
 def load_input(value: InputValue, store: ArtifactStore) -> Any:
     """The Python value an input binding stands for."""
     if isinstance(value, Literal_):

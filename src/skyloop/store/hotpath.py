@@ -62,7 +62,8 @@ INSERT_STEP_RUN: TextClause = _statement(
 UPDATE_STEP_RUN: TextClause = _statement(
     "UPDATE step_runs SET state = :state, ended_at = :ended_at, started_at = COALESCE(:started_at, started_at), "
     "error = :error, traceback = :traceback, worker = :worker, max_rss = :max_rss, "
-    "cached_from = COALESCE(:cached_from, cached_from) WHERE id = :id",
+    "cached_from = COALESCE(:cached_from, cached_from), code_hash = COALESCE(:code_hash, code_hash), "
+    "cache_key = CASE WHEN CAST(:code_hash AS TEXT) IS NULL THEN cache_key ELSE :cache_key END WHERE id = :id",
     ended_at=UTCDateTime(), started_at=UTCDateTime(),
 )
 

@@ -37,26 +37,27 @@ sent ahead of them can join them.
 
 Artifacts go through the artifact store from inside the task: only the launch and the result (with
 small inline values) pass through the driver. What runs in the worker (and how a launch travels
-there) lives in `ray_task`, the connection to Ray in `ray_connect`.
+there) lives in `ray_task`, the connection to Ray in `ray_connect`, each attempt's record in `ray_attempts`.
 The backend is driven by one thread (the orchestrator's scheduler); it is not thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pickle
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from skyloop.config import ExecutionSettings
+from skyloop.execution.backends.ray_attempts import Attempt, Chain, ended, failed
 from skyloop.execution.backends.ray_connect import connect_ray
 from skyloop.execution.backends.ray_task import DriverContext, own_paths, pickled, run_attempt, run_attempts, run_chain
 from skyloop.execution.lookahead import not_run
-from skyloop.execution.procworker import drop_spares
+from skyloop.execution.procworker import drop_spares, wait_gone
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
 
@@ -66,6 +67,7 @@ _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
 _EXIT_GRACE_SECONDS = 2.0
 """How long `shutdown` waits for the workers of a Ray it stopped (or disconnected from) to exit (their spares)."""
+_DEVICES = "CUDA_VISIBLE_DEVICES"
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
@@ -78,39 +80,6 @@ MAX_PACK = 32
 """The most attempts in one pack."""
 MAX_CHAIN = 32
 """The most attempts in one chain (see `submit_after`)."""
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """A submitted attempt: its Ray object ref and, once we stopped it, why."""
-
-    launch: TaskLaunch
-    ref: Any
-    submitted: float
-    deadline: float | None
-    """Monotonic time by which the attempt must have ended (its timeout)."""
-    packed: bool = False
-    """Whether `ref` is a pack's (its value is the list of its attempts' outcomes)."""
-    stopped: tuple[TaskState, str] | None = None
-    """The state and error to report for an attempt we force-cancelled."""
-    give_up: float | None = None
-    """Monotonic time after which a cancelled attempt is reported even if Ray has not confirmed it."""
-    chained: bool = False
-    """Whether `ref` is a chain's (a streaming generator yielding its attempts' outcomes in order)."""
-    upstream: Any = None
-    """The ref of the upstream result its task was given (`submit_after`), if any."""
-    after: _Attempt | None = None
-    """The attempt after whose end it starts: the one it was sent ahead of, or the one before it in its chain."""
-    ended: float | None = None
-    """When it ended (when the attempt after it started)."""
-
-
-@dataclass(eq=False)
-class _Chain:
-    """Launches not sent yet, each after the one before it (the first after `after`, if given)."""
-
-    launches: list[TaskLaunch]
-    after: _Attempt | None = None
 
 
 class RayBackend:
@@ -132,8 +101,8 @@ class RayBackend:
         self._remote_chain: Any = None
         self._options: dict[tuple[Any, ...], Any] = {}
         self._context = b""  # the pickled `DriverContext` every task gets
-        self._running: dict[str, _Attempt] = {}
-        self._by_ref: dict[Any, list[_Attempt]] = {}
+        self._running: dict[str, Attempt] = {}
+        self._by_ref: dict[Any, list[Attempt]] = {}
         """Ray object ref -> the attempts waiting on it (several for a pack)."""
         self.tasks_sent = 0
         """Ray tasks submitted (a pack counts one)."""
@@ -143,10 +112,12 @@ class RayBackend:
         self._held: deque[TaskLaunch] = deque()
         """Launches not given to Ray yet: one with a timeout that would queue there, and those after it."""
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
-        """What the attempts given to Ray and not ended yet ask for."""
-        self._unsent: dict[str, _Chain] = {}
+        """What the attempts given to Ray that can start (not those waiting for another's end) ask for."""
+        self._followers: dict[Attempt, list[Attempt]] = {}
+        """Attempt -> those given to Ray that start once it ended (counted in `_in_ray` from then on)."""
+        self._unsent: dict[str, Chain] = {}
         """Launches to send at the next `wait`, by the key of their chain's first (most are alone)."""
-        self._tails: dict[str, _Chain] = {}
+        self._tails: dict[str, Chain] = {}
         """The unsent chains by the key of their last launch (what `submit_after` may extend)."""
         self._nodes: int | None = None
         """Live nodes of the cluster (counted once, when a cache lookup in a worker is first considered)."""
@@ -205,6 +176,7 @@ class RayBackend:
                 or any(launch.key == each.key for each in self._held):
             raise ValueError(f"task {launch.key!r} is already running")
         self.start()
+        launch = self._hide_devices(launch)
         if launch.timeout is not None:  # whether it has room depends on them
             self.dispatch()
         if self._held or (launch.timeout is not None and not self._has_room(launch)):
@@ -212,7 +184,7 @@ class RayBackend:
         elif launch.timeout is None and launch.estimate is not None and launch.estimate < PACK_BELOW_SECONDS:
             self._packable[launch.key] = launch
         else:
-            self._chain_up(_Chain([launch]))
+            self._chain_up(Chain([launch]))
 
     def submit_after(self, launch: TaskLaunch, upstream: str) -> bool:
         """Submit the attempt to start once the attempt `upstream` ended, with that attempt's result (see
@@ -227,14 +199,15 @@ class RayBackend:
         upstream's."""
         if launch.key in self._running or launch.key in self._tails or self._held or launch.timeout is not None:
             return False
+        launch = self._hide_devices(launch)
         if launch.after is not None and launch.after.cache_version is not None and not self._db_reachable(launch):
             return False
         first = self._packable.pop(upstream, None)
         if first is not None:  # in a pack its result would be hidden among others': a chain instead
-            self._chain_up(_Chain([first]))
+            self._chain_up(Chain([first]))
         split = self._unsent.get(upstream)
         if split is not None and len(split.launches) > 1:  # a second step after it: it goes alone, now
-            rest = _Chain(split.launches[1:])
+            rest = Chain(split.launches[1:])
             split.launches = split.launches[:1]
             self._tails[upstream] = split
             self._send_chain(split)
@@ -255,8 +228,25 @@ class RayBackend:
         attempt = self._running.get(upstream)
         if attempt is None or attempt.packed or attempt.chained or attempt.stopped is not None:
             return False
-        self._chain_up(_Chain([launch], after=attempt))
+        self._chain_up(Chain([launch], after=attempt))
         return True
+
+    def _hide_devices(self, launch: TaskLaunch) -> TaskLaunch:
+        """A launch asking for no GPU on a cluster with some gets `CUDA_VISIBLE_DEVICES=""` (Ray sets it only
+        for tasks given GPUs), so that a CPU step takes no memory on the devices of others, as on `local`."""
+        if launch.resources.gpus or not self.capacity().gpus or _DEVICES in launch.env:
+            return launch
+        return dataclasses.replace(launch, env={**launch.env, _DEVICES: ""})
+
+    @property
+    def capacity_fix(self) -> str | None:
+        """How to offer what a step asks beyond `capacity()`, when the settings cannot (a cluster reached by
+        address is sized by its nodes, not by skyloop's --max-* settings)."""
+        if self.address is None:
+            return None
+        return (f"add it to the nodes of the Ray cluster at {self.address} (`ray start --num-cpus N --num-gpus N "
+                "--memory BYTES --resources '{\"license\": 1}'`): skyloop's --max-* settings size only a Ray it "
+                "starts itself")
 
     def _db_reachable(self, launch: TaskLaunch) -> bool:
         """Whether every worker can reach the launch's metadata DB: not a SQLite file on a cluster of nodes."""
@@ -266,7 +256,7 @@ class RayBackend:
             self._nodes = sum(1 for node in self._ray.nodes() if node.get("Alive"))
         return self._nodes <= 1
 
-    def _chain_up(self, chain: _Chain) -> None:
+    def _chain_up(self, chain: Chain) -> None:
         self._unsent[chain.launches[0].key] = self._tails[chain.launches[-1].key] = chain
 
     def dispatch(self) -> None:
@@ -274,7 +264,7 @@ class RayBackend:
         for chain in list(self._unsent.values()):
             self._send_chain(chain)
 
-    def _send_chain(self, chain: _Chain) -> None:
+    def _send_chain(self, chain: Chain) -> None:
         del self._unsent[chain.launches[0].key]
         del self._tails[chain.launches[-1].key]
         self._send(*chain.launches, after=chain.after, chained=len(chain.launches) > 1)
@@ -288,7 +278,7 @@ class RayBackend:
         while self._held and (self._held[0].timeout is None or self._has_room(self._held[0])):
             self._send(self._held.popleft())
 
-    def _send(self, launch: TaskLaunch, *pack: TaskLaunch, after: _Attempt | None = None,
+    def _send(self, launch: TaskLaunch, *pack: TaskLaunch, after: Attempt | None = None,
               chained: bool = False, upstream: Any = None) -> None:
         """One Ray task for `launch`, or for the pack (or with `chained`, the chain) of it and `pack` (same
         task, same resources); with `after` (or the ref `upstream`, which wins), one that Ray starts once
@@ -312,12 +302,23 @@ class RayBackend:
         attempts = self._by_ref[ref] = []
         for each in launches:
             deadline = None if each.timeout is None else now + each.timeout
-            attempt = self._running[each.key] = _Attempt(each, ref, submitted, deadline, chained=chained,
+            attempt = self._running[each.key] = Attempt(each, ref, submitted, deadline, chained=chained,
                                                          packed=bool(pack) and not chained, upstream=upstream,
                                                          after=after)
+            if after is None or after.ended is not None:
+                self._count(attempt)
+            else:  # it waits, holding nothing, until `after` ends: a held launch must not wait for it
+                self._followers.setdefault(after, []).append(attempt)
             after = attempt if chained else None
             attempts.append(attempt)
-            self._in_ray = self._in_ray + each.resources
+
+    def _count(self, attempt: Attempt) -> None:
+        if not attempt.counted:
+            attempt.counted, self._in_ray = True, self._in_ray + attempt.launch.resources
+
+    def _uncount(self, attempt: Attempt) -> None:
+        if attempt.counted:
+            attempt.counted, self._in_ray = False, self._in_ray - attempt.launch.resources
 
     def _send_packs(self) -> None:
         """Send the packable launches of this turn: per task, in order, in packs that keep every CPU busy."""
@@ -385,7 +386,7 @@ class RayBackend:
                 for other in pack:
                     if other is not attempt:
                         del self._running[other.launch.key]
-                        self._in_ray = self._in_ray - other.launch.resources
+                        self._uncount(other)
                         self._send(other.launch)
             self._stop(attempt, TaskState.CANCELLED, "cancelled")
         if self._packable.pop(key, None) is not None:
@@ -407,7 +408,7 @@ class RayBackend:
                                          ended_at=time.time()))
             self._release()  # the launches behind it may go now
 
-    def _cancel_in_chain(self, attempt: _Attempt) -> None:
+    def _cancel_in_chain(self, attempt: Attempt) -> None:
         """Stop the chain's task: the attempts after `attempt` end `NOT_RUN` (they needed it), those before
         it go again as a chain of their own, from the last result the chain gave."""
         members = self._by_ref.get(attempt.ref, [])
@@ -416,7 +417,8 @@ class RayBackend:
         self._by_ref[attempt.ref] = [attempt]
         for other in before + later:
             del self._running[other.launch.key]
-            self._in_ray = self._in_ray - other.launch.resources
+            self._uncount(other)
+            self._followers.pop(other, None)
         if before:
             upstream = self._chain_last.get(attempt.ref, before[0].upstream)
             self._send(*(other.launch for other in before), chained=len(before) > 1, upstream=upstream,
@@ -439,6 +441,7 @@ class RayBackend:
         self._chain_last.clear()
         self._options.clear()
         self._held.clear()
+        self._followers.clear()
         self._in_ray = Resources(cpus=0, memory=0, gpus=0)
         if self._owns_ray:
             self._ray.shutdown()  # our job's workers end with it (with a connection to a cluster, soon after)
@@ -458,8 +461,8 @@ class RayBackend:
                 times.append(when)
         return times
 
-    def _stop(self, attempt: _Attempt, state: TaskState, error: str) -> None:
-        attempt.stopped = (state, error)
+    def _stop(self, attempt: Attempt, state: TaskState, error: str) -> None:
+        attempt.stopped, attempt.stopped_at = (state, error), time.time()
         attempt.give_up = time.monotonic() + _CANCEL_GRACE_SECONDS
         try:
             self._ray.cancel(attempt.ref, force=True)
@@ -471,7 +474,7 @@ class RayBackend:
             if attempt.stopped is None and attempt.deadline is not None and attempt.deadline <= now:
                 self._stop(attempt, TaskState.TIMED_OUT, f"timed out after {attempt.launch.timeout:g}s")
             elif attempt.stopped is not None and attempt.give_up is not None and attempt.give_up <= now:
-                self._end(attempt, self._ended(attempt, *attempt.stopped))
+                self._end(attempt, ended(attempt, *attempt.stopped))
 
     def _collect(self, block: float) -> None:
         """Take in every attempt that has ended, waiting up to `block` seconds for the first."""
@@ -500,7 +503,7 @@ class RayBackend:
                 value = self._ray.get(ref)
             except Exception as exc:
                 for attempt in list(self._by_ref.get(ref, ())):
-                    self._end(attempt, self._failed(attempt, exc))
+                    self._end(attempt, failed(self._ray.exceptions, attempt, exc))
             else:
                 self._returned(ref, value)
 
@@ -513,8 +516,8 @@ class RayBackend:
                 value = self._ray.get(ref)
             except Exception as exc:  # StopIteration too: a chain that ended without a word for some
                 first, *later = self._by_ref[stream]
-                self._end(first, self._failed(first, exc) if not isinstance(exc, StopIteration)
-                          else self._ended(first, TaskState.CRASHED, "the chain's Ray task ended before the step"))
+                self._end(first, failed(self._ray.exceptions, first, exc) if not isinstance(exc, StopIteration)
+                          else ended(first, TaskState.CRASHED, "the chain's Ray task ended before the step"))
                 for other in later:
                     self._end(other, not_run(other.launch.key))
                 break
@@ -523,12 +526,15 @@ class RayBackend:
         if stream not in self._by_ref:
             self._chain_last.pop(stream, None)
 
-    def _end(self, attempt: _Attempt, result: TaskResult) -> None:
+    def _end(self, attempt: Attempt, result: TaskResult) -> None:
         # What waits on it started then; forgetting what it waited on keeps no line of ended attempts alive.
         attempt.ended, attempt.after = result.ended_at or time.time(), None
         if self._running.get(attempt.launch.key) is attempt:
             del self._running[attempt.launch.key]
-            self._in_ray = self._in_ray - attempt.launch.resources
+            self._uncount(attempt)
+        for follower in self._followers.pop(attempt, ()):
+            if self._running.get(follower.launch.key) is follower:  # it starts now
+                self._count(follower)
         pack = self._by_ref.get(attempt.ref)
         if pack is not None and attempt in pack:
             pack.remove(attempt)
@@ -538,7 +544,9 @@ class RayBackend:
         self._release()
 
     def _returned(self, ref: Any, value: bytes) -> None:
-        """End the attempts of `ref` with their own results (a result that made it back wins over our cancel)."""
+        """End the attempts of `ref` with their own results. A result that ended before we cancelled its attempt
+        wins over the cancel; one that ended after it does not: the kill reached the step's own processes first
+        (a `subprocess` it waited on), and the step went on to return what that left it with."""
         attempts = list(self._by_ref.get(ref, ()))
         if not attempts:
             return
@@ -558,36 +566,10 @@ class RayBackend:
                     log.write(log_tail)
             elif log_tail is None and result.worker:  # it ran on this node, in our log folder
                 self._spares[result.worker] = attempt.launch.log_path
+            if attempt.stopped is not None and (result.ended_at or math.inf) >= attempt.stopped_at:
+                if log_tail is None and result.worker:
+                    # Its worker (on this node) is on its way out: reported before it is gone, the attempt's
+                    # retry could be pushed to it by Ray and die with it.
+                    wait_gone(int(result.worker.rpartition(":")[2]), _CANCEL_GRACE_SECONDS)
+                result = ended(attempt, *attempt.stopped)
             self._end(attempt, result)
-
-    def _failed(self, attempt: _Attempt, exc: Exception) -> TaskResult:
-        """Translate what Ray raised for the attempt into how it ended."""
-        if attempt.stopped is not None:
-            return self._ended(attempt, *attempt.stopped)
-        errors = self._ray.exceptions
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if isinstance(exc, errors.RayTaskError):  # `execute` catches step errors: a bug of ours or Ray's
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            result = self._ended(attempt, TaskState.FAILED, f"{type(cause).__name__}: {cause}")
-            result.traceback = str(exc)
-            return result
-        if isinstance(exc, errors.OutOfMemoryError):
-            return self._ended(attempt, TaskState.OUT_OF_MEMORY,
-                               f"Ray's memory monitor killed the worker running the step: {detail}")
-        if isinstance(exc, errors.TaskCancelledError):
-            return self._ended(attempt, TaskState.CANCELLED, "cancelled in Ray (not by skyloop)")
-        if isinstance(exc, errors.WorkerCrashedError):
-            reason = "the Ray worker process running the step died (a crash, a signal or os._exit)"
-        elif isinstance(exc, errors.NodeDiedError):
-            reason = f"the Ray node running the step died: {detail}"
-        else:
-            reason = f"Ray lost the task: {type(exc).__name__}: {detail}"
-        return self._ended(attempt, TaskState.CRASHED, reason)
-
-    def _ended(self, attempt: _Attempt, state: TaskState, error: str) -> TaskResult:
-        """How the attempt ended when it sent no result. It started (as far as the driver knows) when it was
-        submitted, or, sent after another, when that one ended: never, if that one has not."""
-        started = attempt.submitted if attempt.after is None else attempt.after.ended
-        return TaskResult(key=attempt.launch.key, state=state, error=error, started_at=started,
-                          ended_at=time.time())
-

@@ -9,13 +9,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 from typing import Any
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
+from skyloop.execution.procworker import scoped_environ
 
-__all__ = ["connect_ray"]
+__all__ = ["CONNECT_TIMEOUT", "connect_ray"]
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a cluster's address to take a TCP connection before giving up on it."""
+_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 def _import_ray() -> Any:
@@ -44,14 +50,37 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address is not None:
+            _check_reachable(address)
             ray.init(address=address, **quiet)
         else:
-            ray.init(
-                address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
-                num_gpus=settings.max_gpus, _memory=settings.max_memory, **quiet,
-            )
+            ids = settings.gpu_ids
+            gpus = settings.max_gpus if settings.max_gpus is not None else len(ids) if ids is not None else None
+            # The devices it hands out: Ray takes them from CUDA_VISIBLE_DEVICES as its node starts.
+            devices = {} if ids is None else {_DEVICES: ",".join(map(str, ids[:gpus]))}
+            with scoped_environ(devices):
+                ray.init(
+                    address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                    num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
+                    num_gpus=gpus, _memory=settings.max_memory, resources=dict(settings.resources) or None,
+                    **quiet,
+                )
+    except BackendError:
+        raise
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError or ValueError here
         where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
         raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
     return ray, True
+
+
+def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse at once a `host:port` (or `ray://host:port`) where nothing listens: Ray itself retries such an
+    address for many minutes before it gives up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # `auto`, or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BackendError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                           f"({exc.strerror or type(exc).__name__}); start it (`ray start --head`) or fix "
+                           "--ray-address (SKYLOOP_EXECUTION__RAY_ADDRESS)") from None

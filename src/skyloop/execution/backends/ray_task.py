@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import cloudpickle
 
-from skyloop.execution.lookahead import fill
+from skyloop.execution.lookahead import run_after
 from skyloop.execution.procworker import PeakMemory, StepOutput, scoped_environ
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import execute
@@ -159,12 +159,12 @@ def run_attempt(launch: bytes, context: bytes, upstream: bytes | None = None) ->
     returned (see `skyloop.execution.lookahead`): the launch takes its inputs from it, or ends unrun.
     """
     worker = _the_worker()
-    attempt: TaskLaunch | TaskResult = pickle.loads(launch)
+    attempt: TaskLaunch = pickle.loads(launch)
+    driver = worker.context_of(context)
     if upstream is not None:
-        assert isinstance(attempt, TaskLaunch)
-        result, _ = pickle.loads(upstream)
-        attempt = fill(attempt, result, time.time())
-    outcome = (attempt, None) if isinstance(attempt, TaskResult) else worker.run(attempt, worker.context_of(context))
+        outcome = run_after(attempt, pickle.loads(upstream)[0], lambda filled: worker.run(filled, driver))
+    else:
+        outcome = worker.run(attempt, driver)
     return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -190,10 +190,10 @@ def run_chain(launches: bytes, context: bytes, upstream: bytes | None = None) ->
     driver = worker.context_of(context)
     previous: TaskResult | None = None if upstream is None else pickle.loads(upstream)[0]
     for launch in pickle.loads(launches):
-        attempt: TaskLaunch | TaskResult = launch
         if previous is not None:
-            attempt = fill(launch, previous, time.time())
-        outcome = (attempt, None) if isinstance(attempt, TaskResult) else worker.run(attempt, driver)
+            outcome = run_after(launch, previous, lambda filled: worker.run(filled, driver))
+        else:
+            outcome = worker.run(launch, driver)
         previous = outcome[0]
         yield pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
 
