@@ -141,14 +141,16 @@ def test_ray_replicas_serve_survive_a_killed_actor_and_stop_with_the_deployment(
 
 
 def test_a_graph_that_cannot_load_in_its_actor_fails_the_spec_version_with_the_reason(ray_env: RayEnv) -> None:
+    nodes = ray_env.folder / "empty_nodes.py"  # exists (apply checks that), but has no such class
+    nodes.write_text("# no classes here\n")
     doc = {"name": "raybroken", "backend": "ray",
            "predictors": [{"name": "main", "traffic": 100, "graph": {
-               "name": "pre", "type": "TRANSFORMER", "implementation": "/nonexistent/nodes.py:Missing",
+               "name": "pre", "type": "TRANSFORMER", "implementation": f"{nodes}:Missing",
                "children": [{"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}]}}]}
     with pytest.raises(BackendError, match="failed to start on Ray"):
         apply(ray_env, doc)
     info = ray_env.info("raybroken")
     assert info.status == "Degraded"
-    assert "failed to start on Ray" in info.reason and "nodes.py" in info.reason, info.reason
+    assert "failed to start on Ray" in info.reason and "Missing" in info.reason, info.reason
     assert info.state["predictors"] == {}
     delete_deployment(ray_env.settings, "raybroken")
