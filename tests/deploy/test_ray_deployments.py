@@ -154,3 +154,62 @@ def test_a_graph_that_cannot_load_in_its_actor_fails_the_spec_version_with_the_r
     assert "failed to start on Ray" in info.reason and "Missing" in info.reason, info.reason
     assert info.state["predictors"] == {}
     delete_deployment(ray_env.settings, "raybroken")
+
+
+def test_a_predictor_the_cluster_can_never_place_fails_at_once_naming_what_it_lacks(ray_env: RayEnv) -> None:
+    doc = {"name": "raygreedy", "backend": "ray",
+           "predictors": [{"name": "main", "model_uri": "models:/iris/1", "traffic": 100, "resources": {"cpus": 4}}]}
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=r"more CPU than the whole Ray cluster has \(\{'CPU': 2\.0\}\)"):
+        apply(ray_env, doc)
+    assert time.monotonic() - started < 60  # not the 180 s start timeout
+    delete_deployment(ray_env.settings, "raygreedy")
+    # A deployment naming another cluster than the one this controller is connected to is refused, not
+    # served on the local one under the other's name.
+    other = {"name": "rayelsewhere", "backend": "ray", "ray_address": "127.0.0.1:9",
+             "predictors": [{"name": "main", "model_uri": "models:/iris/1", "traffic": 100}]}
+    with pytest.raises(BackendError, match=r"cannot use the Ray cluster at 127\.0\.0\.1:9: this process is connected"):
+        apply(ray_env, other)
+    delete_deployment(ray_env.settings, "rayelsewhere")
+
+
+SLOW_NODES = """
+import time
+
+
+class SlowStart:
+    def load(self):
+        time.sleep(8)
+
+    def transform_input(self, X):
+        return X
+"""
+
+
+def test_a_replica_restarted_while_an_apply_is_in_flight_is_routed_to_at_once(ray_env: RayEnv) -> None:
+    name = "raybusy"
+    doc: dict[str, Any] = {"name": name, "backend": "ray",
+                           "predictors": [{"name": "main", "model_uri": "models:/iris/1", "traffic": 100}]}
+    info = apply(ray_env, doc)
+    url, (victim,) = ray_env.url(name), replicas(info)
+    nodes = ray_env.folder / "slow_nodes.py"
+    nodes.write_text(SLOW_NODES)
+    doc["predictors"].append({"name": "slow", "traffic": 0, "graph": {
+        "name": "wait", "type": "TRANSFORMER", "implementation": f"{nodes}:SlowStart",
+        "children": [{"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}]}})
+    applying = threading.Thread(target=apply, args=(ray_env, doc))
+    applying.start()  # the runner is busy for 8 s, starting `slow`
+    try:
+        time.sleep(1.0)
+        os.kill(victim["pid"], signal.SIGKILL)  # Ray restarts it on another port
+        answered = None
+        while applying.is_alive():
+            try:
+                answered = infer(url, ray_env.X[:5])
+                break
+            except OSError:  # 503 while the pool still names the dead port, or the restart is under way
+                time.sleep(0.2)
+        assert answered == ray_env.clf.predict(ray_env.X[:5]).tolist(), "no answer until the apply ended"
+    finally:
+        applying.join(120)
+        delete_deployment(ray_env.settings, name)

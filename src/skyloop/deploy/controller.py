@@ -93,6 +93,8 @@ class DeploymentRunner:
         self.status, self.reason = Phase.PROGRESSING.value, "starting"
         self.generation = 0
         self.busy: asyncio.Task[None] | None = None
+        self.swapping: set[str] = set()
+        """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
         self.state_written = 0.0
         self.applied = 0
         self.loop: Loop | None = None
@@ -324,6 +326,13 @@ class DeploymentRunner:
 
     async def _swap(self, name: str, host: ReplicaHost) -> None:
         """Put `host` in place of the predictor's current one, replica by replica (rolling)."""
+        self.swapping.add(name)
+        try:
+            await self._roll(name, host)
+        finally:
+            self.swapping.discard(name)
+
+    async def _roll(self, name: str, host: ReplicaHost) -> None:
         old = self.hosts.get(name)
         pool = self.gateway.pools.setdefault(name, Pool(name))
         self.hosts[name] = host
@@ -398,14 +407,19 @@ class DeploymentRunner:
         was = f"version {previous}" if previous is not None else "nothing"
         await self.event("alias_moved", f"models:/{model}@{alias} moved from {was} to version {version}")
 
-    async def tick(self, commands: list[str]) -> None:
-        """Restart dead hosts, apply commands, advance the rollout, publish the state."""
+    async def refresh_hosts(self) -> None:
+        """Route to replicas their host restarted (a Ray actor on a new port); also while an apply is in flight
+        (`busy`), except for a predictor whose replicas are being swapped."""
         for name, host in list(self.hosts.items()):
-            if host.alive and await host.refresh():
+            if name not in self.swapping and host.alive and await host.refresh() and self.hosts.get(name) is host:
                 pool = self.gateway.pools.get(name)
                 if pool is not None:
                     pool.endpoints = list(host.endpoints)
-                continue
+
+    async def tick(self, commands: list[str]) -> None:
+        """Restart dead hosts, apply commands, advance the rollout, publish the state."""
+        await self.refresh_hosts()
+        for name, host in list(self.hosts.items()):
             if not host.alive:
                 await self.event("replicas_restarted", f"{name}: {host.exit_description()}; starting it again")
                 try:
@@ -510,6 +524,11 @@ class Controller:
                     if self.exit_when_idle and not infos and not self.runners:
                         break
                 ready = [r for r in self.runners.values() if r.busy is None or r.busy.done()]
+                for runner in [r for r in self.runners.values() if r not in ready]:
+                    try:  # an apply in flight must not keep a restarted replica out of its pool
+                        await runner.refresh_hosts()
+                    except Exception:
+                        log.exception("deployment %s: refreshing replicas failed", runner.name)
                 commands = await asyncio.to_thread(self._commands, [r.name for r in ready]) if ready else {}
                 for runner in ready:
                     try:

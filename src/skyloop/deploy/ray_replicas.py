@@ -130,6 +130,15 @@ class RayReplicaHost(ReplicaHost):
         name = self.predictor.name
         ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
         self._ray = ray
+        wants = {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
+        total: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
+        asked = {"CPU": self.predictor.resources.cpus, "GPU": self.predictor.resources.gpus,
+                 "memory": self.predictor.resources.memory, **self.predictor.resources.custom}
+        short = sorted(k for k, v in asked.items() if v > total.get(k, 0.0) + 1e-9)
+        if short:  # it could never be placed: say so now, not after the start timeout
+            raise ModelLoadError(f"predictor {name!r} asks for {wants} per replica, more {', '.join(short)} than the "
+                                 f"whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }); lower the "
+                                 "predictor's resources or add nodes")
         doc = self.serve_doc()
         s = self.settings
         actor_class = ray.remote(ReplicaServer).options(**self._options())
@@ -140,9 +149,11 @@ class RayReplicaHost(ReplicaHost):
             infos = await asyncio.to_thread(ray.get, [a.address.remote() for a in actors], timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             self._kill(actors)
-            wants = {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
-            raise ModelLoadError(f"predictor {name!r}: its Ray actors did not start within {timeout:g}s; can the "
-                                 f"cluster give each what it asks for ({wants})?") from None
+            raise ModelLoadError(f"predictor {name!r}: its Ray actors did not start within {timeout:g}s: the cluster "
+                                 f"had no room for {wants} each (what else runs there, or a rolling update that "
+                                 "needs the old and the new replicas at once), or a replica's process died while "
+                                 "loading and Ray kept restarting it (see the worker logs in Ray's session "
+                                 "folder)") from None
         except Exception as exc:  # ActorDiedError wrapping the constructor's error, most often
             self._kill(actors)
             raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {_cause(exc)}") from exc
@@ -152,6 +163,10 @@ class RayReplicaHost(ReplicaHost):
                 if time.monotonic() > deadline:
                     await self.stop()
                     raise ModelLoadError(f"predictor {name!r}: its Ray replicas were not ready after {timeout:g}s")
+                await self.refresh()  # one that Ray restarted meanwhile answers at its new address
+                if self._dead is not None:
+                    await self.stop()
+                    raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {self._dead}")
                 await asyncio.sleep(0.1)
         self.endpoints = [self._endpoint(r) for r in self._replicas]
         return self.endpoints

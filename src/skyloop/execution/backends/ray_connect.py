@@ -46,6 +46,7 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _import_ray()
     if ray.is_initialized():
+        _check_same_cluster(ray, address)
         return ray, False
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
@@ -70,6 +71,25 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
         where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
         raise BackendError(f"cannot {where}: {type(exc).__name__}: {exc}") from exc
     return ray, True
+
+
+def _check_same_cluster(ray: Any, address: str | None) -> None:
+    """Refuse `address` when this process is connected to another cluster already: Ray holds one connection per
+    process, so the work would silently run on the cluster it has (say, a deployment naming a cluster, in a
+    controller where another deployment started a local Ray)."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or address is None or address.startswith("ray://"):
+        return  # none asked for, `auto`, or a client connection: nothing to compare
+    current = str(getattr(ray.get_runtime_context(), "gcs_address", "") or "")
+    current_host, _, current_port = current.rpartition(":")
+    try:
+        same = current_port == port and socket.gethostbyname(current_host) == socket.gethostbyname(host.strip("[]"))
+    except OSError:
+        same = False
+    if current and not same:
+        raise BackendError(f"cannot use the Ray cluster at {address}: this process is connected to the one at "
+                           f"{current} already, and Ray holds one cluster per process; give every Ray deployment "
+                           "(and run) of one process the same ray_address")
 
 
 def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
