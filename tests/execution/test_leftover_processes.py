@@ -11,18 +11,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from tests_support import collect
+from tests_support import collect, output, run_one
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.local import LocalBackend
-from skyloop.execution.tasks import Literal_, TaskLaunch, TaskResult, TaskState
+from skyloop.execution.tasks import Literal_, TaskLaunch, TaskState
 from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
-from skyloop.store.artifacts import ArtifactStore
 
 pytestmark = pytest.mark.integration
 
@@ -101,14 +99,6 @@ def launch(steps: str, tmp_path: Path, qualname: str, memory: str | int = 0, **i
         log_path=str(tmp_path / "logs" / f"{key}.log"), artifacts_url=str(tmp_path / "artifacts"))
 
 
-def run_one(backend: LocalBackend, task: TaskLaunch) -> TaskResult:
-    backend.submit(task)
-    return collect(backend, 1)[task.key]
-
-
-def output(tmp_path: Path, result: TaskResult) -> Any:
-    assert result.state == TaskState.SUCCEEDED, result.error
-    return ArtifactStore(str(tmp_path / "artifacts")).get(result.outputs["output"])
 
 
 def running(pid: int) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tests_support import collect
+from tests_support import collect, run_one
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.base import Backend
@@ -43,10 +43,6 @@ def make_launch(tmp_path: Path, qualname: str, timeout: float | None = None,
     )
 
 
-
-def run_one(backend: LocalBackend, launch: TaskLaunch) -> TaskResult:
-    backend.submit(launch)
-    return collect(backend, 1)[launch.key]
 
 
 def worker_pid(result: TaskResult) -> int:

@@ -9,11 +9,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
-from tests_support import collect
+from tests_support import collect, output, run_one
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
@@ -23,7 +22,6 @@ from skyloop.execution.backends.local import LocalBackend
 from skyloop.execution.tasks import Literal_, TaskLaunch, TaskResult, TaskState
 from skyloop.spec.pipeline import StepRef
 from skyloop.spec.resources import Resources
-from skyloop.store.artifacts import ArtifactStore
 
 STEPS = str(Path(__file__).with_name("steps_for_backend.py"))
 MiB = 2**20
@@ -41,14 +39,6 @@ def make_launch(tmp_path: Path, qualname: str, memory: str | int = 0, gpus: int 
 
 
 
-def run_one(backend: LocalBackend, launch: TaskLaunch) -> TaskResult:
-    backend.submit(launch)
-    return collect(backend, 1)[launch.key]
-
-
-def output(tmp_path: Path, result: TaskResult) -> Any:
-    assert result.state == TaskState.SUCCEEDED, result.error
-    return ArtifactStore(str(tmp_path / "artifacts")).get(result.outputs["output"])
 
 
 def worker_pid(result: TaskResult) -> int:

@@ -16,7 +16,7 @@ import orjson
 from sqlalchemy import inspect
 
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.tasks import TaskResult
+from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
@@ -35,6 +35,18 @@ def collect(backend: Backend, count: int, limit: float = 30.0) -> dict[str, Task
         for result in backend.wait(deadline - time.monotonic()):
             results[result.key] = result
     return results
+
+
+def run_one(backend: Backend, launch: TaskLaunch) -> TaskResult:
+    """Submit one attempt and wait for its result."""
+    backend.submit(launch)
+    return collect(backend, 1)[launch.key]
+
+
+def output(tmp_path: Path, result: TaskResult) -> Any:
+    """The value a succeeded attempt stored as `output` in the store at `tmp_path / "artifacts"`."""
+    assert result.state == TaskState.SUCCEEDED, result.error
+    return ArtifactStore(str(tmp_path / "artifacts")).get(result.outputs["output"])
 
 
 def age_blobs(store: ArtifactStore, seconds: float = 3600.0) -> None:
