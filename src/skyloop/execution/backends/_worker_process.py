@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
 
 from skyloop.errors import BackendError
-from skyloop.execution.backends.limits import MemoryWatch
+from skyloop.execution.backends.limits import DEVICES_VAR, MemoryWatch
 from skyloop.execution.procworker import drop_spare
 from skyloop.execution.tasks import TaskLaunch
 
@@ -37,7 +37,6 @@ serve(conn, int(sys.argv[2]))
 """
 """What a worker process runs: `python -c BOOT <connection fd> <parent pid>`."""
 
-_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 @dataclass(eq=False)
@@ -110,11 +109,11 @@ class WorkerProcess:
 
     def accepts(self, launch: TaskLaunch) -> bool:
         """Whether the launch may run here: CUDA picks its devices once per process."""
-        return not self.used or self.devices == launch.env.get(_DEVICES)
+        return not self.used or self.devices == launch.env.get(DEVICES_VAR)
 
     def assign(self, launch: TaskLaunch) -> None:
         """Make `launch` this worker's task (the caller sends it)."""
-        self.launch, self.used, self.devices = launch, True, launch.env.get(_DEVICES)
+        self.launch, self.used, self.devices = launch, True, launch.env.get(DEVICES_VAR)
         self.logs = (*self.logs[-1:], launch.log_path)
 
     def send(self, message: TaskLaunch | None) -> None:

@@ -21,7 +21,10 @@ from skyloop.errors import BackendError
 from skyloop.execution.procworker import descendants, read_small
 from skyloop.spec.resources import format_memory
 
-__all__ = ["GpuPool", "MemoryWatch", "resident"]
+__all__ = ["DEVICES_VAR", "GpuPool", "MemoryWatch", "resident"]
+
+DEVICES_VAR = "CUDA_VISIBLE_DEVICES"
+"""The variable that names the GPUs a step may use (CUDA binds its devices from it once, at first use)."""
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -48,7 +48,7 @@ import psutil
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends._worker_process import WorkerProcess
-from skyloop.execution.backends.limits import GpuPool, MemoryWatch, resident
+from skyloop.execution.backends.limits import DEVICES_VAR, GpuPool, MemoryWatch, resident
 from skyloop.execution.procworker import READY, UNREADABLE
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
 from skyloop.spec.resources import Resources
@@ -57,7 +57,6 @@ __all__ = ["LocalBackend"]
 
 _BOOT_SECONDS = 60.0  # a worker that is not up by then is reported as crashed
 _EXIT_GRACE_SECONDS = 1.0  # how long a dying or stopping worker gets before SIGKILL
-_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 class LocalBackend:
@@ -243,9 +242,9 @@ class LocalBackend:
 
     def _with_devices(self, launch: TaskLaunch, ids: tuple[int, ...]) -> TaskLaunch:
         """The launch with `CUDA_VISIBLE_DEVICES` naming its GPUs (empty for none), unless it sets it."""
-        if not self._gpus or _DEVICES in launch.env:
+        if not self._gpus or DEVICES_VAR in launch.env:
             return launch
-        return dataclasses.replace(launch, env={**launch.env, _DEVICES: ",".join(map(str, ids))})
+        return dataclasses.replace(launch, env={**launch.env, DEVICES_VAR: ",".join(map(str, ids))})
 
     def _arm(self, worker: WorkerProcess) -> None:
         """Start the clock of the worker's task: its timeout counts from when the worker is up.

@@ -53,6 +53,7 @@ from collections import deque
 from typing import Any
 
 from skyloop.config import ExecutionSettings
+from skyloop.execution.backends.limits import DEVICES_VAR
 from skyloop.execution.backends.ray_attempts import Attempt, Chain, ended, failed
 from skyloop.execution.backends.ray_connect import connect_ray
 from skyloop.execution.backends.ray_task import DriverContext, own_paths, pickled, run_attempt, run_attempts, run_chain
@@ -67,7 +68,6 @@ _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
 _EXIT_GRACE_SECONDS = 2.0
 """How long `shutdown` waits for the workers of a Ray it stopped (or disconnected from) to exit (their spares)."""
-_DEVICES = "CUDA_VISIBLE_DEVICES"
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
 _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
@@ -234,9 +234,9 @@ class RayBackend:
     def _hide_devices(self, launch: TaskLaunch) -> TaskLaunch:
         """A launch asking for no GPU on a cluster with some gets `CUDA_VISIBLE_DEVICES=""` (Ray sets it only
         for tasks given GPUs), so that a CPU step takes no memory on the devices of others, as on `local`."""
-        if launch.resources.gpus or not self.capacity().gpus or _DEVICES in launch.env:
+        if launch.resources.gpus or not self.capacity().gpus or DEVICES_VAR in launch.env:
             return launch
-        return dataclasses.replace(launch, env={**launch.env, _DEVICES: ""})
+        return dataclasses.replace(launch, env={**launch.env, DEVICES_VAR: ""})
 
     @property
     def capacity_fix(self) -> str | None:

@@ -15,13 +15,13 @@ from typing import Any
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
+from skyloop.execution.backends.limits import DEVICES_VAR
 from skyloop.execution.procworker import scoped_environ
 
 __all__ = ["CONNECT_TIMEOUT", "connect_ray"]
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a cluster's address to take a TCP connection before giving up on it."""
-_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 def _import_ray() -> Any:
@@ -57,7 +57,7 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
             ids = settings.gpu_ids
             gpus = settings.max_gpus if settings.max_gpus is not None else len(ids) if ids is not None else None
             # The devices it hands out: Ray takes them from CUDA_VISIBLE_DEVICES as its node starts.
-            devices = {} if ids is None else {_DEVICES: ",".join(map(str, ids[:gpus]))}
+            devices = {} if ids is None else {DEVICES_VAR: ",".join(map(str, ids[:gpus]))}
             with scoped_environ(devices):
                 ray.init(
                     address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
