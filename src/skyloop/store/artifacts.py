@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -134,6 +135,36 @@ class ArtifactStore:
     def exists(self, digest: str) -> bool:
         """Whether the blob is present."""
         return bool(self.fs.exists(self._path(digest)))
+
+    def stale_blobs(self, since: float) -> list[tuple[str, int]]:
+        """`(digest, size)` of every blob last written or reused before `since` (a Unix time), on a local folder
+        (elsewhere none: listing a bucket costs too much); the leftovers of a collection killed midway, whose
+        `.gc-` files are removed here too.
+        """
+        if not self._local:
+            return []
+        found: list[tuple[str, int]] = []
+        try:
+            folders = [entry.path for entry in os.scandir(self.root) if entry.is_dir() and len(entry.name) == 2]
+        except FileNotFoundError:  # nothing was ever stored
+            return []
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat()
+                    except FileNotFoundError:  # gone meanwhile (another collection, a rename aside)
+                        continue
+                    if info.st_mtime >= since:
+                        continue
+                    if entry.name.startswith(".gc-"):
+                        # Set aside by a collection that died before removing it (a live one holds its file
+                        # for an instant, and removes it itself when its time is as old as this).
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(entry.path)
+                    elif len(entry.name) == 64 and entry.name.startswith(os.path.basename(folder)):
+                        found.append((entry.name, info.st_size))
+        return found
 
     def delete_unless_used(self, digest: str, since: float) -> bool:
         """Remove the blob unless it was written or reused at or after `since` (a Unix time); True when

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from skyloop.errors import StoreError
+from skyloop.store.hotpath import dbapi_cursor
 from skyloop.store.migrations import HEAD, create, known_revision, upgrade
 
 __all__ = ["Database", "translate_errors"]
@@ -41,6 +42,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    # Migrations ran with foreign keys off (see `Database._foreign_keys_off`): refuse to commit one that
+    # left a row pointing at nothing, as SQLite would have with them on.
+    with dbapi_cursor(conn) as cursor:
+        broken = cursor.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        tables = sorted({row[0] for row in broken})
+        raise StoreError(f"migrating the metadata DB would leave {len(broken)} rows of {', '.join(tables)} pointing "
+                         "at rows that do not exist; nothing was changed")
 
 
 class Database:
@@ -84,7 +96,11 @@ class Database:
             event.listen(self.read_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
             self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except BaseException:
+                self.dispose()  # nobody gets this object to close: a refused DB must not keep connections open
+                raise
 
     def _current_revision(self) -> str | None:
         with self.engine.connect() as conn:
@@ -104,11 +120,34 @@ class Database:
                                  f"skyloop does not know (its newest is {HEAD!r}): a newer skyloop wrote it. "
                                  "Upgrade skyloop, or use another --home (or SKYLOOP_DB_URL)")
             if current != HEAD:
-                with self.engine.begin() as conn:
+                with self.engine.connect() as conn, self._foreign_keys_off(conn), conn.begin():
                     if inspect(conn).get_table_names():
                         upgrade(conn)
                     else:  # a new database
                         create(conn)
+                    if self.is_sqlite:
+                        _check_foreign_keys(conn)
+
+    @contextlib.contextmanager
+    def _foreign_keys_off(self, conn: Connection) -> Iterator[None]:
+        # Alembic alters a SQLite table by copying it and dropping the old one, and with foreign keys on,
+        # SQLite's DROP TABLE first deletes every row, cascading: recreating `runs` (0008) emptied
+        # `step_runs`, `lineage` and `events`. The pragma is ignored inside a transaction, so it is set
+        # on the DBAPI connection before ours begins, and set back before the connection returns to the pool.
+        if not self.is_sqlite:
+            yield
+            return
+        with dbapi_cursor(conn) as cursor:
+            cursor.execute("PRAGMA foreign_keys=OFF")
+        try:
+            yield
+        finally:
+            try:
+                with dbapi_cursor(conn) as cursor:
+                    cursor.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error:
+                conn.invalidate()  # never hand out a connection that does not enforce foreign keys
+                raise
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:

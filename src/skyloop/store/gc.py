@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from skyloop.errors import SpecError
 from skyloop.store.lineage import collectable_artifacts
@@ -39,6 +39,9 @@ class GcReport:
     bytes: int
     dry_run: bool
     digests: list[str]
+    orphans: int = 0
+    """Blobs of artifacts deleted before whose removal had not happened (a collection killed midway)."""
+    orphan_bytes: int = 0
 
 
 def collect_garbage(workspace: Workspace, older_than: timedelta, dry_run: bool = False) -> GcReport:
@@ -53,9 +56,10 @@ def collect_garbage(workspace: Workspace, older_than: timedelta, dry_run: bool =
     """
     now = utcnow()
     cutoff = now - older_than
+    since = min(cutoff, now - IN_FLIGHT).timestamp()
     with workspace.db.session() as session:
         victims = [(a.digest, a.size) for a in collectable_artifacts(session, cutoff)]
-        if dry_run or not victims:
+        if dry_run:
             return GcReport(len(victims), sum(s for _, s in victims), dry_run, [d for d, _ in victims])
         marked: dict[str, int] = {}
         digests = [d for d, _ in victims]
@@ -68,10 +72,27 @@ def collect_garbage(workspace: Workspace, older_than: timedelta, dry_run: bool =
                 .values(deleted_at=now, data=None)
                 .returning(Artifact.digest, Artifact.size)
             ).tuples().all())
-    since = min(cutoff, now - IN_FLIGHT).timestamp()
     kept = {digest for digest in marked if not workspace.store.delete_unless_used(digest, since)}
     if kept:
         with workspace.db.session() as session:
             session.execute(update(Artifact).where(Artifact.digest.in_(kept)).values(deleted_at=None))
     gone = [digest for digest in marked if digest not in kept]
-    return GcReport(len(gone), sum(marked[d] for d in gone), False, gone)
+    return GcReport(len(gone), sum(marked[d] for d in gone), False, gone, *_remove_orphans(workspace, since))
+
+
+def _remove_orphans(workspace: Workspace, since: float) -> tuple[int, int]:
+    """Remove the old blobs of rows marked deleted: a collection killed (or interrupted) between marking its rows
+    and removing their blobs leaves them, and no later one would look at rows already marked.
+
+    A blob with no row at all stays: its writer may be storing a whole model before it records the rows.
+    """
+    stale = dict(workspace.store.stale_blobs(since))
+    digests = list(stale)
+    dead: set[str] = set()
+    with workspace.db.read() as session:
+        for i in range(0, len(digests), 500):
+            dead.update(session.scalars(select(Artifact.digest).where(Artifact.digest.in_(digests[i:i + 500]),
+                                                                       Artifact.deleted_at.is_not(None))))
+    # A writer reviving one of them meanwhile first touches (or writes) its blob: `delete_unless_used` keeps it.
+    removed = [d for d in digests if d in dead and workspace.store.delete_unless_used(d, since)]
+    return len(removed), sum(stale[d] for d in removed)

@@ -37,7 +37,11 @@ def known_revision(revision: str) -> bool:
 
 
 def upgrade(connection: Connection, revision: str = "head") -> None:
-    """Apply migrations up to `revision` on `connection`."""
+    """Apply migrations up to `revision` on `connection`.
+
+    On SQLite the connection must have foreign keys off (as `Database.migrate` sets it): Alembic alters a
+    table there by copying it and dropping the old one, and that DROP would cascade to the rows pointing at it.
+    """
     command.upgrade(alembic_config(connection), revision)
 
 
