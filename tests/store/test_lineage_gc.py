@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from types import ModuleType
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -12,8 +13,9 @@ from tests_support import age_blobs
 
 from skyloop import Run, Settings, run
 from skyloop.errors import NotFound, SpecError
+from skyloop.execution import runstate
 from skyloop.store import gc, lineage
-from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.gc import collect_garbage, parse_age
 from skyloop.store.models import Artifact, ArtifactPin, Lineage, StepRunRow
 from skyloop.store.runs import create_run, release_run, utcnow
@@ -287,3 +289,53 @@ def test_gc_deletes_only_the_blobs_of_rows_it_marked(chain: ModuleType, settings
     report = collect_garbage(workspace, timedelta(minutes=30))
     assert (report.artifacts, report.digests) == (0, [])
     assert stored(workspace, listed)
+
+
+@pytest.mark.parametrize("lands", ["after make's lookup", "after total's lookup", "before make's blob is touched"])
+def test_a_gc_that_lands_while_a_rerun_takes_a_cache_hit_never_fails_the_run(
+        chain: ModuleType, settings: Settings, workspace: Workspace, monkeypatch: pytest.MonkeyPatch,
+        lands: str) -> None:
+    # Another process's `skyloop artifacts gc` runs between the rerun's cache query and its use of the hit.
+    run_chain(chain, settings)
+    listed, summed = digest_of(LISTED), digest_of(SUMMED)
+    collected: list[list[str]] = []
+
+    def collect() -> None:
+        if not collected:
+            collected.append(sorted(collect_garbage(workspace, NOW).digests))
+
+    if lands.startswith("after"):
+        real_find = runstate.find_cached
+        found = listed if lands == "after make's lookup" else summed
+
+        def find_then_collect(*args: Any, **kwargs: Any) -> Any:
+            hits = real_find(*args, **kwargs)
+            if any(ref.digest == found for _, outputs in hits.values() for ref in outputs.values()):
+                collect()
+            return hits
+
+        monkeypatch.setattr(runstate, "find_cached", find_then_collect)
+    else:
+        real_touch = ArtifactStore.touch
+
+        def collect_then_touch(self: ArtifactStore, digest: str) -> bool:
+            collect()
+            return real_touch(self, digest)
+
+        monkeypatch.setattr(ArtifactStore, "touch", collect_then_touch)
+
+    second = run_chain(chain, settings)
+    expected = {
+        # The lookup touched make's blob, so the collection kept it; total's row it marked deleted before
+        # total's lookup: total runs again.
+        "after make's lookup": ([summed], {"make": "CACHED", "total": "SUCCEEDED"}),
+        # total's inline row, marked deleted after its lookup found it, is taken back when the hit is recorded.
+        "after total's lookup": ([summed], {"make": "CACHED", "total": "CACHED"}),
+        # Both collected before the hit was used: the steps run again instead of failing on a missing blob.
+        "before make's blob is touched": (sorted([listed, summed]), {"make": "SUCCEEDED", "total": "SUCCEEDED"}),
+    }[lands]
+    assert (collected, states(second)) == ([expected[0]], expected[1])
+    assert stored(workspace, listed) and stored(workspace, summed)
+    again = Run(workspace, second.id)
+    assert (again.output("make"), again.output("total")) == (LISTED, SUMMED)
+    assert states(run_chain(chain, settings)) == {"make": "CACHED", "total": "CACHED"}

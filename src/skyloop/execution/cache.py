@@ -12,7 +12,7 @@ from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.orm import Session
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
-from skyloop.store.artifacts import ArtifactRef
+from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import dbapi_cursor
 
@@ -72,10 +72,15 @@ def _lookup_one(session: Session | Connection, key: str) -> Sequence[Any]:
     return session.execute(_LOOKUP_ONE, {"key": key}).all()
 
 
-def find_cached(session: Session | Connection, keys: list[str], output_names: list[str]
-                ) -> dict[str, tuple[str, dict[str, ArtifactRef]]]:
+def find_cached(session: Session | Connection, keys: list[str], output_names: list[str],
+                store: ArtifactStore | None = None) -> dict[str, tuple[str, dict[str, ArtifactRef]]]:
     """For each key with an earlier successful attempt whose outputs all still exist: that attempt's id
-    and outputs (the newest such attempt). One query per 500 keys."""
+    and outputs (the newest such attempt). One query per 500 keys.
+
+    With `store`, the blob of every output found is touched, and a key whose blob is gone is no hit: a
+    garbage collection that marked the rows deleted just after the query either sees the touch and keeps
+    the blob, or removed it before, and then the step runs again instead of failing the step that reads it.
+    """
     found: dict[str, tuple[str, dict[str, ArtifactRef]]] = {}
     wanted = set(output_names)
     unique = list(dict.fromkeys(keys))
@@ -102,5 +107,7 @@ def find_cached(session: Session | Connection, keys: list[str], output_names: li
             if key not in newest or ended_at > newest[key][0]:
                 newest[key] = (ended_at, step_run_id)
         for key, (_, step_run_id) in newest.items():
-            found[key] = (step_run_id, attempts[step_run_id])
+            outputs = attempts[step_run_id]
+            if store is None or all(ref.data is not None or store.touch(ref.digest) for ref in outputs.values()):
+                found[key] = (step_run_id, outputs)
     return found

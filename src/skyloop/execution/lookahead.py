@@ -31,6 +31,7 @@ from skyloop.errors import SkyloopError
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.tasks import InputValue, TaskLaunch, TaskResult, TaskState
 from skyloop.execution.worker import loaded_code_hash
+from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 
 __all__ = ["NOT_RUN", "Outcome", "fill", "not_run", "run_after"]
@@ -44,6 +45,8 @@ NOT_RUN = "not run: its upstream attempt did not succeed"
 _databases: dict[str, Database] = {}
 """The metadata DBs this process looked up cache entries in, by URL (the last `DATABASES_KEPT`)."""
 DATABASES_KEPT = 4
+_stores: dict[str, ArtifactStore] = {}
+"""The artifact stores whose blobs a cache hit here touched, by URL."""
 
 
 def not_run(key: str, at: float | None = None) -> TaskResult:
@@ -85,7 +88,10 @@ def fill(launch: TaskLaunch, upstream: TaskResult, started: float, code: str | N
             while len(_databases) > DATABASES_KEPT:
                 _databases.pop(next(iter(_databases))).dispose()
             with lookup_connection(db) as conn:
-                hit = find_cached(conn, [key], launch.output_names).get(key)
+                store = _stores.get(launch.artifacts_url)
+                if store is None:
+                    store = _stores[launch.artifacts_url] = ArtifactStore(launch.artifacts_url)
+                hit = find_cached(conn, [key], launch.output_names, store).get(key)
         except SkyloopError as exc:  # not run: it may be cached, and a cached step must not run again
             return TaskResult(key=launch.key, state=TaskState.FAILED, started_at=started, ended_at=time.time(),
                               error=f"the worker could not look the step up in the cache: {exc}; if workers "

@@ -60,7 +60,6 @@ class Recorder:
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
     _edges: list[tuple[str, str, list[tuple[str, str, int]]]] = field(default_factory=list)
-    _touched: set[str] = field(default_factory=set)
     _events: list[tuple[str, str, str, str | None, dict[str, Any]]] = field(default_factory=list)
     _since: float | None = None
     """Monotonic time of the oldest write not flushed yet."""
@@ -105,7 +104,9 @@ class Recorder:
         if inputs:
             self._edges.append((step_run_id, "in", input_edges(inputs)))
         if outputs:
-            self._touched.update(ref.digest for ref in outputs.values())
+            # A cache hit's outputs: their rows are written again, which also takes back a deletion that a
+            # garbage collection marked after the lookup (the lookup touched their blobs, so it kept those).
+            self._artifacts.update((ref.digest, ref) for ref in outputs.values())
             self._edges.append((step_run_id, "out", [(n, r.digest, -1) for n, r in outputs.items()]))
 
     def finished(self, result: TaskResult, run_id: str, cache_key: str | None = None) -> None:
@@ -155,7 +156,7 @@ class Recorder:
             raise
         self._runs = {}
         self._inserts, self._updates, self._edges, self._events = [], [], [], []
-        self._artifacts, self._touched = {}, set()
+        self._artifacts = {}
         self._since, self._at_risk = None, 0.0
 
     def _fence(self, conn: Connection) -> None:
@@ -200,11 +201,9 @@ class Recorder:
                  for step_run_id, direction, batch in self._edges for name, digest, position in batch]
         if edges:
             execute_many(conn, INSERT_EDGE, edges)
-        if self._touched or self._events:
-            # Rare (cache hits, failures, retries): an ORM session joined to this transaction.
+        if self._events:
+            # Rare (failures, retries): an ORM session joined to this transaction.
             with Session(bind=conn) as session:
-                if self._touched:
-                    lineage.touch(session, self._touched)
                 for run_id, kind, message, event_step, data in self._events:
                     add_event(session, run_id, kind, message, event_step, **data)
                 session.flush()

@@ -240,7 +240,7 @@ class RunState:
         hits = {}
         if wanted:
             with lookup_connection(self.db) as conn:
-                hits = find_cached(conn, wanted, [o.name for o in task.outputs])
+                hits = find_cached(conn, wanted, [o.name for o in task.outputs], self.store)
         for index, unit_in, key in keyed:
             hit = hits.get(key) if key else None
             if hit is not None:

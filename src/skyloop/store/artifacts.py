@@ -136,6 +136,20 @@ class ArtifactStore:
         """Whether the blob is present."""
         return bool(self.fs.exists(self._path(digest)))
 
+    def touch(self, digest: str) -> bool:
+        """Mark the blob as just used, which garbage collection running now respects (see `delete_unless_used`);
+        False when it is gone. Elsewhere than a local folder: whether it exists."""
+        path = self._path(digest)
+        if not self._local:
+            return bool(self.fs.exists(path))
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot touch artifact {digest[:12]} in {self.url}: {exc}") from exc
+        return True
+
     def stale_blobs(self, since: float) -> list[tuple[str, int]]:
         """`(digest, size)` of every blob last written or reused before `since` (a Unix time), on a local folder
         (elsewhere none: listing a bucket costs too much); the leftovers of a collection killed midway, whose

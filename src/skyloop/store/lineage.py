@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import and_, exists, select
 from sqlalchemy.orm import Session
 
 from skyloop.errors import NotFound
@@ -24,7 +24,6 @@ __all__ = [
     "producers",
     "record_artifacts",
     "record_edges",
-    "touch",
     "unpin",
 ]
 
@@ -65,13 +64,6 @@ def record_edges(session: Session, step_run_id: str, direction: str,
              "position": position} for name, digest, position in edges]
     if rows:
         session.execute(INSERT_EDGE, rows)
-
-
-def touch(session: Session, digests: Iterable[str]) -> None:
-    """Mark artifacts as just used (a cache hit keeps them from garbage collection)."""
-    digests = list(digests)
-    if digests:
-        session.execute(update(Artifact).where(Artifact.digest.in_(digests)).values(last_used_at=utcnow()))
 
 
 def _edges(session: Session, digest: str, direction: str) -> list[LineageEdge]:
