@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -36,14 +37,21 @@ def serve(
                                                          "in this JSON file.")] = None,
     exit_with_parent: Annotated[bool, typer.Option("--exit-with-parent",
                                                    help="Stop when the process that started this one dies.")] = False,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True, help="With --exit-with-parent: the pid of the "
+                                                                     "process that started this one.")] = None,
 ) -> None:
     """Serve models over the Open Inference Protocol (V2 REST) until interrupted."""
+    # First thing: a parent that dies while this process starts (imports, loading the models) leaves it to init,
+    # and "the parent" taken later would be init, which never dies. A starter that must be sure passes its pid.
+    parent = parent_pid if parent_pid is not None else os.getppid()
     from skyloop.serving.server import serve as run_server
     from skyloop.serving.server import spec_for_target
     from skyloop.serving.spec import BatchingSpec
 
     if replicas is not None and workers is not None:
         raise SpecError("--replicas and --workers do not go together: replicas each run one worker")
+    if parent_pid is not None and not exit_with_parent:
+        raise SpecError("--parent-pid says whose death stops the server: give --exit-with-parent too")
     if state_file is not None and replicas is None:
         raise SpecError("--state-file describes replicas: give --replicas too")
     if name is not None and len(targets) != 1:
@@ -69,7 +77,7 @@ def serve(
 
     run_server(specs, state.settings(), host=host, port=port, workers=workers, threads=threads,
                max_body_bytes=max_body, log_level=log_level, on_ready=ready, replicas=replicas,
-               state_file=state_file, exit_with_parent=exit_with_parent)
+               state_file=state_file, exit_with_parent=exit_with_parent, parent=parent)
 
 
 def register(app: typer.Typer) -> None:

@@ -101,7 +101,7 @@ class ReplicaHost:
         self.state_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "skyloop", "--home", str(self.settings.home), "serve", str(self.spec_file),
                 "--replicas", str(self.predictor.replicas), "--port", "0", "--state-file", str(self.state_file),
-                "--exit-with-parent", "--threads", "2"]
+                "--exit-with-parent", "--parent-pid", str(os.getpid()), "--threads", "2"]
         env = {**os.environ, "SKYLOOP_DB_URL": self.settings.resolved_db_url,
                "SKYLOOP_ARTIFACTS_URL": self.settings.resolved_artifacts_url}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)

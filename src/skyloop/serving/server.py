@@ -4,7 +4,9 @@ The parent process binds the socket and loads every graph (models verified, user
 any worker exists, so a tampered model or a broken spec stops `skyloop serve` with a clear error, cold
 start pays for one import of the model code instead of one per worker, and workers share the loaded
 model's memory copy-on-write (gunicorn's `preload_app`). The parent then forks the workers, restarts any
-that dies, and stops them all on SIGTERM/SIGINT. With one worker the parent serves itself.
+that dies, and stops them all on SIGTERM/SIGINT. With one worker the parent serves itself. While the parent
+loads, a thread of its own answers on the sockets (`/v2/health/live` 200, anything else 503), so that a probe
+is told the server is loading instead of waiting in the listen backlog until it times out.
 
 Replica mode (`replicas=N`) is for a controller with a router in front: N sockets on N ports, one forked
 worker each. The parent keeps every socket open, so while a dead replica is being replaced (at once: the
@@ -46,6 +48,8 @@ log = logging.getLogger("skyloop.serving")
 _PARENT_POLL_SECONDS = 0.5
 _STOP_GRACE_SECONDS = 10.0
 _CRASH_LOOP_SECONDS = 1.0  # a worker that exits younger than this is restarted after this long
+_LOADING_READ_SECONDS = 1.0  # how long the loading answerer waits for one request
+_LOADING_MAX_READ = 1024 * 1024  # what it reads of a request at most (the rest is not worth the wait)
 
 
 def spec_for_target(target: str, name: str | None = None) -> ServeSpec:
@@ -86,6 +90,85 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+class _Loading:
+    """Answers on the listening sockets while the parent loads the graphs, before any worker can.
+
+    Without it a probe or a client would wait in the listen backlog for as long as the models take to load
+    (minutes for a large one) and time out: `/v2/health/live` answers 200 here, everything else 503 with the
+    reason, as the app itself does before its graphs have loaded. One thread, one connection at a time, each
+    answered and closed; it is stopped and joined before the parent forks (a fork copies no thread).
+    """
+
+    def __init__(self, socks: list[socket.socket]) -> None:
+        self.socks = socks
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="skyloop-loading", daemon=True)
+
+    def __enter__(self) -> _Loading:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                readable, _, _ = select.select(self.socks, [], [], 0.05)
+            except (OSError, ValueError):  # a socket closed under us: the server is stopping
+                return
+            for sock in readable:
+                with contextlib.suppress(OSError, ValueError):  # a client that left, or that sent no HTTP
+                    conn, _ = sock.accept()
+                    with conn:
+                        _answer_loading(conn)
+
+
+def _answer_loading(conn: socket.socket) -> None:
+    """One HTTP/1.1 answer while loading: 200 for liveness, 503 with the reason for anything else."""
+    # One deadline for the whole request, not one per read: a client trickling bytes must not hold up the
+    # start of the workers (the thread is joined before they fork).
+    deadline = time.monotonic() + _LOADING_READ_SECONDS
+
+    def recv(size: int) -> bytes:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        return conn.recv(size)
+
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = recv(65536)
+        if not chunk or len(data) > _LOADING_MAX_READ:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    request_line = lines[0].split(b" ")  # METHOD TARGET VERSION
+    path = request_line[1].partition(b"?")[0].rstrip(b"/") if len(request_line) > 1 else b""
+    length = 0
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value)
+    # Read the body (what fits) so that closing sends FIN: closing with unread data sends RST, and a client
+    # that gets RST may lose the answer it was sent.
+    left = min(length, _LOADING_MAX_READ) - len(body)
+    with contextlib.suppress(TimeoutError):  # a body slower than the deadline: answer all the same
+        while left > 0 and (chunk := recv(min(left, 65536))):
+            left -= len(chunk)
+    reason = "models are still loading"
+    doc: dict[str, object]
+    if path == b"/v2/health/live":
+        status, doc = "200 OK", {"live": True}
+    elif path == b"/v2/health/ready":
+        status, doc = "503 Service Unavailable", {"ready": False, "error": reason}
+    else:
+        status, doc = "503 Service Unavailable", {"error": f"the server is not ready: {reason}"}
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    conn.sendall(f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+                 f"connection: close\r\n\r\n".encode() + payload)
 
 
 def _run_uvicorn(app: Any, sock: socket.socket, log_level: str) -> None:
@@ -162,9 +245,10 @@ def _write_state(path: Path, slots: list[_Slot]) -> None:
 
 
 def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | None = None,
-               exit_with_parent: bool = False, on_started: Callable[[], object] | None = None,
+               parent: int | None = None, on_started: Callable[[], object] | None = None,
                in_worker: Callable[[int], object] | None = None) -> None:
-    """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT or orphaning.
+    """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT, or once this
+    process's parent is no longer `parent` (when given).
 
     `in_worker(index)` runs in each forked worker (a replacement too) with its slot's index, before it serves."""
     # Imported once here rather than in every (re)started worker: a replacement serves sooner.
@@ -172,7 +256,6 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
     import uvicorn.protocols.http.httptools_impl  # noqa: F401
 
     stopping = threading.Event()
-    grandparent = os.getppid()
     multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     def stop(signum: int, frame: object) -> None:
@@ -220,8 +303,8 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
                 start(slots[index])
                 if state_file is not None:
                     _write_state(state_file, slots)
-            if exit_with_parent and os.getppid() != grandparent:
-                log.warning("parent process %d is gone; stopping", grandparent)
+            if parent is not None and os.getppid() != parent:
+                log.warning("parent process %d is gone; stopping", parent)
                 break
             timeout = min([_PARENT_POLL_SECONDS, *(when - now for when in due.values())])
             with contextlib.suppress(InterruptedError):
@@ -230,7 +313,7 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
                 while os.read(wakeup[0], 512):
                     pass
     finally:
-        _stop(set(by_pid))
+        _stop(set(by_pid), {slot.sock for slot in slots})
         signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -254,11 +337,18 @@ def _reap() -> list[tuple[int, int]]:
         done.append((pid, status))
 
 
-def _stop(children: set[int]) -> None:
-    """SIGTERM, so uvicorn lets in-flight requests finish; SIGKILL what is still there after the grace period."""
+def _stop(children: set[int], listening: set[socket.socket]) -> None:
+    """SIGTERM, so uvicorn lets in-flight requests finish; SIGKILL what is still there after the grace period.
+
+    The parent's copies of the `listening` sockets are closed once the workers are told to stop (gunicorn's
+    arbiter does the same): each worker closes its own copy as it starts draining, and the parent's would
+    otherwise keep the port queueing new connections that nobody accepts, to be reset only when the drain ends.
+    Closed, they are refused at once, and a client or a proxy can go elsewhere."""
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    for sock in listening:
+        sock.close()
     deadline = time.monotonic() + _STOP_GRACE_SECONDS
     while children and time.monotonic() < deadline:
         children -= {pid for pid, _ in _reap()}
@@ -279,14 +369,18 @@ def _describe(status: int) -> str:
 def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", port: int = 8080,
           workers: int | None = None, threads: int = 4, max_body_bytes: int = 16 * 1024 * 1024,
           log_level: str = "warning", on_ready: Any = None, replicas: int | None = None,
-          state_file: Path | None = None, exit_with_parent: bool = False) -> None:
+          state_file: Path | None = None, exit_with_parent: bool = False, parent: int | None = None) -> None:
     """Load `specs`, then serve them until SIGTERM/SIGINT (blocking). `on_ready(port)` runs once listening.
 
     With `replicas=N`, N one-worker replicas listen on their own ports (`port`, `port+1`, ... or free ports
     for 0) and `on_ready(ports)` gets the list. `state_file` (replicas only) is kept up to date as JSON:
     `{"pid": PARENT, "replicas": [{"index", "port", "pid", "restarts", "started_at"}, ...]}`, and removed
-    on stop. With `exit_with_parent` the server stops when the process that started it dies.
+    on stop. With `exit_with_parent` the server stops when its parent process dies: `parent`, or by default the
+    parent it had when `serve` was called.
     """
+    # Taken before loading, which can take minutes: a parent that dies meanwhile leaves this process to init,
+    # and a parent taken after that would be init itself, never to die (the replicas would serve forever).
+    watched = (parent if parent is not None else os.getppid()) if exit_with_parent else None
     if replicas is not None:
         if workers is not None:
             raise SpecError("replicas each run one worker: give --replicas or --workers, not both")
@@ -294,6 +388,10 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
             raise SpecError(f"replicas must be at least 1, got {replicas}")
     elif state_file is not None:
         raise SpecError("a state file describes replicas: give --replicas with --state-file")
+    if replicas and port and port + replicas - 1 > 65535:
+        # Else the bind of the first port past the end says `--port 65536`, a port nobody asked for.
+        raise SpecError(f"--replicas {replicas} from --port {port} need ports up to {port + replicas - 1}, past "
+                        "65535: give a lower --port, or --port 0 for free ones")
     if state_file is not None and not state_file.parent.is_dir():
         raise SpecError(f"cannot write the state file {state_file}: no folder {state_file.parent}")
     workers = 1 if replicas else workers or os.cpu_count() or 1
@@ -315,28 +413,32 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
             # Replicas sit behind a deployment's gateway, which checks feedback ids against its answers.
             answered = None if replicas else AnsweredIds(parts=workers)
             plane = DataPlane(specs, settings, threads=threads, answered=answered, behind_router=bool(replicas))
-            plane.load()
+            with _Loading(socks):
+                plane.load()
             failed = [m.failure for m in plane.models.values() if m.failure]
             if len(failed) == 1:
                 raise failed[0]
             if failed:
                 raise ModelLoadError("; ".join(f"{m.name}: {m.failure}" for m in plane.models.values() if m.failure))
             app = create_app(plane, max_body_bytes=max_body_bytes, load=False)
+            if watched is not None and os.getppid() != watched:
+                log.warning("parent process %d died while the models loaded; stopping", watched)
+                return
             if replicas:
                 slots = [_Slot(i, sock, _replica_metrics_dir(i)) for i, sock in enumerate(socks)]
                 ports = [sock.getsockname()[1] for sock in socks]
-                _supervise(app, slots, log_level, state_file, exit_with_parent,
+                _supervise(app, slots, log_level, state_file, watched,
                            None if on_ready is None else lambda: on_ready(ports))
                 return
             if on_ready is not None:
                 on_ready(socks[0].getsockname()[1])
             if workers == 1:
-                if exit_with_parent:
-                    _watch_parent(os.getppid())
+                if watched is not None:
+                    _watch_parent(watched)
                 _run_uvicorn(app, socks[0], log_level)
             else:
                 _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level,
-                           exit_with_parent=exit_with_parent, in_worker=answered.use_part if answered else None)
+                           parent=watched, in_worker=answered.use_part if answered else None)
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
