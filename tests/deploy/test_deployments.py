@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +183,35 @@ def test_a_killed_replica_costs_almost_nothing_and_is_back_within_two_seconds(en
     failed = len(load.failed) / len(load.answers)
     assert failed <= 0.001, f"{len(load.failed)} of {len(load.answers)} failed"
     env.delete("kill")
+
+
+def test_a_host_that_cannot_start_again_backs_off_says_why_and_recovers(env: Env, tmp_path: Path) -> None:
+    # The host dies, and its model no longer loads: each failed start waits longer before the next, the
+    # events and the status name the load error (not the first exit), and once the model loads again the
+    # deployment is Healthy.
+    marker = tmp_path / "corrupt"
+    graph = {"name": "fragile", "type": "MODEL", "implementation": "nodes.py:Fragile",
+             "parameters": {"marker": str(marker)}}
+    info = env.apply({"name": "crashloop", "predictors": [{"name": "main", "graph": graph, "replicas": 1,
+                                                             "traffic": 100}]})
+    assert info.status == "Healthy", info.reason
+    marker.touch()
+    os.kill(info.state["predictors"]["main"]["pid"], signal.SIGKILL)
+
+    def failures(i: store.DeploymentInfo) -> bool:
+        return kinds(env, "crashloop").count("restart_failed") >= 4
+
+    degraded = env.wait("crashloop", failures, 90, "four failed starts")
+    assert degraded.status == "Degraded" and "the weights file is corrupt" in degraded.reason
+    assert "next try in" in degraded.reason
+    tries = [e for e in env.history("crashloop") if e.kind == "replicas_restarted"]
+    assert "exited with code -9" in tries[0].reason
+    assert all("the weights file is corrupt" in e.reason for e in tries[1:4])
+    gaps = [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(tries[:4])]
+    # 1 s, 2 s, then 4 s of waiting between starts that each take the same time to fail.
+    assert gaps[2] - gaps[0] >= 2.0, gaps
+    marker.unlink()
+    healthy = env.wait("crashloop", lambda i: i.status == "Healthy", 60, "the replicas back")
+    assert "started again after" in healthy.reason
+    assert kinds(env, "crashloop")[-1] == "replicas_recovered"
+    env.delete("crashloop")

@@ -64,6 +64,17 @@ class Constant:
 
     def predict(self, X):
         return np.full(len(X), self.label, dtype=np.int64)
+
+
+class Fragile(Constant):
+    """MODEL: Constant, which fails to load while the file `marker` exists (its weights went bad)."""
+
+    def __init__(self, marker, label=0):
+        import os
+
+        if os.path.exists(marker):
+            raise RuntimeError("the weights file is corrupt")
+        super().__init__(label)
 '''
 
 

@@ -42,7 +42,7 @@ from skyloop.monitoring.triggers import Firing, Signals, Triggers
 if TYPE_CHECKING:
     import pandas as pd
 
-    from skyloop.deploy.controller import DeploymentRunner
+    from skyloop.deploy.runner import DeploymentRunner
 
 __all__ = ["Loop", "gate_failures"]
 

@@ -157,7 +157,20 @@ class RayReplicaHost(ReplicaHost):
         except Exception as exc:  # ActorDiedError wrapping the constructor's error, most often
             self._kill(actors)
             raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {_cause(exc)}") from exc
+        except asyncio.CancelledError:  # the controller is stopping: actors nobody will hold must not stay
+            self._kill(actors)
+            raise
         self._replicas = [_Replica(i, a, info) for i, (a, info) in enumerate(zip(actors, infos, strict=True))]
+        try:
+            await self._until_ready(deadline, timeout)
+        except asyncio.CancelledError:
+            self._kill(actors)
+            raise
+        self.endpoints = [self._endpoint(r) for r in self._replicas]
+        return self.endpoints
+
+    async def _until_ready(self, deadline: float, timeout: float) -> None:
+        name = self.predictor.name
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
             while not await self._all_ready_at(client):
                 if time.monotonic() > deadline:
@@ -168,8 +181,6 @@ class RayReplicaHost(ReplicaHost):
                     await self.stop()
                     raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {self._dead}")
                 await asyncio.sleep(0.1)
-        self.endpoints = [self._endpoint(r) for r in self._replicas]
-        return self.endpoints
 
     async def _all_ready_at(self, client: aiohttp.ClientSession) -> bool:
         for r in self._replicas:

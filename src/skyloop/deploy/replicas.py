@@ -108,6 +108,16 @@ class ReplicaHost:
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env)
+        try:
+            replicas = await self._wait_ready(timeout)
+        except asyncio.CancelledError:  # the controller is stopping: a host nobody will hold must not stay
+            await asyncio.shield(self.stop())
+            raise
+        self.endpoints = [Endpoint(self.predictor.name, r["index"], r["port"]) for r in replicas]
+        return self.endpoints
+
+    async def _wait_ready(self, timeout: float) -> list[dict[str, Any]]:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
             while True:
@@ -119,10 +129,8 @@ class ReplicaHost:
                                          f"{self._tail()}")
                 replicas = self.replicas()
                 if len(replicas) == self.predictor.replicas and await self._all_ready(client, replicas):
-                    break
+                    return replicas
                 await asyncio.sleep(0.1)
-        self.endpoints = [Endpoint(self.predictor.name, r["index"], r["port"]) for r in replicas]
-        return self.endpoints
 
     @staticmethod
     async def _all_ready(client: aiohttp.ClientSession, replicas: list[dict[str, Any]]) -> bool:

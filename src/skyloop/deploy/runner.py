@@ -1,0 +1,499 @@
+"""One deployment inside the controller: its gateway, a replica host per predictor version, its rollout.
+
+The runner serves the gateway on its port, runs one replica host per predictor version
+(`replicas.ReplicaHost`, or `ray_replicas.RayReplicaHost`) and the rollout state machine, and starts again a
+host that died (`restarts.Restarts`: at once, then backing off while its starts fail). Each transition is
+written to `deployment_events` before the gateway's weights change, and the runner's view (weights,
+versions, replicas with pids and ports, the last analysis) goes to the deployment row about once a second
+for `skyloop deploy status`.
+
+Changes of a new spec version: a predictor whose graph, batching or replica count changed gets a new host;
+when every new replica is ready, old and new replicas are swapped one by one (the new one takes traffic,
+the old one drains until its in-flight requests are answered), then the old host stops: a rolling update.
+A canary or blue-green target is started first, then walked by `rollout.Rollout`; on promotion the
+registry alias named by `promote_alias` moves to the target's model version and the old stable
+predictor's replicas stop; on rollback the target's replicas stop.
+
+A controller that takes over a deployment (after a restart, or from one that died) at the spec version the
+last one applied goes on with its rollout where it stood (`Rollout.resume`): in the middle of a step, or
+finished, when only the predictors that kept traffic are started again. Without a rollout (rolling updates,
+bandit routers) every predictor of the spec is started, as on a first start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from skyloop.deploy.gateway import Gateway
+from skyloop.deploy.pools import Pool
+from skyloop.deploy.replicas import ReplicaHost, pin_graph
+from skyloop.deploy.restarts import Restarts
+from skyloop.deploy.rollout import Phase, Rollout, Transition
+from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy
+from skyloop.errors import SkyloopError
+from skyloop.serving.server import bind
+from skyloop.store import deployments as store
+
+if TYPE_CHECKING:
+    from skyloop.deploy.controller import Controller
+    from skyloop.deploy.loop import Loop
+
+__all__ = ["DeploymentRunner"]
+
+log = logging.getLogger("skyloop.deploy")
+
+_STATE_EVERY = 1.0
+
+def _shape(p: PredictorSpec) -> dict[str, Any]:
+    return p.model_dump(mode="json", exclude={"traffic", "shadow"})
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn in the controller's loop: the controller, not uvicorn, handles SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class DeploymentRunner:
+    """One deployment inside the controller."""
+
+    def __init__(self, controller: Controller, info: store.DeploymentInfo) -> None:
+        self.controller = controller
+        self.name = info.name
+        self.spec = DeploymentSpec.model_validate(info.spec)
+        self.spec_version = 0
+        self.saved_state = info.state
+        self.created_at = info.created_at.timestamp()
+        """When this deployment was created: logs of an earlier one of the same name are not its own."""
+        self.hosts: dict[str, ReplicaHost] = {}
+        self.rollout: Rollout | None = None
+        self.gateway = Gateway(self.name, self.spec.router, self._spec_weights(self.spec),
+                               self._spec_shadows(self.spec))
+        self.server: _GatewayServer | None = None
+        self.serve_task: asyncio.Task[None] | None = None
+        self.sock: socket.socket | None = None
+        self.status, self.reason = Phase.PROGRESSING.value, "starting"
+        self.generation = 0
+        self.busy: asyncio.Task[None] | None = None
+        self.swapping: set[str] = set()
+        """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
+        self.restarts = Restarts()
+        self._restart_reason = ""
+        """The status reason a failed restart set (a later successful one takes it back)."""
+        self.state_written = 0.0
+        self.applied = 0
+        self.loop: Loop | None = None
+        """The spec version this runner has acted on (applied, or failed to)."""
+
+    @property
+    def folder(self) -> Path:
+        return self.controller.settings.home / "deployments" / self.name
+
+    @staticmethod
+    def _spec_weights(spec: DeploymentSpec) -> dict[str, float]:
+        return {p.name: p.traffic for p in spec.predictors if not p.shadow}
+
+    @staticmethod
+    def _spec_shadows(spec: DeploymentSpec) -> dict[str, float]:
+        return {p.name: p.shadow for p in spec.predictors if p.shadow}
+
+    def versions(self) -> dict[str, str]:
+        """Predictor -> the model version its replicas serve."""
+        return {n: h.version for n, h in self.hosts.items()}
+
+    async def event(self, kind: str, reason: str, *, step: int | None = None, metrics: dict[str, Any] | None = None,
+                    ) -> None:
+        """Record a transition (before it takes effect)."""
+        weights, versions = dict(self.gateway.weights), self.versions()
+
+        def write() -> None:
+            with self.controller.workspace.db.session() as session:
+                store.record_event(session, self.name, self.spec_version, kind, self.status, step=step,
+                                   weights=weights, versions=versions, metrics=metrics, reason=reason)
+
+        await asyncio.to_thread(write)
+        log.info("%s: %s: %s", self.name, kind, reason)
+
+    # -- start and stop -----------------------------------------------------------------------------------
+    async def start(self, info: store.DeploymentInfo) -> None:
+        """Open the gateway, then reconcile to the spec."""
+        gw = self.spec.gateway
+        port = gw.port or int(self.saved_state.get("gateway_port") or 0)
+        try:
+            self.sock = bind(gw.host, port)
+        except SkyloopError:
+            self.sock = bind(gw.host, 0) if not gw.port else None
+            if self.sock is None:
+                raise
+        config = uvicorn.Config(self.gateway.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=10)
+        self.server = _GatewayServer(config)
+        self.serve_task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        await self.apply(info)
+
+    @property
+    def url(self) -> str:
+        if self.sock is None:
+            return ""
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop serving: gateway first, then every replica host (logged payloads are written out)."""
+        await self.restarts.cancel()
+        if self.loop is not None:
+            if self.loop.task is not None:
+                self.loop.task.cancel()
+            batch = self.loop.payloads.take()
+            if batch:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.loop.payloads.write, batch)
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.serve_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.serve_task, 15)
+        await self.gateway.close()
+        await asyncio.gather(*(h.stop() for h in self.hosts.values()), return_exceptions=True)
+        self.hosts.clear()
+        if self.sock is not None:
+            self.sock.close()
+
+    # -- reconciling a spec version ---------------------------------------------------------------------
+    def _resolve(self, uri: str) -> str:
+        from skyloop.registry.registry import resolve
+        from skyloop.registry.uri import parse_model_ref
+
+        with self.controller.workspace.db.read() as session:
+            info = resolve(session, parse_model_ref(uri))
+        return f"{info.name}/{info.version}"
+
+    async def _new_host(self, predictor: PredictorSpec) -> ReplicaHost:
+        graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
+        self.generation += 1
+        version = ",".join(pinned) or "graph"
+        host: ReplicaHost
+        if self.spec.backend == "ray":
+            from skyloop.deploy.ray_replicas import RayReplicaHost
+
+            host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
+                                  self.generation, self.spec.ray_address)
+        else:
+            host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
+                               self.generation)
+        endpoints = await host.start()
+        log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
+        return host
+
+    async def apply(self, info: store.DeploymentInfo) -> None:
+        """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails)."""
+        try:
+            await self._apply(info)
+        finally:
+            self.applied = max(self.applied, info.spec_version)
+
+    async def _apply(self, info: store.DeploymentInfo) -> None:
+        old_spec, new_spec = self.spec if self.spec_version else None, DeploymentSpec.model_validate(info.spec)
+        self.spec, self.spec_version = new_spec, info.spec_version
+        resumed = self._resumed()
+        # A finished rollout left its loser (the target, or the old stable predictors) at 0%: it stays stopped.
+        wanted = [p for p in new_spec.predictors
+                  if resumed is None or not resumed.done or resumed.weights.get(p.name, 0) > 0 or p.shadow]
+        changed = [p for p in wanted if p.name not in self.hosts or old_spec is None
+                   or p.name not in {q.name for q in old_spec.predictors}
+                   or not await self._serves_already(p, old_spec.predictor(p.name))]
+        self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
+        results = await asyncio.gather(*(self._new_host(p) for p in changed), return_exceptions=True)
+        failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            for r in results:
+                if isinstance(r, ReplicaHost):
+                    await r.stop()
+            self.status = Phase.DEGRADED.value
+            self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
+            await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
+            self.applied = self.spec_version
+            await self.write_state(force=True)
+            return
+        hosts = {p.name: r for p, r in zip(changed, results, strict=True) if isinstance(r, ReplicaHost)}
+        # New predictors get their pools first, then the traffic split changes, and only then are running
+        # predictors replaced (rolling): a replaced predictor never takes traffic the new split denies it.
+        for name in [n for n in hosts if n not in self.hosts]:
+            await self._swap(name, hosts.pop(name))
+        gone = [n for n in self.hosts if n not in {p.name for p in wanted}]
+        self._start_traffic(old_spec, resumed)
+        for name, host in hosts.items():
+            await self._swap(name, host)
+        for name in gone:
+            await self._retire(name)
+        self._start_loop(old_spec)
+        self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
+                      f"{self._split_text()}"
+        if resumed is not None and self.rollout is not None:
+            self.reason += f"; {self._resumed_text(self.rollout)}"
+        if self.rollout is None:
+            self.status = Phase.HEALTHY.value
+        elif self.rollout.step >= 0:  # a rollout that goes on (or ended): its phase, not "starting"
+            self.status = self.rollout.phase.value
+        await self.event("reconciled", self.reason)
+        if self.rollout is not None and self.rollout.step < 0:
+            await self._transitions(self.rollout.start(time.monotonic()))
+        self.applied = self.spec_version
+        await self.write_state(force=True)
+
+    async def _serves_already(self, new: PredictorSpec, old: PredictorSpec) -> bool:
+        """Whether the running host of `old` already serves what `new` asks for (e.g. `@champion` -> the same
+        pinned version): then nothing restarts."""
+        if _shape(new) == _shape(old):
+            return True
+        host = self.hosts.get(new.name)
+        fields = ("replicas", "resources", "batching")
+        if host is None or any(getattr(new, f) != getattr(old, f) for f in fields):
+            return False
+        try:
+            graph, _ = await asyncio.to_thread(pin_graph, new.node(), self.spec.base_dir, self._resolve)
+        except SkyloopError:
+            return False
+        return graph == host.graph
+
+    def _start_loop(self, old: DeploymentSpec | None) -> None:
+        if self.spec.loop is None:
+            self.loop = None
+            self.gateway.payloads = None
+        elif self.loop is None or old is None or old.loop != self.spec.loop:
+            from skyloop.deploy.loop import Loop
+
+            self.loop = Loop(self, self.spec.loop)
+
+    def _resumed(self) -> Rollout | None:
+        """The rollout the controller before this one left at this spec version (None: start afresh)."""
+        saved = self.saved_state.get("rollout") or {}
+        self.saved_state = {}
+        # Only a canary or blue-green rollout is resumed. The split of a rolling update or a bandit router is the
+        # spec's (a bandit's arms have no `traffic` at all): nothing of it is taken from a saved state.
+        if self.spec.rollout.strategy is Strategy.ROLLING or saved.get("spec_version") != self.spec_version \
+                or "target" not in saved:  # no rollout had begun (e.g. the spec version failed to apply)
+            return None
+        resumed = Rollout.resume(self.spec, saved, time.monotonic())
+        if resumed is None:
+            log.warning("%s: the saved rollout does not fit spec version %s; starting it afresh", self.name,
+                        self.spec_version)
+        return resumed
+
+    def _resumed_text(self, rollout: Rollout) -> str:
+        if rollout.done:
+            return f"the rollout of {rollout.target} had ended {rollout.phase.value}"
+        steps = len(self.spec.rollout.steps)
+        where = "its preview" if self.spec.rollout.strategy is Strategy.BLUE_GREEN else \
+            f"step {rollout.step + 1}/{steps}"
+        return f"the rollout of {rollout.target} goes on at {where} ({rollout.phase.value}, " \
+               f"{time.monotonic() - rollout.step_started:.0f}s in, {rollout.failures} failed check(s))"
+
+    def _start_traffic(self, old: DeploymentSpec | None, resumed: Rollout | None) -> None:
+        spec = self.spec
+        shadows = self._spec_shadows(spec)
+        rolling = spec.rollout.strategy is Strategy.ROLLING
+        target = spec.rollout.target
+        same_rollout = (old is not None and old.rollout == spec.rollout and self.rollout is not None
+                        and not self.rollout.done and target is not None
+                        and target in {p.name for p in old.predictors}
+                        and _shape(old.predictor(target)) == _shape(spec.predictor(target)))
+        if resumed is not None:
+            # Taken up again from the same point, now: the step's clock stood still while the predictors started.
+            self.rollout = Rollout.resume(spec, resumed.saved(resumed.last_check), time.monotonic()) or resumed
+            self.gateway.set_weights({k: v for k, v in resumed.weights.items() if k in self.hosts},
+                                     {**shadows, **resumed.mirrors})
+        elif rolling:
+            self.rollout = None
+            self.gateway.set_weights(self._spec_weights(spec), shadows)
+        elif not same_rollout:
+            self.rollout = Rollout(spec, time.monotonic())
+            self.gateway.set_weights(self.rollout.weights, shadows)
+
+    async def _swap(self, name: str, host: ReplicaHost) -> None:
+        """Put `host` in place of the predictor's current one, replica by replica (rolling)."""
+        self.swapping.add(name)
+        try:
+            await self._roll(name, host)
+        finally:
+            self.swapping.discard(name)
+
+    async def _roll(self, name: str, host: ReplicaHost) -> None:
+        old = self.hosts.get(name)
+        pool = self.gateway.pools.setdefault(name, Pool(name))
+        self.hosts[name] = host
+        pool.version = host.version
+        if old is None:
+            pool.endpoints = list(host.endpoints)
+            return
+        await self.event("rolling_update", f"{name}: {old.version} -> {host.version}, "
+                         f"{len(host.endpoints)} replica(s) ready")
+        olds, news = list(old.endpoints), list(host.endpoints)
+        for i in range(max(len(olds), len(news))):
+            if i < len(news):
+                pool.endpoints.append(news[i])
+            if i < len(olds):
+                await self.gateway.drain(olds[i])
+                pool.endpoints.remove(olds[i])
+        await old.stop()
+
+    async def _retire(self, name: str) -> None:
+        """Stop a predictor that no longer takes traffic, after its in-flight requests are answered."""
+        host = self.hosts.pop(name, None)
+        pool = self.gateway.pools.pop(name, None)
+        if pool is not None:
+            self.gateway.pools[name] = pool  # keep routing in-flight retries while draining
+            await asyncio.gather(*(self.gateway.drain(e) for e in pool.endpoints))
+            self.gateway.pools.pop(name, None)
+        if host is not None:
+            await host.stop()
+
+    def _split_text(self) -> str:
+        if self.spec.router.type != "weighted":
+            return f"{self.spec.router.type} router over {', '.join(self.gateway.weights)}"
+        return ", ".join(f"{n} {w:g}%" for n, w in self.gateway.weights.items())
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    async def _transitions(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            self.status, self.reason = t.status.value, t.reason
+            shadows = {**self._spec_shadows(self.spec), **t.mirrors}
+            self.gateway.weights = dict(t.weights)  # recorded with the event, applied right after
+            await self.event(t.kind, t.reason, step=t.step, metrics=t.metrics)
+            self.gateway.set_weights(t.weights, shadows)
+            if t.new_window:
+                self.gateway.new_windows()
+            if t.kind == "promoted":
+                await self._move_alias()
+            if t.kind in ("promoted", "rolled_back"):
+                for name, weight in t.weights.items():
+                    if weight <= 0 and name not in shadows:
+                        await self._retire(name)
+        if transitions:
+            await self.write_state(force=True)
+
+    async def _move_alias(self) -> None:
+        alias, target = self.spec.rollout.promote_alias, self.spec.rollout.target
+        if not alias or not target or target not in self.hosts:
+            return
+        pinned = [v for v in self.hosts[target].version.split(",") if "/" in v]
+        if len(pinned) != 1:
+            await self.event("alias_not_moved", f"{alias}: the target serves {len(pinned)} registered models, "
+                             "the alias needs exactly one")
+            return
+        model, _, version = pinned[0].rpartition("/")
+
+        def move() -> int | None:
+            from skyloop.registry.registry import set_alias
+
+            with self.controller.workspace.db.session() as session:
+                return set_alias(session, model, alias, int(version))
+
+        previous = await asyncio.to_thread(move)
+        was = f"version {previous}" if previous is not None else "nothing"
+        await self.event("alias_moved", f"models:/{model}@{alias} moved from {was} to version {version}")
+
+    async def refresh_hosts(self) -> None:
+        """Route to replicas their host restarted (a Ray actor on a new port); also while an apply is in flight
+        (`busy`), except for a predictor whose replicas are being swapped."""
+        for name, host in list(self.hosts.items()):
+            if name not in self.swapping and host.alive and await host.refresh() and self.hosts.get(name) is host:
+                pool = self.gateway.pools.get(name)
+                if pool is not None:
+                    pool.endpoints = list(host.endpoints)
+
+    async def tick(self, commands: list[str]) -> None:
+        """Restart dead hosts, apply commands, advance the rollout, publish the state."""
+        await self.refresh_hosts()
+        for name, host in list(self.hosts.items()):
+            if not host.alive and self.restarts.due(name):
+                self.restarts.begin(name, self._restart(name, host))
+        now = time.monotonic()
+        for command in commands:
+            if self.rollout is None or self.rollout.done:
+                # `send_command` queues only while a rollout is in progress; this one ended before we got here
+                # (or an earlier command ended it): say so rather than drop it silently.
+                await self.event("command_ignored", f"{command}: no rollout in progress "
+                                 f"(status {self.status}: {self.reason})")
+            else:
+                await self._transitions(self.rollout.command(command, now))
+        if self.rollout is not None:
+            await self._transitions(self.rollout.tick(now, self.gateway.windows))
+        try:
+            if self.loop is not None:
+                await self.loop.tick()
+        finally:  # status shows what the rest of the tick did, even when the loop failed
+            await self.write_state()
+
+    async def _restart(self, name: str, dead: ReplicaHost) -> None:
+        """Start the replicas of `name` again in place of `dead`, its host that died (see `Restarts`)."""
+        failures, error = self.restarts.failures(name)
+        why = f"{failures} start(s) in a row failed, the last: {error}" if failures else dead.exit_description()
+        await self.event("replicas_restarted", f"{name}: {why}; starting it again")
+        await dead.stop()  # whatever is left of it
+        try:
+            host = await self._new_host(self.spec.predictor(name))
+        except (SkyloopError, KeyError) as exc:  # KeyError: an apply removed the predictor meanwhile
+            if self.hosts.get(name) is not dead:
+                return
+            wait = self.restarts.failed(name, str(exc))
+            self.status, self.reason = Phase.DEGRADED.value, \
+                f"{name}: its replicas died and did not start again: {exc}; next try in {wait:g}s"
+            self._restart_reason = self.reason
+            await self.event("restart_failed", self.reason)
+            await self.write_state(force=True)
+            return
+        if self.hosts.get(name) is not dead:  # retired, or replaced by an apply, while this one started
+            await host.stop()
+            return
+        pool = self.gateway.pools.setdefault(name, Pool(name))
+        pool.endpoints, pool.version = list(host.endpoints), host.version
+        self.hosts[name] = host
+        failed = self.restarts.succeeded(name)
+        if failed and self.status == Phase.DEGRADED.value and self.reason == self._restart_reason:
+            self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
+            self.reason = f"{name}: its replicas started again after {failed} failed start(s)"
+            await self.event("replicas_recovered", self.reason)
+            await self.write_state(force=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The controller's view, stored on the deployment row."""
+        rollout = None
+        if self.rollout is not None:
+            r = self.rollout
+            rollout = {**r.saved(time.monotonic()), "spec_version": self.spec_version,
+                       "analysis": r.last.to_dict() if r.last else None}
+        elif self.status in (Phase.HEALTHY, Phase.DEGRADED):
+            rollout = {"phase": self.status, "weights": dict(self.gateway.weights), "spec_version": self.spec_version}
+        return {"gateway": self.url, "gateway_port": self.sock.getsockname()[1] if self.sock else None,
+                "owner": self.controller.owner, "controller_pid": os.getpid(), "spec_version": self.spec_version,
+                "applied": self.applied,
+                "predictors": {n: {**h.describe(), "weight": self.gateway.weights.get(n, 0.0),
+                                   "shadow": self.gateway.shadows.get(n, 0.0)} for n, h in self.hosts.items()},
+                "rollout": rollout, "loop": self.loop.describe() if self.loop else None, **self.gateway.state()}
+
+    async def write_state(self, force: bool = False) -> None:
+        """Publish `describe()` on the deployment row (at most about once a second unless forced)."""
+        now = time.monotonic()
+        if not force and now - self.state_written < _STATE_EVERY:
+            return
+        self.state_written = now
+        doc, status, reason = self.describe(), self.status, self.reason
+
+        def write() -> None:
+            with self.controller.workspace.db.session() as session:
+                store.update_state(session, self.name, self.controller.owner, status, reason, doc)
+
+        await asyncio.to_thread(write)
