@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadgen import LoadResult, health_ok, run_load, stop
+from loadgen import LoadResult, health_ok, run_load, stop, stop_on_sigterm
 from rich.console import Console
 from rich.table import Table
 
@@ -135,17 +135,17 @@ def measure(settings: Any, rows: list[list[float]], concurrencies: list[int], du
         ("bench-log-tenth", 0.1, [LOG_TENTH])]
     for name, sample, labels in plan:
         gateway, replica = apply(name, sample, settings)
-        try:
-            for label in labels:
-                for clients in concurrencies:
-                    port = replica if label == DIRECT else gateway
-                    results[label, clients] = run_load(name, port, rows, clients, duration)
-            if sample is not None:
-                time.sleep(FLUSH_PAUSE_S)
-                answered = sum(results[labels[0], c].answered for c in concurrencies)
-                logged[labels[0]] = (logged_rows(settings, name), answered)
-        finally:
-            delete_deployment(settings, name)
+        for label in labels:
+            for clients in concurrencies:
+                port = replica if label == DIRECT else gateway
+                results[label, clients] = run_load(name, port, rows, clients, duration)
+        if sample is not None:
+            time.sleep(FLUSH_PAUSE_S)
+            answered = sum(results[labels[0], c].answered for c in concurrencies)
+            logged[labels[0]] = (logged_rows(settings, name), answered)
+        # Not in a `finally`: after an error or a Ctrl-C, stopping the controller stops the deployment too, while a
+        # delete would wait its whole timeout on a controller that Ctrl-C (sent to the process group) ended.
+        delete_deployment(settings, name)
     return results, logged
 
 
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per row")
     parser.add_argument("--clients", default="16,64", help="concurrent clients, comma-separated")
     args = parser.parse_args()
+    stop_on_sigterm()
     concurrencies = [int(c) for c in args.clients.split(",")]
     console = Console()
     if not console.is_terminal:

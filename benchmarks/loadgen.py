@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from types import FrameType
 
 import numpy as np
 import orjson
 import psutil
 
-__all__ = ["HOST", "WARMUP_S", "LoadResult", "health_ok", "run_load", "stop"]
+__all__ = ["HOST", "WARMUP_S", "LoadResult", "health_ok", "run_load", "stop", "stop_on_sigterm"]
 
 HOST = "127.0.0.1"
 WARMUP_S = 0.5
@@ -64,6 +66,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (`kill PID`, `timeout`) end this process as Ctrl-C does, through its `finally` blocks, which
+    stop the servers it started; Python's default ends it at once and leaves them running."""
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM is not held up by the clean-up
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def health_ok(port: int) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
-from loadgen import HOST, LoadResult, health_ok, run_load, stop
+from loadgen import HOST, LoadResult, health_ok, run_load, stop, stop_on_sigterm
 from rich.console import Console
 from rich.table import Table
 
@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per row")
     parser.add_argument("--clients", default="16,64", help="concurrent clients, comma-separated")
     args = parser.parse_args()
+    stop_on_sigterm()
     concurrencies = [int(c) for c in args.clients.split(",")]
     console = Console()
     if not console.is_terminal:

@@ -22,8 +22,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -33,7 +35,7 @@ from rich.table import Table
 
 from skyloop.config import Settings
 from skyloop.demo.world import FEATURES, World
-from skyloop.errors import BackendError
+from skyloop.errors import BackendError, NotFound
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
 
@@ -45,6 +47,7 @@ __all__ = ["DEPLOYMENT", "Demo", "demo_spec"]
 DEPLOYMENT = "agent"
 THRESHOLD = 0.8
 DRIFT = 0.2
+
 
 def demo_spec(steps_seconds: float = 8.0) -> dict[str, Any]:
     """The demo's deployment: one champion, the closed loop, and the canary its challengers go through."""
@@ -192,7 +195,12 @@ class Demo:
         version = int(uri.rsplit("/", 1)[1])
         with self.workspace.db.session() as session:
             set_alias(session, "agent", "champion", version)
-        self.console.print(f"[green]✓[/] trained and registered {uri} (run {result.id[:8]}), alias champion")
+        # A demo run before in this home trained the same model on the same data: every step is a cache hit.
+        if result.steps["train"].state == "CACHED":
+            self.console.print(f"[green]✓[/] {uri}, trained before in this home (run {result.id[:8]}: every step a "
+                               "cache hit), alias champion")
+        else:
+            self.console.print(f"[green]✓[/] trained and registered {uri} (run {result.id[:8]}), alias champion")
         return uri
 
     def start_controller(self) -> None:
@@ -203,8 +211,14 @@ class Demo:
             self.controller = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def deploy(self) -> str:
-        from skyloop.deploy.api import apply_deployment
+        from skyloop.deploy.api import apply_deployment, delete_deployment
 
+        if self._deployment_exists():
+            # Left by a demo that could not clean up (killed, or its machine stopped): applied over, its loop
+            # would go on from where it stood, on the old payload logs, and fire before the world shifts.
+            with self.console.status("removing the deployment an earlier demo left ..."):
+                delete_deployment(self.settings, DEPLOYMENT, timeout=60)
+            self.console.print(f"[green]✓[/] removed the deployment {DEPLOYMENT!r} an earlier demo left")
         with self.console.status("deploying: gateway, replica, loop ..."):
             info = apply_deployment(demo_spec(), self.settings, start=False, timeout=120)
         url = f"{info.state['gateway']}/v2/models/{DEPLOYMENT}"
@@ -212,18 +226,40 @@ class Demo:
         return url
 
     def stop(self) -> None:
+        """Delete the deployment and stop the controller: nothing of the demo runs after it, nor stays applied."""
         from skyloop.deploy.api import delete_deployment
 
-        with contextlib.suppress(Exception):
-            delete_deployment(self.settings, DEPLOYMENT, timeout=30)
-        if self.controller is not None and self.controller.poll() is None:
-            self.controller.send_signal(signal.SIGTERM)
+        controller = self.controller
+        if controller is None:  # it stopped before deploying: nothing of this demo's to delete
+            self.workspace.close()
+            return
+        # poll() reaps a controller that died first (Ctrl-C reaches the whole process group): unreaped, its pid
+        # still answers, it looks alive, and a delete would wait its whole timeout for it to act.
+        if controller.poll() is None:
+            with contextlib.suppress(Exception):
+                delete_deployment(self.settings, DEPLOYMENT, wait=False)
+            deadline = time.monotonic() + 30
+            while self._deployment_exists() and controller.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        if controller.poll() is None:
+            controller.send_signal(signal.SIGTERM)
             try:
-                self.controller.wait(timeout=30)
+                controller.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.controller.kill()
-                self.controller.wait()
+                controller.kill()
+                controller.wait()
+        # What a controller that is gone did not remove: with none running, a delete only drops the rows, and the
+        # next demo in this home starts from nothing.
+        with contextlib.suppress(NotFound, BackendError):
+            delete_deployment(self.settings, DEPLOYMENT, timeout=5)
         self.workspace.close()
+
+    def _deployment_exists(self) -> bool:
+        try:
+            self.info()
+        except NotFound:
+            return False
+        return True
 
     # -- watching ------------------------------------------------------------------------------------------
     def info(self) -> store.DeploymentInfo:
@@ -284,11 +320,67 @@ class Demo:
     def _agents_accuracy(self, seconds: float) -> tuple[float | None, int]:
         return self.agents.accuracy(time.time() - seconds)
 
+    @contextlib.contextmanager
+    def progress(self, agents: Agents) -> Iterator[Callable[[str], None]]:
+        """A function to call with the current stage, twice a second: it redraws the live view on a terminal;
+        elsewhere (a pipe, a CI log, where a live view shows nothing until it ends) it prints each new stage and
+        event as a line, and the figures every 10 s."""
+        if self.console.is_terminal:
+            with Live(self.view(agents, "baseline"), console=self.console, refresh_per_second=4) as live:
+                yield lambda stage: live.update(self.view(agents, stage))
+            return
+        shown: set[int] = set()
+        last_stage, last_figures = "", 0.0
+
+        def show(stage: str) -> None:
+            nonlocal last_stage, last_figures
+            now = time.time()
+            for e in self.history():
+                if e.at.timestamp() >= self.started and e.id not in shown:
+                    shown.add(e.id)
+                    self.console.print(f"{e.at.timestamp() - self.started:5.0f} s  {e.kind}: {e.reason}",
+                                       highlight=False, markup=False)
+            if stage != last_stage:
+                self.console.print(f"{now - self.started:5.0f} s  [bold]{stage}[/]", highlight=False)
+                last_stage = stage
+            if now - last_figures >= 10:
+                last_figures = now
+                acc, n = agents.accuracy(now - 5)
+                traffic = ", ".join(f"{v} {s:.0f}%" for v, s in agents.shares(now - 2).items()) or "-"
+                self.console.print(f"{now - self.started:5.0f} s  {agents.requests} requests ({agents.errors} errors, "
+                                   f"{agents.feedback} labels); accuracy (5 s) "
+                                   f"{'-' if acc is None else f'{acc:.3f} over {n}'}; traffic {traffic}",
+                                   highlight=False, markup=False)
+
+        yield show
+
+    @contextlib.contextmanager
+    def _sigterm_cleans_up(self) -> Iterator[None]:
+        """Turn SIGTERM into the KeyboardInterrupt of a Ctrl-C, so that `run()` still stops what it started
+        (Python's default for SIGTERM ends the process at once, leaving the controller and its replicas running)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def interrupt(signum: int, _frame: FrameType | None) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM is not held up by the clean-up
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
     # -- the story -----------------------------------------------------------------------------------------
     def run(self) -> bool:
+        self.console.rule("skyloop demo")
+        with self._sigterm_cleans_up():
+            return self._run()
+
+    def _run(self) -> bool:
         from skyloop.monitoring.report import render_report
 
-        self.console.rule("skyloop demo")
         try:
             self.train_first_model()
             self.start_controller()
@@ -296,12 +388,12 @@ class Demo:
             self.agents = Agents(url, self.world)
             self.agents.start()
             deadline = self.started + self.limit
-            with Live(self.view(self.agents, "baseline"), console=self.console, refresh_per_second=4) as live:
+            with self.progress(self.agents) as show:
                 phase_end = time.time() + self.baseline
                 while time.time() < phase_end:
                     time.sleep(0.5)
                     self.sample(self.agents)
-                    live.update(self.view(self.agents, "baseline: the model sees what it was trained on"))
+                    show("baseline: the model sees what it was trained on")
                 before, _ = self._agents_accuracy(self.baseline - 2)
                 self.world.shifted = True
                 self.shifted_at = time.time()
@@ -309,12 +401,12 @@ class Demo:
                 while not self.done() and time.time() < deadline:
                     time.sleep(0.5)
                     self.sample(self.agents)
-                    live.update(self.view(self.agents, "shifted: detect, retrain, gate, canary, promote"))
+                    show("shifted: detect, retrain, gate, canary, promote")
                 tail = time.time() + 6
                 while time.time() < tail and time.time() < deadline:
                     time.sleep(0.5)
                     self.sample(self.agents)
-                    live.update(self.view(self.agents, "after the loop"))
+                    show("after the loop")
             after, _ = self._agents_accuracy(6)
             self.agents.stop()
             ok = self.done()
