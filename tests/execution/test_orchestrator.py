@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from skyloop import Resources, Settings, pipeline, run, step
+from skyloop.errors import NotFound
 from skyloop.execution import orchestrator as run_loop
 from skyloop.execution.api import prepare
 from skyloop.execution.backends.inline import InlineBackend
@@ -89,6 +90,9 @@ def test_condition_skips_and_runs(sample: ModuleType, settings: Settings) -> Non
     skipped = run(sample.gated, {"n": 1, "threshold": 20}, backend="inline", settings=settings)
     assert skipped.status == "SUCCEEDED"
     assert skipped.steps["describe"].state.value == "SKIPPED"
+    assert skipped.outputs == {"output": None}  # what the skipped step would have returned
+    with pytest.raises(NotFound, match="has no outputs"):
+        skipped.output("describe")
 
 
 @pytest.mark.integration

@@ -149,8 +149,14 @@ class Run:
 
     @property
     def outputs(self) -> dict[str, Any]:
-        """The pipeline's declared outputs, loaded from the artifact store."""
-        return {name: self.output(b.task, b.output) for name, b in self.spec.outputs.items()}
+        """The pipeline's declared outputs, loaded from the artifact store; None for an output of a step its
+        condition skipped (`output()` of that step raises NotFound)."""
+        return {name: None if self._skipped(b.task) else self.output(b.task, b.output)
+                for name, b in self.spec.outputs.items()}
+
+    def _skipped(self, task: str) -> bool:
+        info = self.steps.get(task)
+        return info is not None and info.state.value == "SKIPPED"
 
     def logs(self, task: str) -> str:
         """Everything the step's attempts printed, oldest attempt first."""

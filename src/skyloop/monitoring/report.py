@@ -44,6 +44,7 @@ EVENT_COLOURS: dict[str, str] = {
     "promoted": "#1f77b4",
     "rolled_back": "#ff7f0e",
     "canary": "#17becf",
+    "shift": "#7f7f7f",  # the demo's world shifting under the agents
 }
 _VERSION_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 _FEATURE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
