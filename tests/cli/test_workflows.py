@@ -166,6 +166,7 @@ def test_runs_logs_and_gc_commands(cli, tmp_path: Path) -> None:
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["artifacts"] == 4  # n+1, doubled, side, combined: none pinned, run finished
     gone = cli("artifacts", "gc", "--older-than", "0s", "--json")
-    assert json.loads(gone.stdout)["artifacts"] == 4
+    assert {k: json.loads(gone.stdout)[k] for k in ("artifacts", "orphans", "orphan_bytes")} == \
+        {"artifacts": 4, "orphans": 0, "orphan_bytes": 0}
     rerun = cli("run", "chain.py:chain", "--backend", "inline", "--json")
     assert {s["state"] for s in json.loads(rerun.stdout)["steps"].values()} == {"SUCCEEDED"}

@@ -89,3 +89,16 @@ def test_a_blob_a_writer_reuses_is_not_taken_for_an_orphan(workspace: Workspace)
     with workspace.db.session() as session:
         record_artifacts(session, [again])
     assert workspace.store.get(again, verify=True) is not None
+
+
+def test_half_written_files_of_a_dead_writer_go_and_a_live_writers_stay(workspace: Workspace) -> None:
+    # A writer killed mid-write leaves its `.tmp-` file; one writing now has the time of its last write.
+    ref = workspace.store.put(os.urandom(4000))
+    folder = Path(workspace.store.root) / ref.digest[:2]
+    dead, live = folder / ".tmp-dead", folder / ".tmp-live"
+    dead.write_bytes(os.urandom(1000))
+    age_blobs(workspace.store, 7200)
+    live.write_bytes(os.urandom(1000))
+    collect_garbage(workspace, timedelta(hours=1))
+    assert not dead.exists() and live.exists()
+    assert workspace.store.exists(ref.digest)  # a blob with no row: its writer may record it yet

@@ -27,10 +27,13 @@ def gc(
     report = collect_garbage(Workspace.open(state.settings()), parse_age(older_than), dry_run=dry_run)
     if as_json:
         print(json.dumps({"artifacts": report.artifacts, "bytes": report.bytes, "dry_run": report.dry_run,
-                          "digests": report.digests}))
+                          "digests": report.digests, "orphans": report.orphans,
+                          "orphan_bytes": report.orphan_bytes}))
         return
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {report.artifacts} artifact(s), {report.bytes:,} bytes")
+    if report.orphans:
+        console.print(f"and {report.orphans} blob(s) an interrupted collection left, {report.orphan_bytes:,} bytes")
 
 
 @app.command()

@@ -171,9 +171,10 @@ class ArtifactStore:
                         continue
                     if info.st_mtime >= since:
                         continue
-                    if entry.name.startswith(".gc-"):
+                    if entry.name.startswith((".gc-", ".tmp-")):
                         # Set aside by a collection that died before removing it (a live one holds its file
-                        # for an instant, and removes it itself when its time is as old as this).
+                        # for an instant, and removes it itself when its time is as old as this), or half
+                        # written by a writer that died (a live one's file has the time of its last write).
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(entry.path)
                     elif len(entry.name) == 64 and entry.name.startswith(os.path.basename(folder)):
