@@ -213,3 +213,48 @@ def test_a_replica_restarted_while_an_apply_is_in_flight_is_routed_to_at_once(ra
     finally:
         applying.join(120)
         delete_deployment(ray_env.settings, name)
+
+
+def test_a_rolling_update_on_a_full_cluster_replaces_replicas_as_room_frees(ray_env: RayEnv) -> None:
+    # Two 1-CPU replicas fill the 2-CPU cluster: there is no room for new replicas beside the old ones, so
+    # one old replica is drained and stopped first, and each new one that serves frees the next old one.
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.registry import log_model
+
+    log_model(LogisticRegression(max_iter=600).fit(ray_env.X, ray_env.y), "iris", input_example=ray_env.X[:5],
+              settings=ray_env.settings)  # iris/2
+    name = "rayfull"
+    doc: dict[str, Any] = {"name": name, "backend": "ray", "predictors": [
+        {"name": "main", "model_uri": "models:/iris/1", "replicas": 2, "traffic": 100}]}
+    info = apply(ray_env, doc)
+    assert info.status == "Healthy", info.reason
+    url = ray_env.url(name)
+    try:
+        with Load(url, ray_env.X, ray_env.y, clients=4) as load:
+            time.sleep(0.5)
+            started = time.monotonic()
+            doc["predictors"][0]["model_uri"] = "models:/iris/2"
+            updated = apply(ray_env, doc)
+            took = time.monotonic() - started
+            time.sleep(0.5)
+        assert updated.status == "Healthy", updated.reason
+        assert took < 60, f"the update took {took:.0f}s"  # not the start timeout of replicas that never fit
+        after = replicas(updated)
+        assert len(after) == 2 and updated.state["predictors"]["main"]["version"] == "iris/2"
+        assert updated.state["predictors"]["main"]["pending"] == 0
+        assert len(load.failed) <= 0.01 * len(load.answers), f"{len(load.failed)} of {len(load.answers)} failed"
+        assert load.answers[-1].version == "iris/2"
+        reasons = [e.reason for e in ray_env.history(name) if e.kind == "rolling_update"]
+        assert any("stopping old replica" in r for r in reasons), reasons
+        assert any("waiting for the room old ones free" in r for r in reasons), reasons
+
+        # Two replicas of 1 CPU into one of 2 CPUs: stopping all but one old replica would not make room, so
+        # nothing is stopped and the update is refused at once.
+        doc["predictors"][0] |= {"replicas": 1, "resources": {"cpus": 2}}
+        with pytest.raises(BackendError, match="no room for a new replica, even with all but one"):
+            apply(ray_env, doc)
+        assert len(replicas(ray_env.info(name))) == 2
+        assert infer(url, ray_env.X[:5]) == ray_env.clf.predict(ray_env.X[:5]).tolist()
+    finally:
+        delete_deployment(ray_env.settings, name)

@@ -93,7 +93,8 @@ class _Replica:
 
     index: int
     actor: Any
-    info: dict[str, Any]
+    info: dict[str, Any] | None
+    """Where it listens; None while it waits for room on the cluster (or loads) during a rolling update."""
     restarts: int = 0
     down: bool = False
     """The actor's process died and Ray has not restarted it yet: its endpoint is out of the pool."""
@@ -123,18 +124,43 @@ class RayReplicaHost(ReplicaHost):
             options["memory"] = res.memory
         return options
 
-    async def start(self, timeout: float = _START_TIMEOUT) -> list[Endpoint]:
-        """Start one actor per replica and wait until each answers `/v2/health/ready`; ModelLoadError if not."""
+    async def _connect(self) -> Any:
         from skyloop.execution.backends.ray_connect import connect_ray
 
+        if self._ray is None:
+            self._ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
+        return self._ray
+
+    def _asked(self) -> dict[str, float]:
+        res = self.predictor.resources
+        return {"CPU": res.cpus, "GPU": res.gpus, "memory": res.memory, **res.custom}
+
+    async def room(self, freed: RayReplicaHost | None = None, stopped: int = 0) -> int:
+        """How many of this predictor's replicas the cluster has room for now (at most `replicas`), by what Ray
+        says is free across its nodes (a replica's request split over two nodes would not fit: an estimate);
+        with `freed`, as if `stopped` of its replicas had stopped."""
+        ray = await self._connect()
+        free: dict[str, float] = dict(await asyncio.to_thread(ray.available_resources))
+        for k, v in (freed._asked() if freed is not None else {}).items():
+            free[k] = free.get(k, 0.0) + v * stopped
+        fits = [int(free.get(k, 0.0) / v + 1e-9) for k, v in self._asked().items() if v > 0]
+        return max(0, min([self.predictor.replicas, *fits]))
+
+    @property
+    def pending(self) -> int:
+        """Replicas that do not serve yet: waiting for room on the cluster, or loading."""
+        return sum(r.info is None for r in self._replicas)
+
+    async def start(self, timeout: float = _START_TIMEOUT, ready_first: int | None = None) -> list[Endpoint]:
+        """Start one actor per replica and wait until each answers `/v2/health/ready`; ModelLoadError if not.
+
+        With `ready_first`, return once that many serve: the others wait (in Ray's queue, for the room the old
+        replicas of a rolling update free) and join the endpoints through `refresh()`."""
         name = self.predictor.name
-        ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
-        self._ray = ray
+        ray = await self._connect()
         wants = {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
         total: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
-        asked = {"CPU": self.predictor.resources.cpus, "GPU": self.predictor.resources.gpus,
-                 "memory": self.predictor.resources.memory, **self.predictor.resources.custom}
-        short = sorted(k for k, v in asked.items() if v > total.get(k, 0.0) + 1e-9)
+        short = sorted(k for k, v in self._asked().items() if v > total.get(k, 0.0) + 1e-9)
         if short:  # it could never be placed: say so now, not after the start timeout
             raise ModelLoadError(f"predictor {name!r} asks for {wants} per replica, more {', '.join(short)} than the "
                                  f"whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }); lower the "
@@ -145,8 +171,14 @@ class RayReplicaHost(ReplicaHost):
         actors = [actor_class.remote(doc, str(s.home), s.resolved_db_url, s.resolved_artifacts_url)
                   for _ in range(self.predictor.replicas)]
         deadline = time.monotonic() + timeout
+        refs = [a.address.remote() for a in actors]
+        first = len(refs) if ready_first is None else max(1, min(ready_first, len(refs)))
         try:
-            infos = await asyncio.to_thread(ray.get, [a.address.remote() for a in actors], timeout=timeout)
+            done, _ = await asyncio.to_thread(ray.wait, refs, num_returns=first, timeout=timeout)
+            if len(done) < first:
+                raise ray.exceptions.GetTimeoutError
+            got = set(done)
+            infos = [await asyncio.to_thread(ray.get, ref) if ref in got else None for ref in refs]
         except ray.exceptions.GetTimeoutError:
             self._kill(actors)
             raise ModelLoadError(f"predictor {name!r}: its Ray actors did not start within {timeout:g}s: the cluster "
@@ -160,13 +192,14 @@ class RayReplicaHost(ReplicaHost):
         except asyncio.CancelledError:  # the controller is stopping: actors nobody will hold must not stay
             self._kill(actors)
             raise
-        self._replicas = [_Replica(i, a, info) for i, (a, info) in enumerate(zip(actors, infos, strict=True))]
+        self._replicas = [_Replica(i, a, info, probe=None if info is not None else ref)
+                          for i, (a, info, ref) in enumerate(zip(actors, infos, refs, strict=True))]
         try:
             await self._until_ready(deadline, timeout)
         except asyncio.CancelledError:
             self._kill(actors)
             raise
-        self.endpoints = [self._endpoint(r) for r in self._replicas]
+        self.endpoints = [self._endpoint(r) for r in self._replicas if r.info is not None]
         return self.endpoints
 
     async def _until_ready(self, deadline: float, timeout: float) -> None:
@@ -184,6 +217,8 @@ class RayReplicaHost(ReplicaHost):
 
     async def _all_ready_at(self, client: aiohttp.ClientSession) -> bool:
         for r in self._replicas:
+            if r.info is None:  # waits for room: not what this start waits for
+                continue
             try:
                 async with client.get(f"http://{r.info['host']}:{r.info['port']}/v2/health/ready") as resp:
                     if resp.status != 200:
@@ -193,6 +228,7 @@ class RayReplicaHost(ReplicaHost):
         return True
 
     def _endpoint(self, r: _Replica) -> Endpoint:
+        assert r.info is not None
         return Endpoint(self.predictor.name, r.index, int(r.info["port"]), str(r.info["host"]))
 
     def _kill(self, actors: list[Any]) -> None:
@@ -201,10 +237,11 @@ class RayReplicaHost(ReplicaHost):
                 self._ray.kill(actor, no_restart=True)
 
     def replicas(self) -> list[dict[str, Any]]:
-        """One entry per replica: index, host, port, pid, node, restarts, started_at, and whether it is down."""
+        """One entry per replica that started: index, host, port, pid, node, restarts, started_at, and whether it
+        is down (see `pending` for the others)."""
         return [{"index": r.index, "port": r.info["port"], "pid": r.info["pid"], "restarts": r.restarts,
                  "started_at": r.info["started_at"], "host": r.info["host"], "node": r.info["node"], "down": r.down}
-                for r in self._replicas]
+                for r in self._replicas if r.info is not None]
 
     @property
     def alive(self) -> bool:
@@ -233,9 +270,10 @@ class RayReplicaHost(ReplicaHost):
                     self._dead = f"Ray lost replica {r.index}: {_cause(exc)}"
                     self._kill([q.actor for q in self._replicas])
                     return True
-                if info["pid"] != r.info["pid"] or info["started_at"] != r.info["started_at"]:
+                if r.info is not None and (info["pid"], info["started_at"]) != (r.info["pid"], r.info["started_at"]):
                     r.restarts += 1
-                changed |= r.down or (info["host"], info["port"]) != (r.info["host"], r.info["port"])
+                # (No info before: a replica that waited for room, or loaded, serves now.)
+                changed |= r.info is None or r.down or (info["host"], info["port"]) != (r.info["host"], r.info["port"])
                 r.info, r.down = info, False
             if r.probe is None and now - r.probed >= _PROBE_EVERY:
                 r.probe, r.probed = r.actor.address.remote(), now
@@ -243,17 +281,35 @@ class RayReplicaHost(ReplicaHost):
             kept = {e.index: e for e in self.endpoints}
             self.endpoints = [kept[r.index] if r.index in kept and kept[r.index].port == r.info["port"]
                               and kept[r.index].host == r.info["host"] else self._endpoint(r)
-                              for r in self._replicas if not r.down]
+                              for r in self._replicas if not r.down and r.info is not None]
         return changed
 
     def describe(self) -> dict[str, Any]:
         """For status: version, Ray address, and each replica with the gateway's in-flight count."""
         endpoints = {e.index: e for e in self.endpoints}
         return {"pid": None, "backend": "ray", "ray_address": self.ray_address, "version": self.version,
-                "generation": self.generation, "alive": self.alive, "log": None,
+                "generation": self.generation, "alive": self.alive, "log": None, "pending": self.pending,
                 "replicas": [{**r, "inflight": endpoints[r["index"]].inflight if r["index"] in endpoints else 0,
                               "draining": endpoints[r["index"]].draining if r["index"] in endpoints else False}
                              for r in self.replicas()]}
+
+    async def stop_replica(self, index: int) -> None:
+        """Stop one replica (its in-flight requests answered) and give its room back to the cluster."""
+        replica = next((r for r in self._replicas if r.index == index), None)
+        if replica is None:
+            return
+        self._replicas.remove(replica)
+        self.endpoints = [e for e in self.endpoints if e.index != index]
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self._ray.wait, [replica.actor.stop.remote()], timeout=_STOP_GRACE + 5)
+        self._kill([replica.actor])
+
+    def drop_pending(self) -> int:
+        """Kill the replicas that do not serve yet (no room came for them); returns how many."""
+        waiting = [r for r in self._replicas if r.info is None]
+        self._replicas = [r for r in self._replicas if r.info is not None]
+        self._kill([r.actor for r in waiting])
+        return len(waiting)
 
     async def stop(self) -> None:
         """Let every actor answer its in-flight requests and stop listening, then kill the actors."""
@@ -261,6 +317,7 @@ class RayReplicaHost(ReplicaHost):
             self._stopped = True
             return
         self._stopped = True
+        self.drop_pending()  # nothing to answer: a stop call would wait for their constructors first
         ray, actors = self._ray, [r.actor for r in self._replicas]
         with contextlib.suppress(Exception):
             refs = [a.stop.remote() for a in actors]

@@ -36,11 +36,12 @@ import uvicorn
 
 from skyloop.deploy.gateway import Gateway
 from skyloop.deploy.pools import Pool
+from skyloop.deploy.ray_replicas import RayReplicaHost
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
 from skyloop.deploy.restarts import Restarts
 from skyloop.deploy.rollout import Phase, Rollout, Transition
 from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy
-from skyloop.errors import SkyloopError
+from skyloop.errors import ModelLoadError, SkyloopError
 from skyloop.serving.server import bind
 from skyloop.store import deployments as store
 
@@ -53,6 +54,8 @@ __all__ = ["DeploymentRunner"]
 log = logging.getLogger("skyloop.deploy")
 
 _STATE_EVERY = 1.0
+_ROOM_TIMEOUT = 180.0
+"""Seconds a rolling update on Ray waits for the room its old replicas free (as long as a replica may load)."""
 
 def _shape(p: PredictorSpec) -> dict[str, Any]:
     return p.model_dump(mode="json", exclude={"traffic", "shadow"})
@@ -180,22 +183,85 @@ class DeploymentRunner:
             info = resolve(session, parse_model_ref(uri))
         return f"{info.name}/{info.version}"
 
-    async def _new_host(self, predictor: PredictorSpec) -> ReplicaHost:
+    async def _new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None) -> ReplicaHost:
+        """Start a host for `predictor`; one `replacing` a running Ray host of it may start with only the replicas
+        the cluster has room for, the rest following as `_roll` stops old ones (`RayReplicaHost.pending`)."""
         graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
         self.generation += 1
         version = ",".join(pinned) or "graph"
         host: ReplicaHost
         if self.spec.backend == "ray":
-            from skyloop.deploy.ray_replicas import RayReplicaHost
-
             host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                   self.generation, self.spec.ray_address)
+            first = None
+            if isinstance(replacing, RayReplicaHost) and replacing.alive:
+                first = await self._make_room(host, replacing)
+            endpoints = await host.start(ready_first=first)
         else:
             host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                self.generation)
-        endpoints = await host.start()
+            endpoints = await host.start()
         log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
         return host
+
+    async def _make_room(self, host: RayReplicaHost, old: RayReplicaHost) -> int | None:
+        """How many of `host`'s replicas to wait for before rolling (None: all, the cluster has room for them
+        beside `old`'s). Where there is room for none, old replicas are stopped first (drained: no request
+        fails) until one new fits, as long as one old replica keeps serving; else the update is refused."""
+        room = await host.room()
+        if room >= host.predictor.replicas:
+            return None
+        if room > 0:
+            return room
+        name, spare = host.predictor.name, len(old.endpoints) - 1
+        if spare < 1 or await host.room(old, spare) == 0:
+            raise ModelLoadError(
+                f"predictor {name!r}: the Ray cluster has no room for a new replica, even with all but one of the "
+                f"{len(old.endpoints)} running replica(s) stopped (a rolling update stops the last old one only "
+                "once a new one serves): free room on the cluster, or lower the predictor's resources")
+        while room == 0 and len(old.endpoints) > 1:
+            victim = old.endpoints[0]
+            await self.event("rolling_update", f"{name}: no room on the cluster for a new replica: stopping "
+                             f"old replica {victim.index} first ({len(old.endpoints) - 1} keep serving)")
+            pool = self.gateway.pools.get(name)
+            await self.gateway.drain(victim)
+            if pool is not None and victim in pool.endpoints:
+                pool.endpoints.remove(victim)
+            await old.stop_replica(victim.index)
+            for _ in range(50):  # what Ray says is free follows a kill by a moment
+                if (room := await host.room()) > 0:
+                    break
+                await asyncio.sleep(0.1)
+        return max(1, room)
+
+    async def _roll_as_room_frees(self, name: str, host: RayReplicaHost, old: ReplicaHost, pool: Pool) -> None:
+        """The rolling update of a Ray host started with replicas still waiting for room: each new replica that
+        serves takes an old one's place, whose stop frees the room the next new one waits for."""
+        olds, added = list(old.endpoints), set[int]()
+        deadline = time.monotonic() + _ROOM_TIMEOUT
+        while True:
+            for e in [e for e in host.endpoints if e.index not in added]:
+                added.add(e.index)
+                pool.endpoints.append(e)
+                if olds:
+                    victim = olds.pop(0)
+                    await self.gateway.drain(victim)
+                    pool.endpoints.remove(victim)
+                    if isinstance(old, RayReplicaHost):
+                        await old.stop_replica(victim.index)
+            if not host.pending or not host.alive:
+                break
+            if time.monotonic() > deadline:
+                dropped = host.drop_pending()
+                self.reason = f"{name}: {dropped} new replica(s) found no room on the Ray cluster within " \
+                              f"{_ROOM_TIMEOUT:g}s; serving with {len(host.endpoints)}"
+                await self.event("rolling_update", self.reason)
+                break
+            await host.refresh()
+            await asyncio.sleep(0.1)
+        for victim in olds:
+            await self.gateway.drain(victim)
+            pool.endpoints.remove(victim)
 
     async def apply(self, info: store.DeploymentInfo) -> None:
         """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails)."""
@@ -215,7 +281,8 @@ class DeploymentRunner:
                    or p.name not in {q.name for q in old_spec.predictors}
                    or not await self._serves_already(p, old_spec.predictor(p.name))]
         self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
-        results = await asyncio.gather(*(self._new_host(p) for p in changed), return_exceptions=True)
+        results = await asyncio.gather(*(self._new_host(p, self.hosts.get(p.name)) for p in changed),
+                                       return_exceptions=True)
         failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             for r in results:
@@ -338,8 +405,14 @@ class DeploymentRunner:
         if old is None:
             pool.endpoints = list(host.endpoints)
             return
+        waiting = host.pending if isinstance(host, RayReplicaHost) else 0
         await self.event("rolling_update", f"{name}: {old.version} -> {host.version}, "
-                         f"{len(host.endpoints)} replica(s) ready")
+                         f"{len(host.endpoints)} replica(s) ready" +
+                         (f", {waiting} waiting for the room old ones free" if waiting else ""))
+        if isinstance(host, RayReplicaHost) and waiting:
+            await self._roll_as_room_frees(name, host, old, pool)
+            await old.stop()
+            return
         olds, news = list(old.endpoints), list(host.endpoints)
         for i in range(max(len(olds), len(news))):
             if i < len(news):
