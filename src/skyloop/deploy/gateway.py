@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -41,8 +41,9 @@ from skyloop.deploy.analysis import Window, same_answer
 from skyloop.deploy.pools import Endpoint, Pool, version_names
 from skyloop.deploy.spec import RouterSpec
 from skyloop.deploy.traffic import Traffic
-from skyloop.errors import InvalidRequest
+from skyloop.errors import InvalidRequest, PayloadTooLarge
 from skyloop.monitoring.payloads import PayloadLog
+from skyloop.serving.app import read_body
 from skyloop.serving.metrics import CONTENT_TYPE
 from skyloop.serving.protocol import decode_feedback, header_length, request_header
 from skyloop.store.feedback import repeated_feedback
@@ -292,6 +293,17 @@ class Gateway:
                                    f"{', '.join(served) or 'nothing yet'}"}, 404)
         return None
 
+    async def _body(self, request: Request) -> bytes | Response:
+        """The request's body, or the answer that refuses it (a replica's `read_body`: its limit, its words)."""
+        try:
+            # Streamed against the limit: a body read whole first is held in memory however large, and one
+            # that declares more than it sends would keep the client waiting for an answer it has already earned.
+            return await read_body(request, self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            return _json({"error": str(exc)}, 413)
+        except ClientDisconnect:  # nobody to answer; counted as nginx does, not as a server error
+            return _json({"error": "the client closed the connection before sending the whole request"}, 499)
+
     def _serving(self, version: str) -> list[str]:
         """The predictors that serve `version`, those with ready replicas and the most traffic first."""
         found = [name for name, pool in self.pools.items() if version in version_names(pool.version)]
@@ -301,9 +313,9 @@ class Gateway:
         """Route, forward, annotate and remember one inference."""
         if (wrong := self._check_name(request)) is not None:
             return wrong
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
         raw_length = request.headers.get("inference-header-content-length")
         binary = raw_length is not None
         try:  # the replica's own checks, so that what it would refuse is refused here in the same words
@@ -386,9 +398,9 @@ class Gateway:
         """
         if (wrong := self._check_name(request)) is not None:
             return wrong
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            return _json({"error": f"the request body is over the limit of {self.max_body_bytes} bytes"}, 413)
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
         try:
             given = decode_feedback(body)
         except InvalidRequest as exc:

@@ -40,7 +40,7 @@ from skyloop.serving.dataplane import DataPlane
 from skyloop.serving.metrics import CONTENT_TYPE
 from skyloop.serving.protocol import header_length
 
-__all__ = ["STATUS", "create_app", "status_of"]
+__all__ = ["STATUS", "create_app", "read_body", "status_of"]
 
 log = logging.getLogger("skyloop.serving")
 
@@ -83,7 +83,13 @@ def _error(exc: Exception) -> Response:
     return _json({"error": message}, status)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with `PayloadTooLarge` once it is over `limit` bytes.
+
+    A declared length over the limit is refused before anything is read, and a body is never held whole past
+    the limit: a client that declares a terabyte, or streams one, gets its 413 at once. The gateway reads
+    its bodies with this too, so that it refuses them as a replica does, in the same words.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit}")
@@ -146,7 +152,7 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
         plane.admit(name)
         try:
             try:
-                body = await _body(request, max_body_bytes)
+                body = await read_body(request, max_body_bytes)
                 length = header_length(request.headers.get("inference-header-content-length"))
             except BaseException:
                 plane.release(name)
@@ -171,7 +177,7 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
     async def feedback(request: Request) -> Response:
         p = request.path_params
         try:
-            body = await _body(request, max_body_bytes)
+            body = await read_body(request, max_body_bytes)
             return _json(await plane.feedback(p["name"], p.get("version"), body))
         except Exception as exc:
             return _error(exc)
