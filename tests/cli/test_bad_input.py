@@ -106,6 +106,39 @@ tasks:
     timeout: -5
 '''
 
+RELATIVE_STEP = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: rel
+tasks:
+  - name: a
+    step: {module: "..", qualname: number}
+    inputs: {n: {kind: const, value: 1}}
+'''
+
+BAD_DEFAULT = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: defaults
+params:
+  - {name: n, type: int, default: abc}
+tasks:
+  - name: a
+    step: {module: steps.py, qualname: number}
+    inputs: {n: {kind: param, param: n}}
+'''
+
+TWICE = '''
+api_version: skyloop/v1
+kind: Pipeline
+name: twice
+tasks:
+  - name: a
+    step: {module: steps.py, qualname: number}
+    inputs: {n: {kind: const, value: 1}}
+    inputs: {n: {kind: const, value: 2}}
+'''
+
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("args", "files", "message"), [
@@ -148,6 +181,17 @@ tasks:
      "tasks: List should have at least 1 item"),
     (["runs", "list", "--status", "BOGUS"], {}, "unknown run status 'BOGUS'; choose one of QUEUED, RUNNING"),
     (["pipeline", "graph", "steps.py:fine", "-o", "g.xyz"], {}, "cannot tell what to write to g.xyz"),
+    (["run", "rel.yaml"], {"rel.yaml": RELATIVE_STEP}, "tasks.0.step: module '..' is neither a file nor a module"),
+    (["run", "defaults.yaml"], {"defaults.yaml": BAD_DEFAULT},
+     "parameter 'n' is declared int but its default is 'abc'"),
+    (["run", "twice.yaml"], {"twice.yaml": TWICE}, "key 'inputs' appears twice in one mapping"),
+    (["run", "bad.yaml"], {"bad.yaml": BAD_FIELD.replace("timeout: -5", "retries: 2")},
+     "tasks.0.retries: unknown field 'retries'; did you mean 'retry'?"),
+    (["pipeline", "compile", "steps.py:fine", "-o", "."], {}, "cannot write '.': it is a folder"),
+    (["pipeline", "compile", "steps.py:fine", "-o", "steps.py/spec.yaml"], {}, "cannot write 'steps.py/spec.yaml'"),
+    (["pipeline", "graph", "steps.py:fine", "-o", "steps.py/g.dot"], {}, "cannot write 'steps.py/g.dot'"),
+    (["artifacts", "gc", "--older-than", "99999999999d"], {}, "reaches back before the year 1"),
+    (["artifacts", "gc", "--older-than", "999999999d", "--dry-run"], {}, "reaches back before the year 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path: Path, home: Path, args: list[str],
                                                   files: dict[str, str], message: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 
 from skyloop.cli.main import console, state
+from skyloop.errors import SpecError
 from skyloop.store.gc import collect_garbage, parse_age
 from skyloop.store.lineage import consumers, producers
 from skyloop.store.workspace import Workspace
@@ -24,7 +26,13 @@ def gc(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Delete artifacts unused for a while that no registered model and no live run references."""
-    report = collect_garbage(Workspace.open(state.settings()), parse_age(older_than), dry_run=dry_run)
+    try:
+        age = parse_age(older_than)
+        datetime.now(UTC) - age  # the cutoff the collection computes
+    except OverflowError:  # more days than a timedelta holds, or a cutoff before the year 1
+        raise SpecError(f"age {older_than!r} reaches back before the year 1, and nothing stored is that old; "
+                        "give a shorter age, e.g. 30d or 52w") from None
+    report = collect_garbage(Workspace.open(state.settings()), age, dry_run=dry_run)
     if as_json:
         print(json.dumps({"artifacts": report.artifacts, "bytes": report.bytes, "dry_run": report.dry_run,
                           "digests": report.digests, "orphans": report.orphans,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skyloop.cli.main import console, state
+from skyloop.errors import SpecError
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
 
@@ -62,6 +64,9 @@ def apply(
     """Create or update a deployment; starts a controller if none is running."""
     from skyloop.deploy.api import apply_deployment
 
+    if not math.isfinite(timeout) or timeout <= 0:  # checked before the spec is recorded
+        raise SpecError(f"--timeout {timeout:g}: give the seconds to wait for the controller, a number above 0 "
+                        "(or --no-wait)")
     with console.status(Text(f"applying {file} ..."), spinner="dots"):  # Text: a path is not markup
         info = apply_deployment(file, state.settings(), wait=wait, timeout=timeout)
     if as_json:
@@ -100,7 +105,12 @@ def history(name: Name, limit: Annotated[int | None, typer.Option(min=1, help="O
     if picture is not None:
         from skyloop.deploy.picture import write_history_picture
 
-        png, html = write_history_picture(workspace, name, picture)
+        try:
+            png, html = write_history_picture(workspace, name, picture)
+        except OSError as exc:  # a file where the folder should be, a folder we may not write to
+            workspace.close()
+            raise SpecError(f"--picture {str(picture)!r}: cannot write the picture there ({exc.strerror or exc}); "
+                            "give a folder that can be created or written to") from None
         console.print(f"picture: {png}\n         {html}", highlight=False)
     workspace.close()
     if as_json:

@@ -14,7 +14,8 @@ from skyloop.errors import SpecError
 from skyloop.registry.registry import delete_tag, get_model, list_models, list_versions, remove_alias, resolve
 from skyloop.registry.registry import set_alias as set_alias_row
 from skyloop.registry.registry import set_tags as set_tags_row
-from skyloop.registry.uri import names_version, parse_model_ref
+from skyloop.registry.uri import ModelRef, check_name, names_version, parse_model_ref
+from skyloop.serving.spec import MAX_VERSION
 from skyloop.store.workspace import Workspace
 
 __all__ = ["app"]
@@ -22,6 +23,21 @@ __all__ = ["app"]
 app = typer.Typer(help="Registered models: versions, aliases, tags.", no_args_is_help=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _version(version: int, given: str) -> int:
+    """`version`, or a SpecError for a number no model version can have (the DB holds 64-bit integers)."""
+    if not 1 <= version <= MAX_VERSION:
+        raise SpecError(f"{given}: version {version} is not a version a model can have; versions count 1, 2, 3, ...")
+    return version
+
+
+def _ref(text: str) -> ModelRef:
+    """`parse_model_ref(text)`, with its version (if any) checked by `_version`."""
+    ref = parse_model_ref(text)
+    if ref.version is not None:
+        _version(ref.version, repr(text))
+    return ref
 
 
 def _workspace() -> Workspace:
@@ -55,7 +71,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """A model and its versions, or one version in full (its model.yaml, files and lineage)."""
-    parsed = parse_model_ref(ref)
+    parsed = _ref(ref)
     whole = not names_version(ref)  # NAME@latest is the newest version, in full
     workspace = _workspace()
     with workspace.db.read() as session:
@@ -113,6 +129,9 @@ def alias(
     """Point ALIAS at VERSION (moving it atomically), or remove it with --delete."""
     if delete == (version is not None):
         raise SpecError("give a VERSION to point the alias at, or --delete to remove it (not both)")
+    check_name(name)  # a NAME, not a reference: `models:/iris` or `iris/2` here is no model's name
+    if version is not None:
+        _version(version, f"models alias {name} {alias_name}")
     workspace = _workspace()
     with workspace.db.session() as session:
         if version is None:
@@ -143,7 +162,7 @@ def tag(
         if not sep or not key:
             raise SpecError(f"tag {pair!r} must look like KEY=VALUE")
         tags[key] = value
-    parsed = parse_model_ref(ref)
+    parsed = _ref(ref)
     workspace = _workspace()
     with workspace.db.session() as session:
         for key in delete or []:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -35,9 +36,30 @@ def compile(
     if output is None:
         print(dump_spec(spec), end="")
         return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(dump_spec(spec, relative_to=output.parent))
+    _write(output, lambda: dump_spec(spec, relative_to=output.parent))
     console.print(f"wrote {output} ({len(spec.tasks)} tasks)")
+
+
+def _writable(output: Path) -> None:
+    """Make `-o`'s missing folders, or a SpecError saying why the file cannot go there."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file where a folder of the path should be
+        raise SpecError(f"cannot write {str(output)!r}: {exc.strerror or exc} ({exc.filename}); give -o a file "
+                        "path whose folders can be made") from None
+    if output.is_dir():
+        raise SpecError(f"cannot write {str(output)!r}: it is a folder; give -o a file name, e.g. "
+                        f"{output / 'spec.yaml'}")
+
+
+def _write(output: Path, text: Callable[[], str]) -> None:
+    """Write `text()` to `-o` (its folders made as needed), with a SpecError naming the path when it cannot be."""
+    _writable(output)
+    content = text()
+    try:
+        output.write_text(content)
+    except OSError as exc:
+        raise SpecError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
 
 
 @app.command()
@@ -73,8 +95,8 @@ def graph(
         else:
             print(to_mermaid(spec) if fmt == "mermaid" else to_dot(spec), end="")
         return
-    output.parent.mkdir(parents=True, exist_ok=True)  # as `compile -o` does
     if output.suffix.lower() in PICTURES:
+        _writable(output)  # missing folders made, as `compile -o` does
         _draw(spec, output)
         return
     chosen = fmt or TEXTS.get(output.suffix.lower())
@@ -84,9 +106,9 @@ def graph(
     if chosen == "tree":
         text = io.StringIO()
         Console(file=text, width=200, no_color=True, markup=False).print(_tree(spec))
-        output.write_text(text.getvalue())
+        _write(output, text.getvalue)
     else:
-        output.write_text(to_mermaid(spec) if chosen == "mermaid" else to_dot(spec))
+        _write(output, lambda: to_mermaid(spec) if chosen == "mermaid" else to_dot(spec))
     console.print(f"wrote {output}")
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from skyloop.monitoring.drift import DriftSpec
 from skyloop.monitoring.payloads import LogSpec
 from skyloop.monitoring.triggers import TriggersSpec
-from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, parse_duration
+from skyloop.serving.spec import BatchingSpec, GraphNode, NodeType, ServeSpec, check_model_uri, parse_duration
 from skyloop.spec.files import load_spec_file
 from skyloop.spec.resources import Resources
 
@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_ALIAS = r"^[A-Za-z][A-Za-z0-9_-]*$"
+"""A registry alias a rollout may move: a letter, then letters, digits, '_' and '-'."""
 
 
 class _Model(BaseModel):
@@ -89,11 +91,21 @@ class PredictorSpec(_Model):
     shadow: float = Field(default=0.0, ge=0, le=1)
     """Fraction of live traffic mirrored here; its answers are discarded, its metrics kept."""
 
+    @field_validator("model_uri")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_uri(value)
+
     @model_validator(mode="after")
     def _check(self) -> PredictorSpec:
         where = f"predictor {self.name!r}"
         if (self.graph is None) == (self.model_uri is None):
             raise ValueError(f"{where}: give either model_uri: models:/NAME@ALIAS or graph: (an inference graph)")
+        if self.graph is not None:
+            try:  # what each replica serves (`serve_spec`) refuses such a graph: refuse it here, before it is applied
+                self.graph.check_unique()
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         if self.shadow and self.traffic:
             raise ValueError(f"{where}: a shadow answers nobody, so it takes no traffic; set traffic: 0 or shadow: 0")
         return self
@@ -179,7 +191,7 @@ class RolloutSpec(_Model):
     """canary: the weight schedule."""
     preview: float = 30.0
     """blue_green: how long the target is analysed on mirrored traffic before the switch."""
-    promote_alias: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    promote_alias: str | None = Field(default=None, pattern=_ALIAS)
     """On promotion, this registry alias moves to the target's model version (e.g. `champion`)."""
 
     _preview = _seconds("preview")
@@ -287,6 +299,14 @@ class RetrainSpec(_Model):
 
     pipeline: str
     """`FILE.py:PIPELINE` (relative to the spec) or `package.module:PIPELINE`."""
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_ref(cls, value: str) -> str:
+        module, sep, name = value.rpartition(":")
+        if not sep or not module.strip() or not name.strip():
+            raise ValueError(f"{value!r} must look like FILE.py:PIPELINE or package.module:PIPELINE")
+        return value
     model: str
     """The registered model the pipeline logs (and the deployment serves)."""
     params: dict[str, Any] = Field(default_factory=dict)
@@ -331,13 +351,26 @@ class LoopSpec(_Model):
     steps: list[RolloutStep] = Field(default_factory=lambda: [RolloutStep(weight=25, duration=20.0),
                                                               RolloutStep(weight=50, duration=20.0)])
     """The canary a blessed challenger goes through."""
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
+    champion_alias: str = Field(default="champion", pattern=_ALIAS)
+    """The alias a promoted challenger takes (the rollout's `promote_alias`)."""
+    challenger_alias: str = Field(default="challenger", pattern=_ALIAS)
+    """The alias a freshly retrained version takes, before the gate."""
+
+    @field_validator("steps")
+    @classmethod
+    def _some_steps(cls, steps: list[RolloutStep]) -> list[RolloutStep]:
+        if not steps:
+            raise ValueError("a blessed challenger goes through a canary: give at least one step, e.g. "
+                             "[{weight: 25, duration: 1m}, {weight: 50, duration: 1m}]")
+        return steps
 
     @model_validator(mode="after")
     def _check(self) -> LoopSpec:
         if self.triggers is not None and self.retrain is None:
             raise ValueError("loop: triggers need retrain: {pipeline: FILE.py:PIPELINE, model: NAME} to run")
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError(f"loop: champion_alias and challenger_alias are both {self.champion_alias!r}; a "
+                             "challenger would take the champion's alias before its gate: give them different names")
         return self
 
 

@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from skyloop.errors import CycleError, SpecError
 from skyloop.pipelines.types import can_map, compatible, element_type, parse_type, type_str
 from skyloop.spec.pipeline import ConstInput, InputBinding, ParamInput, PipelineSpec, TaskInput, TaskSpec
@@ -142,8 +144,24 @@ def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, 
                             f"{task.name}.{name} expects {type_str(wanted)}")
 
 
+def _check_defaults(spec: PipelineSpec) -> None:
+    """A parameter's default must be a value of its declared type: a run that is given no value uses it as is."""
+    for param in spec.params:
+        wanted = parse_type(param.type)
+        if param.required or param.default is None or wanted is Any:
+            continue
+        try:
+            TypeAdapter(wanted).validate_python(param.default)
+        except ValidationError as exc:
+            raise SpecError(f"parameter {param.name!r} is declared {param.type} but its default is "
+                            f"{param.default!r} ({exc.errors()[0]['msg']}); fix the default or the type") from None
+        except Exception:  # a type pydantic cannot check (e.g. a class of the user's): trust it
+            continue
+
+
 def validate_spec(spec: PipelineSpec, steps: Mapping[str, Any] | None = None) -> None:
     """Raise `SpecError` naming the first problem; `steps` (task name -> Step) enables type checks."""
+    _check_defaults(spec)
     tasks = {t.name: t for t in spec.tasks}
     for task in spec.tasks:
         for name, binding in task.inputs.items():

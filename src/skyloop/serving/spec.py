@@ -25,9 +25,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from skyloop.errors import SpecError
 from skyloop.spec.files import load_spec_file
 
-__all__ = ["METHODS", "BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "load_serve_spec", "parse_duration"]
+__all__ = ["MAX_VERSION", "METHODS", "BatchingSpec", "GraphNode", "NodeType", "ServeSpec", "check_model_uri",
+           "load_serve_spec", "parse_duration"]
 
 
 class NodeType(StrEnum):
@@ -85,6 +87,20 @@ class GraphNode(BaseModel):
     """Keyword arguments for the class's constructor."""
     children: list[GraphNode] = Field(default_factory=list)
 
+    @field_validator("model_uri")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_uri(value)
+
+    @field_validator("implementation")
+    @classmethod
+    def _implementation(cls, value: str | None) -> str | None:
+        if value is not None:
+            module, sep, qualname = value.rpartition(":")
+            if not sep or not module.strip() or not qualname.strip():
+                raise ValueError(f"{value!r} must look like FILE.py:Class or package.module:Class")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> GraphNode:
         where = f"node {self.name!r}"
@@ -109,6 +125,36 @@ class GraphNode(BaseModel):
     def walk(self) -> list[GraphNode]:
         """This node and all below it, depth first."""
         return [self, *(n for child in self.children for n in child.walk())]
+
+    def check_unique(self) -> None:
+        """A ValueError when two nodes of the graph share a name (metrics, feedback and routing go by name)."""
+        names = [n.name for n in self.walk()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"graph: node names must be unique; {', '.join(map(repr, dupes))} "
+                             f"{'appears' if len(dupes) == 1 else 'appear'} more than once")
+
+
+MAX_VERSION = 2**63 - 1
+"""The largest version number the metadata DB can hold (a signed 64-bit integer)."""
+
+
+def check_model_uri(value: str) -> str:
+    """`value` if it is a usable `model_uri` (a well-formed `models:/` reference, or a model folder), else a
+    ValueError saying how to write one."""
+    if not value.strip():
+        raise ValueError("is empty; give a registered model (models:/NAME@ALIAS) or a model folder")
+    if value.strip().startswith("models:/"):
+        from skyloop.registry.uri import parse_model_ref
+
+        try:
+            ref = parse_model_ref(value)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+        if ref.version is not None and ref.version > MAX_VERSION:
+            raise ValueError(f"{value!r}: version {ref.version} is past any version a model can have; versions "
+                             "count 1, 2, 3, ...")
+    return value
 
 
 class BatchingSpec(BaseModel):
@@ -152,11 +198,7 @@ class ServeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> ServeSpec:
-        names = [n.name for n in self.graph.walk()]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"graph: node names must be unique; {', '.join(map(repr, dupes))} "
-                             f"{'appears' if len(dupes) == 1 else 'appear'} more than once")
+        self.graph.check_unique()
         return self
 
 

@@ -163,6 +163,17 @@ class TaskSpec(_Model):
     pool: str | None = Field(default=None, pattern=_NAME)
     """Named concurrency pool shared by every run (limits in the settings, e.g. `gpu-train: 1`)."""
 
+    @field_validator("step")
+    @classmethod
+    def _importable(cls, step: StepRef) -> StepRef:
+        # What the run would import: a relative (`..x`) or empty module name is no module, and not a file either.
+        if not step.module.endswith(".py") and (not step.module.strip() or step.module.startswith(".")):
+            raise ValueError(f"module {step.module!r} is neither a file nor a module; write a file path "
+                             "(steps.py, ../lib/steps.py) or a dotted module name (package.steps)")
+        if not step.qualname.strip():
+            raise ValueError(f"qualname of {step.module!r} is empty; name the step's function")
+        return step
+
     @model_validator(mode="after")
     def _check_map(self) -> TaskSpec:
         for name in self.map_over:
