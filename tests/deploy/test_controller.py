@@ -23,6 +23,7 @@ from tests_support import write
 from skyloop.config import Settings
 from skyloop.deploy.api import send_command
 from skyloop.store import deployments as store
+from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +131,29 @@ def test_a_restarted_controller_goes_on_with_the_rollout_where_it_stood(env: Env
         assert third.state["rollout"]["phase"] == "Healthy"
         assert answers(env, "canary", 5) == [("canary", 1)] * 5
         env.delete("canary")
+
+
+def test_a_stored_spec_this_skyloop_refuses_is_reported_and_the_others_still_run(env: Env) -> None:
+    # Recorded by an older skyloop that checked less (here: two graph nodes of one name): the controller says
+    # why on that deployment and goes on running the others, instead of dying on it.
+    twice = {"name": "twice", "predictors": [{"name": "main", "traffic": 100, "graph": {
+        "name": "const", "type": "TRANSFORMER", "implementation": "nodes.py:Sleep", "children": [constant(1)]}}]}
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.session() as session:
+            store.apply_deployment(session, "twice", twice)
+    finally:
+        workspace.close()
+    with controller(env):
+        refused = env.wait("twice", lambda i: i.status == "Degraded", 60, "the refusal")
+        assert refused.reason.startswith("spec version 1 cannot run: invalid deployment spec:"), refused.reason
+        assert "'const'" in refused.reason and refused.reason.endswith("apply a corrected spec")
+        assert [e.kind for e in env.history("twice")][-1] == "failed"
+        good = env.apply({"name": "good", "predictors": [{"name": "main", "graph": constant(1), "traffic": 100}]})
+        assert good.status == "Healthy", good.reason
+        assert answers(env, "good", 3) == [("main", 1)] * 3
+        twice["predictors"][0]["graph"]["name"] = "pre"
+        fixed = env.apply(twice)
+        assert fixed.status == "Healthy", fixed.reason
+        env.delete("twice")
+        env.delete("good")

@@ -158,4 +158,10 @@ def test_the_cli_shows_status_and_history_and_refuses_bad_specs(env: Env) -> Non
     assert refused.returncode == 2, refused.stderr
     assert "predictor 'main': node 't': implementation file" in refused.stderr and "gone.py' does not exist" \
         in refused.stderr
+    unfit = env.spec({"name": "bad", "predictors": [{"name": "main", "model_uri": "models:/iris/1", "traffic": 100}],
+                      "loop": {"triggers": {"on": [{"labelled_rows": 100}]},
+                               "retrain": {"pipeline": "gone.py:train", "model": "iris"}}})
+    refused = env.cli("deploy", "apply", str(unfit))
+    assert refused.returncode == 2, refused.stderr
+    assert "loop.retrain.pipeline: file" in refused.stderr and "gone.py' does not exist" in refused.stderr
     assert env.cli("deploy", "history", "bad", "--json").returncode == 3  # nothing was recorded for it

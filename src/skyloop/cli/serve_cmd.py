@@ -16,6 +16,9 @@ from skyloop.spec.files import format_validation
 __all__ = ["register"]
 
 
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def serve(
     targets: Annotated[list[str], typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a model directory, "
                                                       "or a serving spec GRAPH.yaml (several may be given)")],
@@ -48,6 +51,8 @@ def serve(
     from skyloop.serving.server import spec_for_target
     from skyloop.serving.spec import BatchingSpec
 
+    if log_level.lower() not in _LOG_LEVELS:  # else every worker dies on it at start, and is started again
+        raise SpecError(f"--log-level {log_level!r}: give one of {', '.join(_LOG_LEVELS)}")
     if replicas is not None and workers is not None:
         raise SpecError("--replicas and --workers do not go together: replicas each run one worker")
     if parent_pid is not None and not exit_with_parent:

@@ -49,14 +49,21 @@ def _check_models(workspace: Workspace, spec: DeploymentSpec) -> None:
                 except NotFound as exc:
                     raise SpecError(f"predictor {predictor.name!r}: {exc}") from None
                 _check_drift_features(workspace, spec, info)
+    def code_file(module: str) -> Path:
+        return Path(module) if Path(module).is_absolute() or spec.base_dir is None else spec.base_dir / module
+
+    retrain = spec.loop.retrain if spec.loop is not None else None
+    module = retrain.pipeline.rpartition(":")[0] if retrain is not None else ""
+    if module.endswith(".py") and not code_file(module).is_file():  # else found only when the loop fires
+        raise SpecError(f"loop.retrain.pipeline: file {str(code_file(module))!r} does not exist; give "
+                        "FILE.py:PIPELINE relative to the spec's folder")
     for predictor in spec.predictors:
         for node in predictor.node().walk():
             module = (node.implementation or "").rpartition(":")[0]
-            if module.endswith(".py"):
-                code = Path(module) if Path(module).is_absolute() or spec.base_dir is None else spec.base_dir / module
-                if not code.is_file():
-                    raise SpecError(f"predictor {predictor.name!r}: node {node.name!r}: implementation file "
-                                    f"{str(code)!r} does not exist; give FILE.py:CLASS relative to the spec's folder")
+            if module.endswith(".py") and not code_file(module).is_file():
+                raise SpecError(f"predictor {predictor.name!r}: node {node.name!r}: implementation file "
+                                f"{str(code_file(module))!r} does not exist; give FILE.py:CLASS relative to the "
+                                "spec's folder")
             if node.model_uri is None or node.model_uri.startswith("models:/"):
                 continue
             folder = Path(node.model_uri)

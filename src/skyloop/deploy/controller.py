@@ -19,9 +19,13 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import ValidationError
+
 from skyloop.config import Settings
 from skyloop.deploy.rollout import Phase
 from skyloop.deploy.runner import DeploymentRunner
+from skyloop.errors import SkyloopError
+from skyloop.spec.files import format_validation
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
 
@@ -42,6 +46,8 @@ class Controller:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.workspace = Workspace.open(settings)
         self.runners: dict[str, DeploymentRunner] = {}
+        self.refused: set[tuple[str, int]] = set()
+        """(deployment, spec version)s whose stored spec this controller cannot run (reported once)."""
         self.stopping = asyncio.Event()
 
     def _claim(self) -> list[store.DeploymentInfo]:
@@ -106,7 +112,14 @@ class Controller:
                     await self.runners.pop(info.name).stop()
                 await asyncio.to_thread(self._drop, info)
             elif runner is None:
-                runner = self.runners[info.name] = DeploymentRunner(self, info)
+                try:
+                    runner = DeploymentRunner(self, info)
+                except (ValidationError, SkyloopError) as exc:  # stored by a skyloop that checked less
+                    if (info.name, info.spec_version) not in self.refused:
+                        self.refused.add((info.name, info.spec_version))
+                        await asyncio.to_thread(self._refuse, info, exc)
+                    continue
+                self.runners[info.name] = runner
                 runner.busy = asyncio.create_task(self._guard(runner, runner.start(info)))
             elif info.spec_version != runner.spec_version:
                 runner.busy = asyncio.create_task(self._guard(runner, runner.apply(info)))
@@ -120,6 +133,14 @@ class Controller:
             with contextlib.suppress(Exception):
                 await runner.event("failed", runner.reason)
                 await runner.write_state(force=True)
+
+    def _refuse(self, info: store.DeploymentInfo, exc: Exception) -> None:
+        why = format_validation(exc, "deployment spec") if isinstance(exc, ValidationError) else str(exc)
+        reason = f"spec version {info.spec_version} cannot run: {why}; apply a corrected spec"
+        log.error("deployment %s: %s", info.name, reason)
+        with self.workspace.db.session() as session:
+            store.update_state(session, info.name, self.owner, Phase.DEGRADED.value, reason, info.state)
+            store.record_event(session, info.name, info.spec_version, "failed", Phase.DEGRADED.value, reason=reason)
 
     def _drop(self, info: store.DeploymentInfo) -> None:
         with self.workspace.db.session() as session:

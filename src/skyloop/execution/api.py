@@ -174,6 +174,9 @@ def submit(target: Target, params: dict[str, Any] | None = None, *, priority: in
         raise _unknown_backend(backend)
     if not (weight > 0 and math.isfinite(weight)):
         raise SpecError(f"weight must be a positive number (a fair-share weight), got {weight}")
+    if not -2**31 <= priority < 2**31:  # the DB stores 32 bits
+        raise SpecError(f"priority must be between {-2**31} and {2**31 - 1} (a higher class runs first), "
+                        f"got {priority}")
     prepared = prepare(target, params)
     local = [name for name, step in prepared.steps.items() if not step.importable]
     if local:

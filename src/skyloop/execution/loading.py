@@ -133,7 +133,15 @@ def _execute(given: str, name: str, file: Path, source: bytes, st: os.stat_resul
         sys.path.insert(0, folder)
     # `inspect.getsource` (and with it a step's code hash) reads through linecache, which trusts the
     # file's size and mtime: give it the lines that run, not ones it read before a same-size edit.
-    lines = importlib.util.decode_source(source).splitlines(keepends=True)
+    try:
+        lines = importlib.util.decode_source(source).splitlines(keepends=True)
+    except (SyntaxError, UnicodeDecodeError) as exc:  # not UTF-8, nor in the encoding its coding line names
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+        raise SpecError(f"cannot load {given!r}: it is not Python source in UTF-8 (or in the encoding its "
+                        f"coding line names): {exc}") from None
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
     linecache.cache[str(file)] = (len(source), st.st_mtime, lines, str(file))
@@ -170,7 +178,7 @@ def resolve(ref: StepRef) -> Any:
         module = load_file_module(ref.module) if ref.module.endswith(".py") else importlib.import_module(ref.module)
     except SpecError:
         raise
-    except ImportError as exc:
+    except (ImportError, ValueError, TypeError) as exc:  # ValueError/TypeError: `..steps`, a relative name
         raise SpecError(f"cannot import {ref.module!r} for step {ref.path!r}: {exc}") from exc
     obj: Any = module
     for part in ref.qualname.split("."):

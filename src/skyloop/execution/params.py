@@ -51,7 +51,15 @@ def parse_cli_params(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
             values[name] = raw
             continue
         try:
-            values[name] = json.loads(raw)
+            values[name] = json.loads(raw, parse_constant=_not_finite(name))
         except json.JSONDecodeError:
             values[name] = raw
     return values
+
+
+def _not_finite(name: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise SpecError(f"parameter {name!r}: {constant} is not a value a run can store (its parameters are "
+                        "JSON); give a finite number")
+
+    return refuse

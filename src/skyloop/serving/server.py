@@ -55,7 +55,11 @@ _LOADING_MAX_READ = 1024 * 1024  # what it reads of a request at most (the rest 
 def spec_for_target(target: str, name: str | None = None) -> ServeSpec:
     """A `ServeSpec` for a CLI target: a YAML spec file, a `models:/` URI, or a model directory."""
     from skyloop.serving.spec import load_serve_spec
+    from skyloop.spec.files import validate
 
+    if name is not None:  # checked as a spec's name is (`model_copy` would take any string unchecked)
+        validate(ServeSpec, {"name": name, "graph": {"name": "model", "type": "MODEL", "model_uri": "x"}},
+                 "--name")
     if target.endswith((".yaml", ".yml")) and not Path(target).is_dir():
         spec = load_serve_spec(target)
         return spec.model_copy(update={"name": name}) if name else spec
