@@ -72,7 +72,8 @@ def agent(
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
-        claimed = Agent(settings, workspace, engine, _Log(), max_runs=max_runs).serve(stop, once=once)
+        claimed = Agent(settings, workspace, engine, _Log(), max_runs=max_runs,
+                        say=lambda message: console.print(message, highlight=False)).serve(stop, once=once)
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.shutdown()

@@ -184,6 +184,9 @@ class Orchestrator:
             crash_orphans(session, row.id, f"{ORCHESTRATOR_LOST}; re-run on resume")
             prior = load_prior(session, row.id)
             priority, weight = row.priority, row.weight
+        # Claimed again after another process had adopted it from us: ours again, not to be let go of.
+        self._heartbeat.lost.discard(row.id)
+        self.recorder.lost.discard(row.id)
         self.hold(row.id, prepared, prior, priority, weight)
         return row.id
 
@@ -277,6 +280,11 @@ class Orchestrator:
             return
         self.in_use = self.in_use - entry.unit.task.resources
         self.queue.done(entry.candidate.key)
+        if self.runs.get(entry.run.run_id) is not entry.run:
+            # The end of an attempt of a run another process adopted (cancelled by `_drop`): not ours to take,
+            # nor to retry.
+            self.ahead.pop(result.key, None)
+            return
         delay = entry.run.finish(entry.unit, result)
         if delay is not None:
             heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
@@ -344,10 +352,12 @@ class Orchestrator:
                 self._drop_sent(unit.step_run_id)
             run.dropped.clear()
         launches = self._launch_ready()
+        taken_back = False
         if launches and not self._submit_first:
             self.recorder.flush()  # the RUNNING rows before their launch (see the docstring)
             if self.recorder.lost:  # their rows were not written: not launched either
-                launches = self._unlaunch(launches, self.recorder.lost)
+                kept = self._unlaunch(launches, self.recorder.lost)
+                taken_back, launches = len(kept) < len(launches), kept
         for launch in launches:
             self.backend.submit(launch)
         if self._submit_after is not None:
@@ -363,11 +373,15 @@ class Orchestrator:
             self.recorder.flush()
         for run in [r for r in self.runs.values() if r.done]:
             self.recorder.flush()
-            if run.run_id not in self.recorder.lost:  # else another process holds it now: let go next turn
+            if run.run_id not in self.recorder.lost:  # else another process holds it now: let go below
                 self._release(run, *run.outcome())
+        # A flush of this turn may have found runs adopted by another process (this one was held up past
+        # its lease): let go of them now, with the steps they have waiting, before judging what waits.
+        self._drop_lost()
         if not self.runs:
             return
-        if not (self.running or self.delayed or launches) and self.pending:
+        if not (self.running or self.delayed or launches or taken_back) and self.pending:
+            # (Launches taken back made room that steps of the runs still held take at the next turn.)
             # Requests are checked against capacity on activation, so this cannot happen; say so loudly.
             raise RuntimeError(f"{len(self.pending)} step(s) wait for resources that will never free up")
         timeout = max_wait
