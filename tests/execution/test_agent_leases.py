@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests_support import agent_env, calls_made, reap, until
 
 from skyloop import Settings
 from skyloop.store.models import RunRow, StepRunRow
@@ -47,22 +48,10 @@ def chain(x: int = 1):
 '''
 
 
-def _env(settings: Settings, calls: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
-    env |= {"SKYLOOP_HOME": str(settings.home), "CALLS": str(calls), "SKYLOOP_EXECUTION__LEASE_SECONDS": "2",
-            "SKYLOOP_EXECUTION__HEARTBEAT_SECONDS": "0.5", "SKYLOOP_EXECUTION__AGENT_POLL_SECONDS": "0.2"}
-    return env | extra
 
 
-def _calls(path: Path) -> list[str]:
-    return path.read_text().split()[::2] if path.exists() else []
 
 
-def _until(check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _attempts(settings: Settings) -> tuple[list[tuple[str, str]], list[tuple[str, int, str]]]:
@@ -76,15 +65,6 @@ def _attempts(settings: Settings) -> tuple[list[tuple[str, str]], list[tuple[str
         ws.close()
 
 
-def _reap(*procs: subprocess.Popen[str]) -> None:
-    """Kill what still runs (stopped ones too) and close the pipes."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.integration
@@ -92,22 +72,22 @@ def test_a_process_held_up_past_its_lease_writes_and_launches_nothing_more(setti
                                                                           tmp_path: Path) -> None:
     (tmp_path / "leased.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = _env(settings, calls)
+    env = agent_env(settings.home, calls)
     old = subprocess.Popen([sys.executable, "-m", "skyloop", "run", "leased.py:chain"], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     agent: subprocess.Popen[str] | None = None
     try:
-        _until(lambda: "slow" in _calls(calls))
+        until(lambda: "slow" in calls_made(calls))
         os.kill(old.pid, signal.SIGSTOP)  # held up (a long pause, a suspended laptop) while `slow` runs
         time.sleep(2.6)  # its lease runs out
         agent = subprocess.Popen([sys.executable, "-m", "skyloop", "agent", "--once"], cwd=tmp_path, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _until(lambda: _calls(calls).count("slow") == 2)  # the agent adopted the run and runs `slow` again
+        until(lambda: calls_made(calls).count("slow") == 2)  # the agent adopted the run and runs `slow` again
         os.kill(old.pid, signal.SIGCONT)  # the old process wakes with its own `slow` finished
         out, _ = old.communicate(timeout=60)
         agent_out, _ = agent.communicate(timeout=60)
     finally:
-        _reap(old, *([agent] if agent else []))
+        reap(old, *([agent] if agent else []))
     assert old.returncode == 4, out  # a Conflict: the run goes on elsewhere
     assert "was adopted by another process" in out
     assert agent.returncode == 0, agent_out
@@ -115,24 +95,24 @@ def test_a_process_held_up_past_its_lease_writes_and_launches_nothing_more(setti
     assert runs == [("SUCCEEDED", "")]
     assert rows == [("first", 1, "SUCCEEDED"), ("slow", 1, "CRASHED"), ("slow", 2, "SUCCEEDED"),
                     ("last", 1, "SUCCEEDED")]
-    assert _calls(calls).count("last") == 1  # launched by the agent only
+    assert calls_made(calls).count("last") == 1  # launched by the agent only
 
 
 @pytest.mark.integration
 def test_an_agent_stopped_with_ctrl_c_hands_its_runs_back(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "leased.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = _env(settings, calls, SLOW="30")
+    env = agent_env(settings.home, calls, SLOW="30")
     subprocess.run([sys.executable, "-m", "skyloop", "submit", "leased.py:chain"], cwd=tmp_path, env=env,
                    check=True, capture_output=True)
     agent = subprocess.Popen([sys.executable, "-m", "skyloop", "agent"], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _until(lambda: "slow" in _calls(calls))
+        until(lambda: "slow" in calls_made(calls))
         agent.send_signal(signal.SIGINT)
         out, _ = agent.communicate(timeout=30)
     finally:
-        _reap(agent)
+        reap(agent)
     assert agent.returncode == 130, out
     runs, rows = _attempts(settings)
     assert runs == [("RUNNING", "")]  # not FAILED: back to the queue
@@ -170,14 +150,14 @@ def once(x: int = 1):
 def test_an_attempt_lost_with_its_orchestrator_spends_no_retry(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "flaky.py").write_text(FLAKY)
     calls = tmp_path / "calls"
-    env = _env(settings, calls)
+    env = agent_env(settings.home, calls)
     first = subprocess.Popen([sys.executable, "-m", "skyloop", "run", "flaky.py:once", "--backend", "inline"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _until(lambda: calls.exists())
+        until(lambda: calls.exists())
         first.kill()  # the orchestrator dies with attempt 1 running
     finally:
-        _reap(first)
+        reap(first)
     ws = Workspace.open(settings)
     try:
         with ws.db.read() as session:

@@ -3,21 +3,17 @@ runs cleanly, fail nothing, and do not take them back in a way that stalls them.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_support import PgCluster, pg_bindir
+from tests_support import agent_env, calls_made, reap, until
 
 from skyloop import Settings
 from skyloop.store.models import Event, RunRow, StepRunRow
@@ -52,22 +48,10 @@ def fan(n: int = 6):
 '''
 
 
-def _env(settings: Settings, calls: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
-    env |= {"SKYLOOP_HOME": str(settings.home), "CALLS": str(calls), "SKYLOOP_EXECUTION__LEASE_SECONDS": "2",
-            "SKYLOOP_EXECUTION__HEARTBEAT_SECONDS": "0.5", "SKYLOOP_EXECUTION__AGENT_POLL_SECONDS": "0.2"}
-    return env | extra
 
 
-def _calls(path: Path) -> list[str]:
-    return path.read_text().split()[::2] if path.exists() else []
 
 
-def _until(check: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _run_row(settings: Settings) -> tuple[str, str, str | None]:
@@ -85,15 +69,6 @@ def _agent(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _reap(*procs: subprocess.Popen[str]) -> None:
-    """Kill what still runs (stopped ones too) and close the pipes."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.integration
@@ -103,22 +78,22 @@ def test_an_agent_back_from_a_pause_lets_go_of_the_runs_it_lost_without_failing(
     run's queued steps too, not die with "step(s) wait for resources that will never free up" and fail runs."""
     (tmp_path / "fan.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = _env(settings, calls)
+    env = agent_env(settings.home, calls)
     subprocess.run([sys.executable, "-m", "skyloop", "submit", "fan.py:fan"], cwd=tmp_path, env=env,
                    check=True, capture_output=True)
     first = _agent(tmp_path, env, "--max-cpus", "2", "--once")
     second: subprocess.Popen[str] | None = None
     try:
-        _until(lambda: len(_calls(calls)) >= 2)  # two units run, four wait for room
+        until(lambda: len(calls_made(calls)) >= 2)  # two units run, four wait for room
         os.kill(first.pid, signal.SIGSTOP)  # held up past its lease; its two units end meanwhile
         time.sleep(2.5)
         second = _agent(tmp_path, env, "--max-cpus", "2", "--once")
-        _until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])  # adopted
+        until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])  # adopted
         os.kill(first.pid, signal.SIGCONT)  # back with room for two more units of a run it lost
         out, _ = first.communicate(timeout=60)
         second_out, _ = second.communicate(timeout=90)
     finally:
-        _reap(first, *([second] if second else []))
+        reap(first, *([second] if second else []))
     assert "will never free up" not in out, out
     assert first.returncode == 0, out
     assert second.returncode == 0, second_out
@@ -141,84 +116,39 @@ def test_an_agent_takes_back_a_run_it_lost_once_its_adopter_died(settings: Setti
     back and finishes it (it must not let go of it again and again for having lost it once)."""
     (tmp_path / "fan.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = _env(settings, calls, UNIT_SECONDS="1")
+    env = agent_env(settings.home, calls, UNIT_SECONDS="1")
     subprocess.run([sys.executable, "-m", "skyloop", "submit", "fan.py:fan", "-p", "n=4"], cwd=tmp_path, env=env,
                    check=True, capture_output=True)
     first = _agent(tmp_path, env, "--max-cpus", "2")
     second: subprocess.Popen[str] | None = None
     try:
-        _until(lambda: len(_calls(calls)) >= 1)
+        until(lambda: len(calls_made(calls)) >= 1)
         os.kill(first.pid, signal.SIGSTOP)
         time.sleep(2.5)
         second = _agent(tmp_path, env, "--max-cpus", "2")
-        _until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])
+        until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])
         second.kill()  # the adopter dies too; the first agent, back, is the only one left
         second.wait()
         os.kill(first.pid, signal.SIGCONT)
-        _until(lambda: _run_row(settings)[1] != "RUNNING", timeout=60)
+        until(lambda: _run_row(settings)[1] != "RUNNING", timeout=60)
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=30)
     finally:
-        _reap(first, *([second] if second else []))
+        reap(first, *([second] if second else []))
     assert first.returncode == 0, out
     assert _run_row(settings)[1] == "SUCCEEDED", out
 
 
 # -- the metadata DB away for a moment --------------------------------------------------------------
 
-def _pg_bindir() -> Path | None:
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl") and shutil.which("postgres"):
-        return Path(found).resolve().parent
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if all(os.access(Path(folder, exe), os.X_OK) for exe in ("initdb", "pg_ctl", "postgres")):
-            return Path(folder)
-    return None
-
-
-class _Server:
-    """A private PostgreSQL server on 127.0.0.1 (as the nobody user when root: PostgreSQL refuses root)."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir, self.dir = bindir, Path(tempfile.mkdtemp(prefix="skyloop-pg-"))
-        self.data, self.log = self.dir / "data", self.dir / "server.log"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            self.prefix = ["runuser", "-u", "nobody", "--"]
-            entry = pwd.getpwnam("nobody")
-            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
-
-    def ctl(self, *args: str) -> None:
-        subprocess.run([*self.prefix, str(self.bindir / args[0]), *args[1:]], check=True, capture_output=True,
-                       timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")})
-
-    def start(self, action: str = "start") -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -F"
-        self.ctl("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), action, "-m", "fast", "-w")
-
-    def stop(self) -> None:
-        pid_file = self.data / "postmaster.pid"
-        pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.ctl("pg_ctl", "-D", str(self.data), "stop", "-m", "fast", "-w", "-t", "20")
-        if pid is not None and pid_file.exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
-def pg_server() -> Iterator[_Server]:
+def pg_server() -> Iterator[PgCluster]:
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'skyloop[postgres]'")
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql")
-    server = _Server(bindir)
+    server = PgCluster(bindir)
     try:
-        server.ctl("initdb", "-D", str(server.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         server.start()
         yield server
     finally:
@@ -228,26 +158,26 @@ def pg_server() -> Iterator[_Server]:
 @pytest.mark.integration
 @pytest.mark.postgres
 def test_an_agent_hands_its_runs_back_when_the_db_restarts_instead_of_failing_them(
-        settings: Settings, tmp_path: Path, pg_server: _Server) -> None:
+        settings: Settings, tmp_path: Path, pg_server: PgCluster) -> None:
     """The DB server restarts under a busy agent (its connections break): the runs are not failed, the agent
     does not die; it hands them back, adopts them again once the DB answers, and finishes them."""
     (tmp_path / "fan.py").write_text(STEPS)
     calls = tmp_path / "calls"
     url = f"postgresql://postgres@127.0.0.1:{pg_server.port}/postgres"
     settings = settings.model_copy(update={"db_url": url})
-    env = _env(settings, calls, SKYLOOP_DB_URL=url, UNIT_SECONDS="1")
+    env = agent_env(settings.home, calls, SKYLOOP_DB_URL=url, UNIT_SECONDS="1")
     subprocess.run([sys.executable, "-m", "skyloop", "submit", "fan.py:fan", "-p", "n=8"], cwd=tmp_path, env=env,
                    check=True, capture_output=True)
     agent = _agent(tmp_path, env, "--max-cpus", "2")
     try:
-        _until(lambda: len(_calls(calls)) >= 2)
-        pg_server.start("restart")  # every connection the agent holds breaks
-        _until(lambda: _run_row(settings)[1] != "RUNNING" or agent.poll() is not None, timeout=90)
+        until(lambda: len(calls_made(calls)) >= 2)
+        pg_server.restart()  # every connection the agent holds breaks
+        until(lambda: _run_row(settings)[1] != "RUNNING" or agent.poll() is not None, timeout=90)
         alive = agent.poll() is None
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=30)
     finally:
-        _reap(agent)
+        reap(agent)
     assert alive, out
     assert _run_row(settings)[1] == "SUCCEEDED", out
     assert "metadata DB unreachable" in out
@@ -269,7 +199,7 @@ def test_an_agent_back_from_a_pause_goes_on_with_the_runs_it_still_holds(setting
     for steps that wait for resources that will never free up (and fail that run)."""
     (tmp_path / "fan.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = _env(settings, calls)
+    env = agent_env(settings.home, calls)
 
     def submit(*args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "skyloop", "submit", "fan.py:fan", *args], cwd=tmp_path, env=env,
@@ -280,17 +210,17 @@ def test_an_agent_back_from_a_pause_goes_on_with_the_runs_it_still_holds(setting
     first = _agent(tmp_path, env, "--max-cpus", "2", "--once")
     resumer: subprocess.Popen[str] | None = None
     try:
-        _until(lambda: len(_calls(calls)) >= 2)  # two units of the urgent run; the other run's wait
+        until(lambda: len(calls_made(calls)) >= 2)  # two units of the urgent run; the other run's wait
         os.kill(first.pid, signal.SIGSTOP)
         time.sleep(2.5)
         resumer = subprocess.Popen([sys.executable, "-m", "skyloop", "run", "--resume", urgent], cwd=tmp_path,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _until(lambda: _owner(settings, urgent).split(":")[1:2] == [str(resumer.pid)])
+        until(lambda: _owner(settings, urgent).split(":")[1:2] == [str(resumer.pid)])
         os.kill(first.pid, signal.SIGCONT)
         out, _ = first.communicate(timeout=90)
         resumer_out, _ = resumer.communicate(timeout=90)
     finally:
-        _reap(first, *([resumer] if resumer else []))
+        reap(first, *([resumer] if resumer else []))
     assert "will never free up" not in out, out
     assert first.returncode == 0, out
     assert resumer.returncode == 0, resumer_out

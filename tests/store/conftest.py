@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import pwd
-import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -21,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pg_support import PgCluster, pg_bindir
 
 from skyloop import Settings  # the `settings` fixture comes from tests/conftest.py
 from skyloop.execution.loading import load_file_module
@@ -151,65 +143,6 @@ def concurrent_writers(tmp_path: Path) -> Iterator[Callable[[str, int, int], Non
 
 # -- PostgreSQL -------------------------------------------------------------------------------------
 
-def _pg_bindir() -> Path | None:
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl") and shutil.which("postgres"):
-        return Path(found).resolve().parent
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if all(os.access(Path(folder, exe), os.X_OK) for exe in ("initdb", "pg_ctl", "postgres")):
-            return Path(folder)
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Cluster:
-    """A throwaway PostgreSQL cluster. PostgreSQL refuses to run as root, so as root we run it as nobody."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="skyloop-pg-"))
-        self.data = self.dir / "data"
-        self.log = self.dir / "server.log"
-        self.port = _free_port()
-        self.prefix: list[str] = []
-        if os.geteuid() == 0:
-            runuser = shutil.which("runuser")
-            self.prefix = [runuser, "-u", "nobody", "--"] if runuser else ["su", "nobody", "-s", "/bin/sh", "-c"]
-            os.chown(self.dir, *_nobody_ids())
-
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [str(self.bindir / args[0]), *args[1:]]
-        # `su -c` takes one shell command line; `runuser --` (or nothing, when not root) the argv itself.
-        command = [*self.prefix, shlex.join(argv)] if self.prefix[:1] == ["su"] else [*self.prefix, *argv]
-        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60)
-
-    def start(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -F"  # -F: no fsync, a test server
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "start", "-w", "-t", "30")
-
-    def stop(self) -> None:
-        result = self._run("pg_ctl", "-D", str(self.data), "stop", "-m", "fast", "-w", "-t", "20", check=False)
-        pid_file = self.data / "postmaster.pid"
-        if result.returncode != 0 and pid_file.exists():
-            with contextlib.suppress(ValueError, ProcessLookupError):
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else "(no server log)"
-
-
-def _nobody_ids() -> tuple[int, int]:
-    entry = pwd.getpwnam("nobody")
-    return entry.pw_uid, entry.pw_gid
-
-
 def create_database(server_url: str, name: str) -> str:
     """Create database `name` on the server of `server_url`; returns its URL."""
     import psycopg
@@ -224,10 +157,10 @@ def create_database(server_url: str, name: str) -> str:
 def postgres_url() -> Iterator[str]:
     """A private PostgreSQL server for the session; yields the URL of its `skyloop_test` database."""
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'skyloop[postgres]'")
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql")
-    cluster = _Cluster(bindir)
+    cluster = PgCluster(bindir)
     try:
         cluster.start()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import textwrap
 import threading
 import time
@@ -21,7 +23,8 @@ from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["age_blobs", "at_once", "collect", "post", "replayed_database", "schema_of", "write"]
+__all__ = ["age_blobs", "agent_env", "at_once", "calls_made", "collect", "post", "reap", "replayed_database",
+           "schema_of", "until", "write"]
 
 T = TypeVar("T")
 
@@ -113,3 +116,37 @@ def at_once(count: int, call: Callable[[int], T]) -> list[T]:
         thread.join(60)
     assert len(results) == count, f"{count - len(results)} of {count} calls failed or did not finish"
     return results
+
+
+# -- agents as real processes (tests/execution/test_agent_*.py) ---------------------------------------
+
+def agent_env(home: Path, calls: Path, **extra: str) -> dict[str, str]:
+    """The environment of an agent or CLI process on `home` with short leases; steps note their calls in `calls`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env |= {"SKYLOOP_HOME": str(home), "CALLS": str(calls), "SKYLOOP_EXECUTION__LEASE_SECONDS": "2",
+            "SKYLOOP_EXECUTION__HEARTBEAT_SECONDS": "0.5", "SKYLOOP_EXECUTION__AGENT_POLL_SECONDS": "0.2"}
+    return env | extra
+
+
+def calls_made(path: Path) -> list[str]:
+    """The calls the steps noted in `path` (each note is the call and the pid that made it)."""
+    return path.read_text().split()[::2] if path.exists() else []
+
+
+def until(check: Callable[[], object], timeout: float = 30) -> None:
+    """Wait until `check()` is true; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def reap(*procs: subprocess.Popen[str]) -> None:
+    """Kill what still runs (stopped ones too) and close the pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from skyloop.deploy.gateway import Gateway
-from skyloop.deploy.pools import Pool
+from skyloop.deploy.pools import Endpoint, Pool
 from skyloop.deploy.ray_replicas import RayReplicaHost
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
 from skyloop.deploy.restarts import Restarts
@@ -223,11 +223,7 @@ class DeploymentRunner:
             victim = old.endpoints[0]
             await self.event("rolling_update", f"{name}: no room on the cluster for a new replica: stopping "
                              f"old replica {victim.index} first ({len(old.endpoints) - 1} keep serving)")
-            pool = self.gateway.pools.get(name)
-            await self.gateway.drain(victim)
-            if pool is not None and victim in pool.endpoints:
-                pool.endpoints.remove(victim)
-            await old.stop_replica(victim.index)
+            await self._take_out(victim, self.gateway.pools.get(name), old)
             for _ in range(50):  # what Ray says is free follows a kill by a moment
                 if (room := await host.room()) > 0:
                     break
@@ -244,11 +240,7 @@ class DeploymentRunner:
                 added.add(e.index)
                 pool.endpoints.append(e)
                 if olds:
-                    victim = olds.pop(0)
-                    await self.gateway.drain(victim)
-                    pool.endpoints.remove(victim)
-                    if isinstance(old, RayReplicaHost):
-                        await old.stop_replica(victim.index)
+                    await self._take_out(olds.pop(0), pool, old)
             if not host.pending or not host.alive:
                 break
             if time.monotonic() > deadline:
@@ -260,8 +252,16 @@ class DeploymentRunner:
             await host.refresh()
             await asyncio.sleep(0.1)
         for victim in olds:
-            await self.gateway.drain(victim)
+            await self._take_out(victim, pool)
+
+    async def _take_out(self, victim: Endpoint, pool: Pool | None, old: ReplicaHost | None = None) -> None:
+        """Drain `victim` (its in-flight requests answered) and take it out of `pool`; with `old`, a Ray host,
+        stop it too, which gives its room back to the cluster."""
+        await self.gateway.drain(victim)
+        if pool is not None and victim in pool.endpoints:
             pool.endpoints.remove(victim)
+        if isinstance(old, RayReplicaHost):
+            await old.stop_replica(victim.index)
 
     async def apply(self, info: store.DeploymentInfo) -> None:
         """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails)."""
@@ -418,8 +418,7 @@ class DeploymentRunner:
             if i < len(news):
                 pool.endpoints.append(news[i])
             if i < len(olds):
-                await self.gateway.drain(olds[i])
-                pool.endpoints.remove(olds[i])
+                await self._take_out(olds[i], pool)
         await old.stop()
 
     async def _retire(self, name: str) -> None:
