@@ -6,10 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from skyloop.errors import Conflict, NotFound
 from skyloop.store.db import Database
@@ -165,10 +167,82 @@ def test_a_released_run_can_be_claimed_and_a_succeeded_one_cannot(db: Database) 
 def test_release_by_someone_else_changes_nothing(db: Database) -> None:
     new_run(db, "r1", owner="alice")
     with db.session() as session:
-        release_run(session, "r1", "mallory", "FAILED")
+        assert not release_run(session, "r1", "mallory", "FAILED")
     with db.session() as session:
         row = get_run(session, "r1")
         assert (row.status, row.owner) == ("RUNNING", "alice")
+    assert events(db, "r1") == ["run.started"]  # no "run.failed" for a run that did not end
+    with db.session() as session:
+        assert release_run(session, "r1", "alice", "SUCCEEDED")
+    assert events(db, "r1") == ["run.started", "run.succeeded"]
+
+
+@contextmanager
+def before_first_update(db: Database, action: Callable[[], None]) -> Iterator[None]:
+    """Run `action` (another process's write, committed on its own connection) just before `db` sends its
+    first UPDATE: the moment between a function's read and its first write."""
+    done: list[bool] = []
+
+    def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if not done and statement.lstrip().upper().startswith("UPDATE "):
+            done.append(True)
+            action()
+
+    event.listen(db.engine, "before_cursor_execute", hook)
+    try:
+        yield
+    finally:
+        event.remove(db.engine, "before_cursor_execute", hook)
+    assert done, "no UPDATE was sent"
+
+
+def renew_from_elsewhere(url: str, run_id: str, owner: str) -> Callable[[], None]:
+    def renew() -> None:
+        other = Database(url)
+        try:
+            with other.session() as session:
+                assert renew_lease(session, run_id, owner, lease_seconds=60)
+        finally:
+            other.dispose()
+    return renew
+
+
+# PostgreSQL only: on SQLite every write transaction takes the lock at BEGIN, so no write fits in between.
+@pytest.mark.postgres
+def test_a_lease_renewed_between_the_reapers_read_and_write_keeps_the_run_and_its_steps(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        new_run(db, "late", owner="alice")
+        running = add_step_run(db, "late", "train", "RUNNING")
+        expire_lease(db, "late")
+        # Before: the attempts were marked CRASHED first, unconditionally, so a renewal in between left a
+        # live run with its running step recorded as crashed (and a `run.lost` event).
+        with before_first_update(db, renew_from_elsewhere(pg_url, "late", "alice")), db.session() as session:
+            assert reap_expired_runs(session) == []
+        with db.session() as session:
+            row = get_run(session, "late")
+            assert (row.status, row.owner) == ("RUNNING", "alice")
+            assert {r.id: r.state for r in step_runs(session, "late")} == {running: "RUNNING"}
+        assert "run.lost" not in events(db, "late")
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_lease_renewed_between_a_claims_read_and_write_stays_its_owners(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        new_run(db, "busy", owner="alice")
+        expire_lease(db, "busy")
+        with pytest.raises(Conflict, match="adopted by another process"), \
+                before_first_update(db, renew_from_elsewhere(pg_url, "busy", "alice")), \
+                db.session() as session:
+            claim_run(session, "busy", "bob", lease_seconds=60)
+        with db.session() as session:
+            assert get_run(session, "busy").owner == "alice"
+        assert "run.adopted" not in events(db, "busy")
+    finally:
+        db.dispose()
 
 
 def test_reaping_fails_runs_whose_lease_expired(db: Database) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, defer
 
 from skyloop.errors import Conflict, NotFound, SpecError, StoreError
@@ -184,10 +184,18 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
         raise Conflict(f"run {row.id} is held by a live process ({row.owner}); "
                        f"its lease expires in {wait:.0f}s if that process is gone")
     previous = row.owner  # read before the refresh below replaces it with ours
-    # Conditional update: of two processes adopting at once, only one wins.
+    # Conditional update: of two processes adopting at once, only one wins, and a lease its owner renewed
+    # since the read above stays theirs (a dead process renews nothing, so its runs need no such check).
+    if previous is None:
+        taken = RunRow.owner.is_(None)
+    elif previous == owner or owner_is_dead(previous):
+        taken = RunRow.owner == previous
+    else:
+        taken = and_(RunRow.owner == previous,
+                     or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at <= now))
     result = session.execute(
         update(RunRow)
-        .where(RunRow.id == row.id, or_(RunRow.owner.is_(None), RunRow.owner == row.owner))
+        .where(RunRow.id == row.id, taken)
         .values(owner=owner, status="RUNNING", ended_at=None, error=None, backend=backend or row.backend,
                 started_at=func.coalesce(RunRow.started_at, now),
                 lease_expires_at=now + timedelta(seconds=lease_seconds))
@@ -199,13 +207,16 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
     return row
 
 
-def release_run(session: Session, run_id: str, owner: str, status: str, error: str | None = None) -> None:
-    """Finish the run and give up its lease."""
-    session.execute(
+def release_run(session: Session, run_id: str, owner: str, status: str, error: str | None = None) -> bool:
+    """Finish the run and give up its lease; False (and nothing recorded) when `owner` no longer holds it."""
+    result = session.execute(
         update(RunRow).where(RunRow.id == run_id, RunRow.owner == owner)
         .values(status=status, error=error, ended_at=utcnow(), owner=None, lease_expires_at=None)
     )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
     add_event(session, run_id, f"run.{status.lower()}", error or "")
+    return True
 
 
 def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]:
@@ -215,20 +226,27 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
     which adopt orphaned runs as soon as their lease expires, the first claim.
     """
     now = utcnow()
+    cutoff = now - timedelta(seconds=grace_seconds)
     expired = session.scalars(
-        select(RunRow).where(RunRow.status == "RUNNING",
-                             RunRow.lease_expires_at < now - timedelta(seconds=grace_seconds))
+        select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < cutoff)
     ).all()
+    reaped = []
     for row in expired:
         reason = (f"orchestrator {row.owner} stopped renewing its lease; "
                   f"resume with `skyloop run --resume {row.id}`")
+        # The run first, on the condition read above: an owner that renewed its lease since (or an agent
+        # that adopted the run) keeps the run and its attempts untouched.
+        result = session.execute(
+            update(RunRow).where(RunRow.id == row.id, RunRow.status == "RUNNING", RunRow.owner == row.owner,
+                                 RunRow.lease_expires_at < cutoff)
+            .values(status="FAILED", error=reason, ended_at=now, owner=None, lease_expires_at=None)
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            continue
         session.execute(
             update(StepRunRow).where(StepRunRow.run_id == row.id, StepRunRow.state.in_(("RUNNING", "PENDING")))
             .values(state="CRASHED", ended_at=now, error=ORCHESTRATOR_LOST)
         )
-        session.execute(
-            update(RunRow).where(RunRow.id == row.id, RunRow.owner == row.owner, RunRow.lease_expires_at < now)
-            .values(status="FAILED", error=reason, ended_at=now, owner=None, lease_expires_at=None)
-        )
         add_event(session, row.id, "run.lost", reason)
-    return [row.id for row in expired]
+        reaped.append(row.id)
+    return reaped
