@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, defer
+from sqlalchemy.sql.elements import ColumnElement
 
 from skyloop.errors import Conflict, NotFound, SpecError, StoreError
 from skyloop.store.models import Event, RunRow, StepRunRow
@@ -186,6 +187,7 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
     previous = row.owner  # read before the refresh below replaces it with ours
     # Conditional update: of two processes adopting at once, only one wins, and a lease its owner renewed
     # since the read above stays theirs (a dead process renews nothing, so its runs need no such check).
+    taken: ColumnElement[bool]
     if previous is None:
         taken = RunRow.owner.is_(None)
     elif previous == owner or owner_is_dead(previous):
