@@ -46,6 +46,8 @@ def test_feedback_with_both_labels_and_rewards() -> None:
     w = Window()
     w.add_feedback(correct=True, reward=0.7)
     w.add_feedback(reward=float("nan"))
+    w.add_feedback(reward=1e308)  # stored before decoding bounded rewards: two such summed to infinity
+    w.add_feedback(reward=1e308)
     assert (w.labelled, w.correct, w.rewarded, w.reward_sum) == (1, 1, 1, 0.7)
 
 

@@ -172,9 +172,13 @@ def test_rewards_ignored_for_unknown_predictors_and_the_weighted_router() -> Non
     bandit = Traffic(GREEDY, {"a": 0}, rng=random.Random(0))
     bandit.reward("ghost", 1.0)
     bandit.reward("a", float("nan"))
+    bandit.reward("a", 1e308)  # beyond MAX_REWARD: two of them made the arm's sum, and its mean, infinite
+    bandit.reward("a", 1e308)
     bandit.fail("ghost")
     assert set(bandit.arms()) == {"a"}
     assert bandit.arms()["a"]["feedback"] == 0
+    bandit.reward("a", -1e12)  # the bound itself is taken
+    assert bandit.arms()["a"]["mean_reward"] == -1e12
     weighted = Traffic(WEIGHTED, {"a": 100})
     weighted.reward("a", 1.0)
     weighted.fail("a")

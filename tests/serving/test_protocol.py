@@ -149,6 +149,13 @@ def test_feedback_decodes_to_its_kinds() -> None:
     assert (both.id, both.truth, both.reward, both.kinds) == ("a", [[1, 2]], 1.0, {"truth", "reward"})
     assert both.plain_truth.shape == (1, 2)
     assert decode_feedback(b'{"id": "a", "reward": 0}').kinds == {"reward"}
+    assert decode_feedback(b'{"id": "a", "reward": -1e12}').reward == -1e12
+
+
+@pytest.mark.parametrize("reward", ["1e308", "-1.5e12", "true", '"1"', "[1]"])
+def test_a_reward_that_is_not_a_bounded_number_is_refused(reward: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"'reward' must be a number between -1e\+12 and 1e\+12"):
+        decode_feedback(b'{"id": "a", "reward": ' + reward.encode() + b"}")
 
 
 @pytest.mark.parametrize(("datatype", "data"), [

@@ -6,7 +6,6 @@ step or analysis interval, then calls `analyse(checks, target_window, stable_win
 
 from __future__ import annotations
 
-import math
 import numbers
 import random
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from skyloop.deploy.spec import MetricCheck
+from skyloop.serving.protocol import MAX_REWARD
 
 __all__ = ["MAX_LATENCIES", "SLACK", "Analysis", "MetricResult", "Verdict", "Window", "analyse", "same_answer"]
 
@@ -75,11 +75,12 @@ class Window:
             self.latencies[slot] = seconds
 
     def add_feedback(self, correct: bool | None = None, reward: float | None = None) -> None:
-        """Count one feedback event: whether an answer was correct, and/or its reward (non-finite is ignored)."""
+        """Count one feedback event: whether an answer was correct, and/or its reward (ignored beyond `MAX_REWARD`
+        and when NaN)."""
         if correct is not None:
             self.labelled += 1
             self.correct += int(correct)
-        if reward is not None and math.isfinite(reward):
+        if reward is not None and abs(reward) <= MAX_REWARD:
             self.rewarded += 1
             self.reward_sum += reward
 

@@ -32,6 +32,7 @@ from itertools import accumulate
 
 from skyloop.deploy.spec import RouterKind, RouterSpec
 from skyloop.errors import SpecError
+from skyloop.serving.protocol import MAX_REWARD
 
 __all__ = ["STICKY_KEYS", "Traffic"]
 
@@ -138,12 +139,12 @@ class Traffic:
     def reward(self, predictor: str, value: float) -> None:
         """Feedback for an answer of `predictor`.
 
-        Ignored for unknown predictors, non-finite values and the weighted router. Thompson
+        Ignored for unknown predictors, values beyond `MAX_REWARD` (and NaN) and the weighted router. Thompson
         sampling treats a reward as the probability the answer was a success: it is clipped to
         [0, 1] and adds `value` to the arm's successes and `1 - value` to its failures.
         """
         arm = self._arms.get(predictor)
-        if arm is None or self._kind is RouterKind.WEIGHTED or not math.isfinite(value):
+        if arm is None or self._kind is RouterKind.WEIGHTED or not abs(value) <= MAX_REWARD:
             return
         self._add(arm, value)
 

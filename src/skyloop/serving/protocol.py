@@ -29,6 +29,7 @@ from skyloop.errors import InvalidRequest, OutputError
 
 __all__ = [
     "DTYPES",
+    "MAX_REWARD",
     "FeedbackRequest",
     "InferenceRequest",
     "RequestedOutput",
@@ -50,6 +51,10 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }
 """V2 datatype -> the numpy dtype a tensor of it becomes (BYTES: an object array of `str`/`bytes`)."""
+
+MAX_REWARD = 1e12
+"""The largest reward (in absolute value) feedback may carry: far beyond any score or amount of money, and far
+enough below the float limit that sums of rewards never overflow to infinity (two of 1e308 did)."""
 
 _BY_DTYPE = {dt: name for name, dt in DTYPES.items() if name != "BYTES"}
 
@@ -379,8 +384,9 @@ def decode_feedback(body: bytes) -> FeedbackRequest:
     if truth is None and reward is None:
         raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")
     if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
-                               or not math.isfinite(reward)):
-        raise InvalidRequest(f"'reward' must be a finite number, got {reward!r}")
+                               or not abs(reward) <= MAX_REWARD):
+        raise InvalidRequest(f"'reward' must be a number between -{MAX_REWARD:.0e} and {MAX_REWARD:.0e}, "
+                             f"got {reward!r}")
     try:
         plain_truth = np.asarray(truth) if isinstance(truth, list) else truth
     except ValueError:
