@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
+from tests_support import before_first_update
 
 from skyloop import Settings
 from skyloop.errors import NotFound, SpecError
 from skyloop.store import deployments as store
+from skyloop.store.db import Database
+from skyloop.store.models import DeploymentRow
+from skyloop.store.runs import utcnow
 from skyloop.store.workspace import Workspace
 
 SPEC = {"name": "d", "predictors": [{"name": "stable", "model_uri": "models:/iris@champion", "traffic": 100}]}
@@ -51,3 +57,28 @@ def test_the_history_takes_the_last_n_events_and_refuses_n_below_one(workspace: 
         for limit in (0, -1):
             with pytest.raises(SpecError, match="at least 1"):
                 store.deployment_history(session, "d", limit)
+
+
+# PostgreSQL only: on SQLite every write transaction takes the lock at BEGIN, so no write fits in between.
+@pytest.mark.postgres
+def test_a_controller_that_renews_between_anothers_read_and_claim_keeps_its_deployment(pg_url: str) -> None:
+    db, elsewhere = Database(pg_url), Database(pg_url)
+    try:
+        with db.session() as session:
+            store.apply_deployment(session, "d", SPEC)
+            assert store.claim_deployments(session, "old", 30) == ["d"]
+            session.execute(update(DeploymentRow).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+        def old_renews() -> None:  # "old" was slow, not gone: it renews as "new" is about to claim
+            with elsewhere.session() as session:
+                assert store.claim_deployments(session, "old", 30) == ["d"]
+
+        # Before: the claim matched the controller it had read and took the deployment from under "old",
+        # so both ran its replicas until "old" next looked.
+        with before_first_update(db, old_renews), db.session() as session:
+            assert store.claim_deployments(session, "new", 30) == []
+        with db.read() as session:
+            assert store.get_deployment(session, "d").controller == "old"
+    finally:
+        db.dispose()
+        elsewhere.dispose()

@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
+from tests_support import before_first_update
 
 from skyloop.errors import Conflict, NotFound
 from skyloop.store.db import Database
@@ -175,25 +175,6 @@ def test_release_by_someone_else_changes_nothing(db: Database) -> None:
     with db.session() as session:
         assert release_run(session, "r1", "alice", "SUCCEEDED")
     assert events(db, "r1") == ["run.started", "run.succeeded"]
-
-
-@contextmanager
-def before_first_update(db: Database, action: Callable[[], None]) -> Iterator[None]:
-    """Run `action` (another process's write, committed on its own connection) just before `db` sends its
-    first UPDATE: the moment between a function's read and its first write."""
-    done: list[bool] = []
-
-    def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if not done and statement.lstrip().upper().startswith("UPDATE "):
-            done.append(True)
-            action()
-
-    event.listen(db.engine, "before_cursor_execute", hook)
-    try:
-        yield
-    finally:
-        event.remove(db.engine, "before_cursor_execute", hook)
-    assert done, "no UPDATE was sent"
 
 
 def renew_from_elsewhere(url: str, run_id: str, owner: str) -> Callable[[], None]:

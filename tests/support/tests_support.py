@@ -10,12 +10,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
@@ -23,8 +24,8 @@ from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["age_blobs", "agent_env", "at_once", "calls_made", "collect", "post", "reap", "replayed_database",
-           "schema_of", "until", "write"]
+__all__ = ["age_blobs", "agent_env", "at_once", "before_first_update", "calls_made", "collect", "post", "reap",
+           "replayed_database", "schema_of", "until", "write"]
 
 T = TypeVar("T")
 
@@ -73,6 +74,25 @@ def replayed_database(url: str) -> Database:
     with database.engine.begin() as conn:
         upgrade(conn)
     return database
+
+
+@contextmanager
+def before_first_update(db: Database, action: Callable[[], None]) -> Iterator[None]:
+    """Run `action` (another process's write, committed on its own connection) just before `db` sends its
+    first UPDATE: the moment between a function's read and its first write."""
+    done: list[bool] = []
+
+    def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if not done and statement.lstrip().upper().startswith("UPDATE "):
+            done.append(True)
+            action()
+
+    event.listen(db.engine, "before_cursor_execute", hook)
+    try:
+        yield
+    finally:
+        event.remove(db.engine, "before_cursor_execute", hook)
+    assert done, "no UPDATE was sent"
 
 
 def schema_of(database: Database) -> dict[str, object]:

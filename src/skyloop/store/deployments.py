@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from skyloop.errors import NotFound, SpecError
 from skyloop.store.models import DeploymentCommandRow, DeploymentEventRow, DeploymentRow
@@ -151,13 +152,19 @@ def claim_deployments(session: Session, owner: str, lease_seconds: float) -> lis
     expires = now + timedelta(seconds=lease_seconds)
     others = or_(DeploymentRow.controller.is_(None), DeploymentRow.controller != owner)
     for row in session.scalars(select(DeploymentRow).where(others)):
-        stale = row.lease_expires_at is None or row.lease_expires_at < now
-        if row.controller is None or stale or owner_is_dead(row.controller):
-            # Conditional: of two controllers claiming at once, one wins.
-            session.execute(update(DeploymentRow).where(
-                DeploymentRow.name == row.name,
-                or_(DeploymentRow.controller.is_(None), DeploymentRow.controller == row.controller),
-            ).values(controller=owner, lease_expires_at=expires))
+        if row.controller is None:
+            free: ColumnElement[bool] = DeploymentRow.controller.is_(None)
+        elif owner_is_dead(row.controller):  # a dead process renews nothing
+            free = DeploymentRow.controller == row.controller
+        elif row.lease_expires_at is None or row.lease_expires_at < now:
+            # Still stale when written: a controller that renewed since the read keeps what it holds.
+            free = and_(DeploymentRow.controller == row.controller,
+                        or_(DeploymentRow.lease_expires_at.is_(None), DeploymentRow.lease_expires_at < now))
+        else:
+            continue
+        # Conditional: of two controllers claiming at once, one wins.
+        session.execute(update(DeploymentRow).where(DeploymentRow.name == row.name, free)
+                        .values(controller=owner, lease_expires_at=expires))
     session.execute(update(DeploymentRow).where(DeploymentRow.controller == owner).values(lease_expires_at=expires))
     return list(session.scalars(select(DeploymentRow.name).where(DeploymentRow.controller == owner)
                                 .order_by(DeploymentRow.name)))
