@@ -11,9 +11,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from deploy_support import Env, Load
 
+from skyloop.deploy.api import apply_deployment, delete_deployment
 from skyloop.registry.registry import resolve
 from skyloop.registry.uri import parse_model_ref
 from skyloop.store import deployments as store
@@ -215,3 +217,37 @@ def test_a_host_that_cannot_start_again_backs_off_says_why_and_recovers(env: Env
     assert "started again after" in healthy.reason
     assert kinds(env, "crashloop")[-1] == "replicas_recovered"
     env.delete("crashloop")
+
+
+def test_a_deletion_does_not_wait_for_an_apply_in_flight_and_leaves_no_replica_behind(env: Env) -> None:
+    first = {"name": "midapply", "predictors": [{"name": "main", "model_uri": "models:/iris/1", "replicas": 1,
+                                                 "traffic": 100}]}
+    info = env.apply(first)
+    assert info.status == "Healthy", info.reason
+    old = psutil.Process(info.state["predictors"]["main"]["pid"])
+    slow = {"name": "slow", "type": "MODEL", "implementation": "nodes.py:Slow", "parameters": {"seconds": 600}}
+    second = {**first, "predictors": [{"name": "main", "graph": slow, "replicas": 1, "traffic": 100}]}
+    apply_deployment(env.spec(second), env.settings, wait=False, start=False)
+    controller = psutil.Process(info.state["controller_pid"])
+    spec_file = str(env.settings.home / "deployments" / "midapply" / "main-2.yaml")
+
+    def loading() -> list[psutil.Process]:
+        found = []
+        for child in controller.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if spec_file in child.cmdline():
+                    found.append(child)
+        return found
+
+    deadline = time.monotonic() + 30
+    while not (new := loading()):
+        assert time.monotonic() < deadline, "the new version's replicas never started loading"
+        time.sleep(0.1)
+    # Before, the deletion waited for the apply, which waited for the 600 s load: this timed out.
+    started = time.monotonic()
+    delete_deployment(env.settings, "midapply", timeout=30)
+    assert time.monotonic() - started < 30
+    after = [e.kind for e in env.history("midapply")]
+    assert after[after.index("deleted"):] == ["deleted", "stopped"], after
+    _, alive = psutil.wait_procs([old, *new], timeout=20)
+    assert not alive, f"replica processes left running: {[p.pid for p in alive]}"

@@ -87,7 +87,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: S
             ("/v2/models/nope/infer", _rows(X[:1]), 404, "unknown model 'nope'"),
             ("/v2/models/iris/versions/9/infer", _rows(X[:1]), 404, "no version '9'"),
             ("/v2/models/iris/feedback", b'{"truth": 1}', 400, "needs the 'id'"),
-            ("/v2/models/iris/feedback", b'{"id": "x", "reward": "big"}', 400, "finite number"),
+            ("/v2/models/iris/feedback", b'{"id": "x", "reward": "big"}', 400, "must be a number between"),
         ]
         # Values the model cannot take, in a request that fits its signature: the request's fault (422).
         nan = orjson.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",

@@ -66,6 +66,14 @@ class Constant:
         return np.full(len(X), self.label, dtype=np.int64)
 
 
+class Slow(Constant):
+    """MODEL: Constant, which takes `seconds` to load."""
+
+    def __init__(self, seconds, label=0):
+        time.sleep(seconds)
+        super().__init__(label)
+
+
 class Fragile(Constant):
     """MODEL: Constant, which fails to load while the file `marker` exists (its weights went bad)."""
 

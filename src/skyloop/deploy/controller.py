@@ -105,12 +105,12 @@ class Controller:
             await self.runners.pop(name).stop()  # another controller took it over
         for info in infos:
             runner = self.runners.get(info.name)
-            if runner is not None and runner.busy is not None and not runner.busy.done():
-                continue
-            if info.desired == "deleted":
+            if info.desired == "deleted":  # an apply in flight is cancelled: a deletion does not wait for it
                 if runner is not None:
                     await self.runners.pop(info.name).stop()
                 await asyncio.to_thread(self._drop, info)
+            elif runner is not None and runner.busy is not None and not runner.busy.done():
+                continue
             elif runner is None:
                 try:
                     runner = DeploymentRunner(self, info)

@@ -81,6 +81,9 @@ class DeploymentRunner:
         self.created_at = info.created_at.timestamp()
         """When this deployment was created: logs of an earlier one of the same name are not its own."""
         self.hosts: dict[str, ReplicaHost] = {}
+        self.started: set[ReplicaHost] = set()
+        """Every host started and not stopped yet, in `hosts` or not (one being rolled in or out, or restarted):
+        `stop` stops them all, even those an apply it cancelled held."""
         self.rollout: Rollout | None = None
         self.gateway = Gateway(self.name, self.spec.router, self._spec_weights(self.spec),
                                self._spec_shadows(self.spec))
@@ -154,7 +157,12 @@ class DeploymentRunner:
         return f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        """Stop serving: gateway first, then every replica host (logged payloads are written out)."""
+        """Stop serving: an apply in flight first (a deletion does not wait for it), the gateway, then every
+        replica host (logged payloads are written out)."""
+        busy = self.busy
+        if busy is not None and not busy.done() and busy is not asyncio.current_task():
+            busy.cancel()
+            await asyncio.wait([busy])
         await self.restarts.cancel()
         if self.loop is not None:
             if self.loop.task is not None:
@@ -169,8 +177,9 @@ class DeploymentRunner:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.serve_task, 15)
         await self.gateway.close()
-        await asyncio.gather(*(h.stop() for h in self.hosts.values()), return_exceptions=True)
+        await asyncio.gather(*(h.stop() for h in {*self.hosts.values(), *self.started}), return_exceptions=True)
         self.hosts.clear()
+        self.started.clear()
         if self.sock is not None:
             self.sock.close()
 
@@ -193,6 +202,7 @@ class DeploymentRunner:
         if self.spec.backend == "ray":
             host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                   self.generation, self.spec.ray_address)
+            self.started.add(host)
             first = None
             if isinstance(replacing, RayReplicaHost) and replacing.alive:
                 first = await self._make_room(host, replacing)
@@ -200,6 +210,7 @@ class DeploymentRunner:
         else:
             host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                self.generation)
+            self.started.add(host)
             endpoints = await host.start()
         log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
         return host
@@ -287,7 +298,7 @@ class DeploymentRunner:
         if failed:
             for r in results:
                 if isinstance(r, ReplicaHost):
-                    await r.stop()
+                    await self._stop_host(r)
             self.status = Phase.DEGRADED.value
             self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
             await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
@@ -411,7 +422,7 @@ class DeploymentRunner:
                          (f", {waiting} waiting for the room old ones free" if waiting else ""))
         if isinstance(host, RayReplicaHost) and waiting:
             await self._roll_as_room_frees(name, host, old, pool)
-            await old.stop()
+            await self._stop_host(old)
             return
         olds, news = list(old.endpoints), list(host.endpoints)
         for i in range(max(len(olds), len(news))):
@@ -419,7 +430,11 @@ class DeploymentRunner:
                 pool.endpoints.append(news[i])
             if i < len(olds):
                 await self._take_out(olds[i], pool)
-        await old.stop()
+        await self._stop_host(old)
+
+    async def _stop_host(self, host: ReplicaHost) -> None:
+        await host.stop()
+        self.started.discard(host)
 
     async def _retire(self, name: str) -> None:
         """Stop a predictor that no longer takes traffic, after its in-flight requests are answered."""
@@ -430,7 +445,7 @@ class DeploymentRunner:
             await asyncio.gather(*(self.gateway.drain(e) for e in pool.endpoints))
             self.gateway.pools.pop(name, None)
         if host is not None:
-            await host.stop()
+            await self._stop_host(host)
 
     def _split_text(self) -> str:
         if self.spec.router.type != "weighted":
@@ -514,7 +529,7 @@ class DeploymentRunner:
         failures, error = self.restarts.failures(name)
         why = f"{failures} start(s) in a row failed, the last: {error}" if failures else dead.exit_description()
         await self.event("replicas_restarted", f"{name}: {why}; starting it again")
-        await dead.stop()  # whatever is left of it
+        await self._stop_host(dead)  # whatever is left of it
         try:
             host = await self._new_host(self.spec.predictor(name))
         except (SkyloopError, KeyError) as exc:  # KeyError: an apply removed the predictor meanwhile
@@ -528,7 +543,7 @@ class DeploymentRunner:
             await self.write_state(force=True)
             return
         if self.hosts.get(name) is not dead:  # retired, or replaced by an apply, while this one started
-            await host.stop()
+            await self._stop_host(host)
             return
         pool = self.gateway.pools.setdefault(name, Pool(name))
         pool.endpoints, pool.version = list(host.endpoints), host.version
