@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,19 @@ def test_a_user_session_with_public_names_only(tmp_path: Path) -> None:
     assert isinstance(spec, skyloop.PipelineSpec)
     with pytest.raises(skyloop.SpecError):
         skyloop.run(_doubling, {"x": "five"}, backend="inline", settings=settings)
+
+
+HEAVY = ["sqlalchemy", "alembic", "numpy", "pandas", "sklearn", "joblib", "cloudpickle", "onnxruntime", "mlflow"]
+
+
+def test_importing_skyloop_and_its_registry_stays_light() -> None:
+    # Worker processes import these for every step; the heavy libraries load on first use of what needs them.
+    code = ("import json, sys, skyloop, skyloop.registry; from skyloop import step, pipeline, Settings; "
+            "from skyloop.registry import step_context, current_step; "
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == []
+    code = ("import sys, skyloop, skyloop.registry; skyloop.log_model; skyloop.registry.infer_signature; "
+            "print(sorted(name for name in skyloop.registry.__all__ if getattr(skyloop.registry, name) is None))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["[]"]

@@ -27,6 +27,7 @@ from skyloop.registry import (
     log_model,
     step_context,
 )
+from skyloop.registry.api import materialize
 from skyloop.registry.registry import (
     delete_tag,
     get_model,
@@ -370,3 +371,77 @@ def test_bad_arguments_are_spec_errors(classifier: LogisticRegression, settings:
         log_model(classifier, "iris", extra_files={"notes.txt": "/nonexistent/notes.txt"}, settings=settings)
     with pytest.raises(SpecError, match="model name"):
         log_model(classifier, "iris\n", settings=settings)
+
+
+def test_a_version_past_a_64_bit_integer_is_not_found(classifier: LogisticRegression, settings: Settings,
+                                                      workspace: Workspace) -> None:
+    log_model(classifier, "iris", settings=settings)
+    huge = 2**63
+    with pytest.raises(NotFound, match=f"has no version {huge}"):  # not SQLite's OverflowError
+        load_model(f"models:/iris/{huge}", settings=settings)
+    with workspace.db.session() as session, pytest.raises(NotFound, match=f"has no version {huge}"):
+        set_alias(session, "iris", "champion", huge)
+    with workspace.db.session() as session, pytest.raises(NotFound, match=f"has no version {huge}"):
+        set_tags(session, ModelRef("iris", version=huge), {"a": "b"})
+
+
+def test_load_model_tells_a_path_from_a_reference(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="names no model"):  # not the current folder
+        load_model("", settings=settings)
+    with pytest.raises(ModelLoadError, match="is not a model directory"):  # not "version 'model' must be ..."
+        load_model(str(tmp_path / "no" / "model"), settings=settings)
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        load_model("./no-such-folder", settings=settings)
+
+
+def test_an_input_example_the_model_refuses_is_a_spec_error(classifier: LogisticRegression,
+                                                            settings: Settings, workspace: Workspace) -> None:
+    with pytest.raises(SpecError, match=r"input_example: the model's predict failed on it \(ValueError: X has 5 "
+                                        r"features.*or signature= instead"):
+        log_model(classifier, "iris", input_example=np.zeros((2, 5)), settings=settings)
+    with workspace.db.read() as session:
+        assert list_models(session) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_metric_that_is_not_a_finite_number_is_a_spec_error(classifier: LogisticRegression, value: float,
+                                                               settings: Settings) -> None:
+    with pytest.raises(SpecError, match=r"metrics\.auc: .* is not a finite number"):
+        log_model(classifier, "iris", metrics={"accuracy": 0.9, "auc": value}, settings=settings)
+    assert log_model(classifier, "iris", metrics={"big": 1e308, "acc": np.float32(0.5)},
+                     settings=settings).manifest.metrics == {"big": 1e308, "acc": 0.5}
+
+
+@pytest.mark.parametrize("target", ["model.yaml", "./model.yaml"])
+def test_an_extra_file_named_model_yaml_is_refused_not_silently_replaced(
+        classifier: LogisticRegression, target: str, settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "notes.yaml").write_text("owner: ana\n")
+    with pytest.raises(SpecError, match=r"extra file '\./model\.yaml'|extra file 'model\.yaml'"):
+        log_model(classifier, "iris", extra_files={target: tmp_path / "notes.yaml"}, settings=settings)
+
+
+def test_a_load_error_names_the_python_that_saved_the_model(settings: Settings, workspace: Workspace,
+                                                            tmp_path: Path) -> None:
+    info = log_model(Doubler(), "broken", settings=settings)  # no factor.txt: its load() fails
+    copy = tmp_path / "broken"
+    shutil.copytree(materialize(workspace, info), copy)
+    with pytest.raises(ModelLoadError, match="cannot load the python model") as same:
+        load_model(copy)
+    assert "saved with Python" not in str(same.value)
+    manifest = yaml.safe_load((copy / "model.yaml").read_text())
+    manifest["environment"]["python"] = "3.6.15"
+    (copy / "model.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ModelLoadError, match=r"saved with Python 3\.6\.15, this is Python 3\.\d+\.\d+: load it with "
+                                             r"Python 3\.6, or save it again here"):
+        load_model(copy)
+
+
+def test_an_interrupted_extraction_left_in_a_model_directory_is_not_registered(
+        classifier: LogisticRegression, settings: Settings, workspace: Workspace, tmp_path: Path) -> None:
+    info = log_model(classifier, "iris", settings=settings)
+    copy = tmp_path / "iris"
+    shutil.copytree(materialize(workspace, info), copy)
+    (copy / ".tmp-0123abcd-model.joblib").write_bytes(b"half a file")  # what a killed write_atomic leaves
+    load_model(copy)  # loads: the leftover is no model file
+    again = log_model(copy, "iris-copy", settings=settings)
+    assert set(again.files) == {"model.joblib", "model.yaml"}

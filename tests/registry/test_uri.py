@@ -41,3 +41,10 @@ def test_bad_references_are_spec_errors(text: str) -> None:
 def test_names_and_aliases_with_a_line_break_or_space_are_spec_errors(check: Callable[[str], str], text: str) -> None:
     with pytest.raises(SpecError):
         check(text)
+
+
+@pytest.mark.parametrize("text", ["runs:/0a1b/model", "models:iris", "s3://bucket/iris", "model:/iris/1"])
+def test_another_scheme_is_named_as_not_a_models_uri(text: str) -> None:
+    # Not "model name 'runs:' is invalid": the user wrote a URI, of a kind the registry does not read.
+    with pytest.raises(SpecError, match=r"is not a models:/ URI; write models:/NAME"):
+        parse_model_ref(text)

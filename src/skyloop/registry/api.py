@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import platform
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -104,7 +106,8 @@ def _package(model: object, root: Path, name: str, flavor: str | None) -> ModelM
         verify_directory(source, existing)
         if flavor is not None and flavor != existing.flavor:
             raise SpecError(f"{source} holds a {existing.flavor} model, not {flavor}; drop flavor= or fix it")
-        shutil.copytree(source, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        # `.tmp-*`: a `write_atomic` that was interrupted (or is in flight) in the source, not a model file.
+        shutil.copytree(source, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".tmp-*"))
         return existing.model_copy(update={"name": name})
     chosen = get_flavor(flavor) if flavor is not None else detect_flavor(model)
     chosen.save(model, root)
@@ -137,7 +140,8 @@ def log_model(model: object, name: str, flavor: str | None = None,
             (root / REFERENCE).unlink(missing_ok=True)  # a new reference replaces the copied directory's
         for target, source in (extra_files or {}).items():
             dest = root / target
-            if dest.exists() or not dest.resolve().is_relative_to(root.resolve()):
+            if (dest.exists() or not dest.resolve().is_relative_to(root.resolve())
+                    or Path(target).as_posix() == MANIFEST):  # written last, it would silently replace the file
                 raise SpecError(f"extra file {target!r} clashes with a model file or leaves the model directory")
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -151,7 +155,7 @@ def log_model(model: object, name: str, flavor: str | None = None,
         if spec is None and manifest is not None:
             spec = manifest.signature
         if spec is None and input_example is not None:
-            spec = infer_signature(input_example, chosen.load(root).predict(input_example))
+            spec = infer_signature(input_example, _predict_example(chosen.load(root), input_example))
         if reference is not None:
             _write_reference(reference, root / REFERENCE, spec)
         workspace = Workspace.open(settings)
@@ -168,6 +172,7 @@ def log_model(model: object, name: str, flavor: str | None = None,
                 files=hash_files(root), producer=producer or (manifest.producer if manifest else None),
                 environment=manifest.environment if manifest else chosen.environment(),
             ), "model")
+            _check_finite(manifest.metrics)
             write_manifest(root, manifest)
             # Blobs first, rows after: a crash in between leaves an unreferenced blob, never a dangling row.
             files: dict[str, str] = {}
@@ -182,6 +187,24 @@ def log_model(model: object, name: str, flavor: str | None = None,
                 return create_version(session, manifest, files[MANIFEST], files, tags=tags, description=description)
         finally:
             workspace.close()
+
+
+def _predict_example(model: Predictor, example: Any) -> Any:
+    """What `model` returns for `input_example`; its failure is the example's (or the model's) fault, said so."""
+    try:
+        return model.predict(example)
+    except Exception as exc:
+        raise SpecError(f"input_example: the model's predict failed on it ({type(exc).__name__}: {exc}); give an "
+                        "example of the inputs the model takes, or signature= instead") from exc
+
+
+def _check_finite(metrics: Mapping[str, float]) -> None:
+    # NaN and infinity compare false with everything (an evaluation gate would never pass or fail on them),
+    # are not JSON (`models show --json`), and PostgreSQL's JSON refuses them.
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            raise SpecError(f"invalid model: metrics.{key}: {value} is not a finite number; drop the metric or "
+                            "log a number")
 
 
 def _validated(model: type[M], data: Any, what: str) -> M:
@@ -267,7 +290,23 @@ def verify_model(root: Path, expected: Mapping[str, str] | None = None, uri: str
 
 def _load_directory(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> LoadedModel:
     manifest = verify_model(root, expected, uri)
-    return LoadedModel(manifest, root, get_flavor(manifest.flavor).load(root), uri)
+    try:
+        model = get_flavor(manifest.flavor).load(root)
+    except ModelLoadError as exc:
+        # Pickled code (cloudpickle's by-value classes and functions) only loads on the Python that wrote it.
+        saved, here = manifest.environment.get("python", ""), platform.python_version()
+        if saved and saved.split(".")[:2] != here.split(".")[:2]:
+            raise ModelLoadError(f"{exc} (it was saved with Python {saved}, this is Python {here}: load it with "
+                                 f"Python {'.'.join(saved.split('.')[:2])}, or save it again here)") from exc
+        raise
+    return LoadedModel(manifest, root, model, uri)
+
+
+def _is_path(text: str) -> bool:
+    """Whether `text` names a folder rather than a model: it is one, or it starts as no model name can."""
+    if not text.strip() or text.startswith(SCHEME):
+        return False
+    return text.startswith(("/", ".", "~", "\\")) or Path(text).is_dir()
 
 
 def load_model(uri: str | Path, settings: Settings | None = None) -> LoadedModel:
@@ -275,8 +314,8 @@ def load_model(uri: str | Path, settings: Settings | None = None) -> LoadedModel
 
     Every file is checked against its sha256 first; a missing or altered file is refused.
     """
-    if isinstance(uri, Path) or (not uri.startswith(SCHEME) and Path(uri).is_dir()):
-        return _load_directory(Path(uri))
+    if isinstance(uri, Path) or _is_path(uri):
+        return _load_directory(Path(uri).expanduser())
     ref = parse_model_ref(uri)
     workspace = Workspace.open(_settings(settings))
     try:

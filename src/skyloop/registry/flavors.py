@@ -198,15 +198,44 @@ class PythonFlavor(Flavor):
         return model
 
 
+_ONNX_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
+"""The numpy dtype of each numeric ONNX tensor type (onnxruntime refuses any other dtype, float64 for float32)."""
+
+
 class _OnnxPredictor:
     def __init__(self, session: Any) -> None:
         self.session = session
         self.inputs = [i.name for i in session.get_inputs()]
         self.outputs = [o.name for o in session.get_outputs()]
+        self.dtypes = {i.name: _ONNX_DTYPES.get(i.type) for i in session.get_inputs()}
+        self.shapes = {i.name: list(i.shape) for i in session.get_inputs()}
+
+    def _tensor(self, name: str, value: Any) -> Any:
+        """`value` as input `name` takes it: numpy's default int64/float64 (a list, a frame) cast to the graph's
+        type within the same kind, and a column given to a `[N, 1]` input as one."""
+        array = np.asarray(value)
+        dtype = self.dtypes.get(name)
+        if dtype is not None and array.dtype != dtype and np.can_cast(array.dtype, dtype, "same_kind"):
+            array = array.astype(dtype)
+        shape = self.shapes.get(name, [])
+        if array.ndim == 1 and len(shape) == 2 and shape[1] == 1:
+            array = array.reshape(-1, 1)
+        return array
 
     def predict(self, data: Any) -> Any:
-        feed = ({k: np.asarray(v) for k, v in data.items()} if isinstance(data, dict)
-                else {self.inputs[0]: np.asarray(data)})
+        columns = getattr(data, "columns", None)
+        if isinstance(data, dict):
+            feed = {k: self._tensor(k, v) for k, v in data.items()}
+        elif columns is not None and len(self.inputs) > 1 and set(self.inputs) <= {str(c) for c in columns}:
+            # A frame for a graph with one input per column (skl2onnx's for a ColumnTransformer).
+            feed = {name: self._tensor(name, data[name].to_numpy()) for name in self.inputs}
+        else:
+            feed = {self.inputs[0]: self._tensor(self.inputs[0], data)}
         results = self.session.run(None, feed)
         return results[0] if len(results) == 1 else dict(zip(self.outputs, results, strict=True))
 

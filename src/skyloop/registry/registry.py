@@ -112,9 +112,15 @@ def _model_row(session: Session, name: str, for_update: bool = False) -> ModelRo
     return row
 
 
+_MAX_VERSION = 2**63 - 1
+"""The largest number the DB's version column holds; asking it for a larger one raises OverflowError."""
+
+
 def _version_row(session: Session, model: ModelRow, version: int) -> ModelVersionRow:
-    row = session.scalars(select(ModelVersionRow).where(ModelVersionRow.model_id == model.id,
-                                                        ModelVersionRow.version == version)).first()
+    row = None
+    if 1 <= version <= _MAX_VERSION:
+        row = session.scalars(select(ModelVersionRow).where(ModelVersionRow.model_id == model.id,
+                                                            ModelVersionRow.version == version)).first()
     if row is None:
         raise NotFound(f"model {model.name!r} has no version {version} (its newest is {model.latest_version}); "
                        f"`skyloop models show {model.name}` lists them")

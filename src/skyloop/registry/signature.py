@@ -44,40 +44,57 @@ def datatype_of(dtype: Any, column: str | None = None) -> Datatype:
     return found
 
 
-def _batched(name: str, value: Any, dtype: Any = None) -> TensorSpec:
+def _batched(name: str, value: Any, dtype: Any = None, what: str = "input") -> TensorSpec:
     # The first dimension is the batch: any number of rows may come.
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"input {name!r}: the example is not one rectangular array ({exc})") from exc
-    shape = [-1, *array.shape[1:]] if array.ndim >= 1 else [-1]
-    datatype = datatype_of(array.dtype if dtype is None else dtype)
-    return TensorSpec(name=name, datatype=datatype, shape=[int(d) for d in shape])
+    if dtype is None and hasattr(value, "toarray") and hasattr(value, "dtype"):  # a scipy sparse matrix
+        dtype, shape = value.dtype, [-1, *value.shape[1:]]
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            sample = "the example" if what == "input" else "what the model returned for the example"
+            raise SpecError(f"{what} {name!r}: {sample} is not one rectangular array ({exc}); give arrays of "
+                            "one shape, or signature=") from exc
+        dtype = array.dtype if dtype is None else dtype
+        shape = [-1, *array.shape[1:]] if array.ndim >= 1 else [-1]
+    return TensorSpec(name=name, datatype=datatype_of(dtype), shape=[int(d) for d in shape])
 
 
 def _is_frame(value: object) -> bool:
     return hasattr(value, "columns") and hasattr(value, "dtypes") and hasattr(value, "to_numpy")
 
 
-def tensor_specs(value: object, default_name: str) -> list[TensorSpec]:
+def tensor_specs(value: object, default_name: str, what: str = "input") -> list[TensorSpec]:
     """The tensors that `value` stands for (a frame is one 1-D tensor per column, named as the column)."""
     if isinstance(value, Mapping):
-        return [_batched(str(k), v) for k, v in value.items()]
-    if _is_frame(value):
+        specs = [_batched(str(k), v, what=what) for k, v in value.items()]
+    elif _is_frame(value):
         # Column by column, whatever their types: the server rebuilds the frame with these names, which
         # models that select columns by name (a ColumnTransformer) need.
         frame = cast(Any, value)
-        return [TensorSpec(name=str(col), datatype=datatype_of(frame[col].dtype, str(col)), shape=[-1])
-                for col in frame.columns]
-    if hasattr(value, "to_numpy") and hasattr(value, "name"):  # a pandas Series
+        _check_unique([str(col) for col in frame.columns], what)  # before frame[col], a frame if repeated
+        specs = [TensorSpec(name=str(col), datatype=datatype_of(frame.dtypes.iloc[j], str(col)), shape=[-1])
+                 for j, col in enumerate(frame.columns)]
+    elif hasattr(value, "to_numpy") and hasattr(value, "name"):  # a pandas Series
         series = cast(Any, value)
         name = str(series.name) if series.name is not None else default_name
-        return [_batched(name, series.to_numpy(), series.dtype)]
-    return [_batched(default_name, value)]
+        specs = [_batched(name, series.to_numpy(), series.dtype, what)]
+    else:
+        specs = [_batched(default_name, value, what=what)]
+    _check_unique([s.name for s in specs], what)
+    return specs
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    # A request names its tensors: two of one name could not both be given.
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SpecError(f"{what} {repeated[0]!r} appears more than once in the example (as a column or key); "
+                        "give each column a distinct name")
 
 
 def infer_signature(example: object, prediction: object | None = None) -> Signature:
     """A signature from a sample input and, when given, what the model returned for it."""
     inputs = tensor_specs(example, "input-0")
-    outputs = tensor_specs(prediction, "predict") if prediction is not None else []
+    outputs = tensor_specs(prediction, "predict", "output") if prediction is not None else []
     return Signature(inputs=inputs, outputs=outputs, frame=True if _is_frame(example) else None)

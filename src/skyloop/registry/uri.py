@@ -12,6 +12,7 @@ __all__ = ["ModelRef", "check_alias", "check_name", "names_version", "parse_mode
 SCHEME = "models:/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 LATEST = "latest"
 """The alias every model has implicitly: its newest version (it cannot be set)."""
 
@@ -66,10 +67,13 @@ def names_version(text: str) -> bool:
 def parse_model_ref(text: str) -> ModelRef:
     """Parse `models:/name[/version|@alias]` or the short form `name[/version|@alias]`."""
     body = text.strip()
+    fix = "write models:/NAME, models:/NAME/VERSION or models:/NAME@ALIAS"
+    if not body.startswith(SCHEME) and _OTHER_SCHEME.match(body):
+        # `runs:/...`, `s3://...` or `models:name` would otherwise read as an invalid model name.
+        raise SpecError(f"model reference {text!r} is not a {SCHEME} URI; {fix}")
     body = body.removeprefix(SCHEME)
     if body.startswith("/"):
         body = body.lstrip("/")
-    fix = "write models:/NAME, models:/NAME/VERSION or models:/NAME@ALIAS"
     if "@" in body:
         name, _, alias = body.partition("@")
         check_name(name)
