@@ -251,3 +251,18 @@ def test_a_deletion_does_not_wait_for_an_apply_in_flight_and_leaves_no_replica_b
     assert after[after.index("deleted"):] == ["deleted", "stopped"], after
     _, alive = psutil.wait_procs([old, *new], timeout=20)
     assert not alive, f"replica processes left running: {[p.pid for p in alive]}"
+
+
+def test_a_predictor_whose_host_died_is_degraded_until_it_serves_again(env: Env) -> None:
+    info = env.apply({"name": "hostdied", "predictors": [{"name": "main", "model_uri": "models:/iris/1",
+                                                          "replicas": 1, "traffic": 100}]})
+    assert info.status == "Healthy", info.reason
+    os.kill(info.state["predictors"]["main"]["pid"], signal.SIGKILL)
+    # Before, the status said Healthy all along, while every request to it failed.
+    back = env.wait("hostdied", lambda i: "replicas_recovered" in kinds(env, "hostdied"), 60, "the host back")
+    assert back.status == "Healthy" and back.reason == "main: serving again"
+    down = next(e for e in env.history("hostdied") if e.kind == "replicas_down")
+    assert (down.status, down.reason) == ("Degraded", "main: no replica serving; being restarted")
+    after = kinds(env, "hostdied")
+    assert after.index("replicas_down") < after.index("replicas_recovered")
+    env.delete("hostdied")

@@ -97,6 +97,9 @@ class DeploymentRunner:
         """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
         self.restarts = Restarts()
         self._restart_reason = ""
+        self._down: list[str] = []
+        """Predictors with no replica serving at the last tick (see `_check_serving`)."""
+        self._down_reason = ""
         """The status reason a failed restart set (a later successful one takes it back)."""
         self.state_written = 0.0
         self.applied = 0
@@ -507,6 +510,7 @@ class DeploymentRunner:
         for name, host in list(self.hosts.items()):
             if not host.alive and self.restarts.due(name):
                 self.restarts.begin(name, self._restart(name, host))
+        await self._check_serving()
         now = time.monotonic()
         for command in commands:
             if self.rollout is None or self.rollout.done:
@@ -554,6 +558,22 @@ class DeploymentRunner:
             self.reason = f"{name}: its replicas started again after {failed} failed start(s)"
             await self.event("replicas_recovered", self.reason)
             await self.write_state(force=True)
+
+    async def _check_serving(self) -> None:
+        """Degraded while a predictor has no replica serving (its host died, or Ray restarts its only actors),
+        and back once one serves again: the status must not say Healthy while a predictor's requests fail."""
+        down = sorted(n for n, h in self.hosts.items() if n not in self.swapping and not (h.alive and h.endpoints))
+        if down and down != self._down:
+            self.status = Phase.DEGRADED.value
+            self.reason = self._down_reason = f"{', '.join(down)}: no replica serving; being restarted"
+            await self.event("replicas_down", self.reason)
+            await self.write_state(force=True)
+        elif not down and self._down and self.status == Phase.DEGRADED.value and self.reason == self._down_reason:
+            self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
+            self.reason = f"{', '.join(self._down)}: serving again"
+            await self.event("replicas_recovered", self.reason)
+            await self.write_state(force=True)
+        self._down = down
 
     def describe(self) -> dict[str, Any]:
         """The controller's view, stored on the deployment row."""
