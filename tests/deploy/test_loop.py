@@ -187,10 +187,13 @@ def test_drift_tests_of_features_the_reference_lacks_are_refused_at_apply_and_re
     # One [n, 4] tensor: the reference's features are input-0_0 .. input-0_3, not x0.
     model = LogisticRegression(max_iter=500).fit(env.X, env.y)
     log_model(model, "refiris", input_example=env.X[:5], reference=env.X, settings=env.settings)
+    write(env.folder / "retrain.py", WORSE)
     doc: dict[str, Any] = {
         "name": "drifty",
         "predictors": [{"name": "main", "model_uri": "models:/refiris/1", "traffic": 100}],
-        "loop": {"drift": {"every": "200ms", "tests": {"min_rows": 1, "features": {"x0": {"test": "ks"}}}}},
+        "loop": {"drift": {"every": "200ms", "tests": {"min_rows": 1, "features": {"x0": {"test": "ks"}}}},
+                 "triggers": {"on": [{"labelled_rows": 1}], "cooldown": "1h"},
+                 "retrain": {"pipeline": "retrain.py:worse", "model": "refiris", "backend": "inline"}},
     }
     refused = env.cli("deploy", "apply", str(env.spec(doc)))
     assert refused.returncode == 2, refused.stderr
@@ -214,8 +217,41 @@ def test_drift_tests_of_features_the_reference_lacks_are_refused_at_apply_and_re
     assert "drift spec names features the reference lacks: x0" in info.state["loop"]["error"]
     failed = [e for e in env.history("drifty") if e.kind == "loop.measure_failed"]
     assert len(failed) == 1 and "x0" in failed[0].reason  # once, not at every check
+    # Drift it cannot measure does not stop the loop from checking the rest: a label still fires it (the
+    # failed measure once returned before the triggers were asked).
+    status, _ = post(f"{info.state['gateway']}/v2/models/drifty/feedback",
+                     orjson.dumps({"id": answer["id"], "truth": [0, 0]}))
+    assert status == 200
+    env.wait("drifty", lambda i: any(e.kind == "loop.fired" for e in env.history("drifty")), 30, "the label's firing")
+    fired_by = next(e for e in env.history("drifty") if e.kind == "loop.fired")
+    assert "1 new labelled rows" in fired_by.reason
     env.delete("drifty")
 
     good = doc | {"loop": {"drift": {"every": "200ms", "tests": {"features": {"input-0_0": {"test": "ks"}}}}}}
     assert env.cli("deploy", "apply", str(env.spec(good))).returncode == 0
     env.delete("drifty")
+
+
+def test_a_reference_that_names_no_logged_input_is_reported_not_taken_for_no_drift(env: Env) -> None:
+    import orjson
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.registry import log_model
+
+    # No signature: the reference's columns are 0 .. 3, the logged features input-0_0 .. input-0_3. Nothing to
+    # compare was once "0/0 features drift", a measured absence of drift.
+    model = LogisticRegression(max_iter=500).fit(env.X, env.y)
+    log_model(model, "blindiris", reference=env.X, settings=env.settings)
+    env.apply({"name": "blind", "predictors": [{"name": "main", "model_uri": "models:/blindiris/1", "traffic": 100}],
+               "loop": {"drift": {"every": "200ms", "tests": {"min_rows": 1}}}})
+    info = env.wait("blind", lambda i: bool(i.state.get("gateway")), 60, "the gateway")
+    status, answer = post(f"{info.state['gateway']}/v2/models/blind/infer", orjson.dumps({
+        "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": env.X[:2].ravel().tolist()}]}))
+    assert status == 200, answer
+    info = env.wait("blind", lambda i: "error" in (i.state.get("loop") or {}), 30, "the loop's error in status")
+    loop = info.state["loop"]
+    assert "none of the features of the reference of blindiris/1 (0, 1, 2, 3) is among the logged inputs" \
+        in loop["error"]
+    assert loop["dataset_drift"] is None and loop["drift"] == ""
+    assert [e.kind for e in env.history("blind")].count("loop.measure_failed") == 1
+    env.delete("blind")

@@ -105,9 +105,22 @@ def test_feature_rows_without_shape_is_one_column() -> None:
     {"name": "y", "shape": [1], "data": 5},
     {"name": "y", "shape": [1]},
     {"name": "y", "shape": [0, 3], "data": []},
+    {"name": "y", "shape": ["b", 3], "data": [1, 2, 3]},
+    {"name": "y", "shape": 2, "data": [1, 2]},
+    "y",
+    [1, 2],
 ])
-def test_feature_rows_skips_malformed_tensors(tensor: dict[str, Any]) -> None:
+def test_feature_rows_skips_malformed_tensors(tensor: Any) -> None:
     assert feature_rows([tensor, {"name": "x", "shape": [2], "data": [1, 2]}]) == {"x": [1, 2]}
+
+
+@pytest.mark.parametrize("inputs", [{"x": [1]}, "x", 5, None])
+def test_feature_rows_of_something_other_than_a_list_is_nothing(inputs: Any) -> None:
+    assert feature_rows(inputs) == {}
+
+
+def test_feature_rows_flattens_ragged_data() -> None:
+    assert feature_rows([{"name": "x", "shape": [3], "data": [[1], 2, [3]]}]) == {"x": [1, 2, 3]}
 
 
 # -- LogSpec, sampling, buffering --------------------------------------------------------------------------------
@@ -405,6 +418,42 @@ def test_read_payloads_empty_has_the_meta_columns(workspace: Workspace) -> None:
     frame = read_payloads(workspace, "nobody")
     assert frame.empty
     assert list(frame.columns) == list(META)
+
+
+def test_requests_no_reader_can_parse_are_skipped_not_their_window(workspace: Workspace) -> None:
+    # Logged as they came (nothing is parsed on the hot path): one that cannot be read as rows once made every
+    # read of its window raise, so drift and quality were never measured again.
+    log = _log(workspace)
+    _add(log, "good", 1.0)
+    for i, body in enumerate([b'{"inputs": {"x": [1]}}', b'{"inputs": [1, 2]}', b'{"inputs": 5}',
+                              b'{"inputs": [{"name": "x", "shape": ["b", 1], "data": [1]}]}']):
+        log.add(f"bad{i}", "main", "v1", 0.01, body, None)
+    log.add("ragged", "main", "v1", 0.01, b'{"inputs": [{"name": "x", "shape": [2], "data": [[3.0], 4.0]}]}',
+            b'{"outputs": [{"name": "y", "shape": [1], "data": 7}]}')
+    assert _flush(log) == 6
+    frame = read_payloads(workspace, DEPLOYMENT)
+    assert frame["id"].tolist() == ["good", "ragged", "ragged"]
+    assert frame["x"].tolist() == [1.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_read_payloads_skips_an_unreadable_segment_file(workspace: Workspace, damage: str,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # A power cut after the rename can leave a segment empty or cut short: its rows are lost, never the
+    # window's, and it is said once, not at every read.
+    log = _log(workspace)
+    for n in range(3):
+        _add(log, f"i{n}", float(n))
+        _flush(log)
+    path = Path(_segments(workspace)[1].path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[:len(data) // 2], "empty": b"", "garbage": b"PAR1" + b"x" * 100}[damage])
+    for _ in range(2):
+        assert read_payloads(workspace, DEPLOYMENT)["id"].tolist() == ["i0", "i2"]
+    assert read_payloads(workspace, DEPLOYMENT, last=2)["id"].tolist() == ["i0", "i2"]
+    assert labelled(workspace, DEPLOYMENT).empty
+    warned = [r for r in caplog.records if "unreadable payload segment" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0].getMessage()
 
 
 def test_read_payloads_skips_a_deleted_segment_file(workspace: Workspace) -> None:

@@ -10,8 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from matplotlib.cbook import is_math_text
 
-from skyloop.monitoring.report import DPI, FIGSIZE, LoopReport, _named_version, render_report
+from skyloop.monitoring.report import DPI, FIGSIZE, MAX_LEGEND, LoopReport, _figure, _named_version, render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -166,3 +167,53 @@ def test_renders_repeatably_from_threads(tmp_path: Path, rendered: tuple[Path, P
 ])
 def test_an_event_label_names_the_version_its_text_names_whole(text: str, version: str) -> None:
     assert _named_version(text, ["iris/1", "iris/2", "iris/10"]) == version
+
+
+def _legend_texts(report: LoopReport, panel: int) -> list[str]:
+    legend = _figure(report).axes[panel].get_legend()
+    assert legend is not None
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def test_names_are_printed_as_given_not_as_mathtext_nor_hidden(tmp_path: Path) -> None:
+    # Two `$` made matplotlib parse a name as mathtext (bad math raised, so no report at all), and a legend
+    # label that starts with `_` was left out of the legend.
+    odd = ["cost $x^$", "_id", "$\\foo$"]
+    report = LoopReport(
+        title="model $\\alpha$", started_at=0.0,
+        accuracy=[(1.0, "m/$x^$", 0.9), (2.0, "_m/2", 0.8)],
+        traffic=[(1.0, {"m/$x^$": 100.0}), (2.0, {"m/$x^$": 50.0, "_m/2": 50.0})],
+        drift=[(1.0, dict.fromkeys(odd, 0.2), False), (2.0, dict.fromkeys(odd, 0.01), True)],
+        drift_statistic="p-value ($)",
+        events=[(2.0, "promoted", "m/$x^$ promoted")],
+    )
+    png_path, html_path = render_report(report, tmp_path)
+    assert png_path.read_bytes()[:8] == PNG_SIGNATURE
+    assert html.escape("model $\\alpha$") in html_path.read_text(encoding="utf-8")
+
+    def shown(texts: list[str]) -> list[str]:
+        assert not any(is_math_text(t) for t in texts)
+        return [t.replace("\\$", "$") for t in texts]
+
+    assert shown(_legend_texts(report, 0)) == ["m/$x^$", "_m/2"]
+    assert shown(_legend_texts(report, 1)) == ["m/$x^$", "_m/2"]
+    assert shown(_legend_texts(report, 2)) == [*odd, "dataset drift"]
+
+
+def test_legends_of_many_features_and_versions_stay_short(tmp_path: Path) -> None:
+    # A hundred features once made a legend taller than the figure: tight_layout gave up (a warning) and the
+    # other panels were squeezed flat.
+    features = {f"f{i}": i / 100 for i in range(100)}
+    versions = [f"m/{i}" for i in range(30)]
+    report = LoopReport(
+        title="many", started_at=0.0,
+        accuracy=[(float(t), versions[t], 0.9) for t in range(30)],
+        traffic=[(float(t), {versions[t]: 100.0}) for t in range(30)],
+        drift=[(float(t), features, t % 2 == 0) for t in range(30)],
+        drift_threshold=0.5,
+    )
+    render_report(report, tmp_path)  # pytest turns the warning into an error
+    assert _legend_texts(report, 2) == [*list(features)[:MAX_LEGEND], "... 88 more", "dataset drift", "threshold"]
+    newest = versions[-MAX_LEGEND:]  # the versions that served last are the ones worth naming
+    assert _legend_texts(report, 0) == [*newest, "... 18 more"]
+    assert _legend_texts(report, 1) == [*newest, "... 18 more"]

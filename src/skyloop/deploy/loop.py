@@ -111,15 +111,19 @@ class Loop:
         if now - self.last_check < self.spec.drift.every:
             return
         self.last_check = now
+        said = self.last.get("error")
         try:
             signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
-        except SkyloopError as exc:  # e.g. a new champion's reference lacks a feature the spec tests: say so, once
+        except SkyloopError as exc:
             message = f"cannot measure drift and quality: {exc}"
-            if self.last.get("error") != message:
+            if said != message:
                 await self.runner.event("loop.measure_failed", message)
             self.last = {"phase": self.phase, "error": message}
             return
-        self.last.pop("error", None)
+        # Drift that cannot be measured (e.g. a new champion's reference lacks a feature the spec tests) is said
+        # once, and the other conditions (quality, labelled rows, schedule) are still checked without it.
+        if (error := self.last.get("error")) and error != said:
+            await self.runner.event("loop.measure_failed", error)
         if self.triggers is None or self.phase != "watching" or busy:  # not over a rollout in flight
             return
         firing = self.triggers.check(signals, now)
@@ -181,7 +185,7 @@ class Loop:
         quality, samples = self._quality(version, since) if recent_feedback else (None, 0)
         self.gauges.labelled_rows.labels(self._name).set(new_rows)
         drift: bool | None = None
-        detail = ""
+        detail = error = ""
         reference = self._reference(version) if version is not None else None
         if version is not None and reference is not None:
             recent = read_payloads(self.workspace, self._name, since=since, version=version,
@@ -189,8 +193,18 @@ class Loop:
             if len(recent) >= self.spec.drift.tests.min_rows:
                 features = [c for c in reference.columns if feature_column(c) in recent.columns]
                 current = recent[[feature_column(c) for c in features]].set_axis(features, axis=1)
-                report = detect_drift(reference[features], current, self.spec.drift.tests)
-                if report.enough_data:
+                report = None
+                if not features:  # nothing to compare is no measure, not a measured absence of drift
+                    names = [str(c) for c in reference.columns]
+                    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                    error = (f"cannot measure drift: none of the features of the reference of {version} ({listed}) "
+                             "is among the logged inputs")
+                else:
+                    try:
+                        report = detect_drift(reference[features], current, self.spec.drift.tests)
+                    except SkyloopError as exc:
+                        error = f"cannot measure drift: {exc}"
+                if report is not None and report.enough_data:
                     drift = report.dataset_drift
                     detail = f"{report.drifted}/{len(report.features)} features drift"
                     self.gauges.dataset_drift.labels(self._name, version).set(1.0 if drift else 0.0)
@@ -204,7 +218,8 @@ class Loop:
                         session.add(DriftReportRow(deployment=self._name, version=version, at=utcnow(),
                                                    dataset_drift=bool(drift), share=report.share, report=doc))
         self.last = {"version": version, "dataset_drift": drift, "drift": detail, "quality": quality,
-                     "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase}
+                     "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase,
+                     **({"error": error} if error else {})}
         return Signals(drift, quality, new_rows, detail, samples)
 
     def _quality(self, version: str | None, since: float) -> tuple[float | None, int]:

@@ -17,6 +17,7 @@ retraining and live quality use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import threading
 import time
@@ -39,7 +40,12 @@ __all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_column", "feature
            "read_payloads"]
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
+"""The columns of a payload frame besides the features."""
 _SHIFTED = "input."
+_UNREADABLE: set[str] = set()
+"""Segment files found unreadable (each is logged once)."""
+
+log = logging.getLogger("skyloop.monitoring")
 
 
 def feature_column(name: str) -> str:
@@ -52,7 +58,6 @@ def input_name(column: str) -> str:
     """The model input behind a payload frame's feature column (the inverse of `feature_column`)."""
     name = column.removeprefix(_SHIFTED)
     return name if name in META else column
-"""The columns of a payload frame besides the features."""
 
 
 class LogSpec(BaseModel):
@@ -71,18 +76,26 @@ class LogSpec(BaseModel):
     """How often buffered inferences are written."""
 
 
-def feature_rows(inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """V2 request inputs as columns: a 1-D tensor is a column, an [n, k] tensor gives `name_0` ... `name_{k-1}`."""
+def feature_rows(inputs: Any) -> dict[str, list[Any]]:
+    """V2 request inputs as columns: a 1-D tensor is a column, an [n, k] tensor gives `name_0` ... `name_{k-1}`.
+
+    Whatever is not a list of tensors, and a tensor without a name, data or a usable shape, gives nothing: a
+    logged request that no reader can parse must not make every later read of its window fail."""
     columns: dict[str, list[Any]] = {}
-    for tensor in inputs:
+    for tensor in inputs if isinstance(inputs, list) else []:
+        if not isinstance(tensor, dict):
+            continue
         name, shape, data = tensor.get("name"), tensor.get("shape") or [], tensor.get("data")
-        if not isinstance(name, str) or not isinstance(data, list):
+        if not isinstance(name, str) or not isinstance(data, list) or not isinstance(shape, list):
             continue
         flat = _flatten(data)
         if len(shape) <= 1:
             columns[name] = flat
         else:
-            n = int(shape[0]) if shape[0] else 0
+            try:
+                n = max(int(shape[0]), 0)
+            except (TypeError, ValueError, OverflowError):  # `"b"`, `null`, `Infinity`: no row count
+                n = 0
             k = len(flat) // n if n else 0
             for j in range(k):
                 columns[f"{name}_{j}"] = flat[j::k]
@@ -91,8 +104,10 @@ def feature_rows(inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return columns
 
 
-def _flatten(data: list[Any]) -> list[Any]:
-    if data and isinstance(data[0], list):
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if any(isinstance(part, list) for part in data):  # nested, or ragged: `[[1], 2]` is 1, 2
         return [v for part in data for v in _flatten(part)]
     return data
 
@@ -243,6 +258,23 @@ def _expand(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({**meta, **features})
 
 
+def _read_segment(path: str) -> pd.DataFrame | None:
+    """A segment file's rows; None for one that is gone or unreadable (a power cut can leave a renamed file
+    empty or cut short, since nothing is synced to disk): every read of its window would fail otherwise."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if not Path(path).exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        if path not in _UNREADABLE:  # said once per file and process, not at every drift check
+            _UNREADABLE.add(path)
+            log.warning("skipping the unreadable payload segment %s: %s", path, exc)
+        return None
+
+
 def read_payloads(workspace: Workspace, deployment: str, since: float | None = None,
                   version: str | None = None, last: int | None = None) -> pd.DataFrame:
     """Logged inferences of `deployment` (at or after unix time `since`; of one model `version`; the `last` N).
@@ -260,8 +292,9 @@ def read_payloads(workspace: Workspace, deployment: str, since: float | None = N
     for path, versions in segments:
         if version is not None and version not in versions:
             continue
-        if Path(path).exists():
-            frame = _expand(pd.read_parquet(path))
+        stored = _read_segment(path)
+        if stored is not None:
+            frame = _expand(stored)
             if since is not None:
                 frame = frame[frame["at"] >= since]
             if version is not None:

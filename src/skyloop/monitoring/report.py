@@ -18,10 +18,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 try:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -48,6 +50,9 @@ EVENT_COLOURS: dict[str, str] = {
 }
 _VERSION_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
 _FEATURE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+MAX_LEGEND = 12
+"""Versions or features named in one panel's legend at most (the rest are counted): a legend of a hundred
+features covered its panel and squeezed the others flat."""
 
 
 @dataclass
@@ -110,7 +115,35 @@ def _empty(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color="#888888", fontsize=11)
 
 
+def _text(label: str) -> str:
+    """`label` as matplotlib prints it literally: two `$` start mathtext, which misprints a name or raises."""
+    return label.replace("$", r"\$")
+
+
+def _legend(ax: Axes, entries: list[tuple[Artist, str]], *, loc: Literal["best", "lower left"], wide: bool = False,
+            newest: bool = False, always: list[tuple[Artist, str]] | None = None) -> None:
+    """A legend of `entries` (at most `MAX_LEGEND`, the first or the `newest`, then how many more) and `always`;
+    `wide`: up to four columns side by side, else one column, or two past six rows.
+
+    Handles and labels are given, not collected: matplotlib's collection hides labels that start with `_`."""
+    shown = entries[-MAX_LEGEND:] if newest else entries[:MAX_LEGEND]
+    rows = [(handle, _text(label)) for handle, label in shown]
+    if len(entries) > len(shown):
+        rows.append((Patch(alpha=0.0), f"... {len(entries) - len(shown)} more"))
+    rows += always or []
+    if rows:
+        ncol = min(4, len(rows)) if wide else 1 if len(rows) <= 6 else 2
+        ax.legend([h for h, _ in rows], [t for _, t in rows], loc=loc, fontsize=8, ncol=ncol)
+
+
 def _render_png(report: LoopReport) -> bytes:
+    fig = _figure(report)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _figure(report: LoopReport) -> Figure:
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 3, 2]})
@@ -126,11 +159,9 @@ def _render_png(report: LoopReport) -> bytes:
 
     axes[0].set_xlim(t0, t1)
     axes[3].set_xlabel("time since start (s)")
-    fig.suptitle(report.title, fontsize=14, fontweight="bold")
+    fig.suptitle(_text(report.title), fontsize=14, fontweight="bold")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
+    return fig
 
 
 def _accuracy_panel(ax: Axes, report: LoopReport, colours: dict[str, str]) -> None:
@@ -140,14 +171,16 @@ def _accuracy_panel(ax: Axes, report: LoopReport, colours: dict[str, str]) -> No
     ax.grid(alpha=0.3)
     if not report.accuracy:
         _empty(ax, "no accuracy windows yet")
+    entries: list[tuple[Artist, str]] = []
     for version, colour in colours.items():
         rows = sorted((t, acc) for t, v, acc in report.accuracy if v == version)
         if rows:
-            ax.plot([t for t, _ in rows], [a for _, a in rows], marker="o", ms=3, color=colour, label=version)
+            line, = ax.plot([t for t, _ in rows], [a for _, a in rows], marker="o", ms=3, color=colour)
+            entries.append((line, version))
+    always: list[tuple[Artist, str]] = []
     if report.accuracy_threshold is not None:
-        ax.axhline(report.accuracy_threshold, color="#d62728", ls="--", lw=1, label="quality trigger")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=8)
+        always.append((ax.axhline(report.accuracy_threshold, color="#d62728", ls="--", lw=1), "quality trigger"))
+    _legend(ax, entries, loc="lower left", newest=True, always=always)
 
 
 def _traffic_panel(ax: Axes, report: LoopReport, versions: list[str], colours: dict[str, str], end: float) -> None:
@@ -172,33 +205,35 @@ def _traffic_panel(ax: Axes, report: LoopReport, versions: list[str], colours: d
         ts.append(end)
         rows.append(rows[-1])
     values = np.asarray(rows, dtype=float).T
-    ax.stackplot(ts, values, labels=versions, colors=[colours[v] for v in versions], alpha=0.8)
-    ax.legend(loc="lower left", fontsize=8)
+    areas = ax.stackplot(ts, values, colors=[colours[v] for v in versions], alpha=0.8)
+    _legend(ax, list(zip(areas, versions, strict=True)), loc="lower left", newest=True)
 
 
 def _drift_panel(ax: Axes, report: LoopReport) -> None:
     ax.set_title("Drift per feature", loc="left", fontsize=10)
-    ax.set_ylabel(report.drift_statistic)
+    ax.set_ylabel(_text(report.drift_statistic))
     ax.grid(alpha=0.3)
     checks = sorted(report.drift, key=lambda row: row[0])
     if not checks:
         _empty(ax, "no drift checks yet")
     features = list(dict.fromkeys(f for _, stats, _ in checks for f in stats))
+    entries: list[tuple[Artist, str]] = []
     for i, feature in enumerate(features):
         points = [(t, stats[feature]) for t, stats, _ in checks if feature in stats]
         colour = _FEATURE_COLOURS[i % len(_FEATURE_COLOURS)]
-        ax.plot([t for t, _ in points], [s for _, s in points], marker=".", color=colour, label=feature)
+        line, = ax.plot([t for t, _ in points], [s for _, s in points], marker=".", color=colour)
+        entries.append((line, feature))
+    always: list[tuple[Artist, str]] = []
     drifted = [t for t, _, flag in checks if flag]
     if drifted:
         gaps = np.diff([t for t, _, _ in checks])
         half = float(np.median(gaps)) / 2 if len(gaps) else 1.0
         for t in drifted:
             ax.axvspan(t - half, t + half, color="#d62728", alpha=0.12, lw=0)
-        ax.plot([], [], color="#d62728", alpha=0.3, lw=8, label="dataset drift")
+        always.append((ax.plot([], [], color="#d62728", alpha=0.3, lw=8)[0], "dataset drift"))
     if report.drift_threshold is not None:
-        ax.axhline(report.drift_threshold, color="#333333", ls="--", lw=1, label="threshold")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8, ncol=min(4, len(features) + 2))
+        always.append((ax.axhline(report.drift_threshold, color="#333333", ls="--", lw=1), "threshold"))
+    _legend(ax, entries, loc="best", wide=True, always=always)
 
 
 def _timeline_panel(ax: Axes, report: LoopReport, versions: list[str], colours: dict[str, str], end: float) -> None:
@@ -216,7 +251,7 @@ def _timeline_panel(ax: Axes, report: LoopReport, versions: list[str], colours: 
                 stop = samples[i + 1][0] if i + 1 < len(samples) else end
                 spans.append((t, max(stop - t, 0.0)))
         ax.broken_barh(spans, (row - 0.35, 0.7), facecolors=colours[version], alpha=0.85)
-    ax.set_yticks(range(len(served)), served)
+    ax.set_yticks(range(len(served)), [_text(v) for v in served])
     ax.set_ylim(len(served) - 0.5, -1.5)  # versions top-down, with a lane above for event labels
     ax.grid(axis="x", alpha=0.3)
 
@@ -237,7 +272,7 @@ def _event_markers(axes: list[Axes], report: LoopReport, versions: list[str]) ->
         for ax in axes:
             ax.axvline(t, color=colour, ls=":", lw=1.2, alpha=0.9)
         version = _named_version(text, versions)
-        label = f"{kind} {version}".strip()
+        label = _text(f"{kind} {version}".strip())
         # Stagger labels over three heights so neighbouring events do not print on top of each other.
         timeline.annotate(
             label,
