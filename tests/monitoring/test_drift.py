@@ -38,7 +38,7 @@ SAME: list[tuple[str, Any, Any]] = [
     ("chisquare", lambda: _categorical(1, 500, [0.5, 0.3, 0.2]), lambda: _categorical(2, 300, [0.5, 0.3, 0.2])),
     ("z", lambda: _categorical(1, 500, [0.7, 0.3]), lambda: _categorical(2, 300, [0.7, 0.3])),
     ("jensenshannon", lambda: _categorical(1, 2_000, [0.5, 0.3, 0.2]),
-     lambda: _categorical(2, 1_000, [0.5, 0.3, 0.2])),
+     lambda: _categorical(2, 1_500, [0.5, 0.3, 0.2])),
 ]
 
 
@@ -55,7 +55,7 @@ SHIFTED: list[tuple[str, Any, Any]] = [
     ("chisquare", lambda: _categorical(1, 500, [0.5, 0.3, 0.2]), lambda: _categorical(2, 300, [0.2, 0.3, 0.5])),
     ("z", lambda: _categorical(1, 500, [0.7, 0.3]), lambda: _categorical(2, 300, [0.5, 0.5])),
     ("jensenshannon", lambda: _categorical(1, 2_000, [0.5, 0.3, 0.2]),
-     lambda: _categorical(2, 1_000, [0.2, 0.3, 0.5])),
+     lambda: _categorical(2, 1_500, [0.2, 0.3, 0.5])),
 ]
 
 
@@ -258,3 +258,21 @@ def test_to_dict_round_trips_through_orjson() -> None:
     assert orjson.loads(orjson.dumps(data)) == data
     assert data["features"][2]["statistic"] is None
     assert type(data["share"]) is float and type(data["dataset_drift"]) is bool
+
+
+@pytest.mark.parametrize("rows", [30, 100, 300])
+def test_a_small_window_against_a_large_reference_holds_the_false_alarm_level(rows: int) -> None:
+    # Before, the normed Wasserstein distance (chosen by the reference's size alone) flagged 99% of 30-row and
+    # 69% of 100-row windows of the reference's own distribution; the KS test holds its 5%.
+    rng = np.random.default_rng(rows)
+    reference = pd.DataFrame({"x": rng.normal(size=5_000)})
+    flagged = [_only(reference, pd.DataFrame({"x": rng.normal(size=rows)}), DriftSpec(min_rows=1))
+               for _ in range(200)]
+    assert {f.test for f in flagged} == {"ks"}
+    assert sum(f.drifted for f in flagged) <= 20  # 5% expected: 10 of 200
+
+
+def test_both_samples_large_use_the_distance() -> None:
+    assert _only(_numeric(1, 2_000), _numeric(2, 1_001)).test == "wasserstein"
+    assert _only(_numeric(1, 2_000), _numeric(2, 1_000)).test == "ks"
+    assert _only(_numeric(1, 1_000), _numeric(2, 2_000)).test == "ks"
