@@ -154,6 +154,7 @@ tasks:
     (["submit", "steps.py:fine", "--priority", "99999999999999999999"], {}, "priority must be between"),
     (["serve", "models:/iris@champion", "--name", "bad name"], {}, "invalid --name: name: 'bad name' does not match"),
     (["serve", "models:/iris@champion", "--log-level", "loud"], {}, "--log-level 'loud': give one of"),
+    (["deploy", "controller", "--parent-pid", "1"], {}, "--parent-pid says whose death stops the controller"),
     (["run", "steps.py:mismatched"], {}, "number.output gives int but text.s expects str"),
     (["run", "steps.py:missing"], {}, "missing a required argument: 'n'"),
     (["run", "steps.py:lists"], {}, "floats.output gives list[float] but words.xs expects list[str]"),

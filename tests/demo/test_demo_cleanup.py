@@ -177,3 +177,28 @@ def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         kill_all(procs)
+
+
+@pytest.mark.integration
+def test_a_demo_killed_outright_leaves_no_process_running(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYLOOP_")}
+    env.update(COLUMNS="160", NO_COLOR="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "skyloop", "--home", str(tmp_path / "home"), "demo",
+                             "--baseline", "120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    procs: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "deployed agent at" in line:
+                break
+        procs = tree(proc.pid)[1:]
+        assert procs  # the controller and the replica
+        proc.kill()  # no clean-up can run: before, the controller and its replica served on for good
+        proc.communicate(timeout=30)
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_all(procs)

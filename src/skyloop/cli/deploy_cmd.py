@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -152,9 +153,18 @@ def delete(name: Name, wait: Annotated[bool, typer.Option("--wait/--no-wait")] =
 
 
 @app.command()
-def controller(exit_when_idle: Annotated[bool, typer.Option(help="Exit once no deployment is left.")] = False
-               ) -> None:
+def controller(exit_when_idle: Annotated[bool, typer.Option(help="Exit once no deployment is left.")] = False,
+               exit_with_parent: Annotated[bool, typer.Option(
+                   "--exit-with-parent", help="Stop (replicas too) when the process that started this one dies.")
+               ] = False,
+               parent_pid: Annotated[int | None, typer.Option(
+                   hidden=True, help="With --exit-with-parent: the pid of the process that started this one.")
+               ] = None) -> None:
     """Run the deployment controller in the foreground (gateways, replicas, rollouts) until interrupted."""
+    # First thing: a parent that dies while this process starts leaves it to init, which never dies.
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    if parent_pid is not None and not exit_with_parent:
+        raise SpecError("--parent-pid says whose death stops the controller: give --exit-with-parent too")
     import asyncio
     import logging
 
@@ -165,7 +175,8 @@ def controller(exit_when_idle: Annotated[bool, typer.Option(help="Exit once no d
     import uvloop
 
     async def main() -> None:
-        await Controller(state.settings(), exit_when_idle=exit_when_idle).run()
+        await Controller(state.settings(), exit_when_idle=exit_when_idle,
+                         parent=parent if exit_with_parent else None).run()
 
     # uvloop: on the default loop, a proxied answer waits ~40 ms (delayed ACK) on every request.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -206,7 +207,10 @@ class Demo:
     def start_controller(self) -> None:
         log = self.settings.home / "deployments" / "controller.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "skyloop", "--home", str(self.settings.home), "deploy", "controller"]
+        # A demo killed outright (SIGKILL, its terminal closed) cannot clean up: its controller then stops by itself,
+        # and the replicas with it (the deployment row stays, for the next demo to remove).
+        argv = [sys.executable, "-m", "skyloop", "--home", str(self.settings.home), "deploy", "controller",
+                "--exit-with-parent", "--parent-pid", str(os.getpid())]
         with open(log, "ab") as out:
             self.controller = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -39,9 +39,12 @@ _CLAIM_EVERY = 1.0
 class Controller:
     """Runs every deployment it can claim until stopped (or, with `exit_when_idle`, until none is left)."""
 
-    def __init__(self, settings: Settings, exit_when_idle: bool = False, tick_seconds: float = 0.1) -> None:
+    def __init__(self, settings: Settings, exit_when_idle: bool = False, tick_seconds: float = 0.1,
+                 parent: int | None = None) -> None:
         self.settings = settings
         self.exit_when_idle = exit_when_idle
+        self.parent = parent
+        """Stop (as on SIGTERM) once this process's parent is no longer this pid: its starter died."""
         self.tick_seconds = tick_seconds
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.workspace = Workspace.open(settings)
@@ -79,6 +82,9 @@ class Controller:
                     infos = await asyncio.to_thread(self._claim)
                     await self._reconcile(infos)
                     if self.exit_when_idle and not infos and not self.runners:
+                        break
+                    if self.parent is not None and os.getppid() != self.parent:
+                        log.warning("the process that started this controller (%d) is gone; stopping", self.parent)
                         break
                 ready = [r for r in self.runners.values() if r.busy is None or r.busy.done()]
                 for runner in [r for r in self.runners.values() if r not in ready]:
