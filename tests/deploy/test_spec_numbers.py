@@ -82,3 +82,24 @@ def test_a_finite_spec_survives_the_json_the_controller_stores() -> None:
     doc["analysis"] = {"interval": "250ms", "metrics": [{"name": "error_rate", "max": 0.05}]}
     spec = load_deployment_spec(doc)
     assert load_deployment_spec(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    (canary({"weight": 0, "duration": 10}), "rollout.steps.0: a step gives the target traffic to analyse: weight "
+                                            "and duration must be above 0, got weight 0 for 10s"),
+    (canary({"weight": 10, "duration": "0s"}), "rollout.steps.0: a step gives the target traffic to analyse"),
+    ({"name": "d", "predictors": TWO, "rollout": {"strategy": "blue_green", "target": "b", "preview": 0}},
+     "rollout: preview: the target is analysed on mirrored traffic for this long"),
+    (canary({"weight": 100, "duration": 10}), "rollout.steps.0.weight: at 100 the stable predictor gets no traffic, "
+                                              "so latency_p99 (a bound against it) cannot be judged"),
+])
+def test_a_rollout_step_with_nothing_to_judge_is_refused(doc: dict[str, Any], message: str) -> None:
+    # Judged on empty windows (no target traffic, no time, or no stable traffic to compare with), the step
+    # always ended Inconclusive and the rollout paused there for good.
+    with pytest.raises(SpecError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        load_deployment_spec(doc)
+
+
+def test_a_full_step_is_taken_where_every_bound_is_absolute() -> None:
+    doc = {**canary({"weight": 100, "duration": 10}), "analysis": {"metrics": [{"name": "error_rate", "max": 0.01}]}}
+    assert load_deployment_spec(doc).rollout.steps[0].weight == 100

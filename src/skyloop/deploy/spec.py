@@ -173,6 +173,10 @@ class RolloutStep(_Model):
                 self.pause["duration"] = parse_duration(self.pause["duration"], "pause.duration")
         elif self.duration is None:
             raise ValueError(f"the step with weight {self.weight:g} needs a duration (e.g. duration: 30s)")
+        elif self.weight == 0 or self.duration == 0:
+            # Judged on empty windows, such a step always ends Inconclusive: the rollout would pause there.
+            raise ValueError(f"a step gives the target traffic to analyse: weight and duration must be above 0, "
+                             f"got weight {self.weight:g} for {self.duration:g}s")
         return self
 
     @property
@@ -211,6 +215,9 @@ class RolloutSpec(_Model):
         if self.strategy is Strategy.BLUE_GREEN and self.steps:
             raise ValueError("rollout: blue_green has no steps; it mirrors traffic to the target for `preview`, "
                              "then switches")
+        if self.strategy is Strategy.BLUE_GREEN and self.preview <= 0:
+            raise ValueError("preview: the target is analysed on mirrored traffic for this long before the "
+                             "switch; give a duration above 0 (e.g. 30s)")
         return self
 
 
@@ -436,7 +443,20 @@ class DeploymentSpec(_Model):
             if len(live) < 2:
                 raise ValueError("rollout: a canary or blue_green rollout needs a stable predictor besides the "
                                  "target")
+        self._check_full_steps("rollout.steps", self.rollout.steps if target is not None else [])
+        if self.loop is not None and self.loop.retrain is not None:
+            self._check_full_steps("loop.steps", self.loop.steps)
         return self
+
+    def _check_full_steps(self, where: str, steps: list[RolloutStep]) -> None:
+        # At 100% the stable predictors get no traffic: a bound against them can never be judged, and the step
+        # would end Inconclusive, pausing the rollout (promotion gives the target all traffic anyway).
+        relative = [m.name for m in self.analysis.metrics if m.max_ratio is not None or m.max_drop is not None]
+        full = [i for i, step in enumerate(steps) if step.weight is not None and step.weight >= 100]
+        if full and relative:
+            raise ValueError(f"{where}.{full[0]}.weight: at 100 the stable predictor gets no traffic, so "
+                             f"{', '.join(relative)} (a bound against it) cannot be judged; give a weight below 100 "
+                             "(promotion moves all traffic at the end)")
 
     def predictor(self, name: str) -> PredictorSpec:
         """The predictor called `name`."""
