@@ -88,6 +88,34 @@ def test_failure_limit_tolerates_that_many_failed_checks() -> None:
     assert [t.kind for t in moves] == ["analysis.failed", "analysis.failed", "rolled_back"]
 
 
+def test_a_tolerated_failure_is_not_counted_again_from_the_same_requests() -> None:
+    # The gateway's windows grow with every request until a transition asks for fresh ones. A burst of errors
+    # at the start, then none: the one failure tolerated must not come back at each later check.
+    r = Rollout(spec(CANARY, failure_limit=1), 0.0)
+    windows = {"stable": Window(), "canary": Window()}
+    kinds: list[str] = []
+
+    def fill(errors: int) -> None:
+        for name, count in (("stable", 100), ("canary", 40)):
+            for i in range(count):
+                windows[name].add_request(0.01, name == "stable" or i >= errors)
+
+    for t in r.start(0.0):
+        kinds.append(t.kind)
+    moments = [i * 0.25 for i in range(1, 60)]
+    for now in moments:
+        fill(20 if now <= 1.0 else 0)  # the first second: half the canary's requests fail
+        for t in r.tick(now, windows):
+            kinds.append(t.kind)
+            if t.new_window:
+                windows = {"stable": Window(), "canary": Window()}
+        if r.done:
+            break
+    # Before: the second check still saw the burst in the same window, and rolled the canary back.
+    assert kinds == ["step", "analysis.failed", "step", "promoted"], kinds
+    assert r.phase is Phase.HEALTHY
+
+
 def test_no_traffic_pauses_as_inconclusive_and_never_promotes() -> None:
     r = Rollout(spec(CANARY), 0.0)
     r.start(0.0)

@@ -6,7 +6,8 @@ the controller applies its weights). Semantics follow Argo Rollouts, with the ga
 
 - at each `analysis.interval` the target is compared with the stable predictor (`analysis.analyse`);
   a failed check counts, and one more than `failure_limit` rolls back: the target goes to 0%, the
-  status is Degraded and the reason names the metric;
+  status is Degraded and the reason names the metric; a tolerated failure opens fresh windows (the step's
+  clock goes on), so that the next checks judge what came after it, not the same errors again;
 - a step ends after its duration: it passes only on a Successful analysis; too few samples is
   Inconclusive and **pauses** the rollout (Flagger passes it; fluxcd/flagger#1098) until a user
   promotes or rolls back;
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -59,7 +60,7 @@ class Transition:
     reason: str
     metrics: dict[str, Any] | None = None
     new_window: bool = False
-    """The gateway must open fresh windows (a new step starts)."""
+    """The gateway must open fresh windows (a new step starts, or a failed check was tolerated)."""
 
 
 @dataclass
@@ -211,8 +212,11 @@ class Rollout:
                 if self.failures > limit:
                     return [self._rollback(now, f"{result.reason} (failed check {self.failures}, "
                                                 f"{limit} tolerated)", result.to_dict())]
-                return [self._move("analysis.failed", now, f"failed check {self.failures} of {limit} tolerated: "
-                                   f"{result.reason}", metrics=result.to_dict())]
+                # Fresh windows, not the step's clock: judged on the same window, the errors that failed this
+                # check would fail the next ones too, and a single burst would use up every tolerated failure.
+                failed = self._move("analysis.failed", now, f"failed check {self.failures} of {limit} tolerated: "
+                                    f"{result.reason}", metrics=result.to_dict())
+                return [replace(failed, new_window=True)]
         if self.waiting or not ended:
             return []
         if self._pausing() or not exposed:
