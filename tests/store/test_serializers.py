@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import decimal
 import enum
 import json
 import math
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,6 +151,68 @@ def test_dataframes_parquet_would_change_go_to_joblib(frame: pd.DataFrame) -> No
     pd.testing.assert_frame_equal(back, frame)
     for i in range(frame.shape[1]):
         assert [type(v) for v in back.iloc[:, i]] == [type(v) for v in frame.iloc[:, i]]
+
+
+@pytest.mark.parametrize("cells", [
+    [{"a": 1}, {"a": 1.5}],  # arrow gives the struct field one type: the 1 would come back as 1.0
+    [{"a": None}, {"a": 2}],
+    [{"a": {"b": 1}}, {"a": {"b": 2.5}}],
+    [{"a": 1, "b": 2}, {"b": 3, "a": 4}],  # ... and one order of fields
+    [decimal.Decimal("1.10"), decimal.Decimal("2.345")],  # ... and a decimal column one scale: 1.10 -> 1.100
+])
+def test_frames_whose_cells_parquet_would_change_inside_go_to_joblib(cells: list[Any]) -> None:
+    frame = pd.DataFrame({"c": cells})
+    name, back = roundtrip(frame)
+    assert name == "joblib"
+    assert [repr(v) for v in back["c"]] == [repr(v) for v in cells]
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_numpy_matrix_stays_a_matrix() -> None:
+    # joblib's own format gives a matrix back as an ndarray under numpy 2, whose `*` is element-wise.
+    matrix = np.matrix([[1, 2], [3, 4]])
+    for value in (matrix, {"m": matrix, "a": np.arange(3)}):
+        name, back = roundtrip(value)
+        assert name == "joblib"
+        m = back if isinstance(back, np.matrix) else back["m"]
+        assert type(m) is np.matrix
+        np.testing.assert_array_equal(m * m, [[7, 10], [15, 22]])
+
+
+@pytest.mark.parametrize("value", [
+    {"k": (1, 2), 3: {4}},
+    np.array([[1, None]], dtype=object),
+    [np.zeros(3, dtype="f4"), {"a": np.array(["x"], dtype=object)}],
+    pd.DataFrame({0: [1.5]}),
+    np.ma.masked_array([1, 2], mask=[0, 1]),
+])
+def test_values_without_a_matrix_keep_the_bytes_joblib_writes(value: object) -> None:
+    import io
+
+    import joblib
+
+    buf = io.BytesIO()
+    joblib.dump(value, buf)
+    assert serialize(value) == ("joblib", buf.getvalue())  # same bytes, same digest: caches stay valid
+
+
+def test_a_lambda_keeps_the_bytes_cloudpickle_writes() -> None:
+    import pickle
+
+    import cloudpickle
+
+    def offset(v: int) -> int:
+        return v + 1
+
+    assert serialize(offset) == ("pickle", cloudpickle.dumps(offset, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def test_an_open_file_is_refused_rather_than_stored_as_its_text(tmp_path: Path) -> None:
+    # cloudpickle would store a text file open for reading as an io.StringIO of what is left to read.
+    path = tmp_path / "data.txt"
+    path.write_text("one\ntwo\n")
+    with open(path) as fh, pytest.raises(TypeError, match="TextIOWrapper"):
+        serialize({"file": fh, "fn": lambda v: v})
 
 
 @pytest.mark.parametrize("frame", [

@@ -15,6 +15,7 @@ from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import dbapi_cursor
+from skyloop.store.serializers import type_name as value_type
 
 __all__ = ["cache_key", "find_cached", "input_digest", "lookup_connection"]
 
@@ -28,8 +29,38 @@ def input_digest(value: InputValue) -> object:
     if isinstance(value, Element):
         return {"of": input_digest(value.source), "index": value.index}
     if isinstance(value, Literal_):
-        return {"value": value.value}
+        if _json_exact(value.value):
+            return {"value": value.value}
+        # JSON would make a tuple a list and the key 1 the key "1" (and cannot sort mixed keys): equal keys
+        # for values a step tells apart. Such values are spelled out with their types instead.
+        return {"typed": _typed(value.value)}
     raise TypeError(value)
+
+
+def _json_exact(value: object, depth: int = 0) -> bool:
+    """Whether JSON spells `value` unlike any other value: exact plain types, lists, dicts with string keys."""
+    if depth > 64:
+        return False
+    if type(value) in (str, int, float, bool, type(None)):
+        return True
+    if type(value) is list:
+        return all(_json_exact(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _json_exact(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _typed(value: object) -> object:
+    """A JSON-able spelling of `value` that keeps the types JSON loses (containers in order, as given)."""
+    if type(value) in (str, int, float, bool, type(None)):
+        return value
+    if type(value) is list:
+        return [_typed(v) for v in value]
+    if type(value) is dict:
+        return {"dict": [[_typed(k), _typed(v)] for k, v in value.items()]}
+    if type(value) is tuple:
+        return {"tuple": [_typed(v) for v in value]}
+    return {"type": value_type(value), "repr": repr(value)}
 
 
 def cache_key(code_hash: str, version: str, inputs: dict[str, InputValue]) -> str:

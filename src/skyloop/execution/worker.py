@@ -11,8 +11,9 @@ import copy
 import pickle
 import time
 import traceback
+import typing
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,8 +30,10 @@ from skyloop.execution.tasks import (
     TaskState,
     input_digests,
 )
+from skyloop.pipelines.types import fits, type_str
 from skyloop.registry.context import StepContext, step_context
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
+from skyloop.store.serializers import type_name
 
 __all__ = ["execute", "load_function", "load_input", "step_context_of"]
 
@@ -93,16 +96,23 @@ def loaded_code_hash(launch: TaskLaunch) -> str | None:
 def load_input(value: InputValue, store: ArtifactStore) -> Any:
     """The Python value an input binding stands for."""
     if isinstance(value, Literal_):
-        return value.value
+        return _own(value.value)
     if isinstance(value, ArtifactRef):
         return store.get(value)
     if isinstance(value, Gathered):
         return [store.get(ref) for ref in value.refs]
     if isinstance(value, Element):
         if isinstance(value.source, Literal_):
-            return value.source.value[value.index]
+            return _own(value.source.value[value.index])
         return _element(value.source, value.index, store)
     raise TypeError(f"unknown input binding {value!r}")
+
+
+def _own(value: Any) -> Any:
+    """A parameter or constant for one step to keep: the run's own value is shared by every step (in this very
+    process on the inline backend, and it is the pipeline's default), so a step that changes its input in place
+    must change a copy, as it does on a backend that sends each attempt its inputs."""
+    return value if type(value) in _IMMUTABLE else copy.deepcopy(value)  # JSON-like: deepcopy cannot fail
 
 
 def _element(source: ArtifactRef, index: int, store: ArtifactStore) -> Any:
@@ -139,6 +149,53 @@ def _split_outputs(launch: TaskLaunch, result: Any) -> dict[str, Any]:
     return dict(zip(launch.output_names, result, strict=True))
 
 
+_declared: dict[Callable[..., Any], dict[str, Any]] = {}
+"""Function -> the type its return annotation declares for each output (see `_output_types`)."""
+
+
+def _output_types(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Output name -> declared type: one `output`, or the fields of a NamedTuple; empty when unresolvable."""
+    found = _declared.get(fn)
+    if found is None:
+        try:
+            ret = typing.get_type_hints(fn).get("return", Any)
+            if isinstance(ret, type) and issubclass(ret, tuple) and hasattr(ret, "_fields"):
+                hints = typing.get_type_hints(ret)
+                found = {name: hints.get(name, Any) for name in ret._fields}
+            else:
+                found = {"output": ret}
+        except Exception:  # forward references that do not resolve here: nothing to check against
+            found = {}
+        _declared[fn] = found
+    return found
+
+
+def _check_types(launch: TaskLaunch, fn: Callable[..., Any], outputs: dict[str, Any]) -> None:
+    """Refuse an output that is not of its declared type, before it is stored: a step downstream (or a cached
+    rerun) would take it for what the annotation promises."""
+    declared = _output_types(fn)
+    for name, value in outputs.items():
+        tp = declared.get(name, Any)
+        if not fits(value, tp):
+            what = f"for its output {name!r}, declared" if launch.multi_output else "where its return annotation says"
+            raise TypeError(f"step {launch.task_name!r} returned a {type_name(value)} {what} {type_str(tp)}; "
+                            "return that type, or change the annotation")
+
+
+def _store_outputs(launch: TaskLaunch, outputs: dict[str, Any], store: ArtifactStore) -> dict[str, ArtifactRef]:
+    """Store every output, or fail naming the one that cannot be serialized."""
+    refs: dict[str, ArtifactRef] = {}
+    for name, value in outputs.items():
+        try:
+            refs[name] = store.put(value)
+        except TypeError as exc:  # what `serialize` raises; a StoreError (disk full...) passes as it is
+            hint = "a list instead (e.g. list(...))" if isinstance(value, Iterator) else \
+                "data that pickle can store instead (e.g. a file's path, not the open file)"
+            raise TypeError(f"step {launch.task_name!r}: output {name!r} cannot be stored ({exc}); return "
+                            f"{hint}") from exc
+    return refs
+
+
 def _run_settings(launch: TaskLaunch) -> Settings | None:
     """The settings of the launch's run (its home, DB and artifact store), built once per process."""
     if launch.home is None:
@@ -167,7 +224,9 @@ def execute(launch: TaskLaunch, store: ArtifactStore) -> TaskResult:
         kwargs = {name: load_input(value, store) for name, value in launch.inputs.items()}
         with step_context(step_context_of(launch)):
             result = fn(**kwargs)
-        outputs = {name: store.put(value) for name, value in _split_outputs(launch, result).items()}
+        values = _split_outputs(launch, result)
+        _check_types(launch, fn, values)
+        outputs = _store_outputs(launch, values, store)
     except Exception as exc:
         return TaskResult(
             key=launch.key, state=TaskState.FAILED, error=f"{type(exc).__name__}: {exc}",

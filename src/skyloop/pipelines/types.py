@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 import types
 import typing
 from typing import Any
 
-__all__ = ["can_map", "compatible", "element_type", "only_strings", "parse_type", "type_str"]
+__all__ = ["can_map", "compatible", "element_type", "fits", "only_strings", "parse_type", "type_str"]
 
 _NUMERIC_WIDENING = {(int, float), (int, complex), (float, complex), (bool, int), (bool, float)}
 
@@ -64,6 +65,38 @@ def compatible(produced: Any, wanted: Any) -> bool:
     if p_args and w_args and len(p_args) == len(w_args) and Ellipsis not in p_args + w_args:
         return all(compatible(p, w) for p, w in zip(p_args, w_args, strict=True))
     return True
+
+
+# What a value of a numeric type may be (PEP 484's numeric tower; numpy registers its scalars in `numbers`).
+_NUMERIC_VALUES: dict[type, type] = {int: numbers.Integral, float: numbers.Real, complex: numbers.Complex}
+
+
+def fits(value: object, tp: Any) -> bool:
+    """Whether `value` may be what `tp` declares, as far as `isinstance` tells (lenient like `compatible`).
+
+    Only a container's own type is checked, not its items; an int fits `float`, a numpy number the Python
+    number it stands for; what `isinstance` cannot check (protocols, `TypedDict`, `NewType`) fits.
+    """
+    tp = _bare(tp)
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    if _is_union(tp):
+        return any(fits(value, arm) for arm in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in typing.get_args(tp))
+    origin = typing.get_origin(tp) or tp
+    if not isinstance(origin, type):
+        return True
+    if origin in _NUMERIC_VALUES:
+        return isinstance(value, _NUMERIC_VALUES[origin])
+    if origin is bool and type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return True
+    try:
+        return isinstance(value, origin)
+    except TypeError:
+        return True
 
 
 def element_type(tp: Any) -> Any:

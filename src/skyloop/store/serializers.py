@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import decimal
+import functools
 import io
 import json
 import pickle
@@ -105,7 +107,29 @@ def _same_frame(back: Any, value: Any) -> bool:
     labels = [(back.index, value.index), (back.columns, value.columns)]
     cells = [(back.iloc[:, i], value.iloc[:, i]) for i in range(value.shape[1]) if value.dtypes.iloc[i] == "O"]
     pairs = [(x, y) for x, y in [*labels, *cells] if y.dtype == "O"]
-    return all(type(a) is type(b) for x, y in pairs for a, b in zip(x, y, strict=True))
+    return all(type(a) is type(b) and (type(b) in _FLAT or _same_cell(a, b))
+               for x, y in pairs for a, b in zip(x, y, strict=True))
+
+
+_FLAT = (str, bytes, int, float, bool, type(None))
+"""Cells with nothing inside: the same type is the same cell (most cells of an object column are strings)."""
+
+
+def _same_cell(back: Any, value: Any, depth: int = 0) -> bool:
+    """Whether a cell came back as itself, inside too: arrow types a column of dicts as a struct, whose fields
+    share one type and one order (`{'a': 1}` beside `{'a': 1.5}` comes back as `{'a': 1.0}`), and a decimal
+    column has one scale (`Decimal('1.10')` beside `Decimal('2.345')` comes back as `Decimal('1.100')`)."""
+    if type(back) is not type(value) or depth > 64:
+        return False
+    if isinstance(value, dict):
+        return list(back) == list(value) and all(_same_cell(back[k], value[k], depth + 1) for k in value)
+    if isinstance(value, list | tuple):
+        return len(back) == len(value) and all(_same_cell(b, v, depth + 1) for b, v in zip(back, value, strict=True))
+    if isinstance(value, decimal.Decimal):
+        return bool(back.as_tuple() == value.as_tuple())
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":  # list cells come back as these
+        return bool(back.dtype == value.dtype and back.shape == value.shape)
+    return True
 
 
 def _parquet_load(data: bytes) -> Any:
@@ -116,12 +140,29 @@ def _parquet_load(data: bytes) -> Any:
 
 def _joblib_dump(value: Any) -> bytes:
     try:
-        import joblib
+        pickler = _joblib_pickler()
     except ImportError:  # pragma: no cover - joblib is a dependency
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     buf = io.BytesIO()
-    joblib.dump(value, buf)
+    pickler(buf).dump(value)  # what `joblib.dump(value, buf)` does, with the pickler below
     return buf.getvalue()
+
+
+@functools.cache
+def _joblib_pickler() -> Any:
+    from joblib.numpy_pickle import NumpyPickler
+
+    class Pickler(NumpyPickler):  # type: ignore[misc]
+        """joblib's pickler, except that a `numpy.matrix` is pickled as numpy pickles it: joblib's own format
+        gives it back as a plain ndarray under numpy 2 (whose `*` multiplies element-wise, not as matrices)."""
+
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+            if self.np is not None and type(obj) is self.np.matrix:
+                pickle._Pickler.save(self, obj, save_persistent_id)  # type: ignore[attr-defined]
+                return
+            super().save(obj)
+
+    return Pickler
 
 
 def _joblib_load(data: bytes) -> Any:
@@ -131,9 +172,26 @@ def _joblib_load(data: bytes) -> Any:
 
 
 def _pickle_dump(value: Any) -> bytes:
+    buf = io.BytesIO()
+    _cloud_pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(value)  # as `cloudpickle.dumps`, but:
+    return buf.getvalue()
+
+
+@functools.cache
+def _cloud_pickler() -> Any:
+    from collections import ChainMap
+
     import cloudpickle
 
-    return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    def refuse_file(obj: Any) -> Any:
+        raise TypeError(f"cannot pickle an open file ({getattr(obj, 'name', '?')!r})")
+
+    class Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+        # cloudpickle stores a text file open for reading as an io.StringIO of what is left to read in it: a
+        # value of another type, and no file.
+        dispatch_table = ChainMap({io.TextIOWrapper: refuse_file}, cloudpickle.CloudPickler.dispatch_table)
+
+    return Pickler
 
 
 def _pickle_load(data: bytes) -> Any:
