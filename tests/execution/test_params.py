@@ -28,3 +28,16 @@ def test_other_values_parse_as_json_and_are_checked() -> None:
     assert parse_cli_params(pipeline, ["n=3", "mode=a"]) == {"n": 3, "mode": "a"}
     with pytest.raises(SpecError, match="parameter 'mode' expects Literal"):
         resolve_params(pipeline, parse_cli_params(pipeline, ["mode=zzz"]))
+
+
+def test_a_default_becomes_what_the_same_value_given_becomes() -> None:
+    # `rate: float = 2`: before, the step got the int 2 by default and 2.0 with `-p rate=2` (two cache keys).
+    pipeline = PipelineSpec.model_validate({"name": "p", "tasks": [{"name": "a", "step": {"module": "m",
+                                                                                          "qualname": "f"}}],
+                                            "params": [{"name": "rate", "type": "float", "default": 2},
+                                                       {"name": "tags", "type": "tuple[str, ...]",
+                                                        "default": ["x"]}]})
+    defaulted = resolve_params(pipeline, {})
+    given = resolve_params(pipeline, parse_cli_params(pipeline, ["rate=2", 'tags=["x"]']))
+    assert defaulted == given == {"rate": 2.0, "tags": ("x",)}
+    assert type(defaulted["rate"]) is float

@@ -25,7 +25,7 @@ def resolve_params(spec: PipelineSpec, given: dict[str, Any]) -> dict[str, Any]:
         if name not in given:
             if decl.required:
                 raise SpecError(f"parameter {name!r} ({decl.type}) is required; pass it with -p {name}=VALUE")
-            values[name] = decl.default
+            values[name] = _as_declared(decl.type, decl.default)
             continue
         try:
             values[name] = TypeAdapter(parse_type(decl.type)).validate_python(given[name])
@@ -37,6 +37,17 @@ def resolve_params(spec: PipelineSpec, given: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             raise SpecError(f"parameter {name!r} must be JSON-like (numbers, strings, lists, dicts)") from None
     return values
+
+
+def _as_declared(type_text: str, default: Any) -> Any:
+    """A default as a given value of that type becomes (`x: float = 2` gives 2.0, as `-p x=2` does): else the
+    run, and its cache key, would depend on whether the value was given. Checked when the pipeline compiled."""
+    if default is None:
+        return None
+    try:
+        return TypeAdapter(parse_type(type_text)).validate_python(default)
+    except Exception:  # a type pydantic cannot check (a class of the user's): as it is
+        return default
 
 
 def parse_cli_params(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
