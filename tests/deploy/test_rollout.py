@@ -137,6 +137,18 @@ def test_a_paused_rollout_still_rolls_back_on_failures() -> None:
     assert moves[-1].kind == "rolled_back"
 
 
+def test_a_rollout_paused_on_an_inconclusive_end_resumes_once_its_analysis_is_successful() -> None:
+    # Before, it waited for a person for good: a closed loop's canary stalled on a step whose traffic came late.
+    r = Rollout(spec(CANARY), 0.0)
+    r.start(0.0)
+    run(r, 5, {"stable": window(5), "canary": window(1)})
+    assert r.phase is Phase.PAUSED and r.waiting
+    moves = run(r, 20, healthy(), start=5.0)
+    assert [t.kind for t in moves] == ["resumed", "step", "promoted"]
+    assert moves[0].reason.startswith("step 1 judged Successful in its pause") and moves[1].weights["canary"] == 50.0
+    assert r.phase is Phase.HEALTHY
+
+
 def test_an_untimed_pause_waits_for_promote_and_a_timed_one_does_not() -> None:
     steps = {"strategy": "canary", "steps": [{"weight": 20, "duration": 1}, {"pause": {}},
                                              {"pause": {"duration": 2}}, {"weight": 60, "duration": 1}]}

@@ -8,9 +8,10 @@ the controller applies its weights). Semantics follow Argo Rollouts, with the ga
   a failed check counts, and one more than `failure_limit` rolls back: the target goes to 0%, the
   status is Degraded and the reason names the metric; a tolerated failure opens fresh windows (the step's
   clock goes on), so that the next checks judge what came after it, not the same errors again;
-- a step ends after its duration: it passes only on a Successful analysis; too few samples is
-  Inconclusive and **pauses** the rollout (Flagger passes it; fluxcd/flagger#1098) until a user
-  promotes or rolls back;
+- a step ends after its duration: it passes only on a Successful analysis; too few samples (or a breach
+  within sampling noise) is Inconclusive and **pauses** the rollout (Flagger passes it;
+  fluxcd/flagger#1098); the analysis goes on in the pause, and the rollout resumes by itself at the first
+  Successful check, rolls back at a failed one, or follows a user's promote or rollback;
 - `{pause: {}}` waits for `promote`; `{pause: {duration: D}}` waits D, analysis still running;
 - after the last step the target takes 100% (Healthy), and the controller moves the registry alias;
 - blue_green mirrors every request to the target for `preview` (answers discarded, metrics kept),
@@ -217,6 +218,13 @@ class Rollout:
                 failed = self._move("analysis.failed", now, f"failed check {self.failures} of {limit} tolerated: "
                                     f"{result.reason}", metrics=result.to_dict())
                 return [replace(failed, new_window=True)]
+        if self.waiting and result is not None and result.verdict is Verdict.SUCCESSFUL and not self._pausing():
+            # Paused on an Inconclusive end (too few samples, or a breach within sampling noise): the analysis
+            # went on, and now tells. Waiting for a person here would hold a closed loop's rollout for good.
+            self.waiting, self.phase = False, Phase.PROGRESSING
+            resumed = self._move("resumed", now, f"step {self.step + 1} judged Successful in its pause: "
+                                 f"{result.reason}", metrics=result.to_dict())
+            return [resumed, *self._next(now, result)]
         if self.waiting or not ended:
             return []
         if self._pausing() or not exposed:
