@@ -296,3 +296,28 @@ def test_unknown_serializer_names_the_known_ones() -> None:
 ])
 def test_type_name(value: object, expected: str) -> None:
     assert type_name(value) == expected
+
+
+
+_DIGEST_IN_A_NEW_PROCESS = """
+import hashlib
+from skyloop.store.serializers import deserialize, serialize
+words = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"}
+name, data = serialize({"tags": words, "frozen": frozenset(words)})
+assert deserialize(name, data) == {"tags": words, "frozen": frozenset(words)}
+assert type(deserialize(name, data)["frozen"]) is frozenset
+print(hashlib.sha256(data).hexdigest())
+"""
+
+
+def test_a_set_of_strings_has_one_digest_in_every_process() -> None:
+    # A set's order follows its strings' hashes, which change with every process (PYTHONHASHSEED): before, a
+    # step returning one got a new digest at each run, and every step after it missed the cache.
+    import os
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _DIGEST_IN_A_NEW_PROCESS], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3", "4")}
+    assert len(digests) == 1, digests

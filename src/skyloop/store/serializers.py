@@ -154,11 +154,17 @@ def _joblib_pickler() -> Any:
 
     class Pickler(NumpyPickler):  # type: ignore[misc]
         """joblib's pickler, except that a `numpy.matrix` is pickled as numpy pickles it: joblib's own format
-        gives it back as a plain ndarray under numpy 2 (whose `*` multiplies element-wise, not as matrices)."""
+        gives it back as a plain ndarray under numpy 2 (whose `*` multiplies element-wise, not as matrices); and
+        a set of strings is pickled in sorted order: in its own order, which follows the strings' hashes and so
+        changes with every process, it gave each run of its step a new digest, and every step after it a
+        cache miss (a set of numbers keeps its order, and its bytes, from one process to the next)."""
 
         def save(self, obj: Any, save_persistent_id: bool = True) -> None:
             if self.np is not None and type(obj) is self.np.matrix:
                 pickle._Pickler.save(self, obj, save_persistent_id)  # type: ignore[attr-defined]
+                return
+            if type(obj) in (set, frozenset) and len(obj) > 1 and all(type(v) is str for v in obj):
+                self.save_reduce(type(obj), (sorted(obj),), obj=obj)
                 return
             super().save(obj)
 
