@@ -301,3 +301,34 @@ def test_feedback_for_an_answer_whose_replica_went_away_goes_to_another_replica(
                 assert status == 409, doc  # and taken once
 
     asyncio.run(scenario())
+
+
+def test_the_answers_kept_for_feedback_are_bounded_in_bytes(settings: Settings, nodes: Path) -> None:
+    # Only their number was bounded (200,000): an answer to a large request was held whole, so that a client
+    # could make the gateway hold gigabytes long before that many were kept.
+    rows = 5000
+    big = orjson.dumps({"inputs": [{**ROW, "shape": [rows, 4], "data": ROW["data"] * rows}]})
+
+    async def scenario() -> None:
+        async with _replica(settings, nodes, "Constant", "1", label=0) as port, \
+                _gateway({"main": ("iris/1", port)}, {"main": 100}) as (gateway, url):
+            gateway.remember_bytes = 100_000  # each answer holds about 10 kB of JSON
+            base = url + "/v2/models/dep"
+            ids = []
+            for _ in range(30):
+                status, _, answer = await _post(base + "/infer", big)
+                assert status == 200, answer
+                ids.append(answer["id"])
+            assert 0 < len(gateway.answers) < 30 and gateway.answer_bytes <= gateway.remember_bytes
+            assert gateway.answer_bytes == sum(a.size for a in gateway.answers.values())
+            status, _, doc = await _post(base + "/feedback", orjson.dumps({"id": ids[0], "truth": [0] * rows}))
+            assert status == 404 and "too old" in doc["error"]
+            status, _, doc = await _post(base + "/feedback", orjson.dumps({"id": ids[-1], "truth": [0] * rows}))
+            assert status == 200, doc
+            assert gateway.answer_bytes <= gateway.remember_bytes and ids[-1] in gateway.answers
+            # An id longer than the DB's column is refused here as a replica refuses it, before it is kept.
+            status, _, doc = await _post(base + "/infer", orjson.dumps({"id": "x" * 201, "inputs": [ROW]}))
+            assert (status, doc) == (400, {"error": "field 'id' is 201 characters long; an inference id has at "
+                                                    "most 200"})
+
+    asyncio.run(scenario())

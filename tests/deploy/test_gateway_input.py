@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from deploy_support import Env
-from tests_support import at_once, post
+from tests_support import at_once, exchange, post
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +111,12 @@ def test_replicas_report_a_version_a_path_can_name_and_the_gateway_routes_it(url
     assert status == 200 and doc["parameters"] == {"predictor": "main", "model_version": "iris/1"}
     status, doc = post(gateway + "/versions/2/infer", body)
     assert (status, doc) == (404, {"error": "deployment 'inputs' serves no version '2'; it serves 1, iris:1"})
+
+
+def test_the_gateway_refuses_a_request_head_over_the_limit(urls: tuple[str, str]) -> None:
+    # The gateway, the most exposed endpoint, held an endless header whole in memory, as replicas did.
+    port = int(urls[0].split(":")[2].split("/")[0])
+    head = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-filler: "
+    answer = exchange(port, head + b"a" * (1 << 20) + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert exchange(port, head + b"a" * 1000 + b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")

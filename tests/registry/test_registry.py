@@ -445,3 +445,26 @@ def test_an_interrupted_extraction_left_in_a_model_directory_is_not_registered(
     load_model(copy)  # loads: the leftover is no model file
     again = log_model(copy, "iris-copy", settings=settings)
     assert set(again.files) == {"model.joblib", "model.yaml"}
+
+
+def test_an_mlflow_directory_with_a_symbolic_link_is_refused_not_copied(settings: Settings, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a key that lives outside the model")
+    model = tmp_path / "mlflow-model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: {}\n")
+    (model / "leak.txt").symlink_to(secret)
+    with pytest.raises(SpecError, match=r"mlflow model directory .* holds a symbolic link leak\.txt"):
+        log_model(str(model), "leaky", settings=settings)
+    (model / "leak.txt").unlink()
+    (model / "data").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(SpecError, match="holds a symbolic link data"):
+        log_model(str(model), "leaky", settings=settings)
+
+
+@pytest.mark.parametrize("target", ["sub/../model.yaml", "../outside.txt", "sub/../../outside.txt"])
+def test_an_extra_file_name_with_dot_dot_is_refused(classifier: LogisticRegression, target: str,
+                                                     settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "notes.yaml").write_text("owner: ana\n")
+    with pytest.raises(SpecError, match=r"without '\.\.'"):
+        log_model(classifier, "iris", extra_files={target: tmp_path / "notes.yaml"}, settings=settings)

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import uvicorn
 from starlette.testclient import TestClient
+from tests_support import exchange
 
 from skyloop.config import Settings
 from skyloop.deploy.gateway import Gateway
@@ -134,6 +135,44 @@ def test_a_bad_request_in_a_batch_fails_alone(client: TestClient) -> None:
             assert status == 200 and doc["outputs"][0]["data"] == [0], doc
 
 
+def test_an_inference_id_longer_than_the_db_column_is_refused(client: TestClient) -> None:
+    # The feedback table's column holds 200 characters: PostgreSQL refused a longer id with a server error,
+    # and every id is kept in memory for feedback, ten thousand per model.
+    message = "field 'id' is 201 characters long; an inference id has at most 200"
+    _refused(client, orjson.dumps({"id": "x" * 201, "inputs": [_tensor()]}), message)
+    response = client.post("/v2/models/iris/feedback", json={"id": "x" * 201, "truth": 0})
+    assert (response.status_code, response.json()) == (400, {"error": message})
+    response = client.post("/v2/models/iris/infer", json={"id": "x" * 200, "inputs": [_tensor()]})
+    assert response.status_code == 200 and response.json()["id"] == "x" * 200
+    response = client.post("/v2/models/iris/feedback", json={"id": "x" * 200, "truth": 0})
+    assert response.status_code == 200, response.text
+
+
+def test_the_inputs_kept_for_feedback_are_bounded_in_bytes(settings: Settings, iris_uri: str) -> None:
+    # Only their number was bounded (10,000 per model): large requests were each held whole, so that a few
+    # hundred of 16 MiB took gigabytes and a client could exhaust the server's memory.
+    limit = 1 << 20
+    plane = DataPlane([spec_for_target(iris_uri)], settings, trace_bytes=limit)
+    rows = np.tile(ROW, (10_000, 1))  # 320 kB of FP64 inputs (and a larger body)
+    big = {"inputs": [_tensor(shape=[len(rows), 4], data=rows.reshape(-1).tolist())]}
+    with TestClient(create_app(plane)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for i in range(20):
+            response = client.post("/v2/models/iris/infer", json={**big, "id": f"big-{i}"})
+            assert response.status_code == 200, response.text
+        served = plane.models["iris"]
+        assert 0 < len(served.traces) < 20 and served.trace_bytes <= limit
+        assert served.trace_bytes == sum(size for _, _, size in served.traces.values())
+        assert "big-19" in served.traces and "big-0" not in served.traces
+        # Feedback still names every answer: the ones whose inputs were let go are known all the same.
+        for i in (0, 19):
+            response = client.post("/v2/models/iris/feedback", json={"id": f"big-{i}", "truth": [0] * len(rows)})
+            assert response.status_code == 200, response.text
+
+
 # -- the gateway -------------------------------------------------------------------------------------------
 
 class _Server(uvicorn.Server):
@@ -199,3 +238,22 @@ def test_the_gateway_refuses_a_body_over_its_limit_before_reading_it(route: str)
             assert (status, doc) == (200, {"live": True})
 
     asyncio.run(scenario())
+
+
+@pytest.mark.integration
+def test_a_request_head_over_the_limit_is_refused_before_it_is_held(serve: Any, settings: Settings,
+                                                                     iris_uri: str) -> None:
+    # httptools sets no limit on headers: one endless header was held whole in the server's memory (300 MiB from
+    # one connection), so that a few clients could exhaust it.
+    body = orjson.dumps({"inputs": [_tensor(shape=[20_000, 4], data=ROW * 20_000)]})  # a large body is no head
+    good = (b"POST /v2/models/iris/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    live = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-filler: "
+    with serve(settings, iris_uri) as (_, port):
+        answer = exchange(port, live + b"a" * (4 << 20) + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"the request line and headers are over the limit of 65536 bytes" in answer
+        answer = exchange(port, good + good, 2)  # two on one connection: the second's head is counted afresh
+        assert answer.count(b"HTTP/1.1 200 OK") == 2, answer[:300]
+        answer = exchange(port, live + b"a" * 60_000 + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]

@@ -87,3 +87,29 @@ def test_a_pipeline_spec_refuses_a_step_it_could_not_import(step: dict[str, str]
 @pytest.mark.parametrize("module", ["../lib/steps.py", "./steps.py", "package.steps", "steps"])
 def test_file_paths_and_dotted_modules_stay_valid(module: str) -> None:
     validate(PipelineSpec, {"name": "p", "tasks": [{"name": "a", "step": {"module": module, "qualname": "f"}}]}, "x")
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    (deployment(name="d" * 201), "name: String should have at most 200 characters"),
+    (predictor(name="p" * 201), "predictors.0.name: String should have at most 200 characters"),
+])
+def test_names_longer_than_their_db_column_or_a_file_name_are_refused(doc: dict[str, Any], message: str) -> None:
+    # A 250-character predictor name made file names (`NAME-1.state.json`) longer than a filesystem takes: the
+    # deployment failed in its controller, after `apply` had accepted it.
+    with pytest.raises(SpecError) as err:
+        load_deployment_spec(doc)
+    assert message in str(err.value)
+    load_deployment_spec(deployment(name="d" * 200, predictors=[{**PREDICTOR, "name": "p" * 200}]))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"version": "1\r\nx-injected: yes"}, "version: '1\\r\\nx-injected: yes' cannot be sent in a response header"),
+    ({"version": "2024\u20ac"}, "cannot be sent in a response header"),
+    ({"name": "s" * 201}, "name: String should have at most 200 characters"),
+])
+def test_a_serving_spec_refuses_a_name_or_version_no_answer_could_carry(fields: dict[str, Any], message: str) -> None:
+    # Every answer carries the version in a header: a control character closed each connection unanswered, and a
+    # character beyond Latin-1 made each request a 500.
+    with pytest.raises(SpecError) as err:
+        load_serve_spec({"name": "s", "graph": {"name": "m", "model_uri": "models:/iris/1"}, **fields})
+    assert message in str(err.value)

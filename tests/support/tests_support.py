@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -24,8 +26,8 @@ from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.migrations import upgrade
 
-__all__ = ["age_blobs", "agent_env", "at_once", "before_first_update", "calls_made", "collect", "post", "reap",
-           "replayed_database", "schema_of", "until", "write"]
+__all__ = ["age_blobs", "agent_env", "at_once", "before_first_update", "calls_made", "collect", "exchange", "post",
+           "reap", "replayed_database", "schema_of", "until", "write"]
 
 T = TypeVar("T")
 
@@ -107,6 +109,22 @@ def schema_of(database: Database) -> dict[str, object]:
             "foreign keys": sorted((tuple(f["constrained_columns"]), f["referred_table"], tuple(f["referred_columns"]),
                                     f["options"].get("ondelete")) for f in found.get_foreign_keys(table)),
         } for table in sorted(found.get_table_names())}
+
+
+def exchange(port: int, request: bytes, answers: int = 1) -> bytes:
+    """Send `request` on one connection (stopping early if the server closes it) and read until `answers`
+    responses have come, or the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(request), 1 << 16):
+                sock.sendall(request[start:start + (1 << 16)])
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while answer.count(b"HTTP/1.1 ") < answers or not answer.endswith(b"}"):
+                if not (chunk := sock.recv(1 << 16)):
+                    break
+                answer += chunk
+        return answer
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:

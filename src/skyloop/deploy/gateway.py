@@ -54,6 +54,9 @@ log = logging.getLogger("skyloop.deploy")
 
 _REMEMBER = 200_000
 """Answers kept for joining feedback (id -> predictor, output, replica)."""
+_REMEMBER_BYTES = 256 * 1024 * 1024
+"""The most bytes of answers (and shadows' answers and truths joined to them) kept for joining feedback: answers
+of large requests, each held whole, took gigabytes long before `_REMEMBER` of them were kept."""
 _RETRY_SECONDS = 5.0
 """How long a request may keep retrying replicas that went away before it fails."""
 _SHADOW_CONCURRENCY = 256
@@ -74,6 +77,8 @@ class _Answer:
     """The kinds of feedback ('truth', 'reward') taken or being passed on: each answer takes one of each."""
     rewarded: bool = False
     """Whether the bandit has had this answer's reward (or the one its truth implies): one per pull."""
+    size: int = 0
+    """About how many bytes it holds (the JSON it came from), counted against `_REMEMBER_BYTES`."""
 
 
 class _Metrics:
@@ -146,7 +151,8 @@ class Gateway:
     """Routes a deployment's traffic; the controller sets pools, weights, shadows and windows."""
 
     def __init__(self, deployment: str, router: RouterSpec, weights: dict[str, float],
-                 shadows: dict[str, float] | None = None, max_body_bytes: int = 16 * 1024 * 1024) -> None:
+                 shadows: dict[str, float] | None = None, max_body_bytes: int = 16 * 1024 * 1024,
+                 remember_bytes: int = _REMEMBER_BYTES) -> None:
         self.deployment = deployment
         self.router = router
         self.traffic = Traffic(router, weights, shadows or {})
@@ -156,6 +162,9 @@ class Gateway:
         self.windows: dict[str, Window] = {}
         self.max_body_bytes = max_body_bytes
         self.answers: OrderedDict[str, _Answer] = OrderedDict()
+        self.remember_bytes = remember_bytes
+        self.answer_bytes = 0
+        """About how many bytes `answers` holds."""
         self.metrics = _Metrics()
         self._session: aiohttp.ClientSession | None = None
         self._shadow_slots = asyncio.Semaphore(_SHADOW_CONCURRENCY)
@@ -264,6 +273,7 @@ class Gateway:
                 if remembered is not None:
                     output = _first_output(doc)
                     remembered.shadows[predictor] = output
+                    self._held(remembered, len(data))
                     if remembered.labelled:  # the label came before the shadow's answer: judge it now
                         self.window(predictor).add_feedback(is_correct(output, remembered.truth), None)
 
@@ -373,7 +383,7 @@ class Gateway:
         except (ValueError, orjson.JSONDecodeError, AttributeError):
             return Response(data, status, out_headers, media_type="application/json")
         answer_id = str(answer.get("id") or request_id)
-        self._remember(answer_id, predictor, _first_output(answer), endpoint)
+        self._remember(answer_id, predictor, _first_output(answer), endpoint, len(answer_id) + len(data))
         if self.payloads is not None:
             # The raw bodies: parsing them is left to whoever reads the logs (binary tensors are not logged).
             self.payloads.add(answer_id, predictor, version, seconds, None if binary else body,
@@ -385,10 +395,26 @@ class Gateway:
             return Response(data, 200, out_headers, media_type="application/octet-stream")
         return Response(data, 200, out_headers, media_type="application/json")
 
-    def _remember(self, request_id: str, predictor: str, output: Any, endpoint: Endpoint | None) -> None:
-        self.answers[request_id] = _Answer(predictor, output, endpoint)
-        if len(self.answers) > _REMEMBER:
-            self.answers.popitem(last=False)
+    def _remember(self, request_id: str, predictor: str, output: Any, endpoint: Endpoint | None, size: int) -> None:
+        old = self.answers.pop(request_id, None)
+        if old is not None:
+            self.answer_bytes -= old.size
+        if size > self.remember_bytes:  # not kept: its feedback is refused as too old would be
+            return
+        self.answers[request_id] = _Answer(predictor, output, endpoint, size=size)
+        self.answer_bytes += size
+        self._forget()
+
+    def _held(self, answer: _Answer, size: int) -> None:
+        """`answer` (still remembered) holds `size` bytes more: a shadow's answer, or a truth joined to it."""
+        answer.size += size
+        self.answer_bytes += size
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the oldest answers while over `_REMEMBER` or `remember_bytes` (the newest one always stays)."""
+        while len(self.answers) > 1 and (len(self.answers) > _REMEMBER or self.answer_bytes > self.remember_bytes):
+            self.answer_bytes -= self.answers.popitem(last=False)[1].size
 
     async def feedback(self, request: Request) -> Response:
         """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica.
@@ -431,6 +457,8 @@ class Gateway:
         self.window(predictor).add_feedback(correct, reward)
         if truth is not None:
             remembered.truth, remembered.labelled = truth, True
+            if self.answers.get(given.id) is remembered:
+                self._held(remembered, len(body))
             for shadow, shadow_output in remembered.shadows.items():
                 self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
         value = reward if reward is not None else (None if correct is None else float(correct))

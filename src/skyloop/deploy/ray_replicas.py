@@ -50,6 +50,7 @@ class ReplicaServer:
 
         from skyloop.serving.app import create_app
         from skyloop.serving.dataplane import DataPlane
+        from skyloop.serving.http import BoundedHttpToolsProtocol
         from skyloop.serving.server import bind
         from skyloop.serving.spec import ServeSpec
 
@@ -64,8 +65,9 @@ class ReplicaServer:
         host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         sock = bind(host, 0)
         # uvloop: the default asyncio loop costs ~40 ms a request in a Ray worker.
-        config = uvicorn.Config(create_app(plane, load=False), loop="uvloop", http="httptools", log_level="warning",
-                                access_log=False, lifespan="on", timeout_graceful_shutdown=int(_STOP_GRACE))
+        config = uvicorn.Config(create_app(plane, load=False), loop="uvloop", http=BoundedHttpToolsProtocol,
+                                log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=int(_STOP_GRACE))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="skyloop-replica",
                                        daemon=True)

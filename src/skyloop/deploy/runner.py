@@ -146,8 +146,10 @@ class DeploymentRunner:
             self.sock = bind(gw.host, 0) if not gw.port else None
             if self.sock is None:
                 raise
-        config = uvicorn.Config(self.gateway.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=10)
+        from skyloop.serving.http import BoundedHttpToolsProtocol
+
+        config = uvicorn.Config(self.gateway.app, http=BoundedHttpToolsProtocol, log_level="warning",
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=10)
         self.server = _GatewayServer(config)
         self.serve_task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
         await self.apply(info)

@@ -58,6 +58,9 @@ __all__ = [
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_NAME_LENGTH = 200
+"""The longest deployment or predictor name: the DB's columns hold 200 characters, and a name is part of file names
+(`<home>/deployments/NAME/PREDICTOR-GENERATION.state.json`), which most filesystems cut at 255 bytes."""
 _ALIAS = r"^[A-Za-z][A-Za-z0-9_-]*$"
 """A registry alias a rollout may move: a letter, then letters, digits, '_' and '-'."""
 
@@ -78,7 +81,7 @@ def _seconds(field: str) -> Any:
 class PredictorSpec(_Model):
     """One served graph with its replicas and its share of traffic."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_LENGTH)
     graph: GraphNode | None = None
     model_uri: str | None = None
     """Shorthand for a graph of one MODEL node."""
@@ -392,7 +395,7 @@ class GatewaySpec(_Model):
 class DeploymentSpec(_Model):
     """A deployment: what `skyloop deploy apply` records and the controller makes true."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_LENGTH)
     backend: Literal["local", "ray"] = "local"
     """Where replicas run: local processes, or Ray actors (each replica's `resources` become actor options)."""
     ray_address: str | None = None

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -140,9 +140,13 @@ def log_model(model: object, name: str, flavor: str | None = None,
             (root / REFERENCE).unlink(missing_ok=True)  # a new reference replaces the copied directory's
         for target, source in (extra_files or {}).items():
             dest = root / target
-            if (dest.exists() or not dest.resolve().is_relative_to(root.resolve())
+            parts = PurePosixPath(Path(target).as_posix()).parts
+            # `..` is refused outright: `sub/../model.yaml` would pass a check on the name as given and then be
+            # silently replaced by the manifest (written last), and `sub/..` names no file of its own.
+            if (not parts or ".." in parts or dest.exists() or not dest.resolve().is_relative_to(root.resolve())
                     or Path(target).as_posix() == MANIFEST):  # written last, it would silently replace the file
-                raise SpecError(f"extra file {target!r} clashes with a model file or leaves the model directory")
+                raise SpecError(f"extra file {target!r} clashes with a model file or leaves the model directory; "
+                                "name it with a relative path inside the model directory, without '..'")
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 shutil.copyfile(source, dest)

@@ -284,7 +284,14 @@ class MlflowFlavor(Flavor):
     def save(self, model: object, root: Path) -> None:
         if not self.accepts(model):
             raise SpecError("an mlflow model must be the path of an MLflow model directory (one with MLmodel)")
-        shutil.copytree(Path(model), root / self.FOLDER)  # type: ignore[arg-type]
+        source = Path(model)  # type: ignore[arg-type]
+        # A link would be copied as the file it points to, wherever that is (a key in ~/.ssh, another user's
+        # data) and stored in the registry: refused, as in a skyloop model directory (`package._model_files`).
+        for path in sorted(source.rglob("*")):
+            if path.is_symlink():
+                raise SpecError(f"mlflow model directory {source} holds a symbolic link {path.relative_to(source)}; "
+                                "copy the file in instead")
+        shutil.copytree(source, root / self.FOLDER, symlinks=True)
 
     def load(self, root: Path) -> Predictor:
         pyfunc = import_extra("mlflow.pyfunc", "mlflow", self.name)

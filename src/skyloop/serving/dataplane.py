@@ -31,7 +31,10 @@ from skyloop.serving.protocol import (
 from skyloop.serving.spec import ServeSpec
 from skyloop.store.feedback import record_feedback, repeated_feedback
 
-__all__ = ["DataPlane", "InferenceResult", "ServedModel"]
+__all__ = ["TRACE_BYTES", "DataPlane", "InferenceResult", "ServedModel"]
+
+TRACE_BYTES = 256 * 1024 * 1024
+"""The most bytes of request inputs a server keeps per model to pass feedback on to the nodes that answered."""
 
 
 @dataclass
@@ -43,8 +46,10 @@ class ServedModel:
     batcher: Batcher | None = None
     failure: SkyloopError | None = None
     """Why loading failed, if it did."""
-    traces: OrderedDict[str, tuple[Any, Trace]] = field(default_factory=OrderedDict)
-    """Recent inference id -> (features, trace), so that feedback reaches the nodes that answered."""
+    traces: OrderedDict[str, tuple[Any, Trace, int]] = field(default_factory=OrderedDict)
+    """Recent inference id -> (features, trace, bytes held), so that feedback reaches the nodes that answered."""
+    trace_bytes: int = 0
+    """About how many bytes the inputs in `traces` hold."""
     feedback_taken: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
     """Recent inference id -> the kinds of feedback ('truth', 'reward') this process has taken for it."""
 
@@ -76,7 +81,7 @@ class DataPlane:
 
     def __init__(self, specs: list[ServeSpec], settings: Settings | None = None, metrics: ServingMetrics | None = None,
                  threads: int = 4, trace_cache: int = 10_000, answered: AnsweredIds | None = None,
-                 behind_router: bool = False) -> None:
+                 behind_router: bool = False, trace_bytes: int = TRACE_BYTES) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SpecError(f"two served models share a name: {names}; name them apart (a serving spec file each, "
@@ -87,6 +92,8 @@ class DataPlane:
         self.metrics = metrics or ServingMetrics()
         self.models = {s.name: ServedModel(s) for s in specs}
         self.trace_cache = trace_cache
+        self.trace_bytes = trace_bytes
+        """The most bytes of request inputs kept per model for feedback (besides at most `trace_cache` requests)."""
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skyloop-predict")
         self._db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyloop-feedback")
         self._workspace: Any = None
@@ -184,13 +191,13 @@ class DataPlane:
         """Count a request on its way in (the batcher waits for company only while some are)."""
         served = self.models.get(name)
         if served is not None and served.batcher is not None:
-            served.batcher.incoming += 1
+            served.batcher.admit()
 
     def release(self, name: str) -> None:
         """The request counted by `admit` has been queued or has failed."""
         served = self.models.get(name)
         if served is not None and served.batcher is not None:
-            served.batcher.incoming = max(0, served.batcher.incoming - 1)
+            served.batcher.release()  # wakes a batch that waits for it, also when it is refused
 
     async def infer(self, name: str, version: str | None, body: bytes,
                     header_length: int | None = None) -> InferenceResult:
@@ -228,13 +235,23 @@ class DataPlane:
         if trace.routing:
             parameters["routing"] = trace.routing
         body_out, length = encode_response(name, graph.version, request_id, tensors, parameters, binary)
-        self._remember(served, request_id, inputs, trace)  # answered: feedback may name it
+        self._remember(served, request_id, inputs, trace, len(body))  # answered: feedback may name it
         return InferenceResult(body_out, length, name, graph.version)
 
-    def _remember(self, served: ServedModel, request_id: str, inputs: dict[str, Any], trace: Trace) -> None:
-        served.traces[request_id] = (inputs, trace)
-        while len(served.traces) > self.trace_cache:
-            served.traces.popitem(last=False)
+    def _remember(self, served: ServedModel, request_id: str, inputs: dict[str, Any], trace: Trace,
+                  body_size: int) -> None:
+        # Bounded in bytes as well as in requests: 10,000 requests of 16 MiB each held 160 GB, so that a
+        # client could exhaust the server's memory with a few hundred large ones. The body's size counts
+        # what object arrays (BYTES) point to, which `nbytes` does not; both are O(1) to get.
+        size = body_size + sum(getattr(a, "nbytes", 0) for a in inputs.values())
+        old = served.traces.pop(request_id, None)
+        if old is not None:
+            served.trace_bytes -= old[2]
+        if size <= self.trace_bytes:  # a larger one is not kept: its feedback is stored, but not told to nodes
+            served.traces[request_id] = (inputs, trace, size)
+            served.trace_bytes += size
+        while served.traces and (len(served.traces) > self.trace_cache or served.trace_bytes > self.trace_bytes):
+            served.trace_bytes -= served.traces.popitem(last=False)[1][2]
         if self.answered is not None:
             self.answered.add(served.name, request_id)
 
@@ -277,7 +294,7 @@ class DataPlane:
         remembered = served.traces.get(inference_id)
         told = 0
         if remembered is not None:
-            features, trace = remembered
+            features, trace, _ = remembered
             x = graph.features(features)
             told = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
                                               request.plain_truth, trace)

@@ -29,6 +29,7 @@ from skyloop.errors import InvalidRequest, OutputError
 
 __all__ = [
     "DTYPES",
+    "MAX_ID_LENGTH",
     "MAX_REWARD",
     "FeedbackRequest",
     "InferenceRequest",
@@ -55,6 +56,10 @@ DTYPES: dict[str, np.dtype[Any]] = {
 MAX_REWARD = 1e12
 """The largest reward (in absolute value) feedback may carry: far beyond any score or amount of money, and far
 enough below the float limit that sums of rewards never overflow to infinity (two of 1e308 did)."""
+
+MAX_ID_LENGTH = 200
+"""The longest inference id a request or feedback may give: the DB's column holds no more (PostgreSQL refused a
+longer one with a server error), and ids are kept in memory (answers remembered for feedback) by the thousand."""
 
 _BY_DTYPE = {dt: name for name, dt in DTYPES.items() if name != "BYTES"}
 
@@ -281,6 +286,9 @@ def request_header(body: bytes, header_length: int | None = None) -> dict[str, A
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("field 'id' must be a string")
+    if request_id is not None and len(request_id) > MAX_ID_LENGTH:
+        raise InvalidRequest(f"field 'id' is {len(request_id)} characters long; an inference id has at most "
+                             f"{MAX_ID_LENGTH}")
     return doc
 
 
@@ -380,6 +388,9 @@ def decode_feedback(body: bytes) -> FeedbackRequest:
     inference_id = doc.get("id")
     if not isinstance(inference_id, str) or not inference_id:
         raise InvalidRequest("feedback needs the 'id' of the inference it is about (the response's id)")
+    if len(inference_id) > MAX_ID_LENGTH:
+        raise InvalidRequest(f"field 'id' is {len(inference_id)} characters long; an inference id has at most "
+                             f"{MAX_ID_LENGTH}")
     truth, reward = doc.get("truth"), doc.get("reward")
     if truth is None and reward is None:
         raise InvalidRequest("feedback needs a 'truth' (the right answer) or a 'reward' (a number)")

@@ -178,7 +178,9 @@ def _answer_loading(conn: socket.socket) -> None:
 def _run_uvicorn(app: Any, sock: socket.socket, log_level: str) -> None:
     import uvicorn
 
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level=log_level, access_log=False,
+    from skyloop.serving.http import BoundedHttpToolsProtocol
+
+    config = uvicorn.Config(app, loop="uvloop", http=BoundedHttpToolsProtocol, log_level=log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=int(_STOP_GRACE_SECONDS))
     uvicorn.Server(config).run(sockets=[sock])
 

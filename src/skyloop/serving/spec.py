@@ -180,7 +180,7 @@ class ServeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)  # the DB's column for it holds 200
     version: str | None = None
     """The version the server reports; default: the version of the graph's single registered model, else "1"."""
     graph: GraphNode
@@ -194,6 +194,11 @@ class ServeSpec(BaseModel):
         if value is not None and ("/" in value or not value.strip()):
             raise ValueError(f"{value!r} cannot be named in a /v2/models/NAME/versions/VERSION path; "
                              "give a version without '/' (e.g. 1 or 2024-06)")
+        # Every answer carries it in its `skyloop-model-version` header: a control character or one beyond
+        # Latin-1 made every request fail (a closed connection, or a 500).
+        if value is not None and not (value.isascii() and value.isprintable()):
+            raise ValueError(f"{value!r} cannot be sent in a response header; give a version of printable ASCII "
+                             "characters (e.g. 1 or 2024-06)")
         return value
 
     @model_validator(mode="after")
