@@ -128,9 +128,14 @@ class Graph:
 
     @property
     def batchable(self) -> bool:
-        """Whether every declared input has a leading batch dimension."""
+        """Whether every declared input has a leading batch dimension, and no ROUTER would route a batch as one.
+
+        A router chooses one child for all it is given: in a batch, one request's rows would be answered by the
+        child chosen for the others (`batching: {enabled: true}` batches such a graph all the same).
+        """
         return bool(self.signature and self.signature.inputs
-                    and all(s.shape and s.shape[0] == -1 for s in self.signature.inputs))
+                    and all(s.shape and s.shape[0] == -1 for s in self.signature.inputs)
+                    and all(n.spec.type is not NodeType.ROUTER for n in self.nodes.values()))
 
     def _call(self, node: Node, args: tuple[Any, ...]) -> Any:
         start = time.perf_counter()
