@@ -113,3 +113,16 @@ def test_a_serving_spec_refuses_a_name_or_version_no_answer_could_carry(fields: 
     with pytest.raises(SpecError) as err:
         load_serve_spec({"name": "s", "graph": {"name": "m", "model_uri": "models:/iris/1"}, **fields})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"name": "p" * 201, "tasks": [{"name": "a", "step": {"module": "m", "qualname": "f"}}]}, "name: String should"),
+    ({"name": "p", "tasks": [{"name": "a" * 201, "step": {"module": "m", "qualname": "f"}}]}, "tasks.0.name: String"),
+])
+def test_pipeline_and_task_names_past_their_db_column_are_refused(doc: dict[str, Any], message: str) -> None:
+    # Accepted before, they failed the run's first write on PostgreSQL (a 200-character column).
+    with pytest.raises(SpecError) as err:
+        validate(PipelineSpec, doc, "pipeline spec")
+    assert message in str(err.value)
+    assert validate(PipelineSpec, {**doc, "name": "p" * 200, "tasks": [{"name": "a" * 200, "step": {
+        "module": "m", "qualname": "f"}}]}, "pipeline spec").name == "p" * 200

@@ -27,13 +27,15 @@ __all__ = [
 ]
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_\-\.]*$"
-NAME_RULE = "start with a letter or '_' and hold only letters, digits, '_', '-' and '.'"
+_NAME_MAX = 200
+"""What the metadata DB's name columns hold."""
+NAME_RULE = "start with a letter or '_', hold only letters, digits, '_', '-' and '.', and be 200 characters at most"
 """What a task, step, pool, output, parameter or pipeline name must look like (the `_NAME` pattern)."""
 
 
 def is_name(text: object) -> bool:
     """Whether `text` is a valid name for a task, step, pool, output, parameter or pipeline."""
-    return isinstance(text, str) and re.fullmatch(_NAME[1:-1], text) is not None
+    return isinstance(text, str) and len(text) <= _NAME_MAX and re.fullmatch(_NAME[1:-1], text) is not None
 
 
 class _Model(BaseModel):
@@ -83,7 +85,7 @@ class CacheSpec(_Model):
 class OutputDecl(_Model):
     """One named output of a step."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_MAX)
     type: str = "Any"
     """Readable type, e.g. `float`, `pandas.DataFrame`, `list[int]`."""
 
@@ -140,7 +142,7 @@ class Condition(_Model):
 class TaskSpec(_Model):
     """One node of the DAG: a step invocation with its input bindings."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_MAX)
     """Unique inside the pipeline."""
     step: StepRef
     inputs: dict[str, InputBinding] = Field(default_factory=dict)
@@ -160,7 +162,7 @@ class TaskSpec(_Model):
     """Seconds; a step still running then is killed and marked TIMED_OUT."""
     cache: CacheSpec = Field(default_factory=CacheSpec)
     priority: int = 0
-    pool: str | None = Field(default=None, pattern=_NAME)
+    pool: str | None = Field(default=None, pattern=_NAME, max_length=_NAME_MAX)
     """Named concurrency pool shared by every run (limits in the settings, e.g. `gpu-train: 1`)."""
 
     @field_validator("step")
@@ -193,7 +195,7 @@ class TaskSpec(_Model):
 class ParamSpec(_Model):
     """A pipeline parameter."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_MAX)
     type: str = "Any"
     default: Any = None
     required: bool = False
@@ -204,7 +206,7 @@ class PipelineSpec(_Model):
 
     api_version: Literal["skyloop/v1"] = "skyloop/v1"
     kind: Literal["Pipeline"] = "Pipeline"
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME, max_length=_NAME_MAX)
     description: str = ""
     source: StepRef | None = None
     """The `@pipeline` function this spec was compiled from, if any."""
