@@ -97,10 +97,10 @@ class DeploymentRunner:
         """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
         self.restarts = Restarts()
         self._restart_reason = ""
+        """The status reason a failed restart set (a later successful one takes it back)."""
         self._down: list[str] = []
         """Predictors with no replica serving at the last tick (see `_check_serving`)."""
         self._down_reason = ""
-        """The status reason a failed restart set (a later successful one takes it back)."""
         self.state_written = 0.0
         self.applied = 0
         self.loop: Loop | None = None
@@ -207,16 +207,21 @@ class DeploymentRunner:
         if self.spec.backend == "ray":
             host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                   self.generation, self.spec.ray_address)
-            self.started.add(host)
-            first = None
-            if isinstance(replacing, RayReplicaHost) and replacing.alive:
-                first = await self._make_room(host, replacing)
-            endpoints = await host.start(ready_first=first)
         else:
             host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                self.generation)
-            self.started.add(host)
-            endpoints = await host.start()
+        self.started.add(host)
+        try:
+            if isinstance(host, RayReplicaHost):
+                first = None
+                if isinstance(replacing, RayReplicaHost) and replacing.alive:
+                    first = await self._make_room(host, replacing)
+                endpoints = await host.start(ready_first=first)
+            else:
+                endpoints = await host.start()
+        except Exception:  # a start that failed stopped what it began (a cancelled one is left to `stop`)
+            self.started.discard(host)
+            raise
         log.info("%s: predictor %s ready on ports %s", self.name, predictor.name, [e.port for e in endpoints])
         return host
 
