@@ -44,7 +44,7 @@ from skyloop.deploy.traffic import Traffic
 from skyloop.errors import InvalidRequest, PayloadTooLarge
 from skyloop.monitoring.payloads import PayloadLog
 from skyloop.serving.app import read_body
-from skyloop.serving.metrics import CONTENT_TYPE
+from skyloop.serving.metrics import CONTENT_TYPE, LATENCY_BUCKETS
 from skyloop.serving.protocol import decode_feedback, header_length, request_header
 from skyloop.store.feedback import repeated_feedback
 
@@ -60,7 +60,6 @@ of large requests, each held whole, took gigabytes long before `_REMEMBER` of th
 _RETRY_SECONDS = 5.0
 """How long a request may keep retrying replicas that went away before it fails."""
 _SHADOW_CONCURRENCY = 256
-_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -88,7 +87,7 @@ class _Metrics:
         self.requests = Counter("skyloop_gateway_requests", "Requests answered, by predictor and HTTP status.",
                                 ["deployment", "predictor", "status"], registry=r)
         self.latency = Histogram("skyloop_gateway_request_seconds", "Time from request to answer at the gateway.",
-                                 ["deployment", "predictor"], buckets=_LATENCY, registry=r)
+                                 ["deployment", "predictor"], buckets=LATENCY_BUCKETS, registry=r)
         self.shadow = Counter("skyloop_gateway_shadow_requests", "Mirrored requests, by shadow and HTTP status.",
                               ["deployment", "predictor", "status"], registry=r)
         self.weight = Gauge("skyloop_gateway_traffic_weight", "Percent of live traffic per predictor.",
@@ -179,6 +178,11 @@ class Gateway:
         """New traffic split (percent per live predictor) and shadow fractions."""
         self.traffic.set_weights(weights)
         self.traffic.set_shadows(shadows)
+        # A predictor no longer weighted or mirrored (retired, promoted over) loses its series: its last weight
+        # would be reported for good, and the weights would add up to more than 100.
+        for gone in {*self.weights, *self.shadows} - {*weights, *shadows}:
+            with contextlib.suppress(KeyError):
+                self.metrics.weight.remove(self.deployment, gone)
         self.weights, self.shadows = dict(weights), dict(shadows)
         for name in {*weights, *shadows}:
             self.metrics.weight.labels(self.deployment, name).set(weights.get(name, 0.0))
@@ -319,20 +323,25 @@ class Gateway:
         found = [name for name, pool in self.pools.items() if version in version_names(pool.version)]
         return sorted(found, key=lambda n: (not self.pools[n].ready, -self.weights.get(n, 0.0), n))
 
+    def _refused(self, response: Response) -> Response:
+        """An inference the gateway answers itself, before any predictor has it: counted with no predictor."""
+        self.metrics.requests.labels(self.deployment, "", str(response.status_code)).inc()
+        return response
+
     async def infer(self, request: Request) -> Response:
         """Route, forward, annotate and remember one inference."""
         if (wrong := self._check_name(request)) is not None:
-            return wrong
+            return self._refused(wrong)
         body = await self._body(request)
         if isinstance(body, Response):
-            return body
+            return self._refused(body)
         raw_length = request.headers.get("inference-header-content-length")
         binary = raw_length is not None
         try:  # the replica's own checks, so that what it would refuse is refused here in the same words
             length = header_length(raw_length)
             doc = request_header(body, length)
         except InvalidRequest as exc:
-            return _json({"error": str(exc)}, 400)
+            return self._refused(_json({"error": str(exc)}, 400))
         tail = body[length:] if length is not None else b""
         request_id = doc.get("id")
         if not request_id:
@@ -344,14 +353,17 @@ class Gateway:
             headers["inference-header-content-length"] = raw_length
         forced = request.headers.get("skyloop-predictor")
         if forced is not None and forced not in self.pools:
-            return _json({"error": f"no predictor {forced!r}; this deployment has {', '.join(self.pools)}"}, 404)
+            return self._refused(_json({"error": f"no predictor {forced!r}; this deployment has "
+                                              f"{', '.join(self.pools)}"}, 404))
         version = request.path_params.get("version")
         if version is not None:  # the version decides, as the header does; both must agree
             serving = self._serving(version)
             if forced is not None and forced not in serving:
-                return _json({"error": f"predictor {forced!r} does not serve version {version!r}"}, 404)
+                return self._refused(_json({"error": f"predictor {forced!r} does not serve version {version!r}"},
+                                           404))
             if not serving:  # retired while the body came in
-                return _json({"error": f"deployment {self.deployment!r} serves no version {version!r}"}, 404)
+                return self._refused(_json({"error": f"deployment {self.deployment!r} serves no version "
+                                                  f"{version!r}"}, 404))
             forced = forced or serving[0]
         sticky = request.headers.get(self.router.sticky_header) if self.router.sticky_header else None
         predictor = forced or self.traffic.choose(sticky)

@@ -51,6 +51,23 @@ _CRASH_LOOP_SECONDS = 1.0  # a worker that exits younger than this is restarted 
 _LOADING_READ_SECONDS = 1.0  # how long the loading answerer waits for one request
 _LOADING_MAX_READ = 1024 * 1024  # what it reads of a request at most (the rest is not worth the wait)
 
+_metrics_name: str | None = None
+"""This worker's name in the multiprocess metrics files: its slot's (`w0`, `w1`, ...), set after the fork."""
+
+
+def _metrics_process() -> str:
+    """Whose metrics files this process writes: a worker's slot, else (the parent, one worker) its pid.
+
+    A replacement worker takes over the files of the one it replaces (dead and reaped first, so no two live
+    processes share them) and counts on from its values: the folder holds one set of files per slot however
+    often workers restart, instead of a set per pid ever started that every scrape reads and adds up.
+    """
+    return _metrics_name or str(os.getpid())
+
+
+def _slot_metrics_name(index: int) -> str:
+    return f"w{index}"  # no '_': prometheus_client splits file names on it
+
 
 def spec_for_target(target: str, name: str | None = None) -> ServeSpec:
     """A `ServeSpec` for a CLI target: a YAML spec file, a `models:/` URI, or a model directory."""
@@ -209,6 +226,7 @@ class _Slot:
 
 def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wakeup: tuple[int, int],
                  in_worker: Callable[[int], object] | None = None) -> int:
+    global _metrics_name
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -224,6 +242,7 @@ def _fork_worker(app: Any, slot: _Slot, slots: list[_Slot], log_level: str, wake
             signal.signal(sig, signal.SIG_DFL)
         if slot.metrics_dir is not None:  # prometheus_client re-reads this after a fork, on the first update
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = slot.metrics_dir
+        _metrics_name = _slot_metrics_name(slot.index)
         if in_worker is not None:
             in_worker(slot.index)
         _watch_parent(parent)
@@ -296,7 +315,9 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
                 if multiproc:
                     from prometheus_client import multiprocess
 
-                    multiprocess.mark_process_dead(pid, slot.metrics_dir or multiproc)  # type: ignore[no-untyped-call]
+                    # Its live gauges (in-flight requests, queue depth) go; its counters stay, for its replacement.
+                    multiprocess.mark_process_dead(_slot_metrics_name(slot.index),  # type: ignore[no-untyped-call]
+                                                   slot.metrics_dir or multiproc)
                 # Failing on its own at once (not killed) would fail again: do not spin.
                 young = os.WIFEXITED(status) and time.monotonic() - slot.started < _CRASH_LOOP_SECONDS
                 log.warning("server worker %d exited (%s); starting another%s", pid, _describe(status),
@@ -402,10 +423,16 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
         raise SpecError(f"cannot write the state file {state_file}: no folder {state_file.parent}")
     workers = 1 if replicas else workers or os.cpu_count() or 1
     metrics_dir: str | None = None
-    if (replicas or workers > 1) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _clear_metrics_dir(given)
+    elif replicas or workers > 1:
         # Before prometheus_client is imported: it picks per-process files or memory at import time.
         metrics_dir = tempfile.mkdtemp(prefix="skyloop-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import values
+
+        values.ValueClass = values.MultiProcessValue(_metrics_process)  # type: ignore[no-untyped-call]
     try:
         from skyloop.serving.answered import AnsweredIds
         from skyloop.serving.app import create_app
@@ -449,6 +476,22 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _clear_metrics_dir(path: str) -> None:
+    """Empty a multiprocess metrics folder given by the environment (made if missing) before serving from it.
+
+    What an earlier server left there would be added to this one's figures: its counts to the new counters
+    (a restarted server reporting twice the requests it answered), and the in-flight requests of one killed
+    mid-request forever. The folder is this server's alone: two servers sharing one would add up each other's.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    for replica in folder.glob("replica-*"):
+        if replica.is_dir():
+            shutil.rmtree(replica, ignore_errors=True)
 
 
 def _replica_metrics_dir(index: int) -> str | None:
