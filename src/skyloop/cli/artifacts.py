@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 
 from skyloop.cli.main import console, state
+from skyloop.cli.output import print_json
 from skyloop.errors import SpecError
 from skyloop.store.gc import collect_garbage, parse_age
 from skyloop.store.lineage import consumers, producers
@@ -34,9 +34,8 @@ def gc(
                         "give a shorter age, e.g. 30d or 52w") from None
     report = collect_garbage(Workspace.open(state.settings()), age, dry_run=dry_run)
     if as_json:
-        print(json.dumps({"artifacts": report.artifacts, "bytes": report.bytes, "dry_run": report.dry_run,
-                          "digests": report.digests, "orphans": report.orphans,
-                          "orphan_bytes": report.orphan_bytes}))
+        print_json({"artifacts": report.artifacts, "bytes": report.bytes, "dry_run": report.dry_run,
+                    "digests": report.digests, "orphans": report.orphans, "orphan_bytes": report.orphan_bytes})
         return
     verb = "would delete" if dry_run else "deleted"
     console.print(f"{verb} {report.artifacts} artifact(s), {report.bytes:,} bytes")
@@ -51,8 +50,8 @@ def lineage(digest: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     with workspace.db.session() as session:
         edges = producers(session, digest) + consumers(session, digest)
     if as_json:
-        print(json.dumps([{"direction": "produced" if e.direction == "out" else "consumed", "run": e.run_id,
-                           "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges], indent=2))
+        print_json([{"direction": "produced" if e.direction == "out" else "consumed", "run": e.run_id,
+                     "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges])
         return
     for e in edges:
         index = f"[{e.map_index}]" if e.map_index >= 0 else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -12,7 +11,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from skyloop.cli.main import console, state
+from skyloop.cli.main import console, err_console, state
+from skyloop.cli.output import print_json
 from skyloop.errors import SpecError
 from skyloop.store import deployments as store
 from skyloop.store.workspace import Workspace
@@ -71,7 +71,7 @@ def apply(
     with console.status(Text(f"applying {file} ..."), spinner="dots"):  # Text: a path is not markup
         info = apply_deployment(file, state.settings(), wait=wait, timeout=timeout)
     if as_json:
-        print(json.dumps(info.to_dict(), indent=2, default=str))
+        print_json(info.to_dict())
     else:
         _show(info)
 
@@ -86,7 +86,7 @@ def status(name: Annotated[str | None, typer.Argument(help="One deployment (defa
     workspace.close()
     if as_json:
         doc = [i.to_dict() for i in infos]
-        print(json.dumps(doc[0] if name else doc, indent=2, default=str))
+        print_json(doc[0] if name else doc)
         return
     if not infos:
         console.print("no deployments (create one with skyloop deploy apply FILE)")
@@ -112,10 +112,11 @@ def history(name: Name, limit: Annotated[int | None, typer.Option(min=1, help="O
             workspace.close()
             raise SpecError(f"--picture {str(picture)!r}: cannot write the picture there ({exc.strerror or exc}); "
                             "give a folder that can be created or written to") from None
-        console.print(f"picture: {png}\n         {html}", highlight=False)
+        # With --json, stdout is the JSON alone: the files are named on stderr.
+        (err_console if as_json else console).print(f"picture: {png}\n         {html}", highlight=False)
     workspace.close()
     if as_json:
-        print(json.dumps([e.to_dict() for e in events], indent=2, default=str))
+        print_json([e.to_dict() for e in events])
         return
     table = Table("at", "spec", "event", "status", "traffic", "versions", "why", box=None)
     for e in events:

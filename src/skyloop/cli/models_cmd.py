@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skyloop.cli.main import console, state
+from skyloop.cli.output import print_json
 from skyloop.errors import SpecError
 from skyloop.registry.registry import delete_tag, get_model, list_models, list_versions, remove_alias, resolve
 from skyloop.registry.registry import set_alias as set_alias_row
@@ -52,7 +52,7 @@ def list_(as_json: JsonOption = False) -> None:
         models = list_models(session)
     workspace.close()
     if as_json:
-        print(json.dumps([m.to_dict() for m in models], indent=2))
+        print_json([m.to_dict() for m in models])
         return
     if not models:
         console.print("no models registered yet (log one with skyloop.registry.log_model)")
@@ -83,7 +83,7 @@ def show(
     workspace.close()
     if whole:
         if as_json:
-            print(json.dumps({**model.to_dict(), "versions": [v.to_dict() for v in versions]}, indent=2))
+            print_json({**model.to_dict(), "versions": [v.to_dict() for v in versions]})
             return
         console.print(Text.assemble((model.name, "bold"), f"  latest {model.latest_version}  {model.description}"),
                       highlight=False)
@@ -97,7 +97,7 @@ def show(
         console.print(table)
         return
     if as_json:
-        print(json.dumps(version.to_dict(), indent=2))
+        print_json(version.to_dict())
         return
     m = version.manifest
     console.print(Text.assemble((version.uri, "bold"), f"  flavor {version.flavor}  aliases "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from skyloop.cli.output import print_json, printable
 from skyloop.cli.progress import state_text
 from skyloop.execution.run import Run
 
@@ -16,7 +16,7 @@ __all__ = ["run_json", "run_table", "show_run"]
 
 
 def run_json(run: Run) -> dict[str, Any]:
-    """A run as plain data for scripts."""
+    """A run as plain data for scripts (`print_json` writes its datetimes as ISO 8601)."""
     return {
         "id": run.id, "pipeline": run.pipeline, "status": run.status, "error": run.error,
         "backend": run.backend, "params": run.params,
@@ -31,29 +31,38 @@ def run_json(run: Run) -> dict[str, Any]:
 
 
 def run_table(run: Run) -> Table:
-    """The steps of a run with state, attempts, units and time.
+    """The steps of a run with state, attempts, units and time (their errors go under it: see `show_run`).
 
-    Names and errors are `Text`, never markup: a step error may hold `[...]` (e.g. `list[float]`).
+    Names are `Text`, never markup. No column wraps but the step's name: on 80 columns a table that also held
+    the errors squeezed them to a few letters a line and broke state words (`SUCCEEDE` / `D`).
     """
     table = Table(title=Text(f"run {run.id}  {run.pipeline}  {run.status}"), title_justify="left")
-    for column in ("step", "state", "attempts", "units", "time", "est/unit", "actual/unit", "error"):
-        table.add_column(column, overflow="fold")
+    table.add_column("step", overflow="fold", min_width=8)
+    for column in ("state", "attempts", "units", "time", "est/unit", "actual/unit"):
+        table.add_column(column, no_wrap=True)
     for name, info in run.steps.items():
         estimate = _secs(info.estimate) + (f" ({info.estimate_source})" if info.estimate_source in ("default", "mixed")
                                            else "")
         table.add_row(Text(name), state_text(info.state.value), str(info.attempts), str(info.units),
-                      _secs(info.seconds), estimate, _secs(info.actual), Text((info.error or "")[:200]))
+                      _secs(info.seconds), estimate, _secs(info.actual))
     return table
 
 
 def show_run(console: Console, run: Run, as_json: bool) -> None:
-    """Print a run as a table (and its error), or as JSON for scripts."""
+    """Print a run as a table, its steps' errors and its own, or as JSON for scripts.
+
+    Errors are user data: control characters are shown escaped (`printable`), never sent to the terminal.
+    """
     if as_json:
-        print(json.dumps(run_json(run), indent=2, default=str))
+        print_json(run_json(run))
         return
     console.print(run_table(run))
-    if run.error:
-        console.print(Text(run.error, style="red"), highlight=False)
+    errors = {name: printable(info.error) for name, info in run.steps.items() if info.error}
+    for name, error in errors.items():
+        console.print(Text.assemble((name, "bold"), ": ", (error, "red")), highlight=False)
+    run_error = printable(run.error) if run.error else ""
+    if run_error and not any(error in run_error for error in errors.values()):  # not one step's error again
+        console.print(Text(run_error, style="red"), highlight=False)
 
 
 def _secs(value: float | None) -> str:

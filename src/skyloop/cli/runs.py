@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from skyloop.cli.main import console, state
+from skyloop.cli.output import print_json
 from skyloop.cli.progress import state_text
 from skyloop.cli.render import show_run
 from skyloop.execution.run import Run
@@ -32,7 +32,7 @@ def _workspace() -> Workspace:
 
 @app.command("list")
 def list_(
-    limit: Annotated[int, typer.Option(help="How many runs, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 20,
     pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -42,9 +42,10 @@ def list_(
     with workspace.db.session() as session:
         rows = list_runs(session, limit=limit, pipeline=pipeline, status=status)
         data = [{"id": r.id, "pipeline": r.pipeline, "status": r.status, "backend": r.backend,
-                 "created_at": r.created_at, "ended_at": r.ended_at, "error": r.error} for r in rows]
+                 "created_at": r.created_at, "started_at": r.started_at, "ended_at": r.ended_at, "error": r.error}
+                for r in rows]
     if as_json:
-        print(json.dumps(data, indent=2, default=str))
+        print_json(data)
         return
     table = Table(title="runs", title_justify="left")
     for column in ("id", "pipeline", "status", "created", "seconds"):
