@@ -41,3 +41,11 @@ def test_a_default_becomes_what_the_same_value_given_becomes() -> None:
     given = resolve_params(pipeline, parse_cli_params(pipeline, ["rate=2", 'tags=["x"]']))
     assert defaulted == given == {"rate": 2.0, "tags": ("x",)}
     assert type(defaulted["rate"]) is float
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-Infinity", "NaN"])
+def test_a_float_parameter_given_nan_or_infinity_as_text_is_refused(raw: str) -> None:
+    # "nan" is no JSON, so it came through as text, which pydantic reads as float('nan'): stored as NaN before.
+    pipeline = spec(("x", "float"))
+    with pytest.raises(SpecError, match=r"parameter 'x': .* is not a value a run can store"):
+        resolve_params(pipeline, parse_cli_params(pipeline, [f"x={raw}"]))

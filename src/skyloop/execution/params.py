@@ -33,8 +33,11 @@ def resolve_params(spec: PipelineSpec, given: dict[str, Any]) -> dict[str, Any]:
             raise SpecError(f"parameter {name!r} expects {decl.type}, got {given[name]!r}: "
                             f"{exc.errors()[0]['msg']}") from None
         try:
-            json.dumps(values[name])
-        except (TypeError, ValueError):
+            # allow_nan=False: a float parameter takes "nan" and "inf" as text (-p x=nan), which JSON cannot store.
+            json.dumps(values[name], allow_nan=False)
+        except ValueError:
+            _not_finite(name)("NaN or Infinity")
+        except TypeError:
             raise SpecError(f"parameter {name!r} must be JSON-like (numbers, strings, lists, dicts)") from None
     return values
 
