@@ -110,6 +110,19 @@ class _Metrics:
         self.labelled_rows = Gauge("skyloop_labelled_rows", "Labelled rows since the loop last fired.",
                                    ["deployment"], registry=r)
 
+    def forget_version(self, deployment: str, version: str) -> None:
+        """Remove the loop's series of a model version no longer served: its last drift (1, say) and quality
+        would be reported for good after a rollout, and keep an alert on them firing."""
+        labelled = ((self.dataset_drift, ("deployment", "version")), (self.drift_share, ("deployment", "version")),
+                    (self.feature_drift, ("deployment", "version", "feature")),
+                    (self.live_quality, ("deployment", "version", "metric")))
+        for gauge, names in labelled:
+            found = [s.labels for family in gauge.collect() for s in family.samples
+                     if s.labels.get("deployment") == deployment and s.labels.get("version") == version]
+            for labels in found:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*(labels[n] for n in names))
+
 
 class BrokenAnswer(ConnectionError):
     """A replica began an answer and broke off (it died mid-body): the gateway answers 502."""

@@ -87,6 +87,8 @@ class Loop:
         self.references: dict[str, pd.DataFrame | None] = {}
         self.last: dict[str, Any] = {}
         self.gauges = runner.gateway.metrics
+        self.gauged: str | None = None
+        """The model version the drift and quality gauges are about (the serving one when last measured)."""
         name = runner.name
         self._name = name
 
@@ -179,6 +181,9 @@ class Loop:
         from skyloop.store.runs import utcnow
 
         version = self.serving()
+        if self.gauged is not None and version != self.gauged:  # a rollout ended: the old version's figures go
+            self.gauges.forget_version(self._name, self.gauged)
+        self.gauged = version
         since = self._since()
         new_rows = count_feedback(self.workspace, self._name, self.labelled_since)
         recent_feedback = count_feedback(self.workspace, self._name, since)
