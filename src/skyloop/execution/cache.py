@@ -15,6 +15,7 @@ from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import dbapi_cursor
+from skyloop.store.serializers import is_plain
 from skyloop.store.serializers import type_name as value_type
 
 __all__ = ["cache_key", "find_cached", "input_digest", "lookup_connection"]
@@ -29,25 +30,12 @@ def input_digest(value: InputValue) -> object:
     if isinstance(value, Element):
         return {"of": input_digest(value.source), "index": value.index}
     if isinstance(value, Literal_):
-        if _json_exact(value.value):
+        if is_plain(value.value, nan=True):
             return {"value": value.value}
         # JSON would make a tuple a list and the key 1 the key "1" (and cannot sort mixed keys): equal keys
         # for values a step tells apart. Such values are spelled out with their types instead.
         return {"typed": _typed(value.value)}
     raise TypeError(value)
-
-
-def _json_exact(value: object, depth: int = 0) -> bool:
-    """Whether JSON spells `value` unlike any other value: exact plain types, lists, dicts with string keys."""
-    if depth > 64:
-        return False
-    if type(value) in (str, int, float, bool, type(None)):
-        return True
-    if type(value) is list:
-        return all(_json_exact(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return all(type(k) is str and _json_exact(v, depth + 1) for k, v in value.items())
-    return False
 
 
 def _typed(value: object) -> object:

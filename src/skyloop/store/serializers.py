@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RAW", "SERIALIZERS", "Serializer", "deserialize", "serialize", "type_name"]
+__all__ = ["RAW", "SERIALIZERS", "Serializer", "deserialize", "is_plain", "serialize", "type_name"]
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -27,16 +27,17 @@ def type_name(value: object) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_plain(value: object, depth: int = 0) -> bool:
-    # Exact types only: a tuple or an int subclass would not come back as itself from JSON.
+def is_plain(value: object, nan: bool = False, depth: int = 0) -> bool:
+    """Whether JSON spells `value` unlike any other value: exact plain types, lists, and dicts with string keys;
+    not a tuple or an int subclass. NaN too with `nan` (its text is its own, but it does not come back equal)."""
     if depth > 64:
         return False
     if type(value) in _PLAIN:
-        return not (type(value) is float and value != value)  # NaN does not round-trip as itself
+        return nan or not (type(value) is float and value != value)
     if type(value) is list:
-        return all(_is_plain(v, depth + 1) for v in value)
+        return all(is_plain(v, nan, depth + 1) for v in value)
     if type(value) is dict:
-        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
+        return all(type(k) is str and is_plain(v, nan, depth + 1) for k, v in value.items())
     return False
 
 
@@ -217,7 +218,7 @@ class Serializer:
 SERIALIZERS: dict[str, Serializer] = {
     s.name: s
     for s in (
-        Serializer("json", _is_plain, _json_dump, _json_load),
+        Serializer("json", is_plain, _json_dump, _json_load),
         Serializer("npy", _is_ndarray, _npy_dump, _npy_load),
         Serializer("parquet", _is_dataframe, _parquet_dump, _parquet_load),
         Serializer("joblib", lambda v: True, _joblib_dump, _joblib_load),
