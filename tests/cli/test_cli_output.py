@@ -10,11 +10,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from tests_support import write
 
 from skyloop.config import Settings
 from skyloop.deploy.spec import load_deployment_spec
 from skyloop.store import deployments as store
+from skyloop.store.models import RunRow
 from skyloop.store.workspace import Workspace
 
 PIPES = '''
@@ -46,13 +48,23 @@ def strict(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def test_run_json_is_strict_and_its_timestamps_are_iso(cli, tmp_path: Path) -> None:
+def test_run_json_is_strict_and_its_timestamps_are_iso(cli, home: Path, tmp_path: Path) -> None:
     write(tmp_path / "pipes.py", PIPES)
-    ran = cli("run", "pipes.py:floats", "-p", "x=nan", "--backend", "inline", "--json")
+    refused = cli("run", "pipes.py:floats", "-p", "x=nan", "--backend", "inline", "--json")
+    assert refused.returncode == 2 and "NaN or Infinity is not a value a run can store" in refused.stderr
+    ran = cli("run", "pipes.py:floats", "-p", "x=1.5", "--backend", "inline", "--json")
     assert ran.returncode == 0, ran.stderr
-    run = strict(ran.stdout)  # before: `"x": NaN`, which no strict parser reads
-    assert run["params"] == {"x": None}
+    run = strict(ran.stdout)
+    # A run stored with a NaN parameter (before `-p x=nan` was refused): printed as `"x": NaN`, which no strict
+    # parser reads.
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        with workspace.db.session() as session:
+            session.execute(update(RunRow).where(RunRow.id == run["id"]).values(params={"x": float("nan")}))
+    finally:
+        workspace.close()
     shown = strict(cli("runs", "show", run["id"], "--json").stdout)
+    assert shown["params"] == {"x": None}
     listed = strict(cli("runs", "list", "--json").stdout)[0]
     for doc in (run, shown, listed):
         for key in ("created_at", "started_at", "ended_at"):
