@@ -70,6 +70,9 @@ def agent(
         console.print(f"signal {signum}: stopping; held runs go back to the queue")
         stop.set()
 
+    # Ctrl-C and SIGTERM hand the held runs back; a blocked signal mask survives exec, so a starter that had
+    # them blocked (some libraries block SIGINT around spawning) would leave this agent deaf to both.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         claimed = Agent(settings, workspace, engine, _Log(), max_runs=max_runs,
