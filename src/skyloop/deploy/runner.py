@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from skyloop.deploy.gateway import Gateway
+from skyloop.deploy.health import check_serving, restart_host
 from skyloop.deploy.pools import Endpoint, Pool
 from skyloop.deploy.ray_replicas import RayReplicaHost
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
@@ -96,11 +97,11 @@ class DeploymentRunner:
         self.swapping: set[str] = set()
         """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
         self.restarts = Restarts()
-        self._restart_reason = ""
+        self.restart_reason = ""
         """The status reason a failed restart set (a later successful one takes it back)."""
-        self._down: list[str] = []
-        """Predictors with no replica serving at the last tick (see `_check_serving`)."""
-        self._down_reason = ""
+        self.down: list[str] = []
+        """Predictors with no replica serving at the last tick (see `health.check_serving`)."""
+        self.down_reason = ""
         self.state_written = 0.0
         self.applied = 0
         self.loop: Loop | None = None
@@ -197,7 +198,7 @@ class DeploymentRunner:
             info = resolve(session, parse_model_ref(uri))
         return f"{info.name}/{info.version}"
 
-    async def _new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None) -> ReplicaHost:
+    async def new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None) -> ReplicaHost:
         """Start a host for `predictor`; one `replacing` a running Ray host of it may start with only the replicas
         the cluster has room for, the rest following as `_roll` stops old ones (`RayReplicaHost.pending`)."""
         graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
@@ -302,13 +303,13 @@ class DeploymentRunner:
                    or p.name not in {q.name for q in old_spec.predictors}
                    or not await self._serves_already(p, old_spec.predictor(p.name))]
         self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
-        results = await asyncio.gather(*(self._new_host(p, self.hosts.get(p.name)) for p in changed),
+        results = await asyncio.gather(*(self.new_host(p, self.hosts.get(p.name)) for p in changed),
                                        return_exceptions=True)
         failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             for r in results:
                 if isinstance(r, ReplicaHost):
-                    await self._stop_host(r)
+                    await self.stop_host(r)
             self.status = Phase.DEGRADED.value
             self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
             await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
@@ -432,7 +433,7 @@ class DeploymentRunner:
                          (f", {waiting} waiting for the room old ones free" if waiting else ""))
         if isinstance(host, RayReplicaHost) and waiting:
             await self._roll_as_room_frees(name, host, old, pool)
-            await self._stop_host(old)
+            await self.stop_host(old)
             return
         olds, news = list(old.endpoints), list(host.endpoints)
         for i in range(max(len(olds), len(news))):
@@ -440,9 +441,9 @@ class DeploymentRunner:
                 pool.endpoints.append(news[i])
             if i < len(olds):
                 await self._take_out(olds[i], pool)
-        await self._stop_host(old)
+        await self.stop_host(old)
 
-    async def _stop_host(self, host: ReplicaHost) -> None:
+    async def stop_host(self, host: ReplicaHost) -> None:
         await host.stop()
         self.started.discard(host)
 
@@ -455,7 +456,7 @@ class DeploymentRunner:
             await asyncio.gather(*(self.gateway.drain(e) for e in pool.endpoints))
             self.gateway.pools.pop(name, None)
         if host is not None:
-            await self._stop_host(host)
+            await self.stop_host(host)
 
     def _split_text(self) -> str:
         if self.spec.router.type != "weighted":
@@ -516,8 +517,8 @@ class DeploymentRunner:
         await self.refresh_hosts()
         for name, host in list(self.hosts.items()):
             if not host.alive and self.restarts.due(name):
-                self.restarts.begin(name, self._restart(name, host))
-        await self._check_serving()
+                self.restarts.begin(name, restart_host(self, name, host))
+        await check_serving(self)
         now = time.monotonic()
         for command in commands:
             if self.rollout is None or self.rollout.done:
@@ -534,53 +535,6 @@ class DeploymentRunner:
                 await self.loop.tick()
         finally:  # status shows what the rest of the tick did, even when the loop failed
             await self.write_state()
-
-    async def _restart(self, name: str, dead: ReplicaHost) -> None:
-        """Start the replicas of `name` again in place of `dead`, its host that died (see `Restarts`)."""
-        failures, error = self.restarts.failures(name)
-        why = f"{failures} start(s) in a row failed, the last: {error}" if failures else dead.exit_description()
-        await self.event("replicas_restarted", f"{name}: {why}; starting it again")
-        await self._stop_host(dead)  # whatever is left of it
-        try:
-            host = await self._new_host(self.spec.predictor(name))
-        except (SkyloopError, KeyError) as exc:  # KeyError: an apply removed the predictor meanwhile
-            if self.hosts.get(name) is not dead:
-                return
-            wait = self.restarts.failed(name, str(exc))
-            self.status, self.reason = Phase.DEGRADED.value, \
-                f"{name}: its replicas died and did not start again: {exc}; next try in {wait:g}s"
-            self._restart_reason = self.reason
-            await self.event("restart_failed", self.reason)
-            await self.write_state(force=True)
-            return
-        if self.hosts.get(name) is not dead:  # retired, or replaced by an apply, while this one started
-            await self._stop_host(host)
-            return
-        pool = self.gateway.pools.setdefault(name, Pool(name))
-        pool.endpoints, pool.version = list(host.endpoints), host.version
-        self.hosts[name] = host
-        failed = self.restarts.succeeded(name)
-        if failed and self.status == Phase.DEGRADED.value and self.reason == self._restart_reason:
-            self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
-            self.reason = f"{name}: its replicas started again after {failed} failed start(s)"
-            await self.event("replicas_recovered", self.reason)
-            await self.write_state(force=True)
-
-    async def _check_serving(self) -> None:
-        """Degraded while a predictor has no replica serving (its host died, or Ray restarts its only actors),
-        and back once one serves again: the status must not say Healthy while a predictor's requests fail."""
-        down = sorted(n for n, h in self.hosts.items() if n not in self.swapping and not (h.alive and h.endpoints))
-        if down and down != self._down:
-            self.status = Phase.DEGRADED.value
-            self.reason = self._down_reason = f"{', '.join(down)}: no replica serving; being restarted"
-            await self.event("replicas_down", self.reason)
-            await self.write_state(force=True)
-        elif not down and self._down and self.status == Phase.DEGRADED.value and self.reason == self._down_reason:
-            self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
-            self.reason = f"{', '.join(self._down)}: serving again"
-            await self.event("replicas_recovered", self.reason)
-            await self.write_state(force=True)
-        self._down = down
 
     def describe(self) -> dict[str, Any]:
         """The controller's view, stored on the deployment row."""
