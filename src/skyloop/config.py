@@ -34,8 +34,11 @@ class ExecutionSettings(BaseModel):
     steps with `Resources(custom={"license": 1})` at once, across runs); local and inline backends."""
     memory_margin: float = 0.25
     """A step whose resident memory passes its request by this fraction is killed as OUT_OF_MEMORY."""
-    pools: dict[str, int] = Field(default_factory=dict)
-    """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs."""
+    pools: dict[Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(ge=1)]] = \
+        Field(default_factory=dict)
+    """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs and across
+    the processes (agents, `skyloop run`) on one metadata DB, whose slots it holds (see `skyloop.store.pools`).
+    Every process on the DB should name the same limit: each applies the one it knows."""
     aging_seconds: float = 300.0
     """Each time a run launches nothing for this long, its oldest waiting step rises one priority class
     (one waiting four times as long rises even while its run launches other steps)."""

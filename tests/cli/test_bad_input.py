@@ -373,6 +373,8 @@ def p():
     ("SKYLOOP_EXECUTION__MAX_MEMORY", "lots", "invalid settings: SKYLOOP_EXECUTION__MAX_MEMORY: memory 'lots' is "
                                               "not a size"),
     ("SKYLOOP_EXECUTION__POOLS", "{gpu", "nested settings such as SKYLOOP_EXECUTION__POOLS take JSON"),
+    ("SKYLOOP_EXECUTION__POOLS", '{"gpu": 0}', "SKYLOOP_EXECUTION__POOLS__GPU: Input should be greater than or "
+                                              "equal to 1"),
 ])
 def test_a_bad_setting_in_the_environment_is_named_in_one_line(cli_env: dict[str, str], tmp_path: Path, variable: str,
                                                               value: str, message: str) -> None:

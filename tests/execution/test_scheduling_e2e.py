@@ -16,7 +16,7 @@ import pytest
 from skyloop import Settings, run
 from skyloop.execution.api import submit
 from skyloop.execution.loading import load_file_module
-from skyloop.store.models import RunRow, StepRunRow
+from skyloop.store.models import Event, PoolSlotRow, RunRow, StepRunRow
 from skyloop.store.workspace import Workspace
 
 HERE = Path(__file__).parent
@@ -157,6 +157,68 @@ def test_the_pool_order_comes_from_simulating_the_runs_together(settings: Settin
     chunks = sorted(at for (run_id, task), at in started.items() if run_id == fanned and task.startswith("chunk"))
     assert started[(gpu_fed, "embed")] <= chunks[1], (started[(gpu_fed, "embed")], chunks)
     assert started[(gpu_fed, "fit")] < started[(fanned, "fit")]
+
+
+def _owners(settings: Settings, run_ids: list[str]) -> set[str]:
+    """The processes that ran `run_ids` (from their adoption events)."""
+    ws = Workspace.open(settings)
+    try:
+        with ws.db.read() as session:
+            return {e.message.removeprefix("run adopted by ") for e in session.query(Event)
+                    .filter(Event.run_id.in_(run_ids), Event.kind == "run.adopted")}
+    finally:
+        ws.close()
+
+
+POOLED = {"SKYLOOP_EXECUTION__POOLS": '{"trainer": 1}'}
+
+
+@pytest.mark.integration
+def test_a_pool_of_one_runs_one_member_at_a_time_across_two_agents(settings: Settings) -> None:
+    pools = load_file_module(HERE / "pool_pipelines.py")
+    run_ids = [submit(pools.fast, {}, settings=settings) for _ in range(4)]
+    # One run each at a time: before pools were held in the DB, each agent ran its own trainer.
+    agents = [_agent(settings, "--max-runs", "1", "--max-cpus", "1", "--backend", "local", env_extra=POOLED)
+              for _ in range(2)]
+    try:
+        assert _wait_for(settings, run_ids) == dict.fromkeys(run_ids, "SUCCEEDED")
+    finally:
+        for agent in agents:
+            _stop(agent)
+    assert len(_owners(settings, run_ids)) == 2  # both agents ran some of them
+    trains = sorted((r.started_at, r.ended_at) for r in _rows(settings) if r.task == "train")
+    assert len(trains) == 4
+    for (_, ended), (started, _) in itertools.pairwise(trains):
+        assert started >= ended, trains
+    ws = Workspace.open(settings)
+    try:
+        with ws.db.read() as session:
+            assert session.query(PoolSlotRow).count() == 0  # each freed at its attempt's end
+    finally:
+        ws.close()
+
+
+@pytest.mark.integration
+def test_the_pool_slot_of_an_agent_killed_mid_step_does_not_block_the_pool(settings: Settings) -> None:
+    pools = load_file_module(HERE / "pool_pipelines.py")
+    first_run = submit(pools.fast, {}, settings=settings)
+    first = _agent(settings, "--backend", "local", env_extra=POOLED)
+    try:
+        deadline = time.monotonic() + 30
+        while not [r for r in _rows(settings, first_run) if r.task == "train"]:
+            assert time.monotonic() < deadline and first.poll() is None, "the trainer never started"
+            time.sleep(0.05)
+        first.kill()  # holding the pool's one slot
+        first.wait()
+    finally:
+        _stop(first)
+    second_run = submit(pools.fast, {}, settings=settings)
+    second = _agent(settings, "--backend", "local", "--once", env_extra=POOLED)
+    try:
+        assert _wait_for(settings, [first_run, second_run], timeout=60) == dict.fromkeys([first_run, second_run],
+                                                                                         "SUCCEEDED")
+    finally:
+        _stop(second)
 
 
 @pytest.mark.integration

@@ -261,6 +261,14 @@ def test_pools_hold_across_runs() -> None:
     assert _keys(select(cands, Resources(cpus=8), config)) == [1, 2, 3]
 
 
+def test_pool_slots_held_by_other_processes_count_against_the_limit() -> None:
+    config = PolicyConfig(pools={"gpu-train": 2}, pools_held_elsewhere={"gpu-train": 1})
+    cands = [_c(1, run="a", pool="gpu-train"), _c(2, run="b", pool="gpu-train"), _c(3, run="b", pool="other")]
+    assert _keys(select(cands, Resources(cpus=8), config)) == [1, 3]
+    config.pools_held_elsewhere["gpu-train"] = 2
+    assert _keys(select(cands, Resources(cpus=8), config)) == [3]
+
+
 def test_best_fit_among_equals_fills_the_scarcest_resource() -> None:
     # Same class, run and rank: the 4-CPU request fills the 4 free CPUs exactly; the 3-CPU one would strand one.
     assert _keys(select([_c(1, cpus=3), _c(2, cpus=4)], Resources(cpus=4))) == [2]

@@ -79,13 +79,13 @@ def replayed_database(url: str) -> Database:
 
 
 @contextmanager
-def before_first_update(db: Database, action: Callable[[], None]) -> Iterator[None]:
+def before_first_update(db: Database, action: Callable[[], None], verb: str = "UPDATE") -> Iterator[None]:
     """Run `action` (another process's write, committed on its own connection) just before `db` sends its
-    first UPDATE: the moment between a function's read and its first write."""
+    first UPDATE (or other `verb`: INSERT, DELETE): the moment between a function's read and its first write."""
     done: list[bool] = []
 
     def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if not done and statement.lstrip().upper().startswith("UPDATE "):
+        if not done and statement.lstrip().upper().startswith(f"{verb} "):
             done.append(True)
             action()
 
@@ -94,7 +94,7 @@ def before_first_update(db: Database, action: Callable[[], None]) -> Iterator[No
         yield
     finally:
         event.remove(db.engine, "before_cursor_execute", hook)
-    assert done, "no UPDATE was sent"
+    assert done, f"no {verb} was sent"
 
 
 def schema_of(database: Database) -> dict[str, object]:

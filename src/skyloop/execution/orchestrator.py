@@ -46,6 +46,7 @@ from skyloop.errors import Conflict
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.estimates import estimate_run, rank_together
 from skyloop.execution.history import Prior, crash_orphans, load_prior
+from skyloop.execution.poolslots import POLL_SECONDS, PoolSlots
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.runstate import Observer, Prepared, RunState
 from skyloop.execution.tasks import TaskLaunch, TaskResult, TaskState
@@ -118,6 +119,8 @@ class Orchestrator:
         execution = settings.execution
         self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools))
         self.queue = ReadyQueue(self.config)
+        self.slots = PoolSlots(db, self.owner, self.config)
+        """The DB slots of limited pools (a pool's limit holds across every process on the DB)."""
         self.recorder = Recorder(db, owner=self.owner)
         self.capacity = backend.capacity()
         # A backend that queues work itself (Ray) may take more than it runs at once: launching ahead
@@ -258,9 +261,16 @@ class Orchestrator:
             return []
         if self.in_use.cpus > self._refill_at + 1e-9:  # the backend still has plenty queued
             return []
+        if self.config.pools:
+            self.slots.refresh(entry.unit.task.pool for entry in self.pending.values())
         launches = []
         for cand in self.queue.take(self.admission - self.in_use, now=now):
-            entry = self.pending.pop(cand.key)
+            entry = self.pending[cand.key]
+            if self.slots.limited(cand.pool) and not self.slots.take(cand):
+                self.queue.done(cand.key)  # another process took the pool's last slot: it waits again
+                self.queue.push(cand)
+                continue
+            del self.pending[cand.key]
             launch = entry.run.launch(entry.unit)
             self.in_use = self.in_use + entry.unit.task.resources
             self.running[launch.key] = entry
@@ -280,6 +290,7 @@ class Orchestrator:
             return
         self.in_use = self.in_use - entry.unit.task.resources
         self.queue.done(entry.candidate.key)
+        self.slots.free([entry.candidate.key])
         if self.runs.get(entry.run.run_id) is not entry.run:
             # The end of an attempt of a run another process adopted (cancelled by `_drop`): not ours to take,
             # nor to retry.
@@ -380,8 +391,10 @@ class Orchestrator:
         self._drop_lost()
         if not self.runs:
             return
-        if not (self.running or self.delayed or launches or taken_back) and self.pending:
-            # (Launches taken back made room that steps of the runs still held take at the next turn.)
+        blocked = self.slots.waiting and bool(self.pending)
+        if not (self.running or self.delayed or launches or taken_back or blocked) and self.pending:
+            # (Launches taken back made room that steps of the runs still held take at the next turn; slots
+            # of a pool that other processes hold free up when their attempts end.)
             # Requests are checked against capacity on activation, so this cannot happen; say so loudly.
             raise RuntimeError(f"{len(self.pending)} step(s) wait for resources that will never free up")
         timeout = max_wait
@@ -390,9 +403,13 @@ class Orchestrator:
         since = self.recorder.waiting_since()
         if since is not None:
             timeout = max(0.0, min(timeout, since + FLUSH_SECONDS - time.monotonic()))
+        if blocked:
+            timeout = min(timeout, POLL_SECONDS)
         if self.running or self.delayed:
             for result in self.backend.wait(timeout):
                 self._finish(result)
+        elif blocked:
+            time.sleep(timeout)
 
     def _unlaunch(self, launches: list[TaskLaunch], lost: set[str]) -> list[TaskLaunch]:
         """The launches of runs still held; those of `lost` runs are taken back before they were submitted."""
@@ -403,6 +420,7 @@ class Orchestrator:
                 del self.running[launch.key]
                 self.in_use = self.in_use - entry.unit.task.resources
                 self.queue.done(entry.candidate.key)
+                self.slots.free([entry.candidate.key])
             else:
                 kept.append(launch)
         return kept
@@ -459,6 +477,7 @@ class Orchestrator:
                 if entry is not None and not entry.dropped:
                     self.queue.done(entry.candidate.key)
                     self.recorder.finished(result, entry.run.run_id)
+        self.slots.free_all()  # (where the DB is away, they go stale with the runs' leases)
 
     def abort(self, status: str, error: str) -> None:
         """Cancel everything running and end every held run with `status`."""
@@ -483,4 +502,5 @@ class Orchestrator:
         """Stop the heartbeat (held runs keep their leases until they expire) and close the DB connection."""
         self._heartbeat.stopped.set()
         self._heartbeat.join(timeout=5)
+        self.slots.free_all()
         self.recorder.close()

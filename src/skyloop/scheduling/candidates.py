@@ -34,7 +34,8 @@ class Candidate:
 
 @dataclass
 class PolicyConfig:
-    """Knobs of the policy; `run_weights` and `pools` are read on every call, so they may change."""
+    """Knobs of the policy; `run_weights`, `pools` and `pools_held_elsewhere` are read on every call, so they
+    may change."""
 
     aging_seconds: float = 300.0
     """Each full period in which a run launches nothing lifts its oldest waiting candidate one priority
@@ -43,6 +44,8 @@ class PolicyConfig:
     """Fair-share weight per run id (default 1.0): a run of weight 2 is entitled to twice the share."""
     pools: dict[str, int] = field(default_factory=dict)
     """Concurrency pool -> how many of its members may run at once, across runs; unknown = unlimited."""
+    pools_held_elsewhere: dict[str, int] = field(default_factory=dict)
+    """Pool -> how many of its slots others hold (other processes on the DB): they count against its limit."""
     backfill_scan: int = BACKFILL_SCAN
     """Candidates passed over per call before giving up on the rest."""
     fit_window: float = 0.0

@@ -551,7 +551,8 @@ class _Turn:
         if cand.pool is None:
             return True
         limit = self.config.pools.get(cand.pool)
-        return limit is None or self.in_pool.get(cand.pool, 0) < limit
+        return limit is None or (self.in_pool.get(cand.pool, 0)
+                                 + self.config.pools_held_elsewhere.get(cand.pool, 0)) < limit
 
 
 def _decrement(counter: Counter[_T], value: _T) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "ModelRow",
     "ModelVersionRow",
     "PayloadSegmentRow",
+    "PoolSlotRow",
     "RunRow",
     "StepRunRow",
 ]
@@ -127,6 +128,24 @@ class StepRunRow(Base):
     """Where the estimate came from: default, history, history-scaled, siblings (units of the same map)."""
     input_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Total size of the artifacts the attempt read (scales duration estimates)."""
+
+
+class PoolSlotRow(Base):
+    """One slot of a concurrency pool, held by an attempt of a run while it runs (see `store.pools`).
+
+    A pool of limit n has slots 0..n-1: the primary key lets no two processes hold the same slot, so no
+    more than n attempts of the pool run at once, whichever processes run them."""
+
+    __tablename__ = "pool_slots"
+
+    pool: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    """The orchestrator process holding it (as `RunRow.owner`): the slot lives while that process holds the run."""
+    run_id: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer)
+    """The attempt holding it, by its number in the owner's queue."""
+    taken_at: Mapped[datetime] = mapped_column()
 
 
 class Artifact(Base):
