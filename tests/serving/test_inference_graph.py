@@ -68,6 +68,67 @@ def test_transformer_combiner_and_models_answer_like_in_process(
             assert f'skyloop_graph_node_seconds_count{{model="ensemble",node="{node}"}} 1.0' in metrics
 
 
+COLUMN_NODES = '''
+import numpy as np
+
+
+class ScaleColumns:
+    """TRANSFORMER: scales every column of the request (a mapping of named columns)."""
+
+    def __init__(self, factor=1.0):
+        self.factor = factor
+
+    def transform_input(self, X):
+        return {name: np.asarray(values) * self.factor for name, values in X.items()}
+
+
+class Mean:
+    """COMBINER: the mean of its children's answers."""
+
+    def aggregate(self, answers):
+        return np.mean([np.asarray(a, dtype=float) for a in answers], axis=0)
+'''
+
+
+def test_a_model_of_a_table_below_a_transformer_gets_the_columns_as_its_frame(
+        tmp_path: Path, settings: Settings) -> None:
+    # The README's graph, with a model logged from a DataFrame: the transformer at the root gets the request's
+    # columns as a mapping and passes one on. The models below got that mapping, which scikit-learn refused
+    # ("Expected 2D array, got scalar array"), blaming the client with a 422.
+    import pandas as pd
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from skyloop.registry import log_model
+
+    frame, y = load_iris(return_X_y=True, as_frame=True)
+    logreg = LogisticRegression(max_iter=500).fit(frame, y)
+    tree = DecisionTreeClassifier(random_state=0).fit(frame, y)
+    log_model(logreg, "iris-frame", input_example=frame.head(3), settings=settings)
+    log_model(tree, "iris-frame-tree", input_example=frame.head(3), settings=settings)
+    (tmp_path / "cols.py").write_text(COLUMN_NODES)
+    doc = {"name": "ensemble", "graph": {
+        "name": "scale", "type": "TRANSFORMER", "implementation": "cols.py:ScaleColumns", "parameters": {"factor": 2.0},
+        "children": [{"name": "mean", "type": "COMBINER", "implementation": "cols.py:Mean", "children": [
+            {"name": "logreg", "type": "MODEL", "model_uri": "models:/iris-frame/1"},
+            {"name": "tree", "type": "MODEL", "model_uri": "models:/iris-frame-tree/1"}]}]}}
+    rows = frame.iloc[[0, 60, 120]]
+    for client, _ in _client(_spec(tmp_path, doc), settings):
+        body = {"inputs": [{"name": c, "shape": [3], "datatype": "FP64", "data": rows[c].tolist()}
+                           for c in frame.columns]}
+        response = client.post("/v2/models/ensemble/infer", json=body)
+        assert response.status_code == 200, response.text
+        scaled = pd.DataFrame(rows.to_numpy() * 2.0, columns=frame.columns)
+        expected = (logreg.predict(scaled) + tree.predict(scaled)) / 2
+        assert response.json()["outputs"][0]["data"] == pytest.approx(expected.tolist())
+        # A column the transformer did not pass on is named, with the node that missed it.
+        body["inputs"] = body["inputs"][1:]
+        response = client.post("/v2/models/ensemble/infer", json=body)
+        assert response.status_code == 422
+        assert "model node 'logreg'" in response.json()["error"] and "sepal length (cm)" in response.json()["error"]
+
+
 def test_router_sends_to_one_child_and_feedback_reaches_it(nodes_dir: Path, settings: Settings) -> None:
     doc = {"name": "routed", "graph": {
         "name": "pick", "type": "ROUTER", "implementation": "nodes.py:Pick", "parameters": {"child": 1},

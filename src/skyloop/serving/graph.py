@@ -155,7 +155,7 @@ class Graph:
         trace.visited.append(node.name)
         kind = node.spec.type
         if kind is NodeType.MODEL or kind is NodeType.TRANSFORMER:
-            y = self._call(node, (x,))
+            y = self._call(node, (_model_input(node, x),))
             return self._run(node.children[0], y, trace) if node.children else y
         if kind is NodeType.OUTPUT_TRANSFORMER:
             y = self._run(node.children[0], x, trace) if node.children else x
@@ -178,18 +178,7 @@ class Graph:
 
     def features(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
         """The X the root node gets for the request's tensors (already passed through `check`)."""
-        specs = self.signature.inputs if self.signature else []
-        if specs:
-            if _columns(specs) or (self.signature is not None and self.signature.frame):
-                try:
-                    import pandas as pd
-                except ImportError:
-                    return dict(inputs)
-                return pd.DataFrame({s.name: inputs[s.name] for s in specs})
-            if len(specs) == 1:
-                return inputs[specs[0].name]
-            return {s.name: inputs[s.name] for s in specs}
-        return next(iter(inputs.values())) if len(inputs) == 1 else dict(inputs)
+        return _features(self.signature, inputs)
 
     def check(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """The request's tensors as the signature types them; refused with `SignatureMismatch` if they do not fit."""
@@ -230,6 +219,40 @@ class Graph:
                 raise NodeError(name, f"send_feedback: {type(exc).__name__}: {exc}") from exc
             told += 1
         return told
+
+
+def _features(signature: Signature | None, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
+    """The X a model of `signature` takes for these named tensors (already passed through `check_inputs`):
+    a frame for the columns of a table, the one array of a single input, else the mapping."""
+    specs = signature.inputs if signature else []
+    if specs:
+        if _columns(specs) or (signature is not None and signature.frame):
+            try:
+                import pandas as pd
+            except ImportError:
+                return dict(inputs)
+            return pd.DataFrame({s.name: inputs[s.name] for s in specs})
+        if len(specs) == 1:
+            return inputs[specs[0].name]
+        return {s.name: inputs[s.name] for s in specs}
+    return next(iter(inputs.values())) if len(inputs) == 1 else dict(inputs)
+
+
+def _model_input(node: Node, x: Any) -> Any:
+    """What a registered model below other nodes gets: a mapping of named values (what the root gets for the
+    request's tensors, or what a transformer made of them) becomes the frame or array its signature takes,
+    as the root's input does. Anything else goes to the model as it is."""
+    signature: Signature | None = getattr(node.obj, "signature", None) if node.spec.model_uri else None
+    if not isinstance(x, Mapping) or signature is None or not signature.inputs:
+        return x
+    try:
+        arrays = {str(k): np.asarray(v) for k, v in x.items()}
+    except (TypeError, ValueError) as exc:  # ragged lists, say: what the node before it made
+        raise NodeError(node.name, f"its input is not a mapping of arrays: {type(exc).__name__}: {exc}") from exc
+    try:
+        return _features(signature, check_inputs(arrays, signature.inputs))
+    except SignatureMismatch as exc:
+        raise SignatureMismatch(f"model node {node.name!r}: {exc}") from None
 
 
 def _walk(node: Node) -> list[Node]:
