@@ -51,7 +51,8 @@ def split_data(frame: pd.DataFrame, test_size: float, seed: int) -> Split:
 @step
 def candidates(n_estimators: int) -> list[dict[str, Any]]:
     """The settings to try (a small grid around the requested size)."""
-    return [{"n_estimators": n, "max_depth": d} for n in (n_estimators // 2, n_estimators) for d in (3, None)]
+    sizes = sorted({max(1, n_estimators // 2), n_estimators})  # one tree is a size too
+    return [{"n_estimators": n, "max_depth": d} for n in sizes for d in (3, None)]
 
 
 @step(resources=Resources(cpus=1, memory="256Mi"), retries=1, timeout=300)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,9 @@ def test_escape_codes_in_errors_are_shown_not_sent_and_states_do_not_wrap(
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
     rows = [line for line in narrow.stdout.splitlines() if "ident" in line]
     assert rows and "SUCCEEDED" in rows[0], narrow.stdout  # before: `SUCCEEDE` above `D`
-    errors = narrow.stdout[narrow.stdout.index("└"):]  # under the table, in full
+    assert "actual/unit" in narrow.stdout  # before: the last column was cut off on 80 columns
+    assert narrow.stdout.index("boom: ") > narrow.stdout.rindex("FAILED")  # under the table's rows
+    errors = narrow.stdout[narrow.stdout.index("boom: "):]  # in full
     assert "boom: ValueError: bad value \\x1b[31mred\\x1b[0m" in errors
     assert " ".join(errors.split()).count("long words") == 12
     # The JSON keeps the error as the step raised it.
@@ -120,3 +122,58 @@ def test_a_run_limit_below_one_is_a_usage_error(cli) -> None:
     for limit in ("0", "-1"):  # before: -1 listed every run and 0 none, both with exit 0
         listed = cli("runs", "list", "--limit", limit, "--json")
         assert listed.returncode == 2 and listed.stdout == "" and "--limit" in listed.stderr, listed
+
+
+OUTPUTS = '''
+from skyloop import pipeline, step
+
+@step
+def score(x: float) -> float:
+    return x * 2
+
+@step
+def blob(n: int) -> bytes:
+    return b"z" * n
+
+@pipeline
+def scored(x: float = 1.5, n: int = 5000):
+    return {"score": score(x), "raw": blob(n)}
+'''
+
+
+def test_a_runs_outputs_are_shown_as_values_or_as_artifacts_named_for_lineage(cli, tmp_path: Path) -> None:
+    # Before, neither `run` nor `runs show` (nor their --json) said what a run produced: only Python could.
+    write(tmp_path / "outs.py", OUTPUTS)
+    ran = cli("run", "outs.py:scored", "--backend", "inline")
+    assert ran.returncode == 0, ran.stderr
+    assert "score = 3.0" in ran.stdout
+    raw = strict(cli("runs", "list", "--json").stdout)[0]
+    data = strict(cli("runs", "show", raw["id"], "--json").stdout)
+    assert data["outputs"]["score"]["value"] == 3.0
+    blob = data["outputs"]["raw"]
+    assert blob["type"] == "bytes" and blob["size"] >= 5000 and "value" not in blob
+    assert f"raw: bytes, {blob['size']:,} bytes, artifact {blob['digest'][:12]}" in ran.stdout
+    # The 12 characters shown are enough for the artifact's lineage; fewer than 6 are refused with the rule.
+    lineage = cli("artifacts", "lineage", blob["digest"][:12], "--json")
+    assert lineage.returncode == 0, lineage.stderr
+    assert strict(lineage.stdout) == [{"direction": "produced", "run": raw["id"], "step": "blob", "map_index": -1,
+                                       "as": "output"}]
+    short = cli("artifacts", "lineage", blob["digest"][:4])
+    assert short.returncode == 3 and "a prefix needs 6 characters or more" in short.stderr
+    assert "an id prefix needs 6 characters or more" in cli("runs", "show", raw["id"][:4]).stderr
+
+
+def test_runs_list_times_a_queued_run_from_its_start_and_names_its_backend(cli, home: Path, tmp_path: Path) -> None:
+    write(tmp_path / "pipes.py", PIPES)
+    assert cli("run", "pipes.py:floats", "--backend", "inline").returncode == 0
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        with workspace.db.session() as session:  # as if it had waited 10 minutes in the queue, then ran 2 s
+            row = session.query(RunRow).one()
+            row.created_at = row.started_at - timedelta(minutes=10)
+            row.ended_at = row.started_at + timedelta(seconds=2)
+    finally:
+        workspace.close()
+    listed = cli("runs", "list")
+    line = next(line for line in listed.stdout.splitlines() if "SUCCEEDED" in line)
+    assert line.split()[-2:] == ["2.0", "inline"], listed.stdout  # was 602.0: the wait counted as the run's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from skyloop import Settings, run
 from skyloop.execution.loading import load_file_module
 from skyloop.pipelines.graph import edges, label, to_dot, to_mermaid
 
@@ -107,3 +108,12 @@ def test_dot_escapes_quotes_and_backslashes(tmp_path: Path) -> None:
     renamed = to_dot(spec.model_copy(update={"name": 'odd "name" \\ here'}))
     assert renamed.startswith('digraph "odd \\"name\\" \\\\ here" {')
     assert '"' not in _outside_dot_strings(renamed)
+
+
+def test_the_example_pipeline_trains_the_smallest_forest_it_is_given(settings: Settings) -> None:
+    # `-p n_estimators=1` asked scikit-learn for a forest of 0 trees (the grid halved the size), and failed.
+    result = run(load_file_module(EXAMPLE).training_pipeline, {"n_estimators": 1}, backend="inline",
+                 settings=settings)
+    assert result.status == "SUCCEEDED", result.error
+    assert result.outputs["params"]["n_estimators"] == 1
+    assert result.steps["train"].units == 2  # one size, two depths

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -12,7 +14,40 @@ from skyloop.cli.output import print_json, printable
 from skyloop.cli.progress import state_text
 from skyloop.execution.run import Run
 
-__all__ = ["run_json", "run_table", "show_run"]
+__all__ = ["output_json", "run_json", "run_table", "show_run"]
+
+PREVIEW_BYTES = 2048
+"""Plain (JSON) outputs up to this size are shown as values; others by type, size and digest."""
+
+
+def output_json(run: Run) -> dict[str, Any]:
+    """The pipeline's outputs for people and scripts: a small plain value as itself (`value`), every stored one
+    by `type`, `size` and `digest` (for `skyloop artifacts lineage`), a mapped step's as its list of digests;
+    None for one not produced."""
+    out: dict[str, Any] = {}
+    for name, ref in run.output_refs().items():
+        if ref is None:
+            out[name] = None
+        elif isinstance(ref, list):
+            out[name] = {"type": "list", "items": len(ref), "digests": [r.digest for r in ref]}
+        else:
+            entry: dict[str, Any] = {"type": ref.type_name, "size": ref.size, "digest": ref.digest}
+            if ref.serializer == "json" and ref.size <= PREVIEW_BYTES:
+                entry["value"] = run.load(ref)
+            out[name] = entry
+    return out
+
+
+def _output_line(name: str, entry: dict[str, Any] | None) -> Text:
+    if entry is None:
+        return Text.assemble("  ", (name, "bold"), ": not produced")
+    if "value" in entry:
+        shown = json.dumps(entry["value"], allow_nan=False, default=str)
+        return Text.assemble("  ", (name, "bold"), " = ", printable(shown if len(shown) <= 200 else shown[:199] + "…"))
+    if entry["type"] == "list":
+        return Text.assemble("  ", (name, "bold"), f": {entry['items']} values (a mapped step's)")
+    return Text.assemble("  ", (name, "bold"), f": {printable(entry['type'])}, {entry['size']:,} bytes, "
+                         f"artifact {entry['digest'][:12]}")
 
 
 def run_json(run: Run) -> dict[str, Any]:
@@ -21,6 +56,7 @@ def run_json(run: Run) -> dict[str, Any]:
         "id": run.id, "pipeline": run.pipeline, "status": run.status, "error": run.error,
         "backend": run.backend, "params": run.params,
         "created_at": run.created_at, "started_at": run.started_at, "ended_at": run.ended_at,
+        "outputs": output_json(run),
         "steps": {
             name: {"state": info.state.value, "attempts": info.attempts, "units": info.units,
                    "seconds": info.seconds, "estimate_seconds": info.estimate, "actual_seconds": info.actual,
@@ -36,9 +72,12 @@ def run_table(run: Run) -> Table:
     Names are `Text`, never markup. No column wraps but the step's name: on 80 columns a table that also held
     the errors squeezed them to a few letters a line and broke state words (`SUCCEEDE` / `D`).
     """
-    table = Table(title=Text(f"run {run.id}  {run.pipeline}  {run.status}"), title_justify="left")
+    # Borders only under the head: with the columns' own, names of 10 letters folded and the last column was cut
+    # off on 80 columns.
+    table = Table(title=Text(f"run {run.id}  {run.pipeline}  {run.status}"), title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("step", overflow="fold", min_width=8)
-    for column in ("state", "attempts", "units", "time", "est/unit", "actual/unit"):
+    for column in ("state", "tries", "units", "time", "est/unit", "actual/unit"):
         table.add_column(column, no_wrap=True)
     for name, info in run.steps.items():
         estimate = _secs(info.estimate) + (f" ({info.estimate_source})" if info.estimate_source in ("default", "mixed")
@@ -57,6 +96,11 @@ def show_run(console: Console, run: Run, as_json: bool) -> None:
         print_json(run_json(run))
         return
     console.print(run_table(run))
+    outputs = output_json(run)
+    if outputs and run.status == "SUCCEEDED":
+        console.print("outputs:")
+        for name, entry in outputs.items():
+            console.print(_output_line(name, entry), highlight=False)
     errors = {name: printable(info.error) for name, info in run.steps.items() if info.error}
     for name, error in errors.items():
         console.print(Text.assemble((name, "bold"), ": ", (error, "red")), highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from skyloop.cli.main import console, state
@@ -47,13 +48,16 @@ def list_(
     if as_json:
         print_json(data)
         return
-    table = Table(title="runs", title_justify="left")
-    for column in ("id", "pipeline", "status", "created", "seconds"):
-        table.add_column(column)
+    table = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("id", "pipeline", "status", "created", "seconds", "backend"):
+        table.add_column(column, overflow="fold" if column == "pipeline" else "ellipsis",
+                         no_wrap=column != "pipeline")
     for r in rows:
-        seconds = (r.ended_at - r.created_at).total_seconds() if r.ended_at else None
+        # How long it ran: a run submitted to the queue starts when an agent claims it.
+        begun = r.started_at or r.created_at
+        seconds = (r.ended_at - begun).total_seconds() if r.ended_at else None
         table.add_row(r.id[:12], r.pipeline, state_text(r.status), r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      f"{seconds:.1f}" if seconds is not None else "")
+                      f"{seconds:.1f}" if seconds is not None else "", r.backend or "any")
     console.print(table)
 
 

@@ -147,6 +147,21 @@ class Run:
         store = self._ws.store
         return [store.get(r) for r in ref] if isinstance(ref, list) else store.get(ref)
 
+    def load(self, ref: ArtifactRef) -> Any:
+        """The value stored at `ref` (one of `output_refs`)."""
+        return self._ws.store.get(ref)
+
+    def output_refs(self) -> dict[str, ArtifactRef | list[ArtifactRef] | None]:
+        """Where the pipeline's declared outputs are stored, without loading them (None: not produced, its
+        step skipped, failed or not run yet)."""
+        refs: dict[str, ArtifactRef | list[ArtifactRef] | None] = {}
+        for name, b in self.spec.outputs.items():
+            try:
+                refs[name] = None if self._skipped(b.task) else self._refs(b.task).get(b.output)
+            except NotFound:
+                refs[name] = None
+        return refs
+
     @property
     def outputs(self) -> dict[str, Any]:
         """The pipeline's declared outputs, loaded from the artifact store; None for an output of a step its

@@ -24,6 +24,7 @@ __all__ = [
     "producers",
     "record_artifacts",
     "record_edges",
+    "resolve_digest",
     "unpin",
 ]
 
@@ -66,9 +67,23 @@ def record_edges(session: Session, step_run_id: str, direction: str,
         session.execute(INSERT_EDGE, rows)
 
 
+def resolve_digest(session: Session, digest: str) -> str:
+    """The full digest of an artifact given by its digest or a unique prefix of at least 6 characters (the
+    12 that `models show` and `runs show` print)."""
+    if session.get(Artifact, digest) is not None:
+        return digest
+    found = session.scalars(select(Artifact.digest).where(Artifact.digest.startswith(digest.lower(), autoescape=True))
+                            .limit(2)).all() if len(digest) >= 6 else []
+    if len(found) > 1:
+        raise NotFound(f"artifact digest prefix {digest!r} is ambiguous; give more characters")
+    if not found:
+        more = "" if len(digest) >= 6 else " (a prefix needs 6 characters or more)"
+        raise NotFound(f"no artifact {digest}{more}")
+    return found[0]
+
+
 def _edges(session: Session, digest: str, direction: str) -> list[LineageEdge]:
-    if session.get(Artifact, digest) is None:
-        raise NotFound(f"no artifact {digest}")
+    digest = resolve_digest(session, digest)
     query = (select(StepRunRow.run_id, Lineage.step_run_id, StepRunRow.task, StepRunRow.map_index, Lineage.name)
              .join(StepRunRow, StepRunRow.id == Lineage.step_run_id)
              .where(Lineage.artifact == digest, Lineage.direction == direction)

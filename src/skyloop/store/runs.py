@@ -74,7 +74,8 @@ def get_run(session: Session, run_id: str) -> RunRow:
         if len(found) > 1:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous; give more characters")
     if not found:
-        raise NotFound(f"no run with id {run_id!r}; `skyloop runs list` shows the runs")
+        short = " (an id prefix needs 6 characters or more)" if len(run_id) < 6 else ""
+        raise NotFound(f"no run with id {run_id!r}{short}; `skyloop runs list` shows the runs")
     try:
         row = session.get(RunRow, found[0])
     except ValueError as exc:  # the JSON columns no longer parse: say which run, not a traceback
