@@ -33,6 +33,10 @@ def exit_(code: int) -> None:
     sys.exit(code)
 
 
+def interrupt() -> None:
+    raise KeyboardInterrupt("from the step")
+
+
 def leave(code: int) -> None:
     os._exit(code)
 

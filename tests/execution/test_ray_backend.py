@@ -86,6 +86,13 @@ def test_without_ray_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
         RayBackend(ExecutionSettings()).start()
 
 
+def test_a_fraction_of_a_cpu_is_refused_for_a_local_ray() -> None:
+    # Ray counts whole CPUs: started with 1 for --max-cpus 0.5, it ran twice what the local backend allows.
+    with pytest.raises(BackendError, match=r"--max-cpus 0.5 is not a whole number of CPUs, which a local Ray needs; "
+                                           r"give 1, or use --backend local"):
+        RayBackend(ExecutionSettings(max_cpus=0.5)).start()
+
+
 @integration
 def test_is_a_backend_with_the_cluster_capacity(backend: RayBackend, ray_session: ModuleType) -> None:
     assert isinstance(backend, Backend)
@@ -136,10 +143,13 @@ def test_environment_and_folder_are_put_back_between_attempts(backend: RayBacken
 
 @integration
 def test_step_errors_fail_the_attempt_not_the_worker(backend: RayBackend, tmp_path: Path) -> None:
-    raised, exited = run_all(backend, make_launch(tmp_path, "boom"), make_launch(tmp_path, "exit_", code=4))
-    assert raised.state == exited.state == TaskState.FAILED
+    raised, exited, interrupted = run_all(backend, make_launch(tmp_path, "boom"),
+                                          make_launch(tmp_path, "exit_", code=4), make_launch(tmp_path, "interrupt"))
+    assert raised.state == exited.state == interrupted.state == TaskState.FAILED
     assert raised.error == "ValueError: boom from step" and "boom from step" in (raised.traceback or "")
     assert exited.error == "SystemExit: 4"
+    # Before, Ray took it for a cancel: "TaskCancelledError: ... was cancelled".
+    assert interrupted.error == "KeyboardInterrupt: from the step"
 
 
 @integration
@@ -234,6 +244,21 @@ def test_a_launch_with_a_timeout_waits_for_room_before_its_clock_runs(backend: R
     first_free = min(r.ended_at or 0 for r in results[:2])
     assert (results[2].started_at or 0) >= first_free - 0.05
     assert (results[3].started_at or 0) >= (results[2].started_at or 0) - 0.05
+
+
+@integration
+def test_a_launch_behind_a_held_one_goes_at_once_into_room_the_held_one_does_not_need(
+        backend: RayBackend, tmp_path: Path) -> None:
+    # Memory keeps the timed launch waiting (60% of it is taken, it asks for 60% more); the CPU-only launch after
+    # it fits beside both at once. Before, it waited behind the held launch: a CPU step idled behind a GPU step.
+    memory = int(backend.capacity().memory * 0.6)
+    busy = make_launch(tmp_path, "sleep", resources=Resources(cpus=0.5, memory=memory), seconds=1.5)
+    timed = make_launch(tmp_path, "sleep", timeout=10.0, resources=Resources(cpus=0.5, memory=memory), seconds=0.0)
+    after = make_launch(tmp_path, "sleep", resources=Resources(cpus=0.5), seconds=0.0)
+    results = run_all(backend, busy, timed, after)
+    assert [r.state for r in results] == [TaskState.SUCCEEDED] * 3, [r.error for r in results]
+    assert (results[2].ended_at or 0) < (results[0].ended_at or 0) - 0.5  # ran while `busy` did
+    assert (results[1].started_at or 0) >= (results[0].ended_at or 0) - 0.05  # the timed one still waited
 
 
 @integration

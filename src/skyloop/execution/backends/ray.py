@@ -12,8 +12,9 @@ orchestrator launches steps ahead, in its policy's order (Ray's queue keeps subm
 Ray starts them as CPUs free up, without a scheduler turn and a DB commit between one step's end
 and the next one's start. The price: work launched later (say, of a higher priority) waits behind
 up to that much queued work. An attempt with a timeout is not queued in Ray, where its clock would
-run while it waits: the backend holds it (and, to keep the order, every launch after it) until what
-it has in Ray leaves room for it.
+run while it waits: the backend holds it until what it has in Ray leaves room for it, and with it every
+launch after it that Ray could not start at once beside it (those that can, in resources it does not
+need, go: backfilling, so a CPU step does not idle behind a GPU step waiting for its device).
 
 Attempts expected to take under `PACK_BELOW_SECONDS` (known from history, or from the units of the same
 `.map` that already ended) travel in packs: one Ray task runs several of them one after the other,
@@ -80,6 +81,16 @@ MAX_PACK = 32
 """The most attempts in one pack."""
 MAX_CHAIN = 32
 """The most attempts in one chain (see `submit_after`)."""
+
+
+def _fits_beside(request: Resources, claimed: Resources, capacity: Resources) -> bool:
+    """Whether `request` fits in `capacity` beside `claimed`, in every resource it asks for (what others claim
+    beyond the capacity of a resource it does not need is no reason to wait)."""
+    amounts = [(request.cpus, claimed.cpus, capacity.cpus), (request.memory, claimed.memory, capacity.memory),
+               (request.gpus, claimed.gpus, capacity.gpus),
+               *((amount, claimed.custom.get(name, 0.0), capacity.custom.get(name, 0.0))
+                 for name, amount in request.custom.items())]
+    return all(asked <= 0 or asked + held <= total + 1e-9 for asked, held, total in amounts)
 
 
 class RayBackend:
@@ -181,6 +192,7 @@ class RayBackend:
             self.dispatch()
         if self._held or (launch.timeout is not None and not self._has_room(launch)):
             self._held.append(launch)
+            self._release()  # it may go beside what the held launches before it wait for
         elif launch.timeout is None and launch.estimate is not None and launch.estimate < PACK_BELOW_SECONDS:
             self._packable[launch.key] = launch
         else:
@@ -274,9 +286,20 @@ class RayBackend:
         return not self._running or (self._in_ray + launch.resources).fits(self.capacity())
 
     def _release(self) -> None:
-        """Give held launches to Ray, in order, while the first one's timeout would not run in a queue."""
-        while self._held and (self._held[0].timeout is None or self._has_room(self._held[0])):
-            self._send(self._held.popleft())
+        """Give held launches to Ray, in order, each that Ray can start now beside what it runs of ours and what
+        the launches held before it ask for (they keep their place: a later one goes first only into room they
+        do not need, as backfilling does), and the first one whenever nothing of ours is in Ray. Before, every
+        launch waited behind the first held one: a CPU step behind a held GPU step idled while CPUs were free."""
+        if not self._held:
+            return
+        capacity, claimed, kept = self.capacity(), self._in_ray, deque[TaskLaunch]()
+        for launch in self._held:
+            if _fits_beside(launch.resources, claimed, capacity) or (not kept and not self._running):
+                self._send(launch)
+            else:
+                kept.append(launch)
+            claimed = claimed + launch.resources
+        self._held = kept
 
     def _send(self, launch: TaskLaunch, *pack: TaskLaunch, after: Attempt | None = None,
               chained: bool = False, upstream: Any = None) -> None:

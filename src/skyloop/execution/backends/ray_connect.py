@@ -39,6 +39,11 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
     A Ray started here listens on 127.0.0.1 only, unless this process imported `ray` before
     without `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment (Ray reads it at import).
     """
+    if address is None and settings.max_cpus is not None and settings.max_cpus != math.floor(settings.max_cpus):
+        # Ray counts a node's CPUs in whole numbers: given 1 for 0.5 it would run twice what was allowed.
+        raise BackendError(f"--max-cpus {settings.max_cpus:g} is not a whole number of CPUs, which a local Ray "
+                           f"needs; give {max(1, math.floor(settings.max_cpus))}, or use --backend local, which "
+                           "takes fractions")
     if address is None and "ray" not in sys.modules:
         # Loopback only: Ray reads this once, at import, and only from the environment (its own
         # processes inherit it). Not for a remote cluster, which must reach this driver. A user's
@@ -61,7 +66,7 @@ def connect_ray(address: str | None, settings: ExecutionSettings) -> tuple[Any, 
             with scoped_environ(devices):
                 ray.init(
                     address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                    num_cpus=None if settings.max_cpus is None else max(1, math.floor(settings.max_cpus)),
+                    num_cpus=None if settings.max_cpus is None else max(1, int(settings.max_cpus)),
                     num_gpus=gpus, _memory=settings.max_memory, resources=dict(settings.resources) or None,
                     **quiet,
                 )

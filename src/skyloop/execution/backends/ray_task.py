@@ -105,7 +105,9 @@ class _Worker:
                 self.memory.reset()
                 result = execute(launch, store)
                 result.max_rss = self.memory.peak()
-        except (Exception, SystemExit) as exc:  # a step calling sys.exit() must not end the worker
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a step calling sys.exit() must not end the
+            # worker, and one raising KeyboardInterrupt must not pass for a cancel (Ray reports that as one; ours
+            # are forced: they kill the worker, never raise in it)
             result = TaskResult(key=launch.key, state=TaskState.FAILED, error=f"{type(exc).__name__}: {exc}",
                                 traceback=traceback.format_exc(), started_at=started, ended_at=time.time())
         finally:
