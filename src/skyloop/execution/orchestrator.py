@@ -123,6 +123,9 @@ class Orchestrator:
         """The DB slots of limited pools (a pool's limit holds across every process on the DB)."""
         self.recorder = Recorder(db, owner=self.owner)
         self.capacity = backend.capacity()
+        node_capacities = getattr(backend, "node_capacities", None)
+        self.nodes: list[Resources] | None = node_capacities() if node_capacities is not None else None
+        """What each node offers, on a backend of several nodes (a step must fit one)."""
         # A backend that queues work itself (Ray) may take more than it runs at once: launching ahead
         # saves a loop turn (and a DB commit) per short step, while the launch order stays the policy's.
         admission = getattr(backend, "admission", None)
@@ -200,7 +203,7 @@ class Orchestrator:
         self.runs[run_id] = RunState(
             run_id, prepared, prior, db=self.db, store=self.store, recorder=self.recorder,
             capacity=self.capacity, backend_name=self.backend.name, logs=self.settings.logs_dir / run_id,
-            capacity_fix=getattr(self.backend, "capacity_fix", None),
+            capacity_fix=getattr(self.backend, "capacity_fix", None), nodes=self.nodes,
             priority=priority, weight=weight, estimates=learned.estimates, ranks=learned.ranks, observer=self.observer,
             home=self.settings.home, estimator=learned.estimator, sized=learned.sized,
         )

@@ -6,6 +6,7 @@ ready attempts launch (across all the runs it holds) and talks to the backend.
 
 from __future__ import annotations
 
+import json
 import statistics
 import uuid
 from collections import deque
@@ -97,7 +98,8 @@ class RunState:
                  priority: int = 0, weight: float = 1.0, estimates: dict[str, tuple[float, str]] | None = None,
                  ranks: dict[str, float] | None = None, observer: Observer | None = None,
                  home: Path | None = None, estimator: Estimator | None = None,
-                 sized: dict[str, list[Sample]] | None = None, capacity_fix: str | None = None) -> None:
+                 sized: dict[str, list[Sample]] | None = None, capacity_fix: str | None = None,
+                 nodes: list[Resources] | None = None) -> None:
         self.run_id, self.prior = run_id, prior
         self.home = str(home) if home is not None else None
         """The skyloop home of the run, passed to steps (with the DB and store URLs) for `log_model`."""
@@ -105,6 +107,8 @@ class RunState:
         self.db, self.store, self.recorder = db, store, recorder
         self.capacity, self.backend_name, self.logs = capacity, backend_name, logs
         self.capacity_fix = capacity_fix
+        self.nodes = nodes if nodes is not None and len(nodes) > 1 else None
+        """What each node of a cluster of several offers (a step must fit one), where the backend says."""
         """The backend's own advice for a step that asks for more than `capacity` (see `_raise_capacity`)."""
         self.priority, self.weight = priority, weight
         self.estimates = estimates or {}
@@ -218,6 +222,13 @@ class RunState:
             error = (f"step asks for {task.resources.model_dump(mode='json')} but the {self.backend_name} "
                      f"backend offers {self.capacity.model_dump(mode='json')}; lower the request or "
                      f"{_raise_capacity(task.resources, self.capacity, self.capacity_fix)}")
+            self._record_end(task, TaskState.FAILED, error)
+            return self._complete(progress, TaskState.FAILED, error)
+        if self.nodes is not None and not any(task.resources.fits(node) for node in self.nodes):
+            offers = "; ".join(sorted({json.dumps(n.model_dump(mode="json"), sort_keys=True) for n in self.nodes}))
+            error = (f"step asks for {task.resources.model_dump(mode='json')}, which no single node of the "
+                     f"{self.backend_name} cluster offers (a step runs on one node; they offer {offers}); lower the "
+                     "request or add a node that large")
             self._record_end(task, TaskState.FAILED, error)
             return self._complete(progress, TaskState.FAILED, error)
         progress.size = len(unit_inputs)

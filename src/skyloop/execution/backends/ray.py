@@ -83,6 +83,14 @@ MAX_CHAIN = 32
 """The most attempts in one chain (see `submit_after`)."""
 
 
+def _resources_of(amounts: dict[str, float]) -> Resources:
+    """Ray's resource amounts (of the cluster or of one node) as skyloop's, without Ray's internal ones."""
+    custom = {name: amount for name, amount in amounts.items()
+              if name not in _BUILTIN_RESOURCES and not name.startswith(_INTERNAL_RESOURCES)}
+    return Resources(cpus=amounts.get("CPU", 0.0), memory=int(amounts.get("memory", 0)),
+                     gpus=math.floor(amounts.get("GPU", 0)), custom=custom)
+
+
 def _fits_beside(request: Resources, claimed: Resources, capacity: Resources) -> bool:
     """Whether `request` fits in `capacity` beside `claimed`, in every resource it asks for (what others claim
     beyond the capacity of a resource it does not need is no reason to wait)."""
@@ -167,12 +175,14 @@ class RayBackend:
         """The cluster's CPUs, GPUs, memory and custom resources, as Ray counts them."""
         if self._capacity is None:
             self.start()
-            total: dict[str, float] = self._ray.cluster_resources()
-            custom = {name: amount for name, amount in total.items()
-                      if name not in _BUILTIN_RESOURCES and not name.startswith(_INTERNAL_RESOURCES)}
-            self._capacity = Resources(cpus=total.get("CPU", 0.0), memory=int(total.get("memory", 0)),
-                                       gpus=math.floor(total.get("GPU", 0)), custom=custom)
+            self._capacity = _resources_of(self._ray.cluster_resources())
         return self._capacity
+
+    def node_capacities(self) -> list[Resources]:
+        """What each live node of the cluster offers: a step runs on one node, so it must fit one (Ray holds a
+        task that fits the cluster's total but no node as infeasible, for ever)."""
+        self.start()
+        return [_resources_of(node.get("Resources") or {}) for node in self._ray.nodes() if node.get("Alive")]
 
     def admission(self) -> Resources:
         """What the orchestrator may have launched at once: `queue_factor` times the capacity."""
