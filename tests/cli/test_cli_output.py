@@ -177,3 +177,21 @@ def test_runs_list_times_a_queued_run_from_its_start_and_names_its_backend(cli, 
     listed = cli("runs", "list")
     line = next(line for line in listed.stdout.splitlines() if "SUCCEEDED" in line)
     assert line.split()[-2:] == ["2.0", "inline"], listed.stdout  # was 602.0: the wait counted as the run's
+
+
+def test_an_agent_names_the_queued_runs_it_leaves_to_other_backends(cli, tmp_path: Path) -> None:
+    # Before, `agent --once` said "0 run(s) claimed" and left the run queued without a word.
+    write(tmp_path / "pipes.py", PIPES)
+    assert cli("submit", "pipes.py:floats", "--backend", "inline").returncode == 0
+    agent = cli("agent", "--once", "--backend", "local")
+    assert agent.returncode == 0, agent.stderr
+    assert "agent done: 0 run(s) claimed" in agent.stdout
+    assert "runs queued for other backends wait for an agent of theirs (1 for inline)" in agent.stdout
+
+
+def test_logs_of_steps_that_printed_nothing_say_so(cli, tmp_path: Path) -> None:
+    write(tmp_path / "pipes.py", PIPES)
+    assert cli("run", "pipes.py:floats", "--backend", "inline").returncode == 0
+    run_id = strict(cli("runs", "list", "--json").stdout)[0]["id"]
+    logs = cli("runs", "logs", run_id)
+    assert logs.returncode == 0 and f"no output: no step of run {run_id[:12]} printed anything" in logs.stdout

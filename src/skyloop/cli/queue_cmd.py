@@ -5,12 +5,15 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from skyloop.cli.main import console, state
 from skyloop.execution.tasks import TaskState
+
+if TYPE_CHECKING:
+    from skyloop.store.workspace import Workspace
 
 __all__ = ["register"]
 
@@ -77,11 +80,29 @@ def agent(
     try:
         claimed = Agent(settings, workspace, engine, _Log(), max_runs=max_runs,
                         say=lambda message: console.print(message, highlight=False)).serve(stop, once=once)
+        left = _queued_elsewhere(workspace, engine.name)
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.shutdown()
         workspace.close()
     console.print(f"agent done: {len(claimed)} run(s) claimed")
+    if left:
+        waiting = ", ".join(f"{count} for {name}" for name, count in sorted(left.items()))
+        console.print(f"runs queued for other backends wait for an agent of theirs ({waiting}): "
+                      f"`skyloop agent --backend NAME`", highlight=False)
+
+
+def _queued_elsewhere(workspace: Workspace, backend: str) -> dict[str, int]:
+    """How many runs are queued for each backend other than `backend` (an agent of it never claims them)."""
+    from sqlalchemy import func, select
+
+    from skyloop.store.models import RunRow
+
+    with workspace.db.read() as session:
+        rows = session.execute(select(RunRow.backend, func.count()).where(
+            RunRow.status == "QUEUED", RunRow.backend.is_not(None), RunRow.backend != backend)
+            .group_by(RunRow.backend)).tuples().all()
+    return {str(name): int(count) for name, count in rows}
 
 
 def register(app: typer.Typer) -> None:

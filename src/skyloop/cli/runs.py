@@ -1,7 +1,8 @@
-"""`skyloop runs list|show|logs`."""
+"""`skyloop runs list|show|logs|cancel`."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -12,8 +13,9 @@ from skyloop.cli.main import console, state
 from skyloop.cli.output import print_json
 from skyloop.cli.progress import state_text
 from skyloop.cli.render import show_run
+from skyloop.errors import SkyloopError
 from skyloop.execution.run import Run
-from skyloop.store.runs import list_runs, reap_expired_runs
+from skyloop.store.runs import get_run, list_runs, reap_expired_runs, request_cancel
 from skyloop.store.workspace import Workspace
 
 __all__ = ["app"]
@@ -71,8 +73,41 @@ def show(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) 
 def logs(run_id: str, step: Annotated[str | None, typer.Argument(help="Only this step.")] = None) -> None:
     """What the steps printed (every attempt)."""
     run = Run(_workspace(), run_id)
+    printed = False
     for name in [step] if step else list(run.steps):
         text = run.logs(name)
         if text:
             console.print(name, style="bold", highlight=False)
             print(text)
+            printed = True
+    if not printed:
+        console.print(f"no output: {'step ' + repr(step) if step else 'no step'} of run {run.id[:12]} printed "
+                      "anything", highlight=False)
+
+
+@app.command()
+def cancel(
+    run_id: str,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for a running run to end (0: do not wait).")]
+    = 0.0,
+) -> None:
+    """Cancel a run: a queued one at once; a running one is stopped by the agent (or `run`) holding it, which
+    cancels its steps within a heartbeat (5 s by default) and ends it CANCELLED."""
+    workspace = _workspace()
+    with workspace.db.session() as session:
+        full_id, outcome = request_cancel(session, run_id)
+    if outcome == "CANCELLED":
+        console.print(f"run {full_id[:12]} cancelled", highlight=False)
+        return
+    console.print(f"run {full_id[:12]}: cancel requested; the process holding it stops its steps", highlight=False)
+    deadline = time.monotonic() + wait
+    while wait:
+        with workspace.db.read() as session:
+            status = get_run(session, full_id).status
+        if status != "RUNNING":
+            console.print(f"run {full_id[:12]} ended {status}", highlight=False)
+            return
+        if time.monotonic() >= deadline:
+            raise SkyloopError(f"run {full_id[:12]} still runs after {wait:g}s; `skyloop runs show {full_id[:12]}` "
+                               "says how far it got")
+        time.sleep(0.2)

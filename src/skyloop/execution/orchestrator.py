@@ -56,7 +56,9 @@ from skyloop.spec.resources import Resources
 from skyloop.store.artifacts import ArtifactStore
 from skyloop.store.db import Database
 from skyloop.store.runs import (
+    CANCELLED_BY_USER,
     ORCHESTRATOR_LOST,
+    cancel_requested,
     claim_run,
     create_run,
     disown_runs,
@@ -79,6 +81,8 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
         self.lost: set[str] = set()
         """Runs another process took over (their leases were not ours any more)."""
+        self.cancels: set[str] = set()
+        """Runs a user asked to cancel (`skyloop runs cancel`), read with each renewal."""
 
     def run(self) -> None:
         execution = self.orch.settings.execution
@@ -89,9 +93,11 @@ class _Heartbeat(threading.Thread):
             try:
                 with self.orch.db.session() as session:
                     kept = renew_leases(session, held, self.orch.owner, execution.lease_seconds)
+                    cancels = cancel_requested(session, list(kept))
             except Exception:  # a busy DB: try again at the next beat; the lease has slack
                 continue
             self.lost.update(set(held) - kept)
+            self.cancels.update(cancels)
 
 
 @dataclass
@@ -299,6 +305,10 @@ class Orchestrator:
             # nor to retry.
             self.ahead.pop(result.key, None)
             return
+        if entry.run.cancelling is not None:  # recorded as it ended; nothing after it runs, nor again
+            self.recorder.finished(result, entry.run.run_id)
+            self.ahead.pop(result.key, None)
+            return
         delay = entry.run.finish(entry.unit, result)
         if delay is not None:
             heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
@@ -358,9 +368,12 @@ class Orchestrator:
     def turn(self, max_wait: float) -> None:
         """One pass: activate, launch what the policy picks, wait up to `max_wait` for ends, close runs."""
         self._drop_lost()
+        self._take_cancels()
         if self._rerank:
             self._rank_together()
         for run in list(self.runs.values()):
+            if run.cancelling is not None:
+                continue
             run.activate_ready(self._enqueue, self._confirm)
             for unit in run.dropped:  # sent ahead, then not confirmed: as if never sent
                 self._drop_sent(unit.step_run_id)
@@ -385,10 +398,10 @@ class Orchestrator:
         if since is not None and (time.monotonic() - since >= FLUSH_SECONDS
                                   or self.recorder.work_at_risk >= FLUSH_SECONDS):
             self.recorder.flush()
-        for run in [r for r in self.runs.values() if r.done]:
+        for run in [r for r in self.runs.values() if r.done or (r.cancelling is not None and not self._attempts_of(r))]:
             self.recorder.flush()
             if run.run_id not in self.recorder.lost:  # else another process holds it now: let go below
-                self._release(run, *run.outcome())
+                self._release(run, *(("CANCELLED", run.cancelling) if run.cancelling is not None else run.outcome()))
         # A flush of this turn may have found runs adopted by another process (this one was held up past
         # its lease): let go of them now, with the steps they have waiting, before judging what waits.
         self._drop_lost()
@@ -428,6 +441,36 @@ class Orchestrator:
                 kept.append(launch)
         return kept
 
+    def _take_cancels(self) -> None:
+        """Cancel the runs a user asked to (seen by the heartbeat): their attempts are cancelled, what waits is
+        forgotten, and each run ends CANCELLED once its attempts' ends are recorded."""
+        for run_id in list(self._heartbeat.cancels):
+            self._heartbeat.cancels.discard(run_id)
+            run = self.runs.get(run_id)
+            if run is None or run.cancelling is not None:
+                continue
+            run.cancelling = CANCELLED_BY_USER
+            self.recorder.event(run_id, "run.cancelled", CANCELLED_BY_USER)
+            for key, entry in list(self.running.items()):
+                if entry.run is run:
+                    self.backend.cancel(key)
+                    if entry.ahead_of is not None:
+                        self._drop_sent(key)
+            self._forget_waiting(run)
+
+    def _attempts_of(self, run: RunState) -> bool:
+        """Whether attempts of `run` still run (those sent ahead and dropped aside)."""
+        return any(entry.run is run and not entry.dropped for entry in self.running.values())
+
+    def _forget_waiting(self, run: RunState) -> None:
+        """Forget the attempts of `run` that wait to launch or to be retried."""
+        for seq, entry in list(self.pending.items()):
+            if entry.run is run:
+                del self.pending[seq]
+                self.queue.remove(seq)
+        self.delayed = [d for d in self.delayed if d[2].run is not run]
+        heapq.heapify(self.delayed)
+
     def _drop_lost(self) -> None:
         """Let go of the runs another process adopted (seen by the heartbeat, or by a fenced flush)."""
         lost = self._heartbeat.lost | self.recorder.lost
@@ -442,12 +485,7 @@ class Orchestrator:
                 self.backend.cancel(key)
                 if entry.ahead_of is not None:
                     self._drop_sent(key)
-        for seq, entry in list(self.pending.items()):
-            if entry.run is run:
-                del self.pending[seq]
-                self.queue.remove(seq)
-        self.delayed = [d for d in self.delayed if d[2].run is not run]
-        heapq.heapify(self.delayed)
+        self._forget_waiting(run)
         self.runs.pop(run.run_id, None)
         self.finished[run.run_id] = ("LOST", "adopted by another process")
 

@@ -137,6 +137,8 @@ class RunState:
         self.ahead: dict[str, Unit] = {}
         """Task -> its attempt sent before its upstream ended (`ahead_of`), not recorded until `_activate`."""
         self.dropped: list[Unit] = []
+        self.cancelling: str | None = None
+        """Why the run is being cancelled (by its orchestrator: nothing of it launches any more), else None."""
         """Attempts sent ahead that activation did not confirm, for the caller to forget."""
 
     # -- progress ----------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from skyloop.store.models import Event, RunRow, StepRunRow
 
 __all__ = [
     "ACTIVE_RUN_STATES",
+    "CANCELLED_BY_USER",
     "RUN_STATUSES",
     "add_event",
+    "cancel_requested",
     "claim_run",
     "claimable_runs",
     "create_run",
@@ -30,6 +32,7 @@ __all__ = [
     "release_run",
     "renew_lease",
     "renew_leases",
+    "request_cancel",
     "step_runs",
     "utcnow",
 ]
@@ -253,3 +256,58 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
         add_event(session, row.id, "run.lost", reason)
         reaped.append(row.id)
     return reaped
+
+
+CANCEL_REQUESTED = "run.cancel_requested"
+CANCELLED_BY_USER = "cancelled by the user (skyloop runs cancel)"
+
+
+def request_cancel(session: Session, run_id: str) -> tuple[str, str]:
+    """Cancel a run: one queued, or RUNNING with nobody holding it, ends CANCELLED now; one an orchestrator
+    holds gets a request, which its heartbeat reads (it cancels the attempts and ends the run). Returns the
+    run's id and `CANCELLED` or `REQUESTED`; `Conflict` for a run that has ended."""
+    row = get_run(session, run_id)
+    now = utcnow()
+    if row.status == "QUEUED":
+        done = session.execute(update(RunRow).where(RunRow.id == row.id, RunRow.status == "QUEUED")
+                               .values(status="CANCELLED", error=f"{CANCELLED_BY_USER} before it started",
+                                       ended_at=now))
+        if done.rowcount:  # type: ignore[attr-defined]
+            add_event(session, row.id, "run.cancelled", CANCELLED_BY_USER)
+            return row.id, "CANCELLED"
+        session.refresh(row)  # an agent claimed it just now: it holds it, so it gets the request below
+    if row.status != "RUNNING":
+        raise Conflict(f"run {row.id[:12]} already ended {row.status}; nothing to cancel")
+    expires = row.lease_expires_at
+    if row.owner is None or (expires is not None and expires <= now) or owner_is_dead(row.owner):
+        # Nobody drives it: end it here, on the condition read (an agent adopting it meanwhile keeps it).
+        held: ColumnElement[bool] = RunRow.owner.is_(None) if row.owner is None else RunRow.owner == row.owner
+        done = session.execute(update(RunRow).where(RunRow.id == row.id, RunRow.status == "RUNNING", held,
+                                                    or_(RunRow.lease_expires_at.is_(None),
+                                                        RunRow.lease_expires_at == expires))
+                               .values(status="CANCELLED", error=CANCELLED_BY_USER, ended_at=now, owner=None,
+                                       lease_expires_at=None))
+        if done.rowcount:  # type: ignore[attr-defined]
+            session.execute(update(StepRunRow)
+                            .where(StepRunRow.run_id == row.id, StepRunRow.state.in_(("RUNNING", "PENDING")))
+                            .values(state="CANCELLED", ended_at=now, error=CANCELLED_BY_USER))
+            add_event(session, row.id, "run.cancelled", CANCELLED_BY_USER)
+            return row.id, "CANCELLED"
+    add_event(session, row.id, CANCEL_REQUESTED, "the user asked to cancel the run")
+    return row.id, "REQUESTED"
+
+
+def cancel_requested(session: Session, run_ids: Sequence[str]) -> set[str]:
+    """The runs among `run_ids` asked to be cancelled since they were last adopted (a run resumed after a
+    cancel is not cancelled again by the old request)."""
+    if not run_ids:
+        return set()
+    last = dict(session.execute(
+        select(Event.run_id, func.max(Event.id)).where(Event.run_id.in_(run_ids), Event.kind == CANCEL_REQUESTED)
+        .group_by(Event.run_id)).tuples().all())
+    if not last:
+        return set()
+    adopted = dict(session.execute(
+        select(Event.run_id, func.max(Event.id)).where(Event.run_id.in_(list(last)), Event.kind == "run.adopted")
+        .group_by(Event.run_id)).tuples().all())
+    return {run_id for run_id, at in last.items() if at > adopted.get(run_id, 0)}
