@@ -150,7 +150,7 @@ tasks:
     (["run", "steps.py:fine", "-p", "n=NaN"], {}, "parameter 'n': NaN is not a value a run can store"),
     (["run", "enc.py:fine"], {"enc.py": "# -*- coding: klingon -*-\n"},
      "cannot load 'enc.py': it is not Python source in UTF-8"),
-    (["run", "..:fine"], {}, "cannot import '..' for step '..:fine'"),
+    (["run", "..:fine"], {}, "cannot import module '..' for pipeline '..:fine'"),
     (["submit", "steps.py:fine", "--priority", "99999999999999999999"], {}, "priority must be between"),
     (["serve", "models:/iris@champion", "--name", "bad name"], {}, "invalid --name: name: 'bad name' does not match"),
     (["serve", "models:/iris@champion", "--log-level", "loud"], {}, "--log-level 'loud': give one of"),

@@ -195,3 +195,14 @@ def test_logs_of_steps_that_printed_nothing_say_so(cli, tmp_path: Path) -> None:
     run_id = strict(cli("runs", "list", "--json").stdout)[0]["id"]
     logs = cli("runs", "logs", run_id)
     assert logs.returncode == 0 and f"no output: no step of run {run_id[:12]} printed anything" in logs.stdout
+
+
+def test_the_skyloop_script_finds_a_module_pipeline_of_its_folder_as_python_m_does(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    # `python -m skyloop run pipes:floats` ran; the installed `skyloop` script answered "No module named 'pipes'".
+    write(tmp_path / "localpipes.py", PIPES)
+    script = Path(sys.executable).parent / "skyloop"
+    ran = subprocess.run([str(script), "run", "localpipes:floats", "-p", "x=2", "--backend", "local"],
+                         capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "output = 2.0" in ran.stdout

@@ -94,7 +94,7 @@ def test_to_dict_is_json_serialisable() -> None:
     assert decoded["verdict"] == "Successful"
     assert decoded["metrics"][1] == {"name": "latency_p99", "value": pytest.approx(0.1),
                                      "stable": pytest.approx(0.1), "samples": 100,
-                                     "bound": "<= 2x stable (0.2)", "passed": True}
+                                     "bound": "<= 2x stable (0.2 s)", "passed": True}
 
 
 def test_successful_when_every_bound_holds() -> None:
@@ -106,7 +106,7 @@ def test_successful_when_every_bound_holds() -> None:
     assert result.verdict is Verdict.SUCCESSFUL
     assert result.reason == "all 4 metrics passed"
     assert [m.passed for m in result.metrics] == [True] * 4
-    assert result.metrics[1].bound == "<= 0.5 and <= 1.5x stable (0.15)"
+    assert result.metrics[1].bound == "<= 0.5 s and <= 1.5x stable (0.15 s)"
 
 
 def test_one_metric_reason_says_what_held() -> None:
@@ -123,7 +123,7 @@ def test_one_metric_reason_says_what_held() -> None:
         (check("accuracy", min=0.9), window(labelled=100, correct=80),
          "accuracy 0.8 < min 0.9 over 100 labelled answers"),
         (check("latency_p99", max_ratio=1.5), window(requests=60, latency=0.7),
-         "latency_p99 0.7 > 1.5x stable 0.4 (0.6) over 60 requests"),
+         "latency_p99 0.7 s > 1.5x stable 0.4 s (0.6 s) over 60 requests"),
         (check("accuracy", max_drop=0.02), window(labelled=1000, correct=800),
          "accuracy 0.8 < stable 0.92 - 0.02 (0.9) over 1000 labelled answers"),
         (check("mean_reward", min=0.5), window(rewards=[0.0] * 50),
@@ -154,7 +154,7 @@ def test_max_ratio_against_a_stable_value_of_zero() -> None:
     # One error in 100 against none in 100 is chance (a stable at 0.5% shows none 61% of the time): not a failure.
     assert one.verdict is Verdict.INCONCLUSIVE
     assert some.verdict is Verdict.FAILED
-    assert some.metrics[0].bound == "<= 2x stable (0)"
+    assert some.metrics[0].bound == "<= 2x stable (0)"  # an error rate: no unit
 
 
 def test_too_few_target_samples_is_inconclusive_even_over_a_bound() -> None:
@@ -180,7 +180,7 @@ def test_relative_bound_without_a_usable_stable_is_inconclusive(stable: Window |
 def test_breached_absolute_bound_fails_even_without_a_stable() -> None:
     result = analyse([check("latency_p99", max=0.05, max_ratio=1.5)], window(requests=100), None, 50)
     assert result.verdict is Verdict.FAILED
-    assert result.reason == "latency_p99 0.1 > max 0.05 over 100 requests"
+    assert result.reason == "latency_p99 0.1 s > max 0.05 s over 100 requests"
 
 
 def test_failure_wins_over_inconclusive_and_counts_the_rest() -> None:

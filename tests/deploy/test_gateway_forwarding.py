@@ -264,8 +264,9 @@ def test_versioned_routes_reach_the_predictor_that_serves_the_version(settings: 
             assert status == 200 and taken["predictor"] == "canary"
             assert gateway.window("canary").correct == 1
             status, _, doc = await _post(f"{base}/versions/3/infer", INFER)
-            assert (status, doc) == (404, {"error": "deployment 'dep' serves no version '3'; it serves 1, 2, iris:1, "
-                                                    "iris:2"})
+            # Each version once, with its other name: before, "1, 2, iris:1, iris:2" read as four versions.
+            assert (status, doc) == (404, {"error": "deployment 'dep' serves no version '3'; it serves 1 or iris:1; "
+                                                    "2 or iris:2"})
             status, _, doc = await _post(f"{base}/versions/1/infer", INFER, {"skyloop-predictor": "canary"})
             assert (status, doc) == (404, {"error": "predictor 'canary' does not serve version '1'"})
             assert (await _get(f"{base}/versions/3"))[0] == 404

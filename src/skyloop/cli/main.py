@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,6 +91,11 @@ def _register() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning skyloop errors into one line and an exit code."""
+    # As `python -m skyloop` does: `module:PIPELINE` finds the modules of the folder it runs in (the `skyloop`
+    # script alone did not, so `skyloop run example:p` failed where `python -m skyloop run example:p` ran).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     _register()
     try:
         # Outside standalone mode Click returns the code of a `typer.Exit` instead of exiting with it.

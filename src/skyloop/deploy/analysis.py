@@ -211,6 +211,11 @@ def _num(x: float) -> str:
 def _check(check: MetricCheck, target: Window, stable: Window | None, min_samples: int) -> tuple[MetricResult, str]:
     """One metric's result and a sentence about it (why it failed or was inconclusive)."""
     name, unit = check.name, _UNITS[check.name]
+    # Latencies are seconds (as the spec gives them): said so, where the status tables show milliseconds.
+    sec = " s" if name.startswith("latency") else ""
+
+    def num(x: float) -> str:
+        return _num(x) + sec
     value, samples = target.value(name)
     base, base_samples = stable.value(name) if stable is not None else (None, 0)
     relative = check.max_ratio is not None or check.max_drop is not None
@@ -229,13 +234,13 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
             (failures if beyond_noise else noise).append(why)
 
     if check.max is not None:
-        bounds.append(f"<= {_num(check.max)}")
+        bounds.append(f"<= {num(check.max)}")
         if value is not None:
-            breach(value > check.max + SLACK, low > check.max + SLACK, f"> max {_num(check.max)}")
+            breach(value > check.max + SLACK, low > check.max + SLACK, f"> max {num(check.max)}")
     if check.min is not None:
-        bounds.append(f">= {_num(check.min)}")
+        bounds.append(f">= {num(check.min)}")
         if value is not None:
-            breach(value < check.min - SLACK, high < check.min - SLACK, f"< min {_num(check.min)}")
+            breach(value < check.min - SLACK, high < check.min - SLACK, f"< min {num(check.min)}")
     if check.max_ratio is not None:
         if base is None or not have_base:
             bounds.append(f"<= {_num(check.max_ratio)}x stable")
@@ -243,23 +248,23 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
             # With a stable value of 0 the limit is 0: only a target at 0 too passes.
             ratio = check.max_ratio
             limit = ratio * base
-            bounds.append(f"<= {_num(ratio)}x stable ({_num(limit)})")
+            bounds.append(f"<= {_num(ratio)}x stable ({num(limit)})")
             if value is not None:
                 # target - ratio x stable > 0, beyond the noise of both (MOVER).
                 spread = math.hypot(value - low, ratio * (base_high - base))
                 breach(value > limit + SLACK, value - limit - spread > SLACK,
-                       f"> {_num(ratio)}x stable {_num(base)} ({_num(limit)})")
+                       f"> {_num(ratio)}x stable {num(base)} ({num(limit)})")
     if check.max_drop is not None:
         if base is None or not have_base:
-            bounds.append(f">= stable - {_num(check.max_drop)}")
+            bounds.append(f">= stable - {num(check.max_drop)}")
         else:
             limit = base - check.max_drop
-            bounds.append(f">= stable - {_num(check.max_drop)} ({_num(limit)})")
+            bounds.append(f">= stable - {num(check.max_drop)} ({num(limit)})")
             if value is not None:
                 # target - (stable - max_drop) < 0, beyond the noise of both (MOVER).
                 spread = math.hypot(high - value, base - base_low)
                 breach(value < limit - SLACK, value - limit + spread < -SLACK,
-                       f"< stable {_num(base)} - {_num(check.max_drop)} ({_num(limit)})")
+                       f"< stable {num(base)} - {num(check.max_drop)} ({num(limit)})")
 
     def result(passed: bool | None) -> MetricResult:
         return MetricResult(name=name, value=value, stable=base, samples=samples, bound=" and ".join(bounds),
@@ -269,9 +274,9 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
         # Too few samples: not even a breached absolute bound counts yet.
         return result(None), f"{name}: {samples} {unit}, {min_samples} needed"
     if failures:
-        return result(False), f"{name} {_num(value)} {' and '.join(failures)} over {samples} {unit}"
+        return result(False), f"{name} {num(value)} {' and '.join(failures)} over {samples} {unit}"
     if noise:
-        return result(None), (f"{name} {_num(value)} {' and '.join(noise)} over {samples} {unit}, within sampling "
+        return result(None), (f"{name} {num(value)} {' and '.join(noise)} over {samples} {unit}, within sampling "
                               f"noise: more {unit} will tell")
     if relative and not have_base:
         if stable is None:
@@ -279,7 +284,7 @@ def _check(check: MetricCheck, target: Window, stable: Window | None, min_sample
         else:
             why = f"the stable predictor has {base_samples} {unit}, {min_samples} needed"
         return result(None), f"{name}: {why}"
-    return result(True), f"{name} {_num(value)} within {' and '.join(bounds)}"
+    return result(True), f"{name} {num(value)} within {' and '.join(bounds)}"
 
 
 def analyse(checks: list[MetricCheck], target: Window, stable: Window | None, min_samples: int) -> Analysis:

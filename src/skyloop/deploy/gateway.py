@@ -315,9 +315,10 @@ class Gateway:
             return _json({"error": f"no model {name!r} here; this gateway serves {self.deployment!r}"}, 404)
         version = request.path_params.get("version")
         if version is not None and not self._serving(version):
-            served = sorted({n for pool in self.pools.values() for n in version_names(pool.version)})
+            # Each version once, with the other name that reaches it (`2` or `iris:2`), not as two versions.
+            served = sorted({" or ".join(sorted(version_names(pool.version), key=len)) for pool in self.pools.values()})
             return _json({"error": f"deployment {self.deployment!r} serves no version {version!r}; it serves "
-                                   f"{', '.join(served) or 'nothing yet'}"}, 404)
+                                   f"{'; '.join(served) or 'nothing yet'}"}, 404)
         return None
 
     async def _body(self, request: Request) -> bytes | Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import uuid
@@ -76,6 +77,10 @@ def load_target(text: str) -> Pipeline[Any, Any] | PipelineSpec:
         if obj is None:
             raise SpecError(f"{module!r} defines no {name!r}")
     else:
+        try:
+            importlib.import_module(module)
+        except (ImportError, ValueError, TypeError) as exc:  # ValueError/TypeError: `..steps`, a relative name
+            raise SpecError(f"cannot import module {module!r} for pipeline {text!r}: {exc}") from exc
         obj = resolve(StepRef(module=module, qualname=name))
     if not isinstance(obj, Pipeline):
         raise SpecError(f"{text!r} is a {type(obj).__name__}, not a @pipeline")
