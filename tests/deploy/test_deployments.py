@@ -266,3 +266,32 @@ def test_a_predictor_whose_host_died_is_degraded_until_it_serves_again(env: Env)
     after = kinds(env, "hostdied")
     assert after.index("replicas_down") < after.index("replicas_recovered")
     env.delete("hostdied")
+
+
+def test_applying_a_spec_again_after_its_alias_moved_serves_the_version_it_names_now(env: Env) -> None:
+    # Before, the unchanged spec was a no-op: it went on serving the old version, without a word.
+    from skyloop.registry.registry import set_alias
+
+    def point(version: int) -> None:
+        workspace = Workspace.open(env.settings)
+        try:
+            with workspace.db.session() as session:
+                set_alias(session, "iris", "moving", version)
+        finally:
+            workspace.close()
+
+    point(1)
+    spec = {"name": "aliased", "predictors": [{"name": "main", "model_uri": "models:/iris@moving", "replicas": 1,
+                                               "traffic": 100}]}
+    first = env.apply(spec)
+    assert first.state["predictors"]["main"]["version"] == "iris/1"
+    assert env.apply(spec).spec_version == first.spec_version  # nothing moved: nothing to do
+    point(2)
+    again = env.apply(spec)
+    assert again.spec_version == first.spec_version + 1
+    served = env.wait("aliased", lambda i: i.state["predictors"]["main"].get("version") == "iris/2", 60,
+                      "iris/2 served")
+    assert served.status == "Healthy", served.reason
+    applied = [e.reason for e in env.history("aliased") if e.kind == "applied"]
+    assert applied[-1] == f"spec version {again.spec_version} applied (aliases moved: main: iris/1 -> iris/2)"
+    env.delete("aliased")

@@ -28,6 +28,8 @@ from skyloop.store.runs import owner_is_dead, utcnow
 from skyloop.store.workspace import Workspace
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from skyloop.registry.registry import ModelVersionInfo
 
 __all__ = ["apply_deployment", "controller_alive", "delete_deployment", "no_rollout", "send_command",
@@ -142,7 +144,12 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
     try:
         _check_models(workspace, spec)
         with workspace.db.session() as session:
-            version, _ = store.apply_deployment(session, spec.name, spec.model_dump(mode="json"))
+            document = spec.model_dump(mode="json")
+            version, changed = store.apply_deployment(session, spec.name, document)
+            moved = [] if changed else _moved_aliases(session, spec, store.get_deployment(session, spec.name))
+            if moved:  # the same text, other versions: applied again, as `kubectl rollout restart` would
+                version, _ = store.apply_deployment(session, spec.name, document,
+                                                    why="aliases moved: " + "; ".join(moved))
         if start and not controller_alive(workspace):
             start_controller(settings)
         if not wait:
@@ -163,6 +170,25 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
         return info
     finally:
         workspace.close()
+
+
+def _moved_aliases(session: Session, spec: DeploymentSpec, info: store.DeploymentInfo) -> list[str]:
+    """The predictors of `spec` whose registry aliases now name other versions than they serve: a spec applied
+    again unchanged after `skyloop models alias` moved one is meant to serve the version it names now."""
+    from skyloop.registry.registry import resolve
+    from skyloop.registry.uri import parse_model_ref
+
+    moved = []
+    served = info.state.get("predictors") or {}
+    for predictor in spec.predictors:
+        uris = predictor.registered_models()
+        version = (served.get(predictor.name) or {}).get("version")
+        if not version or not any("@" in uri for uri in uris):
+            continue
+        named = sorted(f"{i.name}/{i.version}" for i in (resolve(session, parse_model_ref(u)) for u in uris))
+        if named != sorted(v for v in str(version).split(",") if "/" in v):
+            moved.append(f"{predictor.name}: {version} -> {','.join(named)}")
+    return moved
 
 
 def no_rollout(info: store.DeploymentInfo) -> str | None:

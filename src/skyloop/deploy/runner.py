@@ -344,10 +344,11 @@ class DeploymentRunner:
 
     async def _serves_already(self, new: PredictorSpec, old: PredictorSpec) -> bool:
         """Whether the running host of `old` already serves what `new` asks for (e.g. `@champion` -> the same
-        pinned version): then nothing restarts."""
-        if _shape(new) == _shape(old):
-            return True
+        pinned version): then nothing restarts. An unchanged predictor naming an alias is pinned again: the spec
+        was applied again because the alias moved (`deploy.api._moved_aliases`)."""
         host = self.hosts.get(new.name)
+        if _shape(new) == _shape(old) and (host is None or not any("@" in u for u in new.registered_models())):
+            return True
         fields = ("replicas", "resources", "batching")
         if host is None or any(getattr(new, f) != getattr(old, f) for f in fields):
             return False

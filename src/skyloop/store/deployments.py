@@ -99,8 +99,9 @@ def _row(session: Session, name: str) -> DeploymentRow:
     return row
 
 
-def apply_deployment(session: Session, name: str, spec: dict[str, Any]) -> tuple[int, bool]:
-    """Record `spec` as the desired state of `name`; returns (spec version, whether it changed)."""
+def apply_deployment(session: Session, name: str, spec: dict[str, Any], why: str | None = None) -> tuple[int, bool]:
+    """Record `spec` as the desired state of `name`; returns (spec version, whether it changed). With `why`, a
+    spec equal to the one recorded makes a new version all the same (its aliases now name other versions)."""
     now = utcnow()
     row = session.get(DeploymentRow, name)
     if row is None:
@@ -109,11 +110,11 @@ def apply_deployment(session: Session, name: str, spec: dict[str, Any]) -> tuple
         session.flush()
         record_event(session, name, 1, "applied", "Pending", reason="spec version 1 applied")
         return 1, True
-    if row.spec == spec and row.desired == "running":
+    if row.spec == spec and row.desired == "running" and why is None:
         return row.spec_version, False
     row.spec, row.spec_version, row.desired, row.updated_at = spec, row.spec_version + 1, "running", now
     record_event(session, name, row.spec_version, "applied", row.status,
-                 reason=f"spec version {row.spec_version} applied")
+                 reason=f"spec version {row.spec_version} applied" + (f" ({why})" if why else ""))
     return row.spec_version, True
 
 
