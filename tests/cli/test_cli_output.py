@@ -189,12 +189,21 @@ def test_an_agent_names_the_queued_runs_it_leaves_to_other_backends(cli, tmp_pat
     assert "runs queued for other backends wait for an agent of theirs (1 for inline)" in agent.stdout
 
 
-def test_logs_of_steps_that_printed_nothing_say_so(cli, tmp_path: Path) -> None:
+def test_logs_of_steps_that_printed_nothing_say_so(cli, home: Path, tmp_path: Path) -> None:
     write(tmp_path / "pipes.py", PIPES)
     assert cli("run", "pipes.py:floats", "--backend", "inline").returncode == 0
     run_id = strict(cli("runs", "list", "--json").stdout)[0]["id"]
     logs = cli("runs", "logs", run_id)
     assert logs.returncode == 0 and f"no output: no step of run {run_id[:12]} printed anything" in logs.stdout
+    from skyloop.execution.run import Run
+
+    workspace = Workspace.open(Settings.for_home(home))
+    try:
+        step = Run(workspace, run_id).steps["ident"]
+        # Before, the log files of quiet attempts were listed, though none was ever written.
+        assert (step.status, step.log_paths) == ("SUCCEEDED", [])
+    finally:
+        workspace.close()
 
 
 def test_the_skyloop_script_finds_a_module_pipeline_of_its_folder_as_python_m_does(
@@ -206,3 +215,10 @@ def test_the_skyloop_script_finds_a_module_pipeline_of_its_folder_as_python_m_do
                          capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "output = 2.0" in ran.stdout
+
+
+def test_the_version_is_printed_by_the_usual_flag(cli) -> None:
+    import skyloop
+
+    shown = cli("--version")
+    assert (shown.returncode, shown.stdout.strip()) == (0, f"skyloop {skyloop.__version__}")

@@ -56,11 +56,21 @@ class State:
 state = State()
 
 
+def _version(given: bool) -> None:
+    if given:
+        import skyloop
+
+        print(f"skyloop {skyloop.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     home: Annotated[Path | None, typer.Option("--home", help="skyloop home (DB, artifacts, logs).",
                                               envvar="SKYLOOP_HOME")] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print skyloop's version and exit.")] = False,
 ) -> None:
     state.debug, state.home = debug, home
 

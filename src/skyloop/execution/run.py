@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,12 +34,18 @@ class StepInfo:
     ended_at: datetime | None = None
     error: str | None = None
     log_paths: list[str] = field(default_factory=list)
+    """The log files of its attempts that printed something (a quiet attempt leaves none)."""
     estimate: float | None = None
     """Seconds the scheduler expected one attempt to take (mean over the units it launched)."""
     actual: float | None = None
     """Seconds one attempt took (mean over the units that ran to success)."""
     estimate_source: str | None = None
     """Where the estimate came from (see `StepRunRow.estimate_source`); `mixed` when the units' sources differ."""
+
+    @property
+    def status(self) -> str:
+        """Its state's name, as `Run.status` is the run's (`SUCCEEDED`, `FAILED`, ...)."""
+        return self.state.value
 
     @property
     def seconds(self) -> float | None:
@@ -83,7 +90,8 @@ def summarize_task(task: str, rows: list[StepRunRow]) -> StepInfo:
         estimate_source=(sources.pop() if len(sources) == 1 else "mixed") if sources else None,
         started_at=min(starts) if starts else None,
         ended_at=max(ends) if ends and len(ends) == len(latest) else None,
-        error=errors[0] if errors else None, log_paths=[r.log_path for r in rows if r.log_path],
+        error=errors[0] if errors else None,
+        log_paths=[r.log_path for r in rows if r.log_path and os.path.exists(r.log_path)],
     )
 
 
