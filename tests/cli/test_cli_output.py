@@ -16,7 +16,7 @@ from tests_support import write
 from skyloop.config import Settings
 from skyloop.deploy.spec import load_deployment_spec
 from skyloop.store import deployments as store
-from skyloop.store.models import RunRow
+from skyloop.store.models import DeploymentRow, RunRow
 from skyloop.store.workspace import Workspace
 
 PIPES = '''
@@ -222,3 +222,65 @@ def test_the_version_is_printed_by_the_usual_flag(cli) -> None:
 
     shown = cli("--version")
     assert (shown.returncode, shown.stdout.strip()) == (0, f"skyloop {skyloop.__version__}")
+
+
+def test_deploy_history_stays_readable_on_80_columns(cli, cli_env: dict[str, str], home: Path, tmp_path: Path) -> None:
+    # Before, the reason was a seventh column squeezed to a word a line, and the cells beside it were cut
+    # (`loop.colle…`, `champion=a…`).
+    write(tmp_path / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
+    write(tmp_path / "live.yaml", """
+        name: live
+        predictors:
+          - name: main
+            graph: {name: m, type: MODEL, implementation: nodes.py:Constant}
+            traffic: 100
+        """)
+    reason = ("canary promoted after 3 successful analyses: error_rate 0 within <= 0.01 and latency_p99 0.004 s "
+              "within <= 1.5x stable (0.006 s)")
+    workspace = Workspace.open(Settings.for_home(home))
+    with workspace.db.session() as session:
+        store.apply_deployment(session, "live", load_deployment_spec(tmp_path / "live.yaml").model_dump(mode="json"))
+        store.record_event(session, "live", 1, "loop.collecting", "Healthy", weights={"champion": 100.0},
+                           versions={"champion": "agent/1"}, reason=reason)
+    workspace.close()
+    shown = subprocess.run([sys.executable, "-m", "skyloop", "deploy", "history", "live"], capture_output=True,
+                           text=True, env={**cli_env, "COLUMNS": "80"}, cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("loop.collecting" in line and "champion 100%" in line and "champion=agent/1" in line for line in lines)
+    assert reason in " ".join(line.strip() for line in lines)  # whole, under its event
+
+
+def test_deploy_status_stays_readable_on_80_columns(cli_env: dict[str, str], home: Path, tmp_path: Path) -> None:
+    write(tmp_path / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
+    write(tmp_path / "live.yaml", """
+        name: live
+        predictors:
+          - name: main
+            graph: {name: m, type: MODEL, implementation: nodes.py:Constant}
+            traffic: 100
+        """)
+    state = {"gateway": "http://127.0.0.1:41234", "predictors": {
+        "champion": {"weight": 75.0, "version": "agent/1",
+                     "replicas": [{"port": 34053, "pid": 123456, "restarts": 0},
+                                  {"port": 34054, "pid": 123457, "restarts": 2}]},
+        "challenger": {"weight": 25.0, "version": "agent/2",
+                       "replicas": [{"port": 34061, "pid": 123470, "restarts": 0}]}},
+        "windows": {"champion": {"requests": 1200, "errors": 1, "latency_p99": 0.0043, "accuracy": 0.93},
+                    "challenger": {"requests": 400, "errors": 0, "latency_p99": 0.0051, "accuracy": 0.95}}}
+    workspace = Workspace.open(Settings.for_home(home))
+    with workspace.db.session() as session:
+        store.apply_deployment(session, "live", load_deployment_spec(tmp_path / "live.yaml").model_dump(mode="json"))
+        session.execute(update(DeploymentRow).where(DeploymentRow.name == "live").values(controller="c"))
+        assert store.update_state(session, "live", "c", "Progressing", "canary step 1 of 2", state)
+    workspace.close()
+    shown = subprocess.run([sys.executable, "-m", "skyloop", "deploy", "status", "live"], capture_output=True,
+                           text=True, env={**cli_env, "COLUMNS": "80"}, cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # Before, headers were cut (`predict…`, `accura…`) and so were the replicas' pids and restarts.
+    for whole in ("predictor", "accuracy", "34053/123456/0", "34054/123457/2", "34061/123470/0", "challenger", "0.950"):
+        assert whole in text, text
+    assert "shadow" not in text  # no predictor mirrors traffic: no column for it

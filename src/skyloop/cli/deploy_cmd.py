@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,17 +39,24 @@ def _show(info: store.DeploymentInfo) -> None:
                   highlight=False)
     if info.reason:
         console.print(f"  {info.reason}", highlight=False)
-    table = Table("predictor", "weight", "shadow", "version", "replicas (port/pid/restarts)", "requests", "errors",
-                  "p99 ms", "accuracy", box=None)
-    windows = s.get("windows", {})
-    for name, p in s.get("predictors", {}).items():
+    # Shadow and accuracy only where some predictor has them, one replica a line: with every column on one line
+    # each, 80 columns cut the headers (`predict…`) and the replicas' pids and restarts.
+    windows, predictors = s.get("windows", {}), s.get("predictors", {})
+    shadowed = any(p.get("shadow") for p in predictors.values())
+    scored = any(windows.get(name, {}).get("accuracy") is not None for name in predictors)
+    table = Table(box=None, pad_edge=False, caption="replicas: port/pid/restarts", caption_justify="left")
+    for column in ("predictor", "weight", *(["shadow"] if shadowed else []), "version", "replicas", "requests",
+                   "errors", "p99 ms", *(["accuracy"] if scored else [])):
+        table.add_column(column, overflow="fold", no_wrap=column in ("predictor", "weight", "version", "replicas"))
+    for name, p in predictors.items():
         w = windows.get(name, {})
-        replicas = " ".join(f"{r['port']}/{r['pid']}/{r['restarts']}" for r in p.get("replicas", []))
+        replicas = "\n".join(f"{r['port']}/{r['pid']}/{r['restarts']}" for r in p.get("replicas", []))
         p99 = w.get("latency_p99")
         acc = w.get("accuracy")
-        table.add_row(name, f"{p.get('weight', 0):g}%", f"{p.get('shadow', 0):g}", p.get("version", ""), replicas,
-                      str(w.get("requests", "")), str(w.get("errors", "")),
-                      f"{p99 * 1000:.1f}" if p99 is not None else "", f"{acc:.3f}" if acc is not None else "")
+        table.add_row(name, f"{p.get('weight', 0):g}%", *([f"{p.get('shadow', 0):g}"] if shadowed else []),
+                      p.get("version", ""), replicas, str(w.get("requests", "")), str(w.get("errors", "")),
+                      f"{p99 * 1000:.1f}" if p99 is not None else "",
+                      *([f"{acc:.3f}" if acc is not None else ""] if scored else []))
     console.print(table)
     rollout = s.get("rollout") or {}
     if rollout.get("analysis"):
@@ -118,11 +127,19 @@ def history(name: Name, limit: Annotated[int | None, typer.Option(min=1, help="O
     if as_json:
         print_json([e.to_dict() for e in events])
         return
-    table = Table("at", "spec", "event", "status", "traffic", "versions", "why", box=None)
+    # One line of figures per event and its reason under it, indented: as a seventh column the reason was
+    # squeezed to a word a line on 80 columns, and the cells beside it cut short.
+    dated = len({e.at.date() for e in events}) > 1 or any(e.at.date() != datetime.now(UTC).date() for e in events)
+    width = max(40, console.width - 4)
     for e in events:
-        table.add_row(e.at.strftime("%H:%M:%S"), f"v{e.spec_version}", e.kind, e.status, _weights(e.weights),
-                      ", ".join(f"{k}={v}" for k, v in e.versions.items()), e.reason)
-    console.print(table)
+        at = e.at.strftime("%Y-%m-%d %H:%M:%S" if dated else "%H:%M:%S")
+        versions = ", ".join(f"{k}={v}" for k, v in e.versions.items())
+        head = Text.assemble(f"{at}  v{e.spec_version}  ", (e.kind, "bold"), f"  {e.status}  {_weights(e.weights)}"
+                             + (f"  [{versions}]" if versions else ""))
+        console.print(head, highlight=False, overflow="fold")
+        for line in textwrap.wrap(e.reason, width) or [""]:
+            if line:
+                console.print(Text("    " + line), highlight=False)
 
 
 @app.command()
