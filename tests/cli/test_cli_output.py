@@ -98,18 +98,23 @@ def test_escape_codes_in_errors_are_shown_not_sent_and_states_do_not_wrap(
     assert "\x1b[31mred" in strict(cli("runs", "show", run_id, "--json").stdout)["steps"]["boom"]["error"]
 
 
-def test_history_json_with_a_picture_is_json_alone(cli, home: Path, tmp_path: Path) -> None:
-    write(tmp_path / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
-    write(tmp_path / "live.yaml", """
+def live_spec(folder: Path) -> dict[str, Any]:
+    """A deployment `live` of one user node, as `deploy apply` records it (nothing is started)."""
+    write(folder / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
+    write(folder / "live.yaml", """
         name: live
         predictors:
           - name: main
             graph: {name: m, type: MODEL, implementation: nodes.py:Constant}
             traffic: 100
         """)
+    return load_deployment_spec(folder / "live.yaml").model_dump(mode="json")
+
+
+def test_history_json_with_a_picture_is_json_alone(cli, home: Path, tmp_path: Path) -> None:
     workspace = Workspace.open(Settings.for_home(home))
     with workspace.db.session() as session:
-        store.apply_deployment(session, "live", load_deployment_spec(tmp_path / "live.yaml").model_dump(mode="json"))
+        store.apply_deployment(session, "live", live_spec(tmp_path))
     workspace.close()
     shown = cli("deploy", "history", "live", "--json", "--picture", str(tmp_path / "pics"))
     assert shown.returncode == 0, shown.stderr
@@ -227,19 +232,11 @@ def test_the_version_is_printed_by_the_usual_flag(cli) -> None:
 def test_deploy_history_stays_readable_on_80_columns(cli, cli_env: dict[str, str], home: Path, tmp_path: Path) -> None:
     # Before, the reason was a seventh column squeezed to a word a line, and the cells beside it were cut
     # (`loop.colle…`, `champion=a…`).
-    write(tmp_path / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
-    write(tmp_path / "live.yaml", """
-        name: live
-        predictors:
-          - name: main
-            graph: {name: m, type: MODEL, implementation: nodes.py:Constant}
-            traffic: 100
-        """)
     reason = ("canary promoted after 3 successful analyses: error_rate 0 within <= 0.01 and latency_p99 0.004 s "
               "within <= 1.5x stable (0.006 s)")
     workspace = Workspace.open(Settings.for_home(home))
     with workspace.db.session() as session:
-        store.apply_deployment(session, "live", load_deployment_spec(tmp_path / "live.yaml").model_dump(mode="json"))
+        store.apply_deployment(session, "live", live_spec(tmp_path))
         store.record_event(session, "live", 1, "loop.collecting", "Healthy", weights={"champion": 100.0},
                            versions={"champion": "agent/1"}, reason=reason)
     workspace.close()
@@ -253,14 +250,6 @@ def test_deploy_history_stays_readable_on_80_columns(cli, cli_env: dict[str, str
 
 
 def test_deploy_status_stays_readable_on_80_columns(cli_env: dict[str, str], home: Path, tmp_path: Path) -> None:
-    write(tmp_path / "nodes.py", "class Constant:\n    def predict(self, X):\n        return [0 for _ in X]\n")
-    write(tmp_path / "live.yaml", """
-        name: live
-        predictors:
-          - name: main
-            graph: {name: m, type: MODEL, implementation: nodes.py:Constant}
-            traffic: 100
-        """)
     state = {"gateway": "http://127.0.0.1:41234", "predictors": {
         "champion": {"weight": 75.0, "version": "agent/1",
                      "replicas": [{"port": 34053, "pid": 123456, "restarts": 0},
@@ -271,7 +260,7 @@ def test_deploy_status_stays_readable_on_80_columns(cli_env: dict[str, str], hom
                     "challenger": {"requests": 400, "errors": 0, "latency_p99": 0.0051, "accuracy": 0.95}}}
     workspace = Workspace.open(Settings.for_home(home))
     with workspace.db.session() as session:
-        store.apply_deployment(session, "live", load_deployment_spec(tmp_path / "live.yaml").model_dump(mode="json"))
+        store.apply_deployment(session, "live", live_spec(tmp_path))
         session.execute(update(DeploymentRow).where(DeploymentRow.name == "live").values(controller="c"))
         assert store.update_state(session, "live", "c", "Progressing", "canary step 1 of 2", state)
     workspace.close()

@@ -451,19 +451,20 @@ class Orchestrator:
                 continue
             run.cancelling = CANCELLED_BY_USER
             self.recorder.event(run_id, "run.cancelled", CANCELLED_BY_USER)
-            for key, entry in list(self.running.items()):
-                if entry.run is run:
-                    self.backend.cancel(key)
-                    if entry.ahead_of is not None:
-                        self._drop_sent(key)
-            self._forget_waiting(run)
+            self._stop_attempts(run)
 
     def _attempts_of(self, run: RunState) -> bool:
         """Whether attempts of `run` still run (those sent ahead and dropped aside)."""
         return any(entry.run is run and not entry.dropped for entry in self.running.values())
 
-    def _forget_waiting(self, run: RunState) -> None:
-        """Forget the attempts of `run` that wait to launch or to be retried."""
+    def _stop_attempts(self, run: RunState) -> None:
+        """Cancel the attempts of `run` that run (their ends still come), and forget those that wait to launch
+        or to be retried."""
+        for key, entry in list(self.running.items()):
+            if entry.run is run:
+                self.backend.cancel(key)
+                if entry.ahead_of is not None:
+                    self._drop_sent(key)
         for seq, entry in list(self.pending.items()):
             if entry.run is run:
                 del self.pending[seq]
@@ -480,12 +481,7 @@ class Orchestrator:
 
     def _drop(self, run: RunState) -> None:
         """Stop driving a run another process adopted (its lease was lost)."""
-        for key, entry in list(self.running.items()):
-            if entry.run is run:
-                self.backend.cancel(key)
-                if entry.ahead_of is not None:
-                    self._drop_sent(key)
-        self._forget_waiting(run)
+        self._stop_attempts(run)
         self.runs.pop(run.run_id, None)
         self.finished[run.run_id] = ("LOST", "adopted by another process")
 
