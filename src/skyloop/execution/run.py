@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from skyloop.errors import NotFound, StepFailed
-from skyloop.execution.history import load_prior
+from skyloop.execution.history import Prior, load_prior
 from skyloop.execution.tasks import TaskState
 from skyloop.spec.pipeline import PipelineSpec
 from skyloop.store.artifacts import ArtifactRef
@@ -133,12 +133,15 @@ class Run:
                              self.error or self.status)
         return self
 
-    def _refs(self, task: str) -> dict[str, ArtifactRef | list[ArtifactRef]]:
+    def _prior(self) -> Prior:
+        with self._ws.db.read() as session:
+            return load_prior(session, self.id)
+
+    def _refs(self, task: str, prior: Prior | None = None) -> dict[str, ArtifactRef | list[ArtifactRef]]:
         spec = self.spec.task(task) if task in self.steps else None
         if spec is None:
             raise NotFound(f"run {self.id[:12]} has no step {task!r}; steps are {list(self.steps)}")
-        with self._ws.db.read() as session:
-            prior = load_prior(session, self.id)
+        prior = prior or self._prior()
         if spec.map_over:
             units = sorted(i for (t, i) in prior.outputs if t == task and i >= 0)
             return {o.name: [prior.outputs[(task, i)][o.name] for i in units] for o in spec.outputs}
@@ -163,9 +166,10 @@ class Run:
         """Where the pipeline's declared outputs are stored, without loading them (None: not produced, its
         step skipped, failed or not run yet)."""
         refs: dict[str, ArtifactRef | list[ArtifactRef] | None] = {}
+        prior = self._prior()  # read once for every output
         for name, b in self.spec.outputs.items():
             try:
-                refs[name] = None if self._skipped(b.task) else self._refs(b.task).get(b.output)
+                refs[name] = None if self._skipped(b.task) else self._refs(b.task, prior).get(b.output)
             except NotFound:
                 refs[name] = None
         return refs

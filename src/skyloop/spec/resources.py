@@ -75,6 +75,15 @@ class Resources(BaseModel):
             return False
         return all(amount <= free.custom.get(name, 0.0) + 1e-9 for name, amount in self.custom.items())
 
+    def fits_beside(self, claimed: Resources, capacity: Resources) -> bool:
+        """Whether this request fits in `capacity` beside `claimed`, in every resource it asks for (what others
+        claim beyond the capacity of a resource it does not need is no reason to wait, as it is for `fits`)."""
+        amounts = [(self.cpus, claimed.cpus, capacity.cpus), (self.memory, claimed.memory, capacity.memory),
+                   (self.gpus, claimed.gpus, capacity.gpus),
+                   *((amount, claimed.custom.get(name, 0.0), capacity.custom.get(name, 0.0))
+                     for name, amount in self.custom.items())]
+        return all(asked <= 0 or asked + held <= total + 1e-9 for asked, held, total in amounts)
+
     def __add__(self, other: Resources) -> Resources:
         custom = dict(self.custom)
         for name, amount in other.custom.items():

@@ -56,7 +56,7 @@ from typing import Any
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.limits import DEVICES_VAR
 from skyloop.execution.backends.ray_attempts import Attempt, Chain, ended, failed
-from skyloop.execution.backends.ray_connect import connect_ray
+from skyloop.execution.backends.ray_connect import connect_ray, ray_resources
 from skyloop.execution.backends.ray_task import DriverContext, own_paths, pickled, run_attempt, run_attempts, run_chain
 from skyloop.execution.lookahead import not_run
 from skyloop.execution.procworker import drop_spares, wait_gone
@@ -69,8 +69,6 @@ _CANCEL_GRACE_SECONDS = 3.0
 """How long a force-cancelled attempt gets to be confirmed dead by Ray before it is reported anyway."""
 _EXIT_GRACE_SECONDS = 2.0
 """How long `shutdown` waits for the workers of a Ray it stopped (or disconnected from) to exit (their spares)."""
-_INTERNAL_RESOURCES = ("node:", "accelerator_type:")
-_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 QUEUE_FACTOR = 8.0
 """How many times its capacity the backend admits by default (the rest waits in Ray's queue)."""
 PACK_BELOW_SECONDS = 0.01
@@ -81,24 +79,6 @@ MAX_PACK = 32
 """The most attempts in one pack."""
 MAX_CHAIN = 32
 """The most attempts in one chain (see `submit_after`)."""
-
-
-def _resources_of(amounts: dict[str, float]) -> Resources:
-    """Ray's resource amounts (of the cluster or of one node) as skyloop's, without Ray's internal ones."""
-    custom = {name: amount for name, amount in amounts.items()
-              if name not in _BUILTIN_RESOURCES and not name.startswith(_INTERNAL_RESOURCES)}
-    return Resources(cpus=amounts.get("CPU", 0.0), memory=int(amounts.get("memory", 0)),
-                     gpus=math.floor(amounts.get("GPU", 0)), custom=custom)
-
-
-def _fits_beside(request: Resources, claimed: Resources, capacity: Resources) -> bool:
-    """Whether `request` fits in `capacity` beside `claimed`, in every resource it asks for (what others claim
-    beyond the capacity of a resource it does not need is no reason to wait)."""
-    amounts = [(request.cpus, claimed.cpus, capacity.cpus), (request.memory, claimed.memory, capacity.memory),
-               (request.gpus, claimed.gpus, capacity.gpus),
-               *((amount, claimed.custom.get(name, 0.0), capacity.custom.get(name, 0.0))
-                 for name, amount in request.custom.items())]
-    return all(asked <= 0 or asked + held <= total + 1e-9 for asked, held, total in amounts)
 
 
 class RayBackend:
@@ -175,14 +155,14 @@ class RayBackend:
         """The cluster's CPUs, GPUs, memory and custom resources, as Ray counts them."""
         if self._capacity is None:
             self.start()
-            self._capacity = _resources_of(self._ray.cluster_resources())
+            self._capacity = ray_resources(self._ray.cluster_resources())
         return self._capacity
 
     def node_capacities(self) -> list[Resources]:
         """What each live node of the cluster offers: a step runs on one node, so it must fit one (Ray holds a
         task that fits the cluster's total but no node as infeasible, for ever)."""
         self.start()
-        return [_resources_of(node.get("Resources") or {}) for node in self._ray.nodes() if node.get("Alive")]
+        return [ray_resources(node.get("Resources") or {}) for node in self._ray.nodes() if node.get("Alive")]
 
     def admission(self) -> Resources:
         """What the orchestrator may have launched at once: `queue_factor` times the capacity."""
@@ -304,7 +284,7 @@ class RayBackend:
             return
         capacity, claimed, kept = self.capacity(), self._in_ray, deque[TaskLaunch]()
         for launch in self._held:
-            if _fits_beside(launch.resources, claimed, capacity) or (not kept and not self._running):
+            if launch.resources.fits_beside(claimed, capacity) or (not kept and not self._running):
                 self._send(launch)
             else:
                 kept.append(launch)

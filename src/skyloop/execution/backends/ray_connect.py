@@ -17,8 +17,9 @@ from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
 from skyloop.execution.backends.limits import DEVICES_VAR
 from skyloop.execution.procworker import scoped_environ
+from skyloop.spec.resources import Resources
 
-__all__ = ["CONNECT_TIMEOUT", "connect_ray"]
+__all__ = ["CONNECT_TIMEOUT", "connect_ray", "ray_resources"]
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a cluster's address to take a TCP connection before giving up on it."""
@@ -109,3 +110,15 @@ def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
         raise BackendError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
                            f"({exc.strerror or type(exc).__name__}); start it (`ray start --head`) or fix "
                            "--ray-address (SKYLOOP_EXECUTION__RAY_ADDRESS)") from None
+
+
+_INTERNAL_RESOURCES = ("node:", "accelerator_type:")
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def ray_resources(amounts: dict[str, float]) -> Resources:
+    """Ray's resource amounts (of the cluster or of one node) as skyloop's, without Ray's internal ones."""
+    custom = {name: amount for name, amount in amounts.items()
+              if name not in _BUILTIN_RESOURCES and not name.startswith(_INTERNAL_RESOURCES)}
+    return Resources(cpus=amounts.get("CPU", 0.0), memory=int(amounts.get("memory", 0)),
+                     gpus=math.floor(amounts.get("GPU", 0)), custom=custom)
