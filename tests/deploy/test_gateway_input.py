@@ -90,6 +90,21 @@ def test_each_answer_takes_one_truth_and_one_reward_at_the_gateway(env: Env, url
     assert arm["feedback"] == 2
 
 
+def test_a_truth_gives_one_value_per_row_of_the_answer_at_the_gateway(urls: tuple[str, str]) -> None:
+    gateway, _ = urls
+    rows = {**ROW, "shape": [2, 4], "data": ROW["data"] * 2}
+    status, doc = post(gateway + "/infer", orjson.dumps({"inputs": [rows]}))
+    assert status == 200, doc
+    answer = doc["id"]
+    for truth, got in ((0, "a single value"), ([0, 0, 0], "a list of 3")):
+        assert post(gateway + "/feedback", orjson.dumps({"id": answer, "truth": truth})) == (400, {
+            "error": f"answer {answer!r} has 2 rows, so 'truth' must be a list of 2 values, one per row like the "
+                     f"output; got {got}"})
+    # Refused before it was taken: the right shape is still taken once.
+    assert post(gateway + "/feedback", orjson.dumps({"id": answer, "truth": [0, 0]}))[0] == 200
+    assert post(gateway + "/feedback", orjson.dumps({"id": answer, "truth": [0, 0]}))[0] == 409
+
+
 def _get(url: str) -> tuple[int, Any]:
     try:
         with urllib.request.urlopen(url, timeout=20) as response:

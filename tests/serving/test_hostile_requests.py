@@ -165,7 +165,7 @@ def test_the_inputs_kept_for_feedback_are_bounded_in_bytes(settings: Settings, i
             assert response.status_code == 200, response.text
         served = plane.models["iris"]
         assert 0 < len(served.traces) < 20 and served.trace_bytes <= limit
-        assert served.trace_bytes == sum(size for _, _, size in served.traces.values())
+        assert served.trace_bytes == sum(size for _, _, size, _ in served.traces.values())
         assert "big-19" in served.traces and "big-0" not in served.traces
         # Feedback still names every answer: the ones whose inputs were let go are known all the same.
         for i in (0, 19):

@@ -118,12 +118,12 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: S
         answered = doc["id"]
         got, bad = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": answered, "truth": [[1], [2, 3]]}))
         assert got == 400 and "regular (rectangular) array" in bad["error"]
-        got, doc = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": answered, "truth": 2}))
+        got, doc = _post(port, "/v2/models/iris/feedback", orjson.dumps({"id": answered, "truth": [2, 0, 1]}))
         assert got == 200 and doc["stored"] is True
     workspace = Workspace.open(settings)
     try:
         with workspace.db.read() as session:
-            assert [row.truth for row in list_feedback(session, "iris")] == [2]
+            assert [row.truth for row in list_feedback(session, "iris")] == [[2, 0, 1]]
     finally:
         workspace.close()
 

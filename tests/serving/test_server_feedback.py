@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests_support import at_once, post
 
 from skyloop.config import Settings
-from skyloop.store.feedback import list_feedback
+from skyloop.store.feedback import Feedback, list_feedback
 from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -71,22 +71,38 @@ def test_each_answer_takes_one_truth_and_one_reward(serve: Any, settings: Settin
         status, doc = _post(port, feedback, {"id": second, "truth": 2})
         assert status == 409 and "each answer takes one truth" in doc["error"]
         assert _post(port, feedback, {"id": second, "reward": 0.5})[0] == 200
+    assert _stored(settings, "iris") == {(first, 0, 1.0), (second, 1, 0.5)}
+
+
+def test_a_truth_gives_one_value_per_row_of_the_answer(serve: Any, settings: Settings, iris_uri: str,
+                                                       iris: tuple[Any, Any]) -> None:
+    _, X = iris
+    feedback = "/v2/models/iris/feedback"
+    with serve(settings, iris_uri) as (_, port):
+        two, one = _answer(port, X[:2]), _answer(port, X[:1])
+        for truth, got in ((0, "a single value"), ([0, 0, 0], "a list of 3"), ([[0, 0]], "a list of 1")):
+            assert _post(port, feedback, {"id": two, "truth": truth}) == (400, {
+                "error": f"answer {two!r} has 2 rows, so 'truth' must be a list of 2 values, one per row like the "
+                         f"output; got {got}"})
+        assert _post(port, feedback, {"id": one, "truth": [0, 1]}) == (400, {
+            "error": f"answer {one!r} has 1 row, so 'truth' must be a list of 1 value, one per row like the "
+                     "output; got a list of 2"})
+        assert _post(port, feedback, {"id": two, "truth": [0, 1]})[0] == 200
+        assert _post(port, feedback, {"id": one, "truth": 0})[0] == 200  # one row: the bare value
+    assert {row.inference_id: row.truth for row in _feedback(settings, "iris")} == {two: [0, 1], one: 0}
+
+
+def _feedback(settings: Settings, model: str) -> list[Feedback]:
     workspace = Workspace.open(settings)
     try:
         with workspace.db.read() as session:
-            rows = {(row.inference_id, row.truth, row.reward) for row in list_feedback(session, "iris")}
+            return list_feedback(session, model)
     finally:
         workspace.close()
-    assert rows == {(first, 0, 1.0), (second, 1, 0.5)}
 
 
 def _stored(settings: Settings, model: str) -> set[tuple[str, Any, Any]]:
-    workspace = Workspace.open(settings)
-    try:
-        with workspace.db.read() as session:
-            return {(row.inference_id, row.truth, row.reward) for row in list_feedback(session, model)}
-    finally:
-        workspace.close()
+    return {(row.inference_id, row.truth, row.reward) for row in _feedback(settings, model)}
 
 
 def _replace_workers(proc: Any) -> None:

@@ -78,6 +78,8 @@ class _Answer:
     """Whether the bandit has had this answer's reward (or the one its truth implies): one per pull."""
     size: int = 0
     """About how many bytes it holds (the JSON it came from), counted against `_REMEMBER_BYTES`."""
+    rows: int | None = None
+    """How many rows it answered (None if the answer did not say): a truth gives one value per row."""
 
 
 class _Metrics:
@@ -143,9 +145,13 @@ def _join(doc: Any, tail: bytes, binary: bool) -> tuple[bytes, int | None]:
     return head + tail, (len(head) if binary else None)
 
 
-def _first_output(doc: dict[str, Any]) -> Any:
+def _first_output(doc: dict[str, Any]) -> tuple[Any, int | None]:
+    """An answer's first output's data, and how many rows it has (None if it does not say)."""
     outputs = doc.get("outputs") or []
-    return outputs[0].get("data") if outputs and isinstance(outputs[0], dict) else None
+    first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
+    shape = first.get("shape")
+    rows = (shape[0] if shape else 1) if isinstance(shape, list) else None
+    return first.get("data"), rows if isinstance(rows, int) and not isinstance(rows, bool) else None
 
 
 def is_correct(output: Any, truth: Any) -> bool | None:
@@ -288,7 +294,7 @@ class Gateway:
                 doc, _ = _split(data, int(length) if binary and length else None)
                 remembered = self.answers.get(request_id)
                 if remembered is not None:
-                    output = _first_output(doc)
+                    output, _ = _first_output(doc)
                     remembered.shadows[predictor] = output
                     self._held(remembered, len(data))
                     if remembered.labelled:  # the label came before the shadow's answer: judge it now
@@ -409,7 +415,7 @@ class Gateway:
         except (ValueError, orjson.JSONDecodeError, AttributeError):
             return Response(data, status, out_headers, media_type="application/json")
         answer_id = str(answer.get("id") or request_id)
-        self._remember(answer_id, predictor, _first_output(answer), endpoint, len(answer_id) + len(data))
+        self._remember(answer_id, predictor, *_first_output(answer), endpoint, len(answer_id) + len(data))
         if self.payloads is not None:
             # The raw bodies: parsing them is left to whoever reads the logs (binary tensors are not logged).
             self.payloads.add(answer_id, predictor, version, seconds, None if binary else body,
@@ -421,13 +427,14 @@ class Gateway:
             return Response(data, 200, out_headers, media_type="application/octet-stream")
         return Response(data, 200, out_headers, media_type="application/json")
 
-    def _remember(self, request_id: str, predictor: str, output: Any, endpoint: Endpoint | None, size: int) -> None:
+    def _remember(self, request_id: str, predictor: str, output: Any, rows: int | None, endpoint: Endpoint | None,
+                  size: int) -> None:
         old = self.answers.pop(request_id, None)
         if old is not None:
             self.answer_bytes -= old.size
         if size > self.remember_bytes:  # not kept: its feedback is refused as too old would be
             return
-        self.answers[request_id] = _Answer(predictor, output, endpoint, size=size)
+        self.answers[request_id] = _Answer(predictor, output, endpoint, size=size, rows=rows)
         self.answer_bytes += size
         self._forget()
 
@@ -465,6 +472,10 @@ class Gateway:
         if version is not None and remembered.predictor not in self._serving(version):
             return _json({"error": f"answer {given.id!r} was not given by version {version!r}; send its feedback "
                                    f"to /v2/models/{self.deployment}/feedback"}, 404)
+        try:
+            given.check_rows(remembered.rows)
+        except InvalidRequest as exc:
+            return _json({"error": str(exc)}, 400)
         if repeated := remembered.taken & given.kinds:
             return _json({"error": str(repeated_feedback(given.id, repeated))}, 409)
         # Taken before the first await, so that a copy posted at the same moment is refused; given back

@@ -46,8 +46,9 @@ class ServedModel:
     batcher: Batcher | None = None
     failure: SkyloopError | None = None
     """Why loading failed, if it did."""
-    traces: OrderedDict[str, tuple[Any, Trace, int]] = field(default_factory=OrderedDict)
-    """Recent inference id -> (features, trace, bytes held), so that feedback reaches the nodes that answered."""
+    traces: OrderedDict[str, tuple[Any, Trace, int, int]] = field(default_factory=OrderedDict)
+    """Recent inference id -> (features, trace, bytes held, rows answered), so that feedback reaches the nodes
+    that answered and its truth is checked against the answer's rows."""
     trace_bytes: int = 0
     """About how many bytes the inputs in `traces` hold."""
     feedback_taken: OrderedDict[str, set[str]] = field(default_factory=OrderedDict)
@@ -235,11 +236,12 @@ class DataPlane:
         if trace.routing:
             parameters["routing"] = trace.routing
         body_out, length = encode_response(name, graph.version, request_id, tensors, parameters, binary)
-        self._remember(served, request_id, inputs, trace, len(body))  # answered: feedback may name it
+        rows = next((a.shape[0] if a.ndim else 1 for a in outputs.values()), 1)
+        self._remember(served, request_id, inputs, trace, len(body), rows)  # answered: feedback may name it
         return InferenceResult(body_out, length, name, graph.version)
 
     def _remember(self, served: ServedModel, request_id: str, inputs: dict[str, Any], trace: Trace,
-                  body_size: int) -> None:
+                  body_size: int, rows: int) -> None:
         # Bounded in bytes as well as in requests: 10,000 requests of 16 MiB each held 160 GB, so that a
         # client could exhaust the server's memory with a few hundred large ones. The body's size counts
         # what object arrays (BYTES) point to, which `nbytes` does not; both are O(1) to get.
@@ -248,7 +250,7 @@ class DataPlane:
         if old is not None:
             served.trace_bytes -= old[2]
         if size <= self.trace_bytes:  # a larger one is not kept: its feedback is stored, but not told to nodes
-            served.traces[request_id] = (inputs, trace, size)
+            served.traces[request_id] = (inputs, trace, size, rows)
             served.trace_bytes += size
         while served.traces and (len(served.traces) > self.trace_cache or served.trace_bytes > self.trace_bytes):
             served.trace_bytes -= served.traces.popitem(last=False)[1][2]
@@ -269,6 +271,8 @@ class DataPlane:
         assert graph is not None
         request = decode_feedback(body)
         inference_id, kinds = request.id, request.kinds
+        remembered = served.traces.get(inference_id)
+        request.check_rows(remembered[3] if remembered is not None else None)
         # Not remembered: too old, from before a restart, or never answered. Of these, only an answer that
         # took feedback before has left a record (its row in the DB, which `_store_feedback` requires).
         known = self.answered is None or inference_id in served.traces or self.answered.has(name, inference_id)
@@ -294,7 +298,7 @@ class DataPlane:
         remembered = served.traces.get(inference_id)
         told = 0
         if remembered is not None:
-            features, trace, _ = remembered
+            features, trace, _, _ = remembered
             x = graph.features(features)
             told = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
                                               request.plain_truth, trace)

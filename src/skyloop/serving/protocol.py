@@ -372,6 +372,28 @@ class FeedbackRequest:
         """What it gives: 'truth', 'reward' or both."""
         return frozenset(k for k, v in (("truth", self.truth), ("reward", self.reward)) if v is not None)
 
+    def check_rows(self, rows: int | None) -> None:
+        """Refuse a `truth` that is not one value per row of the answer (`rows`; None when unknown).
+
+        The truth is shaped like the output: a list with one value per row, or for an answer of one row
+        also the bare value. Anything else could not be joined to the answer's rows, and would count for
+        nothing (or for the wrong rows) in the accuracy of rollouts and of the closed loop.
+        """
+        if self.truth is None or rows is None:
+            return
+        if isinstance(self.truth, list):
+            if len(self.truth) == rows:
+                return
+            got = f"a list of {len(self.truth)}"
+        elif rows == 1:
+            return
+        else:
+            got = "a single value"
+        row_s = "row" if rows == 1 else "rows"
+        value_s = "value" if rows == 1 else "values"
+        raise InvalidRequest(f"answer {self.id!r} has {rows} {row_s}, so 'truth' must be a list of {rows} "
+                             f"{value_s}, one per row like the output; got {got}")
+
 
 def decode_feedback(body: bytes) -> FeedbackRequest:
     """Decode a feedback body, `{"id": ..., "truth": ...}` and/or `"reward": <number>`."""
