@@ -56,9 +56,12 @@ def test_list_show_alias_tag(cli: Cli, two_versions: None) -> None:
     assert "iris@champion → version 1" in moved.stdout
     moved = cli("models", "alias", "iris", "champion", "2")
     assert "version 1 → 2" in moved.stdout
+    assert json.loads(cli("models", "alias", "iris", "challenger", "1", "--json").stdout) == {
+        "model": "iris", "alias": "challenger", "version": 1, "previous": None}
 
     listed = json.loads(cli("models", "list", "--json").stdout)
-    assert [(m["name"], m["latest_version"], m["aliases"]) for m in listed] == [("iris", 2, {"champion": 2})]
+    assert [(m["name"], m["latest_version"], m["aliases"]) for m in listed] == [
+        ("iris", 2, {"champion": 2, "challenger": 1})]
     assert "champion→2" in cli("models", "list").stdout
 
     tagged = cli("models", "tag", "iris/2", "stage=prod", "owner=ana")
@@ -75,8 +78,13 @@ def test_list_show_alias_tag(cli: Cli, two_versions: None) -> None:
     text = cli("models", "show", "iris/1").stdout
     assert "models:/iris/1" in text and "file model.joblib" in text
 
-    assert cli("models", "tag", "iris/2", "--delete", "owner").returncode == 0
-    assert cli("models", "alias", "iris", "champion", "--delete").returncode == 0
+    # Deleting says what is left, and which version the alias pointed at.
+    assert json.loads(cli("models", "tag", "iris/2", "--delete", "owner", "--json").stdout) == {
+        "ref": "models:/iris/2", "tags": {"stage": "prod"}}
+    assert cli("models", "tag", "iris/2", "--delete", "stage").stdout.strip() == "models:/iris/2: no tags left"
+    assert json.loads(cli("models", "alias", "iris", "champion", "--delete", "--json").stdout) == {
+        "model": "iris", "alias": "champion", "version": None, "previous": 2}
+    assert cli("models", "alias", "iris", "challenger", "--delete").returncode == 0
     assert json.loads(cli("models", "list", "--json").stdout)[0]["aliases"] == {}
 
 

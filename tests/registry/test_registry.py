@@ -103,7 +103,7 @@ def test_versions_aliases_and_uris(classifier: LogisticRegression, data: Data, s
         assert [v.version for v in list_versions(session, "iris")] == [1, 2]
         assert resolve(session, ModelRef("iris", version=2)).tags == {"stage": "new"}
     with workspace.db.session() as session:
-        remove_alias(session, "iris", "challenger")
+        assert remove_alias(session, "iris", "challenger") == 2  # the version it pointed at
     with workspace.db.read() as session, pytest.raises(NotFound, match="no alias 'challenger'"):
         resolve(session, ModelRef("iris", alias="challenger"))
 

@@ -125,6 +125,7 @@ def alias(
     alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help="e.g. champion, challenger.")],
     version: Annotated[int | None, typer.Argument(help="The version it should point at.")] = None,
     delete: Annotated[bool, typer.Option("--delete", help="Remove the alias instead.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Point ALIAS at VERSION (moving it atomically), or remove it with --delete."""
     if delete == (version is not None):
@@ -135,11 +136,13 @@ def alias(
     workspace = _workspace()
     with workspace.db.session() as session:
         if version is None:
-            remove_alias(session, name, alias_name)
+            previous: int | None = remove_alias(session, name, alias_name)
         else:
             previous = set_alias_row(session, name, alias_name, version)
     workspace.close()
-    if version is None:
+    if as_json:
+        print_json({"model": name, "alias": alias_name, "version": version, "previous": previous})
+    elif version is None:
         console.print(f"removed alias {alias_name} of {name}", highlight=False)
     elif previous is not None and previous != version:
         console.print(f"{name}@{alias_name}: version {previous} → {version}", highlight=False)
@@ -152,6 +155,7 @@ def tag(
     ref: Annotated[str, typer.Argument(help="NAME (the model) or NAME/VERSION, NAME@ALIAS (one version).")],
     pairs: Annotated[list[str] | None, typer.Argument(metavar="KEY=VALUE...", help="Tags to set.")] = None,
     delete: Annotated[list[str] | None, typer.Option("--delete", help="A tag key to remove (repeatable).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Set (or with --delete, remove) tags on a model or on one of its versions."""
     if not pairs and not delete:
@@ -167,7 +171,10 @@ def tag(
     with workspace.db.session() as session:
         for key in delete or []:
             delete_tag(session, parsed, key)
-        current = set_tags_row(session, parsed, tags) if tags else {}
+        current = set_tags_row(session, parsed, tags)  # all its tags now, also when only some were deleted
     workspace.close()
+    if as_json:
+        print_json({"ref": parsed.uri, "tags": current})
+        return
     shown = ", ".join(f"{k}={v}" for k, v in current.items())
-    console.print(f"{parsed.uri}: {shown or 'tags updated'}", highlight=False)
+    console.print(f"{parsed.uri}: {shown or 'no tags left'}", highlight=False)

@@ -231,13 +231,15 @@ def set_alias(session: Session, name: str, alias: str, version: int) -> int | No
     return previous.version if previous is not None else None
 
 
-def remove_alias(session: Session, name: str, alias: str) -> None:
-    """Drop an alias."""
+def remove_alias(session: Session, name: str, alias: str) -> int:
+    """Drop an alias; returns the version it pointed at."""
     model = _model_row(session, name, for_update=True)
     row = session.get(ModelAliasRow, (model.id, alias))
     if row is None:
         raise NotFound(f"model {name!r} has no alias {alias!r}")
+    pointed = session.get_one(ModelVersionRow, row.version_id).version
     session.delete(row)
+    return pointed
 
 
 def _check_tags(tags: Mapping[str, Any]) -> dict[str, str]:
