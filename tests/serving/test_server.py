@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +19,9 @@ import orjson
 import psutil
 import pytest
 import tritonclient.http as triton
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests_support import post
+from tests_support import post, until
 
 from skyloop.config import Settings
 from skyloop.store.feedback import list_feedback
@@ -126,6 +128,63 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(serve: Any, settings: S
             assert [row.truth for row in list_feedback(session, "iris")] == [[2, 0, 1]]
     finally:
         workspace.close()
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+SLOW = '''
+import time
+
+import numpy as np
+
+
+class Slow:
+    """MODEL that takes as many seconds as its first feature says, and writes down each first feature it sees."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def predict(self, X):
+        X = np.asarray(X, dtype=float)
+        with open(self.log, "a") as f:
+            f.write(f"{X[0][0]}\\n")
+        time.sleep(float(X[0][0]))
+        return X.sum(axis=1)
+'''
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_client_that_hangs_up_while_its_rows_wait_leaves_nothing_to_predict(
+        serve: Any, settings: Settings, tmp_path: Path, batching: bool) -> None:
+    (tmp_path / "nodes.py").write_text(SLOW)
+    log = tmp_path / "predicted.txt"
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(yaml.safe_dump({"name": "slow", "batching": {"enabled": batching}, "graph": {
+        "name": "m", "type": "MODEL", "implementation": "nodes.py:Slow", "parameters": {"log": str(log)}}}))
+
+    def body(seconds: float) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [seconds]}]})
+
+    with serve(settings, str(spec), "--threads", "1") as (_, port):
+        busy = threading.Thread(target=_post, args=(port, "/v2/models/slow/infer", body(1.5)))
+        busy.start()  # holds the one model thread
+        until(log.exists, 10)
+        waiting = body(0.25)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(waiting), waiting))
+            time.sleep(0.3)  # read whole, and queued behind the busy thread
+        busy.join(30)
+        assert _post(port, "/v2/models/slow/infer", body(0.5))[0] == 200  # the next one is served as before
+        samples = _samples(port)
+    # The rows of the client that went away were never predicted.
+    assert log.read_text().split() == ["1.5", "0.5"]
+    assert samples[("skyloop_inference_requests_total", (("model", "slow"), ("status", "499"), ("version", "1")))] == 1
 
 
 def test_metrics_count_requests_batches_and_latency(serve: Any, settings: Settings, iris_uri: str,

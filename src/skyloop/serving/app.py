@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -43,6 +43,7 @@ from skyloop.serving.protocol import header_length
 __all__ = ["STATUS", "create_app", "read_body", "status_of"]
 
 log = logging.getLogger("skyloop.serving")
+T = TypeVar("T")
 
 STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
@@ -75,7 +76,7 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 def _error(exc: Exception) -> Response:
     if isinstance(exc, ClientDisconnect):  # nobody to answer; counted as nginx does, not as a server error
-        return _json({"error": "the client closed the connection before sending the whole request"}, 499)
+        return _json({"error": "the client closed the connection before it was answered"}, 499)
     status = status_of(exc)
     message = str(exc) if isinstance(exc, SkyloopError) else f"internal error: {type(exc).__name__}"
     if not isinstance(exc, SkyloopError):
@@ -101,6 +102,34 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (begun after the whole body was read), cancelled if the client hangs up first.
+
+    Raises `ClientDisconnect` then: a client that timed out and went away (and may be sending its request
+    again) leaves no rows behind it to predict, which under overload would only lengthen the queue for the
+    clients still waiting. A batch that has already taken its rows finishes; its answer is dropped. One
+    watcher task per request, which cancels this one: cheaper than running `work` in a task of its own.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request, task))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_when_gone(request: Request, task: asyncio.Task[Any]) -> None:
+    """Cancel `task` once the client has gone (the server says so when it reads the end of the connection)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
 
 
 def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: bool = True) -> Starlette:
@@ -157,7 +186,8 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
             except BaseException:
                 plane.release(name)
                 raise
-            result = await plane.infer(name, version, body, length)  # releases the admission
+            work = plane.infer(name, version, body, length)  # releases the admission
+            result = await unless_disconnected(request, work)
         except Exception as exc:
             response = _error(exc)
         else:
