@@ -63,6 +63,84 @@ def loop_spec(name: str, cooldown: str) -> dict[str, Any]:
     }
 
 
+GATED = WORSE.replace('''    from skyloop.registry import log_model
+''', '''    import os
+    import time
+
+    from skyloop.registry import log_model
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:  # the test says when the retraining ends
+        time.sleep(0.05)
+''').replace("def fit(data: str) -> str:", "def fit(data: str, go: str) -> str:").replace(
+    'def worse(data: str = ""):\n    return {"uri": fit(data)}',
+    'def gated(data: str = "", go: str = ""):\n    return {"uri": fit(data, go)}')
+
+
+@pytest.mark.parametrize("change", ["no loop", "a rollout"])
+def test_a_spec_applied_while_the_loop_retrains_is_never_overwritten_and_loses_no_logged_inference(
+        env: Env, change: str) -> None:
+    from skyloop.monitoring.payloads import read_payloads
+
+    assert "def gated(" in GATED and "def fit(data: str, go: str)" in GATED
+    write(env.folder / "retrain.py", GATED)
+    go = env.folder / f"go-{change.replace(' ', '-')}"
+    name = "busy-" + change.replace(" ", "-")
+    doc = loop_spec(name, cooldown="1h")
+    doc["loop"]["triggers"]["on"] = [{"labelled_rows": 20}]
+    doc["loop"]["retrain"].update(pipeline="retrain.py:gated", params={"go": str(go)}, min_rows=10)
+    doc["loop"]["gate"] = {"min_delta": -1.0}  # any challenger passes: only the user's change may stop it
+    doc["loop"]["log"] = {"flush_rows": 50, "flush_seconds": 3600}  # written 50 at a time, the rest held
+    first = env.apply(doc)
+    with Load(env.url(name), env.X, env.y, clients=2, total=130, feedback=True) as load:
+        load.wait()
+    env.wait(name, lambda i: "loop.retraining" in [e.kind for e in env.history(name)], 60, "the retraining")
+    if change == "no loop":
+        del doc["loop"]
+    else:
+        doc["predictors"].append({"name": "mine", "model_uri": "models:/iris@champion", "traffic": 0})
+        doc["rollout"] = {"strategy": "canary", "target": "mine",
+                          "steps": [{"weight": 10, "duration": "1h"}, {"pause": {}}]}
+    mine = env.apply(doc)
+    assert mine.spec_version == first.spec_version + 1
+    go.touch()
+    env.wait(name, lambda i: {"loop.stopped", "loop.skipped"} & {e.kind for e in env.history(name)}, 60,
+             "the loop giving way")
+    time.sleep(1.0)
+    kinds = [e.kind for e in env.history(name)]
+    assert "loop.rollout" not in kinds
+    info = env.info(name)
+    assert info.spec_version == mine.spec_version
+    assert [p["name"] for p in info.spec["predictors"]] == [p["name"] for p in doc["predictors"]]
+    if change == "no loop":
+        assert "loop.blessed" not in kinds and "loop.stopped" in kinds
+    else:
+        skipped = next(e for e in env.history(name) if e.kind == "loop.skipped")
+        assert "blessed but not rolled out" in skipped.reason and "'mine'" in skipped.reason, skipped.reason
+    env.delete(name)  # its loop, if it has one, writes out what it holds
+    # Every answer was logged, also the ones held unwritten when the loop was taken away.
+    workspace = Workspace.open(env.settings)
+    try:
+        logged = read_payloads(workspace, name)
+    finally:
+        workspace.close()
+    assert len(load.answers) - len(load.failed) == logged["id"].nunique() > 100
+
+
+def test_at_an_even_canary_split_the_loop_measures_the_stable_version(env: Env) -> None:
+    # The loop's default canary steps are 25% and 50%: at 50% the champion still serves, and it is the one
+    # whose drift and quality are measured and gauged (the target came first in the split and won the tie).
+    doc = {"name": "even", "loop": {"drift": {"every": "200ms"}},
+           "predictors": [{"name": "stable", "model_uri": "models:/iris/1", "traffic": 100},
+                          {"name": "candidate", "model_uri": "models:/iris/2", "traffic": 0}],
+           "rollout": {"strategy": "canary", "target": "candidate", "steps": [{"weight": 50, "duration": "1h"}]}}
+    env.apply(doc)
+    info = env.wait("even", lambda i: (i.state.get("loop") or {}).get("version") is not None, 30, "a measure")
+    assert info.state["weights"] == {"stable": 50.0, "candidate": 50.0}
+    assert info.state["loop"]["version"] == "iris/1"
+    env.delete("even")
+
+
 def fired(env: Env, name: str) -> list[Any]:
     return [e for e in env.history(name) if e.kind == "loop.fired"]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from skyloop.deploy.analysis import SLACK, same_answer
 from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
-from skyloop.errors import SkyloopError
+from skyloop.errors import Conflict, SkyloopError
 from skyloop.monitoring.payloads import (
     META,
     PayloadLog,
@@ -135,6 +135,21 @@ class Loop:
             await self.runner.event("loop.fired", f"trigger fired: {firing.reason}", metrics=firing.cause)
             self.task = asyncio.create_task(self._iterate(firing))
 
+    async def stop(self, why: str | None = None) -> None:
+        """Stop: an iteration in flight ends where it is (a retraining run already begun finishes, but nothing of
+        it is gated or rolled out), and the inferences logged and not yet written are written out."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task])
+            if why is not None:
+                await self.runner.event("loop.stopped", f"loop iteration stopped: {why}")
+        batch = self.payloads.take()
+        if batch:
+            try:
+                await asyncio.to_thread(self.payloads.write, batch)
+            except Exception:
+                log.exception("%s: %d logged inferences could not be written", self._name, len(batch))
+
     def _idle(self, now: float) -> None:
         self.phase = "watching"
         if self.triggers is not None:
@@ -151,7 +166,10 @@ class Loop:
         live = [n for n in weights if n in self.runner.hosts and weights[n] > 0]
         if not live:
             return None
-        return self.runner.hosts[max(live, key=lambda n: weights[n])].version
+        rollout = self.runner.rollout
+        target = rollout.target if rollout is not None and not rollout.done else None
+        # At an even split (a canary's 50% step) the stable predictor is still the one serving.
+        return self.runner.hosts[max(live, key=lambda n: (weights[n], n != target))].version
 
     # -- measuring -----------------------------------------------------------------------------------------
     def _reference(self, version: str) -> pd.DataFrame | None:
@@ -305,7 +323,17 @@ class Loop:
             self._idle(time.monotonic())
             return
         await self.runner.event("loop.blessed", f"{challenger} blessed: {figures['reason']}", metrics=figures)
-        version = await asyncio.to_thread(self._apply_canary, champion, challenger)
+        # The canary is written over the spec as it is now, and only if nobody changed it in between: a rollout
+        # applied while it retrained (or a spec version not yet applied) is the user's, and is never replaced.
+        rollout = self.runner.rollout
+        try:
+            if rollout is not None and not rollout.done:
+                raise Conflict(f"the rollout of {rollout.target!r} applied while it retrained is in progress")
+            version = await asyncio.to_thread(self._apply_canary, champion, challenger, self.runner.applied)
+        except Conflict as exc:
+            await self.runner.event("loop.skipped", f"{challenger} blessed but not rolled out: {exc}")
+            self._idle(time.monotonic())
+            return
         self.rollout_version = version
         self.phase = "rolling_out"
         await self.runner.event("loop.rollout", f"spec version {version}: {challenger} as a canary against "
@@ -367,7 +395,7 @@ class Loop:
                       "gate.champion": f"{scores['champion']:.4f}"})
         return blessed, figures
 
-    def _apply_canary(self, champion: str, challenger: str) -> int:
+    def _apply_canary(self, champion: str, challenger: str, over: int) -> int:
         from skyloop.store import deployments as store
 
         spec = self.runner.spec
@@ -384,7 +412,7 @@ class Loop:
         new = DeploymentSpec.model_validate({**spec.model_dump(), "predictors": [p.model_dump() for p in predictors],
                                             "rollout": rollout.model_dump()})
         with self.workspace.db.session() as session:
-            version, _ = store.apply_deployment(session, self._name, new.model_dump(mode="json"))
+            version, _ = store.apply_deployment(session, self._name, new.model_dump(mode="json"), over=over)
         return version
 
     def _champion_name(self, spec: DeploymentSpec) -> str:

@@ -171,12 +171,7 @@ class DeploymentRunner:
             await asyncio.wait([busy])
         await self.restarts.cancel()
         if self.loop is not None:
-            if self.loop.task is not None:
-                self.loop.task.cancel()
-            batch = self.loop.payloads.take()
-            if batch:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.loop.payloads.write, batch)
+            await self.loop.stop()
         if self.server is not None:
             self.server.should_exit = True
         if self.serve_task is not None:
@@ -327,7 +322,7 @@ class DeploymentRunner:
             await self._swap(name, host)
         for name in gone:
             await self._retire(name)
-        self._start_loop(old_spec)
+        await self._start_loop(old_spec)
         self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
                       f"{self._split_text()}"
         if resumed is not None and self.rollout is not None:
@@ -358,14 +353,22 @@ class DeploymentRunner:
             return False
         return graph == host.graph
 
-    def _start_loop(self, old: DeploymentSpec | None) -> None:
+    async def _start_loop(self, old: DeploymentSpec | None) -> None:
+        """A loop for the spec's `loop:` section. One it replaces (the section changed or went) stops: its
+        iteration in flight ends there, and what it logged is written out; the gateway logs to the new one first."""
+        previous = self.loop
+        if previous is not None and old is not None and old.loop == self.spec.loop:
+            return
         if self.spec.loop is None:
             self.loop = None
             self.gateway.payloads = None
-        elif self.loop is None or old is None or old.loop != self.spec.loop:
+        else:
             from skyloop.deploy.loop import Loop
 
             self.loop = Loop(self, self.spec.loop)
+        if previous is not None:
+            await previous.stop(f"spec version {self.spec_version} " +
+                                ("changed the loop" if self.spec.loop is not None else "has no loop"))
 
     def _resumed(self) -> Rollout | None:
         """The rollout the controller before this one left at this spec version (None: start afresh)."""

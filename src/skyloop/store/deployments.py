@@ -15,7 +15,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from skyloop.errors import NotFound, SpecError
+from skyloop.errors import Conflict, NotFound, SpecError
 from skyloop.store.models import DeploymentCommandRow, DeploymentEventRow, DeploymentRow
 from skyloop.store.runs import owner_is_dead, utcnow
 
@@ -99,11 +99,17 @@ def _row(session: Session, name: str) -> DeploymentRow:
     return row
 
 
-def apply_deployment(session: Session, name: str, spec: dict[str, Any], why: str | None = None) -> tuple[int, bool]:
+def apply_deployment(session: Session, name: str, spec: dict[str, Any], why: str | None = None,
+                     over: int | None = None) -> tuple[int, bool]:
     """Record `spec` as the desired state of `name`; returns (spec version, whether it changed). With `why`, a
-    spec equal to the one recorded makes a new version all the same (its aliases now name other versions)."""
+    spec equal to the one recorded makes a new version all the same (its aliases now name other versions).
+    With `over`, only over that spec version (`Conflict` if another was recorded since, or the deployment was
+    deleted): a change computed from version `over` never overwrites one made after it."""
     now = utcnow()
-    row = session.get(DeploymentRow, name)
+    row = session.get(DeploymentRow, name, with_for_update=over is not None)
+    if over is not None and (row is None or row.spec_version != over or row.desired != "running"):
+        now_at = "deleted" if row is None or row.desired != "running" else f"at spec version {row.spec_version}"
+        raise Conflict(f"deployment {name!r} is {now_at}, no longer at spec version {over}")
     if row is None:
         session.add(DeploymentRow(name=name, spec=spec, spec_version=1, desired="running", status="Pending",
                                   reason="waiting for a controller", state={}, created_at=now, updated_at=now))
