@@ -549,6 +549,17 @@ def test_inputs_named_like_metadata_keep_the_metadata_and_their_values(workspace
     assert [feature_column(n) for n in ("id", "x")] == ["input.id", "x"]
 
 
+def test_inputs_named_like_the_feedback_keep_their_values_apart_from_it(workspace: Workspace) -> None:
+    log = _log(workspace)
+    log.add("inf-1", "main", "v1", 0.01, [*_x(7.0, name="truth"), *_x(0.25, name="reward"), *_x(0.5)], None)
+    _flush(log)
+    _feedback(workspace, "inf-1", truth=1, reward=0.75)
+    (row,) = labelled(workspace, DEPLOYMENT).to_dict("records")
+    assert (row["truth"], row["reward"], row["input.truth"], row["input.reward"], row["x"]) == (1, 0.75, 7.0, 0.25,
+                                                                                                0.5)
+    assert [input_name(c) for c in ("input.truth", "input.reward")] == ["truth", "reward"]
+
+
 def test_a_segment_holds_at_most_flush_rows_requests(workspace: Workspace) -> None:
     log = _log(workspace, flush_rows=5, flush_seconds=3_600)
     for i in range(12):

@@ -41,6 +41,8 @@ __all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_column", "feature
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
 """The columns of a payload frame besides the features."""
+_TAKEN = (*META, "truth", "reward")
+"""Column names an input cannot have as itself: the metadata, and the feedback that `labelled` joins."""
 _SHIFTED = "input."
 _UNREADABLE: set[str] = set()
 """Segment files found unreadable (each is logged once)."""
@@ -50,14 +52,15 @@ log = logging.getLogger("skyloop.monitoring")
 
 def feature_column(name: str) -> str:
     """The column of model input `name` in a payload frame: its name, or `input.NAME` for an input named like a
-    metadata column (an input `id` must not overwrite the inference ids that feedback is joined on)."""
-    return _SHIFTED + name if name in META else name
+    metadata or feedback column (an input `id` must not overwrite the inference ids that feedback is joined on,
+    nor an input `truth` the labels joined to it)."""
+    return _SHIFTED + name if name in _TAKEN else name
 
 
 def input_name(column: str) -> str:
     """The model input behind a payload frame's feature column (the inverse of `feature_column`)."""
     name = column.removeprefix(_SHIFTED)
-    return name if name in META else column
+    return name if name in _TAKEN else column
 
 
 class LogSpec(BaseModel):
