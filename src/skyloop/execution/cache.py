@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.orm import Session
 
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_
+from skyloop.pipelines.step import UNCACHEABLE
 from skyloop.store.artifacts import ArtifactRef, ArtifactStore
 from skyloop.store.db import Database, translate_errors
 from skyloop.store.hotpath import dbapi_cursor
@@ -30,12 +32,24 @@ def input_digest(value: InputValue) -> object:
     if isinstance(value, Element):
         return {"of": input_digest(value.source), "index": value.index}
     if isinstance(value, Literal_):
-        if is_plain(value.value, nan=True):
+        if is_plain(value.value, nan=True) and _keys_sorted(value.value):
             return {"value": value.value}
-        # JSON would make a tuple a list and the key 1 the key "1" (and cannot sort mixed keys): equal keys
-        # for values a step tells apart. Such values are spelled out with their types instead.
+        # JSON would make a tuple a list and the key 1 the key "1" (and cannot sort mixed keys), and the keys
+        # are sorted below: equal keys for values a step tells apart (it may build columns from a dict's
+        # order). Such values are spelled out with their types and in their order instead; a dict whose keys
+        # are in sorted order keeps the key it had before order counted.
         return {"typed": _typed(value.value)}
     raise TypeError(value)
+
+
+def _keys_sorted(value: object) -> bool:
+    """Whether every dict in a plain value has its keys in sorted order (as `sort_keys` would write them)."""
+    if type(value) is list:
+        return all(_keys_sorted(v) for v in value)
+    if type(value) is dict:
+        keys = list(value)
+        return keys == sorted(keys) and all(_keys_sorted(v) for v in value.values())
+    return True
 
 
 def _typed(value: object) -> object:
@@ -52,7 +66,12 @@ def _typed(value: object) -> object:
 
 
 def cache_key(code_hash: str, version: str, inputs: dict[str, InputValue]) -> str:
-    """sha256 of the step's code, its cache version and the identity of every input."""
+    """sha256 of the step's code, its cache version and the identity of every input.
+
+    Code whose hash says it cannot be cached (`UNCACHEABLE`: it closes over a value with no stable digest)
+    gets a key no other attempt has, so it is never a hit."""
+    if code_hash.startswith(UNCACHEABLE):
+        return uuid.uuid4().hex + uuid.uuid4().hex
     body = {"code": code_hash, "version": version, "inputs": {k: input_digest(v) for k, v in inputs.items()}}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=repr).encode()).hexdigest()
 
