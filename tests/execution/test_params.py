@@ -49,3 +49,27 @@ def test_a_float_parameter_given_nan_or_infinity_as_text_is_refused(raw: str) ->
     pipeline = spec(("x", "float"))
     with pytest.raises(SpecError, match=r"parameter 'x': .* is not a value a run can store"):
         resolve_params(pipeline, parse_cli_params(pipeline, [f"x={raw}"]))
+
+
+@pytest.mark.parametrize(("declared", "raw", "value"), [
+    ("str | None", "2024", "2024"),          # was JSON 2024, then refused: "Input should be a valid string"
+    ("str | None", "true", "true"),
+    ("Optional[str]", "1.5", "1.5"),
+    ("str | None", '"x"', '"x"'),           # as `str` keeps it
+    ("str | None", "null", None),
+    ("int | str", "3", 3),                   # JSON where it fits
+    ("float | str", "[1, 2]", "[1, 2]"),     # the text where it does not
+    ("int | None", "2024", 2024),            # no string allowed: unchanged
+])
+def test_a_parameter_that_may_be_a_string_keeps_its_text_where_json_does_not_fit(declared: str, raw: str,
+                                                                                  value: object) -> None:
+    pipeline = spec(("tag", declared))
+    given = parse_cli_params(pipeline, [f"tag={raw}"])
+    assert given == {"tag": value}
+    assert resolve_params(pipeline, given) == {"tag": value}
+
+
+def test_other_parameters_still_refuse_text_that_is_no_json() -> None:
+    pipeline = spec(("n", "int | None"))
+    with pytest.raises(SpecError, match=r"parameter 'n' expects int \| None, got 'abc'"):
+        resolve_params(pipeline, parse_cli_params(pipeline, ["n=abc"]))

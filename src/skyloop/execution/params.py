@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from skyloop.errors import SpecError
-from skyloop.pipelines.types import only_strings, parse_type
+from skyloop.pipelines.types import accepts_str, only_strings, parse_type, strings_or_none
 from skyloop.spec.pipeline import PipelineSpec
 
 __all__ = ["parse_cli_params", "resolve_params"]
@@ -54,21 +54,40 @@ def _as_declared(type_text: str, default: Any) -> Any:
 
 
 def parse_cli_params(spec: PipelineSpec, pairs: list[str]) -> dict[str, Any]:
-    """`["n=3", "name=x"]` -> values: JSON where it parses, else the plain string (then type-checked)."""
+    """`["n=3", "name=x"]` -> values: JSON where it parses, else the plain string (then type-checked).
+
+    A string-typed parameter keeps its text (`tag: str | None` given `2024` is '2024'; `null` is None), and one
+    that may be a string keeps it where the JSON value does not fit (`int | str` given `true` is 'true').
+    """
     declared = {p.name: p.type for p in spec.params}
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
             raise SpecError(f"parameter {pair!r} must look like NAME=VALUE")
-        if only_strings(parse_type(declared.get(name, "Any"))):
+        wanted = parse_type(declared.get(name, "Any"))
+        if only_strings(wanted):
             values[name] = raw
+            continue
+        if strings_or_none(wanted):  # `tag: str | None`: text as `str` keeps it, but `null` is None
+            values[name] = None if raw == "null" else raw
             continue
         try:
             values[name] = json.loads(raw, parse_constant=_not_finite(name))
         except json.JSONDecodeError:
             values[name] = raw
+            continue
+        if accepts_str(wanted) and not _fits(wanted, values[name]):
+            values[name] = raw  # `float | str` given `[1, 2]`, `Literal[1, 'true']` given `true`: the text
     return values
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    try:
+        TypeAdapter(tp).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _not_finite(name: str) -> Any:

@@ -61,6 +61,23 @@ def _outputs(result: Any) -> dict[str, TaskInput]:
     return outputs
 
 
+def _check_kind(pipeline: str, param: inspect.Parameter) -> None:
+    """Parameters are given by name (`-p n=3`, `params={"n": 3}`): refuse those that cannot be."""
+    name, kind = param.name, param.kind
+    example = f"{name}: list[int] = []` for a list"
+    if kind is inspect.Parameter.VAR_POSITIONAL:
+        what = f"*{name}"
+    elif kind is inspect.Parameter.VAR_KEYWORD:
+        what, example = f"**{name}", f"{name}: dict[str, int] = {{}}` for a mapping"
+    elif kind is inspect.Parameter.POSITIONAL_ONLY:
+        what = f"{name} (positional-only, before `/`)"
+    else:
+        return
+    raise SpecError(f"pipeline {pipeline!r} takes parameter {what}, but pipeline parameters are given by name "
+                    f"and each needs its own declaration; declare one named parameter per value "
+                    f"(e.g. `{example})")
+
+
 class Pipeline(Generic[P, R]):
     """A function marked as a pipeline. Nothing runs until it is compiled or run."""
 
@@ -80,6 +97,7 @@ class Pipeline(Generic[P, R]):
             hints = {}
         decls = []
         for name, param in inspect.signature(self.fn).parameters.items():
+            _check_kind(self.name, param)
             required = param.default is inspect.Parameter.empty
             default = None if required else param.default
             check_constant(default, f"the default of parameter {name!r} of pipeline {self.name!r}")

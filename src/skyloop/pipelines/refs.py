@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from skyloop.errors import SpecError
 from skyloop.pipelines.constants import check_constant
@@ -28,6 +28,9 @@ class Ref:
             raise SpecError("a condition compares an output with a constant or a parameter; "
                             "compare two outputs inside a step")
         source = self.binding()
+        if value is None and op not in ("==", "!="):
+            raise SpecError(f"`{Condition(source=source).describe()} {op} None` cannot be evaluated: compare "
+                            f"{self.describe()} with a number or a parameter, or test `== None`")
         check_constant(value, f"the value compared with {Condition(source=source).describe()} in when(...)")
         return Condition(source=source, op=op, value=value)
 
@@ -52,11 +55,96 @@ class Ref:
     def __hash__(self) -> int:
         return id(self)
 
-    def __bool__(self) -> bool:
-        raise SpecError(
-            "a step output or parameter has no value while the pipeline is compiled: use "
+    def describe(self) -> str:
+        """What this placeholder stands for, in words: `parameter 'n'`, `step output train.model`."""
+        return "a step output or parameter"
+
+    def _label(self) -> str:
+        return "it"
+
+    def _no_value(self, doing: str) -> SpecError:
+        return SpecError(
+            f"{doing}: {self.describe()} has no value while the pipeline is compiled: use "
             "`with when(output >= 0.9): ...` instead of `if`, and do arithmetic inside a step"
         )
+
+    def __bool__(self) -> bool:
+        raise self._no_value("cannot test it with `if`, `and`, `or` or `not`")
+
+    def _arithmetic(self, symbol: str, other: Any = None, reflected: bool = False) -> NoReturn:
+        this = self._label()
+        if other is None:
+            expression = f"{symbol}{this}"
+        else:
+            shown = "another output" if isinstance(other, Ref) else repr(other)
+            expression = f"{shown} {symbol} {this}" if reflected else f"{this} {symbol} {shown}"
+        raise self._no_value(f"cannot compute `{expression}`")
+
+    def __add__(self, other: Any) -> NoReturn:
+        self._arithmetic("+", other)
+
+    def __radd__(self, other: Any) -> NoReturn:
+        self._arithmetic("+", other, reflected=True)
+
+    def __sub__(self, other: Any) -> NoReturn:
+        self._arithmetic("-", other)
+
+    def __rsub__(self, other: Any) -> NoReturn:
+        self._arithmetic("-", other, reflected=True)
+
+    def __mul__(self, other: Any) -> NoReturn:
+        self._arithmetic("*", other)
+
+    def __rmul__(self, other: Any) -> NoReturn:
+        self._arithmetic("*", other, reflected=True)
+
+    def __matmul__(self, other: Any) -> NoReturn:
+        self._arithmetic("@", other)
+
+    def __rmatmul__(self, other: Any) -> NoReturn:
+        self._arithmetic("@", other, reflected=True)
+
+    def __truediv__(self, other: Any) -> NoReturn:
+        self._arithmetic("/", other)
+
+    def __rtruediv__(self, other: Any) -> NoReturn:
+        self._arithmetic("/", other, reflected=True)
+
+    def __floordiv__(self, other: Any) -> NoReturn:
+        self._arithmetic("//", other)
+
+    def __rfloordiv__(self, other: Any) -> NoReturn:
+        self._arithmetic("//", other, reflected=True)
+
+    def __mod__(self, other: Any) -> NoReturn:
+        self._arithmetic("%", other)
+
+    def __rmod__(self, other: Any) -> NoReturn:
+        self._arithmetic("%", other, reflected=True)
+
+    def __pow__(self, other: Any) -> NoReturn:
+        self._arithmetic("**", other)
+
+    def __rpow__(self, other: Any) -> NoReturn:
+        self._arithmetic("**", other, reflected=True)
+
+    def __neg__(self) -> NoReturn:
+        self._arithmetic("-")
+
+    def __pos__(self) -> NoReturn:
+        self._arithmetic("+")
+
+    def __abs__(self) -> NoReturn:
+        raise self._no_value(f"cannot compute `abs({self._label()})`")
+
+    def __int__(self) -> NoReturn:
+        raise self._no_value("cannot convert it with int(...)")
+
+    def __float__(self) -> NoReturn:
+        raise self._no_value("cannot convert it with float(...)")
+
+    def __index__(self) -> NoReturn:
+        raise self._no_value("cannot use it as an index, a count or a range bound")
 
     def __iter__(self) -> Iterator[Any]:
         raise SpecError("a single step output cannot be unpacked while compiling; use `.map` to fan out")
@@ -75,6 +163,12 @@ class OutputRef(Ref):
     def binding(self) -> TaskInput:
         return TaskInput(task=self.task, output=self.output)
 
+    def describe(self) -> str:
+        return f"step output {self.task}.{self.output}"
+
+    def _label(self) -> str:
+        return f"{self.task}.{self.output}"
+
     def __repr__(self) -> str:
         return f"<output {self.task}.{self.output}>"
 
@@ -88,6 +182,12 @@ class ParamRef(Ref):
 
     def binding(self) -> ParamInput:
         return ParamInput(param=self.name)
+
+    def describe(self) -> str:
+        return f"parameter {self.name!r}"
+
+    def _label(self) -> str:
+        return self.name
 
     def __repr__(self) -> str:
         return f"<param {self.name}>"
@@ -115,6 +215,9 @@ class TaskHandle(OutputRef):
     def binding(self) -> TaskInput:
         self._single()
         return super().binding()
+
+    def describe(self) -> str:
+        return f"the outputs {list(self._outputs)} of step {self.task!r}" if self._multi else super().describe()
 
     def __getattr__(self, name: str) -> OutputRef:
         outputs = self.__dict__.get("_outputs", {})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import builtins
 import numbers
 import types
 import typing
+from collections import abc
 from typing import Any
 
-__all__ = ["can_map", "compatible", "element_type", "fits", "only_strings", "parse_type", "type_str"]
+__all__ = [
+    "ACCEPTED_TYPES", "accepts_str", "can_map", "compatible", "element_type", "fits", "only_strings", "parse_type",
+    "strings_or_none", "type_str", "unreadable_type",
+]
 
 _NUMERIC_WIDENING = {(int, float), (int, complex), (float, complex), (bool, int), (bool, float)}
 
@@ -145,11 +151,60 @@ def only_strings(tp: Any) -> bool:
     return False
 
 
+def strings_or_none(tp: Any) -> bool:
+    """Whether `tp` is a union of string-only types and None: `str | None`, `Optional[Literal['a', 'b']]`."""
+    tp = _bare(tp)
+    if not _is_union(tp):
+        return False
+    arms = [arm for arm in typing.get_args(tp) if arm is not type(None)]
+    return bool(arms) and all(only_strings(arm) for arm in arms)
+
+
+def accepts_str(tp: Any) -> bool:
+    """Whether some value `tp` allows is a string: `str`, `str | None`, `int | str`, `Literal['a', 1]`."""
+    tp = _bare(tp)
+    if tp is str:
+        return True
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return any(isinstance(arg, str) for arg in args)
+    if _is_union(tp):
+        return any(accepts_str(arm) for arm in args)
+    return False
+
+
+# `typing` and `collections.abc` spellings of the containers pydantic can check (and `type_str` writes back as
+# `List[float]` or `collections.abc.Sequence[float]`). `Iterable`, `Collection` and the like are left out on
+# purpose: pydantic either cannot check them or hands back a one-shot iterator that a run cannot store.
+_TYPING_CONTAINERS: dict[str, Any] = {
+    "List": typing.List, "Dict": typing.Dict, "Tuple": typing.Tuple, "Set": typing.Set,  # noqa: UP006
+    "FrozenSet": typing.FrozenSet, "AbstractSet": typing.AbstractSet,  # noqa: UP006
+    "Sequence": typing.Sequence, "MutableSequence": typing.MutableSequence, "Mapping": typing.Mapping,
+    "MutableMapping": typing.MutableMapping, "MutableSet": typing.MutableSet,
+}
+_ABC_CONTAINERS = types.SimpleNamespace(
+    Sequence=abc.Sequence, MutableSequence=abc.MutableSequence, Mapping=abc.Mapping,
+    MutableMapping=abc.MutableMapping, Set=abc.Set, MutableSet=abc.MutableSet,
+)
 _PARSE_NAMES: dict[str, Any] = {
     "Any": Any, "None": type(None), "int": int, "float": float, "str": str, "bool": bool,
     "bytes": bytes, "list": list, "dict": dict, "tuple": tuple, "set": set, "frozenset": frozenset,
     "Optional": typing.Optional, "Union": typing.Union, "Literal": typing.Literal, "Annotated": typing.Annotated,
+    **_TYPING_CONTAINERS,
+    "typing": types.SimpleNamespace(Any=Any, Optional=typing.Optional, Union=typing.Union, Literal=typing.Literal,
+                                    Annotated=typing.Annotated, **_TYPING_CONTAINERS),
+    "collections": types.SimpleNamespace(abc=_ABC_CONTAINERS),
 }
+
+# Names a spec may hold that `parse_type` leaves unchecked (Any): what `type_str` writes for other `typing`
+# forms (`Callable[[int], int]`) and builtin classes (`object`, `complex`). Anything else bare is a typo.
+_READABLE_NAMES = (set(_PARSE_NAMES) | set(typing.__all__)
+                   | {name for name, value in vars(builtins).items() if isinstance(value, type)})
+
+ACCEPTED_TYPES = ("int, float, str, bool, bytes, None, Any, list[int], dict[str, float], tuple[int, ...], set[str], "
+                  "List/Dict/Tuple/Set/Sequence/Mapping[...], Optional[...] or X | None, Union[...], "
+                  "Literal['a', 'b'], or a class written package.module.Class")
+"""What a spec's type string may be, for error messages."""
 
 
 def parse_type(text: str) -> Any:
@@ -158,3 +213,36 @@ def parse_type(text: str) -> Any:
         return eval(text, {"__builtins__": {}}, dict(_PARSE_NAMES))
     except Exception:
         return Any
+
+
+def unreadable_type(text: str) -> str | None:
+    """Why a spec's type string names no type (`lst[int]`: a typo), or None when it reads.
+
+    Lenient where `type_str` itself writes what `parse_type` cannot read back: a dotted class name
+    (`pandas.core.frame.DataFrame`), other `typing` forms, TypeVars (`~T`), `Annotated` metadata and the
+    reprs of local classes or enum literals (`<locals>`, `<Color.RED: 1>`).
+    """
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        return None if "<" in text else "it is not a type expression"
+    unknown = _unknown_names(tree.body)
+    return f"{unknown[0]!r} is no type skyloop knows" if unknown else None
+
+
+def _unknown_names(node: ast.expr) -> list[str]:
+    if isinstance(node, ast.Name):
+        return [] if node.id in _READABLE_NAMES else [node.id]
+    if isinstance(node, ast.Subscript):
+        base = node.value
+        args = list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if isinstance(base, ast.Name) and base.id == "Literal":
+            args = []  # values, not types
+        elif isinstance(base, ast.Name) and base.id == "Annotated":
+            args = args[:1]  # metadata (`Gt(gt=0)`) says nothing about the type
+        return [name for part in (base, *args) for name in _unknown_names(part)]
+    if isinstance(node, ast.BinOp):
+        return _unknown_names(node.left) + _unknown_names(node.right)
+    if isinstance(node, ast.List | ast.Tuple):
+        return [name for part in node.elts for name in _unknown_names(part)]
+    return []  # a dotted class name, a constant, a TypeVar (`~T`), metadata: nothing to refuse

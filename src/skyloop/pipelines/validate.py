@@ -9,7 +9,15 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from skyloop.errors import CycleError, SpecError
-from skyloop.pipelines.types import can_map, compatible, element_type, parse_type, type_str
+from skyloop.pipelines.types import (
+    ACCEPTED_TYPES,
+    can_map,
+    compatible,
+    element_type,
+    parse_type,
+    type_str,
+    unreadable_type,
+)
 from skyloop.spec.pipeline import ConstInput, InputBinding, ParamInput, PipelineSpec, TaskInput, TaskSpec
 
 __all__ = ["find_cycle", "topological_order", "validate_spec"]
@@ -127,6 +135,11 @@ def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, 
             raise SpecError(f"task {task.name!r} binds input {name!r}, but step {task.step.path} takes "
                             f"{list(params)}")
     for name, param in params.items():
+        bound = name in task.inputs or param.default is inspect.Parameter.empty
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY and bound:
+            # The worker passes every input by name: `fn(x=...)` fails for `def fn(x, /)`, after the run started.
+            raise SpecError(f"task {task.name!r}: step {task.step.path} takes {name!r} as a positional-only "
+                            f"parameter (before `/`), but steps get their inputs by name; remove the `/`")
         kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         if name not in task.inputs and param.default is inspect.Parameter.empty and param.kind not in kinds:
             raise SpecError(f"missing input: task {task.name!r} needs {name!r} (it has no default); "
@@ -145,8 +158,12 @@ def _check_step(spec: PipelineSpec, task: TaskSpec, step: Any, tasks: dict[str, 
 
 
 def _check_defaults(spec: PipelineSpec) -> None:
-    """A parameter's default must be a value of its declared type: a run that is given no value uses it as is."""
+    """A parameter's type must read, and its default be a value of it: a run given no value uses it as is."""
     for param in spec.params:
+        problem = unreadable_type(param.type)
+        if problem:
+            raise SpecError(f"parameter {param.name!r} has type {param.type!r}, which skyloop cannot read "
+                            f"({problem}); write a type such as {ACCEPTED_TYPES}")
         wanted = parse_type(param.type)
         if param.required or param.default is None or wanted is Any:
             continue

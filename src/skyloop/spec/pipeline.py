@@ -126,6 +126,19 @@ class Condition(_Model):
     value_param: str | None = None
     """Compare with this pipeline parameter instead of the constant `value`."""
 
+    @model_validator(mode="after")
+    def _has_right_side(self) -> Condition:
+        # Else `one.output >= None` is only found out at run time, when the comparison cannot be evaluated.
+        if self.op in ("truthy", "falsy") or self.value_param is not None:
+            return self
+        if "value" not in self.model_fields_set:
+            raise ValueError(f"op {self.op!r} compares with something: give `value` (a constant; `value: null` "
+                             f"to compare with None) or `value_param` (a parameter name)")
+        if self.value is None and self.op not in ("==", "!="):
+            raise ValueError(f"op {self.op!r} cannot compare with None: give `value` a number or string, "
+                             f"or `value_param` a parameter name")
+        return self
+
     def describe(self) -> str:
         """`evaluate.accuracy >= 0.9`."""
         src = self.source
