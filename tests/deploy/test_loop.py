@@ -16,7 +16,7 @@ from deploy_support import Env, Load
 from tests_support import post, write
 
 from skyloop.deploy.api import send_command
-from skyloop.deploy.loop import gate_failures
+from skyloop.deploy.loop import gate_failures, holdout_split
 from skyloop.deploy.spec import GateSpec
 from skyloop.registry.registry import resolve
 from skyloop.registry.uri import parse_model_ref
@@ -157,6 +157,18 @@ def fired(env: Env, name: str) -> list[Any]:
 def test_the_gate_holds_its_bounds_as_written_despite_float_rounding(
         champion: float, challenger: float, gate: dict[str, float], failures: list[str]) -> None:
     assert gate_failures(GateSpec.model_validate(gate), champion, challenger) == failures
+
+
+def test_the_gate_holds_out_only_rows_the_champion_cannot_have_trained_on() -> None:
+    import pandas as pd
+
+    data = pd.DataFrame({"at": [float(i) for i in range(100)], "x": range(100), "truth": [0] * 100})
+    train, held = holdout_split(data, 0.3, unseen_after=79.5)  # registered after the 80th answer
+    assert len(held) == 20 and (held["at"] > 79.5).all()
+    assert sorted([*train["x"], *held["x"]]) == list(range(100))  # the rest trains the challenger
+    train, held = holdout_split(data, 0.3, unseen_after=-1.0)  # registered before the deployment answered
+    assert (len(train), len(held)) == (70, 30)
+    assert holdout_split(data, 0.3, unseen_after=100.0)[1].empty
 
 
 def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: Env) -> None:

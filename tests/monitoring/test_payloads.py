@@ -12,12 +12,15 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from tests_support import before_first_update
 
 from skyloop.config import Settings
 from skyloop.monitoring.payloads import (
     META,
     LogSpec,
     PayloadLog,
+    UnwrittenPayloads,
     feature_column,
     feature_rows,
     input_name,
@@ -558,6 +561,32 @@ def test_inputs_named_like_the_feedback_keep_their_values_apart_from_it(workspac
     assert (row["truth"], row["reward"], row["input.truth"], row["input.reward"], row["x"]) == (1, 0.75, 7.0, 0.25,
                                                                                                 0.5)
     assert [input_name(c) for c in ("input.truth", "input.reward")] == ["truth", "reward"]
+
+
+def test_a_write_the_db_refuses_keeps_its_inferences_for_the_next_one(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=2)
+    for i in range(3):
+        _add(log, f"i{i}", float(i))
+
+    def locked() -> None:
+        raise OperationalError("INSERT INTO payload_segments", {}, Exception("database is locked"))
+
+    with before_first_update(workspace.db, locked, verb="INSERT"), pytest.raises(UnwrittenPayloads) as caught:
+        _flush(log)
+    assert [r[0] for r in caught.value.rest] == ["i0", "i1", "i2"]
+    assert _segments(workspace) == [] and list(log.folder.iterdir()) == []  # no file that no reader would see
+    log.give_back(caught.value.rest)
+    _add(log, "i3", 3.0)  # came in while the write failed: after the ones given back
+    assert _flush(log) == 4
+    assert read_payloads(workspace, DEPLOYMENT).sort_values("at")["id"].tolist() == ["i0", "i1", "i2", "i3"]
+
+
+def test_what_is_given_back_is_held_up_to_ten_segments(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=1)
+    for i in range(12):
+        _add(log, f"i{i}", float(i))
+    log.give_back(log.take())
+    assert [r[0] for r in log.take()] == [f"i{i}" for i in range(2, 12)] and log.dropped == 2
 
 
 def test_a_segment_holds_at_most_flush_rows_requests(workspace: Workspace) -> None:

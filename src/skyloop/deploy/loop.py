@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from skyloop.errors import Conflict, SkyloopError
 from skyloop.monitoring.payloads import (
     META,
     PayloadLog,
+    UnwrittenPayloads,
     count_feedback,
     feature_column,
     input_name,
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
     from skyloop.deploy.runner import DeploymentRunner
 
-__all__ = ["Loop", "gate_failures"]
+__all__ = ["Loop", "gate_failures", "holdout_split"]
 
 log = logging.getLogger("skyloop.deploy")
 
@@ -68,6 +70,19 @@ def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[st
     return failures
 
 
+def holdout_split(data: pd.DataFrame, share: float, unseen_after: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labelled rows to train the challenger on, and `share` of them held out for the gate.
+
+    The holdout is drawn only from rows answered after the champion was registered (`unseen_after`, unix
+    time): it may have been trained on any row before (the loop's previous iteration trained it on them), and
+    scored on its own training rows it would look better than it is and turn down better challengers. Every
+    row not held out trains the challenger."""
+    shuffled = data.sample(frac=1.0, random_state=len(data)).reset_index(drop=True)
+    size = len(shuffled) - int(len(shuffled) * (1 - share))
+    held = shuffled[shuffled["at"] > unseen_after].head(size)
+    return shuffled.drop(index=held.index), held
+
+
 class Loop:
     """The loop of one deployment, driven by its runner's ticks."""
 
@@ -82,6 +97,7 @@ class Loop:
         self.rollout_version = 0
         """The spec version this loop wrote for its canary (the rollout to follow once it is applied)."""
         self.task: asyncio.Task[None] | None = None
+        self.write_failing = False
         self.last_check = 0.0
         self.labelled_since = time.time()
         self.references: dict[str, pd.DataFrame | None] = {}
@@ -96,8 +112,7 @@ class Loop:
     async def tick(self) -> None:
         """Write logs, follow a rollout in progress, and check the triggers when due."""
         if self.payloads.due():
-            batch = self.payloads.take()
-            await asyncio.to_thread(self.payloads.write, batch)
+            await self._write(self.payloads.take())
         now = time.monotonic()
         rollout = self.runner.rollout
         busy = rollout is not None and not rollout.done
@@ -143,12 +158,21 @@ class Loop:
             await asyncio.wait([self.task])
             if why is not None:
                 await self.runner.event("loop.stopped", f"loop iteration stopped: {why}")
-        batch = self.payloads.take()
-        if batch:
-            try:
-                await asyncio.to_thread(self.payloads.write, batch)
-            except Exception:
-                log.exception("%s: %d logged inferences could not be written", self._name, len(batch))
+        await self._write(self.payloads.take())
+
+    async def _write(self, batch: list[Any]) -> None:
+        """Write logged inferences; what a failed write leaves goes back to the log for the next one."""
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(self.payloads.write, batch)
+        except UnwrittenPayloads as exc:
+            self.payloads.give_back(exc.rest)
+            if not self.write_failing:  # said once until a write succeeds again
+                log.warning("%s: %s; kept to write again", self._name, exc)
+            self.write_failing = True
+        else:
+            self.write_failing = False
 
     def _idle(self, now: float) -> None:
         self.phase = "watching"
@@ -294,9 +318,14 @@ class Loop:
             self._idle(time.monotonic())
             return
         features = [c for c in data.columns if c not in (*META, *_LABELS)]
-        shuffled = data.sample(frac=1.0, random_state=len(data)).reset_index(drop=True)
-        cut = int(len(shuffled) * (1 - retrain.holdout))
-        train, holdout = shuffled.iloc[:cut], shuffled.iloc[cut:]
+        registered = await asyncio.to_thread(self._registered_at, champion)
+        train, holdout = holdout_split(data, retrain.holdout, registered)
+        if holdout.empty:
+            await self.runner.event("loop.skipped", f"none of {len(data)} labelled rows was answered after "
+                                                    f"{champion} was registered, the only rows the gate can judge it "
+                                                    "on; waiting for more feedback")
+            self._idle(time.monotonic())
+            return
         folder = self.runner.folder / "loop"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"train-{int(time.time())}.parquet"
@@ -348,6 +377,14 @@ class Loop:
         target = absolute_ref(retrain.pipeline, self.runner.spec.base_dir)
         params = {**retrain.params, retrain.data_param: data_path}
         return run(target, params, backend=retrain.backend, settings=self.runner.controller.settings)
+
+    def _registered_at(self, version: str) -> float:
+        from skyloop.registry.registry import resolve
+        from skyloop.registry.uri import parse_model_ref
+
+        with self.workspace.db.read() as session:
+            at = resolve(session, parse_model_ref(f"models:/{version}")).created_at
+        return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
     def _registered_by(self, run_id: str) -> str | None:
         from sqlalchemy import select

@@ -36,8 +36,8 @@ from skyloop.store.workspace import Workspace
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LogSpec", "PayloadLog", "count_feedback", "feature_column", "feature_rows", "input_name", "labelled",
-           "read_payloads"]
+__all__ = ["LogSpec", "PayloadLog", "UnwrittenPayloads", "count_feedback", "feature_column", "feature_rows",
+           "input_name", "labelled", "read_payloads"]
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
 """The columns of a payload frame besides the features."""
@@ -129,6 +129,14 @@ Body = bytes | list[dict[str, Any]] | None
 """A V2 request or response: its raw JSON bytes, or its list of tensors."""
 
 
+class UnwrittenPayloads(Exception):
+    """A write failed: `rest` holds the inferences it did not write (`PayloadLog.give_back` them)."""
+
+    def __init__(self, rest: list[Any], cause: BaseException) -> None:
+        super().__init__(f"{len(rest)} logged inferences not written: {type(cause).__name__}: {cause}")
+        self.rest = rest
+
+
 class PayloadLog:
     """Buffers a deployment's answered inferences and writes them as indexed segments."""
 
@@ -173,9 +181,26 @@ class PayloadLog:
 
     def write(self, batch: list[Any]) -> int:
         """Write `batch` (from `take`) as segments of at most `flush_rows` requests and index them; returns the
-        requests written (worker thread)."""
+        requests written (worker thread). Raises `UnwrittenPayloads` with what is left when a segment fails (the
+        DB cannot take its row, the disk is full): a segment is indexed whole or not at all."""
         size = self.spec.flush_rows
-        return sum(self._segment(batch[i:i + size]) for i in range(0, len(batch), size))
+        written = 0
+        for i in range(0, len(batch), size):
+            try:
+                written += self._segment(batch[i:i + size])
+            except Exception as exc:
+                raise UnwrittenPayloads(batch[i:], exc) from exc
+        return written
+
+    def give_back(self, batch: list[Any]) -> None:
+        """Put back what a failed write left, ahead of what came since (call on the gateway's loop): the next
+        write tries again. At most ten segments' worth is held; the oldest beyond are dropped and counted."""
+        held = batch + self._buffer
+        over = len(held) - 10 * self.spec.flush_rows
+        if over > 0:
+            self.dropped += over
+            held = held[over:]
+        self._buffer = held
 
     def _segment(self, batch: list[Any]) -> int:
         import pyarrow as pa
@@ -194,12 +219,17 @@ class PayloadLog:
             tmp = self.folder / f".{name}.tmp"
             pq.write_table(table, tmp)
             path = self.folder / name
-            tmp.replace(path)
-            with self.workspace.db.session() as session:
-                session.add(PayloadSegmentRow(deployment=self.deployment, path=str(path), rows=len(batch),
-                                              versions=sorted(set(versions)),
-                                              first_at=datetime.fromtimestamp(min(ats), UTC),
-                                              last_at=datetime.fromtimestamp(max(ats), UTC)))
+            try:
+                tmp.replace(path)
+                with self.workspace.db.session() as session:
+                    session.add(PayloadSegmentRow(deployment=self.deployment, path=str(path), rows=len(batch),
+                                                  versions=sorted(set(versions)),
+                                                  first_at=datetime.fromtimestamp(min(ats), UTC),
+                                                  last_at=datetime.fromtimestamp(max(ats), UTC)))
+            except BaseException:  # not indexed: no reader sees it, and its rows are written again
+                tmp.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                raise
         self.logged += len(batch)
         return len(batch)
 
