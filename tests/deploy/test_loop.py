@@ -266,6 +266,24 @@ def test_the_loop_fires_nothing_over_its_canary_in_flight_and_follows_it_to_its_
     env.delete("guarded")
 
 
+def test_a_loop_that_starts_again_keeps_the_cooldown_it_was_in(env: Env) -> None:
+    # A changed loop section (as a restarted controller) makes a new loop: it takes the cooldown up from the
+    # deployment's recorded events instead of firing again at once.
+    write(env.folder / "retrain.py", WORSE)
+    doc = loop_spec("cooling", cooldown="1h")
+    doc["loop"]["triggers"] = {"on": [{"schedule": "500ms"}], "cooldown": "1h"}
+    env.apply(doc)
+    env.wait("cooling", lambda i: "loop.skipped" in [e.kind for e in env.history("cooling")], 30,
+             "the first iteration (no labelled rows: skipped)")
+    doc["loop"]["drift"]["every"] = "400ms"
+    env.apply(doc)
+    env.wait("cooling", lambda i: (i.state.get("loop") or {}).get("cooldown_left", 0) > 3000, 30,
+             "the new loop in the cooldown")
+    time.sleep(2.0)  # four periods of the schedule
+    assert len(fired(env, "cooling")) == 1
+    env.delete("cooling")
+
+
 def test_drift_tests_of_features_the_reference_lacks_are_refused_at_apply_and_reported_at_run_time(env: Env) -> None:
     import orjson
     from sklearn.linear_model import LogisticRegression

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +51,8 @@ __all__ = ["Loop", "gate_failures", "holdout_split"]
 log = logging.getLogger("skyloop.deploy")
 
 _LABELS = ("truth", "reward")
+_ENDS = ("loop.finished", "loop.rejected", "loop.skipped", "loop.failed", "loop.stopped")
+"""The events that end an iteration (its cooldown starts)."""
 
 
 CHALLENGER = "challenger"
@@ -68,6 +70,10 @@ def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[st
     if challenger < champion + gate.min_delta - SLACK:
         failures.append(f"challenger accuracy {challenger:.3f} < champion {champion:.3f} + {gate.min_delta:g}")
     return failures
+
+
+def _unix(at: datetime) -> float:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 def holdout_split(data: pd.DataFrame, share: float, unseen_after: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -98,6 +104,8 @@ class Loop:
         """The spec version this loop wrote for its canary (the rollout to follow once it is applied)."""
         self.task: asyncio.Task[None] | None = None
         self.write_failing = False
+        self.resumed = False
+        """Whether the triggers took up the cooldown and schedule recorded before this loop started."""
         self.last_check = 0.0
         self.labelled_since = time.time()
         self.references: dict[str, pd.DataFrame | None] = {}
@@ -111,6 +119,9 @@ class Loop:
     # -- ticking -------------------------------------------------------------------------------------------
     async def tick(self) -> None:
         """Write logs, follow a rollout in progress, and check the triggers when due."""
+        if not self.resumed:
+            self.resumed = True
+            await asyncio.to_thread(self._resume_triggers)
         if self.payloads.due():
             await self._write(self.payloads.take())
         now = time.monotonic()
@@ -173,6 +184,24 @@ class Loop:
             self.write_failing = True
         else:
             self.write_failing = False
+
+    def _resume_triggers(self) -> None:
+        """Cooldown and schedule go on from the deployment's last firing and iteration end, as its events recorded
+        them: a restarted controller, or a loop whose section changed, does not fire in the middle of a cooldown."""
+        if self.triggers is None:
+            return
+        from skyloop.store.deployments import last_event_times
+
+        with self.workspace.db.read() as session:
+            last = last_event_times(session, self._name, ("loop.fired", *_ENDS),
+                                    datetime.fromtimestamp(self.runner.created_at, UTC))
+        fired = last.pop("loop.fired", None)
+        if fired is None:
+            return
+        end = max(last.values(), default=fired)
+        now, wall = time.monotonic(), time.time()
+        self.triggers.last_fired = now - (wall - _unix(fired))
+        self.triggers.idle_since = now - (wall - max(_unix(end), _unix(fired)))
 
     def _idle(self, now: float) -> None:
         self.phase = "watching"
@@ -384,7 +413,7 @@ class Loop:
 
         with self.workspace.db.read() as session:
             at = resolve(session, parse_model_ref(f"models:/{version}")).created_at
-        return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+        return _unix(at)
 
     def _registered_by(self, run_id: str) -> str | None:
         from sqlalchemy import select

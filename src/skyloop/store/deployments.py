@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -29,6 +29,7 @@ __all__ = [
     "deployment_history",
     "drop_deployment",
     "get_deployment",
+    "last_event_times",
     "list_deployments",
     "pending_commands",
     "queue_command",
@@ -214,6 +215,16 @@ def deployment_history(session: Session, name: str, limit: int | None = None) ->
         raise NotFound(f"no deployment {name!r} and no history for it")
     return [DeploymentEvent(r.id, r.deployment, r.spec_version, r.at, r.kind, r.status, r.step, r.weights or {},
                             r.versions or {}, r.metrics, r.reason) for r in rows]
+
+
+def last_event_times(session: Session, name: str, kinds: tuple[str, ...], since: datetime) -> dict[str, datetime]:
+    """When each of `kinds` last happened to `name`, at or after `since` (kinds that did not happen are left out)."""
+    rows = session.execute(
+        select(DeploymentEventRow.kind, func.max(DeploymentEventRow.at))
+        .where(DeploymentEventRow.deployment == name, DeploymentEventRow.kind.in_(kinds),
+               DeploymentEventRow.at >= since)
+        .group_by(DeploymentEventRow.kind))
+    return {kind: at for kind, at in rows}
 
 
 def queue_command(session: Session, name: str, command: str) -> None:
