@@ -563,6 +563,19 @@ def test_inputs_named_like_the_feedback_keep_their_values_apart_from_it(workspac
     assert [input_name(c) for c in ("input.truth", "input.reward")] == ["truth", "reward"]
 
 
+def test_labels_that_come_many_answers_late_are_still_joined(workspace: Workspace) -> None:
+    log = _log(workspace, flush_rows=100)
+    for i in range(1200):
+        _add(log, f"i{i}", float(i))
+    _flush(log)
+    for i in range(100):  # only the oldest answers are labelled yet, 1,100 answers later
+        _feedback(workspace, f"i{i}", truth=i % 2)
+    rows = labelled(workspace, DEPLOYMENT, last=50)
+    assert rows["id"].tolist() == [f"i{i}" for i in range(50, 100)]
+    assert rows["truth"].tolist() == [i % 2 for i in range(50, 100)]
+    assert len(labelled(workspace, DEPLOYMENT)) == 100
+
+
 def test_a_write_the_db_refuses_keeps_its_inferences_for_the_next_one(workspace: Workspace) -> None:
     log = _log(workspace, flush_rows=2)
     for i in range(3):

@@ -309,10 +309,11 @@ def _read_segment(path: str) -> pd.DataFrame | None:
 
 
 def read_payloads(workspace: Workspace, deployment: str, since: float | None = None,
-                  version: str | None = None, last: int | None = None) -> pd.DataFrame:
-    """Logged inferences of `deployment` (at or after unix time `since`; of one model `version`; the `last` N).
+                  version: str | None = None, last: int | None = None, ids: set[str] | None = None) -> pd.DataFrame:
+    """Logged inferences of `deployment` (at or after unix time `since`; of one model `version`; the `last` N;
+    with inference ids among `ids`).
 
-    With `last`, segments are read newest first and only until N rows are in hand."""
+    Segments are read newest first: with `last`, only until N rows are in hand; with `ids`, until each was found."""
     import pandas as pd
 
     query = select(PayloadSegmentRow).where(PayloadSegmentRow.deployment == deployment)
@@ -322,10 +323,14 @@ def read_payloads(workspace: Workspace, deployment: str, since: float | None = N
         segments = [(r.path, r.versions) for r in session.scalars(query.order_by(PayloadSegmentRow.id.desc()))]
     frames = []
     have = 0
+    missing = set(ids or ())
     for path, versions in segments:
         if version is not None and version not in versions:
             continue
         stored = _read_segment(path)
+        if stored is not None and ids is not None:
+            stored = stored[stored["id"].isin(ids)]
+            missing -= set(stored["id"])
         if stored is not None:
             frame = _expand(stored)
             if since is not None:
@@ -334,7 +339,7 @@ def read_payloads(workspace: Workspace, deployment: str, since: float | None = N
                 frame = frame[frame["version"] == version]
             frames.append(frame)
             have += len(frame)
-        if last is not None and have >= last:
+        if (last is not None and have >= last) or (ids is not None and not missing):
             break
     if not frames:
         return pd.DataFrame(columns=list(META))
@@ -358,17 +363,18 @@ def labelled(workspace: Workspace, deployment: str, since: float | None = None, 
     """Logged inferences that received feedback, with `truth` and `reward` columns (joined by inference id)."""
     import pandas as pd
 
-    # With `last`, only the newest logs are read: enough for N labelled ones while recent feedback is on its way.
-    scan = None if last is None else 2 * last + 1000
-    payloads = read_payloads(workspace, deployment, since=since, version=version, last=scan)
     query = select(FeedbackRow.inference_id, FeedbackRow.truth, FeedbackRow.reward).where(
-        FeedbackRow.model == deployment).order_by(FeedbackRow.id)
-    if scan is not None and 0 < len(payloads) <= 20_000:
-        query = query.where(FeedbackRow.inference_id.in_(payloads["id"].unique().tolist()))
-    elif since is not None:
+        FeedbackRow.model == deployment)
+    if since is not None:
         query = query.where(FeedbackRow.created_at >= datetime.fromtimestamp(since, UTC))
+    if last is not None:
+        # With `last`, from the feedback side: the newest labels, and then the logs of the answers they are about
+        # (a label may come thousands of answers after its answer; some are of other versions, hence the margin).
+        query = query.order_by(FeedbackRow.id.desc()).limit(4 * last + 100)
     with workspace.db.read() as session:
         feedback = pd.DataFrame(session.execute(query).all(), columns=["id", "truth", "reward"])
+    payloads = read_payloads(workspace, deployment, since=since, version=version,
+                             ids=None if last is None else set(feedback["id"]))
     if payloads.empty or feedback.empty:
         return payloads.iloc[0:0].assign(truth=[], reward=[])
     joined = payloads.merge(feedback, on="id", how="inner")
