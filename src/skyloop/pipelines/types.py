@@ -8,6 +8,7 @@ import numbers
 import types
 import typing
 from collections import abc
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
@@ -140,15 +141,7 @@ def only_strings(tp: Any) -> bool:
 
     A command-line parameter of such a type keeps its text as given (`-p mode=1` is the string '1').
     """
-    tp = _bare(tp)
-    if tp is str:
-        return True
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Literal:
-        return all(isinstance(arg, str) for arg in args)
-    if _is_union(tp):
-        return all(only_strings(arm) for arm in args)
-    return False
+    return _strings(tp, all)
 
 
 def strings_or_none(tp: Any) -> bool:
@@ -162,14 +155,19 @@ def strings_or_none(tp: Any) -> bool:
 
 def accepts_str(tp: Any) -> bool:
     """Whether some value `tp` allows is a string: `str`, `str | None`, `int | str`, `Literal['a', 1]`."""
+    return _strings(tp, any)
+
+
+def _strings(tp: Any, combine: Callable[[Iterable[bool]], bool]) -> bool:
+    """Whether the values `tp` allows are strings, `combine` (all or any) over its literals and union arms."""
     tp = _bare(tp)
     if tp is str:
         return True
     args = typing.get_args(tp)
     if typing.get_origin(tp) is typing.Literal:
-        return any(isinstance(arg, str) for arg in args)
+        return combine(isinstance(arg, str) for arg in args)
     if _is_union(tp):
-        return any(accepts_str(arm) for arm in args)
+        return combine(_strings(arm, combine) for arm in args)
     return False
 
 
