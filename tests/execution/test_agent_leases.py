@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests_support import agent_env, calls_made, reap, until
+from tests_support import agent_env, calls_made, pause_between_writes, reap, until
 
 from skyloop import Settings
 from skyloop.store.models import RunRow, StepRunRow
@@ -78,7 +78,7 @@ def test_a_process_held_up_past_its_lease_writes_and_launches_nothing_more(setti
     agent: subprocess.Popen[str] | None = None
     try:
         until(lambda: "slow" in calls_made(calls))
-        os.kill(old.pid, signal.SIGSTOP)  # held up (a long pause, a suspended laptop) while `slow` runs
+        pause_between_writes(old.pid, settings.home)  # held up (a long pause, a suspended laptop) while `slow` runs
         time.sleep(2.6)  # its lease runs out
         agent = subprocess.Popen([sys.executable, "-m", "skyloop", "agent", "--once"], cwd=tmp_path, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

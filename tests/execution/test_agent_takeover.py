@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from pg_support import PgCluster, pg_bindir
-from tests_support import agent_env, calls_made, reap, until
+from tests_support import agent_env, calls_made, pause_between_writes, reap, until
 
 from skyloop import Settings
 from skyloop.store.models import Event, RunRow, StepRunRow
@@ -85,7 +85,7 @@ def test_an_agent_back_from_a_pause_lets_go_of_the_runs_it_lost_without_failing(
     second: subprocess.Popen[str] | None = None
     try:
         until(lambda: len(calls_made(calls)) >= 2)  # two units run, four wait for room
-        os.kill(first.pid, signal.SIGSTOP)  # held up past its lease; its two units end meanwhile
+        pause_between_writes(first.pid, settings.home)  # held up past its lease; its two units end meanwhile
         time.sleep(2.5)
         second = _agent(tmp_path, env, "--max-cpus", "2", "--once")
         until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])  # adopted
@@ -123,7 +123,7 @@ def test_an_agent_takes_back_a_run_it_lost_once_its_adopter_died(settings: Setti
     second: subprocess.Popen[str] | None = None
     try:
         until(lambda: len(calls_made(calls)) >= 1)
-        os.kill(first.pid, signal.SIGSTOP)
+        pause_between_writes(first.pid, settings.home)
         time.sleep(2.5)
         second = _agent(tmp_path, env, "--max-cpus", "2")
         until(lambda: (_run_row(settings)[2] or "").split(":")[1:2] == [str(second.pid)])
@@ -211,7 +211,7 @@ def test_an_agent_back_from_a_pause_goes_on_with_the_runs_it_still_holds(setting
     resumer: subprocess.Popen[str] | None = None
     try:
         until(lambda: len(calls_made(calls)) >= 2)  # two units of the urgent run; the other run's wait
-        os.kill(first.pid, signal.SIGSTOP)
+        pause_between_writes(first.pid, settings.home)
         time.sleep(2.5)
         resumer = subprocess.Popen([sys.executable, "-m", "skyloop", "run", "--resume", urgent], cwd=tmp_path,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -79,6 +79,30 @@ def replayed_database(url: str) -> Database:
 
 
 @contextmanager
+def pause_between_writes(pid: int, home: Path, tries: int = 200) -> None:
+    """SIGSTOP the process `pid` at a moment it holds no write lock on the SQLite DB in `home`.
+
+    A process paused inside a write transaction stops every other process on SQLite (each waits out its
+    busy timeout, then fails with "database is locked"): a fact of SQLite, not what a test of a paused
+    agent (a lost lease, a suspended laptop) is about. Paused at a random moment, it did now and then.
+    """
+    import sqlite3
+
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        conn = sqlite3.connect(home / "skyloop.db", timeout=0.2)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # takes the write lock only if the paused process does not hold it
+            conn.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            conn.close()
+    raise AssertionError(f"process {pid} held the DB's write lock at each of {tries} tries")
+
+
 def before_first_update(db: Database, action: Callable[[], None], verb: str = "UPDATE") -> Iterator[None]:
     """Run `action` (another process's write, committed on its own connection) just before `db` sends its
     first UPDATE (or other `verb`: INSERT, DELETE): the moment between a function's read and its first write."""
