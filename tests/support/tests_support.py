@@ -78,7 +78,6 @@ def replayed_database(url: str) -> Database:
     return database
 
 
-@contextmanager
 def pause_between_writes(pid: int, home: Path, tries: int = 200) -> None:
     """SIGSTOP the process `pid` at a moment it holds no write lock on the SQLite DB in `home`.
 
@@ -103,6 +102,7 @@ def pause_between_writes(pid: int, home: Path, tries: int = 200) -> None:
     raise AssertionError(f"process {pid} held the DB's write lock at each of {tries} tries")
 
 
+@contextmanager
 def before_first_update(db: Database, action: Callable[[], None], verb: str = "UPDATE") -> Iterator[None]:
     """Run `action` (another process's write, committed on its own connection) just before `db` sends its
     first UPDATE (or other `verb`: INSERT, DELETE): the moment between a function's read and its first write."""
