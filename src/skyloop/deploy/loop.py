@@ -72,10 +72,6 @@ def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[st
     return failures
 
 
-def _unix(at: datetime) -> float:
-    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
-
-
 def holdout_split(data: pd.DataFrame, share: float, unseen_after: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Labelled rows to train the challenger on, and `share` of them held out for the gate.
 
@@ -200,8 +196,8 @@ class Loop:
             return
         end = max(last.values(), default=fired)
         now, wall = time.monotonic(), time.time()
-        self.triggers.last_fired = now - (wall - _unix(fired))
-        self.triggers.idle_since = now - (wall - max(_unix(end), _unix(fired)))
+        self.triggers.last_fired = now - (wall - fired.timestamp())
+        self.triggers.idle_since = now - (wall - max(end, fired).timestamp())
 
     def _idle(self, now: float) -> None:
         self.phase = "watching"
@@ -413,7 +409,7 @@ class Loop:
 
         with self.workspace.db.read() as session:
             at = resolve(session, parse_model_ref(f"models:/{version}")).created_at
-        return _unix(at)
+        return at.timestamp()  # the DB's datetimes come back timezone-aware (UTC)
 
     def _registered_by(self, run_id: str) -> str | None:
         from sqlalchemy import select

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from skyloop.errors import SpecError
@@ -10,6 +10,15 @@ from skyloop.pipelines.constants import check_constant
 from skyloop.spec.pipeline import Condition, InputBinding, ParamInput, TaskInput
 
 __all__ = ["OutputRef", "ParamRef", "Ref", "TaskHandle"]
+
+
+def _refused(symbol: str, reflected: bool = False) -> Callable[..., NoReturn]:
+    """An operator of `Ref` (unary, or binary with the other operand) that refuses to compute `symbol`: a ref
+    has no value while the pipeline compiles."""
+    def operator(self: Ref, *other: Any) -> NoReturn:
+        self._arithmetic(symbol, *other, reflected=reflected)
+
+    return operator
 
 
 class Ref:
@@ -71,7 +80,7 @@ class Ref:
     def __bool__(self) -> bool:
         raise self._no_value("cannot test it with `if`, `and`, `or` or `not`")
 
-    def _arithmetic(self, symbol: str, other: Any = None, reflected: bool = False) -> NoReturn:
+    def _arithmetic(self, symbol: str, other: Any = None, *, reflected: bool = False) -> NoReturn:
         this = self._label()
         if other is None:
             expression = f"{symbol}{this}"
@@ -80,59 +89,24 @@ class Ref:
             expression = f"{shown} {symbol} {this}" if reflected else f"{this} {symbol} {shown}"
         raise self._no_value(f"cannot compute `{expression}`")
 
-    def __add__(self, other: Any) -> NoReturn:
-        self._arithmetic("+", other)
-
-    def __radd__(self, other: Any) -> NoReturn:
-        self._arithmetic("+", other, reflected=True)
-
-    def __sub__(self, other: Any) -> NoReturn:
-        self._arithmetic("-", other)
-
-    def __rsub__(self, other: Any) -> NoReturn:
-        self._arithmetic("-", other, reflected=True)
-
-    def __mul__(self, other: Any) -> NoReturn:
-        self._arithmetic("*", other)
-
-    def __rmul__(self, other: Any) -> NoReturn:
-        self._arithmetic("*", other, reflected=True)
-
-    def __matmul__(self, other: Any) -> NoReturn:
-        self._arithmetic("@", other)
-
-    def __rmatmul__(self, other: Any) -> NoReturn:
-        self._arithmetic("@", other, reflected=True)
-
-    def __truediv__(self, other: Any) -> NoReturn:
-        self._arithmetic("/", other)
-
-    def __rtruediv__(self, other: Any) -> NoReturn:
-        self._arithmetic("/", other, reflected=True)
-
-    def __floordiv__(self, other: Any) -> NoReturn:
-        self._arithmetic("//", other)
-
-    def __rfloordiv__(self, other: Any) -> NoReturn:
-        self._arithmetic("//", other, reflected=True)
-
-    def __mod__(self, other: Any) -> NoReturn:
-        self._arithmetic("%", other)
-
-    def __rmod__(self, other: Any) -> NoReturn:
-        self._arithmetic("%", other, reflected=True)
-
-    def __pow__(self, other: Any) -> NoReturn:
-        self._arithmetic("**", other)
-
-    def __rpow__(self, other: Any) -> NoReturn:
-        self._arithmetic("**", other, reflected=True)
-
-    def __neg__(self) -> NoReturn:
-        self._arithmetic("-")
-
-    def __pos__(self) -> NoReturn:
-        self._arithmetic("+")
+    __add__ = _refused("+")
+    __radd__ = _refused("+", reflected=True)
+    __sub__ = _refused("-")
+    __rsub__ = _refused("-", reflected=True)
+    __mul__ = _refused("*")
+    __rmul__ = _refused("*", reflected=True)
+    __matmul__ = _refused("@")
+    __rmatmul__ = _refused("@", reflected=True)
+    __truediv__ = _refused("/")
+    __rtruediv__ = _refused("/", reflected=True)
+    __floordiv__ = _refused("//")
+    __rfloordiv__ = _refused("//", reflected=True)
+    __mod__ = _refused("%")
+    __rmod__ = _refused("%", reflected=True)
+    __pow__ = _refused("**")
+    __rpow__ = _refused("**", reflected=True)
+    __neg__ = _refused("-")
+    __pos__ = _refused("+")
 
     def __abs__(self) -> NoReturn:
         raise self._no_value(f"cannot compute `abs({self._label()})`")
