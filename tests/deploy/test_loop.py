@@ -16,7 +16,7 @@ from deploy_support import Env, Load
 from tests_support import post, write
 
 from skyloop.deploy.api import send_command
-from skyloop.deploy.loop import gate_failures, holdout_split
+from skyloop.deploy.loop import gate_failures, holdout_split, training_frame
 from skyloop.deploy.spec import GateSpec
 from skyloop.registry.registry import resolve
 from skyloop.registry.uri import parse_model_ref
@@ -127,6 +127,65 @@ def test_a_spec_applied_while_the_loop_retrains_is_never_overwritten_and_loses_n
     assert len(load.answers) - len(load.failed) == logged["id"].nunique() > 100
 
 
+UNSERVABLE = '''
+from skyloop import pipeline, step
+
+
+@step
+def fit(data: str) -> str:
+    """A challenger the gate can score (it answers 0) that no replica can load."""
+    import sys
+
+    import pandas as pd
+
+    from skyloop.registry import log_model
+
+    class TrainingOnly:
+        def load(self) -> None:
+            if "--exit-with-parent" in sys.argv:  # a replica started by the controller
+                raise RuntimeError("this model loads only where it was trained")
+
+        def predict(self, data):
+            return [0] * len(data)
+
+    frame = pd.read_parquet(data)
+    return log_model(TrainingOnly(), "iris", input_example=frame.drop(columns="target").head(5)).uri
+
+
+@pipeline
+def unservable(data: str = ""):
+    return {"uri": fit(data)}
+'''
+
+
+def test_an_iteration_trains_on_answers_not_yet_written_and_a_canary_that_fails_to_apply_ends_it(env: Env) -> None:
+    write(env.folder / "retrain.py", UNSERVABLE)
+    doc = loop_spec("unservable", cooldown="1h")
+    doc["loop"]["triggers"]["on"] = [{"labelled_rows": 20}]
+    doc["loop"]["retrain"].update(pipeline="retrain.py:unservable", min_rows=10)
+    doc["loop"]["gate"] = {"min_delta": -1.0}  # blessed: it fails only where it is served
+    # Nothing written before the firing: the iteration itself writes what the log holds before it reads.
+    doc["loop"]["log"] = {"flush_seconds": 3600}
+    first = env.apply(doc)
+    with Load(env.url("unservable"), env.X, env.y, clients=2, total=100, feedback=True) as load:
+        load.wait()
+    info = env.wait("unservable", lambda i: "loop.finished" in [e.kind for e in env.history("unservable")], 120,
+                    "the iteration's end")
+    history = env.history("unservable")
+    assert [e.kind for e in history if e.kind.startswith("loop.")][-3:] == ["loop.blessed", "loop.rollout",
+                                                                            "loop.finished"]
+    finished = next(e for e in history if e.kind == "loop.finished")
+    canary = first.spec_version + 1
+    assert f"canary (spec version {canary}) was not applied: challenger:" in finished.reason, finished.reason
+    assert "loads only where it was trained" in finished.reason
+    assert info.spec_version == canary
+    # The champion goes on serving every request.
+    with Load(env.url("unservable"), env.X, env.y, clients=2, total=20) as load:
+        load.wait()
+    assert load.failed == [] and {a.version for a in load.answers} == {"iris/1"}
+    env.delete("unservable")
+
+
 def test_at_an_even_canary_split_the_loop_measures_the_stable_version(env: Env) -> None:
     # The loop's default canary steps are 25% and 50%: at 50% the champion still serves, and it is the one
     # whose drift and quality are measured and gauged (the target came first in the split and won the tie).
@@ -169,6 +228,16 @@ def test_the_gate_holds_out_only_rows_the_champion_cannot_have_trained_on() -> N
     train, held = holdout_split(data, 0.3, unseen_after=-1.0)  # registered before the deployment answered
     assert (len(train), len(held)) == (70, 30)
     assert holdout_split(data, 0.3, unseen_after=100.0)[1].empty
+
+
+def test_the_retraining_file_keeps_every_input_and_refuses_one_named_as_the_label_column() -> None:
+    import pandas as pd
+
+    data = pd.DataFrame({"at": [1.0, 2.0], "input.truth": [5, 6], "target": [7, 8], "truth": [0, 1]})
+    frame = training_frame(data, ["input.truth", "target"], "label")
+    assert frame.to_dict("list") == {"truth": [5, 6], "target": [7, 8], "label": [0, 1]}
+    with pytest.raises(ValueError, match=r"input named 'target'.*loop\.retrain\.label_column"):
+        training_frame(data, ["input.truth", "target"], "target")  # the default would overwrite the input
 
 
 def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: Env) -> None:

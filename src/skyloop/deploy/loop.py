@@ -85,6 +85,15 @@ def holdout_split(data: pd.DataFrame, share: float, unseen_after: float) -> tupl
     return shuffled.drop(index=held.index), held
 
 
+def training_frame(train: pd.DataFrame, features: list[str], label: str) -> pd.DataFrame:
+    """The retraining file: the model's inputs under their own names, and the labels as column `label`."""
+    frame = train[features].rename(columns=input_name)
+    if label in frame.columns:
+        raise ValueError(f"the model has an input named {label!r}, the column the retraining data gives the labels "
+                         "in: set loop.retrain.label_column to a name that is not an input")
+    return frame.assign(**{label: train["truth"].to_numpy()})
+
+
 class Loop:
     """The loop of one deployment, driven by its runner's ticks."""
 
@@ -100,6 +109,8 @@ class Loop:
         """The spec version this loop wrote for its canary (the rollout to follow once it is applied)."""
         self.task: asyncio.Task[None] | None = None
         self.write_failing = False
+        self.writing = asyncio.Lock()
+        """Held while logged inferences are written: a flush waits for a write in flight."""
         self.resumed = False
         """Whether the triggers took up the cooldown and schedule recorded before this loop started."""
         self.last_check = 0.0
@@ -119,7 +130,7 @@ class Loop:
             self.resumed = True
             await asyncio.to_thread(self._resume_triggers)
         if self.payloads.due():
-            await self._write(self.payloads.take())
+            await self._flush()
         now = time.monotonic()
         rollout = self.runner.rollout
         busy = rollout is not None and not rollout.done
@@ -128,9 +139,12 @@ class Loop:
             # (and its cooldown), never fire a second iteration over it.
             self.phase, self.rollout_version = "rolling_out", self.runner.applied
         if self.phase == "rolling_out" and self.runner.applied >= self.rollout_version and not busy:
-            outcome = rollout.phase.value if rollout else "stopped"
-            await self.runner.event("loop.finished", f"loop iteration over: the challenger's rollout ended "
-                                                      f"{outcome}")
+            failed, why = self.runner.not_applied
+            if failed == self.rollout_version:  # the rollout the runner goes on with is an earlier one, not ours
+                outcome = f"the challenger's canary (spec version {failed}) was not applied: {why}"
+            else:
+                outcome = f"the challenger's rollout ended {rollout.phase.value if rollout else 'stopped'}"
+            await self.runner.event("loop.finished", f"loop iteration over: {outcome}")
             self._idle(now)
         if now - self.last_check < self.spec.drift.every:
             return
@@ -165,21 +179,24 @@ class Loop:
             await asyncio.wait([self.task])
             if why is not None:
                 await self.runner.event("loop.stopped", f"loop iteration stopped: {why}")
-        await self._write(self.payloads.take())
+        await self._flush()
 
-    async def _write(self, batch: list[Any]) -> None:
-        """Write logged inferences; what a failed write leaves goes back to the log for the next one."""
-        if not batch:
-            return
-        try:
-            await asyncio.to_thread(self.payloads.write, batch)
-        except UnwrittenPayloads as exc:
-            self.payloads.give_back(exc.rest)
-            if not self.write_failing:  # said once until a write succeeds again
-                log.warning("%s: %s; kept to write again", self._name, exc)
-            self.write_failing = True
-        else:
-            self.write_failing = False
+    async def _flush(self) -> None:
+        """Write the logged inferences held now, once any write in flight is done; what a failed write leaves
+        goes back to the log for the next one."""
+        async with self.writing:
+            batch = self.payloads.take()
+            if not batch:
+                return
+            try:
+                await asyncio.to_thread(self.payloads.write, batch)
+            except UnwrittenPayloads as exc:
+                self.payloads.give_back(exc.rest)
+                if not self.write_failing:  # said once until a write succeeds again
+                    log.warning("%s: %s; kept to write again", self._name, exc)
+                self.write_failing = True
+            else:
+                self.write_failing = False
 
     def _resume_triggers(self) -> None:
         """Cooldown and schedule go on from the deployment's last firing and iteration end, as its events recorded
@@ -324,6 +341,7 @@ class Loop:
         retrain = self.spec.retrain
         assert retrain is not None
         champion = self.serving()
+        await self._flush()  # the answers the labels that fired it are about may still be held, unwritten
         since = self._since()
         if retrain.fresh:
             since = time.time()
@@ -354,7 +372,7 @@ class Loop:
         folder = self.runner.folder / "loop"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"train-{int(time.time())}.parquet"
-        train_frame = train[features].rename(columns=input_name).assign(target=train["truth"].to_numpy())
+        train_frame = training_frame(train, features, retrain.label_column)
         await asyncio.to_thread(train_frame.to_parquet, path, index=False)
         await self.runner.event("loop.retraining", f"running {retrain.pipeline} on {len(train)} labelled rows "
                                                    f"({len(holdout)} held out for the gate)")

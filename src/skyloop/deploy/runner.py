@@ -104,8 +104,10 @@ class DeploymentRunner:
         self.down_reason = ""
         self.state_written = 0.0
         self.applied = 0
-        self.loop: Loop | None = None
         """The spec version this runner has acted on (applied, or failed to)."""
+        self.not_applied: tuple[int, str] = (0, "")
+        """The last spec version that failed to apply, and why."""
+        self.loop: Loop | None = None
 
     @property
     def folder(self) -> Path:
@@ -308,7 +310,7 @@ class DeploymentRunner:
             self.status = Phase.DEGRADED.value
             self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
             await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
-            self.applied = self.spec_version
+            self.applied, self.not_applied = self.spec_version, (self.spec_version, self.reason)
             await self.write_state(force=True)
             return
         hosts = {p.name: r for p, r in zip(changed, results, strict=True) if isinstance(r, ReplicaHost)}

@@ -321,7 +321,10 @@ class RetrainSpec(_Model):
     """The registered model the pipeline logs (and the deployment serves)."""
     params: dict[str, Any] = Field(default_factory=dict)
     data_param: str = "data"
-    """The pipeline parameter that receives the path of the labelled data (parquet: features + `target`)."""
+    """The pipeline parameter that receives the path of the labelled data (parquet: the model's inputs and the
+    labels, in `label_column`)."""
+    label_column: str = Field(default="target", min_length=1)
+    """The column of the labelled data that holds the labels; it must not be one of the model's inputs."""
     backend: Literal["inline", "local", "ray"] = "local"
     rows: int = Field(default=5000, ge=10)
     """The most recent labelled rows used (training + holdout)."""
