@@ -51,11 +51,16 @@ def test_is_a_backend_with_a_capacity() -> None:
     assert InlineBackend(Resources(cpus=2)).capacity() == Resources(cpus=2)
 
 
-def test_wait_never_blocks() -> None:
+def test_wait_returns_results_at_once_and_sleeps_out_its_timeout_without_any(tmp_path: Path) -> None:
     backend = InlineBackend()
+    backend.submit(make_launch(tmp_path, "noop"))
     started = time.monotonic()
-    assert backend.wait(5.0) == []
-    assert time.monotonic() - started < 0.1
+    assert len(backend.wait(30.0)) == 1
+    assert time.monotonic() - started < 10  # not the 30 s timeout
+    # With none, nothing can come before the caller acts again (a retry delay): it sleeps, not spins.
+    started = time.monotonic()
+    assert backend.wait(0.3) == []
+    assert time.monotonic() - started >= 0.3
 
 
 def test_step_result_is_stored(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -137,6 +138,62 @@ def test_a_sigkill_is_blamed_on_memory_only_if_the_kernel_oom_killer_struck(
         assert "SIGKILL" in result.error
 
 
+CACHING_STEPS = """
+import subprocess, sys, time
+
+CACHE = []
+
+HOLD = '''
+import sys, time
+block = bytearray(int(sys.argv[1]) * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("holding", flush=True)
+time.sleep(5)
+'''
+
+
+def cache(megabytes):
+    \"\"\"Keep `megabytes` in this module: the warm worker stays that much larger (the next attempt's baseline).\"\"\"
+    block = bytearray(megabytes * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    CACHE.append(block)
+    return len(block)
+
+
+def free_then_hold_in_child(megabytes, pid_file):
+    \"\"\"Free the cache (the worker shrinks below its baseline), then have a child hold `megabytes`.\"\"\"
+    CACHE.clear()
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(megabytes)], stdout=subprocess.PIPE)
+    with open(pid_file, "w") as fh:
+        fh.write(str(child.pid))
+    child.stdout.readline()
+    return child.wait()
+"""
+
+
+@pytest.mark.integration
+def test_a_worker_shrinking_below_its_baseline_does_not_hide_its_childrens_memory(tmp_path: Path) -> None:
+    steps = tmp_path / "caching_steps.py"
+    steps.write_text(CACHING_STEPS)
+    pid_file = tmp_path / "child.pid"
+
+    def launch(qualname: str, memory: str | int, **inputs: object) -> TaskLaunch:
+        made = make_launch(tmp_path, qualname, memory=memory, **inputs)
+        made.step = StepRef(module=str(steps), qualname=qualname)
+        return made
+
+    with LocalBackend(ExecutionSettings(max_workers=1, memory_poll_seconds=0.05)) as pool:
+        cached = run_one(pool, launch("cache", 0, megabytes=300))
+        assert output(tmp_path, cached) == 300 * MiB
+        result = run_one(pool, launch("free_then_hold_in_child", "64Mi", megabytes=200, pid_file=str(pid_file)))
+        assert result.worker == cached.worker  # the warm worker, whose baseline holds the 300 MiB
+        assert result.state == TaskState.OUT_OF_MEMORY, result.error
+        assert result.max_rss is not None and result.max_rss > 80 * MiB
+        assert gone(int(pid_file.read_text()))
+
+
 def test_a_watch_reports_usage_above_the_baseline() -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     baseline = limits.resident(sleeper.pid)
@@ -267,8 +324,51 @@ def test_the_pool_prefers_devices_of_warm_workers_and_takes_ids_in_order() -> No
     (ExecutionSettings(gpu_ids=[4, 5, 6]), (4, 5, 6)),
     (ExecutionSettings(gpu_ids=[4, 5, 6], max_gpus=2), (4, 5)),
 ])
-def test_the_pool_follows_the_settings(settings: ExecutionSettings, ids: tuple[int, ...]) -> None:
+def test_the_pool_follows_the_settings(settings: ExecutionSettings, ids: tuple[int, ...],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the devices this process was given: below
     assert GpuPool.from_settings(settings).ids == ids
+
+
+@pytest.mark.parametrize(("given", "settings", "ids"), [
+    ("2,3", ExecutionSettings(max_gpus=2), (2, 3)),
+    ("6, 4,5", ExecutionSettings(max_gpus=2), (6, 4)),  # the first ones, in the order given
+    ("2,3", ExecutionSettings(gpu_ids=[0, 1]), (0, 1)),  # gpu_ids named explicitly win
+    ("2,3", ExecutionSettings(), ()),  # no GPUs declared: none handed out, the variable left alone
+    ("1,-1,0", ExecutionSettings(max_gpus=1), (1,)),  # CUDA reads up to the first invalid number
+])
+def test_the_pool_hands_out_the_devices_this_process_was_given(
+        given: str, settings: ExecutionSettings, ids: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
+    assert GpuPool.from_settings(settings).ids == ids
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ("2", "max_gpus is 2 but this process was started with CUDA_VISIBLE_DEVICES='2', which gives it 1 GPU(s)"),
+    ("", "which gives it 0 GPU(s)"),
+    ("-1", "which gives it 0 GPU(s)"),
+    ("GPU-5e0a1c2d,GPU-77b1", "names a device by 'GPU-5e0a1c2d'; the local backend hands out device numbers"),
+    ("3,3", "names device 3 twice"),
+])
+def test_the_pool_refuses_more_gpus_than_this_process_was_given(given: str, message: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given)
+    with pytest.raises(BackendError, match=re.escape(message)):
+        GpuPool.from_settings(ExecutionSettings(max_gpus=2))
+
+
+@pytest.mark.integration
+def test_steps_get_the_gpus_the_backend_was_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What Slurm or a container runtime does: this process may use devices 5 and 3 only.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,3")
+    with LocalBackend(ExecutionSettings(max_workers=2, max_gpus=2)) as pool:
+        launches = [make_launch(tmp_path, "devices", gpus=1, seconds=0.5) for _ in range(2)]
+        for launch in launches:
+            pool.submit(launch)
+        spans = held(tmp_path, collect(pool, 2))
+        assert sorted(ids[0] for ids, _, _ in spans) == [3, 5]
+        (both, _, _), = held(tmp_path, {"one": run_one(pool, make_launch(tmp_path, "devices", gpus=2, seconds=0))})
+        assert sorted(both) == [3, 5]
 
 
 @pytest.mark.parametrize("settings", [ExecutionSettings(gpu_ids=[0, 0]), ExecutionSettings(gpu_ids=[1], max_gpus=2)])

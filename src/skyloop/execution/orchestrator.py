@@ -421,10 +421,10 @@ class Orchestrator:
             timeout = max(0.0, min(timeout, since + FLUSH_SECONDS - time.monotonic()))
         if blocked:
             timeout = min(timeout, POLL_SECONDS)
-        if self.running or self.delayed:
+        if self.running:
             for result in self.backend.wait(timeout):
                 self._finish(result)
-        elif blocked:
+        elif self.delayed or blocked:  # nothing of ours runs: a retry delay, or pool slots other processes hold
             time.sleep(timeout)
 
     def _unlaunch(self, launches: list[TaskLaunch], lost: set[str]) -> list[TaskLaunch]:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from skyloop.store.artifacts import ArtifactStore
 
 __all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "descendants", "drop_spare", "drop_spares",
-           "end_leftovers", "read_small", "scoped_environ", "serve", "wait_gone"]
+           "end_leftovers", "kill_descendants", "read_small", "scoped_environ", "serve", "wait_gone"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -46,6 +46,7 @@ _PARENT_POLL_SECONDS = 0.5
 _EXIT_POLL_SECONDS = 0.05
 _LEFTOVER_GRACE_SECONDS = 2.0  # how long a worker waits for killed leftovers to die before it answers
 _PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux 3.4+
+_STOP_ROUNDS = 100  # how many generations `kill_descendants` stops before it kills what it found
 # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -309,6 +310,34 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def kill_descendants(pid: int) -> list[int]:
+    """SIGKILL every descendant of process `pid` (not `pid` itself), wherever its process group; their ids.
+
+    A step's helper may have left the worker's process group (`start_new_session=True`, a daemon), so
+    killing the group is not enough. Each generation found is stopped (SIGSTOP) before the tree is read
+    again, until no new process shows: a stopped process starts no other, so none slips out between the
+    reading and the kill. Then all of them get SIGKILL (which also ends a stopped process). The caller
+    stops `pid` itself first if it may still start processes (`WorkerProcess.kill` stops the worker's group).
+    """
+    found: list[int] = []
+    seen: set[int] = set()
+    try:
+        for _ in range(_STOP_ROUNDS):
+            fresh = [child for child in descendants(pid) if child not in seen]
+            if not fresh:
+                break
+            for child in fresh:
+                with contextlib.suppress(OSError):
+                    os.kill(child, signal.SIGSTOP)
+            seen.update(fresh)
+            found += fresh
+    finally:
+        for child in found:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+    return found
+
+
 def end_leftovers(grace: float = _LEFTOVER_GRACE_SECONDS) -> int:
     """SIGKILL every process this one started (and theirs) that still runs, and reap them; how many.
 
@@ -419,7 +448,9 @@ def _leave() -> None:
 
 
 def _die() -> None:
-    """Exit now, taking the step's child processes along (the worker leads its process group)."""
+    """Exit now, taking along every process the step started: its descendants, also those that left the
+    worker's process group, then the group the worker leads."""
+    kill_descendants(os.getpid())
     if os.getpgrp() == os.getpid():
         with contextlib.suppress(OSError):
             os.killpg(os.getpid(), signal.SIGKILL)

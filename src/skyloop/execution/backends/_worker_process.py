@@ -3,14 +3,19 @@
 Workers are started as `python -c BOOT` and talk over a `multiprocessing` connection on a socket
 pair, rather than through `multiprocessing`'s spawn or forkserver start methods: those re-import the
 caller's `__main__` in every worker (re-running a pipeline script that lacks a main guard) and leave
-a resource-tracker or fork-server process behind. Each worker leads its own process group, so
-killing the group also ends the processes its step started. Unix only.
+a resource-tracker or fork-server process behind. Each worker leads its own process group.
+
+A worker that is killed (timeout, cancel, memory, shutdown) takes along every process its step
+started: its group, and its descendants that left the group (a helper started in a session of its
+own). A worker that dies by itself leaves those to init; `end_strays` finds them by a variable
+that each worker and what it starts inherit. Unix only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,12 +25,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
 
+import psutil
+
 from skyloop.errors import BackendError
 from skyloop.execution.backends.limits import DEVICES_VAR, MemoryWatch
-from skyloop.execution.procworker import drop_spare
+from skyloop.execution.procworker import drop_spare, kill_descendants
 from skyloop.execution.tasks import TaskLaunch
 
-__all__ = ["BOOT", "WorkerProcess"]
+__all__ = ["BOOT", "TAG_VAR", "WorkerProcess"]
 
 BOOT = """\
 import sys
@@ -36,6 +43,10 @@ from skyloop.execution.procworker import serve
 serve(conn, int(sys.argv[2]))
 """
 """What a worker process runs: `python -c BOOT <connection fd> <parent pid>`."""
+
+TAG_VAR = "SKYLOOP_WORKER_TAG"
+"""Set in each worker's environment to a value of its own, which the processes its steps start inherit."""
+_STOP_ROUNDS = 100  # how many rounds `end_strays` looks for more tagged processes before it kills
 
 
 
@@ -64,6 +75,8 @@ class WorkerProcess:
     """The memory watch of its current task, if that task asked for memory."""
     idle_rss: int | None = None
     """Its resident size when it said READY (idle), until a task's watch takes it as baseline."""
+    tag: str = ""
+    """Its value of `TAG_VAR`."""
     logs: tuple[str, ...] = ()
     """The logs of its last two launches: it keeps its spare log file beside one of them (beside the one
     before when it could not read the last), which `reap` removes should the worker not (see `StepOutput`)."""
@@ -72,10 +85,12 @@ class WorkerProcess:
     def spawn(cls) -> WorkerProcess:
         """Start a worker process; it takes launches as soon as it has booted."""
         parent_end, child_end = socket.socketpair()
+        tag = secrets.token_hex(8)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", BOOT, str(child_end.fileno()), str(os.getpid())],
                 pass_fds=(child_end.fileno(),), process_group=0, stdin=subprocess.DEVNULL,
+                env={**os.environ, TAG_VAR: tag},
             )
         except OSError as exc:
             parent_end.close()
@@ -88,7 +103,7 @@ class WorkerProcess:
             pidfd = os.pidfd_open(proc.pid)
         with contextlib.suppress(OSError):  # a worker that died at once shows up as crashed
             conn.send(sys.path)
-        return cls(proc, conn, pidfd, spawned=time.monotonic())
+        return cls(proc, conn, pidfd, spawned=time.monotonic(), tag=tag)
 
     @property
     def name(self) -> str:
@@ -127,10 +142,47 @@ class WorkerProcess:
             self.conn.send_bytes(payload)
 
     def kill(self) -> None:
-        """SIGKILL the process group, while the worker is unreaped and the group id surely ours."""
+        """SIGKILL the process group and every descendant, while the worker is unreaped (the ids surely ours).
+
+        The group is stopped first, so that the step starts nothing while its descendants are gathered
+        (see `kill_descendants`); those include processes that left the group, which its kill would miss.
+        """
         if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGSTOP)
+                kill_descendants(self.proc.pid)
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def end_strays(self) -> list[int]:
+        """SIGKILL what this worker's steps left running when the worker died by itself; their ids.
+
+        Those processes were adopted elsewhere (by init) when it died, so they are no longer its
+        descendants: they are found by this worker's `TAG_VAR` in their environment, stopped until no
+        more show, then killed with their own descendants. A process started with an environment that
+        leaves the variable out is missed. Reads the environment of every process the user may read,
+        milliseconds: only for a worker that died while running a step.
+        """
+        entry = f"{TAG_VAR}={self.tag}".encode()
+        found: list[int] = []
+        try:
+            for _ in range(_STOP_ROUNDS):
+                fresh = [pid for pid in _tagged(entry) if pid != self.proc.pid and pid not in found]
+                if not fresh:
+                    break
+                for pid in fresh:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGSTOP)
+                found += fresh
+            for pid in list(found):
+                found += [child for child in kill_descendants(pid) if child not in found]
+        finally:
+            for pid in found:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        return found
 
     def reap(self, grace: float) -> None:
         """Give the process `grace` seconds to exit, kill its group, reap it and close its handles.
@@ -164,3 +216,37 @@ class WorkerProcess:
             with contextlib.suppress(ValueError):
                 return f"worker process {pid} died with exit code {code} (signal {signal.Signals(-code).name})"
         return f"worker process {pid} died with exit code {code}"
+
+
+def _tagged(entry: bytes) -> list[int]:
+    """Ids of the processes whose environment holds `entry` (`NAME=value`), among those the user may read."""
+    if not os.path.isdir("/proc/self"):  # macOS: psutil asks the kernel for each process
+        name, _, value = entry.decode().partition("=")
+        pids = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(name) == value:
+                    pids.append(proc.pid)
+        return pids
+    needle = b"\0" + entry + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                block = _read_all(f"/proc/{name}/environ")
+            except OSError:  # gone, or someone else's
+                continue
+            if needle in b"\0" + block + b"\0":
+                found.append(int(name))
+    return found
+
+
+def _read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

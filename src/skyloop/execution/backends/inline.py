@@ -104,7 +104,13 @@ class InlineBackend:
         self._done.append(self._run(launch))
 
     def wait(self, timeout: float) -> list[TaskResult]:
-        """The results of every attempt submitted since the last call (never blocks)."""
+        """The results of every attempt submitted since the last call.
+
+        Blocks only when there are none: then nothing runs, so it sleeps out `timeout` (a caller
+        waiting for a retry delay does not spin).
+        """
+        if not self._done:
+            time.sleep(max(0.0, timeout))
         done, self._done = self._done, []
         return done
 

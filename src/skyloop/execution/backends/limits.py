@@ -1,6 +1,8 @@
 """What a `local` attempt may use: its own GPUs, and memory up to its request plus a margin.
 
-`GpuPool` hands out device ids; the backend puts them in the step's `CUDA_VISIBLE_DEVICES`.
+`GpuPool` hands out device ids; the backend puts them in the step's `CUDA_VISIBLE_DEVICES`. Unless
+`gpu_ids` names them, the ids are those of the `CUDA_VISIBLE_DEVICES` this process was started with
+(Slurm, a container runtime or a GPU-sharing wrapper may have given it only some), else `0..n-1`.
 `MemoryWatch` samples the resident memory of one running attempt (its worker and every process the
 step started) so that the backend can kill it when it passes its limit. On Linux a sample reads a
 few small files under /proc (tens of microseconds); elsewhere it asks psutil, which is slower.
@@ -40,9 +42,23 @@ class GpuPool:
 
     @classmethod
     def from_settings(cls, settings: ExecutionSettings) -> GpuPool:
-        """`gpu_ids` (the first `max_gpus` of them, if that is set too), else `0..max_gpus-1`."""
+        """`gpu_ids` (the first `max_gpus` of them, if that is set too), else `max_gpus` ids.
+
+        Those are the first `max_gpus` of the devices that this process's own `CUDA_VISIBLE_DEVICES`
+        names, when it has one (the devices given to it, in its order), else `0..max_gpus-1`. Without
+        `max_gpus` nor `gpu_ids` the pool is empty, whatever the variable says.
+        """
         if settings.gpu_ids is None:
-            return cls(range(settings.max_gpus or 0))
+            count = settings.max_gpus or 0
+            given = os.environ.get(DEVICES_VAR)
+            if not count or given is None:
+                return cls(range(count))
+            ids = _given_ids(given)
+            if count > len(ids):
+                raise BackendError(
+                    f"max_gpus is {count} but this process was started with {DEVICES_VAR}={given!r}, which "
+                    f"gives it {len(ids)} GPU(s); lower max_gpus, or set gpu_ids to the devices to hand out")
+            return cls(ids[:count])
         if settings.max_gpus is not None and settings.max_gpus > len(settings.gpu_ids):
             raise BackendError(f"max_gpus is {settings.max_gpus} but gpu_ids names only {settings.gpu_ids}")
         return cls(settings.gpu_ids[:settings.max_gpus])
@@ -78,6 +94,27 @@ class GpuPool:
         self._free.update(ids)
 
 
+def _given_ids(given: str) -> tuple[int, ...]:
+    """The device numbers in a `CUDA_VISIBLE_DEVICES` value, read as CUDA does: up to the first that is
+    not a valid number (`-1` hides all of them); device UUIDs are refused (the pool hands out numbers)."""
+    ids: list[int] = []
+    for part in given.split(","):
+        part = part.strip()
+        if not part.lstrip("-").isdigit():
+            if not part:
+                break
+            raise BackendError(
+                f"this process was started with {DEVICES_VAR}={given!r}, which names a device by {part!r}; "
+                f"the local backend hands out device numbers: set gpu_ids to those of the GPUs it may use")
+        if part.startswith("-"):
+            break
+        if int(part) in ids:
+            raise BackendError(f"this process was started with {DEVICES_VAR}={given!r}, which names device "
+                               f"{int(part)} twice; set gpu_ids to the devices to hand out")
+        ids.append(int(part))
+    return tuple(ids)
+
+
 def _parse(devices: str | None) -> tuple[int, ...] | None:
     if not devices:
         return None
@@ -91,7 +128,8 @@ class MemoryWatch:
     """The resident memory of one running attempt, checked against `request * (1 + margin)`.
 
     Usage is the worker's resident size *above its idle baseline* (measured while the worker waited
-    for this task, so the interpreter and what earlier tasks left imported do not count), plus the
+    for this task, so the interpreter and what earlier tasks left imported do not count; never below
+    0, should the step free what earlier tasks left), plus the
     resident size of every descendant process. Forked children share their parent's pages
     copy-on-write and resident sizes count those once per process; so when the sum passes the limit
     and there are descendants, it is measured again with their proportional set sizes (PSS, a page
@@ -124,11 +162,12 @@ class MemoryWatch:
         if own is None:
             return None  # the worker is gone: its end shows on its sentinel
         kids = descendants(self.pid)
-        growth = own - self.baseline
+        # A worker that shrank below its baseline (a step freed what an earlier one cached) must not
+        # hide what its children use: its own part is clamped at 0 before they are added.
+        growth = max(0, own - self.baseline)
         used = growth + sum(resident(pid) or 0 for pid in kids)
         if used > self.limit and kids:
             used = growth + sum(_proportional(pid) or 0 for pid in kids)
-        used = max(0, used)
         self.last, self._seen = used, kids
         self.peak = max(self.peak, used)
         if used <= self.limit:

@@ -2,7 +2,9 @@
 
 The pool grows on demand up to `max_workers` and keeps idle workers warm; a launch that finds no
 free worker waits in a queue. A task's timeout counts from when its worker is up. Timeouts,
-cancels and crashes cost the worker (it is killed with its process group and replaced lazily).
+cancels and crashes cost the worker (it is killed with its process group and every process its
+step started, also those that left the group, and replaced lazily; see `WorkerProcess.kill` and,
+for a worker that died by itself, `WorkerProcess.end_strays`).
 An attempt that ends on its own leaves the worker warm but nothing else: before answering, the
 worker kills what the step left running (`procworker.end_leftovers`), and it imports a step's
 `.py` file again if the file has changed since (`loading.load_file_module`).
@@ -19,7 +21,8 @@ Limits:
   sampled while the caller is outside `wait`, and an attempt that allocates faster than one poll
   can still reach the kernel's OOM killer first; a SIGKILLed worker of a watched attempt is
   reported as OUT_OF_MEMORY when the kernel's OOM-kill counter rose meanwhile.
-- **GPUs.** The backend owns the device ids `gpu_ids` (default `0..max_gpus-1`). An attempt asking
+- **GPUs.** The backend owns the device ids `gpu_ids` (default: the first `max_gpus` of those in
+  the `CUDA_VISIBLE_DEVICES` this process was started with, else `0..max_gpus-1`). An attempt asking
   for n GPUs gets n free ids in `CUDA_VISIBLE_DEVICES` (comma-separated) and holds them until it
   ends in any state; one asking for more than are free waits in the queue (GPU launches keep their
   order among themselves; launches without GPUs pass them). When GPUs are declared, an attempt
@@ -115,7 +118,11 @@ class LocalBackend:
         self._dispatch()
 
     def wait(self, timeout: float) -> list[TaskResult]:
-        """Results that are in, waiting up to `timeout` seconds for one while any task runs."""
+        """Results that are in, waiting up to `timeout` seconds for one.
+
+        With no result in and no task running or queued, nothing can end before the caller acts
+        again, so it sleeps out the timeout: a caller waiting for a retry delay does not spin.
+        """
         end = time.monotonic() + max(0.0, timeout)
         while not self._done and self._busy:
             now = time.monotonic()
@@ -137,6 +144,8 @@ class LocalBackend:
             self._dispatch()
             if time.monotonic() >= end:
                 break
+        if not (self._done or self._busy or self._queue):
+            time.sleep(max(0.0, end - time.monotonic()))
         done, self._done = self._done, []
         return done
 
@@ -297,6 +306,7 @@ class LocalBackend:
             self._reap(worker, kill=False)
             if launch is None:
                 return
+            worker.end_strays()  # what its step started outlived it (adopted by init): end those too
             oom = None
             if watch is not None and worker.proc.returncode == -signal.SIGKILL:
                 oom = watch.killed_by_kernel()
