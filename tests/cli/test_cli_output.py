@@ -162,7 +162,7 @@ def test_a_runs_outputs_are_shown_as_values_or_as_artifacts_named_for_lineage(cl
     lineage = cli("artifacts", "lineage", blob["digest"][:12], "--json")
     assert lineage.returncode == 0, lineage.stderr
     assert strict(lineage.stdout) == [{"direction": "produced", "run": raw["id"], "step": "blob", "map_index": -1,
-                                       "as": "output"}]
+                                       "as": "output", "position": -1, "artifact_deleted_at": None}]
     short = cli("artifacts", "lineage", blob["digest"][:4])
     assert short.returncode == 3 and "a prefix needs 6 characters or more" in short.stderr
     assert "an id prefix needs 6 characters or more" in cli("runs", "show", raw["id"][:4]).stderr

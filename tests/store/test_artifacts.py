@@ -271,3 +271,27 @@ def test_a_writer_killed_mid_write_leaves_no_partial_blob(tmp_path: Path) -> Non
     assert store.put_bytes(data) == digest
     assert final.stat().st_size == len(data)
     assert store.get_bytes(digest, verify=True) == data
+
+
+def test_urls_that_fail_in_odd_ways_are_store_errors(tmp_path: Path) -> None:
+    # fsspec raised TypeError, FileNotFoundError or ConnectionRefusedError for these: the CLI said "internal error".
+    for url in ["reference://", f"zip://x::{tmp_path / 'nonexistent.zip'}", "ftp://127.0.0.1:1/x"]:
+        with pytest.raises(StoreError, match="cannot open artifact store"):
+            ArtifactStore(url)
+
+
+def test_a_backends_own_errors_in_put_and_get_are_store_errors(tmp_path: Path) -> None:
+    import zipfile
+
+    data = b"weights " * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    archive = tmp_path / "store.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # a store in a read-only zip file, one blob damaged inside
+        zf.writestr(f"root/{digest[:2]}/{digest}", data)
+    raw = archive.read_bytes()
+    archive.write_bytes(raw.replace(data[:40], b"X" * 40, 1))
+    store = ArtifactStore(f"zip://root::{archive}")
+    with pytest.raises(StoreError, match=r"cannot write artifact .*ValueError"):  # the zip is open to read only
+        store.put_bytes(b"new " * 1000)
+    with pytest.raises(StoreError, match=r"cannot read artifact .*BadZipFile"):  # not an OSError
+        store.get_bytes(digest)

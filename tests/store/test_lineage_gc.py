@@ -186,7 +186,7 @@ def test_a_rerun_after_gc_recomputes_what_was_collected(chain: ModuleType, setti
     with workspace.db.session() as session:
         lineage.pin(session, summed, "model:adder/1")
     assert collect_garbage(workspace, NOW).digests == [listed]
-    with pytest.raises(NotFound, match="no outputs"):
+    with pytest.raises(NotFound, match="1 of its outputs were deleted by garbage collection"):
         Run(workspace, first.id).output("make")
 
     second = run_chain(chain, settings)
@@ -318,9 +318,9 @@ def test_a_gc_that_lands_while_a_rerun_takes_a_cache_hit_never_fails_the_run(
     else:
         real_touch = ArtifactStore.touch
 
-        def collect_then_touch(self: ArtifactStore, digest: str) -> bool:
+        def collect_then_touch(self: ArtifactStore, digest: str, size: int | None = None) -> bool:
             collect()
-            return real_touch(self, digest)
+            return real_touch(self, digest, size)
 
         monkeypatch.setattr(ArtifactStore, "touch", collect_then_touch)
 

@@ -11,7 +11,7 @@ from skyloop.cli.main import console, state
 from skyloop.cli.output import print_json
 from skyloop.errors import SpecError
 from skyloop.store.gc import collect_garbage, parse_age
-from skyloop.store.lineage import consumers, producers
+from skyloop.store.lineage import consumers, deleted_at, producers, resolve_digest
 from skyloop.store.workspace import Workspace
 
 __all__ = ["app"]
@@ -45,15 +45,27 @@ def gc(
 
 @app.command()
 def lineage(digest: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Which step runs produced an artifact and which consumed it."""
+    """Which step runs produced an artifact and which consumed it, and whether garbage collection deleted it."""
     workspace = Workspace.open(state.settings())
     with workspace.db.session() as session:
+        digest = resolve_digest(session, digest)
         edges = producers(session, digest) + consumers(session, digest)
+        deleted = deleted_at(session, digest)
     if as_json:
+        # `position`: the place in a gathered input (-1 for any other), which tells equal values read apart.
         print_json([{"direction": "produced" if e.direction == "out" else "consumed", "run": e.run_id,
-                     "step": e.task, "map_index": e.map_index, "as": e.name} for e in edges])
+                     "step": e.task, "map_index": e.map_index, "as": e.name, "position": e.position,
+                     "artifact_deleted_at": deleted} for e in edges])
         return
+    if deleted is not None:
+        when = deleted.isoformat(timespec="seconds")
+        console.print(f"artifact {digest[:12]}: deleted by garbage collection at {when} "
+                      "(its lineage stays; running its producer again makes it again)", highlight=False)
+    if not edges:
+        console.print(f"artifact {digest[:12]}: no step run produced or read it (a registered model's files: "
+                      "`skyloop models show` names the run and step that logged them)", highlight=False)
     for e in edges:
         index = f"[{e.map_index}]" if e.map_index >= 0 else ""
+        position = f"[{e.position}]" if e.position >= 0 else ""
         verb = "produced by" if e.direction == "out" else "consumed by"
-        console.print(f"{verb}: run {e.run_id[:12]} step {e.task}{index} as {e.name}")
+        console.print(f"{verb}: run {e.run_id[:12]} step {e.task}{index} as {e.name}{position}", highlight=False)

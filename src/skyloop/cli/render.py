@@ -13,6 +13,7 @@ from rich.text import Text
 from skyloop.cli.output import print_json, printable
 from skyloop.cli.progress import state_text
 from skyloop.execution.run import Run
+from skyloop.store.lineage import CollectedOutput, collected_outputs
 
 __all__ = ["output_json", "run_json", "run_table", "show_run"]
 
@@ -23,13 +24,21 @@ PREVIEW_BYTES = 2048
 def output_json(run: Run) -> dict[str, Any]:
     """The pipeline's outputs for people and scripts: a small plain value as itself (`value`), every stored one
     by `type`, `size` and `digest` (for `skyloop artifacts lineage`), a mapped step's as its list of digests;
-    None for one not produced."""
+    one that garbage collection deleted since by the same and `deleted_at` (a mapped step's: `collected`, how many
+    of its units'); None for one not produced."""
+    collected = _collected(run)
     out: dict[str, Any] = {}
     for name, ref in run.output_refs().items():
+        binding = run.spec.outputs[name]
+        gone = collected.get((binding.task, binding.output), [])
         if ref is None:
-            out[name] = None
+            out[name] = None if not gone or gone[0].map_index >= 0 else {
+                "type": gone[0].type_name, "size": gone[0].size, "digest": gone[0].digest,
+                "deleted_at": gone[0].deleted_at}
         elif isinstance(ref, list):
             out[name] = {"type": "list", "items": len(ref), "digests": [r.digest for r in ref]}
+            if gone:
+                out[name]["collected"] = len(gone)
         else:
             entry: dict[str, Any] = {"type": ref.type_name, "size": ref.size, "digest": ref.digest}
             if ref.serializer == "json" and ref.size <= PREVIEW_BYTES:
@@ -38,14 +47,30 @@ def output_json(run: Run) -> dict[str, Any]:
     return out
 
 
+def _collected(run: Run) -> dict[tuple[str, str], list[CollectedOutput]]:
+    """(task, output name) -> its units' artifacts that garbage collection deleted (`Run.output_refs` gives None
+    for those, as for an output never made; a mapped step's list leaves them out)."""
+    found: dict[tuple[str, str], list[CollectedOutput]] = {}
+    with run.workspace.db.read() as session:
+        for item in collected_outputs(session, run.id):
+            found.setdefault((item.task, item.name), []).append(item)
+    return found
+
+
 def _output_line(name: str, entry: dict[str, Any] | None) -> Text:
     if entry is None:
         return Text.assemble("  ", (name, "bold"), ": not produced")
+    if "deleted_at" in entry:
+        return Text.assemble("  ", (name, "bold"), f": garbage-collected ({printable(entry['type'])}, "
+                             f"{entry['size']:,} bytes, artifact {entry['digest'][:12]}; run the pipeline again "
+                             "to make it again)")
     if "value" in entry:
-        shown = json.dumps(entry["value"], allow_nan=False, default=str)
+        # JSON's own words for ±inf and NaN (Infinity, NaN): readable, where strict JSON has no spelling for them.
+        shown = json.dumps(entry["value"], allow_nan=True, default=str)
         return Text.assemble("  ", (name, "bold"), " = ", printable(shown if len(shown) <= 200 else shown[:199] + "…"))
     if entry["type"] == "list":
-        return Text.assemble("  ", (name, "bold"), f": {entry['items']} values (a mapped step's)")
+        collected = f", {entry['collected']} of them garbage-collected" if entry.get("collected") else ""
+        return Text.assemble("  ", (name, "bold"), f": {entry['items']} values (a mapped step's{collected})")
     return Text.assemble("  ", (name, "bold"), f": {printable(entry['type'])}, {entry['size']:,} bytes, "
                          f"artifact {entry['digest'][:12]}")
 

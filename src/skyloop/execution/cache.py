@@ -118,6 +118,8 @@ def find_cached(session: Session | Connection, keys: list[str], output_names: li
     With `store`, the blob of every output found is touched, and a key whose blob is gone is no hit: a
     garbage collection that marked the rows deleted just after the query either sees the touch and keeps
     the blob, or removed it before, and then the step runs again instead of failing the step that reads it.
+    A blob whose size is not its row's (empty or cut short by a crash) is no hit either: the step runs again
+    and its write repairs the blob, where a hit would hand the damage to every step after it, run after run.
     """
     found: dict[str, tuple[str, dict[str, ArtifactRef]]] = {}
     wanted = set(output_names)
@@ -146,6 +148,7 @@ def find_cached(session: Session | Connection, keys: list[str], output_names: li
                 newest[key] = (ended_at, step_run_id)
         for key, (_, step_run_id) in newest.items():
             outputs = attempts[step_run_id]
-            if store is None or all(ref.data is not None or store.touch(ref.digest) for ref in outputs.values()):
+            if store is None or all(ref.data is not None or store.touch(ref.digest, ref.size)
+                                    for ref in outputs.values()):
                 found[key] = (step_run_id, outputs)
     return found

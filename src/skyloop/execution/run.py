@@ -137,6 +137,11 @@ class Run:
         with self._ws.db.read() as session:
             return load_prior(session, self.id)
 
+    @property
+    def workspace(self) -> Workspace:
+        """The metadata DB and artifact store this run lives in."""
+        return self._ws
+
     def _refs(self, task: str, prior: Prior | None = None) -> dict[str, ArtifactRef | list[ArtifactRef]]:
         spec = self.spec.task(task) if task in self.steps else None
         if spec is None:
@@ -149,8 +154,18 @@ class Run:
             raise NotFound(f"step {task!r} of run {self.id[:12]} has no outputs (it is {self.steps[task].state})")
         return dict(prior.outputs[(task, -1)])
 
+    def _collected(self, task: str) -> int:
+        """How many outputs of `task`'s finished units garbage collection deleted."""
+        from skyloop.store.lineage import collected_outputs
+
+        with self._ws.db.read() as session:
+            return sum(1 for c in collected_outputs(session, self.id) if c.task == task)
+
     def output(self, task: str, name: str = "output") -> Any:
         """The value of one step output (a list for a mapped step)."""
+        if task in self.steps and (collected := self._collected(task)):
+            raise NotFound(f"step {task!r} of run {self.id[:12]}: {collected} of its outputs were deleted by "
+                           "garbage collection (`skyloop artifacts gc`); run the pipeline again to make them again")
         refs = self._refs(task)
         if name not in refs:
             raise NotFound(f"step {task!r} has no output {name!r}; outputs are {list(refs)}")

@@ -19,7 +19,7 @@ from skyloop.errors import NotFound, SpecError
 from skyloop.registry.package import ModelManifest
 from skyloop.registry.uri import LATEST, ModelRef, check_alias, check_name
 from skyloop.store.lineage import pin
-from skyloop.store.models import ModelAliasRow, ModelRow, ModelVersionRow
+from skyloop.store.models import Artifact, ModelAliasRow, ModelRow, ModelVersionRow
 from skyloop.store.runs import utcnow
 
 __all__ = [
@@ -147,9 +147,12 @@ def _resolve_row(session: Session, ref: ModelRef, for_update: bool = False) -> t
 
 def create_version(session: Session, manifest: ModelManifest, manifest_digest: str, files: Mapping[str, str],
                    tags: Mapping[str, str] | None = None, description: str | None = None) -> ModelVersionInfo:
-    """Register the next version of `manifest.name` (creating the model) and pin every file it references.
+    """Register the next version of `manifest.name` (creating the model) and pin every file it references, and
+    the artifacts its producing step read (`producer.inputs`: its training data, which `models show` lists and
+    garbage collection must then keep).
 
-    The files' artifact rows must already exist in this session (the blobs are written first).
+    The files' artifact rows must already exist in this session (the blobs are written first); an input
+    with no artifact row (a manifest written elsewhere) is not pinned.
     """
     name = check_name(manifest.name)
     now = utcnow()
@@ -177,7 +180,11 @@ def create_version(session: Session, manifest: ModelManifest, manifest_digest: s
     session.add(row)
     session.flush()
     holder = f"model:{name}/{row.version}"
-    for digest in sorted(set(files.values())):
+    inputs = sorted(set(producer.inputs.values()) - set(files.values())) if producer else []
+    known: set[str] = set()
+    for i in range(0, len(inputs), 500):  # a gathered input may name thousands
+        known.update(session.scalars(select(Artifact.digest).where(Artifact.digest.in_(inputs[i:i + 500]))))
+    for digest in sorted(set(files.values()) | known):
         pin(session, digest, holder)
     return _version_info(session, model, row)
 

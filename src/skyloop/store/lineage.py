@@ -16,10 +16,13 @@ from skyloop.store.models import Artifact, ArtifactPin, Lineage, RunRow, StepRun
 from skyloop.store.runs import ACTIVE_RUN_STATES, utcnow
 
 __all__ = [
+    "CollectedOutput",
     "LineageEdge",
     "artifact_rows",
     "collectable_artifacts",
+    "collected_outputs",
     "consumers",
+    "deleted_at",
     "pin",
     "producers",
     "record_artifacts",
@@ -39,6 +42,22 @@ class LineageEdge:
     map_index: int
     name: str
     direction: str
+    position: int = -1
+    """Index within a gathered (list) input, else -1: a step that read equal values from several units (say
+    four 0.0s) has one edge at each position."""
+
+
+@dataclass(frozen=True)
+class CollectedOutput:
+    """An output of a run's finished unit whose artifact garbage collection deleted since."""
+
+    task: str
+    map_index: int
+    name: str
+    digest: str
+    type_name: str
+    size: int
+    deleted_at: datetime
 
 
 def artifact_rows(refs: Iterable[ArtifactRef]) -> list[dict[str, object]]:
@@ -84,12 +103,13 @@ def resolve_digest(session: Session, digest: str) -> str:
 
 def _edges(session: Session, digest: str, direction: str) -> list[LineageEdge]:
     digest = resolve_digest(session, digest)
-    query = (select(StepRunRow.run_id, Lineage.step_run_id, StepRunRow.task, StepRunRow.map_index, Lineage.name)
+    query = (select(StepRunRow.run_id, Lineage.step_run_id, StepRunRow.task, StepRunRow.map_index, Lineage.name,
+                    Lineage.position)
              .join(StepRunRow, StepRunRow.id == Lineage.step_run_id)
              .where(Lineage.artifact == digest, Lineage.direction == direction)
-             .order_by(StepRunRow.created_at))
-    return [LineageEdge(run_id, step_run_id, task, map_index, name, direction)
-            for run_id, step_run_id, task, map_index, name in session.execute(query)]
+             .order_by(StepRunRow.created_at, Lineage.position))
+    return [LineageEdge(run_id, step_run_id, task, map_index, name, direction, position)
+            for run_id, step_run_id, task, map_index, name, position in session.execute(query)]
 
 
 def producers(session: Session, digest: str) -> list[LineageEdge]:
@@ -100,6 +120,36 @@ def producers(session: Session, digest: str) -> list[LineageEdge]:
 def consumers(session: Session, digest: str) -> list[LineageEdge]:
     """The step runs that read this artifact."""
     return _edges(session, digest, "in")
+
+
+def deleted_at(session: Session, digest: str) -> datetime | None:
+    """When garbage collection deleted the artifact (its digest or a unique prefix); None while it is stored."""
+    row = session.get(Artifact, resolve_digest(session, digest))
+    return row.deleted_at if row is not None else None
+
+
+def collected_outputs(session: Session, run_id: str) -> list[CollectedOutput]:
+    """The outputs of a run's finished units (the newest succeeded or cached attempt of each, as a resume reads
+    them) whose artifacts garbage collection deleted: what `runs show` names as collected, not as never made."""
+    latest: dict[tuple[str, int], tuple[int, str]] = {}
+    for task, map_index, attempt, step_run_id in session.execute(
+            select(StepRunRow.task, StepRunRow.map_index, StepRunRow.attempt, StepRunRow.id)
+            .where(StepRunRow.run_id == run_id, StepRunRow.state.in_(("SUCCEEDED", "CACHED")))):
+        if (task, map_index) not in latest or latest[(task, map_index)][0] < attempt:
+            latest[(task, map_index)] = (attempt, step_run_id)
+    units = {step_run_id: unit for unit, (_, step_run_id) in latest.items()}
+    found: list[CollectedOutput] = []
+    ids = list(units)
+    for i in range(0, len(ids), 500):
+        rows = session.execute(
+            select(Lineage.step_run_id, Lineage.name, Artifact.digest, Artifact.type_name, Artifact.size,
+                   Artifact.deleted_at)
+            .join(Artifact, Artifact.digest == Lineage.artifact)
+            .where(Lineage.step_run_id.in_(ids[i:i + 500]), Lineage.direction == "out",
+                   Artifact.deleted_at.is_not(None)))
+        found.extend(CollectedOutput(*units[step_run_id], name, digest, type_name, size, when)
+                     for step_run_id, name, digest, type_name, size, when in rows)
+    return sorted(found, key=lambda c: (c.task, c.map_index, c.name))
 
 
 def pin(session: Session, digest: str, holder: str) -> None:

@@ -156,20 +156,70 @@ def _joblib_pickler() -> Any:
     class Pickler(NumpyPickler):  # type: ignore[misc]
         """joblib's pickler, except that a `numpy.matrix` is pickled as numpy pickles it: joblib's own format
         gives it back as a plain ndarray under numpy 2 (whose `*` multiplies element-wise, not as matrices); and
-        a set of strings is pickled in sorted order: in its own order, which follows the strings' hashes and so
-        changes with every process, it gave each run of its step a new digest, and every step after it a
-        cache miss (a set of numbers keeps its order, and its bytes, from one process to the next)."""
+        a set is pickled in a canonical order (see `_canonical_set`): in its own order, which follows its items'
+        hashes and so changes with every process for strings, bytes, tuples of them, datetimes..., it gave each
+        run of its step a new digest, and every step after it a cache miss. An array of objects holding sets is
+        pickled by this pickler too (joblib hands such arrays to the plain `pickle`, which knows no such order)."""
 
         def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-            if self.np is not None and type(obj) is self.np.matrix:
+            if self.np is not None and (type(obj) is self.np.matrix or (
+                    type(obj) is self.np.ndarray and obj.dtype.hasobject and _holds_set_cell(obj))):
                 pickle._Pickler.save(self, obj, save_persistent_id)  # type: ignore[attr-defined]
                 return
-            if type(obj) in (set, frozenset) and len(obj) > 1 and all(type(v) is str for v in obj):
-                self.save_reduce(type(obj), (sorted(obj),), obj=obj)
+            if _canonical_set(self, obj):
                 return
             super().save(obj)
 
     return Pickler
+
+
+def _canonical_set(pickler: Any, obj: Any) -> bool:
+    """Pickle a set or frozenset of several items as `type(sorted items)` with `pickler`; False for anything else.
+
+    Strings sort as themselves (the order, and so the digests, sets of strings already had), other items by
+    their own pickled bytes, themselves canonical when they hold sets (a set of numbers gets new bytes once).
+    Items that will not pickle on their own keep the set's order: the whole value then fails (or pickles) as it
+    did before."""
+    if type(obj) not in (set, frozenset) or len(obj) < 2:
+        return False
+    if all(type(v) is str for v in obj):
+        items = sorted(obj)
+    else:
+        try:
+            items = sorted(obj, key=_item_bytes)
+        except Exception:
+            return False
+    pickler.save_reduce(type(obj), (items,), obj=obj)
+    return True
+
+
+def _item_bytes(item: Any) -> bytes:
+    """The pickled bytes of a set's item, the same in every process (sets inside sorted as above)."""
+    if not _nests_set(item):
+        return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    buf = io.BytesIO()
+    _KeyPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(item)
+    return buf.getvalue()
+
+
+def _nests_set(item: Any, depth: int = 0) -> bool:
+    """Whether a (hashable) set item holds a frozenset: in a tuple, or itself."""
+    if type(item) is frozenset:
+        return True
+    return type(item) is tuple and depth < 64 and any(_nests_set(v, depth + 1) for v in item)
+
+
+class _KeyPickler(pickle._Pickler):
+    """The plain pure-Python pickler, with sets in canonical order: the sort key of an item holding sets."""
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if not _canonical_set(self, obj):
+            pickle._Pickler.save(self, obj, save_persistent_id)  # type: ignore[attr-defined]
+
+
+def _holds_set_cell(array: Any) -> bool:
+    """Whether an array of objects has a set among its cells (a frame's column of sets)."""
+    return any(type(v) in (set, frozenset) for v in array.flat)
 
 
 def _joblib_load(data: bytes) -> Any:
@@ -234,9 +284,14 @@ def serialize(value: object) -> tuple[str, bytes]:
         if serializer.matches(value):
             try:
                 return serializer.name, serializer.dump(value)
-            except (pickle.PicklingError, TypeError, AttributeError, ValueError, NotImplementedError) as exc:
+            except Exception as exc:
                 if serializer.name != "joblib":
+                    # Any failure of json, npy or parquet (pyarrow's OverflowError for an int past 64 bits in
+                    # an object column, its own ArrowException family...) leaves the value to joblib.
                     continue
+                if not isinstance(exc, pickle.PicklingError | TypeError | AttributeError | ValueError |
+                                  NotImplementedError):
+                    raise
                 # Lambdas and local classes: joblib cannot, cloudpickle can.
                 try:
                     return "pickle", _pickle_dump(value)
