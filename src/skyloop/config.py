@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from skyloop.errors import SpecError
 from skyloop.spec.resources import parse_memory
 
 __all__ = ["ExecutionSettings", "Settings"]
+
+LEASE_HEARTBEATS = 3
+"""A run's lease spans at least this many heartbeats (renewals of it)."""
 
 
 class ExecutionSettings(BaseModel):
@@ -28,7 +31,8 @@ class ExecutionSettings(BaseModel):
     """GPUs the local backend may hand out; default: as many as `gpu_ids` names, else 0."""
     gpu_ids: list[int] | None = None
     """Device ids the local backend hands to steps that ask for GPUs (sets CUDA_VISIBLE_DEVICES);
-    default: 0..max_gpus-1."""
+    default: the first max_gpus of the CUDA_VISIBLE_DEVICES this process was started with, else
+    0..max_gpus-1."""
     resources: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     """Custom resources this machine offers to steps that ask for them (e.g. `{license: 2}`: at most two
     steps with `Resources(custom={"license": 1})` at once, across runs); local and inline backends."""
@@ -57,10 +61,23 @@ class ExecutionSettings(BaseModel):
     starts as soon as the upstream does (see `skyloop.execution.lookahead`). Its worker then looks it up
     in the cache itself, so it must reach the metadata DB: turn this off for a cluster whose workers
     cannot."""
-    lease_seconds: float = 30.0
+    lease_seconds: float = Field(default=30.0, gt=0)
     """A run's lease: another process may adopt the run when no heartbeat came for this long."""
-    heartbeat_seconds: float = 5.0
-    """How often a live orchestrator renews its lease."""
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """How often a live orchestrator renews its lease (at most a third of `lease_seconds`)."""
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self) -> ExecutionSettings:
+        # A lease that runs out between two renewals lets another agent adopt a live run: its steps run twice.
+        # Three beats per lease leave room for a renewal delayed by a busy DB.
+        if self.lease_seconds < LEASE_HEARTBEATS * self.heartbeat_seconds:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds:g}, SKYLOOP_EXECUTION__LEASE_SECONDS) must be at least "
+                f"{LEASE_HEARTBEATS} times heartbeat_seconds ({self.heartbeat_seconds:g}, "
+                "SKYLOOP_EXECUTION__HEARTBEAT_SECONDS), else a live run's lease runs out between renewals and "
+                f"another agent runs its steps again; raise the lease to "
+                f"{LEASE_HEARTBEATS * self.heartbeat_seconds:g} or more, or lower the heartbeat")
+        return self
 
 
 class Settings(BaseSettings):

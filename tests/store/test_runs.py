@@ -26,6 +26,7 @@ from skyloop.store.runs import (
     reap_expired_runs,
     release_run,
     renew_lease,
+    request_cancel,
     step_runs,
     utcnow,
 )
@@ -222,6 +223,37 @@ def test_a_lease_renewed_between_a_claims_read_and_write_stays_its_owners(pg_url
         with db.session() as session:
             assert get_run(session, "busy").owner == "alice"
         assert "run.adopted" not in events(db, "busy")
+    finally:
+        db.dispose()
+
+
+def cancel_from_elsewhere(url: str, run_id: str) -> Callable[[], None]:
+    def cancel() -> None:
+        other = Database(url)
+        try:
+            with other.session() as session:
+                assert request_cancel(session, run_id) == (run_id, "CANCELLED")
+        finally:
+            other.dispose()
+    return cancel
+
+
+@pytest.mark.postgres
+def test_a_run_cancelled_between_an_agents_read_and_claim_stays_cancelled(pg_url: str) -> None:
+    """Before: the claim's update only asked that nobody held the run, which a cancelled run satisfies too, so
+    the agent set it RUNNING again and ran it."""
+    db = Database(pg_url)
+    try:
+        with db.session() as session:
+            create_run(session, run_id="queued", pipeline="p", spec={}, params={}, backend=None, owner=None,
+                       lease_seconds=0)
+        with pytest.raises(Conflict, match="ended CANCELLED just now; an agent does not run it again"), \
+                before_first_update(db, cancel_from_elsewhere(pg_url, "queued")), db.session() as session:
+            claim_run(session, "queued", "bob", lease_seconds=60, resume=False)
+        with db.session() as session:
+            row = get_run(session, "queued")
+            assert (row.status, row.owner) == ("CANCELLED", None)
+        assert "run.adopted" not in events(db, "queued")
     finally:
         db.dispose()
 

@@ -14,7 +14,7 @@ import yaml
 from skyloop.config import Settings
 from skyloop.errors import SpecError
 from skyloop.execution.backends.base import Backend
-from skyloop.execution.loading import load_file_module, resolve
+from skyloop.execution.loading import load_file_module, resolve, why_import_failed
 from skyloop.execution.orchestrator import Orchestrator
 from skyloop.execution.params import resolve_params
 from skyloop.execution.run import Run
@@ -79,8 +79,8 @@ def load_target(text: str) -> Pipeline[Any, Any] | PipelineSpec:
     else:
         try:
             importlib.import_module(module)
-        except (ImportError, ValueError, TypeError) as exc:  # ValueError/TypeError: `..steps`, a relative name
-            raise SpecError(f"cannot import module {module!r} for pipeline {text!r}: {exc}") from exc
+        except Exception as exc:  # the module's own code raising (as for a `.py` file), or `..`: a relative name
+            raise SpecError(f"cannot import module {module!r} for pipeline {text!r}: {why_import_failed(exc)}") from exc
         obj = resolve(StepRef(module=module, qualname=name))
     if not isinstance(obj, Pipeline):
         raise SpecError(f"{text!r} is a {type(obj).__name__}, not a @pipeline")

@@ -26,7 +26,7 @@ from skyloop.errors import SpecError
 from skyloop.spec.files import format_validation
 from skyloop.spec.pipeline import StepRef
 
-__all__ = ["load_file_module", "module_ref", "resolve"]
+__all__ = ["load_file_module", "module_ref", "resolve", "why_import_failed"]
 
 _RACY_NS = 2 * 10**9
 """A file changed this close to when it was read can change again without its stat changing (file times
@@ -172,14 +172,19 @@ def module_ref(module_name: str) -> str | None:
     return module_name
 
 
+def why_import_failed(exc: Exception) -> str:
+    """Why an import failed, in one line: the message of an import error, else the exception's type too."""
+    return str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+
+
 def resolve(ref: StepRef) -> Any:
     """The object `ref` names."""
     try:
         module = load_file_module(ref.module) if ref.module.endswith(".py") else importlib.import_module(ref.module)
     except SpecError:
         raise
-    except (ImportError, ValueError, TypeError) as exc:  # ValueError/TypeError: `..steps`, a relative name
-        raise SpecError(f"cannot import {ref.module!r} for step {ref.path!r}: {exc}") from exc
+    except Exception as exc:  # the module's own code raising (as for a `.py` file), or `..steps`: a relative name
+        raise SpecError(f"cannot import {ref.module!r} for step {ref.path!r}: {why_import_failed(exc)}") from exc
     obj: Any = module
     for part in ref.qualname.split("."):
         try:

@@ -45,6 +45,9 @@ RUN_STATUSES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 ORCHESTRATOR_LOST = "orchestrator lost while the step ran"
 """The error of an attempt left RUNNING by a process that vanished: the step's fault it is not (no retry spent)."""
 
+CANCEL_REQUESTED = "run.cancel_requested"
+CANCELLED_BY_USER = "cancelled by the user (skyloop runs cancel)"
+
 
 def utcnow() -> datetime:
     """Now, timezone-aware UTC."""
@@ -64,13 +67,28 @@ def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, 
                  lease_expires_at=None if queued else now + timedelta(seconds=lease_seconds))
     session.add(row)
     session.flush()  # no ORM relationships: the run row must exist before rows that point at it
+    # A queued run's event keeps the backend it asked for: `runs.backend` changes to the one an agent runs it
+    # on, and should that agent die, the run still goes only to an agent of the backend it asked for.
+    data = {"backend": backend} if queued else {}
     add_event(session, run_id, "run.queued" if queued else "run.started",
-              f"run of {pipeline} {'queued' if queued else 'started'} for {backend or 'any backend'}")
+              f"run of {pipeline} {'queued' if queued else 'started'} for {backend or 'any backend'}", **data)
     return row
 
 
 def get_run(session: Session, run_id: str) -> RunRow:
     """The run with this id (a unique prefix of at least 6 characters works too)."""
+    found_id = _run_id(session, run_id)
+    try:
+        row = session.get(RunRow, found_id)
+    except ValueError as exc:  # the JSON columns no longer parse: say which run, not a traceback
+        raise StoreError(f"run {found_id[:12]} is damaged in the metadata DB: its stored spec or parameters "
+                         f"are not valid JSON ({exc}); the other runs are not affected") from None
+    assert row is not None  # found just above, in the same transaction
+    return row
+
+
+def _run_id(session: Session, run_id: str) -> str:
+    """The full id of the run `run_id` names (itself, or a unique prefix of at least 6 characters)."""
     found = session.scalars(select(RunRow.id).where(RunRow.id == run_id)).all()
     if not found and len(run_id) >= 6:
         found = session.scalars(select(RunRow.id).where(RunRow.id.startswith(run_id, autoescape=True)).limit(2)).all()
@@ -79,13 +97,7 @@ def get_run(session: Session, run_id: str) -> RunRow:
     if not found:
         short = " (an id prefix needs 6 characters or more)" if len(run_id) < 6 else ""
         raise NotFound(f"no run with id {run_id!r}{short}; `skyloop runs list` shows the runs")
-    try:
-        row = session.get(RunRow, found[0])
-    except ValueError as exc:  # the JSON columns no longer parse: say which run, not a traceback
-        raise StoreError(f"run {found[0][:12]} is damaged in the metadata DB: its stored spec or parameters "
-                         f"are not valid JSON ({exc}); the other runs are not affected") from None
-    assert row is not None  # found just above, in the same transaction
-    return row
+    return found[0]
 
 
 def list_runs(session: Session, *, limit: int = 50, pipeline: str | None = None,
@@ -161,27 +173,55 @@ def disown_runs(session: Session, run_ids: Sequence[str], owner: str) -> None:
 
 
 def claimable_runs(session: Session, limit: int = 10, backend: str | None = None) -> list[str]:
-    """Runs an agent may take: queued ones (highest priority, then oldest; with `backend`, those queued for it
-    or for any backend) and RUNNING ones whose owner is gone (lease expired, or a dead process on this host)."""
-    query = select(RunRow.id).where(RunRow.status == "QUEUED")
+    """Runs an agent may take, highest priority first, then oldest: queued ones, and RUNNING ones whose owner is
+    gone (lease expired, let go of, or a dead process on this host). With `backend`, only runs queued for it or
+    for any backend (a run `skyloop run` started, then left: any)."""
+    query = select(RunRow.id, RunRow.priority, RunRow.created_at).where(RunRow.status == "QUEUED")
     if backend is not None:
         query = query.where(or_(RunRow.backend.is_(None), RunRow.backend == backend))
-    queued = session.scalars(query.order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)).all()
+    found = list(session.execute(query.order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)).tuples())
     now = utcnow()
-    orphans = [row.id for row in session.scalars(select(RunRow).where(RunRow.status == "RUNNING"))
-               if row.owner is None or (row.lease_expires_at is not None and row.lease_expires_at < now)
-               or owner_is_dead(row.owner)]
-    return [*queued, *orphans][:limit]
+    # Only the columns needed: every RUNNING run is read at each poll (and one damaged row must not stop them).
+    running = session.execute(select(RunRow.id, RunRow.priority, RunRow.created_at, RunRow.owner,
+                                     RunRow.lease_expires_at).where(RunRow.status == "RUNNING")).tuples()
+    orphans = [(run_id, priority, created) for run_id, priority, created, owner, expires in running
+               if owner is None or (expires is not None and expires < now) or owner_is_dead(owner)]
+    if backend is not None and orphans:
+        asked = _queued_for(session, [run_id for run_id, _, _ in orphans])
+        orphans = [orphan for orphan in orphans if asked.get(orphan[0]) in (None, backend)]
+    # Orphans compete with the queue by priority: a busy queue must not keep a dead agent's runs from going on.
+    found.extend(orphans)
+    found.sort(key=lambda run: (-run[1], run[2]))
+    return [run_id for run_id, _, _ in found[:limit]]
+
+
+def _queued_for(session: Session, run_ids: Sequence[str]) -> dict[str, str | None]:
+    """The backend each of these runs was queued for (None: any; runs never queued are left out)."""
+    queued = session.execute(select(Event.run_id, Event.data).where(Event.run_id.in_(run_ids),
+                                                                    Event.kind == "run.queued")).tuples()
+    return {run_id: (data or {}).get("backend") for run_id, data in queued}
 
 
 def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
-              backend: str | None = None) -> RunRow:
+              backend: str | None = None, *, resume: bool = True) -> RunRow:
     """Adopt a run whose owner is gone (lease expired, released, or a dead local process);
-    `Conflict` if it is alive. `backend`: the one it runs on from now (recorded on the run)."""
-    row = get_run(session, run_id)
+    `Conflict` if it is alive. `backend`: the one it runs on from now (recorded on the run).
+
+    `resume=True` (`skyloop run --resume`) takes a run that ended FAILED or CANCELLED back too, and a cancel
+    requested before it is not applied. An agent claims with `resume=False`: only a run still QUEUED or
+    RUNNING (one cancelled or ended since the agent listed it is `Conflict`: it does not run again), and a run
+    whose cancel was requested while another process held it is ended CANCELLED instead (returned so: check
+    `status`). A claim by the run's own holder records nothing new."""
+    found = _run_id(session, run_id)
+    # Without the spec and parameters: a run whose stored JSON is damaged can still be claimed to be failed.
+    row = session.get(RunRow, found, options=[defer(RunRow.spec), defer(RunRow.params)])
+    assert row is not None  # found just above, in the same transaction
     now = utcnow()
     if row.status == "SUCCEEDED":
         raise Conflict(f"run {row.id} already succeeded; nothing to resume")
+    if not resume and row.status not in ("QUEUED", "RUNNING"):
+        raise Conflict(f"run {row.id} already ended {row.status}; an agent does not run it again "
+                       f"(`skyloop run --resume {row.id}` does)")
     expires = row.lease_expires_at
     alive = expires is not None and expires > now
     if row.owner and row.owner != owner and expires is not None and alive and not owner_is_dead(row.owner):
@@ -199,17 +239,31 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
     else:
         taken = and_(RunRow.owner == previous,
                      or_(RunRow.lease_expires_at.is_(None), RunRow.lease_expires_at <= now))
-    result = session.execute(
-        update(RunRow)
-        .where(RunRow.id == row.id, taken)
-        .values(owner=owner, status="RUNNING", ended_at=None, error=None, backend=backend or row.backend,
-                started_at=func.coalesce(RunRow.started_at, now),
-                lease_expires_at=now + timedelta(seconds=lease_seconds))
-    )
+    if not resume:  # a run cancelled or ended since it was read (its owner is None then too) stays so
+        taken = and_(taken, RunRow.status.in_(("QUEUED", "RUNNING")))
+    # The request its previous holder never read (it stopped, died, or let go of the run first): honoured here.
+    cancel = not resume and previous != owner and bool(cancel_requested(session, [row.id]))
+    values: dict[str, Any] = {"owner": owner, "status": "RUNNING", "ended_at": None, "error": None,
+                              "backend": backend or row.backend, "started_at": func.coalesce(RunRow.started_at, now),
+                              "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+    if cancel:
+        values = {"status": "CANCELLED", "error": CANCELLED_BY_USER, "ended_at": now, "owner": None,
+                  "lease_expires_at": None}
+    result = session.execute(update(RunRow).where(RunRow.id == row.id, taken).values(**values))
     if not result.rowcount:  # type: ignore[attr-defined]
+        if not resume:
+            session.refresh(row, ["status"])
+            if row.status not in ("QUEUED", "RUNNING"):
+                raise Conflict(f"run {row.id} ended {row.status} just now; an agent does not run it again")
         raise Conflict(f"run {row.id} was adopted by another process just now")
-    session.refresh(row)
-    add_event(session, row.id, "run.adopted", f"run adopted by {owner}", previous_owner=previous)
+    session.refresh(row, list(values))
+    if cancel:
+        session.execute(update(StepRunRow)
+                        .where(StepRunRow.run_id == row.id, StepRunRow.state.in_(("RUNNING", "PENDING")))
+                        .values(state="CANCELLED", ended_at=now, error=CANCELLED_BY_USER))
+        add_event(session, row.id, "run.cancelled", CANCELLED_BY_USER)
+    elif previous != owner:
+        add_event(session, row.id, "run.adopted", f"run adopted by {owner}", previous_owner=previous)
     return row
 
 
@@ -256,10 +310,6 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
         add_event(session, row.id, "run.lost", reason)
         reaped.append(row.id)
     return reaped
-
-
-CANCEL_REQUESTED = "run.cancel_requested"
-CANCELLED_BY_USER = "cancelled by the user (skyloop runs cancel)"
 
 
 def request_cancel(session: Session, run_id: str) -> tuple[str, str]:
