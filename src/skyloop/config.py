@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from skyloop.errors import SpecError
@@ -36,21 +36,21 @@ class ExecutionSettings(BaseModel):
     resources: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     """Custom resources this machine offers to steps that ask for them (e.g. `{license: 2}`: at most two
     steps with `Resources(custom={"license": 1})` at once, across runs); local and inline backends."""
-    memory_margin: float = 0.25
+    memory_margin: float = Field(default=0.25, ge=0, allow_inf_nan=False)
     """A step whose resident memory passes its request by this fraction is killed as OUT_OF_MEMORY."""
     pools: dict[Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(ge=1)]] = \
         Field(default_factory=dict)
     """Concurrency pools: at most `limit` attempts of steps with `pool=name` run at once, across runs and across
     the processes (agents, `skyloop run`) on one metadata DB, whose slots it holds (see `skyloop.store.pools`).
     Every process on the DB should name the same limit: each applies the one it knows."""
-    aging_seconds: float = 300.0
+    aging_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     """Each time a run launches nothing for this long, its oldest waiting step rises one priority class
     (one waiting four times as long rises even while its run launches other steps)."""
-    default_estimate_seconds: float = 1.0
+    default_estimate_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     """Expected duration of a step never seen before (before history teaches better)."""
-    agent_poll_seconds: float = 1.0
+    agent_poll_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """How often `skyloop agent` looks for queued runs and runs whose owner is gone."""
-    memory_poll_seconds: float = 0.1
+    memory_poll_seconds: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     """How often the local backend samples the memory of running steps."""
     max_workers: int | None = None
     """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
@@ -61,9 +61,9 @@ class ExecutionSettings(BaseModel):
     starts as soon as the upstream does (see `skyloop.execution.lookahead`). Its worker then looks it up
     in the cache itself, so it must reach the metadata DB: turn this off for a cluster whose workers
     cannot."""
-    lease_seconds: float = Field(default=30.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """A run's lease: another process may adopt the run when no heartbeat came for this long."""
-    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     """How often a live orchestrator renews its lease (at most a third of `lease_seconds`)."""
 
     @model_validator(mode="after")
@@ -87,6 +87,21 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".skyloop")
     """Folder for the SQLite DB, the artifact store and step logs."""
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home_folder(cls, value: Any) -> Any:
+        # An empty value (`SKYLOOP_HOME=$UNSET`) would put the DB in the current folder, `~` would make a folder
+        # of that name, and `?` or `::` would be read as a URL's query or as fsspec's chaining: the DB or the
+        # artifacts would land outside the home.
+        text = str(value)
+        if not text.strip():
+            raise ValueError("is empty: unset it for the default ~/.skyloop, or name a folder")
+        for bad, meaning in (("?", "a URL's query"), ("::", "fsspec's URL chaining")):
+            if bad in text:
+                raise ValueError(f"{text!r} holds {bad!r}, which would be read as {meaning}: name a folder "
+                                 "without it")
+        return Path(text).expanduser()
     db_url: str | None = None
     """SQLAlchemy URL of the metadata DB; default: SQLite at `<home>/skyloop.db`."""
     artifacts_url: str | None = None

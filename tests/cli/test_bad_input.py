@@ -375,6 +375,16 @@ def p():
     ("SKYLOOP_EXECUTION__POOLS", "{gpu", "nested settings such as SKYLOOP_EXECUTION__POOLS take JSON"),
     ("SKYLOOP_EXECUTION__POOLS", '{"gpu": 0}', "SKYLOOP_EXECUTION__POOLS__GPU: Input should be greater than or "
                                               "equal to 1"),
+    # Out of range: a negative margin killed every step with a memory request; NaN was an internal error.
+    ("SKYLOOP_EXECUTION__MEMORY_MARGIN", "-1", "SKYLOOP_EXECUTION__MEMORY_MARGIN: Input should be greater than or "
+                                               "equal to 0"),
+    ("SKYLOOP_EXECUTION__DEFAULT_ESTIMATE_SECONDS", "nan", "SKYLOOP_EXECUTION__DEFAULT_ESTIMATE_SECONDS: Input "
+                                                           "should be a finite number"),
+    ("SKYLOOP_EXECUTION__AGENT_POLL_SECONDS", "0", "Input should be greater than 0"),
+    # A home that would put the DB or the artifacts elsewhere: the current folder, a URL's query, fsspec chaining.
+    ("SKYLOOP_HOME", "", "SKYLOOP_HOME: is empty: unset it for the default ~/.skyloop, or name a folder"),
+    ("SKYLOOP_HOME", "/tmp/a?b=1", "SKYLOOP_HOME: '/tmp/a?b=1' holds '?', which would be read as a URL's query"),
+    ("SKYLOOP_HOME", "/tmp/a::b", "holds '::', which would be read as fsspec's URL chaining"),
 ])
 def test_a_bad_setting_in_the_environment_is_named_in_one_line(cli_env: dict[str, str], tmp_path: Path, variable: str,
                                                               value: str, message: str) -> None:
@@ -386,6 +396,17 @@ def test_a_bad_setting_in_the_environment_is_named_in_one_line(cli_env: dict[str
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_home_with_a_tilde_is_the_users_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # As written in .env files and systemd units, where no shell expands it: not a folder named `~` here.
+    from skyloop.config import Settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKYLOOP_HOME", "~/sky")
+    settings = Settings.load()
+    assert settings.home == tmp_path / "sky"
+    assert settings.resolved_db_url == f"sqlite:///{tmp_path / 'sky' / 'skyloop.db'}"
 
 
 @pytest.mark.integration
