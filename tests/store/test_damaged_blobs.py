@@ -125,3 +125,49 @@ def test_storing_a_small_value_again_repairs_damage_that_kept_its_size(tmp_path:
     path.write_bytes(data[:-1] + b"!")
     store.put_bytes(data)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+LISTS = '''
+from skyloop import pipeline, step
+
+
+@step
+def make(n: int) -> list[float]:
+    return [float(i) for i in range(n)]
+
+
+@step
+def double(x: float) -> float:
+    return 2 * x
+
+
+@step
+def other() -> int:
+    return 7
+
+
+@pipeline
+def mapped(n: int = 1000):
+    return {"doubled": double.map(make(n)), "other": other()}
+'''
+
+
+def test_a_damaged_blob_read_to_start_a_step_fails_that_step_not_the_run(write_module: Any,
+                                                                          settings: Settings) -> None:
+    # A map reads its list when the step starts, in the orchestrator: a damaged blob there raised out of the
+    # orchestrator, which ended every run it drove (an agent: all it held) as an internal error.
+    module = write_module("lists_pipeline", LISTS)
+    first = run(module.mapped, {}, backend="inline", settings=settings)
+    first.workspace.close()
+    assert first.status == "SUCCEEDED"
+    blob = made_blob(settings)
+    good = blob.read_bytes()
+    blob.write_bytes(b"\0" * len(good))
+    second = run(module.mapped, {}, backend="inline", settings=settings)
+    second.workspace.close()
+    assert states(second) == {"make": "CACHED", "double": "FAILED", "other": "CACHED"}
+    error = second.steps["double"].error or ""
+    assert "is damaged" in error and "runs again on the next run" in error, error
+    third = run(module.mapped, {}, backend="inline", settings=settings)
+    third.workspace.close()
+    assert third.status == "SUCCEEDED" and states(third)["make"] == "SUCCEEDED"

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
-from skyloop.errors import SpecError
+from skyloop.errors import NotFound, SpecError, StoreError
 from skyloop.execution.cache import cache_key, find_cached, lookup_connection
 from skyloop.execution.history import Prior
 from skyloop.execution.loading import resolve
@@ -214,7 +214,7 @@ class RunState:
             false = [c.describe() for c in task.when if not evaluate(c, self.params, self.tasks, self.store)]
             inputs = {n: resolve_binding(b, self.params, self.tasks) for n, b in task.inputs.items()}
             unit_inputs = expand(task, inputs, self.store)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, NotFound, StoreError) as exc:  # an upstream blob gone or damaged
             self._record_end(task, TaskState.FAILED, str(exc))
             return self._complete(progress, TaskState.FAILED, str(exc))
         if false:
