@@ -15,9 +15,9 @@ Domain errors carry no HTTP status and no exit code; the edges (CLI, REST) map t
     ├── InvalidRequest     an inference request that breaks the protocol (bad JSON, shape vs data)
     │   ├── PayloadTooLarge  a request body over the configured limit
     │   ├── SignatureMismatch  a well-formed request that does not fit the model's signature
-    │   └── InputRejected  a registered model refused the request's values (e.g. NaN it cannot take)
+    │   └── InputRejected  a registered model, or a graph node raising it, refused the request's values
     ├── NotReady           the model or server is still loading (or failed to)
-    ├── NodeError          a user's graph node raised (carries the node and the message)
+    ├── NodeError          a graph node raised or answered what it may not (carries the node and the message)
     ├── OutputError        a model answered what the protocol cannot carry (NaN in JSON, a complex dtype)
     └── AuthError          authentication or authorisation failed
 """
@@ -108,7 +108,12 @@ class SignatureMismatch(InvalidRequest):
 
 
 class InputRejected(InvalidRequest):
-    """A registered model refused the values of a request that fits its signature (e.g. NaN it cannot take)."""
+    """The request's values were refused: by a registered model (e.g. NaN it cannot take), or by a graph node.
+
+    A user's graph node raises it to refuse a bad request (`raise InputRejected("need 4 features")`): the
+    client gets a 422 "node 'NAME' refused the input: need 4 features", where any other exception is a
+    server error (500) that counts against the predictor.
+    """
 
 
 class NotReady(SkyloopError):
@@ -116,7 +121,7 @@ class NotReady(SkyloopError):
 
 
 class NodeError(SkyloopError):
-    """A user's graph node raised; the message is the user's own."""
+    """A graph node raised (the message is the user's own), or answered what the graph cannot use."""
 
     def __init__(self, node: str, message: str) -> None:
         self.node = node

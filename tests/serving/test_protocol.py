@@ -52,9 +52,8 @@ def test_every_datatype_round_trips_through_json_and_binary(datatype: str) -> No
             request_header = orjson.dumps({"inputs": [{"name": "x", "shape": out["shape"], "datatype": datatype,
                                                        "parameters": {"binary_data_size": size}}]})
             again = decode_request(request_header + body[header:], header_length=len(request_header))
-            got = again.inputs[0].data
-            if datatype == "BYTES":
-                got = np.array([v.decode() for v in got.reshape(-1)], dtype=object).reshape(got.shape)
+            got = again.inputs[0].data  # BYTES too: the same str values as from JSON
+            assert [type(v) for v in got.reshape(-1)] == [type(v) for v in tensor.data.reshape(-1)]
             np.testing.assert_array_equal(got, tensor.data)
         else:
             assert header is None
@@ -64,11 +63,12 @@ def test_every_datatype_round_trips_through_json_and_binary(datatype: str) -> No
 
 
 def test_binary_bytes_elements_are_length_prefixed() -> None:
-    payload = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0)
-    header = orjson.dumps({"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES",
+    payload = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0) + struct.pack("<I", 2) + b"\xff\xfe"
+    header = orjson.dumps({"inputs": [{"name": "s", "shape": [3], "datatype": "BYTES",
                                        "parameters": {"binary_data_size": len(payload)}}]})
     tensor = decode_request(header + payload, len(header)).inputs[0]
-    assert list(tensor.data) == [b"abc", b""]
+    # UTF-8 elements are str, as JSON strings are; only bytes that are no text stay bytes.
+    assert list(tensor.data) == ["abc", "", b"\xff\xfe"]
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -120,8 +120,14 @@ def test_requested_outputs_and_binary_output_flag() -> None:
     request = decode_request(_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
                                    outputs=[{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}],
                                    parameters={"binary_data_output": True}))
-    assert [(o.name, o.binary) for o in request.outputs or []] == [("a", True), ("b", False)]
+    assert [(o.name, o.binary) for o in request.outputs or []] == [("a", True), ("b", None)]
     assert request.binary_output
+    # An output named without its own binary_data follows binary_data_output; its own setting overrides it.
+    assert request.binary("a") and request.binary("b")
+    request = decode_request(_body({"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},
+                                   outputs=[{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}],
+                                   parameters={"binary_data_output": True}))
+    assert not request.binary("a") and request.binary("b")
 
 
 def test_non_utf8_bytes_output_needs_binary() -> None:

@@ -8,6 +8,7 @@ layer maps to statuses. Model code runs in worker threads (batched when the grap
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from skyloop.serving.spec import ServeSpec
 from skyloop.store.feedback import record_feedback, repeated_feedback
 
 __all__ = ["TRACE_BYTES", "DataPlane", "InferenceResult", "ServedModel"]
+
+log = logging.getLogger("skyloop.serving")
 
 TRACE_BYTES = 256 * 1024 * 1024
 """The most bytes of request inputs a server keeps per model to pass feedback on to the nodes that answered."""
@@ -222,16 +225,15 @@ class DataPlane:
             if not released:
                 self.release(name)
         outputs, trace = prediction
-        request_id = request.id or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex if request.id is None else request.id  # "" is refused by the decoder
         tensors = [output_tensor(name, n, a) for n, a in outputs.items()]
-        binary: set[str] = {t.name for t in tensors} if request.binary_output else set()
         if request.outputs is not None:
             known = {t.name: t for t in tensors}
             missing = [o.name for o in request.outputs if o.name not in known]
             if missing:
                 raise InvalidRequest(f"unknown output {missing[0]!r}; the model returns {', '.join(known)}")
             tensors = [known[o.name] for o in request.outputs]
-            binary = {o.name for o in request.outputs if o.binary}
+        binary = {t.name for t in tensors if request.binary(t.name)}
         parameters: dict[str, Any] = {}
         if trace.routing:
             parameters["routing"] = trace.routing
@@ -263,8 +265,11 @@ class DataPlane:
         """Store a `truth` or `reward` for an answered inference `id`, and tell the graph's nodes.
 
         Each answer takes one truth and one reward (`store.feedback.record_feedback`); a repeat is a
-        `Conflict`, and nothing of it is stored, counted or told. An id this server does not remember
-        answering (see the class docstring) is `NotFound`, unless the answer took feedback before.
+        `Conflict`, and nothing of it is stored, counted or told. Once stored, every node on the answer's path is
+        told, even past one whose `send_feedback` fails: the result names those under `nodes_failed` (node ->
+        error), and is still a success, since the feedback is stored and a retry would be refused. An id this
+        server does not remember answering (see the class docstring) is `NotFound`, unless the answer took
+        feedback before.
         """
         served = self.model(name, version)
         graph = served.graph
@@ -296,13 +301,15 @@ class DataPlane:
         for kind in sorted(kinds):
             self.metrics.feedback.labels(name, kind).inc()
         remembered = served.traces.get(inference_id)
-        told = 0
+        told, failed = 0, dict[str, str]()
         if remembered is not None:
             features, trace, _, _ = remembered
             x = graph.features(features)
-            told = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
-                                              request.plain_truth, trace)
-        return {"id": inference_id, "stored": True, "nodes_told": told}
+            told, failed = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
+                                                      request.plain_truth, trace)
+        for node, error in failed.items():  # stored all the same: the client must not send it again
+            log.warning("model %s: node %r failed to take feedback for %r: %s", name, node, inference_id, error)
+        return {"id": inference_id, "stored": True, "nodes_told": told, "nodes_failed": failed}
 
     def _store_feedback(self, name: str, version: str, request: FeedbackRequest, known: bool) -> None:
         if self.settings is None:

@@ -10,12 +10,18 @@ Node semantics follow Seldon Core's inference graphs:
   first child's answer is returned (the others run for their side effects, e.g. to learn).
 
 X is the request's only input as a numpy array, or a dict of arrays (a pandas frame for a registered model
-whose signature lists columns) when there are several. Any node may define
+whose signature lists columns) when there are several. A registered model that gets the request's own tensors (at
+the root, passed on by ROUTER, COMBINER and OUTPUT_TRANSFORMER nodes, or by a TRANSFORMER that returns the array it
+was given) gets them by name, checked against its signature: what does not fit, or what it refuses, is the
+client's fault (4xx). What another node made for it and does not fit, or that it refuses, is the graph's fault: a
+`NodeError` naming both nodes (5xx). A user node refuses a request by raising `InputRejected` (422, "node 'X'
+refused the input: ..."); any other exception is a `NodeError` (500). Any node may define
 `send_feedback(features, reward, truth, routing)`, called for nodes on the request's path.
 """
 
 from __future__ import annotations
 
+import reprlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from skyloop.config import Settings
-from skyloop.errors import InputRejected, NodeError, SignatureMismatch, SpecError
-from skyloop.registry.package import Signature, TensorSpec
-from skyloop.serving.protocol import DTYPES
+from skyloop.errors import InputRejected, InvalidRequest, NodeError, SignatureMismatch, SpecError
+from skyloop.registry.package import Signature
+from skyloop.serving.signature import check_inputs, model_features
 from skyloop.serving.spec import METHODS, GraphNode, NodeType, ServeSpec
 
 __all__ = ["Graph", "Node", "Observe", "load_graph"]
@@ -110,6 +116,17 @@ class Trace:
     routing: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Given:
+    """What a node is given: X, and where X comes from."""
+
+    x: Any
+    made_by: str | None
+    """The node whose answer X is; None while X is the request's own tensors."""
+    tensors: Mapping[str, np.ndarray[Any, Any]] | None
+    """The request's named tensors while X is them (None once a node has made X)."""
+
+
 class Graph:
     """A loaded inference graph."""
 
@@ -137,48 +154,90 @@ class Graph:
                     and all(s.shape and s.shape[0] == -1 for s in self.signature.inputs)
                     and all(n.spec.type is not NodeType.ROUTER for n in self.nodes.values()))
 
-    def _call(self, node: Node, args: tuple[Any, ...]) -> Any:
+    def _call(self, node: Node, args: tuple[Any, ...], given: _Given) -> Any:
         start = time.perf_counter()
         try:
             return node.method(*args)
         except Exception as exc:
-            if isinstance(exc, ValueError) and node.spec.type is NodeType.MODEL and node.spec.model_uri:
-                # A registered model (not the user's own code) refusing values that fit its signature,
-                # as scikit-learn does NaN or infinity: the request's fault, not the server's.
-                raise InputRejected(f"model {node.name!r} refused the input: {exc}") from exc
+            registered = node.spec.type is NodeType.MODEL and node.spec.model_uri is not None
+            if isinstance(exc, InvalidRequest) and not registered:  # the node's own verdict on the request
+                raise InputRejected(f"node {node.name!r} refused the input: {exc}") from exc
+            if isinstance(exc, ValueError) and registered:
+                # A registered model (not the user's own code) refusing values that fit its signature, as
+                # scikit-learn does NaN or infinity: the request's fault when they are the request's own...
+                if given.made_by is None:
+                    raise InputRejected(f"model {node.name!r} refused the input: {exc}") from exc
+                # ...and the graph's when another node made them: the client cannot fix that.
+                raise NodeError(node.name, f"the model refused what node {given.made_by!r} gave it (fix that node "
+                                           f"or the model): {type(exc).__name__}: {exc}") from exc
             raise NodeError(node.name, f"{type(exc).__name__}: {exc}") from exc
         finally:
             if self.observe is not None:
                 self.observe(node.name, time.perf_counter() - start)
 
-    def _run(self, node: Node, x: Any, trace: Trace) -> Any:
+    def _run(self, node: Node, given: _Given, trace: Trace) -> tuple[Any, str]:
+        """The node's answer to `given`, and the name of the node whose answer it is."""
         trace.visited.append(node.name)
         kind = node.spec.type
         if kind is NodeType.MODEL or kind is NodeType.TRANSFORMER:
-            y = self._call(node, (_model_input(node, x),))
-            return self._run(node.children[0], y, trace) if node.children else y
+            y = self._call(node, (self._model_input(node, given),), given)
+            if not node.children:
+                return y, node.name
+            if kind is NodeType.TRANSFORMER and y is given.x and not isinstance(y, Mapping):
+                # A transformer that passes X on as it is (one that only checks, waits or logs) made nothing:
+                # what the model below refuses is still the request's. (A mapping may have been changed in place.)
+                return self._run(node.children[0], given, trace)
+            return self._run(node.children[0], _Given(y, node.name, None), trace)
         if kind is NodeType.OUTPUT_TRANSFORMER:
-            y = self._run(node.children[0], x, trace) if node.children else x
-            return self._call(node, (y,))
+            y = self._run(node.children[0], given, trace)[0] if node.children else given.x
+            return self._call(node, (y,), given), node.name
         if kind is NodeType.COMBINER:
-            return self._call(node, ([self._run(child, x, trace) for child in node.children],))
-        choice = self._call(node, (x,))
-        try:
-            index = int(choice)
-        except (TypeError, ValueError):
-            raise NodeError(node.name, f"route() must return a child index or -1, returned {choice!r}") from None
+            answers = [self._run(child, given, trace)[0] for child in node.children]
+            return self._call(node, (answers,), given), node.name
+        choice = self._call(node, (given.x,), given)
+        # bool is an int, and a float or a string would be truncated or parsed: a bandit's probability, or a
+        # "use the challenger" flag, would silently pick a child.
+        if isinstance(choice, bool | np.bool_) or not isinstance(choice, int | np.integer):
+            raise NodeError(node.name, f"route() must return a child index (an int) or -1, returned {choice!r} "
+                                       f"({type(choice).__name__})")
+        index = int(choice)
         trace.routing[node.name] = index
         if index == -1:
-            answers = [self._run(child, x, trace) for child in node.children]  # every child runs
-            return answers[0]
+            ran = [self._run(child, given, trace) for child in node.children]
+            return ran[0]  # every child ran (for its side effects), the first answers
         if not 0 <= index < len(node.children):
             raise NodeError(node.name, f"route() returned {index}; the node has {len(node.children)} children "
                                        f"(0..{len(node.children) - 1}, or -1 for all)")
-        return self._run(node.children[index], x, trace)
+        return self._run(node.children[index], given, trace)
+
+    def _model_input(self, node: Node, given: _Given) -> Any:
+        """What a registered model below other nodes gets: the request's tensors (passed on unchanged) or a
+        mapping of named values another node made, as the frame or array its signature takes, as the root's
+        input is. Anything else goes to the model as it is."""
+        signature: Signature | None = getattr(node.obj, "signature", None) if node.spec.model_uri else None
+        if node is self.root or signature is None or not signature.inputs:  # the root's were checked on the way in
+            return given.x
+        if given.tensors is not None:
+            try:
+                return model_features(signature, check_inputs(given.tensors, signature.inputs))
+            except SignatureMismatch as exc:
+                raise SignatureMismatch(f"model node {node.name!r}: {exc}") from None
+        if not isinstance(given.x, Mapping):
+            return given.x
+        try:
+            arrays = {str(k): np.asarray(v) for k, v in given.x.items()}
+        except (TypeError, ValueError) as exc:  # ragged lists, say: what the node before it made
+            raise NodeError(node.name, f"what node {given.made_by!r} gave it is not a mapping of arrays: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return model_features(signature, check_inputs(arrays, signature.inputs))
+        except SignatureMismatch as exc:
+            raise NodeError(node.name, f"what node {given.made_by!r} gave it does not fit the model's signature "
+                                       f"(fix that node): {exc}") from None
 
     def features(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
         """The X the root node gets for the request's tensors (already passed through `check`)."""
-        return _features(self.signature, inputs)
+        return model_features(self.signature, inputs)
 
     def check(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """The request's tensors as the signature types them; refused with `SignatureMismatch` if they do not fit."""
@@ -189,23 +248,38 @@ class Graph:
     def predict(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> tuple[dict[str, np.ndarray[Any, Any]], Trace]:
         """Run one (possibly batched) request through the graph: named output arrays, and the trace."""
         trace = Trace()
-        result = self._run(self.root, self.features(inputs), trace)
-        return self.outputs(result), trace
+        result, answered_by = self._run(self.root, _Given(self.features(inputs), None, inputs), trace)
+        return self.outputs(result, answered_by), trace
 
-    def outputs(self, result: Any) -> dict[str, np.ndarray[Any, Any]]:
-        """Name the graph's answer: a dict or frame keeps its names, an array takes the signature's or `predict`."""
+    def outputs(self, result: Any, node: str | None = None) -> dict[str, np.ndarray[Any, Any]]:
+        """Name the graph's answer: a dict or frame keeps its names, an array takes the signature's or `predict`.
+
+        An answer that is no array the protocol carries (ragged rows, None, dicts or other objects) is a
+        `NodeError` naming `node`, the node that answered (the root when not given).
+        """
+        node = node or self.root.name
         names = [s.name for s in self.signature.outputs] if self.signature else []
+        items: list[tuple[str, Any]]
         if isinstance(result, Mapping):
-            return {str(k): np.asarray(v) for k, v in result.items()}
-        if hasattr(result, "columns") and hasattr(result, "to_numpy"):
-            return {str(c): np.asarray(result[c].to_numpy()) for c in result.columns}
-        if isinstance(result, tuple) and len(names) == len(result) > 1:
-            return {n: np.asarray(v) for n, v in zip(names, result, strict=True)}
-        return {names[0] if len(names) == 1 else "predict": np.asarray(result)}
+            items = [(str(k), v) for k, v in result.items()]
+        elif hasattr(result, "columns") and hasattr(result, "to_numpy"):
+            items = [(str(c), result[c].to_numpy()) for c in result.columns]
+        elif isinstance(result, tuple) and len(names) == len(result) > 1:
+            items = list(zip(names, result, strict=True))
+        else:
+            items = [(names[0] if len(names) == 1 else "predict", result)]
+        return {name: _answer_array(node, name, value) for name, value in items}
 
-    def send_feedback(self, features: Any, reward: float | None, truth: Any, trace: Trace | None) -> int:
-        """Tell the nodes on the request's path (all nodes when the path is unknown); returns how many listened."""
+    def send_feedback(self, features: Any, reward: float | None, truth: Any,
+                      trace: Trace | None) -> tuple[int, dict[str, str]]:
+        """Tell the nodes on the request's path (all nodes when the path is unknown).
+
+        Every node is told, also when one before it fails: returns how many were told, and the failures
+        (node name -> the error), so that one broken hook neither hides the feedback from the others nor
+        makes the client send again what is already stored.
+        """
         told = 0
+        failed: dict[str, str] = {}
         names = trace.visited if trace is not None else list(self.nodes)
         for name in names:
             node = self.nodes[name]
@@ -216,90 +290,35 @@ class Graph:
             try:
                 hook(features=features, reward=reward, truth=truth, routing=routing)
             except Exception as exc:
-                raise NodeError(name, f"send_feedback: {type(exc).__name__}: {exc}") from exc
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                continue
             told += 1
-        return told
-
-
-def _features(signature: Signature | None, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Any:
-    """The X a model of `signature` takes for these named tensors (already passed through `check_inputs`):
-    a frame for the columns of a table, the one array of a single input, else the mapping."""
-    specs = signature.inputs if signature else []
-    if specs:
-        if _columns(specs) or (signature is not None and signature.frame):
-            try:
-                import pandas as pd
-            except ImportError:
-                return dict(inputs)
-            return pd.DataFrame({s.name: inputs[s.name] for s in specs})
-        if len(specs) == 1:
-            return inputs[specs[0].name]
-        return {s.name: inputs[s.name] for s in specs}
-    return next(iter(inputs.values())) if len(inputs) == 1 else dict(inputs)
-
-
-def _model_input(node: Node, x: Any) -> Any:
-    """What a registered model below other nodes gets: a mapping of named values (what the root gets for the
-    request's tensors, or what a transformer made of them) becomes the frame or array its signature takes,
-    as the root's input does. Anything else goes to the model as it is."""
-    signature: Signature | None = getattr(node.obj, "signature", None) if node.spec.model_uri else None
-    if not isinstance(x, Mapping) or signature is None or not signature.inputs:
-        return x
-    try:
-        arrays = {str(k): np.asarray(v) for k, v in x.items()}
-    except (TypeError, ValueError) as exc:  # ragged lists, say: what the node before it made
-        raise NodeError(node.name, f"its input is not a mapping of arrays: {type(exc).__name__}: {exc}") from exc
-    try:
-        return _features(signature, check_inputs(arrays, signature.inputs))
-    except SignatureMismatch as exc:
-        raise SignatureMismatch(f"model node {node.name!r}: {exc}") from None
+        return told, failed
 
 
 def _walk(node: Node) -> list[Node]:
     return [node, *(n for child in node.children for n in _walk(child))]
 
 
-def _columns(specs: list[TensorSpec]) -> bool:
-    """Whether a signature lists the columns of one table (several 1-D inputs: the model takes a frame)."""
-    return len(specs) > 1 and all(len(s.shape) == 1 for s in specs)
+_MISSING = object()
 
 
-def check_inputs(inputs: Mapping[str, np.ndarray[Any, Any]],
-                 specs: list[TensorSpec]) -> dict[str, np.ndarray[Any, Any]]:
-    """The inputs as the signature types them (widened where that loses nothing, e.g. FP32 -> FP64).
-
-    Tensors that do not fit are refused, naming the input and what it should be; columns of one table
-    (see `_columns`) must have the same length.
-    """
-    checked: dict[str, np.ndarray[Any, Any]] = {}
-    expected = {s.name: s for s in specs}
-    unknown = sorted(set(inputs) - set(expected))
-    if unknown:
-        raise SignatureMismatch(f"unknown input {unknown[0]!r}; the model takes {', '.join(expected)}")
-    for spec in specs:
-        array = inputs.get(spec.name)
-        if array is None:
-            raise SignatureMismatch(f"missing input {spec.name!r} ({spec.datatype} {spec.shape})")
-        want = DTYPES[spec.datatype]
-        if array.dtype != want and not (want.kind == "O" and array.dtype.kind == "O"):
-            if array.dtype.kind == "O" or not np.can_cast(array.dtype, want, "safe"):
-                actual = "BYTES" if array.dtype.kind == "O" else array.dtype.name
-                raise SignatureMismatch(f"input {spec.name!r} must be {spec.datatype}, got {actual}")
-            array = array.astype(want)
-        if len(array.shape) != len(spec.shape) or any(
-                w != -1 and w != a for w, a in zip(spec.shape, array.shape, strict=True)):
-            raise SignatureMismatch(f"input {spec.name!r} must have shape {spec.shape} (-1: any), "
-                                    f"got {list(array.shape)}")
-        checked[spec.name] = array
-    if _columns(specs):
-        lengths = {name: len(array) for name, array in checked.items()}
-        first = specs[0].name
-        for spec in specs[1:]:
-            if lengths[spec.name] != lengths[first]:
-                raise SignatureMismatch(f"inputs {first!r} and {spec.name!r} are columns of one table and need the "
-                                        f"same length; {first!r} has {lengths[first]} values, {spec.name!r} has "
-                                        f"{lengths[spec.name]}")
-    return checked
+def _answer_array(node: str, output: str, value: Any) -> np.ndarray[Any, Any]:
+    """One output of the graph's answer as an array the protocol can carry; `NodeError` naming the node if not."""
+    fix = "return an array (or a list of equal-length rows) of numbers, booleans or strings, or a dict of them"
+    if value is None:
+        raise NodeError(node, f"returned None for output {output!r}; {fix}")
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged rows, or a tuple of arrays of different lengths
+        raise NodeError(node, f"returned output {output!r} that is not a rectangular array "
+                              f"({type(exc).__name__}: {exc}); {fix}") from None
+    if array.dtype.kind == "O":  # BYTES: anything but text would go out as its repr
+        bad = next((v for v in array.reshape(-1) if not isinstance(v, str | bytes)), _MISSING)
+        if bad is not _MISSING:
+            raise NodeError(node, f"returned output {output!r} holding {type(bad).__name__} values "
+                                  f"({reprlib.repr(bad)}), which no V2 datatype carries; {fix}")
+    return array
 
 
 def load_graph(spec: ServeSpec, settings: Settings | None = None, observe: Observe | None = None) -> Graph:

@@ -3,7 +3,9 @@
 Both encodings are spoken: plain JSON (`"data": [...]`, nested or flat, row-major) and the binary
 tensor extension that `tritonclient` uses by default, where a JSON header of
 `Inference-Header-Content-Length` bytes is followed by each binary tensor's raw little-endian bytes
-(BYTES elements as a 4-byte little-endian length and the bytes).
+(BYTES elements as a 4-byte little-endian length and the bytes). A BYTES element reaches the model as a `str`
+either way: binary elements are decoded as UTF-8, as JSON strings are, so that a model gets the same values
+however the client encoded them; only an element that is not UTF-8 stays `bytes`.
 
 A request that breaks the protocol is the client's fault (`InvalidRequest`); an answer that the protocol
 cannot carry (a dtype with no V2 datatype; NaN, infinity or non-UTF-8 bytes in JSON) is the model's
@@ -84,7 +86,8 @@ class RequestedOutput:
     """An output the client asked for, and whether it wants it as binary data."""
 
     name: str
-    binary: bool = False
+    binary: bool | None = None
+    """Its `binary_data` parameter; None when not given: the request's `binary_data_output` decides."""
 
 
 @dataclass
@@ -94,13 +97,21 @@ class InferenceRequest:
     id: str | None
     inputs: list[Tensor]
     outputs: list[RequestedOutput] | None = None
-    """None: every output."""
+    """None (or an empty list in the request): every output."""
     parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def binary_output(self) -> bool:
-        """Whether outputs not named in `outputs` come back as binary data (`binary_data_output`)."""
+        """Whether outputs not named in `outputs`, or named without `binary_data`, come back as binary data
+        (`binary_data_output`)."""
         return bool(self.parameters.get("binary_data_output", False))
+
+    def binary(self, output: str) -> bool:
+        """Whether `output` comes back as binary data: its own `binary_data` overrides `binary_data_output`."""
+        for requested in self.outputs or ():
+            if requested.name == output and requested.binary is not None:
+                return requested.binary
+        return self.binary_output
 
 
 def _datatype(dtype: np.dtype[Any]) -> str | None:
@@ -232,11 +243,19 @@ def _exact_integers(where: str, datatype: str, data: list[Any], nesting: tuple[i
     return np.array(values, dtype=info.dtype)
 
 
+def _text(element: bytes) -> str | bytes:
+    """A binary BYTES element as the `str` its JSON form gives; `bytes` only when it is not UTF-8."""
+    try:
+        return element.decode()
+    except UnicodeDecodeError:
+        return element
+
+
 def _binary_values(name: str, datatype: str, chunk: bytes, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     where = f"input {name!r}"
     count = math.prod(shape)
     if datatype == "BYTES":
-        items: list[bytes] = []
+        items: list[str | bytes] = []
         offset = 0
         while offset < len(chunk):
             if offset + 4 > len(chunk):
@@ -245,7 +264,7 @@ def _binary_values(name: str, datatype: str, chunk: bytes, shape: tuple[int, ...
             offset += 4
             if offset + size > len(chunk):
                 raise InvalidRequest(f"{where}: binary BYTES element runs past the data")
-            items.append(chunk[offset:offset + size])
+            items.append(_text(chunk[offset:offset + size]))
             offset += size
         if len(items) != count:
             raise InvalidRequest(f"{where}: shape {list(shape)} needs {count} values, binary data has {len(items)}")
@@ -286,6 +305,9 @@ def request_header(body: bytes, header_length: int | None = None) -> dict[str, A
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest("field 'id' must be a string")
+    if request_id == "":  # echoed, it could never be named by feedback; replaced, the client would not know it
+        raise InvalidRequest("field 'id' is empty; give the inference a non-empty id, or leave 'id' out and the "
+                             "server chooses one")
     if request_id is not None and len(request_id) > MAX_ID_LENGTH:
         raise InvalidRequest(f"field 'id' is {len(request_id)} characters long; an inference id has at most "
                              f"{MAX_ID_LENGTH}")
@@ -349,10 +371,13 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
 
 def _flag(params: Mapping[str, Any], key: str, where: str) -> bool:
     """A boolean parameter (False when absent). Anything else is refused: `bool("no")` would be True."""
+    return bool(_optional_flag(params, key, where))
+
+
+def _optional_flag(params: Mapping[str, Any], key: str, where: str) -> bool | None:
+    """A boolean parameter, None when absent."""
     value = params.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
+    if value is not None and not isinstance(value, bool):
         raise InvalidRequest(f"{where} {key!r} must be true or false, got {value!r}")
     return value
 
@@ -428,7 +453,7 @@ def decode_feedback(body: bytes) -> FeedbackRequest:
 
 
 def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
-    if raw is None:
+    if raw is None or raw == []:  # the protocol's "not specified": every output (none at all is no answer)
         return None
     if not isinstance(raw, list):
         raise InvalidRequest("field 'outputs' must be a list of {\"name\": ...} objects")
@@ -444,7 +469,7 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidRequest(f"output {name!r}: 'parameters' must be an object")
-        found.append(RequestedOutput(name, _flag(params, "binary_data", f"output {name!r}: parameter")))
+        found.append(RequestedOutput(name, _optional_flag(params, "binary_data", f"output {name!r}: parameter")))
     return found
 
 
