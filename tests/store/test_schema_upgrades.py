@@ -174,3 +174,37 @@ def test_a_db_of_a_newer_skyloop_is_refused_unchanged(url: str) -> None:
         assert {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
                 for t in inspect(conn).get_table_names()} == before
     check.dispose()
+
+
+def test_the_training_inputs_of_versions_registered_before_are_pinned(url: str) -> None:
+    # Registering a version now pins the artifacts its step read; versions registered before had only their
+    # files pinned, and `artifacts gc` deleted their training data. The upgrade pins what is still stored.
+    old = Database(url, migrate=False)
+    spec = {"flavor": "sklearn", "producer": {"run_id": "r1", "inputs": {
+        "X": "a" * 64, "y": "b" * 64, "gone": "c" * 64, "never": "d" * 64}}}
+    with old.engine.begin() as conn:
+        upgrade(conn, "0009")
+        conn.execute(insert(_old_table("artifacts", ["digest", "serializer", "type_name", "size", "created_at",
+                                                     "last_used_at", "deleted_at", "data"])), [
+            {"digest": d * 64, "serializer": "raw", "type_name": "bytes", "size": 1, "created_at": T0,
+             "last_used_at": T0, "deleted_at": T1 if d == "c" else None, "data": b"x"} for d in "abc"])
+        conn.execute(insert(_old_table("models", ["id", "name", "description", "tags", "latest_version",
+                                                  "created_at", "updated_at"])),
+                     [{"id": 1, "name": "clf", "description": "", "tags": {}, "latest_version": 2,
+                       "created_at": T0, "updated_at": T1}])
+        conn.execute(insert(_old_table("model_versions", ["id", "model_id", "version", "flavor", "spec", "manifest",
+                                                          "files", "tags", "run_id", "step_run_id", "created_at"])),
+                     [{"id": v, "model_id": 1, "version": v, "flavor": "sklearn",
+                       "spec": spec if v == 1 else {"flavor": "sklearn"}, "manifest": "m" * 64, "files": {},
+                       "tags": {}, "run_id": "r1", "step_run_id": None, "created_at": T1} for v in (1, 2)])
+        conn.execute(insert(_old_table("artifact_pins", ["artifact", "holder", "created_at"])),
+                     [{"artifact": "b" * 64, "holder": "model:clf/1", "created_at": T0}])
+    old.dispose()
+    current = Database(url)
+    try:
+        with current.engine.connect() as conn:
+            pins = sorted(tuple(r) for r in conn.execute(text("SELECT artifact, holder FROM artifact_pins")))
+        # Still stored: pinned once each (b was already); deleted (c) or never stored (d): nothing to keep.
+        assert pins == [("a" * 64, "model:clf/1"), ("b" * 64, "model:clf/1")]
+    finally:
+        current.dispose()

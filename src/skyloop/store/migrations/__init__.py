@@ -15,7 +15,7 @@ from skyloop.store.models import Base
 
 __all__ = ["HEAD", "alembic_config", "create", "known_revision", "upgrade"]
 
-HEAD = "0009"
+HEAD = "0010"
 """The newest revision; a test checks it against the scripts so that the quick check stays right."""
 
 
