@@ -16,10 +16,11 @@ import pytest
 import skyloop
 from skyloop import pipeline, step
 from skyloop.config import Settings
-from skyloop.execution.cache import cache_key
+from skyloop.execution.cache import cache_key, element_key
 from skyloop.execution.loading import load_file_module
-from skyloop.execution.tasks import Literal_
+from skyloop.execution.tasks import Element, Literal_
 from skyloop.pipelines.step import code_hash
+from skyloop.store.artifacts import ArtifactRef
 
 
 def _run(target: Any, settings: Settings, **params: Any) -> skyloop.Run:
@@ -206,3 +207,36 @@ def test_scheduling_options_of_the_step_decorator_keep_cached_results(tmp_path: 
     edited = run_with("retries=3", add=2)  # the body still counts
     assert edited.steps["slow"].state == "SUCCEEDED" and edited.outputs["output"] == 3
     assert run_with("retries=3, cache_version='2'", add=2).steps["slow"].state == "SUCCEEDED"
+
+
+@step
+def listed(n: int) -> list[dict[str, Any]]:
+    return [{"trial": i, "lr": 0.1 * i} for i in range(n)]  # a list stored as one artifact
+
+
+@step
+def trial(params: dict[str, Any]) -> float:
+    return params["lr"] * 2
+
+
+@pipeline
+def sweep(n: int = 3):
+    return trial.map(listed(n))
+
+
+def test_a_mapped_unit_is_cached_by_its_own_item_not_the_whole_list(settings: Settings) -> None:
+    # Keyed by the list's digest and the item's index, one trial added to the sweep re-ran every trial.
+    first = _run(sweep, settings, n=300)
+    assert first.status == "SUCCEEDED" and first.steps["listed"].state.value == "SUCCEEDED"
+    grown = _run(sweep, settings, n=301)
+    assert grown.status == "SUCCEEDED" and grown.output("trial")[-1] == 0.1 * 300 * 2
+    with grown.workspace.db.read() as session:
+        from skyloop.store.runs import step_runs
+
+        states = sorted(s.state for s in step_runs(session, grown.id) if s.task == "trial" and s.map_index >= 0)
+    assert states.count("CACHED") == 300 and states.count("SUCCEEDED") == 1
+    # An item moved to another place is the same item: a list in another order is all hits.
+    assert cache_key("c", "1", {"x": Element(ArtifactRef("a" * 64, "json", "list", 9), 0, element_key(5))}) == \
+        cache_key("c", "1", {"x": Element(ArtifactRef("b" * 64, "json", "list", 9), 7, element_key(5))})
+    # Items with no plain value keep the list's digest and the index.
+    assert element_key([1.0, 2.0]) is not None and element_key((1, 2)) is None and element_key({1: "a"}) is None

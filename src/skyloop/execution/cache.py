@@ -20,7 +20,7 @@ from skyloop.store.hotpath import dbapi_cursor
 from skyloop.store.serializers import is_plain
 from skyloop.store.serializers import type_name as value_type
 
-__all__ = ["cache_key", "find_cached", "input_digest", "lookup_connection"]
+__all__ = ["cache_key", "element_key", "find_cached", "input_digest", "lookup_connection"]
 
 
 def input_digest(value: InputValue) -> object:
@@ -30,6 +30,8 @@ def input_digest(value: InputValue) -> object:
     if isinstance(value, Gathered):
         return [ref.digest for ref in value.refs]
     if isinstance(value, Element):
+        if value.key is not None:
+            return {"element": value.key}
         return {"of": input_digest(value.source), "index": value.index}
     if isinstance(value, Literal_):
         if is_plain(value.value, nan=True) and _keys_sorted(value.value):
@@ -40,6 +42,15 @@ def input_digest(value: InputValue) -> object:
         # are in sorted order keeps the key it had before order counted.
         return {"typed": _typed(value.value)}
     raise TypeError(value)
+
+
+def element_key(item: object) -> str | None:
+    """The digest a mapped unit's item is cached by: of its value where it is plain (JSON-like, as parameters,
+    paths and ids are), else None (the unit is then keyed by the list's digest and its index)."""
+    if not is_plain(item, nan=True):
+        return None
+    body = input_digest(Literal_(item))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def _keys_sorted(value: object) -> bool:

@@ -60,6 +60,9 @@ class Element:
 
     source: ArtifactRef | Literal_
     index: int
+    key: str | None = None
+    """A digest of the item's own value, where it has one (a plain value): units are then cached by their item,
+    not by its place in the whole list (one item added re-runs one unit, not all)."""
 
 
 InputValue = ArtifactRef | Gathered | Element | Literal_

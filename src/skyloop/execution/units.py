@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from skyloop.execution.cache import element_key
 from skyloop.execution.tasks import Element, Gathered, InputValue, Literal_, TaskState
 from skyloop.execution.worker import load_input
 from skyloop.spec.pipeline import Condition, ConstInput, InputBinding, ParamInput, TaskInput, TaskSpec
@@ -116,6 +117,6 @@ def expand(task: TaskSpec, inputs: dict[str, InputValue], store: ArtifactStore) 
                 unit[name] = Literal_(value.value[i])
             else:
                 assert isinstance(value, ArtifactRef)
-                unit[name] = Element(value, i)
+                unit[name] = Element(value, i, element_key(sources[name][i]))
         units.append(unit)
     return units
