@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,16 @@ def ratios(a: float = 1.0, b: float = 0.0):
 @pipeline
 def gathered(n: int = 4):
     return total(score.map(load(n)))
+
+
+@step
+def many(n: int) -> list[int]:
+    return list(range(n))
+
+
+@pipeline
+def one_list(n: int = 2000):
+    return {"numbers": many(n)}
 
 
 @pipeline
@@ -150,3 +161,11 @@ def test_outputs_garbage_collection_deleted_are_named_so(cli, home: Path, tmp_pa
         assert run.workspace is workspace
     finally:
         workspace.close()
+
+
+def test_a_large_list_one_step_returned_is_shown_as_its_artifact(cli, tmp_path: Path) -> None:
+    # It was taken for a mapped step's list of outputs: `run` and `runs show` ended in KeyError 'items'.
+    write(tmp_path / "pipes.py", PIPES)
+    ran = cli("run", "pipes.py:one_list", "--backend", "inline")
+    assert ran.returncode == 0, ran.stderr
+    assert re.search(r"numbers: list, [\d,]+ bytes, artifact [0-9a-f]{12}", ran.stdout), ran.stdout

@@ -68,7 +68,7 @@ def _output_line(name: str, entry: dict[str, Any] | None) -> Text:
         # JSON's own words for ±inf and NaN (Infinity, NaN): readable, where strict JSON has no spelling for them.
         shown = json.dumps(entry["value"], allow_nan=True, default=str)
         return Text.assemble("  ", (name, "bold"), " = ", printable(shown if len(shown) <= 200 else shown[:199] + "…"))
-    if entry["type"] == "list":
+    if "items" in entry:  # a mapped step's list of outputs (a list one step returned is one artifact)
         collected = f", {entry['collected']} of them garbage-collected" if entry.get("collected") else ""
         return Text.assemble("  ", (name, "bold"), f": {entry['items']} values (a mapped step's{collected})")
     return Text.assemble("  ", (name, "bold"), f": {printable(entry['type'])}, {entry['size']:,} bytes, "
