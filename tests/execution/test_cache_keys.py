@@ -240,3 +240,54 @@ def test_a_mapped_unit_is_cached_by_its_own_item_not_the_whole_list(settings: Se
         cache_key("c", "1", {"x": Element(ArtifactRef("b" * 64, "json", "list", 9), 7, element_key(5))})
     # Items with no plain value keep the list's digest and the index.
     assert element_key([1.0, 2.0]) is not None and element_key((1, 2)) is None and element_key({1: "a"}) is None
+
+
+GLOBALS = '''
+import logging
+
+from skyloop import pipeline, step
+
+FACTOR = 2
+log = logging.getLogger("scaled")  # an object with no digest: left out, never making the step uncacheable
+
+
+def helper(n):
+    return n * FACTOR
+
+
+@step
+def scaled(n: int) -> int:
+    log.debug("scaling %s", n)
+    return helper(n) + OFFSET
+
+
+OFFSET = 0
+
+
+@pipeline
+def scaling(n: int = 5):
+    return scaled(n)
+'''
+
+
+def test_a_module_constant_or_helper_the_step_reads_is_part_of_its_key(tmp_path: Path, settings: Settings,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # Editing FACTOR (read by the helper the step calls) or OFFSET (read by the step) gave the old result, CACHED.
+    path = tmp_path / "scaling_steps.py"
+    edits = iter(range(1, 100))
+
+    def run_with(source: str) -> tuple[str, Any]:
+        path.write_text(source)
+        os.utime(path, (1, next(edits)))  # a new stat for every edit: the file is read again
+        done = skyloop.run(f"{path}:scaling", {}, backend="inline", settings=settings)
+        return done.steps["scaled"].state.value, done.output("scaled")
+
+    with caplog.at_level(logging.WARNING):
+        assert run_with(GLOBALS) == ("SUCCEEDED", 10)
+        assert run_with(GLOBALS) == ("CACHED", 10)  # the logger did not make it uncacheable
+    assert "never taken from the cache" not in caplog.text
+    assert run_with(GLOBALS.replace("FACTOR = 2", "FACTOR = 3")) == ("SUCCEEDED", 15)
+    assert run_with(GLOBALS.replace("FACTOR = 2", "FACTOR = 3").replace("n * FACTOR", "n * FACTOR * 2")) == \
+        ("SUCCEEDED", 30)
+    assert run_with(GLOBALS.replace("FACTOR = 2", "FACTOR = 3").replace("n * FACTOR", "n * FACTOR * 2")
+                    .replace("OFFSET = 0", "OFFSET = 1")) == ("SUCCEEDED", 31)

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import logging
 import math
+import sysconfig
 import textwrap
 import types
 import typing
@@ -101,7 +102,8 @@ class _NoDigest(Exception):
 
 
 def _values_digest(fn: Callable[..., Any], seen: tuple[int, ...]) -> str:
-    """The values a function closes over and its defaults, or "" when it has none."""
+    """The values a function closes over, its defaults and the module-level values and functions it reads
+    (`_globals_digest`), or "" when it has none."""
     parts = []
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
@@ -123,7 +125,65 @@ def _values_digest(fn: Callable[..., Any], seen: tuple[int, ...]) -> str:
                 parts.append(f"{label}={_digest(value, seen)}")
             except _NoDigest as exc:
                 raise _NoDigest(f"a default value of a parameter is {exc}") from None
+    if used := _globals_digest(fn, seen):
+        parts.append(f"globals={used}")
     return ";".join(parts)
+
+
+def _globals_digest(fn: Callable[..., Any], seen: tuple[int, ...]) -> str:
+    """The module-level values and functions a function reads by name, or "": plain values (a factor, a list of
+    columns) and functions of the user's own code (the helpers a step calls, and theirs), so that editing one
+    makes cached results stale. Modules, classes, library functions and objects with no stable digest (a
+    logger, a client, a frame loaded at import) are left out: they never make a step uncacheable."""
+    code = getattr(fn, "__code__", None)
+    scope = getattr(fn, "__globals__", None)
+    if not isinstance(code, types.CodeType) or not isinstance(scope, dict):
+        return ""
+    parts = []
+    for name in sorted(_global_names(code)):
+        value = scope.get(name, _MISSING)
+        if isinstance(value, Step):
+            value = value.fn
+        if isinstance(value, types.FunctionType):
+            if id(value) in seen or not _users_own(value, fn):
+                continue
+            try:
+                parts.append(f"{name}=function:{_function_digest(value, (*seen, id(value)))}")
+            except _NoDigest:  # a helper closing over an object: its code still counts
+                parts.append(f"{name}=function:{_located_code(value)}")
+        elif value is not _MISSING and not callable(value) and not isinstance(value, types.ModuleType | type):
+            try:
+                parts.append(f"{name}={_digest(value, seen)}")
+            except _NoDigest:
+                continue
+    return ";".join(parts)
+
+
+_MISSING = object()
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names a code object (and the code nested in it: comprehensions, lambdas) looks up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _users_own(helper: types.FunctionType, step_fn: Callable[..., Any]) -> bool:
+    """Whether `helper` is the user's code: of the step's own module, or of a file outside the standard library,
+    the installed packages and skyloop."""
+    if helper.__module__ == getattr(step_fn, "__module__", None):
+        return True
+    module = helper.__module__ or ""
+    if module == "skyloop" or module.startswith("skyloop."):
+        return False
+    return not helper.__code__.co_filename.startswith(_LIBRARY_PATHS)
+
+
+_LIBRARY_PATHS = tuple(sorted({p for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                               if (p := sysconfig.get_paths().get(key))}))
 
 
 _FLAT = (type(None), bool, int, float, complex, str, bytes)
