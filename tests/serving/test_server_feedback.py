@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests_support import at_once, post
 
 from skyloop.config import Settings
+from skyloop.serving.answered import AnsweredIds
 from skyloop.store.feedback import Feedback, list_feedback
 from skyloop.store.workspace import Workspace
 
@@ -90,6 +91,29 @@ def test_a_truth_gives_one_value_per_row_of_the_answer(serve: Any, settings: Set
         assert _post(port, feedback, {"id": two, "truth": [0, 1]})[0] == 200
         assert _post(port, feedback, {"id": one, "truth": 0})[0] == 200  # one row: the bare value
     assert {row.inference_id: row.truth for row in _feedback(settings, "iris")} == {two: [0, 1], one: 0}
+
+
+def test_the_rows_check_holds_in_whichever_worker_takes_the_feedback(serve: Any, settings: Settings,
+                                                                      iris_uri: str, iris: tuple[Any, Any]) -> None:
+    # Feedback reaching another worker than the one that answered was checked against nothing: the same bare
+    # truth for a 2-row answer was refused or stored depending on the worker.
+    _, X = iris
+    with serve(settings, iris_uri, workers=2) as (_, port):
+        answers = [_answer(port, X[:2]) for _ in range(12)]
+        for answer in answers:
+            status, doc = _post(port, "/v2/models/iris/feedback", {"id": answer, "truth": 0})
+            assert status == 400 and "has 2 rows" in doc["error"], (status, doc)
+        assert all(_post(port, "/v2/models/iris/feedback", {"id": a, "truth": [0, 0]})[0] == 200 for a in answers)
+
+
+def test_the_shared_table_keeps_each_answers_rows() -> None:
+    table = AnsweredIds(parts=2)
+    table.add("iris", "a", rows=3)
+    table.use_part(1)
+    table.add("iris", "b", rows=70_000)
+    table.add("iris", "c")
+    assert (table.rows("iris", "a"), table.rows("iris", "b"), table.rows("iris", "c")) == (3, 70_000, 0)
+    assert table.rows("iris", "d") is None and table.rows("wine", "a") is None
 
 
 def _feedback(settings: Settings, model: str) -> list[Feedback]:

@@ -257,7 +257,7 @@ class DataPlane:
         while served.traces and (len(served.traces) > self.trace_cache or served.trace_bytes > self.trace_bytes):
             served.trace_bytes -= served.traces.popitem(last=False)[1][2]
         if self.answered is not None:
-            self.answered.add(served.name, request_id)
+            self.answered.add(served.name, request_id, rows)
 
     # -- feedback ------------------------------------------------------------------------------------------
 
@@ -277,10 +277,12 @@ class DataPlane:
         request = decode_feedback(body)
         inference_id, kinds = request.id, request.kinds
         remembered = served.traces.get(inference_id)
-        request.check_rows(remembered[3] if remembered is not None else None)
+        # Answered by another worker: its rows are in the table the workers share (its inputs are not).
+        shared = None if remembered is not None or self.answered is None else self.answered.rows(name, inference_id)
+        request.check_rows(remembered[3] if remembered is not None else shared or None)
         # Not remembered: too old, from before a restart, or never answered. Of these, only an answer that
         # took feedback before has left a record (its row in the DB, which `_store_feedback` requires).
-        known = self.answered is None or inference_id in served.traces or self.answered.has(name, inference_id)
+        known = self.answered is None or remembered is not None or shared is not None
         if not known and self.settings is None:
             raise _unknown_answer(name, inference_id)
         # Claimed before the first await, so that a copy posted at the same moment is refused here; the DB
