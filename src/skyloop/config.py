@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,7 +54,7 @@ class ExecutionSettings(BaseModel):
     """How often `skyloop agent` looks for queued runs and runs whose owner is gone."""
     memory_poll_seconds: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     """How often the local backend samples the memory of running steps."""
-    max_workers: int | None = None
+    max_workers: int | None = Field(default=None, ge=1)
     """Most worker processes kept warm; default: as many as CPUs offered (at least 1)."""
     ray_address: str | None = None
     """Address of a running Ray cluster (`host:port`) for the ray backend; default: start a local one."""
@@ -78,6 +80,18 @@ class ExecutionSettings(BaseModel):
                 f"another agent runs its steps again; raise the lease to "
                 f"{LEASE_HEARTBEATS * self.heartbeat_seconds:g} or more, or lower the heartbeat")
         return self
+
+
+_JSON_SETTINGS = {"POOLS": '{"gpu-train": 1}', "RESOURCES": '{"license": 2}', "GPU_IDS": "[0, 1]"}
+"""The execution settings that hold a list or a mapping (given as JSON), with an example of each."""
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Settings(BaseSettings):
@@ -135,8 +149,14 @@ class Settings(BaseSettings):
             raise SpecError(f"invalid settings: {bad}") from None
         except SettingsError as exc:  # a nested setting whose value is not JSON
             cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-            raise SpecError(f"invalid settings: {exc}{cause}; nested settings such as SKYLOOP_EXECUTION__POOLS "
-                            'take JSON, e.g. \'{"gpu-train": 1}\'') from None
+            for name, example in _JSON_SETTINGS.items():
+                variable = f"SKYLOOP_EXECUTION__{name}"
+                if (value := os.environ.get(variable)) is not None and not _is_json(value):
+                    raise SpecError(f"invalid settings: {variable}: {value!r} is not JSON{cause}; it holds a list or "
+                                    f"a mapping, e.g. {variable}='{example}'") from None
+            raise SpecError(f"invalid settings: {exc}{cause}; settings that hold a list or a mapping take JSON: "
+                            "SKYLOOP_EXECUTION__POOLS='{\"gpu-train\": 1}', SKYLOOP_EXECUTION__RESOURCES="
+                            "'{\"license\": 2}', SKYLOOP_EXECUTION__GPU_IDS='[0, 1]'") from None
 
     @classmethod
     def for_home(cls, home: Path | str) -> Settings:

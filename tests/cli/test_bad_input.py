@@ -372,7 +372,10 @@ def p():
                                              "valid number"),
     ("SKYLOOP_EXECUTION__MAX_MEMORY", "lots", "invalid settings: SKYLOOP_EXECUTION__MAX_MEMORY: memory 'lots' is "
                                               "not a size"),
-    ("SKYLOOP_EXECUTION__POOLS", "{gpu", "nested settings such as SKYLOOP_EXECUTION__POOLS take JSON"),
+    ("SKYLOOP_EXECUTION__POOLS", "{gpu", "SKYLOOP_EXECUTION__POOLS: '{gpu' is not JSON"),
+    ("SKYLOOP_EXECUTION__RESOURCES", "lic", "SKYLOOP_EXECUTION__RESOURCES: 'lic' is not JSON"),  # was named POOLS
+    ("SKYLOOP_EXECUTION__MAX_WORKERS", "0", "SKYLOOP_EXECUTION__MAX_WORKERS: Input should be greater than or equal "
+                                            "to 1"),
     ("SKYLOOP_EXECUTION__POOLS", '{"gpu": 0}', "SKYLOOP_EXECUTION__POOLS__GPU: Input should be greater than or "
                                               "equal to 1"),
     # Out of range: a negative margin killed every step with a memory request; NaN was an internal error.
