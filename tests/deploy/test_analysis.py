@@ -84,7 +84,7 @@ def test_small_reservoir_keeps_its_bound() -> None:
 
 def test_to_dict_is_json_serialisable() -> None:
     assert orjson.loads(orjson.dumps(Window().to_dict())) == {
-        "requests": 0, "errors": 0, "error_rate": None, "latency_p50": None, "latency_p99": None,
+        "requests": 0, "errors": 0, "client_errors": 0, "error_rate": None, "latency_p50": None, "latency_p99": None,
         "labelled": 0, "accuracy": None, "rewarded": 0, "mean_reward": None}
     data = orjson.loads(orjson.dumps(window(requests=10, errors=1, labelled=2, correct=1, rewards=[1]).to_dict()))
     assert data["error_rate"] == 0.1 and data["accuracy"] == 0.5 and data["mean_reward"] == 1.0
@@ -121,11 +121,11 @@ def test_one_metric_reason_says_what_held() -> None:
         (check("error_rate", max=0.01), window(requests=150, errors=18),
          "error_rate 0.12 > max 0.01 over 150 requests"),
         (check("accuracy", min=0.9), window(labelled=100, correct=80),
-         "accuracy 0.8 < min 0.9 over 100 labelled answers"),
+         "accuracy 0.8 < min 0.9 over 100 labelled rows"),
         (check("latency_p99", max_ratio=1.5), window(requests=60, latency=0.7),
          "latency_p99 0.7 s > 1.5x stable 0.4 s (0.6 s) over 60 requests"),
         (check("accuracy", max_drop=0.02), window(labelled=1000, correct=800),
-         "accuracy 0.8 < stable 0.92 - 0.02 (0.9) over 1000 labelled answers"),
+         "accuracy 0.8 < stable 0.92 - 0.02 (0.9) over 1000 labelled rows"),
         (check("mean_reward", min=0.5), window(rewards=[0.0] * 50),
          "mean_reward 0 < min 0.5 over 50 rewarded answers"),
     ],
@@ -160,7 +160,7 @@ def test_max_ratio_against_a_stable_value_of_zero() -> None:
 def test_too_few_target_samples_is_inconclusive_even_over_a_bound() -> None:
     result = analyse([check("accuracy", min=0.9)], window(labelled=12, correct=0), None, min_samples=50)
     assert result.verdict is Verdict.INCONCLUSIVE
-    assert result.reason == "accuracy: 12 labelled answers, 50 needed"
+    assert result.reason == "accuracy: 12 labelled rows, 50 needed"
     assert result.metrics[0] == result.metrics[0].__class__(
         name="accuracy", value=0.0, stable=None, samples=12, bound=">= 0.9", passed=None)
 
@@ -195,7 +195,7 @@ def test_inconclusive_when_nothing_failed() -> None:
     checks = [check("error_rate", max=0.01), check("accuracy", min=0.9), check("mean_reward", min=0.1)]
     result = analyse(checks, window(requests=100), None, min_samples=50)
     assert result.verdict is Verdict.INCONCLUSIVE
-    assert result.reason == "accuracy: 0 labelled answers, 50 needed (and 1 more inconclusive)"
+    assert result.reason == "accuracy: 0 labelled rows, 50 needed (and 1 more inconclusive)"
 
 
 def test_no_checks_is_successful() -> None:
@@ -219,8 +219,8 @@ def test_answers_and_labels_compare_as_numbers_when_both_are_numbers(answer: Any
         (check("error_rate", max=0.01), window(requests=50, errors=1),
          "error_rate 0.02 > max 0.01 over 50 requests, within sampling noise: more requests will tell"),
         (check("accuracy", max_drop=0.02), window(labelled=50, correct=44),
-         "accuracy 0.88 < stable 0.92 - 0.02 (0.9) over 50 labelled answers, within sampling noise: more "
-         "labelled answers will tell"),
+         "accuracy 0.88 < stable 0.92 - 0.02 (0.9) over 50 labelled rows, within sampling noise: more "
+         "labelled rows will tell"),
         (check("mean_reward", min=0.5), window(rewards=[0.0, 1.0] * 20 + [0.0] * 10),
          "mean_reward 0.4 < min 0.5 over 50 rewarded answers, within sampling noise: more rewarded answers will tell"),
     ],
@@ -273,3 +273,30 @@ def test_reward_variance_is_kept_accurately_for_large_rewards() -> None:
     assert w.reward_m2 / (len(rewards) - 1) == pytest.approx(float(np.var(rewards, ddof=1)), rel=1e-3)
     low, high = w.interval("mean_reward") or (0.0, 0.0)
     assert (high - low) / 2 == pytest.approx(3.0 * float(np.std(rewards, ddof=1)) / len(rewards) ** 0.5, rel=1e-3)
+
+
+def test_client_errors_are_errors_of_the_predictor_and_counted_apart() -> None:
+    # A canary that refused every request with 422 had an error rate of 0 and was promoted.
+    w = Window()
+    for _ in range(60):
+        w.add_request(0.01, ok=False, client_error=True)
+    for _ in range(40):
+        w.add_request(0.01, ok=True)
+    w.add_request(0.01, ok=False)  # a server error
+    assert (w.requests, w.errors, w.client_errors) == (101, 61, 60)
+    assert w.to_dict()["client_errors"] == 60
+    result = analyse([check("error_rate", max=0.01)], w, window(requests=100), min_samples=50)
+    assert result.verdict is Verdict.FAILED and result.reason.startswith("error_rate 0.604 > max 0.01")
+
+
+def test_accuracy_counts_rows_not_answers() -> None:
+    # 10-row answers 92% right per row: scored per answer (all rows right) this was about 0.43, and failed min 0.8.
+    w = Window()
+    for i in range(30):
+        w.add_feedback(correct=9 if i % 5 else 10, rows=10)
+    assert w.value("accuracy") == (pytest.approx(276 / 300), 300)
+    assert analyse([check("accuracy", min=0.8)], w, None, min_samples=50).verdict is Verdict.SUCCESSFUL
+    w.add_feedback(correct=True)  # one row
+    assert (w.labelled, w.correct) == (301, 277)
+    with pytest.raises(ValueError, match="correct: 3 of 2 rows"):
+        w.add_feedback(correct=3, rows=2)

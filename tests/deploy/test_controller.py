@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from deploy_support import NODES, Env, stop_tree
-from tests_support import write
+from tests_support import post, write
 
 from skyloop.config import Settings
 from skyloop.deploy.api import send_command
@@ -79,14 +79,25 @@ def test_a_restarted_controller_serves_a_bandit_deployment_again(env: Env) -> No
     # "nothing to serve".
     doc = {"name": "bandit", "router": {"type": "thompson"},
            "predictors": [{"name": "zero", "graph": constant(0)}, {"name": "one", "graph": constant(1)}]}
+    body = json.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                   "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
     with controller(env):
         first = env.apply(doc)
         assert first.status == "Healthy", first.reason
+        for _ in range(40):  # "one" earns a reward of 1, "zero" of 0
+            status, answer = post(env.url("bandit") + "/infer", body)
+            assert status == 200, answer
+            feedback = {"id": answer["id"], "reward": float(answer["outputs"][0]["data"][0] == 1)}
+            assert post(env.url("bandit") + "/feedback", json.dumps(feedback).encode())[0] == 200
+        learned = env.wait("bandit", lambda i: sum(a["feedback"] for a in i.state["arms"].values()) == 40, 30,
+                           "the rewards in the saved state").state["arms"]
     with controller(env):
         info = taken_over(env, "bandit", first.controller)
         assert info.status == "Healthy", info.reason
         assert set(info.state["predictors"]) == {"zero", "one"}
-        assert set(info.state["arms"]) == {"zero", "one"}
+        # What the bandit had learned is taken up, not started again from its prior.
+        assert {n: (a["pulls"], a["feedback"], a["mean_reward"]) for n, a in info.state["arms"].items()} == \
+            {n: (a["pulls"], a["feedback"], a["mean_reward"]) for n, a in learned.items()}
         served = answers(env, "bandit", 30)
         assert {p for p, _ in served} <= {"zero", "one"} and all(label == {"zero": 0, "one": 1}[p]
                                                                  for p, label in served)

@@ -204,6 +204,67 @@ def test_quality_from_feedback_decides() -> None:
 
 
 
+def test_failure_limit_counts_failed_checks_over_the_whole_rollout_not_per_step() -> None:
+    # One failed check per step, with one tolerated: before, each new step forgave the last one's failure and a
+    # canary failing at every step was promoted (4 failed checks, limit 1). Argo's failureLimit and Flagger's
+    # threshold count over the whole analysis.
+    steps = {"strategy": "canary", "steps": [{"weight": w, "duration": 2} for w in (10, 20, 40, 60)]}
+    r = Rollout(spec(steps, failure_limit=1), 0.0)
+    r.start(0.0)
+    kinds: list[str] = []
+    t, fresh = 0.25, True
+    while t < 60 and not r.done:
+        # The first check of each step's fresh windows fails, the later ones pass.
+        windows = {"stable": window(200), "canary": window(100, errors=30 if fresh else 0)}
+        moves = r.tick(t, windows)
+        kinds += [m.kind for m in moves]
+        fresh = any(m.kind == "step" for m in moves) or (fresh and not moves)
+        t += 0.25
+    assert kinds == ["analysis.failed", "step", "rolled_back"], kinds
+    assert r.phase is Phase.DEGRADED and r.failures == 2
+
+
+def test_a_spec_applied_again_mid_rollout_carries_the_rollout_over_under_its_new_analysis() -> None:
+    steps = {"strategy": "canary", "steps": [{"weight": 20, "duration": 60}, {"weight": 60, "duration": 60}]}
+    r = Rollout(spec(steps, failure_limit=2), 0.0, served="abc")
+    r.start(0.0)
+    r.tick(10.0, {"stable": window(200), "canary": window(100, errors=30)})
+    looser = spec(steps, failure_limit=2, metrics=[{"name": "error_rate", "max": 0.5}])
+    carried = Rollout.carry(looser, r, 30.0)
+    assert carried is not None and carried.spec is looser and carried.served == "abc"
+    assert (carried.step, carried.failures, carried.weights) == (0, 1, {"canary": 20.0, "stable": 80.0})
+    assert carried.step_started == 0.0  # the step's clock goes on
+    # Judged by the new analysis: 30% errors pass the new bound of 50%.
+    assert [t.kind for t in carried.tick(31.0, {"stable": window(200), "canary": window(100, errors=30)})] == []
+    # Another rollout (other steps), another target, or other live predictors: started afresh.
+    assert Rollout.carry(spec(CANARY), r, 30.0) is None
+    assert Rollout.carry(load_deployment_spec({**looser.model_dump(mode="json"), "rollout": {
+        **looser.rollout.model_dump(mode="json"), "target": "stable"}}), r, 30.0) is None
+    three = looser.model_dump(mode="json")
+    three["predictors"].append({"name": "other", "model_uri": "models:/iris/1", "traffic": 0})
+    assert Rollout.carry(load_deployment_spec(three), r, 30.0) is None
+
+
+def test_a_finished_rollout_carried_over_keeps_its_result() -> None:
+    steps = {"strategy": "canary", "steps": [{"weight": 20, "duration": 60}]}
+    r = Rollout(spec(steps), 0.0, served="abc")
+    r.start(0.0)
+    r.command("promote_full", 1.0)
+    # Other steps, even another strategy: the target won, and keeps all traffic.
+    other = spec({"strategy": "blue_green", "preview": 10})
+    kept = Rollout.carry(other, r, 50.0)
+    assert kept is not None and kept.done and kept.phase is Phase.HEALTHY and kept.served == "abc"
+    assert kept.weights == {"canary": 100.0, "stable": 0.0} and kept.step == 0
+    assert run(kept, 100.0, healthy(), start=50.0) == []
+    again = Rollout.resume(other, json.loads(json.dumps(kept.saved(60.0))), 70.0)
+    assert again is not None and again.done and again.served == "abc"
+    r = Rollout(spec(steps), 0.0)
+    r.start(0.0)
+    r.command("rollback", 1.0)
+    lost = Rollout.carry(spec(steps), r, 50.0)
+    assert lost is not None and lost.phase is Phase.DEGRADED and lost.weights == {"canary": 0.0, "stable": 100.0}
+
+
 def resumed(r: Rollout, saved_at: float, now: float) -> Rollout:
     """The rollout a controller started later makes, at `now` on its own clock, of what `r` saved at `saved_at`."""
     again = Rollout.resume(r.spec, json.loads(json.dumps(r.saved(saved_at))), now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import orjson
 import pytest
 
 from skyloop.deploy.spec import RouterSpec
@@ -231,3 +232,61 @@ def test_bandits_accept_all_zero_weights_and_bad_shadows_raise() -> None:
     assert Traffic(THOMPSON, {"a": 0, "b": 0}).choose() in {"a", "b"}
     with pytest.raises(SpecError, match="shadow fraction of 'm'"):
         Traffic(WEIGHTED, {"a": 100}, shadows={"m": 1.5})
+
+
+@pytest.mark.parametrize("router", [GREEDY, THOMPSON])
+def test_a_sticky_key_leaves_an_arm_learned_to_be_clearly_worse(router: RouterSpec) -> None:
+    # Keys handed out while the bandit knew nothing stayed on the arm that always fails, for good.
+    traffic = Traffic(router, {"good": 0, "bad": 0}, rng=random.Random(3))
+    users = [f"u{i}" for i in range(20)]
+    first = {user: traffic.choose(sticky=user) for user in users}
+    assert "bad" in first.values()
+    served: Counter[str] = Counter()
+    for _ in range(40):
+        for user in users:
+            arm = traffic.choose(sticky=user)
+            served[arm] += 1
+            traffic.reward(arm, 1.0 if arm == "good" else 0.0)
+    assert served["bad"] <= 40, served  # each key on it left once the bad arm was known (about 10 rewards)
+    assert all(traffic.choose(sticky=user) == "good" for user in users)
+
+
+def test_a_sticky_key_stays_while_its_arm_is_not_clearly_worse() -> None:
+    traffic = Traffic(THOMPSON, {"a": 0, "b": 0}, rng=random.Random(0))
+    picks = {f"u{i}": traffic.choose(sticky=f"u{i}") for i in range(100)}
+    for i in range(20):  # 0.9 against 0.8 over 20 rewards each: within the noise
+        traffic.reward("a", float(i % 10 != 0))
+        traffic.reward("b", float(i % 5 != 0))
+    assert all(traffic.choose(sticky=key) == arm for key, arm in picks.items())
+
+
+@pytest.mark.parametrize("router", [GREEDY, THOMPSON])
+def test_a_new_traffic_takes_up_what_the_saved_arms_had_learned(router: RouterSpec) -> None:
+    # A controller restart started every bandit from its prior, handing arms known to be bad a large share.
+    before = Traffic(router, {"good": 0, "bad": 0}, rng=random.Random(0))
+    bernoulli_run(before, {"good": 0.9, "bad": 0.1}, 500, random.Random(1))
+    before.fail("bad")
+    saved = orjson.loads(orjson.dumps(before.arms()))  # as the deployment's state stores them
+    after = Traffic(router, {"good": 0, "bad": 0, "new": 0}, rng=random.Random(0))
+    after.seed(saved)
+    for name in ("good", "bad"):
+        assert after.arms()[name] == pytest.approx(saved[name])
+    assert after.arms()["new"]["feedback"] == 0
+    chosen = draws(Traffic(router, {"good": 0, "bad": 0}, rng=random.Random(0)), 200)
+    assert chosen["bad"] > 40  # fresh: the prior sends the bad arm a large share
+    seeded = Traffic(router, {"good": 0, "bad": 0}, rng=random.Random(0))
+    seeded.seed(saved)
+    assert draws(seeded, 200)["bad"] < 25
+
+
+def test_seeding_ignores_what_it_cannot_use() -> None:
+    traffic = Traffic(THOMPSON, {"a": 0, "b": 0, "c": 0}, rng=random.Random(0))
+    traffic.seed({"ghost": {"feedback": 5, "mean_reward": 1.0}, "a": "junk",
+                  "b": {"pulls": -3, "feedback": float("nan"), "mean_reward": None},
+                  "c": {"pulls": 9, "feedback": 4, "errors": 0, "mean_reward": 0.5}})  # saved by epsilon_greedy
+    arms = traffic.arms()
+    assert arms["a"]["feedback"] == 0 and arms["b"] == {**arms["b"], "pulls": 0, "feedback": 0}
+    assert arms["c"] == {"pulls": 9, "feedback": 4, "errors": 0, "mean_reward": 0.5, "alpha": 3.0, "beta": 3.0}
+    weighted = Traffic(WEIGHTED, {"a": 100})
+    weighted.seed({"a": {"pulls": 5, "feedback": 5, "mean_reward": 1.0}})
+    assert weighted.arms() == {"a": {"pulls": 0, "weight": 100.0}}

@@ -43,7 +43,7 @@ Z = 3.0
 """Standard errors by which a value must be beyond a bound to fail it (one-sided, about 0.13% per check, so that
 checking at every interval of a step rarely fails a target that meets its bounds)."""
 
-_UNITS = {"error_rate": "requests", "latency_p99": "requests", "accuracy": "labelled answers",
+_UNITS = {"error_rate": "requests", "latency_p99": "requests", "accuracy": "labelled rows",
           "mean_reward": "rewarded answers"}
 
 
@@ -66,11 +66,20 @@ def same_answer(answer: Any, truth: Any) -> bool:
 class Window:
     """What one predictor did since the window opened (a rollout step or an analysis interval).
 
-    Pass `rng=random.Random(seed)` for a reproducible latency reservoir.
+    `errors` are the requests the predictor failed, and so `error_rate`: its server errors, and its client errors
+    (`client_errors`, also counted apart): a replica's 4xx answer to a request the gateway had already checked and
+    accepted is the predictor's fault (a new model whose signature refuses what clients send, with 422), not the
+    client's. A client whose requests no model takes raises every predictor's error rate alike: bound error_rate
+    with `max_ratio` against the stable predictor then. `labelled` and `correct` count rows: a truth gives one
+    value per row of the answer, and accuracy is the share of rows answered correctly (its interval takes the rows
+    as independent, which rows of one client's request need not be). Pass `rng=random.Random(seed)` for a
+    reproducible latency reservoir.
     """
 
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
+    """The requests among `errors` that the predictor refused with a 4xx."""
     latencies: list[float] = field(default_factory=list)
     labelled: int = 0
     correct: int = 0
@@ -81,10 +90,13 @@ class Window:
     max_latencies: int = MAX_LATENCIES
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
-    def add_request(self, seconds: float, ok: bool) -> None:
-        """Count one answered (or failed) request and how long it took."""
+    def add_request(self, seconds: float, ok: bool, client_error: bool = False) -> None:
+        """Count one answered (or failed) request and how long it took; `client_error`: it failed with a 4xx
+        (an error, counted in `client_errors` too, whatever `ok` says)."""
         self.requests += 1
-        if not ok:
+        if client_error:
+            self.client_errors += 1
+        if client_error or not ok:
             self.errors += 1
         if len(self.latencies) < self.max_latencies:
             self.latencies.append(seconds)
@@ -94,11 +106,13 @@ class Window:
         if slot < self.max_latencies:
             self.latencies[slot] = seconds
 
-    def add_feedback(self, correct: bool | None = None, reward: float | None = None) -> None:
-        """Count one feedback event: whether an answer was correct, and/or its reward (ignored beyond `MAX_REWARD`
-        and when NaN)."""
+    def add_feedback(self, correct: bool | int | None = None, reward: float | None = None, rows: int = 1) -> None:
+        """Count one feedback event: how many of an answer's `rows` were correct (a bool for one row), and/or its
+        reward (ignored beyond `MAX_REWARD` and when NaN)."""
         if correct is not None:
-            self.labelled += 1
+            if not 0 <= int(correct) <= rows:
+                raise ValueError(f"correct: {int(correct)} of {rows} rows; give 0 to {rows} correct rows")
+            self.labelled += rows
             self.correct += int(correct)
         if reward is not None and abs(reward) <= MAX_REWARD:
             before = self.reward_sum / self.rewarded if self.rewarded else 0.0
@@ -110,7 +124,7 @@ class Window:
         """The metric's value and how many samples it rests on; the value is None without samples.
 
         error_rate and latency_p99 (seconds, 99th percentile) count requests, accuracy labelled
-        answers, mean_reward rewarded answers.
+        rows, mean_reward rewarded answers.
         """
         if metric == "error_rate":
             return (self.errors / self.requests if self.requests else None), self.requests
@@ -146,6 +160,7 @@ class Window:
         return {
             "requests": self.requests,
             "errors": self.errors,
+            "client_errors": self.client_errors,
             "error_rate": self.value("error_rate")[0],
             "latency_p50": self._percentile(50) if self.latencies else None,
             "latency_p99": self.value("latency_p99")[0],

@@ -126,18 +126,18 @@ class Controller:
                         await asyncio.to_thread(self._refuse, info, exc)
                     continue
                 self.runners[info.name] = runner
-                runner.busy = asyncio.create_task(self._guard(runner, runner.start(info)))
-            elif info.spec_version != runner.spec_version:
-                runner.busy = asyncio.create_task(self._guard(runner, runner.apply(info)))
+                runner.busy = asyncio.create_task(self._guard(runner, runner.start(info), info.spec_version))
+            elif info.spec_version != runner.applied:  # `spec_version` stays the running one when an apply fails
+                runner.busy = asyncio.create_task(self._guard(runner, runner.apply(info), info.spec_version))
 
-    async def _guard(self, runner: DeploymentRunner, work: Any) -> None:
+    async def _guard(self, runner: DeploymentRunner, work: Any, version: int) -> None:
         try:
             await work
         except Exception as exc:
             log.exception("deployment %s failed", runner.name)
             runner.status, runner.reason = Phase.DEGRADED.value, f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
-                await runner.event("failed", runner.reason)
+                await runner.event("failed", runner.reason, version=version)
                 await runner.write_state(force=True)
 
     def _refuse(self, info: store.DeploymentInfo, exc: Exception) -> None:

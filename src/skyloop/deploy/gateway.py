@@ -12,10 +12,13 @@ in the V2 response's `parameters`. Requests without an `id` get one, so that fee
 A request whose replica dies before answering (a broken connection, nothing received) is sent again
 to another replica of the same predictor: inference has no side effect. A request whose replica broke off
 an answer it had begun gets a 502 (it is not sent again), one left without a replica a 503; both count as
-errors of the predictor, as does any 5xx of its replicas, and a bandit router takes each as a reward of 0.
-A replica being drained gets no new requests and keeps its in-flight ones until they finish. Shadows get
-a copy of the request in the background; their answers are compared with later feedback and never reach
-the client.
+errors of the predictor, as does any 4xx or 5xx of its replicas, and a bandit router takes each as a reward of 0.
+A replica's 4xx is the predictor's fault, not the client's: the gateway has checked the request as a replica
+does (and answered 400 itself to what it refuses), so a replica that refuses what the gateway accepted (a new
+model whose signature changed: 422) fails its requests; windows count those in `errors`, and apart in
+`client_errors`. A replica being drained gets no new requests and keeps its in-flight ones until they finish.
+Shadows get a copy of the request in the background, whatever the primary answered; their answers are
+compared with later feedback and never reach the client. Feedback is joined to its answer (`deploy.answers`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -37,49 +38,31 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from skyloop.deploy.analysis import Window, same_answer
+from skyloop.deploy.analysis import Window
+from skyloop.deploy.answers import Answer, Answers, first_output, score, store_feedback
 from skyloop.deploy.pools import Endpoint, Pool, version_names
 from skyloop.deploy.spec import RouterSpec
 from skyloop.deploy.traffic import Traffic
-from skyloop.errors import InvalidRequest, PayloadTooLarge
+from skyloop.errors import Conflict, InvalidRequest, PayloadTooLarge
 from skyloop.monitoring.payloads import PayloadLog
 from skyloop.serving.app import read_body
 from skyloop.serving.metrics import CONTENT_TYPE, LATENCY_BUCKETS
 from skyloop.serving.protocol import decode_feedback, header_length, request_header
 from skyloop.store.feedback import repeated_feedback
 
+if TYPE_CHECKING:
+    from skyloop.store.db import Database
+
 __all__ = ["BrokenAnswer", "Endpoint", "Gateway", "Pool"]
 
 log = logging.getLogger("skyloop.deploy")
 
-_REMEMBER = 200_000
-"""Answers kept for joining feedback (id -> predictor, output, replica)."""
 _REMEMBER_BYTES = 256 * 1024 * 1024
 """The most bytes of answers (and shadows' answers and truths joined to them) kept for joining feedback: answers
-of large requests, each held whole, took gigabytes long before `_REMEMBER` of them were kept."""
+of large requests, each held whole, took gigabytes long before `answers.REMEMBER` of them were kept."""
 _RETRY_SECONDS = 5.0
 """How long a request may keep retrying replicas that went away before it fails."""
 _SHADOW_CONCURRENCY = 256
-
-
-@dataclass
-class _Answer:
-    """An answer kept for joining feedback: who gave it, what it was, and the shadows' answers."""
-
-    predictor: str
-    output: Any
-    endpoint: Endpoint | None
-    shadows: dict[str, Any] = field(default_factory=dict)
-    labelled: bool = False
-    truth: Any = None
-    taken: set[str] = field(default_factory=set)
-    """The kinds of feedback ('truth', 'reward') taken or being passed on: each answer takes one of each."""
-    rewarded: bool = False
-    """Whether the bandit has had this answer's reward (or the one its truth implies): one per pull."""
-    size: int = 0
-    """About how many bytes it holds (the JSON it came from), counted against `_REMEMBER_BYTES`."""
-    rows: int | None = None
-    """How many rows it answered (None if the answer did not say): a truth gives one value per row."""
 
 
 class _Metrics:
@@ -145,32 +128,12 @@ def _join(doc: Any, tail: bytes, binary: bool) -> tuple[bytes, int | None]:
     return head + tail, (len(head) if binary else None)
 
 
-def _first_output(doc: dict[str, Any]) -> tuple[Any, int | None]:
-    """An answer's first output's data, and how many rows it has (None if it does not say)."""
-    outputs = doc.get("outputs") or []
-    first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
-    shape = first.get("shape")
-    rows = (shape[0] if shape else 1) if isinstance(shape, list) else None
-    return first.get("data"), rows if isinstance(rows, int) and not isinstance(rows, bool) else None
-
-
-def is_correct(output: Any, truth: Any) -> bool | None:
-    """Whether an answer's first output matches `truth` (None when there is nothing to compare)."""
-    if output is None or truth is None:
-        return None
-    data = output if isinstance(output, list) else [output]
-    labels = truth if isinstance(truth, list) else [truth]
-    if len(data) != len(labels):
-        return None
-    return same_answer(data, labels)
-
-
 class Gateway:
     """Routes a deployment's traffic; the controller sets pools, weights, shadows and windows."""
 
     def __init__(self, deployment: str, router: RouterSpec, weights: dict[str, float],
                  shadows: dict[str, float] | None = None, max_body_bytes: int = 16 * 1024 * 1024,
-                 remember_bytes: int = _REMEMBER_BYTES) -> None:
+                 remember_bytes: int = _REMEMBER_BYTES, db: Database | None = None) -> None:
         self.deployment = deployment
         self.router = router
         self.traffic = Traffic(router, weights, shadows or {})
@@ -179,10 +142,11 @@ class Gateway:
         self.pools: dict[str, Pool] = {}
         self.windows: dict[str, Window] = {}
         self.max_body_bytes = max_body_bytes
-        self.answers: OrderedDict[str, _Answer] = OrderedDict()
-        self.remember_bytes = remember_bytes
-        self.answer_bytes = 0
-        """About how many bytes `answers` holds."""
+        self.answers = Answers(remember_bytes)
+        self.generation = 0
+        """Counts `new_windows`: an answer's feedback counts in the windows of the generation it was given in."""
+        self.db = db
+        """The metadata DB, where feedback for a retired predictor's answers is stored (None: it is refused)."""
         self.metrics = _Metrics()
         self._session: aiohttp.ClientSession | None = None
         self._shadow_slots = asyncio.Semaphore(_SHADOW_CONCURRENCY)
@@ -191,6 +155,20 @@ class Gateway:
         """Set by the deployment's loop: answered inferences are logged there."""
         self.app = self._build()
         self.set_weights(weights, shadows or {})
+
+    @property
+    def remember_bytes(self) -> int:
+        """The most bytes of answers kept for joining feedback."""
+        return self.answers.max_bytes
+
+    @remember_bytes.setter
+    def remember_bytes(self, value: int) -> None:
+        self.answers.max_bytes = value
+
+    @property
+    def answer_bytes(self) -> int:
+        """About how many bytes `answers` holds."""
+        return self.answers.bytes
 
     # -- what the controller drives --------------------------------------------------------------------
     def set_weights(self, weights: dict[str, float], shadows: dict[str, float]) -> None:
@@ -208,7 +186,9 @@ class Gateway:
             self.windows.setdefault(name, Window())
 
     def new_windows(self) -> None:
-        """Start counting afresh (a rollout step began)."""
+        """Start counting afresh (a rollout step began, or a failed check was tolerated): feedback for answers
+        given before counts in no window, so that the next checks judge what came after."""
+        self.generation += 1
         self.windows = {name: Window() for name in {*self.weights, *self.shadows, *self.pools}}
 
     def window(self, name: str) -> Window:
@@ -286,7 +266,7 @@ class Gateway:
             status, resp_headers, data, _ = await self._send(predictor, path, body, headers)
         except Exception:
             status, data, resp_headers = 599, b"", {}
-        self.window(predictor).add_request(time.perf_counter() - start, status < 500)
+        self.window(predictor).add_request(time.perf_counter() - start, status < 400, 400 <= status < 500)
         self.metrics.shadow.labels(self.deployment, predictor, str(status)).inc()
         if status == 200:
             with contextlib.suppress(Exception):
@@ -294,11 +274,11 @@ class Gateway:
                 doc, _ = _split(data, int(length) if binary and length else None)
                 remembered = self.answers.get(request_id)
                 if remembered is not None:
-                    output, _ = _first_output(doc)
+                    output, _ = first_output(doc)
                     remembered.shadows[predictor] = output
-                    self._held(remembered, len(data))
+                    self.answers.held(request_id, remembered, len(data))
                     if remembered.labelled:  # the label came before the shadow's answer: judge it now
-                        self.window(predictor).add_feedback(is_correct(output, remembered.truth), None)
+                        self._judge(predictor, remembered, score(output, remembered.truth), None)
 
     def _mirror(self, predictor: str, path: str, body: bytes, headers: dict[str, str], request_id: str,
                 binary: bool) -> None:
@@ -396,8 +376,11 @@ class Gateway:
             status = 502 if isinstance(exc, BrokenAnswer) else 503
             resp_headers, data, endpoint = {}, orjson.dumps({"error": str(exc)}), None
         seconds = time.perf_counter() - start
-        self.window(predictor).add_request(seconds, status < 500)
-        if status >= 500:  # no answer to give feedback on: a bandit learns of the failure here, as a reward of 0
+        # Mirrored whatever the primary answered: a shadow (a blue-green target) is judged on every request.
+        for shadow in shadows:
+            self._mirror(shadow, path, body, headers, str(request_id), binary)
+        self.window(predictor).add_request(seconds, status < 400, 400 <= status < 500)
+        if status >= 400:  # no answer to give feedback on: a bandit learns of the failure here, as a reward of 0
             self.traffic.fail(predictor)
         self.metrics.requests.labels(self.deployment, predictor, str(status)).inc()
         self.metrics.latency.labels(self.deployment, predictor).observe(seconds)
@@ -415,39 +398,17 @@ class Gateway:
         except (ValueError, orjson.JSONDecodeError, AttributeError):
             return Response(data, status, out_headers, media_type="application/json")
         answer_id = str(answer.get("id") or request_id)
-        self._remember(answer_id, predictor, *_first_output(answer), endpoint, len(answer_id) + len(data))
+        output, rows = first_output(answer)
+        self.answers.remember(answer_id, Answer(predictor, output, endpoint, version, self.generation,
+                                                size=len(answer_id) + len(data), rows=rows))
         if self.payloads is not None:
             # The raw bodies: parsing them is left to whoever reads the logs (binary tensors are not logged).
             self.payloads.add(answer_id, predictor, version, seconds, None if binary else body,
                               None if out_length is not None else data)
-        for shadow in shadows:
-            self._mirror(shadow, path, body, headers, str(answer.get("id") or request_id), binary)
         if length is not None:
             out_headers["inference-header-content-length"] = str(length)
             return Response(data, 200, out_headers, media_type="application/octet-stream")
         return Response(data, 200, out_headers, media_type="application/json")
-
-    def _remember(self, request_id: str, predictor: str, output: Any, rows: int | None, endpoint: Endpoint | None,
-                  size: int) -> None:
-        old = self.answers.pop(request_id, None)
-        if old is not None:
-            self.answer_bytes -= old.size
-        if size > self.remember_bytes:  # not kept: its feedback is refused as too old would be
-            return
-        self.answers[request_id] = _Answer(predictor, output, endpoint, size=size, rows=rows)
-        self.answer_bytes += size
-        self._forget()
-
-    def _held(self, answer: _Answer, size: int) -> None:
-        """`answer` (still remembered) holds `size` bytes more: a shadow's answer, or a truth joined to it."""
-        answer.size += size
-        self.answer_bytes += size
-        self._forget()
-
-    def _forget(self) -> None:
-        """Drop the oldest answers while over `_REMEMBER` or `remember_bytes` (the newest one always stays)."""
-        while len(self.answers) > 1 and (len(self.answers) > _REMEMBER or self.answer_bytes > self.remember_bytes):
-            self.answer_bytes -= self.answers.popitem(last=False)[1].size
 
     async def feedback(self, request: Request) -> Response:
         """Join a label or reward to its answer, score the predictor (and shadows), pass it on to the replica.
@@ -490,15 +451,15 @@ class Gateway:
         if status != 200:
             return Response(data, status, media_type="application/json")
         predictor, truth, reward = remembered.predictor, given.truth, given.reward
-        correct = is_correct(remembered.output, truth)
-        self.window(predictor).add_feedback(correct, reward)
+        scored = score(remembered.output, truth)
+        self._judge(predictor, remembered, scored, reward)
         if truth is not None:
             remembered.truth, remembered.labelled = truth, True
-            if self.answers.get(given.id) is remembered:
-                self._held(remembered, len(body))
+            self.answers.held(given.id, remembered, len(body))
             for shadow, shadow_output in remembered.shadows.items():
-                self.window(shadow).add_feedback(is_correct(shadow_output, truth), None)
-        value = reward if reward is not None else (None if correct is None else float(correct))
+                self._judge(shadow, remembered, score(shadow_output, truth), None)
+        # A truth's reward is the share of rows answered correctly.
+        value = reward if reward is not None else (None if scored is None else scored[0] / scored[1])
         if value is not None and not remembered.rewarded:
             remembered.rewarded = True
             self.traffic.reward(predictor, value)
@@ -507,11 +468,20 @@ class Gateway:
         answer["predictor"] = predictor
         return _json(answer)
 
-    async def _pass_on(self, remembered: _Answer, body: bytes) -> tuple[int, bytes]:
-        """Send feedback to the replica that gave the answer (another of its predictor's if that one is gone)."""
+    def _judge(self, predictor: str, answer: Answer, scored: tuple[int, int] | None, reward: float | None) -> None:
+        """Count feedback for `answer` in `predictor`'s window, if it is still the one the answer was given in."""
+        if answer.generation == self.generation:
+            correct, rows = scored if scored is not None else (None, 1)
+            self.window(predictor).add_feedback(correct, reward, rows)
+
+    async def _pass_on(self, remembered: Answer, body: bytes) -> tuple[int, bytes]:
+        """Send feedback to the replica that gave the answer (another of its predictor's if that one is gone);
+        for a predictor retired since, store it in the DB as its replica would have."""
         predictor, endpoint = remembered.predictor, remembered.endpoint
         path = f"/v2/models/{self.deployment}/feedback"
         pool = self.pools.get(predictor)
+        if pool is None:
+            return await self._store(remembered, body)
         target = endpoint if endpoint is not None and pool and endpoint in pool.endpoints else None
         headers = {"content-type": "application/json"}
         try:
@@ -529,6 +499,23 @@ class Gateway:
             return status, data
         except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
             return 503, orjson.dumps({"error": f"predictor {predictor!r} could not take the feedback: {exc}"})
+
+    async def _store(self, remembered: Answer, body: bytes) -> tuple[int, bytes]:
+        """Feedback for an answer of a predictor no longer served: no replica will ever take it."""
+        predictor = remembered.predictor
+        if self.db is None:
+            return 503, orjson.dumps({"error": f"predictor {predictor!r} is no longer served (retired after a "
+                                               "rollout) and this gateway has no DB to store its feedback in"})
+        try:
+            stored = await asyncio.to_thread(store_feedback, self.db, self.deployment, remembered,
+                                             decode_feedback(body))
+        except Conflict as exc:
+            return 409, orjson.dumps({"error": str(exc)})
+        except Exception as exc:  # the DB's own errors (locked, gone): the client may send it again
+            log.warning("feedback for %s not stored: %s", predictor, exc)
+            return 503, orjson.dumps({"error": f"feedback for predictor {predictor!r} (no longer served) could "
+                                               f"not be stored: {type(exc).__name__}; send it again"})
+        return 200, orjson.dumps(stored)
 
     async def _any_replica(self, method: str, path: str, predictors: list[str] | None = None) -> Response:
         names = predictors if predictors is not None else sorted(self.pools, key=lambda n: -self.weights.get(n, 0.0))

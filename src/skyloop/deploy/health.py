@@ -17,7 +17,8 @@ __all__ = ["check_serving", "restart_host"]
 
 
 async def restart_host(self: DeploymentRunner, name: str, dead: ReplicaHost) -> None:
-    """Start the replicas of `name` again in place of `dead`, its host that died (see `Restarts`)."""
+    """Start the replicas of `name` again in place of `dead`, its host that died (see `Restarts`), as the running
+    spec version has them (`self.spec`: never a later one that failed to apply)."""
     failures, error = self.restarts.failures(name)
     why = f"{failures} start(s) in a row failed, the last: {error}" if failures else dead.exit_description()
     await self.event("replicas_restarted", f"{name}: {why}; starting it again")

@@ -5,9 +5,11 @@ step began, and user commands; it answers with transitions (each becomes a `depl
 the controller applies its weights). Semantics follow Argo Rollouts, with the gaps closed:
 
 - at each `analysis.interval` the target is compared with the stable predictor (`analysis.analyse`);
-  a failed check counts, and one more than `failure_limit` rolls back: the target goes to 0%, the
-  status is Degraded and the reason names the metric; a tolerated failure opens fresh windows (the step's
-  clock goes on), so that the next checks judge what came after it, not the same errors again;
+  a failed check counts, over the whole rollout (as Argo's `failureLimit` and Flagger's `threshold`: a
+  new step does not forgive the failures of the last), and one more than `failure_limit` rolls back: the
+  target goes to 0%, the status is Degraded and the reason names the metric; a tolerated failure opens
+  fresh windows (the step's clock goes on), so that the next checks judge what came after it, not the
+  same errors again;
 - a step ends after its duration: it passes only on a Successful analysis; too few samples (or a breach
   within sampling noise) is Inconclusive and **pauses** the rollout (Flagger passes it;
   fluxcd/flagger#1098); the analysis goes on in the pause, and the rollout resumes by itself at the first
@@ -18,7 +20,9 @@ the controller applies its weights). Semantics follow Argo Rollouts, with the ga
   then switches all traffic at once.
 
 A controller can be restarted at any moment: `saved()` is what it stores of a rollout (the step, the time
-spent in it, the failed checks, a pause), and `Rollout.resume` goes on from there instead of step 1.
+spent in it, the failed checks, a pause), and `Rollout.resume` goes on from there instead of step 1. A spec
+applied again with the same target carries the rollout over (`Rollout.carry`): one in progress goes on,
+judged by the new analysis; a finished one keeps its result.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Rollout:
     step_started: float = 0.0
     last_check: float = 0.0
     failures: int = 0
+    """Failed checks since the rollout began (not since the step began)."""
     waiting: bool = False
     """Paused until a `promote` command (an untimed pause step, or an Inconclusive one)."""
     weights: dict[str, float] = field(default_factory=dict)
@@ -82,6 +87,9 @@ class Rollout:
     last: Analysis | None = None
     end_checked: bool = False
     """The step's end has been judged once (a failed end is judged again only at the next interval)."""
+    served: str = ""
+    """What the target serves (the controller's digest of its pinned graph): a spec applied again carries the
+    rollout over only while its target serves the same."""
 
     def __post_init__(self) -> None:
         self.target = self.spec.rollout.target or ""
@@ -114,7 +122,7 @@ class Rollout:
         """Where the rollout stands, JSON-able, for `Rollout.resume` in a controller started later."""
         return {"strategy": self.spec.rollout.strategy.value, "target": self.target, "stable": self.stable,
                 "phase": self.phase.value, "step": self.step, "failures": self.failures, "waiting": self.waiting,
-                "weights": dict(self.weights), "mirrors": dict(self.mirrors),
+                "weights": dict(self.weights), "mirrors": dict(self.mirrors), "served": self.served,
                 "elapsed": max(0.0, now - self.step_started) if self.step >= 0 else 0.0}
 
     @classmethod
@@ -132,11 +140,42 @@ class Rollout:
         rollout.failures, rollout.waiting = int(saved.get("failures") or 0), bool(saved.get("waiting"))
         rollout.weights = {n: float(w) for n, w in saved["weights"].items()}
         rollout.mirrors = {n: float(f) for n, f in (saved.get("mirrors") or {}).items()}
+        rollout.served = str(saved.get("served") or "")
         elapsed = float(saved.get("elapsed") or 0.0)
         end = rollout._step_end()
         if end is not None and not rollout.done:
             elapsed = min(elapsed, end - spec.analysis.interval)
         rollout.step_started, rollout.last_check = now - max(0.0, elapsed), now
+        return rollout
+
+    @classmethod
+    def carry(cls, spec: DeploymentSpec, previous: Rollout, now: float) -> Rollout | None:
+        """`previous`, the rollout of an earlier spec version, as a rollout of `spec` (None: start afresh).
+
+        Only a rollout of the same target over the same live predictors is carried over (the caller checks that
+        the target still serves the same). One in progress needs the same `rollout:` section too: it goes on
+        at its step, with its failed checks, judged by `spec`'s analysis from now on, and the stable predictors
+        share what the target does not take as `spec` says. A finished one keeps its result whatever its
+        steps: promoted, the target keeps 100%; rolled back, it keeps 0%.
+        """
+        rollout = cls(spec, now)
+        if spec.rollout.strategy is Strategy.ROLLING or rollout.target != previous.target \
+                or set(rollout.weights) != set(previous.weights) or previous.step < 0:
+            return None
+        target = previous.weights.get(previous.target, 0.0)
+        if previous.done:
+            rollout.phase, rollout.last, rollout.failures = previous.phase, previous.last, previous.failures
+            steps = 1 if spec.rollout.strategy is Strategy.BLUE_GREEN else len(spec.rollout.steps)
+            rollout.step, rollout.step_started, rollout.last_check = steps - 1, now, now
+        elif spec.rollout != previous.spec.rollout:
+            return None
+        else:
+            resumed = cls.resume(spec, previous.saved(now), now)
+            if resumed is None:
+                return None
+            rollout = resumed
+            rollout.last = previous.last
+        rollout.weights, rollout.served = rollout._split(target), previous.served
         return rollout
 
     def _fits(self, saved: Mapping[str, Any]) -> bool:
@@ -165,7 +204,7 @@ class Rollout:
         steps = self.spec.rollout.steps
         if index >= len(steps):
             return [self._promote(now, "all steps passed", metrics)]
-        self.step, self.failures, self.last, self.end_checked = index, 0, None, False
+        self.step, self.last, self.end_checked = index, None, False  # failures count over the whole rollout
         step = steps[index]
         label = f"step {index + 1}/{len(steps)}"
         if step.pause is not None:

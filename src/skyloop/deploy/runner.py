@@ -12,7 +12,9 @@ when every new replica is ready, old and new replicas are swapped one by one (th
 the old one drains until its in-flight requests are answered), then the old host stops: a rolling update.
 A canary or blue-green target is started first, then walked by `rollout.Rollout`; on promotion the
 registry alias named by `promote_alias` moves to the target's model version and the old stable
-predictor's replicas stop; on rollback the target's replicas stop.
+predictor's replicas stop (drained in the background: the control loop does not wait); on rollback the
+target's replicas stop. `applying` decides what starts and what becomes of a rollout; a spec version that
+fails to apply leaves the last good one running.
 
 A controller that takes over a deployment (after a restart, or from one that died) at the spec version the
 last one applied goes on with its rollout where it stood (`Rollout.resume`): in the middle of a step, or
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from skyloop.deploy.applying import apply_version, restore
 from skyloop.deploy.gateway import Gateway
 from skyloop.deploy.health import check_serving, restart_host
 from skyloop.deploy.pools import Endpoint, Pool
@@ -41,7 +44,7 @@ from skyloop.deploy.ray_replicas import RayReplicaHost
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
 from skyloop.deploy.restarts import Restarts
 from skyloop.deploy.rollout import Phase, Rollout, Transition
-from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy
+from skyloop.deploy.spec import DeploymentSpec, PredictorSpec
 from skyloop.errors import ModelLoadError, SkyloopError
 from skyloop.serving.server import bind
 from skyloop.store import deployments as store
@@ -57,10 +60,6 @@ log = logging.getLogger("skyloop.deploy")
 _STATE_EVERY = 1.0
 _ROOM_TIMEOUT = 180.0
 """Seconds a rolling update on Ray waits for the room its old replicas free (as long as a replica may load)."""
-
-def _shape(p: PredictorSpec) -> dict[str, Any]:
-    return p.model_dump(mode="json", exclude={"traffic", "shadow"})
-
 
 class _GatewayServer(uvicorn.Server):
     """uvicorn in the controller's loop: the controller, not uvicorn, handles SIGTERM and SIGINT."""
@@ -78,6 +77,8 @@ class DeploymentRunner:
         self.name = info.name
         self.spec = DeploymentSpec.model_validate(info.spec)
         self.spec_version = 0
+        """The spec version that runs, and `spec` its spec: the last one applied (0: none yet). A later one that
+        failed to apply does not replace them: restarts and the state written are the running one's."""
         self.saved_state = info.state
         self.created_at = info.created_at.timestamp()
         """When this deployment was created: logs of an earlier one of the same name are not its own."""
@@ -86,16 +87,21 @@ class DeploymentRunner:
         """Every host started and not stopped yet, in `hosts` or not (one being rolled in or out, or restarted):
         `stop` stops them all, even those an apply it cancelled held."""
         self.rollout: Rollout | None = None
-        self.gateway = Gateway(self.name, self.spec.router, self._spec_weights(self.spec),
-                               self._spec_shadows(self.spec))
+        self.gateway = Gateway(self.name, self.spec.router, self.spec_weights(self.spec),
+                               self.spec_shadows(self.spec), db=controller.workspace.db)
+        # A bandit takes up what it had learned before a controller restart (a saved state is only a hint).
+        arms = info.state.get("arms") if isinstance(info.state, dict) else None
+        self.gateway.traffic.seed(arms if isinstance(arms, dict) else {})
         self.server: _GatewayServer | None = None
         self.serve_task: asyncio.Task[None] | None = None
         self.sock: socket.socket | None = None
         self.status, self.reason = Phase.PROGRESSING.value, "starting"
         self.generation = 0
         self.busy: asyncio.Task[None] | None = None
+        self.retiring: set[asyncio.Task[None]] = set()
+        """Drains of predictors taken out (`retire`), still in progress."""
         self.swapping: set[str] = set()
-        """Predictors whose replicas `_swap` is replacing (their pool's endpoints are its to change)."""
+        """Predictors whose replicas `swap` is replacing (their pool's endpoints are its to change)."""
         self.restarts = Restarts()
         self.restart_reason = ""
         """The status reason a failed restart set (a later successful one takes it back)."""
@@ -114,11 +120,13 @@ class DeploymentRunner:
         return self.controller.settings.home / "deployments" / self.name
 
     @staticmethod
-    def _spec_weights(spec: DeploymentSpec) -> dict[str, float]:
+    def spec_weights(spec: DeploymentSpec) -> dict[str, float]:
+        """Predictor -> the percent of live traffic `spec` gives it."""
         return {p.name: p.traffic for p in spec.predictors if not p.shadow}
 
     @staticmethod
-    def _spec_shadows(spec: DeploymentSpec) -> dict[str, float]:
+    def spec_shadows(spec: DeploymentSpec) -> dict[str, float]:
+        """Shadow predictor -> the fraction of live traffic `spec` mirrors to it."""
         return {p.name: p.shadow for p in spec.predictors if p.shadow}
 
     def versions(self) -> dict[str, str]:
@@ -126,13 +134,14 @@ class DeploymentRunner:
         return {n: h.version for n, h in self.hosts.items()}
 
     async def event(self, kind: str, reason: str, *, step: int | None = None, metrics: dict[str, Any] | None = None,
-                    ) -> None:
-        """Record a transition (before it takes effect)."""
+                    version: int | None = None) -> None:
+        """Record a transition (before it takes effect), of spec version `version` (by default the running one)."""
         weights, versions = dict(self.gateway.weights), self.versions()
+        version = self.spec_version if version is None else version
 
         def write() -> None:
             with self.controller.workspace.db.session() as session:
-                store.record_event(session, self.name, self.spec_version, kind, self.status, step=step,
+                store.record_event(session, self.name, version, kind, self.status, step=step,
                                    weights=weights, versions=versions, metrics=metrics, reason=reason)
 
         await asyncio.to_thread(write)
@@ -155,6 +164,7 @@ class DeploymentRunner:
                                 access_log=False, lifespan="off", timeout_graceful_shutdown=10)
         self.server = _GatewayServer(config)
         self.serve_task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        await restore(self, info)
         await self.apply(info)
 
     @property
@@ -172,6 +182,9 @@ class DeploymentRunner:
             busy.cancel()
             await asyncio.wait([busy])
         await self.restarts.cancel()
+        for task in list(self.retiring):
+            task.cancel()
+        await asyncio.gather(*self.retiring, return_exceptions=True)
         if self.loop is not None:
             await self.loop.stop()
         if self.server is not None:
@@ -187,7 +200,8 @@ class DeploymentRunner:
             self.sock.close()
 
     # -- reconciling a spec version ---------------------------------------------------------------------
-    def _resolve(self, uri: str) -> str:
+    def resolve(self, uri: str) -> str:
+        """The `name/version` a `models:/` URI names now."""
         from skyloop.registry.registry import resolve
         from skyloop.registry.uri import parse_model_ref
 
@@ -195,16 +209,19 @@ class DeploymentRunner:
             info = resolve(session, parse_model_ref(uri))
         return f"{info.name}/{info.version}"
 
-    async def new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None) -> ReplicaHost:
-        """Start a host for `predictor`; one `replacing` a running Ray host of it may start with only the replicas
-        the cluster has room for, the rest following as `_roll` stops old ones (`RayReplicaHost.pending`)."""
-        graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), self.spec.base_dir, self._resolve)
+    async def new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None,
+                       spec: DeploymentSpec | None = None) -> ReplicaHost:
+        """Start a host for `predictor` of `spec` (by default the running one); one `replacing` a running Ray host
+        of it may start with only the replicas the cluster has room for, the rest following as `_roll` stops old
+        ones (`RayReplicaHost.pending`)."""
+        spec = spec or self.spec
+        graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), spec.base_dir, self.resolve)
         self.generation += 1
         version = ",".join(pinned) or "graph"
         host: ReplicaHost
-        if self.spec.backend == "ray":
+        if spec.backend == "ray":
             host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
-                                  self.generation, self.spec.ray_address)
+                                  self.generation, spec.ray_address)
         else:
             host = ReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
                                self.generation)
@@ -283,79 +300,14 @@ class DeploymentRunner:
             await old.stop_replica(victim.index)
 
     async def apply(self, info: store.DeploymentInfo) -> None:
-        """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails)."""
+        """Drive the deployment to spec version `info.spec_version` (acted on, even when it fails: then the
+        version running goes on, see `applying`)."""
         try:
-            await self._apply(info)
+            await apply_version(self, info.spec, info.spec_version)
         finally:
             self.applied = max(self.applied, info.spec_version)
 
-    async def _apply(self, info: store.DeploymentInfo) -> None:
-        old_spec, new_spec = self.spec if self.spec_version else None, DeploymentSpec.model_validate(info.spec)
-        self.spec, self.spec_version = new_spec, info.spec_version
-        resumed = self._resumed()
-        # A finished rollout left its loser (the target, or the old stable predictors) at 0%: it stays stopped.
-        wanted = [p for p in new_spec.predictors
-                  if resumed is None or not resumed.done or resumed.weights.get(p.name, 0) > 0 or p.shadow]
-        changed = [p for p in wanted if p.name not in self.hosts or old_spec is None
-                   or p.name not in {q.name for q in old_spec.predictors}
-                   or not await self._serves_already(p, old_spec.predictor(p.name))]
-        self.status, self.reason = Phase.PROGRESSING.value, f"starting {len(changed)} predictor(s)"
-        results = await asyncio.gather(*(self.new_host(p, self.hosts.get(p.name)) for p in changed),
-                                       return_exceptions=True)
-        failed = [(p, r) for p, r in zip(changed, results, strict=True) if isinstance(r, BaseException)]
-        if failed:
-            for r in results:
-                if isinstance(r, ReplicaHost):
-                    await self.stop_host(r)
-            self.status = Phase.DEGRADED.value
-            self.reason = "; ".join(f"{p.name}: {r}" for p, r in failed)
-            await self.event("failed", f"spec version {self.spec_version} not applied: {self.reason}")
-            self.applied, self.not_applied = self.spec_version, (self.spec_version, self.reason)
-            await self.write_state(force=True)
-            return
-        hosts = {p.name: r for p, r in zip(changed, results, strict=True) if isinstance(r, ReplicaHost)}
-        # New predictors get their pools first, then the traffic split changes, and only then are running
-        # predictors replaced (rolling): a replaced predictor never takes traffic the new split denies it.
-        for name in [n for n in hosts if n not in self.hosts]:
-            await self._swap(name, hosts.pop(name))
-        gone = [n for n in self.hosts if n not in {p.name for p in wanted}]
-        self._start_traffic(old_spec, resumed)
-        for name, host in hosts.items():
-            await self._swap(name, host)
-        for name in gone:
-            await self._retire(name)
-        await self._start_loop(old_spec)
-        self.reason = f"spec version {self.spec_version} applied ({len(changed)} predictor(s) started): " \
-                      f"{self._split_text()}"
-        if resumed is not None and self.rollout is not None:
-            self.reason += f"; {self._resumed_text(self.rollout)}"
-        if self.rollout is None:
-            self.status = Phase.HEALTHY.value
-        elif self.rollout.step >= 0:  # a rollout that goes on (or ended): its phase, not "starting"
-            self.status = self.rollout.phase.value
-        await self.event("reconciled", self.reason)
-        if self.rollout is not None and self.rollout.step < 0:
-            await self._transitions(self.rollout.start(time.monotonic()))
-        self.applied = self.spec_version
-        await self.write_state(force=True)
-
-    async def _serves_already(self, new: PredictorSpec, old: PredictorSpec) -> bool:
-        """Whether the running host of `old` already serves what `new` asks for (e.g. `@champion` -> the same
-        pinned version): then nothing restarts. An unchanged predictor naming an alias is pinned again: the spec
-        was applied again because the alias moved (`deploy.api._moved_aliases`)."""
-        host = self.hosts.get(new.name)
-        if _shape(new) == _shape(old) and (host is None or not any("@" in u for u in new.registered_models())):
-            return True
-        fields = ("replicas", "resources", "batching")
-        if host is None or any(getattr(new, f) != getattr(old, f) for f in fields):
-            return False
-        try:
-            graph, _ = await asyncio.to_thread(pin_graph, new.node(), self.spec.base_dir, self._resolve)
-        except SkyloopError:
-            return False
-        return graph == host.graph
-
-    async def _start_loop(self, old: DeploymentSpec | None) -> None:
+    async def start_loop(self, old: DeploymentSpec | None) -> None:
         """A loop for the spec's `loop:` section. One it replaces (the section changed or went) stops: its
         iteration in flight ends there, and what it logged is written out; the gateway logs to the new one first."""
         previous = self.loop
@@ -372,52 +324,7 @@ class DeploymentRunner:
             await previous.stop(f"spec version {self.spec_version} " +
                                 ("changed the loop" if self.spec.loop is not None else "has no loop"))
 
-    def _resumed(self) -> Rollout | None:
-        """The rollout the controller before this one left at this spec version (None: start afresh)."""
-        saved = self.saved_state.get("rollout") or {}
-        self.saved_state = {}
-        # Only a canary or blue-green rollout is resumed. The split of a rolling update or a bandit router is the
-        # spec's (a bandit's arms have no `traffic` at all): nothing of it is taken from a saved state.
-        if self.spec.rollout.strategy is Strategy.ROLLING or saved.get("spec_version") != self.spec_version \
-                or "target" not in saved:  # no rollout had begun (e.g. the spec version failed to apply)
-            return None
-        resumed = Rollout.resume(self.spec, saved, time.monotonic())
-        if resumed is None:
-            log.warning("%s: the saved rollout does not fit spec version %s; starting it afresh", self.name,
-                        self.spec_version)
-        return resumed
-
-    def _resumed_text(self, rollout: Rollout) -> str:
-        if rollout.done:
-            return f"the rollout of {rollout.target} had ended {rollout.phase.value}"
-        steps = len(self.spec.rollout.steps)
-        where = "its preview" if self.spec.rollout.strategy is Strategy.BLUE_GREEN else \
-            f"step {rollout.step + 1}/{steps}"
-        return f"the rollout of {rollout.target} goes on at {where} ({rollout.phase.value}, " \
-               f"{time.monotonic() - rollout.step_started:.0f}s in, {rollout.failures} failed check(s))"
-
-    def _start_traffic(self, old: DeploymentSpec | None, resumed: Rollout | None) -> None:
-        spec = self.spec
-        shadows = self._spec_shadows(spec)
-        rolling = spec.rollout.strategy is Strategy.ROLLING
-        target = spec.rollout.target
-        same_rollout = (old is not None and old.rollout == spec.rollout and self.rollout is not None
-                        and not self.rollout.done and target is not None
-                        and target in {p.name for p in old.predictors}
-                        and _shape(old.predictor(target)) == _shape(spec.predictor(target)))
-        if resumed is not None:
-            # Taken up again from the same point, now: the step's clock stood still while the predictors started.
-            self.rollout = Rollout.resume(spec, resumed.saved(resumed.last_check), time.monotonic()) or resumed
-            self.gateway.set_weights({k: v for k, v in resumed.weights.items() if k in self.hosts},
-                                     {**shadows, **resumed.mirrors})
-        elif rolling:
-            self.rollout = None
-            self.gateway.set_weights(self._spec_weights(spec), shadows)
-        elif not same_rollout:
-            self.rollout = Rollout(spec, time.monotonic())
-            self.gateway.set_weights(self.rollout.weights, shadows)
-
-    async def _swap(self, name: str, host: ReplicaHost) -> None:
+    async def swap(self, name: str, host: ReplicaHost) -> None:
         """Put `host` in place of the predictor's current one, replica by replica (rolling)."""
         self.swapping.add(name)
         try:
@@ -453,27 +360,41 @@ class DeploymentRunner:
         await host.stop()
         self.started.discard(host)
 
-    async def _retire(self, name: str) -> None:
-        """Stop a predictor that no longer takes traffic, after its in-flight requests are answered."""
+    def retire(self, name: str) -> asyncio.Task[None]:
+        """Take out a predictor that no longer takes traffic: its replicas stop once their in-flight requests are
+        answered, in a task of its own (a drain may take 30 s, and the control loop must go on meanwhile)."""
         host = self.hosts.pop(name, None)
-        pool = self.gateway.pools.pop(name, None)
-        if pool is not None:
-            self.gateway.pools[name] = pool  # keep routing in-flight retries while draining
-            await asyncio.gather(*(self.gateway.drain(e) for e in pool.endpoints))
-            self.gateway.pools.pop(name, None)
-        if host is not None:
-            await self.stop_host(host)
+        task = asyncio.create_task(self._drain_and_stop(name, host, self.gateway.pools.get(name)),
+                                   name=f"retire {self.name}/{name}")
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+        return task
 
-    def _split_text(self) -> str:
+    async def _drain_and_stop(self, name: str, host: ReplicaHost | None, pool: Pool | None) -> None:
+        try:
+            if pool is not None:  # the pool stays while draining: retries of in-flight requests still find it
+                await asyncio.gather(*(self.gateway.drain(e) for e in list(pool.endpoints)))
+                if name not in self.hosts and self.gateway.pools.get(name) is pool:  # not started again meanwhile
+                    del self.gateway.pools[name]
+            if host is not None:
+                await self.stop_host(host)
+        except Exception:
+            log.exception("%s: stopping the replicas of %s failed", self.name, name)
+
+    def split_text(self) -> str:
+        """The traffic split, for a status reason."""
         if self.spec.router.type != "weighted":
             return f"{self.spec.router.type} router over {', '.join(self.gateway.weights)}"
         return ", ".join(f"{n} {w:g}%" for n, w in self.gateway.weights.items())
 
     # -- the loop -----------------------------------------------------------------------------------------
-    async def _transitions(self, transitions: list[Transition]) -> None:
+    async def transitions(self, transitions: list[Transition]) -> None:
+        """Record and apply the rollout's transitions; the state is written as soon as the weights changed, and
+        the predictors they left at 0% are retired after that, in the background."""
+        retired: list[str] = []
         for t in transitions:
             self.status, self.reason = t.status.value, t.reason
-            shadows = {**self._spec_shadows(self.spec), **t.mirrors}
+            shadows = {**self.spec_shadows(self.spec), **t.mirrors}
             self.gateway.weights = dict(t.weights)  # recorded with the event, applied right after
             await self.event(t.kind, t.reason, step=t.step, metrics=t.metrics)
             self.gateway.set_weights(t.weights, shadows)
@@ -482,9 +403,10 @@ class DeploymentRunner:
             if t.kind == "promoted":
                 await self._move_alias()
             if t.kind in ("promoted", "rolled_back"):
-                for name, weight in t.weights.items():
-                    if weight <= 0 and name not in shadows:
-                        await self._retire(name)
+                retired += [n for n, weight in t.weights.items() if weight <= 0 and n not in shadows]
+        for name in retired:
+            if name in self.hosts:
+                self.retire(name)
         if transitions:
             await self.write_state(force=True)
 
@@ -533,9 +455,9 @@ class DeploymentRunner:
                 await self.event("command_ignored", f"{command}: no rollout in progress "
                                  f"(status {self.status}: {self.reason})")
             else:
-                await self._transitions(self.rollout.command(command, now))
+                await self.transitions(self.rollout.command(command, now))
         if self.rollout is not None:
-            await self._transitions(self.rollout.tick(now, self.gateway.windows))
+            await self.transitions(self.rollout.tick(now, self.gateway.windows))
         try:
             if self.loop is not None:
                 await self.loop.tick()
@@ -553,6 +475,7 @@ class DeploymentRunner:
             rollout = {"phase": self.status, "weights": dict(self.gateway.weights), "spec_version": self.spec_version}
         return {"gateway": self.url, "gateway_port": self.sock.getsockname()[1] if self.sock else None,
                 "owner": self.controller.owner, "controller_pid": os.getpid(), "spec_version": self.spec_version,
+                "running_spec": self.spec.model_dump(mode="json") if self.spec_version else None,
                 "applied": self.applied,
                 "predictors": {n: {**h.describe(), "weight": self.gateway.weights.get(n, 0.0),
                                    "shadow": self.gateway.shadows.get(n, 0.0)} for n, h in self.hosts.items()},

@@ -71,9 +71,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _duration(value: Any, field: str | None = None) -> float:
+    """`parse_duration`, with one message for a negative duration however it is written (`-5` and `'-5s'`)."""
+    if isinstance(value, str) and value.strip().startswith("-"):
+        raise ValueError(f"{field + ': ' if field else ''}a duration cannot be negative")
+    return parse_duration(value, field)
+
+
 def _seconds(field: str) -> Any:
     def parse(cls: type, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
+        return None if value is None else _duration(value)
 
     return field_validator(field, mode="before")(classmethod(parse))
 
@@ -173,7 +180,7 @@ class RolloutStep(_Model):
             if unknown:
                 raise ValueError(f"pause: unknown field {unknown[0]!r}; a pause takes only duration")
             if "duration" in self.pause:
-                self.pause["duration"] = parse_duration(self.pause["duration"], "pause.duration")
+                self.pause["duration"] = _duration(self.pause["duration"], "pause.duration")
         elif self.duration is None:
             raise ValueError(f"the step with weight {self.weight:g} needs a duration (e.g. duration: 30s)")
         elif self.weight == 0 or self.duration == 0:
@@ -188,6 +195,11 @@ class RolloutStep(_Model):
         return None if self.pause is None else self.pause.get("duration")
 
 
+_PREVIEW = 30.0
+"""The default `preview`. A stored spec carries it whatever the strategy, so only another value is refused where
+the strategy has no preview."""
+
+
 class RolloutSpec(_Model):
     """How the `target` predictor replaces the stable one."""
 
@@ -196,7 +208,7 @@ class RolloutSpec(_Model):
     """The predictor being rolled out (canary and blue_green)."""
     steps: list[RolloutStep] = Field(default_factory=list)
     """canary: the weight schedule."""
-    preview: float = 30.0
+    preview: float = _PREVIEW
     """blue_green: how long the target is analysed on mirrored traffic before the switch."""
     promote_alias: str | None = Field(default=None, pattern=_ALIAS)
     """On promotion, this registry alias moves to the target's model version (e.g. `champion`)."""
@@ -205,10 +217,16 @@ class RolloutSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> RolloutSpec:
+        if self.strategy is not Strategy.BLUE_GREEN and self.preview != _PREVIEW:
+            raise ValueError(f"rollout: preview is for blue_green; a {self.strategy} rollout has no preview, so "
+                             "remove it (or use strategy: blue_green)")
         if self.strategy is Strategy.ROLLING:
             if self.target or self.steps:
                 raise ValueError("rollout: a rolling update replaces replicas in place; "
                                  "target and steps are for canary and blue_green")
+            if self.promote_alias:
+                raise ValueError("rollout: a rolling update promotes nothing, so promote_alias would never move; "
+                                 "remove it, or roll out a target with strategy canary or blue_green")
             return self
         if not self.target:
             raise ValueError(f"rollout: a {self.strategy} rollout needs target: PREDICTOR (the new version)")
@@ -227,6 +245,8 @@ class RolloutSpec(_Model):
 MetricName = Literal["error_rate", "latency_p99", "accuracy", "mean_reward"]
 HIGHER_IS_BETTER: dict[str, bool] = {"error_rate": False, "latency_p99": False, "accuracy": True,
                                      "mean_reward": True}
+_FRACTIONS = ("error_rate", "accuracy")
+"""Metrics that are fractions in [0, 1]: their bounds (and accuracy's max_drop) are fractions too."""
 
 
 class MetricCheck(_Model):
@@ -251,6 +271,15 @@ class MetricCheck(_Model):
         if self.max_drop is not None and not higher:
             raise ValueError(f"metric {self.name}: lower is better, so bound it with max_ratio (or max), "
                              "not max_drop")
+        if self.name in _FRACTIONS:
+            for bound in ("max", "min", "max_drop"):
+                value = getattr(self, bound)
+                if value is not None and not 0 <= value <= 1:
+                    raise ValueError(f"metric {self.name}: {bound} {value:g} is not in [0, 1]; {self.name} is a "
+                                     f"fraction: 1% is 0.01")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"metric {self.name}: min {self.min:g} is above max {self.max:g}, so no value passes; "
+                             "swap them")
         return self
 
 
@@ -263,7 +292,8 @@ class AnalysisSpec(_Model):
 
     interval: float = 5.0
     min_samples: int = Field(default=50, ge=1)
-    """Requests (or feedback events, for quality metrics) needed before a metric counts; fewer is Inconclusive."""
+    """Samples needed before a metric counts (requests; labelled rows for accuracy; rewarded answers for
+    mean_reward); fewer is Inconclusive."""
     failure_limit: int = Field(default=0, ge=0)
     """Failed checks tolerated; one more rolls back."""
     metrics: list[MetricCheck] = Field(default_factory=_default_checks)
@@ -276,6 +306,16 @@ class AnalysisSpec(_Model):
         if value <= 0:
             raise ValueError("interval must be above 0 (e.g. 5s)")
         return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, metrics: list[MetricCheck]) -> list[MetricCheck]:
+        names = [m.name for m in metrics]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{dupes[0]} appears {names.count(dupes[0])} times; give each metric once, with all "
+                             f"its bounds (e.g. {{name: {dupes[0]}, max: ..., max_ratio: ...}})")
+        return metrics
 
 
 class DriftCheckSpec(_Model):
@@ -449,6 +489,12 @@ class DeploymentSpec(_Model):
             if len(live) < 2:
                 raise ValueError("rollout: a canary or blue_green rollout needs a stable predictor besides the "
                                  "target")
+        rewarded = [i for i, m in enumerate(self.analysis.metrics) if m.name == "mean_reward"]
+        if rewarded and self.rollout.strategy is Strategy.BLUE_GREEN:
+            raise ValueError(f"analysis.metrics.{rewarded[0]}: mean_reward cannot judge a blue_green preview: the "
+                             "target only sees mirrored traffic, and a reward judges the answer the client saw (the "
+                             "stable predictor's), so the target never gets one; judge it on accuracy (a truth "
+                             "judges mirrored answers too), or use strategy canary")
         self._check_full_steps("rollout.steps", self.rollout.steps if target is not None else [])
         if self.loop is not None and self.loop.retrain is not None:
             self._check_full_steps("loop.steps", self.loop.steps)

@@ -17,7 +17,11 @@ Sticky keys (the value of `RouterSpec.sticky_header`):
   had and takes a share from the shrinking ones; keys move only away from predictors that shrink.
   So when a canary grows from 10 to 50 percent, clients already on it stay there.
 - bandits: the first choice for a key is remembered in a bounded LRU (`STICKY_KEYS` keys) and reused
-  until the key is evicted or its arm is removed by `set_weights`, when the key is chosen afresh.
+  until the key is evicted, its arm is removed by `set_weights`, or its arm is clearly worse than the best one
+  (below, by `CLEARLY` standard deviations of both posteriors): then the key is chosen afresh. Keys handed out
+  while the bandit knew nothing would otherwise stay on an arm it has since learned to avoid.
+
+A restarted controller gives a new `Traffic` what the old one had learned with `seed` (the `arms` it saved).
 """
 
 from __future__ import annotations
@@ -29,15 +33,22 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping
 from itertools import accumulate
+from typing import Any
 
 from skyloop.deploy.spec import RouterKind, RouterSpec
 from skyloop.errors import SpecError
 from skyloop.serving.protocol import MAX_REWARD
 
-__all__ = ["STICKY_KEYS", "Traffic"]
+__all__ = ["CLEARLY", "STICKY_KEYS", "Traffic"]
 
 STICKY_KEYS = 100_000
 """How many sticky keys a bandit router remembers (least recently used are forgotten first)."""
+
+CLEARLY = 3.0
+"""A sticky key leaves its arm when the arm's posterior mean is this many standard deviations (of the arm's
+posterior plus the best arm's) below the best arm's. Posteriors are Beta(1 + successes, 1 + failures) of the
+rewards clipped to [0, 1], as Thompson sampling's: with rewards beyond [0, 1] epsilon-greedy's keys move only
+when those clipped rewards tell the arms apart."""
 
 _UNIT = 2**53 + 2  # divides a 53-bit hash into a point strictly inside (0, 1)
 
@@ -79,6 +90,8 @@ class Traffic:
         self._salted: list[tuple[str, bytes, float]] = []
         self._best: list[str] = []
         self._sticky: OrderedDict[str, str] = OrderedDict()
+        self._losing: frozenset[str] = frozenset()
+        """Arms clearly worse than the best (see `CLEARLY`): sticky keys on them are chosen afresh."""
         self._shadows: list[tuple[str, float]] = []
         self.set_weights(weights)
         self.set_shadows(shadows or {})
@@ -108,6 +121,7 @@ class Traffic:
         self._salted = [(name, name.encode() + b"\x00", self._weights[name]) for name in positive]
         self._arms = {name: self._arms.get(name) or _Arm() for name in names}
         self._update_best()
+        self._update_losing()
 
     def set_shadows(self, shadows: Mapping[str, float]) -> None:
         """Set the shadows: predictor -> fraction of requests, in [0, 1], mirrored to it."""
@@ -160,6 +174,37 @@ class Traffic:
         arm.errors += 1
         self._add(arm, 0.0)
 
+    def seed(self, arms: Mapping[str, Any]) -> None:
+        """Take up what a bandit had learned: `arms` as `arms()` gave it (the `arms` a controller saved).
+
+        Each live predictor's arm gets the saved pulls, feedback, errors and mean reward (and Thompson's alpha
+        and beta); without them (saved by another router type) Thompson's posterior comes from the mean reward.
+        Arms not live now, and values that are missing, negative or not finite, are ignored: a saved state is
+        a hint, never a reason to fail. Ignored by the weighted router, which learns nothing.
+        """
+        if self._kind is RouterKind.WEIGHTED:
+            return
+        for name, saved in arms.items():
+            arm = self._arms.get(name)
+            if arm is None or not isinstance(saved, Mapping):
+                continue
+            pulls, feedback, errors = (_count(saved.get(k)) for k in ("pulls", "feedback", "errors"))
+            mean = _number(saved.get("mean_reward"))
+            count = feedback + errors
+            if not count or mean is None or not abs(mean) <= MAX_REWARD:
+                arm.pulls = max(arm.pulls, pulls)
+                continue
+            alpha, beta = _number(saved.get("alpha")), _number(saved.get("beta"))
+            if alpha is not None and beta is not None and alpha >= 1 and beta >= 1:
+                successes, failures = alpha - 1.0, beta - 1.0
+            else:
+                successes = min(1.0, max(0.0, mean)) * count
+                failures = count - successes
+            arm.pulls, arm.count, arm.errors = pulls, count, errors
+            arm.total, arm.successes, arm.failures = mean * count, successes, failures
+        self._update_best()
+        self._update_losing()
+
     def _add(self, arm: _Arm, value: float) -> None:
         arm.count += 1
         arm.total += value
@@ -168,6 +213,7 @@ class Traffic:
         arm.failures += 1.0 - clipped
         if self._kind is RouterKind.EPSILON_GREEDY:
             self._update_best()
+        self._update_losing()
 
     def arms(self) -> dict[str, dict[str, float | None]]:
         """Per predictor, for status JSON: pulls, weight (weighted) or feedback, errors and mean reward (bandits).
@@ -228,7 +274,7 @@ class Traffic:
 
     def _sticky_bandit(self, key: str) -> str:
         cached = self._sticky.get(key)
-        if cached is not None and cached in self._arms:
+        if cached is not None and cached in self._arms and cached not in self._losing:
             self._sticky.move_to_end(key)
             return cached
         name = self._bandit()
@@ -250,3 +296,30 @@ class Traffic:
             return
         top = max(means.values())
         self._best = [name for name in means if means[name] == top]
+
+    def _update_losing(self) -> None:
+        """The arms whose posterior mean is `CLEARLY` below the best arm's (none for the weighted router)."""
+        if self._kind is RouterKind.WEIGHTED:
+            return
+        posteriors = {}
+        for name in self._names:
+            arm = self._arms[name]
+            a, b = 1.0 + arm.successes, 1.0 + arm.failures
+            mean = a / (a + b)
+            posteriors[name] = (mean, mean * (1.0 - mean) / (a + b + 1.0))  # the Beta's mean and variance
+        best = max(posteriors.values(), key=lambda p: p[0])
+        self._losing = frozenset(name for name, (mean, var) in posteriors.items()
+                                 if best[0] - mean > CLEARLY * math.sqrt(var + best[1]))
+
+
+def _number(value: Any) -> float | None:
+    """A saved number: finite, else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _count(value: Any) -> int:
+    """A saved count: a non-negative whole number, else 0."""
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else 0
