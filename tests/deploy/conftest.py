@@ -1,11 +1,12 @@
 """Fixtures for deployment tests: a home with registered iris models, node classes and one real controller
-process for the module (stopped by PID)."""
+process for the module (stopped by PID); node classes for the gateway tests' in-process replicas."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from deploy_support import NODES, Env, stop_tree
@@ -45,3 +46,31 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         print((root / "controller.log").read_text()[-3000:])
 
 
+
+GATEWAY_NODES = '''
+import numpy as np
+
+
+class Constant:
+    """Answers one class for every row."""
+
+    def __init__(self, label=0):
+        self.label = label
+
+    def predict(self, X):
+        return np.full(len(X), self.label, dtype=np.int64)
+
+
+class Complex:
+    """Answers complex numbers, which no V2 datatype carries."""
+
+    def predict(self, X):
+        return np.asarray(X).astype(complex)
+'''
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Path:
+    """A folder with the `nodes.py` of the gateway tests' replicas."""
+    write(tmp_path / "graph" / "nodes.py", GATEWAY_NODES)
+    return tmp_path / "graph"

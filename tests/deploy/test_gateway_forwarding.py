@@ -19,7 +19,6 @@ import orjson
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from tests_support import write
 
 from skyloop.config import Settings
 from skyloop.deploy.gateway import Endpoint, Gateway, Pool
@@ -30,27 +29,6 @@ from skyloop.serving import DataPlane, create_app
 from skyloop.serving.spec import GraphNode, ServeSpec
 
 pytestmark = pytest.mark.integration
-
-NODES = '''
-import numpy as np
-
-
-class Constant:
-    """Answers one class for every row."""
-
-    def __init__(self, label=0):
-        self.label = label
-
-    def predict(self, X):
-        return np.full(len(X), self.label, dtype=np.int64)
-
-
-class Complex:
-    """Answers complex numbers, which no V2 datatype carries."""
-
-    def predict(self, X):
-        return np.asarray(X).astype(complex)
-'''
 
 ROW = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}
 INFER = orjson.dumps({"inputs": [ROW]})
@@ -128,13 +106,6 @@ def _requests_counted(metrics: bytes, predictor: str) -> dict[str, float]:
             if sample.name == "skyloop_gateway_requests_total" and sample.labels["predictor"] == predictor:
                 found[sample.labels["status"]] = sample.value
     return found
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Path:
-    """A folder with the replicas' `nodes.py`."""
-    write(tmp_path / "graph" / "nodes.py", NODES)
-    return tmp_path / "graph"
 
 
 def test_a_replica_that_dies_mid_answer_is_a_502_counted_as_an_error() -> None:

@@ -15,7 +15,6 @@ import aiohttp
 import orjson
 import pytest
 from test_gateway_forwarding import INFER, ROW, _gateway, _post, _replica, _serving
-from tests_support import write
 
 from skyloop.config import Settings
 from skyloop.deploy.analysis import Verdict, analyse
@@ -27,35 +26,6 @@ from skyloop.store.feedback import list_feedback
 from skyloop.store.workspace import Workspace
 
 pytestmark = pytest.mark.integration
-
-NODES = '''
-import numpy as np
-
-
-class Constant:
-    """Answers one class for every row."""
-
-    def __init__(self, label=0):
-        self.label = label
-
-    def predict(self, X):
-        return np.full(len(X), self.label, dtype=np.int64)
-
-
-class Complex:
-    """Answers complex numbers, which no V2 datatype carries: every request is a server error."""
-
-    def predict(self, X):
-        return np.asarray(X).astype(complex)
-'''
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Path:
-    """A folder with the replicas' `nodes.py`."""
-    write(tmp_path / "graph" / "nodes.py", NODES)
-    return tmp_path / "graph"
-
 
 @contextlib.asynccontextmanager
 async def _registered_replica(settings: Settings, uri: str, version: str) -> AsyncIterator[int]:
