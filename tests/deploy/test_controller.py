@@ -6,18 +6,14 @@ Each test runs its own controller processes in its own home, one after the other
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from deploy_support import NODES, Env, stop_tree
+from deploy_support import NODES, Env, controller
 from tests_support import post, write
 
 from skyloop.config import Settings
@@ -38,18 +34,6 @@ def env(settings: Settings, tmp_path: Path) -> Env:
     write(tmp_path / "specs" / "nodes.py", NODES)
     X = np.zeros((1, 4))
     return Env(settings, tmp_path / "specs", X, np.zeros(1))
-
-
-@contextlib.contextmanager
-def controller(env: Env) -> Iterator[None]:
-    """One `skyloop deploy controller` process for the block, stopped (with its replicas) by PID after it."""
-    argv = [sys.executable, "-m", "skyloop", "--home", str(env.settings.home), "deploy", "controller"]
-    with open(env.folder.parent / "controller.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield
-    finally:
-        stop_tree(proc)
 
 
 def taken_over(env: Env, name: str, before: str | None) -> store.DeploymentInfo:

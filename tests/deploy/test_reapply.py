@@ -7,22 +7,18 @@ processes and real requests through the gateway.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from deploy_support import NODES, Env, Load, stop_tree
+from deploy_support import NODES, Env, Load, controller
 from tests_support import write
 
 from skyloop.config import Settings
@@ -47,18 +43,6 @@ def env(settings: Settings, tmp_path: Path) -> Env:
     """A home and a spec folder with nodes.py; no controller runs until a test starts one."""
     write(tmp_path / "specs" / "nodes.py", NODES)
     return Env(settings, tmp_path / "specs", np.zeros((1, 4)), np.zeros(1))
-
-
-@contextlib.contextmanager
-def controller(env: Env) -> Iterator[None]:
-    """One `skyloop deploy controller` process for the block, stopped (with its replicas) by PID after it."""
-    argv = [sys.executable, "-m", "skyloop", "--home", str(env.settings.home), "deploy", "controller"]
-    with open(env.folder.parent / "controller.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield
-    finally:
-        stop_tree(proc)
 
 
 def request(env: Env, name: str, timeout: float = 10) -> tuple[str, int]:

@@ -13,9 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
-from tests_support import collect, write
+from tests_support import collect, gone, write
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.local import LocalBackend
@@ -84,19 +83,6 @@ def started(pid_file: Path, limit: float = 20.0) -> list[int]:
         assert time.monotonic() < deadline, f"{pid_file} was not written in {limit}s"
         time.sleep(0.02)
     return [int(pid) for pid in pid_file.read_text().split()]
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 def end(pids: list[int]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tests_support import collect, run_one
+from tests_support import collect, gone, run_one
 
 from skyloop.config import ExecutionSettings
 from skyloop.execution.backends.base import Backend
@@ -48,19 +48,6 @@ def make_launch(tmp_path: Path, qualname: str, timeout: float | None = None,
 def worker_pid(result: TaskResult) -> int:
     assert result.worker is not None and result.worker.startswith("local:")
     return int(result.worker.split(":")[1])
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 def wait_for_pid(pid_file: Path, limit: float = 20.0) -> int:

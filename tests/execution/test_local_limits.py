@@ -11,9 +11,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from tests_support import collect, output, run_one
+from tests_support import collect, gone, output, run_one
 
 from skyloop.config import ExecutionSettings
 from skyloop.errors import BackendError
@@ -45,19 +44,6 @@ def make_launch(tmp_path: Path, qualname: str, memory: str | int = 0, gpus: int 
 def worker_pid(result: TaskResult) -> int:
     assert result.worker is not None
     return int(result.worker.split(":")[1])
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 # -- memory --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,3 +247,15 @@ class Load:
                 async with session.post(self.url + "/feedback", json={"id": doc["id"], "truth": int(self.y[i])}) as r:
                     if r.status == 200:
                         self.feedbacks += 1
+
+
+@contextlib.contextmanager
+def controller(env: Env) -> Iterator[None]:
+    """One `skyloop deploy controller` process for the block, stopped (with its replicas) by PID after it."""
+    argv = [sys.executable, "-m", "skyloop", "--home", str(env.settings.home), "deploy", "controller"]
+    with open(env.folder.parent / "controller.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        stop_tree(proc)

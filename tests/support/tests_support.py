@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import psutil
 from sqlalchemy import event, inspect
 
 from skyloop.execution.backends.base import Backend
@@ -212,3 +213,17 @@ def reap(*procs: subprocess.Popen[str]) -> None:
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process `pid` has ended (or is a zombie) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
