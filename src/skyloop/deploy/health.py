@@ -18,13 +18,14 @@ __all__ = ["check_serving", "restart_host"]
 
 async def restart_host(self: DeploymentRunner, name: str, dead: ReplicaHost) -> None:
     """Start the replicas of `name` again in place of `dead`, its host that died (see `Restarts`), as the running
-    spec version has them (`self.spec`: never a later one that failed to apply)."""
+    spec version has them (`self.spec`: never a later one that failed to apply), serving the versions `dead`
+    served (never one an alias moved to since: that one was never rolled out)."""
     failures, error = self.restarts.failures(name)
     why = f"{failures} start(s) in a row failed, the last: {error}" if failures else dead.exit_description()
     await self.event("replicas_restarted", f"{name}: {why}; starting it again")
     await self.stop_host(dead)  # whatever is left of it
     try:
-        host = await self.new_host(self.spec.predictor(name))
+        host = await self.new_host(self.spec.predictor(name), like=dead)
     except (SkyloopError, KeyError) as exc:  # KeyError: an apply removed the predictor meanwhile
         if self.hosts.get(name) is not dead:
             return

@@ -210,14 +210,18 @@ class DeploymentRunner:
         return f"{info.name}/{info.version}"
 
     async def new_host(self, predictor: PredictorSpec, replacing: ReplicaHost | None = None,
-                       spec: DeploymentSpec | None = None) -> ReplicaHost:
+                       spec: DeploymentSpec | None = None, like: ReplicaHost | None = None) -> ReplicaHost:
         """Start a host for `predictor` of `spec` (by default the running one); one `replacing` a running Ray host
         of it may start with only the replicas the cluster has room for, the rest following as `_roll` stops old
-        ones (`RayReplicaHost.pending`)."""
+        ones (`RayReplicaHost.pending`). With `like` (a host that died), the graph it served, as it pinned it: an
+        alias that moved since is followed only when a spec is applied (`deploy.api._moved_aliases`)."""
         spec = spec or self.spec
-        graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), spec.base_dir, self.resolve)
+        if like is not None:
+            graph, version = like.graph, like.version
+        else:
+            graph, pinned = await asyncio.to_thread(pin_graph, predictor.node(), spec.base_dir, self.resolve)
+            version = ",".join(pinned) or "graph"
         self.generation += 1
-        version = ",".join(pinned) or "graph"
         host: ReplicaHost
         if spec.backend == "ray":
             host = RayReplicaHost(self.name, predictor, graph, version, self.folder, self.controller.settings,
