@@ -269,23 +269,25 @@ def test_a_predictor_whose_host_died_is_degraded_until_it_serves_again(env: Env)
     env.delete("hostdied")
 
 
-def test_a_host_that_died_comes_back_with_the_version_it_served_not_where_its_alias_moved(env: Env) -> None:
-    # Before, a restart pinned the alias again: the version it had moved to took the traffic with no rollout.
+def point(env: Env, alias: str, version: int) -> None:
+    """Point `iris@alias` at `version`."""
     from skyloop.registry.registry import set_alias
 
-    def point(version: int) -> None:
-        workspace = Workspace.open(env.settings)
-        try:
-            with workspace.db.session() as session:
-                set_alias(session, "iris", "drifting", version)
-        finally:
-            workspace.close()
+    workspace = Workspace.open(env.settings)
+    try:
+        with workspace.db.session() as session:
+            set_alias(session, "iris", alias, version)
+    finally:
+        workspace.close()
 
-    point(1)
+
+def test_a_host_that_died_comes_back_with_the_version_it_served_not_where_its_alias_moved(env: Env) -> None:
+    # Before, a restart pinned the alias again: the version it had moved to took the traffic with no rollout.
+    point(env, "drifting", 1)
     info = env.apply({"name": "pinned", "predictors": [{"name": "main", "model_uri": "models:/iris@drifting",
                                                         "replicas": 1, "traffic": 100}]})
     assert info.state["predictors"]["main"]["version"] == "iris/1"
-    point(2)  # moved, not applied: nothing is rolled out
+    point(env, "drifting", 2)  # moved, not applied: nothing is rolled out
     os.kill(info.state["predictors"]["main"]["pid"], signal.SIGKILL)
     back = env.wait("pinned", lambda i: i.reason == "main: serving again", 60, "the host back")
     assert back.state["predictors"]["main"]["pid"] != info.state["predictors"]["main"]["pid"]
@@ -295,23 +297,13 @@ def test_a_host_that_died_comes_back_with_the_version_it_served_not_where_its_al
 
 def test_applying_a_spec_again_after_its_alias_moved_serves_the_version_it_names_now(env: Env) -> None:
     # Before, the unchanged spec was a no-op: it went on serving the old version, without a word.
-    from skyloop.registry.registry import set_alias
-
-    def point(version: int) -> None:
-        workspace = Workspace.open(env.settings)
-        try:
-            with workspace.db.session() as session:
-                set_alias(session, "iris", "moving", version)
-        finally:
-            workspace.close()
-
-    point(1)
+    point(env, "moving", 1)
     spec = {"name": "aliased", "predictors": [{"name": "main", "model_uri": "models:/iris@moving", "replicas": 1,
                                                "traffic": 100}]}
     first = env.apply(spec)
     assert first.state["predictors"]["main"]["version"] == "iris/1"
     assert env.apply(spec).spec_version == first.spec_version  # nothing moved: nothing to do
-    point(2)
+    point(env, "moving", 2)
     again = env.apply(spec)
     assert again.spec_version == first.spec_version + 1
     served = env.wait("aliased", lambda i: i.state["predictors"]["main"].get("version") == "iris/2", 60,

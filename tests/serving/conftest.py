@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from starlette.testclient import TestClient
 from tests_support import write
 
 from skyloop.config import Settings
+from skyloop.serving import DataPlane, create_app, spec_for_target
 
 NODES = '''
 import numpy as np
@@ -122,6 +124,18 @@ def iris_uri(settings: Settings, iris: tuple[Any, np.ndarray[Any, Any]]) -> str:
     finally:
         workspace.close()
     return "models:/iris@champion"
+
+
+@pytest.fixture
+def client(settings: Settings, iris_uri: str) -> Iterator[TestClient]:
+    """The serving app (in this process) over `models:/iris@champion`, loaded; a module may define its own."""
+    plane = DataPlane([spec_for_target(iris_uri)], settings)
+    with TestClient(create_app(plane)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
+            time.sleep(0.02)
+        yield client
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +14,8 @@ from starlette.testclient import TestClient
 from skyloop.config import Settings
 from skyloop.errors import SignatureMismatch
 from skyloop.registry.package import TensorSpec
-from skyloop.serving import DataPlane, create_app, spec_for_target
 
 ROW = [5.1, 3.5, 1.4, 0.2]
-
-
-@pytest.fixture
-def client(settings: Settings, iris_uri: str) -> Iterator[TestClient]:
-    """The serving app over `models:/iris@champion`, loaded."""
-    plane = DataPlane([spec_for_target(iris_uri)], settings)
-    with TestClient(create_app(plane)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
-            time.sleep(0.02)
-        yield client
 
 
 def _infer(client: TestClient, **doc: Any) -> Any:

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from skyloop.store.artifacts import ArtifactStore
 
 __all__ = ["READY", "UNREADABLE", "PeakMemory", "StepOutput", "descendants", "drop_spare", "drop_spares",
-           "end_leftovers", "kill_descendants", "read_small", "scoped_environ", "serve", "wait_gone"]
+           "end_leftovers", "kill_descendants", "read_small", "scoped_environ", "serve", "stop_then_kill",
+           "wait_gone"]
 
 READY = "ready"
 """Sent as `(READY, rss)` once the worker has imported what it needs and waits for launches."""
@@ -46,7 +47,7 @@ _PARENT_POLL_SECONDS = 0.5
 _EXIT_POLL_SECONDS = 0.05
 _LEFTOVER_GRACE_SECONDS = 2.0  # how long a worker waits for killed leftovers to die before it answers
 _PR_SET_CHILD_SUBREAPER = 36  # prctl(2), Linux 3.4+
-_STOP_ROUNDS = 100  # how many generations `kill_descendants` stops before it kills what it found
+_STOP_ROUNDS = 100  # how many generations `stop_then_kill` stops before it kills what it found
 # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -314,27 +315,30 @@ def kill_descendants(pid: int) -> list[int]:
     """SIGKILL every descendant of process `pid` (not `pid` itself), wherever its process group; their ids.
 
     A step's helper may have left the worker's process group (`start_new_session=True`, a daemon), so
-    killing the group is not enough. Each generation found is stopped (SIGSTOP) before the tree is read
-    again, until no new process shows: a stopped process starts no other, so none slips out between the
-    reading and the kill. Then all of them get SIGKILL (which also ends a stopped process). The caller
-    stops `pid` itself first if it may still start processes (`WorkerProcess.kill` stops the worker's group).
+    killing the group is not enough. The caller stops `pid` itself first if it may still start processes
+    (`WorkerProcess.kill` stops the worker's group).
     """
+    return stop_then_kill(lambda seen: descendants(pid))
+
+
+def stop_then_kill(find: Callable[[list[int]], list[int]]) -> list[int]:
+    """SIGKILL the processes `find` names; their ids. `find` is asked again (with those found so far) after
+    each generation it named is stopped (SIGSTOP), until it names no new one: a stopped process starts no
+    other, so none slips out between the reading and the kill. SIGKILL also ends a stopped process."""
     found: list[int] = []
-    seen: set[int] = set()
     try:
         for _ in range(_STOP_ROUNDS):
-            fresh = [child for child in descendants(pid) if child not in seen]
+            fresh = [p for p in dict.fromkeys(find(found)) if p not in found]
             if not fresh:
                 break
-            for child in fresh:
+            for p in fresh:
                 with contextlib.suppress(OSError):
-                    os.kill(child, signal.SIGSTOP)
-            seen.update(fresh)
+                    os.kill(p, signal.SIGSTOP)
             found += fresh
     finally:
-        for child in found:
+        for p in found:
             with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGKILL)
+                os.kill(p, signal.SIGKILL)
     return found
 
 

@@ -29,7 +29,7 @@ import psutil
 
 from skyloop.errors import BackendError
 from skyloop.execution.backends.limits import DEVICES_VAR, MemoryWatch
-from skyloop.execution.procworker import drop_spare, kill_descendants
+from skyloop.execution.procworker import descendants, drop_spare, kill_descendants, stop_then_kill
 from skyloop.execution.tasks import TaskLaunch
 
 __all__ = ["BOOT", "TAG_VAR", "WorkerProcess"]
@@ -46,7 +46,6 @@ serve(conn, int(sys.argv[2]))
 
 TAG_VAR = "SKYLOOP_WORKER_TAG"
 """Set in each worker's environment to a value of its own, which the processes its steps start inherit."""
-_STOP_ROUNDS = 100  # how many rounds `end_strays` looks for more tagged processes before it kills
 
 
 
@@ -166,23 +165,8 @@ class WorkerProcess:
         milliseconds: only for a worker that died while running a step.
         """
         entry = f"{TAG_VAR}={self.tag}".encode()
-        found: list[int] = []
-        try:
-            for _ in range(_STOP_ROUNDS):
-                fresh = [pid for pid in _tagged(entry) if pid != self.proc.pid and pid not in found]
-                if not fresh:
-                    break
-                for pid in fresh:
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGSTOP)
-                found += fresh
-            for pid in list(found):
-                found += [child for child in kill_descendants(pid) if child not in found]
-        finally:
-            for pid in found:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        return found
+        return stop_then_kill(lambda found: [*(pid for pid in _tagged(entry) if pid != self.proc.pid),
+                                             *(child for pid in found for child in descendants(pid))])
 
     def reap(self, grace: float) -> None:
         """Give the process `grace` seconds to exit, kill its group, reap it and close its handles.
