@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
-from tests_support import before_first_update
+from tests_support import before_first_update, dead_process_owner
 
 from skyloop.execution.poolslots import PoolSlots
 from skyloop.scheduling.policy import Candidate, PolicyConfig
@@ -81,9 +78,7 @@ def test_the_slots_of_a_process_that_lost_its_run_are_taken_back_by_the_next_tak
 
 
 def test_a_dead_process_on_this_host_holds_no_slot_even_before_its_lease_ends(db: Database) -> None:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                           check=True)
-    dead = f"{socket.gethostname()}:{child.stdout.strip()}:cccccc"
+    dead = dead_process_owner()
     held_run(db, "ra", dead)
     held_run(db, "rb", BOB)
     assert take(db, dead, "ra", 1, limit=1)

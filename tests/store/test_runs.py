@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
-from tests_support import before_first_update
+from tests_support import before_first_update, dead_process_owner
 
 from skyloop.errors import Conflict, NotFound
+from skyloop.store import runs as runs_module
 from skyloop.store.db import Database
 from skyloop.store.models import Event, RunRow, StepRunRow
 from skyloop.store.runs import (
@@ -23,6 +20,8 @@ from skyloop.store.runs import (
     disown_runs,
     get_run,
     list_runs,
+    owner_is_dead,
+    process_owner,
     reap_expired_runs,
     release_run,
     renew_lease,
@@ -109,10 +108,8 @@ def test_claiming_a_run_with_a_live_lease_is_a_conflict(db: Database) -> None:
 
 
 def test_a_run_of_a_dead_local_process_can_be_claimed_before_its_lease_ends(db: Database) -> None:
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    dead_owner = f"{socket.gethostname()}:{gone.stdout.strip()}:abc123"
-    live_owner = f"{socket.gethostname()}:{os.getpid()}:def456"
+    dead_owner = dead_process_owner()
+    live_owner = process_owner()
     new_run(db, "dead", owner=dead_owner, lease_seconds=600)
     new_run(db, "live", owner=live_owner, lease_seconds=600)
     new_run(db, "remote", owner="some-other-host:1:abc", lease_seconds=600)
@@ -121,6 +118,22 @@ def test_a_run_of_a_dead_local_process_can_be_claimed_before_its_lease_ends(db: 
     for run_id in ("live", "remote"):
         with pytest.raises(Conflict, match="live process"), db.session() as session:
             claim_run(session, run_id, "bob", lease_seconds=60)
+
+
+def test_a_dead_pid_is_judged_only_by_a_process_that_sees_the_same_pids(db: Database) -> None:
+    # Two containers sharing the host's name (host networking) each have their own PID namespace: a live agent
+    # over there has a pid that does not exist here. Only its lease may say it is gone.
+    host, pid, nonce, namespace = dead_process_owner().split(":")
+    assert owner_is_dead(f"{host}:{pid}:{nonce}:{namespace}")
+    other_namespace = f"{host}:{pid}:{nonce}:{int(namespace or 0) + 1}"
+    before_namespaces = f"{host}:{pid}:{nonce}"  # an owner id of an older version: its namespace is not known
+    assert not owner_is_dead(other_namespace)
+    assert not owner_is_dead(before_namespaces) or not namespace
+    new_run(db, "theirs", owner=other_namespace, lease_seconds=600)
+    with db.read() as session:
+        assert "theirs" not in claimable_runs(session)
+    with pytest.raises(Conflict, match="live process"), db.session() as session:
+        claim_run(session, "theirs", "bob", lease_seconds=60)
 
 
 def test_the_owner_may_claim_its_own_run(db: Database) -> None:
@@ -300,3 +313,30 @@ def test_an_agent_claims_the_runs_queued_for_its_backend_and_records_the_one_it_
         assert claim_run(session, "orphan", "bob", lease_seconds=60, backend="inline").backend == "inline"
         assert claim_run(session, "for-local", "bob", lease_seconds=60).backend == "local"
         assert claim_run(session, "for-any", "bob", lease_seconds=60, backend="ray").backend == "ray"
+
+
+@pytest.mark.postgres
+def test_on_postgresql_leases_go_by_the_database_clock_not_this_hosts(pg_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Agents on several hosts share one PostgreSQL: a host whose clock is ahead must not take a live run, nor
+    # may a holder whose clock is behind write a lease that the others already read as expired.
+    db = Database(pg_url)
+    holder = "other-host:4242:abc123:1"
+    try:
+        new_run(db, "held", owner=holder, lease_seconds=60)
+        monkeypatch.setattr(runs_module, "utcnow", lambda: datetime.now(UTC) + timedelta(minutes=10))
+        with db.read() as session:
+            assert "held" not in claimable_runs(session)
+        with pytest.raises(Conflict, match="live process"), db.session() as session:
+            claim_run(session, "held", "bob", lease_seconds=60)
+        with db.session() as session:
+            assert reap_expired_runs(session) == []
+        monkeypatch.setattr(runs_module, "utcnow", lambda: datetime.now(UTC) - timedelta(minutes=10))
+        with db.session() as session:
+            assert renew_lease(session, "held", holder, lease_seconds=60)
+        monkeypatch.undo()
+        with db.read() as session:
+            assert "held" not in claimable_runs(session)
+            assert get_run(session, "held").owner == holder
+    finally:
+        db.dispose()

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -42,6 +43,13 @@ def collect(backend: Backend, count: int, limit: float = 30.0) -> dict[str, Task
         for result in backend.wait(deadline - time.monotonic()):
             results[result.key] = result
     return results
+
+
+def dead_process_owner() -> str:
+    """The lease owner id (`process_owner()`) of a process of this host that has ended."""
+    code = "from skyloop.store.runs import process_owner; print(process_owner())"
+    gone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return gone.stdout.strip()
 
 
 def run_one(backend: Backend, launch: TaskLaunch) -> TaskResult:

@@ -24,7 +24,7 @@ from skyloop.deploy.rollout import Phase
 from skyloop.deploy.spec import DeploymentSpec, Strategy, load_deployment_spec
 from skyloop.errors import BackendError, Conflict, ModelLoadError, NotFound, SpecError
 from skyloop.store import deployments as store
-from skyloop.store.runs import owner_is_dead, utcnow
+from skyloop.store.runs import db_now, owner_is_dead
 from skyloop.store.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -101,8 +101,8 @@ def _check_drift_features(workspace: Workspace, spec: DeploymentSpec, info: Mode
 
 def controller_alive(workspace: Workspace) -> bool:
     """Whether some deployment is held by a controller whose lease is current and whose process lives."""
-    now = utcnow()
     with workspace.db.read() as session:
+        now = db_now(session)
         return any(d.controller and d.lease_expires_at and d.lease_expires_at > now
                    and not owner_is_dead(d.controller) for d in store.list_deployments(session))
 

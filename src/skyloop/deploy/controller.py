@@ -13,10 +13,8 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
-import uuid
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +25,7 @@ from skyloop.deploy.runner import DeploymentRunner
 from skyloop.errors import SkyloopError
 from skyloop.spec.files import format_validation
 from skyloop.store import deployments as store
+from skyloop.store.runs import process_owner
 from skyloop.store.workspace import Workspace
 
 __all__ = ["Controller", "DeploymentRunner"]
@@ -46,7 +45,7 @@ class Controller:
         self.parent = parent
         """Stop (as on SIGTERM) once this process's parent is no longer this pid: its starter died."""
         self.tick_seconds = tick_seconds
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = process_owner()
         self.workspace = Workspace.open(settings)
         self.runners: dict[str, DeploymentRunner] = {}
         self.refused: set[tuple[str, int]] = set()

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import os
-import socket
 import threading
 import time
 import uuid
@@ -62,6 +60,7 @@ from skyloop.store.runs import (
     claim_run,
     create_run,
     disown_runs,
+    process_owner,
     release_run,
     renew_leases,
 )
@@ -121,7 +120,7 @@ class Orchestrator:
                  observer: Observer | None = None) -> None:
         self.settings, self.db, self.store, self.backend = settings, db, store, backend
         self.observer = observer
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = process_owner()
         execution = settings.execution
         self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools))
         self.queue = ReadyQueue(self.config)

@@ -17,7 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from skyloop.errors import Conflict, NotFound, SpecError
 from skyloop.store.models import DeploymentCommandRow, DeploymentEventRow, DeploymentRow
-from skyloop.store.runs import owner_is_dead, utcnow
+from skyloop.store.runs import db_now, owner_is_dead, utcnow
 
 __all__ = [
     "COMMANDS",
@@ -156,7 +156,7 @@ def drop_deployment(session: Session, name: str, owner: str | None) -> bool:
 
 def claim_deployments(session: Session, owner: str, lease_seconds: float) -> list[str]:
     """Renew our leases and take deployments whose controller is gone; returns the names we hold."""
-    now = utcnow()
+    now = db_now(session)
     expires = now + timedelta(seconds=lease_seconds)
     others = or_(DeploymentRow.controller.is_(None), DeploymentRow.controller != owner)
     for row in session.scalars(select(DeploymentRow).where(others)):

@@ -17,14 +17,14 @@ from sqlalchemy import and_, delete, insert, select
 from sqlalchemy.orm import Session
 
 from skyloop.store.models import PoolSlotRow, RunRow
-from skyloop.store.runs import owner_is_dead, utcnow
+from skyloop.store.runs import db_now, owner_is_dead, utcnow
 
 __all__ = ["free_slots", "held_elsewhere", "take_slot"]
 
 
 def _live_slots(session: Session, pools: Collection[str]) -> tuple[list[PoolSlotRow], list[PoolSlotRow]]:
     """The slots of `pools` split into (live, stale)."""
-    now = utcnow()
+    now = db_now(session)
     rows = session.execute(
         select(PoolSlotRow, RunRow.id)
         .outerjoin(RunRow, and_(RunRow.id == PoolSlotRow.run_id, RunRow.owner == PoolSlotRow.owner,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,10 +25,12 @@ __all__ = [
     "claim_run",
     "claimable_runs",
     "create_run",
+    "db_now",
     "disown_runs",
     "get_run",
     "list_runs",
     "owner_is_dead",
+    "process_owner",
     "reap_expired_runs",
     "release_run",
     "renew_lease",
@@ -54,12 +57,43 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def db_now(session: Session) -> datetime:
+    """Now by the clock that leases are judged by: the database server's where processes on several hosts share
+    it (PostgreSQL), so that a host whose clock runs ahead neither takes live runs nor keeps dead ones; this
+    host's for SQLite, whose processes share one host. (PostgreSQL's `now()` is the transaction's start: a
+    lease is read and written in one short transaction.)"""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        found = session.execute(select(func.now())).scalar_one()
+        return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
+    return utcnow()
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), or "" where there is none to read."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return "".join(c for c in link if c.isdigit())
+
+
+_NAMESPACE = _pid_namespace()
+
+
+def process_owner() -> str:
+    """The owner id of this process for leases: `host:pid:nonce:pidns`. The PID namespace tells processes in
+    two containers that share a hostname apart (host networking): a pid is judged alive or dead only by a
+    process that sees the same pids."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}:{_NAMESPACE}"
+
+
 def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, Any], params: dict[str, Any],
                backend: str | None, owner: str | None, lease_seconds: float, priority: int = 0,
                weight: float = 1.0) -> RunRow:
     """Insert a new run: RUNNING and owned by `owner`, or QUEUED for an agent when `owner` is None (for an
     agent of `backend`, or any agent when it is None)."""
-    now = utcnow()
+    now = db_now(session)
     queued = owner is None
     row = RunRow(id=run_id, pipeline=pipeline, spec=spec, params=params, status="QUEUED" if queued else "RUNNING",
                  backend=backend, created_at=now, started_at=None if queued else now, owner=owner,
@@ -132,16 +166,19 @@ def renew_lease(session: Session, run_id: str, owner: str, lease_seconds: float)
     """Extend our lease; False when someone else took the run over."""
     result = session.execute(
         update(RunRow).where(RunRow.id == run_id, RunRow.owner == owner)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=db_now(session) + timedelta(seconds=lease_seconds))
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def owner_is_dead(owner: str) -> bool:
-    """Whether `owner` (host:pid:nonce) is a process on this host that no longer exists."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    """Whether `owner` (`process_owner()`) is a process on this host, in this PID namespace, that no longer
+    exists. An owner in another namespace, or of a version that did not record it (`host:pid:nonce`), is never
+    judged dead here: its lease decides."""
+    host, pid_text, _, namespace = ([*owner.split(":", 3), "", "", ""])[:4]
     if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    if namespace != _NAMESPACE:
         return False
     try:
         os.kill(int(pid_text), 0)
@@ -158,7 +195,7 @@ def renew_leases(session: Session, run_ids: Sequence[str], owner: str, lease_sec
         return set()
     session.execute(
         update(RunRow).where(RunRow.id.in_(run_ids), RunRow.owner == owner)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=db_now(session) + timedelta(seconds=lease_seconds))
     )
     return set(session.scalars(select(RunRow.id).where(RunRow.id.in_(run_ids), RunRow.owner == owner)))
 
@@ -180,7 +217,7 @@ def claimable_runs(session: Session, limit: int = 10, backend: str | None = None
     if backend is not None:
         query = query.where(or_(RunRow.backend.is_(None), RunRow.backend == backend))
     found = list(session.execute(query.order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)).tuples())
-    now = utcnow()
+    now = db_now(session)
     # Only the columns needed: every RUNNING run is read at each poll (and one damaged row must not stop them).
     running = session.execute(select(RunRow.id, RunRow.priority, RunRow.created_at, RunRow.owner,
                                      RunRow.lease_expires_at).where(RunRow.status == "RUNNING")).tuples()
@@ -216,7 +253,7 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
     # Without the spec and parameters: a run whose stored JSON is damaged can still be claimed to be failed.
     row = session.get(RunRow, found, options=[defer(RunRow.spec), defer(RunRow.params)])
     assert row is not None  # found just above, in the same transaction
-    now = utcnow()
+    now = db_now(session)
     if row.status == "SUCCEEDED":
         raise Conflict(f"run {row.id} already succeeded; nothing to resume")
     if not resume and row.status not in ("QUEUED", "RUNNING"):
@@ -285,7 +322,7 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
     The run can still be resumed; this only keeps nothing RUNNING forever. The grace leaves agents,
     which adopt orphaned runs as soon as their lease expires, the first claim.
     """
-    now = utcnow()
+    now = db_now(session)
     cutoff = now - timedelta(seconds=grace_seconds)
     expired = session.scalars(
         select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < cutoff)
@@ -317,7 +354,7 @@ def request_cancel(session: Session, run_id: str) -> tuple[str, str]:
     holds gets a request, which its heartbeat reads (it cancels the attempts and ends the run). Returns the
     run's id and `CANCELLED` or `REQUESTED`; `Conflict` for a run that has ended."""
     row = get_run(session, run_id)
-    now = utcnow()
+    now = db_now(session)
     if row.status == "QUEUED":
         done = session.execute(update(RunRow).where(RunRow.id == row.id, RunRow.status == "QUEUED")
                                .values(status="CANCELLED", error=f"{CANCELLED_BY_USER} before it started",
