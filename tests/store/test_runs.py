@@ -340,3 +340,20 @@ def test_on_postgresql_leases_go_by_the_database_clock_not_this_hosts(pg_url: st
             assert get_run(session, "held").owner == holder
     finally:
         db.dispose()
+
+
+def test_reaping_leaves_a_run_submitted_to_the_queue_for_the_next_agent(db: Database) -> None:
+    with db.session() as session:
+        create_run(session, run_id="queued", pipeline="p", spec={"name": "p"}, params={}, backend="local",
+                   owner=None, lease_seconds=60)
+        claim_run(session, "queued", "dead-agent", lease_seconds=60, resume=False)
+    new_run(db, "direct", owner="dead-run-command")  # `skyloop run`, then killed: failed, to be resumed
+    expire_lease(db, "queued")
+    expire_lease(db, "direct")
+    with db.session() as session:
+        assert reap_expired_runs(session) == ["direct"]
+    with db.read() as session:
+        assert get_run(session, "queued").status == "RUNNING"
+        assert "queued" in claimable_runs(session, backend="local")
+    with db.session() as session:
+        assert claim_run(session, "queued", "next-agent", lease_seconds=60, resume=False).owner == "next-agent"

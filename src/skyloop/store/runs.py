@@ -320,12 +320,15 @@ def reap_expired_runs(session: Session, grace_seconds: float = 0.0) -> list[str]
     """Fail runs whose orchestrator vanished (lease expired `grace_seconds` ago) and their RUNNING attempts.
 
     The run can still be resumed; this only keeps nothing RUNNING forever. The grace leaves agents,
-    which adopt orphaned runs as soon as their lease expires, the first claim.
+    which adopt orphaned runs as soon as their lease expires, the first claim. A run submitted to the queue
+    is left alone: it was given to agents, and it waits for the next one as a queued run does (an agent fleet
+    restarted over more than the grace must not find its runs failed by whoever listed them meanwhile).
     """
     now = db_now(session)
     cutoff = now - timedelta(seconds=grace_seconds)
+    queued = select(Event.id).where(Event.run_id == RunRow.id, Event.kind == "run.queued").exists()
     expired = session.scalars(
-        select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < cutoff)
+        select(RunRow).where(RunRow.status == "RUNNING", RunRow.lease_expires_at < cutoff, ~queued)
     ).all()
     reaped = []
     for row in expired:
