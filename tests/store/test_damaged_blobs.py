@@ -171,3 +171,62 @@ def test_a_damaged_blob_read_to_start_a_step_fails_that_step_not_the_run(write_m
     third = run(module.mapped, {}, backend="inline", settings=settings)
     third.workspace.close()
     assert third.status == "SUCCEEDED" and states(third)["make"] == "SUCCEEDED"
+
+
+FRAGILE = '''
+import os
+
+from skyloop import pipeline, step, when
+
+
+class Fragile:
+    """An output that only a step's process can load back (say it needs a license server the workers reach)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self):
+        return (_rebuild, (self.n,))
+
+
+def _rebuild(n: int) -> "Fragile":
+    if "SKYLOOP_WORKER_TAG" not in os.environ:  # set in the local backend's workers
+        raise RuntimeError("needs the license server")
+    return Fragile(n)
+
+
+@step
+def make() -> Fragile:
+    return Fragile(3)
+
+
+@step
+def use(x: Fragile) -> int:
+    return x.n
+
+
+@step
+def other() -> int:
+    return 7
+
+
+@pipeline
+def fragile():
+    f = make()
+    with when(f):
+        use(f)
+    return other()
+'''
+
+
+def test_an_input_the_orchestrator_cannot_read_fails_that_step_not_the_run(write_module: Any,
+                                                                           settings: Settings) -> None:
+    # A condition reads its value in the orchestrator. Any error there other than skyloop's own raised out of
+    # the orchestrator: `skyloop run` exited 70 ("internal error"), and an agent failed every run it held.
+    module = write_module("fragile_pipeline", FRAGILE)
+    result = run(module.fragile, {}, backend="local", settings=settings)
+    result.workspace.close()
+    assert states(result) == {"make": "SUCCEEDED", "use": "FAILED", "other": "SUCCEEDED"}
+    error = result.steps["use"].error or ""
+    assert "RuntimeError: needs the license server" in error and "condition" in error, error
+    assert result.status == "FAILED"

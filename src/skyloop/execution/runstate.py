@@ -217,6 +217,11 @@ class RunState:
         except (ValueError, KeyError, NotFound, StoreError) as exc:  # an upstream blob gone or damaged
             self._record_end(task, TaskState.FAILED, str(exc))
             return self._complete(progress, TaskState.FAILED, str(exc))
+        except Exception as exc:  # the user's objects (unpickled, compared): this step's fault alone
+            error = (f"reading this step's inputs in the orchestrator (a condition, or the list it maps over) "
+                     f"raised {type(exc).__name__}: {exc}")
+            self._record_end(task, TaskState.FAILED, error)
+            return self._complete(progress, TaskState.FAILED, error)
         if false:
             self._record_end(task, TaskState.SKIPPED, f"condition `{false[0]}` is false")
             return self._complete(progress, TaskState.SKIPPED)
