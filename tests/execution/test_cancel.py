@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -157,3 +158,31 @@ def test_a_run_an_agent_holds_is_cancelled_by_it_and_the_agent_goes_on(settings:
     assert ("last", "PENDING") not in steps and steps.count(("last", "SUCCEEDED")) == 1  # only the second run's
     assert "run.cancel_requested" in kinds and "run.cancelled" in kinds
     assert calls_made(calls).count("slow") == 2  # one per run: the cancelled attempt was not run again
+
+
+@pytest.mark.integration
+def test_ctrl_c_pressed_twice_still_ends_the_run_cancelled(settings: Settings, tmp_path: Path) -> None:
+    # The first Ctrl-C cancels the attempts and waits (up to 5 s) for their ends; users press it again. That
+    # second one broke out of the cleanup: the run stayed RUNNING with its step, then was reaped as FAILED.
+    (tmp_path / "chain.py").write_text(STEPS)
+    calls = tmp_path / "calls"
+    env = agent_env(settings.home, calls)
+    # As a terminal's foreground job starts it (see test_agent_leases); the inline backend runs the step in a
+    # thread, which a cancel cannot stop: the wait for its end lasts the whole 5 s.
+    foreground = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "sys.argv = ['skyloop', 'run', 'chain.py:chain', '--backend', 'inline']; "
+                  "runpy.run_module('skyloop', run_name='__main__', alter_sys=True)")
+    command = subprocess.Popen([sys.executable, "-c", foreground], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        until(lambda: "slow" in calls_made(calls))
+        command.send_signal(signal.SIGINT)
+        time.sleep(1)
+        command.send_signal(signal.SIGINT)
+        out, _ = command.communicate(timeout=30)
+    finally:
+        reap(command)
+    assert command.returncode == 130, out
+    runs, steps, _ = _states(settings)
+    assert list(runs.values()) == ["CANCELLED"], (runs, steps)
+    assert ("slow", "CANCELLED") in steps and not [s for s in steps if s[1] == "RUNNING"], steps

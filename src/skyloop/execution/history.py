@@ -59,10 +59,10 @@ def load_prior(session: Session, run_id: str) -> Prior:
     return prior
 
 
-def crash_orphans(session: Session, run_id: str, reason: str) -> int:
-    """Mark attempts left RUNNING by a vanished orchestrator as CRASHED; returns how many."""
+def crash_orphans(session: Session, run_id: str, reason: str, state: str = "CRASHED") -> int:
+    """Mark attempts left RUNNING by a vanished orchestrator as CRASHED (or `state`); returns how many."""
     result = session.execute(
         update(StepRunRow).where(StepRunRow.run_id == run_id, StepRunRow.state.in_(("RUNNING", "PENDING")))
-        .values(state="CRASHED", ended_at=utcnow(), error=reason)
+        .values(state=state, ended_at=utcnow(), error=reason)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

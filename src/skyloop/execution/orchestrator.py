@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from skyloop.config import Settings
@@ -229,14 +231,19 @@ class Orchestrator:
                 entry.candidate = replace(entry.candidate, rank=rank)
                 self.queue.push(entry.candidate)
 
-    def _release(self, run: RunState, status: str, error: str | None) -> None:
+    def _release(self, run: RunState, status: str, error: str | None, *, leftover: str | None = None) -> None:
+        """End `run` with `status`; with `leftover`, its attempts whose ends were not taken in (an abort cut
+        short) end in that state, in the same transaction, rather than stay RUNNING under an ended run."""
         self.runs.pop(run.run_id, None)
         self.config.run_weights.pop(run.run_id, None)
         self.finished[run.run_id] = (status, error)
         self._rerank = True
         if run.run_id not in self._heartbeat.lost:
             with self.db.session() as session:
-                release_run(session, run.run_id, self.owner, status, error)
+                if release_run(session, run.run_id, self.owner, status, error) and leftover is not None:
+                    # (CANCELLED, or CRASHED as "orchestrator lost": neither spends a retry on resume.)
+                    reason = error if leftover == "CANCELLED" else f"{ORCHESTRATOR_LOST} ({error})"
+                    crash_orphans(session, run.run_id, reason or status.lower(), state=leftover)
         if self.observer:
             self.observer.run_changed(run.run_id, status)
 
@@ -500,14 +507,15 @@ class Orchestrator:
             raise Conflict(f"run {run_id} was adopted by another process while this one was held up past its "
                            f"lease; it goes on there (skyloop runs show {run_id})")
 
-    def _cancel_all(self) -> None:
-        """Cancel every attempt and take in their ends (at most 5 s); those sent ahead are forgotten."""
+    def _cancel_all(self, hurry: list[int] | None = None) -> None:
+        """Cancel every attempt and take in their ends (at most 5 s, or until `hurry` gets a signal: a second
+        Ctrl-C); those sent ahead are forgotten."""
         for key in list(self.running):
             self.backend.cancel(key)
             if key in self.running and self.running[key].ahead_of is not None:
                 self._drop_sent(key)  # no row to end; one whose end came already leaves at once
         deadline = time.monotonic() + 5
-        while self.running and time.monotonic() < deadline:
+        while self.running and time.monotonic() < deadline and not hurry:
             for result in self.backend.wait(0.2):
                 entry = self.running.pop(result.key, None)
                 if entry is not None and not entry.dropped:
@@ -516,23 +524,28 @@ class Orchestrator:
         self.slots.free_all()  # (where the DB is away, they go stale with the runs' leases)
 
     def abort(self, status: str, error: str) -> None:
-        """Cancel everything running and end every held run with `status`."""
-        self._cancel_all()
-        # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
-        with contextlib.suppress(Exception):
-            self.recorder.flush()
-        for run in list(self.runs.values()):
+        """Cancel everything running and end every held run with `status`. A Ctrl-C meanwhile (users press it
+        again when cancelling takes seconds) cuts the wait for the attempts' ends short, not the release."""
+        with _interrupts_held() as hurry:
+            self._cancel_all(hurry)
+            # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
             with contextlib.suppress(Exception):
-                self._release(run, status, error)
+                self.recorder.flush()
+            leftover = "CANCELLED" if status == "CANCELLED" else "CRASHED"
+            for run in list(self.runs.values()):
+                with contextlib.suppress(Exception):
+                    self._release(run, status, error, leftover=leftover)
 
     def relinquish(self) -> None:
-        """Give up every held run: cancel its attempts and clear the owner so another process adopts it."""
-        self._cancel_all()
-        with contextlib.suppress(Exception):
-            self.recorder.flush()
-        with self.db.session() as session:
-            disown_runs(session, list(self.runs), self.owner)
-        self.runs.clear()
+        """Give up every held run: cancel its attempts and clear the owner so another process adopts it (a
+        Ctrl-C meanwhile cuts the wait for the attempts short, as in `abort`)."""
+        with _interrupts_held() as hurry:
+            self._cancel_all(hurry)
+            with contextlib.suppress(Exception):
+                self.recorder.flush()
+            with self.db.session() as session:
+                disown_runs(session, list(self.runs), self.owner)
+            self.runs.clear()
 
     def close(self) -> None:
         """Stop the heartbeat (held runs keep their leases until they expire) and close the DB connection."""
@@ -540,3 +553,19 @@ class Orchestrator:
         self._heartbeat.join(timeout=5)
         self.slots.free_all()
         self.recorder.close()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """SIGINT (Ctrl-C) only noted in the list yielded while the body runs: the cleanup after a first Ctrl-C
+    must finish, or the runs stay held until their leases end and are then reaped as FAILED. In the main
+    thread only (where Python takes signals); elsewhere the list stays empty."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
