@@ -128,3 +128,15 @@ def test_bad_arguments_exit_with_code_2(cli: Cli, two_versions: None, args: tupl
 def test_list_on_an_empty_home(cli: Cli) -> None:
     assert json.loads(cli("models", "list", "--json").stdout) == []
     assert "no models registered" in cli("models", "list").stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ref", ["iris@latest", "iris/latest", "models:/iris@latest"])
+def test_tag_latest_tags_the_newest_version_not_the_model(cli: Cli, two_versions: None, ref: str) -> None:
+    tagged = cli("models", "tag", ref, "blessed=true", "--json")
+    assert tagged.returncode == 0, tagged.stderr
+    assert json.loads(tagged.stdout) == {"ref": "models:/iris/2", "tags": {"blessed": "true"}}
+    assert json.loads(cli("models", "show", "iris/2", "--json").stdout)["tags"] == {"blessed": "true"}
+    assert json.loads(cli("models", "show", "iris", "--json").stdout)["tags"] == {}
+    deleted = cli("models", "tag", ref, "--delete", "blessed")
+    assert deleted.stdout.strip() == "models:/iris/2: no tags left", deleted.stderr

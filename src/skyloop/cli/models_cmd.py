@@ -167,8 +167,11 @@ def tag(
             raise SpecError(f"tag {pair!r} must look like KEY=VALUE")
         tags[key] = value
     parsed = _ref(ref)
+    newest = names_version(ref) and parsed.version is None and parsed.alias is None  # NAME@latest, NAME/latest
     workspace = _workspace()
     with workspace.db.session() as session:
+        if newest:  # one version, the newest, as `models show` reads it: not the model itself
+            parsed = ModelRef(parsed.name, version=resolve(session, parsed).version)
         for key in delete or []:
             delete_tag(session, parsed, key)
         current = set_tags_row(session, parsed, tags)  # all its tags now, also when only some were deleted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import shutil
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from skyloop.config import Settings
 from skyloop.errors import IntegrityError, ModelLoadError, NotFound, SpecError
-from skyloop.registry.context import current_step
-from skyloop.registry.flavors import Predictor, detect_flavor, get_flavor
+from skyloop.registry.context import StepContext, current_step, running_steps
+from skyloop.registry.flavors import Flavor, Predictor, detect_flavor, get_flavor
 from skyloop.registry.package import (
     MANIFEST,
     ModelManifest,
@@ -31,7 +32,7 @@ from skyloop.registry.package import (
     write_manifest,
 )
 from skyloop.registry.registry import ModelVersionInfo, create_version, resolve
-from skyloop.registry.signature import infer_signature
+from skyloop.registry.signature import check_signature, infer_signature
 from skyloop.registry.uri import SCHEME, check_name, parse_model_ref
 from skyloop.spec.files import format_validation
 from skyloop.store.artifacts import ArtifactRef
@@ -77,8 +78,20 @@ class LoadedModel:
         return self.model.predict(data)
 
 
-def _producer(run_id: str | None, step_run_id: str | None, inputs: Mapping[str, str] | None) -> Producer | None:
+def _step() -> StepContext | None:
+    """The step `log_model` runs in: this thread's, or the one step running in this process (see `context`)."""
     context = current_step()
+    if context is None and running_steps() > 1:
+        raise SpecError(f"log_model was called in a thread of no step while {running_steps()} steps run in this "
+                        "process, so it cannot tell which step the model belongs to; call it in the step's own "
+                        "thread, start the thread with contextvars.copy_context().run(...), or pass settings= "
+                        "and run_id=/step_run_id=")
+    return context
+
+
+def _producer(run_id: str | None, step_run_id: str | None, inputs: Mapping[str, str] | None) -> Producer | None:
+    given = run_id is not None or step_run_id is not None or inputs is not None
+    context = current_step() if given else _step()
     if context is not None:
         run_id = run_id or context.run_id
         step_run_id = step_run_id or context.step_run_id
@@ -92,7 +105,7 @@ def _producer(run_id: str | None, step_run_id: str | None, inputs: Mapping[str, 
 def _settings(settings: Settings | None) -> Settings:
     if settings is not None:
         return settings
-    context = current_step()
+    context = _step()
     if context is not None and context.settings is not None:
         return context.settings
     return Settings.load()
@@ -138,9 +151,11 @@ def log_model(model: object, name: str, flavor: str | None = None,
         manifest = _package(model, root, name, flavor)
         if reference is not None and manifest is not None:
             (root / REFERENCE).unlink(missing_ok=True)  # a new reference replaces the copied directory's
+        chosen = get_flavor(manifest.flavor if manifest else flavor or detect_flavor(model).name)
         for target, source in (extra_files or {}).items():
             dest = root / target
             parts = PurePosixPath(Path(target).as_posix()).parts
+            _check_extra_target(target, parts, chosen)
             # `..` is refused outright: `sub/../model.yaml` would pass a check on the name as given and then be
             # silently replaced by the manifest (written last), and `sub/..` names no file of its own.
             if (not parts or ".." in parts or dest.exists() or not dest.resolve().is_relative_to(root.resolve())
@@ -153,13 +168,14 @@ def log_model(model: object, name: str, flavor: str | None = None,
             except OSError as exc:
                 raise SpecError(f"extra file {target!r}: cannot copy {str(source)!r} ({exc.strerror or exc}); "
                                 "give the path of a readable file") from exc
-        chosen = get_flavor(manifest.flavor if manifest else flavor or detect_flavor(model).name)
         spec: Signature | None = (_validated(Signature, signature, "signature") if isinstance(signature, Mapping)
                                   else signature)
         if spec is None and manifest is not None:
             spec = manifest.signature
         if spec is None and input_example is not None:
             spec = infer_signature(input_example, _predict_example(chosen.load(root), input_example))
+        if spec is not None:
+            check_signature(spec)
         if reference is not None:
             _write_reference(reference, root / REFERENCE, spec)
         workspace = Workspace.open(settings)
@@ -191,6 +207,18 @@ def log_model(model: object, name: str, flavor: str | None = None,
                 return create_version(session, manifest, files[MANIFEST], files, tags=tags, description=description)
         finally:
             workspace.close()
+
+
+def _check_extra_target(target: str, parts: tuple[str, ...], flavor: Flavor) -> None:
+    """Refuse an extra file the model directory would not keep, or that the flavor would take for the model."""
+    if any(part == "__pycache__" or part.startswith(".tmp-") for part in parts):
+        # Neither is hashed nor stored (`package._model_files`, `verify_directory`): it would vanish silently.
+        raise SpecError(f"extra file {target!r}: files under __pycache__ or named .tmp-* are not kept in a model "
+                        "directory; give it another name")
+    if flavor.clashes(PurePosixPath(*parts).as_posix() if parts else ""):
+        raise SpecError(f"extra file {target!r} has a name the {flavor.name} flavor keeps for its own files "
+                        f"({', '.join(flavor.reserved)}): it would be loaded as the model; give it another name, "
+                        "or put it in a folder (e.g. assets/)")
 
 
 def _predict_example(model: Predictor, example: Any) -> Any:
@@ -228,22 +256,38 @@ def _write_reference(data: Any, path: Path, signature: Signature | None) -> None
     """Write the reference with the column names payload logs will have (see `monitoring.payloads`)."""
     import pandas as pd
 
-    frame = pd.DataFrame(data) if hasattr(data, "columns") else pd.DataFrame(np.asarray(data))
+    named = hasattr(data, "columns")
+    frame = pd.DataFrame(data) if named else pd.DataFrame(np.asarray(data))
     if frame.ndim != 2 or frame.empty:
         raise SpecError("reference must be a non-empty frame or 2-D array of the model's inputs")
+    # Columns carry names unless they are positions: a numpy array, or a frame built from one (integer labels).
+    # Unnamed columns are taken in the signature's order; named ones are matched by name, never by position
+    # (a reordered or renamed frame would store one column's data under another's name).
+    positional = not named or all(isinstance(c, int | np.integer) for c in frame.columns)
+    frame.columns = [str(c) for c in frame.columns]
+    if frame.columns.has_duplicates:
+        raise SpecError(f"reference has the column {frame.columns[frame.columns.duplicated()][0]!r} more than "
+                        "once; give each column a distinct name")
     specs = signature.inputs if signature is not None else []
-    if len(specs) == 1 and len(specs[0].shape) == 2:
-        frame.columns = [f"{specs[0].name}_{j}" for j in range(frame.shape[1])]  # one [n, k] tensor
+    if len(specs) == 1 and len(specs[0].shape) == 2:  # one [n, k] tensor: its columns by position
+        spec = specs[0]
+        if spec.shape[1] != -1 and frame.shape[1] != spec.shape[1]:
+            raise SpecError(f"reference has {frame.shape[1]} columns, the signature's input {spec.name!r} "
+                            f"{spec.shape[1]}; give the model's inputs only (no label column)")
+        frame.columns = [f"{spec.name}_{j}" for j in range(frame.shape[1])]
     elif specs and all(len(s.shape) == 1 for s in specs):
         names = [s.name for s in specs]
-        if not set(names) <= {str(c) for c in frame.columns}:
+        missing = [n for n in names if n not in set(frame.columns)]
+        if missing and positional:
             if frame.shape[1] != len(names):
-                raise SpecError(f"reference has {frame.shape[1]} columns, the signature {len(names)} inputs "
-                                f"({', '.join(names)})")
+                raise SpecError(f"reference has {frame.shape[1]} unnamed columns, the signature {len(names)} "
+                                f"inputs ({', '.join(names)}); give the model's inputs only, in that order")
             frame.columns = names
+        elif missing:
+            raise SpecError(f"reference lacks the signature's input column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(repr, missing))} (it has {', '.join(map(repr, frame.columns))}); "
+                            "give a frame with the columns the model takes, named as in its signature")
         frame = frame[names]
-    else:
-        frame.columns = [str(c) for c in frame.columns]
     if path.exists():
         raise SpecError(f"{path.name} is reserved for the reference data; rename that extra file")
     if len(frame) > _REFERENCE_ROWS:
@@ -255,19 +299,25 @@ def materialize(workspace: Workspace, info: ModelVersionInfo) -> Path:
     """The verified local directory of a registered version, extracted from the artifact store when needed.
 
     Files already extracted are checked against their sha256; a changed one is refused, never silently
-    replaced, because something on this machine altered it.
+    replaced, because something on this machine altered it. A directory holding another registration of
+    the same name and version (a DB that was reset, another `SKYLOOP_DB_URL` on the same home: its
+    `model.yaml` differs, and its files match that one) is extracted over with this one.
     """
     root = workspace.settings.home / "models" / info.name / str(info.version)
     label = f"model {info.name}/{info.version}"
-    for rel, digest in info.files.items():
+    other = _other_registration(root, info, label)
+    # model.yaml last: until every file is in place, a reader of the directory sees the registration it had.
+    for rel, digest in sorted(info.files.items(), key=lambda item: item[0] == MANIFEST):
         path = root / rel
         if not path.resolve().is_relative_to(root.resolve()):
             raise IntegrityError(f"{label}: file name {rel!r} leaves the model directory")
-        if path.is_file():
+        if path.is_file() and not other:
             actual = hash_file(path)
             if actual != digest:
                 raise IntegrityError(f"{label}: extracted file {rel} in {root} was altered (sha256 {actual[:12]}, "
                                      f"expected {digest[:12]}); delete {root} to extract it again")
+            continue
+        if path.is_file() and hash_file(path) == digest:
             continue
         try:
             data = workspace.store.get_bytes(digest, verify=True)
@@ -278,7 +328,30 @@ def materialize(workspace: Workspace, info: ModelVersionInfo) -> Path:
             raise ModelLoadError(f"{label}: file {rel} (blob {digest[:12]}) is missing from the artifact store "
                                  f"{workspace.store.url}; register the model again from its source") from exc
         write_atomic(path, data)
+    for rel in other:  # the other registration's files that this one does not have
+        if rel not in info.files:
+            (root / rel).unlink(missing_ok=True)
     return root
+
+
+def _other_registration(root: Path, info: ModelVersionInfo, label: str) -> list[str]:
+    """The files of another registration of this name and version extracted in `root` (none: not one).
+
+    Writing the registry's files over them is what any process loading this version does, so two at once
+    leave the same directory.
+    """
+    manifest_file, expected = root / MANIFEST, info.files.get(MANIFEST)
+    if expected is None or not manifest_file.is_file() or hash_file(manifest_file) == expected:
+        return []
+    try:
+        extracted = read_manifest(root)
+        with contextlib.suppress(ModelLoadError):  # a file of it was deleted: still that registration
+            verify_directory(root, extracted)
+    except (ModelLoadError, IntegrityError) as exc:
+        raise IntegrityError(f"{label}: {root} holds a model.yaml other than the registry's for this version, "
+                             f"and files that do not match it ({exc}); delete {root} to extract this version "
+                             "again") from exc
+    return [*extracted.files, MANIFEST]
 
 
 def verify_model(root: Path, expected: Mapping[str, str] | None = None, uri: str | None = None) -> ModelManifest:
@@ -307,10 +380,22 @@ def _load_directory(root: Path, expected: Mapping[str, str] | None = None, uri: 
 
 
 def _is_path(text: str) -> bool:
-    """Whether `text` names a folder rather than a model: it is one, or it starts as no model name can."""
+    """Whether `text` names a folder rather than a model: it starts as no model name can, or it is a folder
+    and no model reference.
+
+    A valid reference (`iris`, `iris/2`) always means the registry, even with a folder of that name in the
+    working directory: what `load_model("iris")` loads must not depend on where the program runs (and a
+    stray `./iris` holding an older model.yaml would load silently). Write `./iris` for the folder.
+    """
     if not text.strip() or text.startswith(SCHEME):
         return False
-    return text.startswith(("/", ".", "~", "\\")) or Path(text).is_dir()
+    if text.startswith(("/", ".", "~", "\\")):
+        return True
+    try:
+        parse_model_ref(text)
+    except SpecError:
+        return Path(text).is_dir()
+    return False
 
 
 def load_model(uri: str | Path, settings: Settings | None = None) -> LoadedModel:

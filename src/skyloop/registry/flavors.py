@@ -6,15 +6,23 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import io
+import os
 import pickle
 import platform
 import shutil
+import sys
+import tempfile
+import threading
+import weakref
 from abc import ABC, abstractmethod
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol
 
 import cloudpickle
@@ -55,6 +63,14 @@ class Flavor(ABC):
     name: ClassVar[str]
     libraries: ClassVar[tuple[str, ...]] = ()
     """Distributions whose versions `model.yaml` records."""
+    reserved: ClassVar[tuple[str, ...]] = ()
+    """The names (files or folders at the top of the model directory) that the flavor writes or reads: an
+    extra file of one of these names would be taken for the model (see `clashes`)."""
+
+    def clashes(self, target: str) -> bool:
+        """Whether an extra file at `target` (relative POSIX path) would be, or be inside, one of `reserved`."""
+        parts = PurePosixPath(target).parts
+        return bool(parts) and parts[0] in self.reserved
 
     @abstractmethod
     def accepts(self, model: object) -> bool:
@@ -90,6 +106,40 @@ class _Sink(io.RawIOBase):
         return len(data)
 
 
+USER_MODULE_PREFIX = "skyloop_user_"
+"""How `execution.loading` names the module of a pipeline `.py` file (`skyloop_user_<stem>_<hash>`): no other
+process can import it by that name (a server, `load_model` elsewhere), so its code is pickled by value."""
+
+_by_value_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _user_modules_by_value() -> Iterator[None]:
+    """Make cloudpickle pickle the code of every pipeline file module by value for the block.
+
+    cloudpickle's registry is process-wide: the lock keeps one thread's block from unregistering a module
+    while another thread pickles with it.
+    """
+    with _by_value_lock:
+        already = cloudpickle.list_registry_pickle_by_value()
+        added = [module for name, module in list(sys.modules.items())
+                 if name.startswith(USER_MODULE_PREFIX) and module is not None and name not in already]
+        for module in added:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            for module in added:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+def _dumps_by_value(model: object) -> bytes:
+    """`model` pickled by cloudpickle with the code of `__main__` and of pipeline files by value."""
+    with _user_modules_by_value():
+        data: bytes = cloudpickle.dumps(model)
+    return data
+
+
 class _ByReferenceScan(pickle.Pickler):
     """Pickles into nothing, noting the first class or function that only the saving process can import."""
 
@@ -100,7 +150,8 @@ class _ByReferenceScan(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if self.local is None and (isinstance(obj, type) or inspect.isfunction(obj)):
             module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
-            if module in (None, "__main__") or "<locals>" in qualname:
+            if (module in (None, "__main__") or "<locals>" in qualname
+                    or str(module).startswith(USER_MODULE_PREFIX)):
                 self.local = f"{module}.{qualname}"
         return NotImplemented
 
@@ -109,7 +160,8 @@ def _defined_locally(model: object) -> bool:
     """Whether pickling `model` by reference would name code that other processes cannot import.
 
     A custom estimator defined in the training script lives in `__main__`: joblib would record
-    `__main__.Doubler`, which no server has.
+    `__main__.Doubler`, which no server has. One defined in a pipeline file run by skyloop lives in that
+    file's `skyloop_user_...` module, which no server has either.
     """
     scan = _ByReferenceScan()
     try:
@@ -122,14 +174,16 @@ def _defined_locally(model: object) -> bool:
 class SklearnFlavor(Flavor):
     """scikit-learn estimators and pipelines, saved with joblib.
 
-    A model that uses code of the training script itself (a custom transformer defined in `__main__`, a
-    lambda) is pickled by value with cloudpickle instead, as `model.pkl`, so that other processes load it.
+    A model that uses code of the training script itself (a custom transformer defined in `__main__` or in
+    a pipeline file, a lambda) is pickled by value with cloudpickle instead, as `model.pkl`, so that other
+    processes load it.
     """
 
     name = "sklearn"
     libraries = ("scikit-learn", "joblib", "numpy", "cloudpickle")
     FILE = "model.joblib"
     BY_VALUE_FILE = "model.pkl"
+    reserved = (FILE, BY_VALUE_FILE)
 
     def accepts(self, model: object) -> bool:
         return any(cls.__module__.startswith("sklearn.") for cls in type(model).__mro__)
@@ -139,7 +193,7 @@ class SklearnFlavor(Flavor):
             joblib.dump(model, root / self.FILE)
             return
         try:
-            data = cloudpickle.dumps(model)
+            data = _dumps_by_value(model)
         except Exception as exc:
             raise SpecError(f"cannot pickle the sklearn model {type(model).__name__}: {type(exc).__name__}: "
                             f"{exc}; move its custom classes into an importable module") from exc
@@ -159,12 +213,17 @@ class PythonFlavor(Flavor):
     """A user object with `predict(data)` and optionally `load()` or `load(model_dir)`, pickled by cloudpickle.
 
     A class (rather than an instance) is instantiated without arguments at load time. `load` is called once
-    after unpickling, with the model directory when it takes an argument, so it can read extra files.
+    after unpickling, with a directory when it takes an argument, so it can read extra files: a private,
+    writable copy of the model directory, so that what `load` unpacks or caches there never changes the
+    verified directory (which every process loading the version shares, and which is refused once it holds
+    a file `model.yaml` does not list). The copy is removed when the model object is collected or this
+    process exits.
     """
 
     name = "python"
     libraries = ("cloudpickle",)
     FILE = "python_model.pkl"
+    reserved = (FILE,)
 
     def accepts(self, model: object) -> bool:
         return callable(getattr(model, "predict", None))
@@ -173,12 +232,13 @@ class PythonFlavor(Flavor):
         if not callable(getattr(model, "predict", None)):
             raise SpecError(f"a python-flavor model needs a predict(data) method; {type(model).__name__} has none")
         try:
-            data = cloudpickle.dumps(model)
+            data = _dumps_by_value(model)
         except Exception as exc:
             raise SpecError(f"cannot pickle the python model {type(model).__name__}: {exc}") from exc
         (root / self.FILE).write_bytes(data)
 
     def load(self, root: Path) -> Predictor:
+        scratch: Path | None = None
         try:
             obj = cloudpickle.loads((root / self.FILE).read_bytes())
             if isinstance(obj, type):
@@ -187,15 +247,42 @@ class PythonFlavor(Flavor):
             if callable(load):
                 takes_dir = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                                 for p in inspect.signature(load).parameters.values())
-                ready = load(root) if takes_dir else load()
+                if takes_dir:
+                    scratch = _scratch_copy(root)
+                ready = load(scratch) if scratch is not None else load()
                 if ready is False:
                     raise ModelLoadError(f"the python model in {root}: load() returned False")
-        except ModelLoadError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            if isinstance(exc, ModelLoadError) or not isinstance(exc, Exception):
+                raise
             raise _wrap_load_errors(self.name, root, exc) from exc
+        if scratch is not None:
+            _remove_with(obj, scratch)
         model: Predictor = obj
         return model
+
+
+def _scratch_copy(root: Path) -> Path:
+    """A private, writable copy of the model directory `root` for a python model's `load(model_dir)`."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"skyloop-model-{root.name}-"))
+    shutil.copytree(root, scratch, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".tmp-*"))
+    return scratch
+
+
+def _remove_scratch(path: str, owner: int) -> None:
+    # Only by the process that made it: a forked server worker inherits the finalizers of its parent.
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_with(obj: object, scratch: Path) -> None:
+    """Remove `scratch` when `obj` is collected, or at the latest when this process exits."""
+    try:
+        weakref.finalize(obj, _remove_scratch, str(scratch), os.getpid())  # also runs at exit
+    except TypeError:  # an object without weak references (a class with __slots__)
+        atexit.register(_remove_scratch, str(scratch), os.getpid())
 
 
 _ONNX_DTYPES: dict[str, Any] = {
@@ -246,6 +333,7 @@ class OnnxFlavor(Flavor):
     name = "onnx"
     libraries = ("onnxruntime", "onnx")
     FILE = "model.onnx"
+    reserved = (FILE,)
 
     def accepts(self, model: object) -> bool:
         if isinstance(model, str | Path):
@@ -277,6 +365,7 @@ class MlflowFlavor(Flavor):
     name = "mlflow"
     libraries = ("mlflow",)
     FOLDER = "mlflow"
+    reserved = (FOLDER,)
 
     def accepts(self, model: object) -> bool:
         return isinstance(model, str | Path) and (Path(model) / "MLmodel").is_file()

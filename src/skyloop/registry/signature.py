@@ -10,7 +10,7 @@ import numpy as np
 from skyloop.errors import SpecError
 from skyloop.registry.package import Datatype, Signature, TensorSpec
 
-__all__ = ["datatype_of", "infer_signature", "tensor_specs"]
+__all__ = ["check_signature", "datatype_of", "infer_signature", "tensor_specs"]
 
 _BY_NAME: dict[str, Datatype] = {
     "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
@@ -93,8 +93,71 @@ def _check_unique(names: list[str], what: str) -> None:
                         "give each column a distinct name")
 
 
+def _rows(value: object) -> int | None:
+    """How many rows (the batch) a sample holds, when it says: a dict's first value's, an array's first axis."""
+    if isinstance(value, Mapping):
+        return _rows(next(iter(value.values()))) if value else None
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    return len(value) if isinstance(value, list | tuple) else None
+
+
+def _is_batch(value: object, rows: int | None) -> bool:
+    """Whether `value` is an array-like (not a scalar or a string) of `rows` rows."""
+    if isinstance(value, str | bytes) or rows is None:
+        return False
+    return _rows(value) == rows
+
+
+def _output_specs(prediction: object, rows: int | None) -> list[TensorSpec]:
+    """The outputs of what the model returned for an example of `rows` rows.
+
+    A tuple of arrays of the batch's length is several outputs, `predict_0`, `predict_1`, ... (the server
+    splits a tuple answer by the signature's output names in that order); read as one array, its batch
+    would be on the second axis.
+    """
+    if isinstance(prediction, tuple):
+        arrays = [part for part in prediction if not np.isscalar(part)]
+        if len(prediction) > 1 and all(_is_batch(part, rows) for part in prediction):
+            specs = [_batched(f"predict_{i}", part, what="output") for i, part in enumerate(prediction)]
+            _check_unique([s.name for s in specs], "output")
+            return specs
+        if arrays and len(prediction) != rows:  # a tuple of one array per row is one output
+            raise SpecError(f"output: the model returned a tuple of {len(prediction)} values for an example of "
+                            f"{rows if rows is not None else 'some'} rows, not one array per output with a row "
+                            "each; return an array, a tuple of arrays of one row per input row, or a dict of "
+                            "them by name")
+    elif isinstance(prediction, list) and len(prediction) > 1 and len(prediction) != rows and all(
+            isinstance(part, np.ndarray) and _is_batch(part, rows) for part in prediction):
+        raise SpecError(f"output: the model returned a list of {len(prediction)} arrays of {rows} rows for an "
+                        f"example of {rows} rows; return several outputs as a tuple or a dict by name")
+    return tensor_specs(prediction, "predict", "output")
+
+
 def infer_signature(example: object, prediction: object | None = None) -> Signature:
     """A signature from a sample input and, when given, what the model returned for it."""
     inputs = tensor_specs(example, "input-0")
-    outputs = tensor_specs(prediction, "predict", "output") if prediction is not None else []
+    outputs = _output_specs(prediction, _rows(example)) if prediction is not None else []
     return Signature(inputs=inputs, outputs=outputs, frame=True if _is_frame(example) else None)
+
+
+def check_signature(signature: Signature) -> Signature:
+    """`signature`, or a SpecError naming the first tensor a request could not name or shape.
+
+    Pydantic checks the fields' types only: two tensors of one name could not both be sent (the server
+    would take one for the other), and a shape must have a dimension, each a size >= 1 or -1 (any).
+    """
+    for what, specs in (("inputs", signature.inputs), ("outputs", signature.outputs)):
+        names = [spec.name for spec in specs]
+        for i, spec in enumerate(specs):
+            where = f"signature.{what}[{i}]"
+            if not spec.name.strip():
+                raise SpecError(f"{where}.name is empty; give each tensor a name")
+            if spec.name in names[:i]:
+                raise SpecError(f"{where}.name: {spec.name!r} appears more than once in signature.{what}; give "
+                                "each tensor a distinct name")
+            if not spec.shape or any(d == 0 or d < -1 for d in spec.shape):
+                raise SpecError(f"{where}.shape: {spec.shape} ({spec.name!r}) is not a shape; give at least one "
+                                "dimension (the batch first), each a size >= 1 or -1 for any size")
+    return signature
