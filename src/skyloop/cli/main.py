@@ -37,6 +37,8 @@ class State:
 
     debug: bool = False
     home: Path | None = None
+    interrupted: str = "interrupted"
+    """What Ctrl-C says: a command that knows more (the run it cancelled, how to finish it) sets it."""
 
     def settings(self, **execution: Any) -> Settings:
         """The settings for this invocation (environment, then --home, then command options)."""
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Outside standalone mode Click returns the code of a `typer.Exit` instead of exiting with it.
         code = app(args=argv, standalone_mode=False)
+        if code == 130:  # Typer turns a KeyboardInterrupt in a command into this code, saying nothing
+            raise KeyboardInterrupt
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except SkyloopError as exc:
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(_labelled("error:", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        err_console.print("interrupted", style="yellow")
+        err_console.print(state.interrupted, style="yellow", highlight=False, soft_wrap=True)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

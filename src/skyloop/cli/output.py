@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
+import sys
+from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
 
-__all__ = ["json_text", "print_json", "printable"]
+__all__ = ["json_text", "print_json", "printable", "stdout_kept_for_json"]
 
 
 def _plain(value: Any) -> Any:
@@ -34,6 +38,37 @@ def json_text(doc: Any) -> str:
 def print_json(doc: Any) -> None:
     """Print `doc` as strict JSON on stdout, and nothing else."""
     print(json_text(doc))
+
+
+@contextlib.contextmanager
+def stdout_kept_for_json(keep: bool = True) -> Iterator[None]:
+    """With `keep`, send all that is written to stdout in the block to stderr, so that the JSON printed after it is
+    the only thing on stdout.
+
+    At the file-descriptor level: a step run in this process (or a module it imports) writes there not only with
+    `print` but from C code (LightGBM, XGBoost), child processes (`git`, `pip`) and `os.write(1, ...)`, and any
+    of them made `run --json` invalid JSON.
+    """
+    if not keep:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+        saved = os.dup(fd)  # not inheritable: child processes started in the block never get the real stdout
+    except (AttributeError, OSError, ValueError):  # stdout or stderr is no file (a test's capture), or closed
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    try:
+        sys.stderr.flush()
+        os.dup2(err, fd)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # what `print` buffered in the block goes to stderr too
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

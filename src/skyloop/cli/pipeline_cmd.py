@@ -74,6 +74,8 @@ PICTURES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".gif")
 """Suffixes of `-o` drawn as a picture by Graphviz's `dot`."""
 TEXTS = {".dot": "dot", ".gv": "dot", ".mmd": "mermaid", ".mermaid": "mermaid", ".txt": "tree"}
 """Suffixes of `-o` that say which text to write, when `--format` does not."""
+TREE_FILE_WIDTH = 200
+"""Columns of the tree written to a .txt file."""
 
 
 @app.command()
@@ -91,7 +93,7 @@ def graph(
     spec = prepare(load_target(target)).spec
     if output is None:
         if fmt in (None, "tree"):
-            console.print(_tree(spec))
+            console.print(_tree(spec, console.width))
         else:
             print(to_mermaid(spec) if fmt == "mermaid" else to_dot(spec), end="")
         return
@@ -105,7 +107,7 @@ def graph(
                         f"(with Graphviz's dot), write text with {', '.join(TEXTS)}, or pass --format")
     if chosen == "tree":
         text = io.StringIO()
-        Console(file=text, width=200, no_color=True, markup=False).print(_tree(spec))
+        Console(file=text, width=TREE_FILE_WIDTH, no_color=True, markup=False).print(_tree(spec, TREE_FILE_WIDTH))
         _write(output, text.getvalue)
     else:
         _write(output, lambda: to_mermaid(spec) if chosen == "mermaid" else to_dot(spec))
@@ -124,18 +126,32 @@ def _draw(spec: PipelineSpec, output: Path) -> None:
     console.print(f"wrote {output}")
 
 
-def _tree(spec: PipelineSpec) -> Tree:
-    """Each task under the first task it depends on; further parents are named in brackets."""
+LABEL_ROOM = 24
+"""Columns a tree line keeps for its label: a branch indented further goes on from the top level."""
+
+
+def _tree(spec: PipelineSpec, width: int) -> Tree:
+    """Each task under the first task it depends on; further parents are named in brackets.
+
+    Rich indents 4 columns a level and draws nothing of a node indented past the width, without a word: a chain
+    of 20 steps lost its end on 80 columns. A task that would sit deeper than `width` allows starts a new branch
+    at the top level instead, naming the task it comes after, so that every task is drawn.
+    """
+    deepest = max(1, (width - LABEL_ROOM) // 4)
     root = Tree(Text(spec.name, style="bold"))
-    nodes: dict[str, Tree] = {}
+    nodes: dict[str, tuple[Tree, int]] = {}
     parents: dict[str, list[str]] = {t.name: [] for t in spec.tasks}
     for src, dst, _ in edges(spec):
         parents[dst].append(src)
     for name in topological_order(spec):
         task = spec.task(name)
         first, others = (parents[name][0], parents[name][1:]) if parents[name] else (None, [])
+        parent, depth = nodes[first] if first else (root, 0)
         text = Text(label(task))  # a Text, not markup: labels hold types such as `list[float]`
+        if depth >= deepest:
+            parent, depth = root, 0
+            text.append(f" (after {first}: continued from above)", style="dim")
         if others:
             text.append(f" (also after {', '.join(others)})", style="dim")
-        nodes[name] = (nodes[first] if first else root).add(text)
+        nodes[name] = (parent.add(text), depth + 1)
     return root
