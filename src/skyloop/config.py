@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from skyloop.errors import SpecError
 from skyloop.spec.resources import parse_memory
 
-__all__ = ["ExecutionSettings", "Settings"]
+__all__ = ["ExecutionSettings", "MonitoringSettings", "Settings"]
 
 LEASE_HEARTBEATS = 3
 """A run's lease spans at least this many heartbeats (renewals of it)."""
@@ -82,6 +82,13 @@ class ExecutionSettings(BaseModel):
         return self
 
 
+class MonitoringSettings(BaseModel):
+    """What deployments' closed loops keep."""
+
+    drift_report_days: float = Field(default=7.0, gt=0, allow_inf_nan=False)
+    """Days a deployment's drift reports (one per check) are kept; its loop deletes older ones hourly."""
+
+
 _JSON_SETTINGS = {"POOLS": '{"gpu-train": 1}', "RESOURCES": '{"license": 2}', "GPU_IDS": "[0, 1]"}
 """The execution settings that hold a list or a mapping (given as JSON), with an example of each."""
 
@@ -122,6 +129,8 @@ class Settings(BaseSettings):
     """fsspec URL of the artifact store; default: `<home>/artifacts`."""
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     """Execution backends and resource limits."""
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    """Retention of what the closed loop measures."""
 
     @property
     def resolved_db_url(self) -> str:
@@ -161,4 +170,5 @@ class Settings(BaseSettings):
     @classmethod
     def for_home(cls, home: Path | str) -> Settings:
         """Settings rooted at `home` with defaults for the rest, ignoring the environment (tests, embedding)."""
-        return cls.model_construct(home=Path(home), db_url=None, artifacts_url=None, execution=ExecutionSettings())
+        return cls.model_construct(home=Path(home), db_url=None, artifacts_url=None, execution=ExecutionSettings(),
+                                   monitoring=MonitoringSettings())

@@ -99,7 +99,7 @@ def test_overrides_change_test_and_threshold() -> None:
     assert (default.test, default.threshold) == ("ks", 0.05)
     wasserstein = _only(ref, cur, DriftSpec(features={"x": FeatureDriftSpec(test=FeatureTest.WASSERSTEIN)}))
     assert (wasserstein.test, wasserstein.threshold, wasserstein.p_value) == ("wasserstein", 0.1, None)
-    lenient = _only(ref, cur, DriftSpec(features={"x": FeatureDriftSpec(threshold=1e-12)}))
+    lenient = _only(ref, cur, DriftSpec(features={"x": FeatureDriftSpec(test=FeatureTest.KS, threshold=1e-12)}))
     assert lenient.p_value == default.p_value
     assert default.drifted and not lenient.drifted
     categorical = _only(ref.round(), cur.round(), DriftSpec(features={"x": FeatureDriftSpec(kind="categorical")}))
@@ -276,3 +276,103 @@ def test_both_samples_large_use_the_distance() -> None:
     assert _only(_numeric(1, 2_000), _numeric(2, 1_001)).test == "wasserstein"
     assert _only(_numeric(1, 2_000), _numeric(2, 1_000)).test == "ks"
     assert _only(_numeric(1, 1_000), _numeric(2, 2_000)).test == "ks"
+
+
+def test_the_test_is_chosen_by_the_values_present_not_the_rows() -> None:
+    # A feature present in 2% of the rows: ~100 reference values and ~40 current ones, from one distribution.
+    # Chosen by the frames' row counts (5,000 and 2,000), the normed Wasserstein distance flagged every window.
+    rng = np.random.default_rng(3)
+
+    def sparse(n: int) -> pd.DataFrame:
+        values = rng.normal(size=n)
+        values[rng.random(n) > 0.02] = np.nan
+        return pd.DataFrame({"x": values})
+
+    reference = sparse(5_000)
+    flagged = [_only(reference, sparse(2_000)) for _ in range(100)]
+    assert {f.test for f in flagged} == {"ks"}
+    assert sum(f.drifted for f in flagged) <= 12  # 5% expected
+    assert _only(_numeric(1, 2_000), _numeric(2, 2_000)).test == "wasserstein"  # full columns: still the distance
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"threshold": 0.01}, r"threshold 0.01 needs a test.*\{test: ks, threshold: 0.01\}"),
+    ({"kind": "numeric", "threshold": 0.01}, "threshold 0.01 needs a test"),
+    ({"test": "ks", "threshold": 5}, r"threshold 5 is a p-value for test 'ks'.*between 0 and 1"),
+    ({"test": "chisquare", "threshold": 1}, "threshold 1 is a p-value for test 'chisquare'"),
+    ({"test": "z", "threshold": 0}, "greater than 0"),
+])
+def test_a_threshold_must_say_what_it_bounds(given: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        FeatureDriftSpec.model_validate(given)
+
+
+@pytest.mark.parametrize("given", [{"test": "ks", "threshold": 0.01}, {"test": "wasserstein", "threshold": 2.5},
+                                   {"test": "jensenshannon", "threshold": 0.3}, {"kind": "numeric"}])
+def test_thresholds_with_their_test_are_accepted(given: dict[str, Any]) -> None:
+    assert FeatureDriftSpec.model_validate(given).threshold == given.get("threshold")
+
+
+def test_the_dataset_verdict_is_corrected_for_the_features_tested_and_each_feature_is_not() -> None:
+    # x's p-value is about 0.03: drift on its own, not once two features share the 5% (Holm: 0.03 >= 0.05 / 2).
+    rng = np.random.default_rng(6)
+    ref = pd.DataFrame({"x": rng.normal(size=300), "y": rng.normal(size=300)})
+    cur = pd.DataFrame({"x": rng.normal(0.18, 1.0, 300), "y": rng.normal(size=300)})
+    report = detect_drift(ref, cur)
+    x, y = report.features
+    assert 0.025 <= x.p_value < 0.05 and x.drifted and not y.drifted  # type: ignore[operator]
+    assert report.drifted == 1 and report.share == 0.0 and not report.dataset_drift
+    strong = cur.assign(x=rng.normal(1.0, 1.0, 300))
+    assert detect_drift(ref, strong).dataset_drift  # a real move is still found
+
+
+def test_dataset_drift_holds_its_false_alarm_level_with_two_features() -> None:
+    # Windows of unchanged data: one of two features drifting (p < 0.05 each) was dataset drift in ~10% of them.
+    rng = np.random.default_rng(2)
+    reference = pd.DataFrame({"a": rng.normal(size=5_000), "b": rng.normal(size=5_000)})
+    reports = [detect_drift(reference, pd.DataFrame({"a": rng.normal(size=600), "b": rng.normal(size=600)}))
+               for _ in range(300)]
+    alarms = sum(r.dataset_drift for r in reports)
+    # 5% family-wise over references; this one reference gives 21 (the uncorrected rule: 38).
+    assert alarms <= 28, alarms
+    assert sum(r.drifted > 0 for r in reports) > alarms  # each feature's own verdict is not corrected
+
+
+def test_a_float32_reference_matches_the_floats_a_client_sends() -> None:
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame({"x": rng.choice([0.1, 0.2, 0.3], 800).astype(np.float32)})
+    cur = pd.DataFrame({"x": rng.choice([0.1, 0.2, 0.3], 300)})  # float64, as JSON parses them
+    result = _only(ref, cur)
+    assert result.test == "chisquare" and not result.drifted and result.unseen == 0.0
+    moved = pd.DataFrame({"x": rng.choice([0.1, 0.2, 0.3], 300, p=[0.1, 0.1, 0.8])})
+    assert _only(ref, moved).drifted
+
+
+def test_mostly_unique_categories_are_not_testable_and_report_what_is_unseen() -> None:
+    # All counts 1: chi-squared is N on N - 1 degrees of freedom, p ~ 0.5 however disjoint the samples.
+    dates = pd.DataFrame({"d": pd.date_range("2020", periods=200)})
+    later = pd.DataFrame({"d": pd.date_range("2021", periods=50)})
+    result = _only(dates, later)
+    assert not result.testable and not result.drifted and result.p_value is None and result.unseen == 1.0
+    report = detect_drift(dates.assign(x=_numeric(1, 200)["x"]), later.assign(x=_numeric(2, 50)["x"]))
+    assert report.share == 0.0 and not report.dataset_drift  # counted on neither side of the dataset's verdict
+    # Zip-code-like: a few common values and a long tail of rare ones; the tail is merged, and a move is found.
+    rng = np.random.default_rng(0)
+    common, tail = ["a", "b", "c"], [f"z{i}" for i in range(400)]
+    ref = pd.DataFrame({"z": [*rng.choice(common, 300), *rng.choice(tail, 200)]})
+    same = pd.DataFrame({"z": [*rng.choice(common, 180), *rng.choice(tail, 120)]})
+    moved = pd.DataFrame({"z": [*rng.choice(common, 60), *[f"new{i}" for i in range(240)]]})
+    assert _only(ref, same).testable and not _only(ref, same).drifted
+    shifted = _only(ref, moved)
+    assert shifted.testable and shifted.drifted and shifted.unseen == pytest.approx(0.8)
+
+
+def test_a_deployment_spec_with_a_threshold_and_no_test_names_the_field_and_the_fix() -> None:
+    from skyloop.deploy.spec import load_deployment_spec
+
+    doc = {"name": "d", "predictors": [{"name": "a", "model_uri": "models:/m/1", "traffic": 100}],
+           "loop": {"drift": {"tests": {"features": {"x0": {"threshold": 0.01}}}}}}
+    with pytest.raises(SpecError, match=r"loop\.drift\.tests\.features\.x0: threshold 0\.01 needs a test"):
+        load_deployment_spec(doc)
+    doc["loop"]["drift"]["tests"]["features"]["x0"] = {"test": "ks", "threshold": 0.01}
+    assert load_deployment_spec(doc).loop is not None

@@ -315,3 +315,29 @@ def test_history_records_each_firing_in_order() -> None:
 def test_two_conditions_of_one_kind_are_refused() -> None:
     with pytest.raises(ValidationError, match="labelled_rows appears more than once"):
         _triggers({"labelled_rows": 100}, {"labelled_rows": 10}, mode="all")
+
+
+def test_debounce_counts_only_drift_checks_whose_windows_do_not_overlap() -> None:
+    # Checks 5 s apart test nearly the same logged rows: a second one confirms the same noise, not a new window.
+    triggers = _triggers({"drift": True}, debounce=2)
+
+    def drift(first: float, last: float) -> Signals:
+        return Signals(dataset_drift=True, quality=None, labelled_rows=0, drift_window=(first, last))
+
+    assert triggers.check(drift(0.0, 60.0), now=60.0) is None
+    assert triggers.check(drift(5.0, 65.0), now=65.0) is None  # overlaps: neither counts nor breaks the streak
+    assert triggers.check(drift(30.0, 90.0), now=90.0) is None
+    assert triggers.streak == 1
+    firing = triggers.check(drift(61.0, 121.0), now=121.0)  # the first window of rows all new
+    assert firing is not None and firing.cause["checks_in_a_row"] == 2
+    # A check without drift still breaks the streak, and the next window counts from scratch.
+    assert triggers.check(drift(122.0, 180.0), now=180.0) is None
+    assert triggers.check(Signals(dataset_drift=False, quality=None, labelled_rows=0, drift_window=(150.0, 200.0)),
+                          now=200.0) is None
+    assert triggers.streak == 0
+    assert triggers.check(drift(170.0, 230.0), now=230.0) is None
+    assert triggers.check(drift(231.0, 290.0), now=290.0) is not None
+    # Conditions other than drift count every check, as before.
+    rows = _triggers({"labelled_rows": 1}, debounce=2)
+    assert rows.check(_signals(labelled=1), now=1.0) is None
+    assert rows.check(_signals(labelled=1), now=2.0) is not None

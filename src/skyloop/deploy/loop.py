@@ -29,12 +29,12 @@ import numpy as np
 from skyloop.deploy.analysis import SLACK, same_answer
 from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
 from skyloop.errors import Conflict, SkyloopError
+from skyloop.monitoring.drift_inputs import drift_inputs, masked_as
 from skyloop.monitoring.payloads import (
     META,
     PayloadLog,
     UnwrittenPayloads,
     count_feedback,
-    feature_column,
     input_name,
     labelled,
     read_payloads,
@@ -51,6 +51,8 @@ __all__ = ["Loop", "gate_failures", "holdout_split"]
 log = logging.getLogger("skyloop.deploy")
 
 _LABELS = ("truth", "reward")
+_PRUNE_EVERY = 3600.0
+"""Seconds between deletions of drift reports past their retention."""
 _ENDS = ("loop.finished", "loop.rejected", "loop.skipped", "loop.failed", "loop.stopped")
 """The events that end an iteration (its cooldown starts)."""
 
@@ -118,6 +120,8 @@ class Loop:
         self.references: dict[str, pd.DataFrame | None] = {}
         self.last: dict[str, Any] = {}
         self.gauges = runner.gateway.metrics
+        self.pruned_at: float | None = None
+        """When old drift reports were last deleted (monotonic)."""
         self.gauged: str | None = None
         """The model version the drift and quality gauges are about (the serving one when last measured)."""
         name = runner.name
@@ -149,7 +153,7 @@ class Loop:
         if now - self.last_check < self.spec.drift.every:
             return
         self.last_check = now
-        said = self.last.get("error")
+        said, noted = self.last.get("error"), self.last.get("unchecked")
         try:
             signals = await asyncio.to_thread(self.measure)  # measured in every phase, so gauges and reports go on
         except SkyloopError as exc:
@@ -162,6 +166,8 @@ class Loop:
         # once, and the other conditions (quality, labelled rows, schedule) are still checked without it.
         if (error := self.last.get("error")) and error != said:
             await self.runner.event("loop.measure_failed", error)
+        if (note := self.last.get("unchecked")) and note != noted:  # said once, as long as it stays the same
+            await self.runner.event("loop.unchecked", f"drift leaves out {note}")
         if self.triggers is None or self.phase != "watching" or busy:  # not over a rollout in flight
             return
         firing = self.triggers.check(signals, now)
@@ -200,16 +206,17 @@ class Loop:
 
     def _resume_triggers(self) -> None:
         """Cooldown and schedule go on from the deployment's last firing and iteration end, as its events recorded
-        them: a restarted controller, or a loop whose section changed, does not fire in the middle of a cooldown."""
-        if self.triggers is None:
-            return
+        them: a restarted controller, or a loop whose section changed, does not fire in the middle of a cooldown.
+        Labelled rows are counted from that firing too (from the deployment's creation before any), not from
+        this loop's start: a restart must not throw away the labels collected towards `labelled_rows`."""
         from skyloop.store.deployments import last_event_times
 
         with self.workspace.db.read() as session:
             last = last_event_times(session, self._name, ("loop.fired", *_ENDS),
                                     datetime.fromtimestamp(self.runner.created_at, UTC))
         fired = last.pop("loop.fired", None)
-        if fired is None:
+        self.labelled_since = fired.timestamp() if fired is not None else self.runner.created_at
+        if fired is None or self.triggers is None:
             return
         end = max(last.values(), default=fired)
         now, wall = time.monotonic(), time.time()
@@ -276,26 +283,32 @@ class Loop:
         drift: bool | None = None
         detail = error = ""
         reference = self._reference(version) if version is not None else None
+        window: tuple[float, float] | None = None
+        unchecked: dict[str, str] = {}
         if version is not None and reference is not None:
             recent = read_payloads(self.workspace, self._name, since=since, version=version,
                                    last=self.spec.drift.window)
             if len(recent) >= self.spec.drift.tests.min_rows:
-                features = [c for c in reference.columns if feature_column(c) in recent.columns]
-                current = recent[[feature_column(c) for c in features]].set_axis(features, axis=1)
+                inputs = drift_inputs(reference, recent, self.spec.log.mask, self.spec.drift.tests,
+                                      self.payloads.hashed)
                 report = None
-                if not features:  # nothing to compare is no measure, not a measured absence of drift
+                if inputs is None:  # nothing to compare is no measure, not a measured absence of drift
                     names = [str(c) for c in reference.columns]
                     listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
                     error = (f"cannot measure drift: none of the features of the reference of {version} ({listed}) "
                              "is among the logged inputs")
                 else:
+                    unchecked = inputs.unchecked
                     try:
-                        report = detect_drift(reference[features], current, self.spec.drift.tests)
+                        report = detect_drift(inputs.reference, inputs.current, inputs.tests)
                     except SkyloopError as exc:
                         error = f"cannot measure drift: {exc}"
                 if report is not None and report.enough_data:
                     drift = report.dataset_drift
+                    window = (float(recent["at"].min()), float(recent["at"].max()))
                     detail = f"{report.drifted}/{len(report.features)} features drift"
+                    if untestable := [f.feature for f in report.features if not f.testable]:
+                        detail += f" ({len(untestable)} not testable: {', '.join(untestable)})"
                     self.gauges.dataset_drift.labels(self._name, version).set(1.0 if drift else 0.0)
                     self.gauges.drift_share.labels(self._name, version).set(report.share)
                     for f in report.features:
@@ -306,10 +319,29 @@ class Loop:
                     with self.workspace.db.session() as session:
                         session.add(DriftReportRow(deployment=self._name, version=version, at=utcnow(),
                                                    dataset_drift=bool(drift), share=report.share, report=doc))
+                    self._prune_reports()
         self.last = {"version": version, "dataset_drift": drift, "drift": detail, "quality": quality,
                      "quality_samples": samples, "labelled_rows": new_rows, "phase": self.phase,
-                     **({"error": error} if error else {})}
-        return Signals(drift, quality, new_rows, detail, samples)
+                     **({"error": error} if error else {}),
+                     **({"unchecked": "; ".join(f"{k}: {v}" for k, v in unchecked.items())} if unchecked else {})}
+        return Signals(drift, quality, new_rows, detail, samples, drift_window=window)
+
+    def _prune_reports(self) -> None:
+        """Delete this deployment's drift reports older than the retention (`monitoring.drift_report_days`),
+        at the first check and then hourly: one row a check (17,280 a day at `every: 5s`) would grow forever."""
+        now = time.monotonic()
+        if self.pruned_at is not None and now - self.pruned_at < _PRUNE_EVERY:
+            return
+        from sqlalchemy import delete
+
+        from skyloop.store.models import DriftReportRow
+
+        self.pruned_at = now
+        days = self.workspace.settings.monitoring.drift_report_days
+        cutoff = datetime.fromtimestamp(time.time() - days * 86_400, UTC)
+        with self.workspace.db.session() as session:
+            session.execute(delete(DriftReportRow).where(DriftReportRow.deployment == self._name,
+                                                         DriftReportRow.at < cutoff))
 
     def _quality(self, version: str | None, since: float) -> tuple[float | None, int]:
         if version is None:
@@ -361,6 +393,15 @@ class Loop:
             self._idle(time.monotonic())
             return
         features = [c for c in data.columns if c not in (*META, *_LABELS)]
+        if hashed := [input_name(c) for c in features if masked_as(c, self.spec.log.mask) == "hash"]:
+            # A challenger trained on hashes gets the clients' values once served, and the gate would score both
+            # models on hashes: no iteration can come of such logs (an input masked with drop is not in them).
+            await self.runner.event("loop.failed", f"cannot retrain on the logs: {', '.join(map(repr, hashed))} "
+                                                   "masked with hash in loop.log.mask, so logged as hashes, not the "
+                                                   "values the model takes; mask it with drop (then it is not in "
+                                                   "the retraining data) or not at all")
+            self._idle(time.monotonic())
+            return
         registered = await asyncio.to_thread(self._registered_at, champion)
         train, holdout = holdout_split(data, retrain.holdout, registered)
         if holdout.empty:

@@ -1,10 +1,10 @@
 """Data drift between a reference frame and current traffic, per feature, with Evidently's default tests.
 
 The test for a feature follows Evidently's `DataDriftPreset` unless the spec names one, but by the size of the
-smaller sample rather than the reference's alone:
+smaller sample of the feature's present values (missing ones dropped) rather than the reference's rows alone:
 
 ============  ======================================  ==================================
-kind          either sample <= 1,000 rows             both samples > 1,000 rows
+kind          either sample <= 1,000 values           both samples > 1,000 values
 ============  ======================================  ==================================
 numeric       Kolmogorov-Smirnov, drift if p < 0.05   normed Wasserstein, drift if >= 0.1
 categorical   chi-squared, drift if p < 0.05          Jensen-Shannon, drift if >= 0.1
@@ -20,10 +20,20 @@ size, and distances are used where both samples are large enough for their noise
 Chi-squared is the two-sample test (of homogeneity, on the reference and current counts per category), where
 Evidently tests the current counts against the reference's shares as if those were exact: with references of a
 few hundred rows that flags drift in 30-90% of windows drawn from the reference's own distribution.
+Where more than 20% of that table's cells expect fewer than 5 values (Cochran's rule, mostly-unique values such as
+ids, dates or zip codes), the categories seen fewer than 5 times in both samples together are merged into one
+before testing; when nothing but that one is left, no category test can tell the samples apart (with all counts 1,
+chi-squared gives p of about 0.5 however disjoint they are): the feature is reported not testable, with no verdict,
+and counts for no side of the dataset's. Every categorical feature also reports `unseen`, the share of its current
+values the reference never has. A float reference's categories are compared in its own dtype (a float32 0.1 is the
+0.1 a JSON client sends).
 Missing values (NaN, None) and infinities (±inf, which no test can measure) are dropped per feature before
 testing; a feature with no current values left is reported drifted with a NaN statistic (a feature that stops
-arriving is drift worth hearing of). Any NaN statistic or p-value counts as drift, never as its absence.
-The dataset drifts when at least `share` of the checked features drift.
+arriving is drift worth hearing of). Any other NaN statistic or p-value counts as drift, never as its absence.
+The dataset drifts when at least `share` of the checked (testable) features drift, each p-value test judged after
+Holm's correction across the features checked with one: with two features tested at 5% each, one of them drifted in
+about 10% of windows of unchanged data (Evidently's plain rule), against at most 5% corrected. A feature's own
+verdict (`drifted`) stays uncorrected; distances and features with no current values count as they are.
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ from skyloop.errors import SpecError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DriftReport", "DriftSpec", "FeatureDrift", "FeatureDriftSpec", "FeatureTest", "detect_drift"]
+__all__ = ["DriftReport", "DriftSpec", "FeatureDrift", "FeatureDriftSpec", "FeatureTest", "detect_drift",
+           "feature_kind"]
 
 _SMALL_SAMPLE = 1_000  # distances where both samples have more rows than this; p-value tests below
 _MAX_DISCRETE = 5  # a numeric column with at most this many distinct values is categorical
@@ -86,6 +97,15 @@ class FeatureDriftSpec(BaseModel):
         if self.kind != "auto" and self.test != FeatureTest.AUTO and self.kind != _test_kind(self.test):
             raise ValueError(f"test {self.test.value!r} is for {_test_kind(self.test)} features, "
                              f"but kind is {self.kind!r}")
+        # Without a test the automatic choice (by the samples' sizes) decides whether `threshold` is a p-value or
+        # a distance: 0.01 meant as p < 0.01 would flag nearly every window once the reference grew a distance.
+        if self.threshold is not None and self.test == FeatureTest.AUTO:
+            raise ValueError(f"threshold {self.threshold:g} needs a test: it is a p-value for ks, chisquare and z "
+                             "and a distance for wasserstein and jensenshannon; give one, e.g. "
+                             f"{{test: ks, threshold: {self.threshold:g}}}")
+        if self.threshold is not None and self.test not in _DISTANCE_TESTS and self.threshold >= 1:
+            raise ValueError(f"threshold {self.threshold:g} is a p-value for test {self.test.value!r} (drift when "
+                             "p < threshold): give one between 0 and 1, e.g. 0.05")
         return self
 
 
@@ -115,6 +135,10 @@ class FeatureDrift:
     p_value: float | None
     threshold: float
     drifted: bool
+    unseen: float | None = None
+    """Categorical features: the share of current values the reference never has (None for numeric ones)."""
+    testable: bool = True
+    """False where no test can tell the samples apart (values nearly all distinct): no verdict either way."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +147,9 @@ class DriftReport:
 
     features: list[FeatureDrift]
     drifted: int
+    """Features whose own verdict is drift."""
     share: float
+    """The share of the testable features that drift for the dataset (after Holm's correction)."""
     dataset_drift: bool
     reference_rows: int
     current_rows: int
@@ -167,12 +193,23 @@ def detect_drift(reference: pd.DataFrame, current: pd.DataFrame, spec: DriftSpec
     ref_by_name = {str(c): reference[c] for c in reference.columns}
     cur_by_name = {str(c): current[c] for c in current.columns}
     results = [_check(name, _present(ref_by_name[name]), _present(cur_by_name[name]),
-                      spec.features.get(name, FeatureDriftSpec()), large=min(ref_rows, cur_rows) > _SMALL_SAMPLE)
+                      spec.features.get(name, FeatureDriftSpec()))
                for name in checked]
-    drifted = sum(r.drifted for r in results)
-    share = drifted / len(results) if results else 0.0
-    return DriftReport(results, drifted, share, bool(results) and share >= spec.share, ref_rows, cur_rows,
-                       enough_data=True)
+    testable = [r for r in results if r.testable]
+    share = _holm(testable) / len(testable) if testable else 0.0
+    return DriftReport(results, sum(r.drifted for r in results), share, bool(testable) and share >= spec.share,
+                       ref_rows, cur_rows, enough_data=True)
+
+
+def _holm(results: list[FeatureDrift]) -> int:
+    """How many of `results` drift for the dataset: Holm's step-down over the p-value tests (each at its own
+    threshold: p / threshold against 1 / the tests left), distances and unmeasured features as they are."""
+    def measured(r: FeatureDrift) -> bool:
+        return r.p_value is not None and not math.isnan(r.p_value) and not math.isnan(r.statistic)
+
+    scaled = sorted(r.p_value / r.threshold for r in results if measured(r) and r.p_value is not None)
+    rejected = next((i for i, q in enumerate(scaled) if q * (len(scaled) - i) >= 1), len(scaled))
+    return rejected + sum(r.drifted for r in results if not measured(r))
 
 
 def _present(values: pd.Series[Any]) -> pd.Series[Any]:
@@ -190,13 +227,15 @@ def _test_kind(test: FeatureTest) -> Literal["numeric", "categorical"]:
     return "numeric" if test in _NUMERIC_TESTS else "categorical"
 
 
-def _check(name: str, ref: pd.Series[Any], cur: pd.Series[Any], fspec: FeatureDriftSpec, *,
-           large: bool) -> FeatureDrift:
+def _check(name: str, ref: pd.Series[Any], cur: pd.Series[Any], fspec: FeatureDriftSpec) -> FeatureDrift:
     if ref.empty:
         raise SpecError(f"feature {name!r} has no values in the reference (list it in `ignore`)")
+    large = min(len(ref), len(cur)) > _SMALL_SAMPLE  # the values a test gets, not the rows around them
     test = fspec.test
+    kind = feature_kind(ref, fspec)
+    if kind == "categorical":
+        cur = _in_dtype_of(ref, cur)
     if test == FeatureTest.AUTO:
-        kind = fspec.kind if fspec.kind != "auto" else _auto_kind(ref)
         if kind == "numeric":
             test = FeatureTest.WASSERSTEIN if large else FeatureTest.KS
         elif large:
@@ -207,15 +246,38 @@ def _check(name: str, ref: pd.Series[Any], cur: pd.Series[Any], fspec: FeatureDr
     threshold = fspec.threshold if fspec.threshold is not None else 0.1 if test in _DISTANCE_TESTS else 0.05
     if cur.empty:
         return FeatureDrift(name, _test_kind(test), test.value, math.nan, None, threshold, True)
+    unseen = None
     if test in _NUMERIC_TESTS:
         statistic, p_value = _numeric(name, test, ref, cur)
     else:
+        seen = set(_counts(name, ref))
+        unseen = float(sum(n for k, n in _counts(name, cur).items() if k not in seen)) / len(cur)
         statistic, p_value = _categorical(name, test, ref, cur)
+        if p_value is not None and math.isnan(p_value) and not math.isnan(statistic):  # nothing left to compare
+            return FeatureDrift(name, _test_kind(test), test.value, math.nan, None, threshold, False, unseen,
+                                testable=False)
     if math.isnan(statistic) or (p_value is not None and math.isnan(p_value)):
         drifted = True  # a test that cannot tell is not a test that found nothing
     else:
         drifted = statistic >= threshold if p_value is None else p_value < threshold
-    return FeatureDrift(name, _test_kind(test), test.value, statistic, p_value, threshold, bool(drifted))
+    return FeatureDrift(name, _test_kind(test), test.value, statistic, p_value, threshold, bool(drifted), unseen)
+
+
+def _in_dtype_of(ref: pd.Series[Any], cur: pd.Series[Any]) -> pd.Series[Any]:
+    """`cur` as categories of a float reference: in the reference's dtype, where a float32 0.1 is not the float64
+    0.1 a JSON client sends (then every current value would be a category the reference never had)."""
+    from pandas.api.types import is_bool_dtype, is_float_dtype, is_numeric_dtype
+
+    if not is_float_dtype(ref.dtype) or not is_numeric_dtype(cur.dtype) or is_bool_dtype(cur.dtype):
+        return cur
+    return cur.astype(ref.dtype)
+
+
+def feature_kind(reference: pd.Series[Any], spec: FeatureDriftSpec) -> Literal["numeric", "categorical"]:
+    """The kind a feature is tested as: its named test's, else its spec's kind, else by the reference's values."""
+    if spec.test != FeatureTest.AUTO:
+        return _test_kind(spec.test)
+    return spec.kind if spec.kind != "auto" else _auto_kind(reference)
 
 
 def _auto_kind(ref: pd.Series[Any]) -> Literal["numeric", "categorical"]:
@@ -258,8 +320,23 @@ def _categorical(name: str, test: FeatureTest, ref: pd.Series[Any], cur: pd.Seri
     # Without Yates' correction, so that on two categories it agrees with the z-test (chi-squared = z**2).
     if len(keys) == 1:
         return 0.0, 1.0
-    result = _scipy("stats").chi2_contingency(np.vstack([r, c]), correction=False)
+    table = _mergeable(np.vstack([r, c]))
+    if table.shape[1] == 1:  # no category holds enough values to compare: NaN p-value, a finite statistic
+        return 0.0, math.nan
+    result = _scipy("stats").chi2_contingency(table, correction=False)
     return float(result.statistic), float(result.pvalue)
+
+
+def _mergeable(table: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A 2 x k table closer to what chi-squared's approximation needs: where more than 20% of the cells expect
+    fewer than 5 values (Cochran's rule), the categories seen fewer than 5 times in both samples together are
+    merged into one column. Pooled counts decide, the same whichever sample a value came from, so the merged
+    table is still a test of homogeneity."""
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()
+    rare = table.sum(axis=0) < 5
+    if np.mean(expected < 5) <= 0.2 or rare.sum() < 2:
+        return table
+    return np.hstack([table[:, ~rare], table[:, rare].sum(axis=1, keepdims=True)])
 
 
 def _z_test(r: np.ndarray[Any, Any], c: np.ndarray[Any, Any]) -> tuple[float, float | None]:

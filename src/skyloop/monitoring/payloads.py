@@ -249,9 +249,12 @@ class PayloadLog:
             return tensor if isinstance(tensor, dict) else None
         if how == "drop":
             return None
-        data = _flatten(tensor.get("data") or [])
-        hashed = [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in data]
-        return {**tensor, "datatype": "BYTES", "data": hashed}
+        return {**tensor, "datatype": "BYTES", "data": self.hashed(_flatten(tensor.get("data") or []))}
+
+    def hashed(self, values: list[Any]) -> list[str]:
+        """`values` (as JSON gives them: str, int, float, bool, None) as a `hash` mask logs them: salted sha256
+        prefixes, the same for the same value and deployment (drift compares a reference hashed so)."""
+        return [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in values]
 
 
 def _expand(frame: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,10 @@
 
 Pure: the loop measures the signals (dataset drift, live quality, new labelled rows, time) and asks
 `Triggers.check` whether to fire. A condition without data is not met (no data never triggers);
-`debounce` asks for that many consecutive checks with the combination met; after a firing nothing fires
+`debounce` asks for that many consecutive checks with the combination met, where a check met by drift counts
+only when its window of logged rows begins after the window of the last check counted (checks 5 s apart test
+nearly the same rows: counting them would confirm the same noise); one whose window overlaps neither counts nor
+breaks the streak. After a firing nothing fires
 again for `cooldown` seconds (counted from when the loop says it finished, so a retraining and its
 rollout never overlap with the next one).
 """
@@ -63,7 +66,8 @@ class TriggersSpec(BaseModel):
     cooldown: float = 60.0
     """Seconds after a loop iteration ends before the next may fire."""
     debounce: int = Field(default=1, ge=1)
-    """Consecutive checks with the conditions met before firing."""
+    """Consecutive checks with the conditions met before firing; checks met by drift count only when their windows
+    of logged rows do not overlap."""
 
     @field_validator("cooldown", mode="before")
     @classmethod
@@ -90,6 +94,8 @@ class Signals:
     """Labelled rows since the last firing."""
     drift_detail: str = ""
     quality_samples: int = 0
+    drift_window: tuple[float, float] | None = None
+    """When the first and the last of the logged rows drift was measured on arrived (unix times)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class Triggers:
     """When the last loop iteration ended (cooldown counts from here)."""
     streak: int = 0
     history: list[Firing] = field(default_factory=list)
+    counted_until: float | None = None
+    """The end of the drift window of the last check the streak counted (a window must begin after it)."""
 
     def _met(self, c: Condition, s: Signals, now: float) -> tuple[bool, Any]:
         if c.drift is not None:
@@ -135,7 +143,13 @@ class Triggers:
         results = {c.name: self._met(c, signals, now) for c in self.spec.on}
         combine = all if self.spec.mode == "all" else any
         met = combine(ok for ok, _ in results.values())
-        self.streak = self.streak + 1 if met else 0
+        window = signals.drift_window if results.get("drift", (False, None))[0] else None
+        if not met:
+            self.streak, self.counted_until = 0, None
+        elif window is None:
+            self.streak, self.counted_until = self.streak + 1, None
+        elif self.counted_until is None or window[0] > self.counted_until:
+            self.streak, self.counted_until = self.streak + 1, window[1]
         if not met or self.streak < self.spec.debounce or self.cooling(now) > 0:
             return None
         fired = [name for name, (ok, _) in results.items() if ok]
@@ -146,7 +160,7 @@ class Triggers:
                  "drift": signals.drift_detail, "quality_samples": signals.quality_samples}
         reason = "; ".join(_describe(name, results[name][1], signals) for name in fired)
         firing = Firing(now, cause, reason)
-        self.last_fired, self.streak, self.idle_since = now, 0, None
+        self.last_fired, self.streak, self.idle_since, self.counted_until = now, 0, None, None
         self.history.append(firing)
         return firing
 
