@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from skyloop.config import Settings
+from skyloop.deploy.restarts import Restarts
 from skyloop.deploy.rollout import Phase
 from skyloop.deploy.runner import DeploymentRunner
 from skyloop.errors import SkyloopError
@@ -34,6 +35,8 @@ log = logging.getLogger("skyloop.deploy")
 
 LEASE_SECONDS = 10.0
 _CLAIM_EVERY = 1.0
+_GATEWAY_MAX_WAIT = 15.0
+"""The longest wait between two tries of a gateway whose port is held by another process."""
 
 class Controller:
     """Runs every deployment it can claim until stopped (or, with `exit_when_idle`, until none is left)."""
@@ -50,6 +53,9 @@ class Controller:
         self.runners: dict[str, DeploymentRunner] = {}
         self.refused: set[tuple[str, int]] = set()
         """(deployment, spec version)s whose stored spec this controller cannot run (reported once)."""
+        self.unbound = Restarts(max_wait=_GATEWAY_MAX_WAIT)
+        """Deployments whose gateway could not listen on its port (held by another process): `start` is tried
+        again, backing off, with a new runner each time (the spec may have changed meanwhile)."""
         self.stopping = asyncio.Event()
 
     def _claim(self) -> list[store.DeploymentInfo]:
@@ -114,9 +120,14 @@ class Controller:
                 if runner is not None:
                     await self.runners.pop(info.name).stop()
                 await asyncio.to_thread(self._drop, info)
+                self.unbound.succeeded(info.name)
             elif runner is not None and runner.busy is not None and not runner.busy.done():
                 continue
-            elif runner is None:
+            elif runner is None or runner.sock is None:  # never started, or its gateway could not listen
+                if runner is not None:
+                    await self.runners.pop(info.name).stop()
+                if not self.unbound.due(info.name):
+                    continue
                 try:
                     runner = DeploymentRunner(self, info)
                 except (ValidationError, SkyloopError) as exc:  # stored by a skyloop that checked less
@@ -133,11 +144,24 @@ class Controller:
         try:
             await work
         except Exception as exc:
-            log.exception("deployment %s failed", runner.name)
             runner.status, runner.reason = Phase.DEGRADED.value, f"{type(exc).__name__}: {exc}"
+            report = True
+            if runner.sock is None:  # the gateway could not listen: the next claim starts it again, later
+                before = self.unbound.failures(runner.name)[1]
+                wait = self.unbound.failed(runner.name, f"{version}: {runner.reason}")
+                report = before != f"{version}: {runner.reason}"  # one event for a port held for long, not one a try
+                runner.reason = f"the gateway cannot start: {runner.reason}; trying again in {wait:g}s"
+                runner.applied = max(runner.applied, version)  # acted on: `deploy apply` reports the failure
+                log.warning("deployment %s: %s", runner.name, runner.reason)
+            else:
+                log.exception("deployment %s failed", runner.name)
             with contextlib.suppress(Exception):
-                await runner.event("failed", runner.reason, version=version)
+                if report:
+                    await runner.event("failed", runner.reason, version=version)
                 await runner.write_state(force=True)
+        else:
+            if runner.sock is not None and self.unbound.succeeded(runner.name):
+                await runner.event("gateway_started", f"the gateway listens on {runner.url} (its port was held before)")
 
     def _refuse(self, info: store.DeploymentInfo, exc: Exception) -> None:
         why = format_validation(exc, "deployment spec") if isinstance(exc, ValidationError) else str(exc)

@@ -61,6 +61,8 @@ _REMEMBER_BYTES = 256 * 1024 * 1024
 """The most bytes of answers (and shadows' answers and truths joined to them) kept for joining feedback: answers
 of large requests, each held whole, took gigabytes long before `answers.REMEMBER` of them were kept."""
 _RETRY_SECONDS = 5.0
+_TAKEN_RETRIES = 1
+"""How many times a request a replica took (and then died or cut the connection) is sent to another one."""
 """How long a request may keep retrying replicas that went away before it fails."""
 _SHADOW_CONCURRENCY = 256
 
@@ -229,7 +231,7 @@ class Gateway:
         pool = self.pools.get(predictor)
         deadline = time.monotonic() + _RETRY_SECONDS
         last: Endpoint | None = None
-        attempt = 0
+        attempt, taken = 0, 0
         while True:
             endpoint = pool.pick(avoid=last) if pool else None
             if endpoint is None:
@@ -250,6 +252,19 @@ class Gateway:
                 if begun:  # the replica took the request and broke off its answer: not sent again
                     raise BrokenAnswer(f"replica {endpoint.index} of predictor {predictor!r} broke off its answer "
                                        f"({type(exc).__name__}: {exc})") from None
+                # A connection that could not be made (or was closed before the request went out) never reached
+                # the replica: another one takes it, for as long as `_RETRY_SECONDS`. One that broke after the
+                # request went out may have killed its replica ("query of death", an OOM): it is sent once more,
+                # as Envoy's bounded retries do in front of KServe and Seldon (a replica killed from outside, or a
+                # stale keep-alive connection, costs the client nothing), but never to every replica in turn,
+                # which would crash them all.
+                if not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ClientConnectionResetError):
+                    taken += 1
+                    if taken > _TAKEN_RETRIES:
+                        raise BrokenAnswer(
+                            f"replica {endpoint.index} of predictor {predictor!r} died while handling the request "
+                            f"({type(exc).__name__}: {exc}), as did the replica it was sent to before: not sent "
+                            "again, as the request itself may be what kills replicas") from None
                 attempt += 1
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"replica {endpoint.index} of {predictor!r} went away: {exc}") from None

@@ -59,7 +59,11 @@ async def check_serving(self: DeploymentRunner) -> None:
         self.reason = self.down_reason = f"{', '.join(down)}: no replica serving; being restarted"
         await self.event("replicas_down", self.reason)
         await self.write_state(force=True)
-    elif not down and self.down and self.status == Phase.DEGRADED.value and self.reason == self.down_reason:
+    elif down and self.status == Phase.DEGRADED.value and self.down_reason and self.reason.startswith(self.down_reason):
+        why = "; ".join(f"{n}: {t}" for n in down if (t := self.hosts[n].trouble))  # why, once the host knows
+        self.reason = self.down_reason + (f" ({why})" if why else "")
+    elif not down and self.down and self.status == Phase.DEGRADED.value and self.down_reason \
+            and self.reason.startswith(self.down_reason):
         self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
         self.reason = f"{', '.join(self.down)}: serving again"
         await self.event("replicas_recovered", self.reason)

@@ -6,10 +6,12 @@ port of its node's address; the controller's gateway forwards to that address. T
 artifact store URLs travel with the actor (not a file path), so a replica can run on another node that
 reaches the same DB and store.
 
-Ray restarts an actor whose process dies (`max_restarts=-1`): the constructor runs again and listens
-on a new port. `refresh()` asks every actor for its address (a call that waits while the actor is being
-restarted, so it costs the controller nothing) and swaps the endpoint once the new one answers. The
-host as a whole is dead only when Ray gives up on an actor, which then needs a new host.
+An actor whose process dies is not restarted by Ray (`max_restarts=0`): `refresh()` replaces that one
+replica with a new actor (at once the first time, then backing off while the new ones die before they
+serve: 1 s, 2 s, 4 s ... up to a minute, as `restarts.Restarts` does for a local host), and its siblings
+go on serving meanwhile. Why it died is kept (`trouble`) and told in `notes`, which the runner records
+as events. `refresh()` asks every actor for its address (a call that waits while a new actor loads, so it
+costs the controller nothing) and swaps the endpoint once the new one answers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ __all__ = ["RayReplicaHost", "ReplicaServer"]
 _START_TIMEOUT = 180.0
 _STOP_GRACE = 15.0
 _PROBE_EVERY = 0.2
+_FIRST_WAIT = 1.0
+_MAX_WAIT = 60.0
+"""The waits before a new actor for a replica whose last new actors died before serving (doubling)."""
 """Seconds between address calls to one actor (a call still waiting is not repeated)."""
 
 
@@ -103,6 +108,14 @@ class _Replica:
     probe: Any = None
     """The address call in flight (an ObjectRef)."""
     probed: float = 0.0
+    fresh: bool = False
+    """`actor` replaces one that died, and has not served yet."""
+    failures: int = 0
+    """New actors of this replica that died in a row before serving."""
+    cause: str = ""
+    """Why its last actor died (while it is down)."""
+    retry_at: float = 0.0
+    """With no `actor` (it died): when a new one starts."""
 
 
 class RayReplicaHost(ReplicaHost):
@@ -114,13 +127,14 @@ class RayReplicaHost(ReplicaHost):
         self.ray_address = ray_address or settings.execution.ray_address
         self._ray: Any = None
         self._replicas: list[_Replica] = []
-        self._dead: str | None = None
         self._stopped = False
+        self._new_actor: Any = None
+        """Starts one more actor of this predictor (set by `start`)."""
 
     def _options(self) -> dict[str, Any]:
         res = self.predictor.resources
         options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom),
-                                   "max_restarts": -1, "max_task_retries": 0,
+                                   "max_restarts": 0, "max_task_retries": 0,
                                    "max_concurrency": 4}  # `address` answers while `stop` waits
         if res.memory > 0:
             options["memory"] = res.memory
@@ -170,8 +184,8 @@ class RayReplicaHost(ReplicaHost):
         doc = self.serve_doc()
         s = self.settings
         actor_class = ray.remote(ReplicaServer).options(**self._options())
-        actors = [actor_class.remote(doc, str(s.home), s.resolved_db_url, s.resolved_artifacts_url)
-                  for _ in range(self.predictor.replicas)]
+        self._new_actor = lambda: actor_class.remote(doc, str(s.home), s.resolved_db_url, s.resolved_artifacts_url)
+        actors = [self._new_actor() for _ in range(self.predictor.replicas)]
         deadline = time.monotonic() + timeout
         refs = [a.address.remote() for a in actors]
         first = len(refs) if ready_first is None else max(1, min(ready_first, len(refs)))
@@ -211,10 +225,12 @@ class RayReplicaHost(ReplicaHost):
                 if time.monotonic() > deadline:
                     await self.stop()
                     raise ModelLoadError(f"predictor {name!r}: its Ray replicas were not ready after {timeout:g}s")
-                await self.refresh()  # one that Ray restarted meanwhile answers at its new address
-                if self._dead is not None:
+                await self.refresh()
+                lost = next((r for r in self._replicas if r.failures), None)
+                if lost is not None:  # a new actor for one that died failed too: the graph cannot serve there
                     await self.stop()
-                    raise ModelLoadError(f"predictor {name!r} failed to start on Ray: {self._dead}")
+                    raise ModelLoadError(f"predictor {name!r} failed to start on Ray: replica {lost.index}: "
+                                         f"{lost.cause}")
                 await asyncio.sleep(0.1)
 
     async def _all_ready_at(self, client: aiohttp.ClientSession) -> bool:
@@ -235,6 +251,8 @@ class RayReplicaHost(ReplicaHost):
 
     def _kill(self, actors: list[Any]) -> None:
         for actor in actors:
+            if actor is None:
+                continue
             with contextlib.suppress(Exception):
                 self._ray.kill(actor, no_restart=True)
 
@@ -242,17 +260,42 @@ class RayReplicaHost(ReplicaHost):
         """One entry per replica that started: index, host, port, pid, node, restarts, started_at, and whether it
         is down (see `pending` for the others)."""
         return [{"index": r.index, "port": r.info["port"], "pid": r.info["pid"], "restarts": r.restarts,
-                 "started_at": r.info["started_at"], "host": r.info["host"], "node": r.info["node"], "down": r.down}
+                 "started_at": r.info["started_at"], "host": r.info["host"], "node": r.info["node"], "down": r.down,
+                 **({"cause": r.cause} if r.down and r.cause else {})}
                 for r in self._replicas if r.info is not None]
 
     @property
     def alive(self) -> bool:
-        """Whether the host can still serve: started, not stopped, and no actor given up on by Ray."""
-        return bool(self._replicas) and not self._stopped and self._dead is None
+        """Whether the host can still serve: started and not stopped (it replaces a replica whose actor died)."""
+        return bool(self._replicas) and not self._stopped
+
+    @property
+    def trouble(self) -> str:
+        """Why replicas are down now and when they start again ("" when none is)."""
+        now = time.monotonic()
+        return "; ".join(
+            f"replica {r.index} died: {r.cause}" + (f" ({r.failures} new one(s) in a row died before serving; next "
+                                                    f"try in {max(0.0, r.retry_at - now):.0f}s)"
+                                                    if r.failures and r.actor is None else "")
+            for r in self._replicas if r.down and r.cause)
+
+    def _lost(self, r: _Replica, cause: str, now: float) -> None:
+        """`r`'s actor died: a new one takes its place, at once unless the last new ones died before serving."""
+        self._kill([r.actor])
+        r.failures += r.fresh
+        wait = min(_MAX_WAIT, _FIRST_WAIT * 2.0 ** (r.failures - 1)) if r.failures else 0.0
+        r.actor, r.probe, r.fresh, r.down, r.cause, r.retry_at = None, None, False, True, cause, now + wait
+        name = self.predictor.name
+        if r.failures:
+            self.notes.append(("restart_failed", f"{name}: replica {r.index} did not start again ({r.failures} "
+                                                 f"in a row): {cause}; next try in {wait:g}s"))
+        else:
+            self.notes.append(("replica_lost", f"{name}: replica {r.index} died: {cause}; starting a new one "
+                                               "(the other replicas go on serving)"))
 
     def exit_description(self) -> str:
         """Why the host is gone (for the event that restarts it)."""
-        return self._dead or ("Ray replicas stopped" if self._stopped else "Ray replicas not started")
+        return "Ray replicas stopped" if self._stopped else "Ray replicas not started"
 
     async def refresh(self) -> bool:
         """Take in actors that Ray restarted (a new port) or lost; True when the endpoints changed."""
@@ -264,20 +307,24 @@ class RayReplicaHost(ReplicaHost):
                 probe, r.probe = r.probe, None
                 try:
                     info = ray.get(probe, timeout=0)
-                except ray.exceptions.ActorUnavailableError:  # its process died; Ray is restarting it
+                except ray.exceptions.ActorUnavailableError:  # out of reach for now (it may answer again)
                     changed |= not r.down
                     r.down = True
                     continue
-                except ray.exceptions.RayActorError as exc:  # Ray gave up on it: the host needs replacing
-                    self._dead = f"Ray lost replica {r.index}: {_cause(exc)}"
-                    self._kill([q.actor for q in self._replicas])
-                    return True
+                except ray.exceptions.RayActorError as exc:  # its process died: only this replica is replaced
+                    changed |= not r.down and r.info is not None
+                    self._lost(r, _cause(exc), now)
+                    continue
+                if r.fresh:
+                    r.fresh, r.failures, r.cause = False, 0, ""
                 if r.info is not None and (info["pid"], info["started_at"]) != (r.info["pid"], r.info["started_at"]):
                     r.restarts += 1
                 # (No info before: a replica that waited for room, or loaded, serves now.)
                 changed |= r.info is None or r.down or (info["host"], info["port"]) != (r.info["host"], r.info["port"])
                 r.info, r.down = info, False
-            if r.probe is None and now - r.probed >= _PROBE_EVERY:
+            if r.actor is None and now >= r.retry_at and not self._stopped:
+                r.actor, r.fresh = self._new_actor(), True
+            if r.actor is not None and r.probe is None and now - r.probed >= _PROBE_EVERY:
                 r.probe, r.probed = r.actor.address.remote(), now
         if changed:
             kept = {e.index: e for e in self.endpoints}
@@ -290,6 +337,7 @@ class RayReplicaHost(ReplicaHost):
         """For status: version, Ray address, and each replica with the gateway's in-flight count."""
         endpoints = {e.index: e for e in self.endpoints}
         return {"pid": None, "backend": "ray", "ray_address": self.ray_address, "version": self.version,
+                "trouble": self.trouble,
                 "generation": self.generation, "alive": self.alive, "log": None, "pending": self.pending,
                 "replicas": [{**r, "inflight": endpoints[r["index"]].inflight if r["index"] in endpoints else 0,
                               "draining": endpoints[r["index"]].draining if r["index"] in endpoints else False}
@@ -303,7 +351,8 @@ class RayReplicaHost(ReplicaHost):
         self._replicas.remove(replica)
         self.endpoints = [e for e in self.endpoints if e.index != index]
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self._ray.wait, [replica.actor.stop.remote()], timeout=_STOP_GRACE + 5)
+            if replica.actor is not None:
+                await asyncio.to_thread(self._ray.wait, [replica.actor.stop.remote()], timeout=_STOP_GRACE + 5)
         self._kill([replica.actor])
 
     def drop_pending(self) -> int:
@@ -320,7 +369,7 @@ class RayReplicaHost(ReplicaHost):
             return
         self._stopped = True
         self.drop_pending()  # nothing to answer: a stop call would wait for their constructors first
-        ray, actors = self._ray, [r.actor for r in self._replicas]
+        ray, actors = self._ray, [r.actor for r in self._replicas if r.actor is not None]
         with contextlib.suppress(Exception):
             refs = [a.stop.remote() for a in actors]
             await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=_STOP_GRACE + 5)

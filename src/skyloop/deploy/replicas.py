@@ -83,6 +83,8 @@ class ReplicaHost:
         self.log_file = folder / f"{stem}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoints: list[Endpoint] = []
+        self.notes: list[tuple[str, str]] = []
+        """Events (kind, reason) the host has to tell, taken by the runner (a Ray replica that died, say)."""
 
     def serve_doc(self) -> dict[str, Any]:
         """The serving spec each replica serves: the pinned graph under the deployment's name, reporting the
@@ -164,6 +166,11 @@ class ReplicaHost:
     def alive(self) -> bool:
         """Whether the host process is running."""
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def trouble(self) -> str:
+        """Why some of its replicas are down now, as the host knows it ("": none, or it does not know)."""
+        return ""
 
     def exit_description(self) -> str:
         """Why the host is gone (for the event that restarts it)."""

@@ -443,6 +443,9 @@ class DeploymentRunner:
                 pool = self.gateway.pools.get(name)
                 if pool is not None:
                     pool.endpoints = list(host.endpoints)
+            notes, host.notes = host.notes, []
+            for kind, reason in notes:  # a replica that died, and why (the host replaces it)
+                await self.event(kind, reason)
 
     async def tick(self, commands: list[str]) -> None:
         """Restart dead hosts, apply commands, advance the rollout, publish the state."""
