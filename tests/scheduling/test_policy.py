@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -60,19 +61,46 @@ def test_what_does_not_fit_stays_queued_in_order() -> None:
 
 
 def test_backfill_scan_is_bounded() -> None:
-    queue = ReadyQueue()
-    for i in range(BACKFILL_SCAN + 10):
-        queue.push(_c(i, cpus=1, memory=10))
-    queue.push(_c(10_000, cpus=1))  # fits, but sits behind more misses than a turn looks past
-    assert queue.take(Resources(cpus=4, memory=5)) == []
-    assert len(queue) == BACKFILL_SCAN + 11
-    queue = ReadyQueue(PolicyConfig(backfill_scan=3))
-    for i in range(5):
-        queue.push(_c(i, memory=10, rank=100 - i))
-    queue.push(_c(99))
-    assert queue.take(Resources(cpus=4, memory=5)) == []
+    # A head that waits for memory gets the reservation; what fits now but would take memory the head needs
+    # when it starts is looked at (popped) and passed over, one bucket each: a turn stops after `backfill_scan`.
+    def queue_of(misses: int, config: PolicyConfig | None = None) -> ReadyQueue:
+        queue = ReadyQueue(config)
+        queue.occupy(_c(0, memory=10, estimate=10, run="running"), 0.0)
+        queue.push(_c(1, memory=100, rank=1000, estimate=10, run="head"))
+        for i in range(misses):  # each of its own run: each bucket must be looked at
+            queue.push(_c(2 + i, memory=1 + i, rank=100 - i / 1000, estimate=100, run=f"miss{i}"))
+        queue.push(_c(10_000, rank=1, estimate=100, run="fits"))  # fits beside the head: may backfill
+        return queue
+
+    free = Resources(cpus=8, memory=90)
+    assert _keys(queue_of(10).take(free, now=0.0)) == [10_000]
+    queue = queue_of(BACKFILL_SCAN + 10)
+    assert queue.take(free, now=0.0) == []  # it sits behind more misses than a turn looks past
+    assert len(queue) == BACKFILL_SCAN + 12
+    queue = queue_of(5, PolicyConfig(backfill_scan=3))
+    assert queue.take(free, now=0.0) == []
     queue.config.backfill_scan = 10
-    assert _keys(queue.take(Resources(cpus=4, memory=5))) == [99]
+    assert _keys(queue.take(free, now=0.0)) == [10_000]
+
+
+@pytest.mark.parametrize(("blocked", "run"), [({"pool": "gpu-train"}, "sweep"), ({"gpus": 1}, "sweep"),
+                                              ({"custom": {"license": 1}}, "sweep"), ({"memory": 6}, "other")])
+def test_a_fan_out_waiting_on_a_pool_or_a_resource_does_not_hold_back_work_that_fits(blocked: dict[str, Any],
+                                                                                     run: str) -> None:
+    # Hundreds of units waiting on one pool slot (or on the GPU, memory or license that one of them holds)
+    # were popped a few at a time until the call's scan ran out: a step that fitted in the idle CPUs waited
+    # until fewer than 64 of them were left (20 s on a real run, hours for a sweep of long trials). (Memory
+    # is not part of a bucket's key: behind a run's own memory-bound units, a step of that run still waits.)
+    queue = ReadyQueue(PolicyConfig(pools={"gpu-train": 1}))
+    queue.occupy(_c(0, run="sweep", rank=10, estimate=5, **blocked), 0.0)
+    for key in range(1, 301):
+        queue.push(_c(key, run="sweep", rank=10, estimate=5, **blocked))
+    queue.push(_c(10_000, run=run, rank=1, estimate=1))
+    free = Resources(cpus=7, memory=4, gpus=0, custom={"license": 0.0})
+    assert _keys(queue.take(free, now=0.0)) == [10_000]
+    assert len(queue) == 300
+    queue.done(0)  # the slot (or the resource) frees up: the next unit of the sweep takes it
+    assert _keys(queue.take(Resources(cpus=6, memory=10, gpus=1, custom={"license": 1.0}), now=1.0)) == [1]
 
 
 def test_remove_and_replace() -> None:

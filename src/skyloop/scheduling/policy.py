@@ -11,7 +11,8 @@ The order, from the first criterion to the last:
    entitled to its weight over the weights of the runs waiting in its class, of its *dominant*
    resource (Dominant Resource Fairness, as in Mesos and YARN: a run holding one of two GPUs holds
    half the machine, whatever its CPUs). A run that has held less than that for `fair_share_seconds`
-   is *starved*, and its candidates go first until it holds its entitlement again. Otherwise runs
+   is *starved*: its candidates go first whenever it is below its entitlement, until it has held it for
+   `fair_share_seconds` in a row (`fairshare`). Otherwise runs
    do not take turns: rank alone orders them, because interleaving runs by share delays every run's
    critical path for the sake of the others (the benchmark measured 5-15% longer makespans that way).
 3. **Upward rank**, longest first: the task heading the longest remaining path (of any run of the class).
@@ -44,14 +45,23 @@ from skyloop.scheduling.aging import Aging
 from skyloop.scheduling.amounts import EPS, Amounts, Holdings
 from skyloop.scheduling.backfill import Reservation, reserve
 from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
+from skyloop.scheduling.fairshare import Patience, entitlements
 from skyloop.spec.resources import Resources
 
 __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
 
 _T = TypeVar("_T")
 
-_Bucket = tuple[int, str, float]
-"""(class, run id, CPUs asked for): the candidates of one heap."""
+_Shape = tuple[str | None, int, tuple[tuple[str, float], ...]]
+"""(pool, GPUs, custom resources) of a request: what besides CPUs and memory it needs free to launch."""
+_PLAIN: _Shape = (None, 0, ())
+_Bucket = tuple[int, str, float, _Shape]
+"""(class, run id, CPUs asked for, pool, GPUs and custom resources asked for): the candidates of one heap. The
+pool and the coarse resources are part of it, and each bucket knows its smallest memory request, so that a
+bucket whose pool is full, or whose GPUs, memory or custom resources are all taken, is passed over whole,
+unpopped: a fan-out of hundreds waiting on one pool slot must not use up a call's scan and keep the rest of
+the machine idle. (Memory, which varies step by step, is not in the key: it would split runs into many
+buckets, and a busy machine's call costs per bucket.)"""
 _Item = tuple[float, int, int, int]
 """A heap item: (-rank, seq, stamp, key). Stamps are unique, so comparisons never reach the key."""
 _Head = tuple[int, int, float, int, int, _Bucket]
@@ -84,6 +94,8 @@ class ReadyQueue:
         self._dirty: set[_Bucket] = set()
         self._short: dict[_Bucket, list[tuple[float, int, int]]] = {}
         """Bucket -> heap of (estimate, stamp, key): its shortest candidate, for backfilling a reservation."""
+        self._small: dict[_Bucket, list[tuple[int, int, int]]] = {}
+        """Bucket -> heap of (memory, stamp, key) of its candidates asking for memory: its smallest request."""
         self._by_run: dict[str, set[_Bucket]] = {}
         self._run_classes: dict[str, Counter[int]] = {}
         """Run -> how many of its queued candidates sit in each (aged) class."""
@@ -104,8 +116,8 @@ class ReadyQueue:
         self._holdings = Holdings()
         self._in_pool: Counter[str] = Counter()
         """Pool -> how many of its members run (pool limits)."""
-        self._short_since: dict[str, float] = {}
-        """Run -> since when it has held less than its fair share."""
+        self._patience = Patience()
+        """Since when each run has been short of its fair share (see `fairshare`)."""
         self._starved: set[str] = set()
         """Runs whose candidates go first (as the heads in `_heads` say)."""
         self._top: int | None = None
@@ -124,7 +136,8 @@ class ReadyQueue:
         if replaced is not None and replaced.cand.run_id == candidate.run_id:
             # The same attempt again (a new rank, say): it keeps the classes aging gave it, and its clock.
             klass, token = klass + max(0, replaced.bucket[0] - replaced.cand.priority), replaced.token
-        entry = _Entry(candidate, (klass, candidate.run_id, candidate.resources.cpus), self._stamp, token)
+        entry = _Entry(candidate, (klass, candidate.run_id, candidate.resources.cpus, _shape(candidate)), self._stamp,
+                       token)
         self._entries[candidate.key] = entry
         self._insert(entry)
         self._classes[candidate.priority] += 1
@@ -202,7 +215,7 @@ class ReadyQueue:
         """A candidate of `run_id` left the queue: with nothing of it waiting, it is short of nothing
         and its fair-share clock starts afresh when it comes back."""
         if run_id not in self._run_classes:
-            self._short_since.pop(run_id, None)
+            self._patience.forget(run_id)
             self._starved.discard(run_id)
             self._aging.forget(run_id)
 
@@ -218,6 +231,8 @@ class ReadyQueue:
         bucket = entry.bucket
         self._restore(bucket, entry.item())
         heapq.heappush(self._short.setdefault(bucket, []), (entry.cand.estimate, entry.stamp, entry.cand.key))
+        memory = entry.cand.resources.memory
+        heapq.heappush(self._small.setdefault(bucket, []), (memory, entry.stamp, entry.cand.key))
         self._dirty.add(bucket)
         counts = self._run_classes.setdefault(bucket[1], Counter())
         counts[bucket[0]] += 1
@@ -226,7 +241,7 @@ class ReadyQueue:
 
     def _forget(self, entry: _Entry) -> None:
         """Account for `entry` leaving its bucket (its heap item goes stale)."""
-        klass, run_id, _ = entry.bucket
+        klass, run_id = entry.bucket[0], entry.bucket[1]
         self._dirty.add(entry.bucket)
         counts = self._run_classes[run_id]
         _decrement(counts, klass)
@@ -250,10 +265,21 @@ class ReadyQueue:
         self._short.pop(bucket, None)
         return None
 
+    def _least_memory(self, bucket: _Bucket) -> int:
+        """The smallest memory request among the bucket's queued candidates (0 when it has none)."""
+        heap, entries = self._small.get(bucket), self._entries
+        while heap:
+            entry = entries.get(heap[0][2])
+            if entry is not None and entry.stamp == heap[0][1]:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return 0
+
     def _sweep(self) -> None:
-        """Forget the shortest-first heaps of buckets that emptied."""
+        """Forget the shortest-first and smallest-first heaps of buckets that emptied."""
         if len(self._short) > 2 * len(self._heaps) + 16:
             self._short = {b: heap for b, heap in self._short.items() if b in self._heaps}
+            self._small = {b: heap for b, heap in self._small.items() if b in self._heaps}
 
     def _refresh(self, bucket: _Bucket) -> _Head | None:
         """Drop stale items off the bucket's heap and place its head (returned); forget the bucket once empty."""
@@ -290,7 +316,7 @@ class ReadyQueue:
             entry = self._entries[key]
             self._forget(entry)
             self._stamp += 1
-            entry.bucket, entry.stamp = (klass, entry.cand.run_id, entry.cand.resources.cpus), self._stamp
+            entry.bucket, entry.stamp = (klass, *entry.bucket[1:]), self._stamp
             self._insert(entry)
 
     def _standing(self, key: int, token: int) -> tuple[int, int] | None:
@@ -337,33 +363,17 @@ class _Turn:
     def share(self) -> None:
         """Each waiting run's entitlement within its class, and whether it has been short of it too long."""
         queue, weights, now = self.queue, self.config.run_weights, self.now
-        since, starved = queue._short_since, queue._starved
         shares = queue._shares
         if shares is None or weights != queue._share_weights:
-            shares = queue._shares = self.shares()
+            top = queue._top if queue._top is not None else 0
+            shares = queue._shares = entitlements(queue._run_classes, weights, top)
             queue._share_weights = dict(weights)
-        patience = self.config.fair_share_seconds
+        patience, starved = self.config.fair_share_seconds, queue._starved
         for run_id, share in shares.items():
             entitled = self.entitled[run_id] = share
-            if self.holdings.dominant(run_id) + EPS >= entitled:
-                since.pop(run_id, None)
-                if run_id in starved:
-                    self.mark(run_id, False)
-            elif (now - since.setdefault(run_id, now) >= patience) != (run_id in starved):
+            at_share = self.holdings.dominant(run_id) + EPS >= entitled
+            if queue._patience.starved(run_id, at_share, now, patience) != (run_id in starved):
                 self.mark(run_id, run_id not in starved)
-
-    def shares(self) -> dict[str, float]:
-        """Run -> its weight over the weights of the waiting runs of its class (its aged class, up to the top)."""
-        queue, weights = self.queue, self.config.run_weights
-        top = queue._top if queue._top is not None else 0
-        tier: dict[str, tuple[int, float]] = {}
-        sums: dict[int, float] = {}
-        for run_id, counts in queue._run_classes.items():
-            klass = min(max(counts), top)
-            weight = max(weights.get(run_id, 1.0), 0.0)
-            tier[run_id] = (klass, weight)
-            sums[klass] = sums.get(klass, 0.0) + weight
-        return {run_id: weight / sums[klass] if sums[klass] > 0 else 0.0 for run_id, (klass, weight) in tier.items()}
 
     def mark(self, run_id: str, starved: bool) -> set[_Bucket]:
         """Set whether a run is starved; the buckets whose heads must be placed again."""
@@ -392,12 +402,14 @@ class _Turn:
         while heads and len(passed) + blocked < config.backfill_scan and avail.cpus + EPS >= least:
             if not reserved:
                 bucket = self.first_bucket()
-                if bucket is not None and bucket[2] > avail.cpus + EPS and not self.tied(bucket):
-                    # Its head, like all of its standing, asks for more CPUs than are free (a busy machine's
-                    # usual call): it gets the reservation without popping anything, and is looked at no more.
+                if bucket is not None and not self.may_fit(bucket) and not self.tied(bucket):
+                    # Its head, like all of its standing, asks for more than is free (a busy machine's usual
+                    # call), or waits for a pool slot: it gets the reservation (nothing to hold for a pool slot)
+                    # without popping anything, and is looked at no more.
                     heapq.heappush(queue._order, heads[bucket])
                     reserved, blocked = True, 1
-                    reservation = queue._reserve(queue._entries[queue._heaps[bucket][0][3]].cand, avail, now)
+                    if self.pool_free(bucket[3][0]):
+                        reservation = queue._reserve(queue._entries[queue._heaps[bucket][0][3]].cand, avail, now)
                     continue
             else:
                 if walk is None:
@@ -444,7 +456,7 @@ class _Turn:
                 least = min(queue._cpus, default=math.inf)
                 if run_id in queue._starved and \
                         self.holdings.dominant(run_id) + EPS >= self.entitled.get(run_id, 0.0):
-                    queue._short_since.pop(run_id, None)
+                    queue._patience.even(run_id, now, config.fair_share_seconds)  # served first no more, for now
                     touched |= self.mark(run_id, False)
             for other in touched:
                 place = queue._refresh(other)
@@ -477,7 +489,7 @@ class _Turn:
         while walk:
             place = heapq.heappop(walk)
             bucket = place[5]
-            if heads.get(bucket) is not place or bucket[2] > room or bucket in spent:
+            if heads.get(bucket) is not place or bucket[2] > room or bucket in spent or not self.may_fit(bucket):
                 continue  # stale (placed again or emptied), or hopeless
             if reservation is not None and bucket[2] > reservation.spare.cpus + EPS:
                 short = queue._shortest(bucket)
@@ -511,7 +523,7 @@ class _Turn:
         floor = heads[bucket][2] + abs(heads[bucket][2]) * self.config.fit_window + EPS
         tied = []
         for other in siblings:
-            if other[2] <= room and other[0] == bucket[0] and other != bucket:
+            if other[2] <= room and other[0] == bucket[0] and other != bucket and self.may_fit(other):
                 place = heads.get(other)
                 if place is not None and place[2] <= floor:
                     tied.append(other)
@@ -548,11 +560,35 @@ class _Turn:
         return reservation is None or reservation.allows(entry.cand, self.now)
 
     def pool_ok(self, cand: Candidate) -> bool:
-        if cand.pool is None:
+        return self.pool_free(cand.pool)
+
+    def pool_free(self, pool: str | None) -> bool:
+        """Whether a member of `pool` (None: of no pool) may start: the pool has a slot free."""
+        if pool is None:
             return True
-        limit = self.config.pools.get(cand.pool)
-        return limit is None or (self.in_pool.get(cand.pool, 0)
-                                 + self.config.pools_held_elsewhere.get(cand.pool, 0)) < limit
+        limit = self.config.pools.get(pool)
+        return limit is None or (self.in_pool.get(pool, 0) + self.config.pools_held_elsewhere.get(pool, 0)) < limit
+
+    def may_fit(self, bucket: _Bucket) -> bool:
+        """Whether some of the bucket's candidates may fit what is free now and have a pool slot (they share
+        all of the request but the memory; the smallest memory request must fit)."""
+        shape, avail = bucket[3], self.avail
+        if bucket[2] > avail.cpus + EPS or self.queue._least_memory(bucket) > avail.memory:
+            return False
+        if shape is _PLAIN:
+            return True
+        pool, gpus, custom = shape
+        if gpus > avail.gpus or not self.pool_free(pool):
+            return False
+        return all(amount <= avail.custom.get(name, 0.0) + EPS for name, amount in custom)
+
+
+def _shape(cand: Candidate) -> _Shape:
+    """The part of a candidate's bucket that says what it needs besides CPUs (one shared tuple when nothing)."""
+    res = cand.resources
+    if cand.pool is None and not res.gpus and not res.custom:
+        return _PLAIN
+    return (cand.pool, res.gpus, tuple(sorted(res.custom.items())))
 
 
 def _decrement(counter: Counter[_T], value: _T) -> None:
