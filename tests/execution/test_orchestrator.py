@@ -313,3 +313,14 @@ def test_runs_sharing_a_pool_with_a_step_beyond_capacity_fail_that_run_alone(set
         assert status == "FAILED" and error is not None and "10000" in error.replace(",", "")
     finally:
         orchestrator.close()
+
+
+def test_the_scheduling_settings_reach_the_policy(settings: Settings) -> None:
+    settings.execution.fair_share_seconds, settings.execution.aging_seconds = 30.0, 45.0
+    workspace = Workspace.open(settings)
+    orchestrator = Orchestrator(settings, workspace.db, workspace.store, InlineBackend())
+    try:
+        assert (orchestrator.config.fair_share_seconds, orchestrator.config.aging_seconds) == (30.0, 45.0)
+    finally:
+        orchestrator.close()
+        workspace.close()

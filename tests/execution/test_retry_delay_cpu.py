@@ -9,6 +9,7 @@ import pytest
 from tests_support import write
 
 import skyloop
+from skyloop import pipeline, step
 from skyloop.config import Settings
 from skyloop.execution.tasks import TaskState
 
@@ -58,3 +59,19 @@ def test_the_orchestrator_sleeps_through_a_retry_delay(tmp_path: Path, settings:
     wall, cpu = wall_1 - wall_0, cpu_1 - cpu_0
     assert wall >= 3
     assert cpu < 0.25 * wall, f"the orchestrator used {cpu:.1f}s of CPU in {wall:.1f}s waiting for a retry"
+
+
+def test_a_huge_backoff_retries_without_overflowing(settings: Settings) -> None:
+    # retry_delay=0 with retry_backoff=1e10: the delay of the 40th retry, 0 * 1e10 ** 39, overflowed a float and
+    # the error failed every run the orchestrator held.
+    @step(cache=False, retries=40, retry_delay=0, retry_backoff=1e10)
+    def always_fails(x: int) -> int:
+        raise RuntimeError(f"boom {x}")
+
+    @pipeline
+    def doomed(x: int = 1):
+        return always_fails(x)
+
+    run = skyloop.run(doomed, backend="inline", settings=settings)
+    assert run.status == "FAILED" and "boom 1" in (run.error or "")
+    assert run.steps["always_fails"].attempts == 41

@@ -12,8 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from rich.console import Console
 
 from skyloop import Settings, run
+from skyloop.cli.render import show_run
 from skyloop.execution.api import submit
 from skyloop.execution.loading import load_file_module
 from skyloop.store.models import Event, PoolSlotRow, RunRow, StepRunRow
@@ -320,6 +322,9 @@ def test_a_steps_estimate_is_fitted_to_the_size_of_its_inputs(settings: Settings
     work = result.steps["work"]
     assert work.estimate_source == "history-scaled"
     assert work.estimate is not None and work.estimate > 1.3 * max(seen)  # the median of history would say 0.04 s
+    console = Console(record=True, width=120)
+    show_run(console, result, as_json=False)
+    assert "(by size)" in console.export_text()  # `runs show` says where the figure came from
 
 
 LICENSED = '''

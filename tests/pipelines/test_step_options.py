@@ -27,8 +27,12 @@ def add_one(x: int) -> int:
     ({"retries": 1.5}, "retries must be a whole number"),
     ({"retries": -1}, "retries must be a whole number greater than or equal to 0"),
     ({"retry_delay": "5s"},
-     "retry_delay must be a number of seconds greater than or equal to 0, e.g. retry_delay=5; got '5s'"),
-    ({"retry_backoff": 0.5}, "retry_backoff must be a number greater than or equal to 1"),
+     "retry_delay must be a finite number of seconds greater than or equal to 0, e.g. retry_delay=5; got '5s'"),
+    ({"retry_backoff": 0.5}, "retry_backoff must be a finite number greater than or equal to 1"),
+    ({"retry_backoff": float("inf")}, "retry_backoff must be a finite number greater than or equal to 1 (it "
+                                      "multiplies the delay after each retry), e.g. retry_backoff=2; got inf"),
+    ({"retry_delay": float("inf")}, "retry_delay must be a finite number of seconds greater than or equal to 0"),
+    ({"retry_delay": float("nan")}, "retry_delay must be a finite number of seconds"),
     ({"priority": "high"}, "priority must be a whole number, e.g. priority=5; got 'high'"),
     ({"priority": 1.5}, "priority must be a whole number"),
 ])

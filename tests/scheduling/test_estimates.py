@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from skyloop.scheduling.estimates import Estimate, Estimator, Sample
+from skyloop.scheduling.estimates import Estimate, Estimator, Sample, rank_correlation
 
 
 def _s(*seconds: float) -> list[Sample]:
@@ -59,3 +59,33 @@ def test_bad_samples_are_skipped() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Estimator(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_narrow_range_of_sizes_is_not_extrapolated() -> None:
+    # A 5 s step seen at sizes within 3% of each other: the noise lines up into a slope of 0.01 s per byte,
+    # which a 1 MB input took to 10,000 s.
+    samples = [Sample(seconds, size) for seconds, size in ((4.9, 990), (5.0, 1000), (5.1, 1010), (5.2, 1020))]
+    assert Estimator().estimate(samples, input_bytes=10**6) == Estimate(5.05, "history")
+    assert Estimator(min_spread=1.0).estimate(samples, input_bytes=10**6).source == "history-scaled"
+
+
+def test_sizes_that_do_not_order_the_times_are_not_fitted() -> None:
+    # The median slope is positive, but time goes up and down as size grows (rank correlation 0.2).
+    samples = [Sample(seconds, size) for seconds, size in zip((5, 1, 6, 2, 7, 3), range(100, 700, 100), strict=True)]
+    assert Estimator().estimate(samples, input_bytes=6_000) == Estimate(4, "history")
+    assert Estimator(min_correlation=0.0).estimate(samples, input_bytes=6_000).source == "history-scaled"
+
+
+def test_the_fitted_line_grows_past_the_sizes_seen_at_most_in_proportion_to_size() -> None:
+    # seconds = -1 + 0.02 * bytes: steeper than proportional, it would run away from the data.
+    samples = [Sample(-1 + 0.02 * size, size) for size in (100, 200, 400)]
+    assert Estimator().estimate(samples, input_bytes=300) == Estimate(pytest.approx(5), "history-scaled")
+    assert Estimator().estimate(samples, input_bytes=4_000) == Estimate(pytest.approx(70), "history-scaled")  # not 79
+    assert Estimator().estimate(samples, input_bytes=50) == Estimate(pytest.approx(0.5), "history-scaled")  # not 0
+
+
+def test_rank_correlation() -> None:
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 1, 2], [5, 6, 7]) == pytest.approx(0.866, abs=1e-3)  # a tie takes the mean rank
+    assert rank_correlation([1, 2, 3], [4, 4, 4]) == 0.0

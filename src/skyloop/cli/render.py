@@ -105,11 +105,15 @@ def run_table(run: Run) -> Table:
     for column in ("state", "tries", "units", "time", "est/unit", "actual/unit"):
         table.add_column(column, no_wrap=True)
     for name, info in run.steps.items():
-        estimate = _secs(info.estimate) + (f" ({info.estimate_source})" if info.estimate_source in ("default", "mixed")
-                                           else "")
+        shown = _SOURCES.get(info.estimate_source or "")
+        estimate = _secs(info.estimate) + (f" ({shown})" if shown else "")
         table.add_row(Text(name), state_text(info.state.value), str(info.attempts), str(info.units),
                       _secs(info.seconds), estimate, _secs(info.actual))
     return table
+
+
+_SOURCES = {"default": "default", "mixed": "mixed", "history-scaled": "by size"}
+"""How `runs show` labels an estimate not taken from the step's history as it is (`history`: no label)."""
 
 
 def show_run(console: Console, run: Run, as_json: bool) -> None:

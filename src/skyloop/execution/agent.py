@@ -15,20 +15,19 @@ this one too, without re-running finished steps) and goes on claiming once the D
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from skyloop.config import Settings
 from skyloop.errors import Conflict, SkyloopError, SpecError
 from skyloop.execution.api import prepare
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.history import crash_orphans
+from skyloop.execution.leases import db_unreachable
 from skyloop.execution.orchestrator import Orchestrator
 from skyloop.execution.runstate import Observer, Prepared
 from skyloop.spec.files import format_validation
@@ -37,14 +36,6 @@ from skyloop.store.runs import ORCHESTRATOR_LOST, claim_run, claimable_runs, get
 from skyloop.store.workspace import Workspace
 
 __all__ = ["Agent", "db_unreachable"]
-
-
-def db_unreachable(exc: BaseException) -> bool:
-    """Whether `exc` says the metadata DB could not be reached or was busy (an error that passes), rather
-    than that it refused what was asked of it."""
-    cause = exc.__cause__ if isinstance(exc, SkyloopError) else exc
-    return isinstance(cause, (OperationalError, InterfaceError, sqlite3.OperationalError)) or (
-        isinstance(cause, DBAPIError) and cause.connection_invalidated)
 
 
 def _reason(exc: BaseException) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
 from skyloop.execution.runstate import Prepared, RunState
 from skyloop.execution.tasks import TaskState
+from skyloop.execution.units import TaskProgress
 from skyloop.pipelines.step import code_hash
 from skyloop.scheduling.candidates import PolicyConfig
 from skyloop.scheduling.estimates import Estimator, Sample
@@ -68,7 +69,8 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     (`plan_pools`).
 
     Only tasks still to run or running count (those that ended are past every queue); a mapped task
-    counts as its units once it has them (as one task where it is in a pool: one member of it). The
+    counts as its units once it has them, except in a limited pool: there it stays one member, as long
+    as its units still to run take going through the pool (see `_pooled_seconds`). The
     planning runs at most `plan_tasks` simulated tasks in all (fewer simulations for larger runs;
     none past it: Schrage's rule alone, as where a step asks for more than the capacity). Returns
     whether any run has a task in one of the pools (else nothing was changed).
@@ -79,8 +81,8 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     open_states = (TaskState.PENDING, TaskState.RUNNING)
     graphs = [
         RankedRun(deps={name: p.spec.upstream() for name, p in run.tasks.items()},
-                  estimates={name: run.estimates.get(name, (0.0, ""))[0] if p.state in open_states else 0.0
-                             for name, p in run.tasks.items()},
+                  estimates={name: _pooled_seconds(p, run.estimates.get(name, (0.0, ""))[0], pools)
+                             if p.state in open_states else 0.0 for name, p in run.tasks.items()},
                   pools={name: p.spec.pool for name, p in run.tasks.items()
                          if p.spec.pool is not None and p.state in open_states},
                   klass=run.priority, cpus={name: p.spec.resources.cpus for name, p in run.tasks.items()})
@@ -88,7 +90,7 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     ]
     orders = None
     if pool_queues(graphs, pools, capacity.cpus):
-        sims = [_simulated(run, open_states) for run in runs]
+        sims = [_simulated(run, open_states, pools) for run in runs]
         size = sum(len(run.tasks) for run in sims)
         try:
             orders = plan_pools(sims, capacity, config, min(PLAN_BUDGET, plan_tasks // max(1, size)))
@@ -99,7 +101,18 @@ def rank_together(runs: Sequence[RunState], config: PolicyConfig, capacity: Reso
     return True
 
 
-def _simulated(run: RunState, open_states: tuple[TaskState, ...]) -> SimRun:
+def _pooled_seconds(progress: TaskProgress, seconds: float, pools: Mapping[str, int]) -> float:
+    """How long a task of `seconds` an attempt holds its pool, where that has a limit: a mapped task's units
+    still to run go through it `limit` at a time (as one member, it was planned as one unit: the pool
+    looked free N times sooner than it would be)."""
+    limit = pools.get(progress.spec.pool) if progress.spec.pool is not None else None
+    if limit is None or not progress.spec.map_over:
+        return seconds
+    left = max(1, progress.size - len(progress.unit_outputs))
+    return left * seconds / max(1, min(limit, left))
+
+
+def _simulated(run: RunState, open_states: tuple[TaskState, ...], pools: Mapping[str, int]) -> SimRun:
     """The tasks of `run` still to run (or running) as the simulator takes them, each its estimate long."""
     names: dict[str, list[str]] = {}  # task -> its simulated tasks (a mapped one's units)
     for name, p in run.tasks.items():
@@ -110,6 +123,6 @@ def _simulated(run: RunState, open_states: tuple[TaskState, ...]) -> SimRun:
     for name, sims in names.items():
         p = run.tasks[name]
         deps = tuple(sim for up in p.spec.upstream() for sim in names.get(up, ()))
-        seconds = run.estimates.get(name, (0.0, ""))[0]
+        seconds = _pooled_seconds(p, run.estimates.get(name, (0.0, ""))[0], pools)
         tasks += [SimTask(sim, deps, p.spec.resources, seconds, pool=p.spec.pool) for sim in sims]
     return SimRun(run.run_id, tuple(tasks), run.priority, run.weight)

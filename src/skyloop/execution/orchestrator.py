@@ -28,14 +28,20 @@ On a backend that can (`submit_after`: Ray), a turn that leaves nothing waiting 
 the steps that wait only on an attempt it runs (and theirs, as far as admission goes) before that
 attempt ends: see `skyloop.execution.lookahead`. Their rows are recorded when their upstream's end
 is taken, as if they were launched then; one whose upstream did not succeed is forgotten.
+
+On a backend that starts only so many attempts at once (`launch_limit`: the local backend's workers),
+each launch takes one of those slots too, a resource the policy weighs with the others: what cannot
+start waits in the policy's order, not first come first served in the backend (steps asking for a
+fraction of a CPU, or none, were handed over in any number, and urgent work queued behind them).
+
+An unexpected error in one run's bookkeeping fails that run alone (`_alone`); one that says the DB is
+away is raised on (the agent hands every run back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,6 +52,7 @@ from skyloop.errors import Conflict
 from skyloop.execution.backends.base import Backend
 from skyloop.execution.estimates import estimate_run, rank_together
 from skyloop.execution.history import Prior, crash_orphans, load_prior
+from skyloop.execution.leases import Heartbeat, db_unreachable, interrupts_held
 from skyloop.execution.poolslots import POLL_SECONDS, PoolSlots
 from skyloop.execution.recorder import Recorder
 from skyloop.execution.runstate import Observer, Prepared, RunState
@@ -58,47 +65,20 @@ from skyloop.store.db import Database
 from skyloop.store.runs import (
     CANCELLED_BY_USER,
     ORCHESTRATOR_LOST,
-    cancel_requested,
     claim_run,
     create_run,
     disown_runs,
     process_owner,
     release_run,
-    renew_leases,
 )
 
-__all__ = ["FLUSH_SECONDS", "Observer", "Orchestrator", "Prepared"]
+__all__ = ["FLUSH_SECONDS", "LAUNCH_SLOTS", "Observer", "Orchestrator", "Prepared"]
 
 FLUSH_SECONDS = 0.1
 """Longest a turn that launches nothing leaves its writes uncommitted."""
 
-
-class _Heartbeat(threading.Thread):
-    """Renews the leases of every run this orchestrator holds, so nobody adopts a live run."""
-
-    def __init__(self, orch: Orchestrator) -> None:
-        super().__init__(name="skyloop-heartbeat", daemon=True)
-        self.orch = orch
-        self.stopped = threading.Event()
-        self.lost: set[str] = set()
-        """Runs another process took over (their leases were not ours any more)."""
-        self.cancels: set[str] = set()
-        """Runs a user asked to cancel (`skyloop runs cancel`), read with each renewal."""
-
-    def run(self) -> None:
-        execution = self.orch.settings.execution
-        while not self.stopped.wait(execution.heartbeat_seconds):
-            held = list(self.orch.runs)
-            if not held:
-                continue
-            try:
-                with self.orch.db.session() as session:
-                    kept = renew_leases(session, held, self.orch.owner, execution.lease_seconds)
-                    cancels = cancel_requested(session, list(kept))
-            except Exception:  # a busy DB: try again at the next beat; the lease has slack
-                continue
-            self.lost.update(set(held) - kept)
-            self.cancels.update(cancels)
+LAUNCH_SLOTS = "skyloop.launch-slots"
+"""The resource each launch takes one of on a backend with a `launch_limit` (not one a user declares)."""
 
 
 @dataclass
@@ -124,7 +104,8 @@ class Orchestrator:
         self.observer = observer
         self.owner = process_owner()
         execution = settings.execution
-        self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools))
+        self.config = PolicyConfig(aging_seconds=execution.aging_seconds, pools=dict(execution.pools),
+                                   fair_share_seconds=execution.fair_share_seconds)
         self.queue = ReadyQueue(self.config)
         self.slots = PoolSlots(db, self.owner, self.config)
         """The DB slots of limited pools (a pool's limit holds across every process on the DB)."""
@@ -139,6 +120,12 @@ class Orchestrator:
         self.admission: Resources = admission() if admission is not None else self.capacity
         self._refill_at = self.capacity.cpus + max(0.0, self.admission.cpus - self.capacity.cpus) / 2
         """CPUs launched at or under which to launch more (with slack: once half of it is used up)."""
+        launch_limit = getattr(backend, "launch_limit", None)
+        self._slot: Resources | None = None
+        """One launch slot, taken by every attempt on a backend with a `launch_limit` (see the module docstring)."""
+        if launch_limit is not None:
+            self._slot = Resources(cpus=0, custom={LAUNCH_SLOTS: 1})
+            self.admission = self.admission + Resources(cpus=0, custom={LAUNCH_SLOTS: float(launch_limit())})
         self._submit_first = bool(getattr(backend, "attempts_die_with_driver", False))
         """Submit a turn's launches before committing their RUNNING rows (see the module docstring)."""
         self._submit_after = getattr(backend, "submit_after", None) \
@@ -160,10 +147,12 @@ class Orchestrator:
         self.running: dict[str, _Entry] = {}
         self.delayed: list[tuple[float, int, _Entry]] = []
         self.finished: dict[str, tuple[str, str | None]] = {}
+        self._failing: set[str] = set()
+        """Runs an unexpected error fails (`_fail`): released FAILED with `cancelling` as the error."""
         self._rerank = False
         """Runs came or went since the ranks were last taken together (see `_rank_together`)."""
         self._seq = 0
-        self._heartbeat = _Heartbeat(self)
+        self._heartbeat = Heartbeat(self)
         self._heartbeat.start()
 
     # -- runs in and out ----------------------------------------------------------------------------
@@ -258,7 +247,7 @@ class Orchestrator:
         run, unit = entry.run, entry.unit
         estimate = run.estimate(unit)[0]
         entry.candidate = Candidate(
-            key=unit.seq, resources=unit.task.resources, priority=run.priority + unit.task.priority, seq=unit.seq,
+            key=unit.seq, resources=self._asks(unit), priority=run.priority + unit.task.priority, seq=unit.seq,
             run_id=run.run_id, rank=run.ranks.get(unit.task.name, estimate), estimate=estimate,
             pool=unit.task.pool, ready_at=time.monotonic(),
         )
@@ -268,6 +257,10 @@ class Orchestrator:
         else:
             self.queue.occupy(entry.candidate, time.monotonic())
 
+    def _asks(self, unit: Unit) -> Resources:
+        """What an attempt of `unit` takes while it runs: its request, and a launch slot where the backend has them."""
+        return unit.task.resources if self._slot is None else unit.task.resources + self._slot
+
     def _launch_ready(self) -> list[TaskLaunch]:
         now = time.monotonic()
         while self.delayed and self.delayed[0][0] <= now:
@@ -276,21 +269,28 @@ class Orchestrator:
             return []
         if self.in_use.cpus > self._refill_at + 1e-9:  # the backend still has plenty queued
             return []
+        if self._slot is not None and self.in_use.custom.get(LAUNCH_SLOTS, 0.0) \
+                >= self.admission.custom[LAUNCH_SLOTS] - 0.5:  # every slot taken: nothing could launch
+            return []
         if self.config.pools:
             self.slots.refresh(entry.unit.task.pool for entry in self.pending.values())
         launches = []
         for cand in self.queue.take(self.admission - self.in_use, now=now):
-            entry = self.pending[cand.key]
+            entry = self.pending.get(cand.key)
+            if entry is None:  # of a run that failed at an earlier launch of this call
+                self.queue.done(cand.key)
+                continue
             if self.slots.limited(cand.pool) and not self.slots.take(cand):
                 self.queue.done(cand.key)  # another process took the pool's last slot: it waits again
                 self.queue.push(cand)
                 continue
             del self.pending[cand.key]
-            launch = entry.run.launch(entry.unit)
-            self.in_use = self.in_use + entry.unit.task.resources
-            self.running[launch.key] = entry
-            launches.append(launch)
-        return launches
+            with self._alone(entry.run, cand.key):
+                launch = entry.run.launch(entry.unit)
+                self.in_use = self.in_use + cand.resources
+                self.running[launch.key] = entry
+                launches.append(launch)
+        return self._unlaunch(launches, self._failing) if self._failing else launches
 
     def _finish(self, result: TaskResult) -> None:
         entry = self.running.get(result.key)
@@ -303,7 +303,7 @@ class Orchestrator:
         if entry.dropped:
             self.ahead_use = self.ahead_use - entry.unit.task.resources
             return
-        self.in_use = self.in_use - entry.unit.task.resources
+        self.in_use = self.in_use - self._asks(entry.unit)
         self.queue.done(entry.candidate.key)
         self.slots.free([entry.candidate.key])
         if self.runs.get(entry.run.run_id) is not entry.run:
@@ -315,13 +315,37 @@ class Orchestrator:
             self.recorder.finished(result, entry.run.run_id)
             self.ahead.pop(result.key, None)
             return
-        delay = entry.run.finish(entry.unit, result)
-        if delay is not None:
-            heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
-        followers = self.ahead.pop(result.key, ())
-        if entry.run.tasks[entry.unit.task.name].state not in (TaskState.SUCCEEDED, TaskState.CACHED):
-            for key in followers:  # their workers see the failure and do not run them
-                self._drop_sent(key)
+        with self._alone(entry.run):
+            delay = entry.run.finish(entry.unit, result)
+            if delay is not None:
+                heapq.heappush(self.delayed, (time.monotonic() + delay, entry.unit.seq, entry))
+            followers = self.ahead.pop(result.key, ())
+            if entry.run.tasks[entry.unit.task.name].state not in (TaskState.SUCCEEDED, TaskState.CACHED):
+                for key in followers:  # their workers see the failure and do not run them
+                    self._drop_sent(key)
+
+    @contextlib.contextmanager
+    def _alone(self, run: RunState, key: int | None = None) -> Iterator[None]:
+        """Fail `run` alone (`_fail`) on an unexpected error in the block, as `orchestrator error: Type: message`;
+        with the `key` of a candidate the policy took, that counts as running no more."""
+        try:
+            yield
+        except Exception as exc:
+            if db_unreachable(exc):
+                raise
+            if key is not None:
+                self.queue.done(key)
+                self.slots.free([key])
+            self._fail(run, f"orchestrator error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, run: RunState, error: str) -> None:
+        """End `run` FAILED with `error` as a cancel ends it: its attempts are cancelled, what waits is forgotten,
+        and it is released once their ends are in (`turn`)."""
+        if self.runs.get(run.run_id) is not run or run.run_id in self._failing:
+            return
+        self._failing.add(run.run_id)
+        run.cancelling = error
+        self._stop_attempts(run)
 
     # -- lookahead (see `skyloop.execution.lookahead`) ----------------------------------------------
     def _send_ahead(self, entries: list[_Entry]) -> None:
@@ -362,7 +386,7 @@ class Orchestrator:
         entry = self.running[unit.step_run_id]
         entry.ahead_of = None
         resources = unit.task.resources
-        self.ahead_use, self.in_use = self.ahead_use - resources, self.in_use + resources
+        self.ahead_use, self.in_use = self.ahead_use - resources, self.in_use + self._asks(unit)
         self._seq += 1
         unit.seq = self._seq  # its place, should it go through the queue for a retry
         self._push(entry, queued=False)  # running: counted by the policy (fair share, reservations)
@@ -380,7 +404,8 @@ class Orchestrator:
         for run in list(self.runs.values()):
             if run.cancelling is not None:
                 continue
-            run.activate_ready(self._enqueue, self._confirm)
+            with self._alone(run):
+                run.activate_ready(self._enqueue, self._confirm)
             for unit in run.dropped:  # sent ahead, then not confirmed: as if never sent
                 self._drop_sent(unit.step_run_id)
             run.dropped.clear()
@@ -404,9 +429,15 @@ class Orchestrator:
         if since is not None and (time.monotonic() - since >= FLUSH_SECONDS
                                   or self.recorder.work_at_risk >= FLUSH_SECONDS):
             self.recorder.flush()
-        for run in [r for r in self.runs.values() if r.done or (r.cancelling is not None and not self._attempts_of(r))]:
+        for run in [r for r in self.runs.values()
+                    if (r.done and r.cancelling is None) or (r.cancelling is not None and not self._attempts_of(r))]:
             self.recorder.flush()
-            if run.run_id not in self.recorder.lost:  # else another process holds it now: let go below
+            if run.run_id in self.recorder.lost:  # another process holds it now: let go below
+                continue
+            if run.run_id in self._failing:  # (an attempt whose end was not taken in ends CRASHED with it)
+                self._failing.discard(run.run_id)
+                self._release(run, "FAILED", run.cancelling, leftover="CRASHED")
+            else:
                 self._release(run, *(("CANCELLED", run.cancelling) if run.cancelling is not None else run.outcome()))
         # A flush of this turn may have found runs adopted by another process (this one was held up past
         # its lease): let go of them now, with the steps they have waiting, before judging what waits.
@@ -440,7 +471,7 @@ class Orchestrator:
             entry = self.running[launch.key]
             if entry.run.run_id in lost:
                 del self.running[launch.key]
-                self.in_use = self.in_use - entry.unit.task.resources
+                self.in_use = self.in_use - entry.candidate.resources
                 self.queue.done(entry.candidate.key)
                 self.slots.free([entry.candidate.key])
             else:
@@ -526,7 +557,7 @@ class Orchestrator:
     def abort(self, status: str, error: str) -> None:
         """Cancel everything running and end every held run with `status`. A Ctrl-C meanwhile (users press it
         again when cancelling takes seconds) cuts the wait for the attempts' ends short, not the release."""
-        with _interrupts_held() as hurry:
+        with interrupts_held() as hurry:
             self._cancel_all(hurry)
             # The run rows are released next; an attempt row lost here is reaped as CRASHED later.
             with contextlib.suppress(Exception):
@@ -539,7 +570,7 @@ class Orchestrator:
     def relinquish(self) -> None:
         """Give up every held run: cancel its attempts and clear the owner so another process adopts it (a
         Ctrl-C meanwhile cuts the wait for the attempts short, as in `abort`)."""
-        with _interrupts_held() as hurry:
+        with interrupts_held() as hurry:
             self._cancel_all(hurry)
             with contextlib.suppress(Exception):
                 self.recorder.flush()
@@ -553,19 +584,3 @@ class Orchestrator:
         self._heartbeat.join(timeout=5)
         self.slots.free_all()
         self.recorder.close()
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[list[int]]:
-    """SIGINT (Ctrl-C) only noted in the list yielded while the body runs: the cleanup after a first Ctrl-C
-    must finish, or the runs stay held until their leases end and are then reaped as FAILED. In the main
-    thread only (where Python takes signals); elsewhere the list stays empty."""
-    noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum))
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)

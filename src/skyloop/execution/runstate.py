@@ -62,8 +62,10 @@ class Prepared:
     params: dict[str, Any]
 
 
-def input_bytes(inputs: dict[str, InputValue]) -> int:
-    """Total size of the artifacts an attempt reads (an element counts its whole list)."""
+def input_bytes(inputs: dict[str, InputValue]) -> int | None:
+    """Total size of the artifacts an attempt reads; None where that is not known: a unit of a `.map` over a
+    list one step returned reads one element of it, whose size is not its list's (by that, every unit of a
+    longer sweep looked larger, and size-scaled estimates grew with the sweep)."""
     total = 0
     for value in inputs.values():
         if isinstance(value, ArtifactRef):
@@ -71,7 +73,7 @@ def input_bytes(inputs: dict[str, InputValue]) -> int:
         elif isinstance(value, Gathered):
             total += sum(ref.size for ref in value.refs)
         elif isinstance(value, Element) and isinstance(value.source, ArtifactRef):
-            total += value.source.size
+            return None
     return total
 
 
@@ -441,7 +443,7 @@ class RunState:
         retry = unit.task.retry
         failures = unit.attempt - self.prior.spared.get((unit.task.name, unit.index), 0)
         if result.state != TaskState.CANCELLED and failures <= retry.retries:
-            delay = retry.delay * retry.backoff ** (failures - 1)
+            delay = retry.delay_after(failures)
             self.recorder.event(self.run_id, "step.retry", f"step {unit.task.name!r} attempt {unit.attempt} "
                                 f"ended {result.state.value} ({result.error}); retrying in {delay:g}s", result.key)
             return delay

@@ -394,20 +394,23 @@ class Step(Generic[P, R]):
 def _check_numbers(name: str, *, retries: object, retry_delay: object, retry_backoff: object, timeout: object,
                    priority: object) -> None:
     """A wrong option named with what it takes, not a TypeError from comparing it (or a pydantic report)."""
-    def at_least(value: object, low: float, whole: bool = False, above: bool = False) -> bool:
+    def at_least(value: object, low: float, whole: bool = False, above: bool = False, finite: bool = False) -> bool:
         if isinstance(value, bool):
             return False
         if isinstance(value, int):  # as it is: a float would round a large one
             return value > low if above else value >= low
+        if finite and isinstance(value, Real) and not math.isfinite(float(value)):
+            return False
         return not whole and isinstance(value, Real) and (float(value) > low if above else float(value) >= low)
 
     wrong = (
         ("retries", retries, at_least(retries, 0, whole=True),
          "a whole number greater than or equal to 0, e.g. retries=2"),
-        ("retry_delay", retry_delay, at_least(retry_delay, 0),
-         "a number of seconds greater than or equal to 0, e.g. retry_delay=5"),
-        ("retry_backoff", retry_backoff, at_least(retry_backoff, 1),
-         "a number greater than or equal to 1 (it multiplies the delay after each retry), e.g. retry_backoff=2"),
+        ("retry_delay", retry_delay, at_least(retry_delay, 0, finite=True),
+         "a finite number of seconds greater than or equal to 0, e.g. retry_delay=5"),
+        ("retry_backoff", retry_backoff, at_least(retry_backoff, 1, finite=True),
+         "a finite number greater than or equal to 1 (it multiplies the delay after each retry), "
+         "e.g. retry_backoff=2"),
         ("timeout", timeout, timeout is None or at_least(timeout, 0, above=True),
          "> 0: a number of seconds, e.g. timeout=60 for a minute (or None for no limit)"),
         ("priority", priority, at_least(priority, -math.inf, whole=True), "a whole number, e.g. priority=5"),

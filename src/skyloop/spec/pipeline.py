@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -11,6 +12,7 @@ from skyloop.spec.resources import Resources
 
 __all__ = [
     "NAME_RULE",
+    "RETRY_DELAY_CAP",
     "CacheSpec",
     "Condition",
     "ConstInput",
@@ -64,14 +66,29 @@ class StepRef(_Model):
         return cls(module=module, qualname=qualname)
 
 
+RETRY_DELAY_CAP = 3600.0
+"""Longest wait before a retry that the backoff grows the delay to (a longer `delay` itself is kept)."""
+
+
 class RetrySpec(_Model):
     """How often, and after how long, a failed step is tried again."""
 
     retries: int = Field(default=0, ge=0)
-    delay: float = Field(default=0.0, ge=0)
+    delay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """Seconds before the first retry."""
-    backoff: float = Field(default=1.0, ge=1.0)
-    """Factor applied to the delay after each retry."""
+    backoff: float = Field(default=1.0, ge=1.0, allow_inf_nan=False)
+    """Factor applied to the delay after each retry, up to `RETRY_DELAY_CAP`."""
+
+    def delay_after(self, failures: int) -> float:
+        """Seconds to wait before the retry that follows the `failures`-th failure (1 for the first):
+        `delay * backoff ** (failures - 1)`, grown at most to `RETRY_DELAY_CAP` (or `delay`, if longer),
+        compared in logs first so that no power overflows."""
+        if self.delay <= 0.0 or failures <= 1 or self.backoff <= 1.0:
+            return self.delay
+        cap = max(self.delay, RETRY_DELAY_CAP)
+        if math.log(self.delay) + (failures - 1) * math.log(self.backoff) >= math.log(cap):
+            return cap  # (the power itself could overflow)
+        return min(cap, self.delay * self.backoff ** (failures - 1))
 
 
 class CacheSpec(_Model):

@@ -33,7 +33,10 @@ class Backend(Protocol):
     # the orchestrator then commits RUNNING rows while the launches travel, not before. And
     # `submit_after(launch, upstream_key) -> bool`, to send an attempt that starts once another ended,
     # with its result (see `skyloop.execution.lookahead`), with `dispatch()`, which sends what `submit`
-    # and `submit_after` held back (to send a step with those sent ahead of it, in one go).
+    # and `submit_after` held back (to send a step with those sent ahead of it, in one go). And
+    # `launch_limit() -> int`, how many attempts the backend starts at once where that is fewer than its
+    # capacity allows (the local backend's workers, whatever the steps ask for): the orchestrator then
+    # has at most that many launched, so that the rest wait in its policy's order, not the backend's.
 
     def submit(self, launch: TaskLaunch) -> None:
         """Start the attempt; its end is reported by a later `wait`."""

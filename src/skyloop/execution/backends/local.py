@@ -104,6 +104,11 @@ class LocalBackend:
         """The settings' limits, or this machine's CPUs and memory; GPUs: the size of the pool."""
         return self._capacity
 
+    def launch_limit(self) -> int:
+        """How many attempts start at once (`max_workers`): the orchestrator hands over no more, so that what
+        waits does so in its policy's order rather than in this backend's first-come queue."""
+        return self.max_workers
+
     def pids(self) -> list[int]:
         """Process ids of the live workers, idle and busy."""
         return [worker.proc.pid for worker in [*self._idle, *self._busy.values()]]
