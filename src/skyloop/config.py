@@ -48,7 +48,7 @@ class ExecutionSettings(BaseModel):
     aging_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     """Each time a run launches nothing for this long, its oldest waiting step rises one priority class
     (one waiting four times as long rises even while its run launches other steps)."""
-    fair_share_seconds: float = Field(default=300.0, ge=0, allow_inf_nan=False)
+    fair_share_seconds: float = Field(default=1800.0, ge=0, allow_inf_nan=False)
     """A run held below its weighted share of the machine for this long goes first whenever it is below it,
     until it has held it this long in a row (0: at once, always; shorter is fairer, longer favours the
     critical path of whichever run heads it)."""

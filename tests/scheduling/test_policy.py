@@ -207,7 +207,7 @@ def test_fair_share_counts_what_runs() -> None:
 
 
 def test_fair_share_waits_fair_share_seconds_before_overriding_rank() -> None:
-    queue = ReadyQueue()  # default: 300 s
+    queue = ReadyQueue(PolicyConfig(fair_share_seconds=300))
     for i in range(6):
         queue.push(_c(i, run="long", rank=1000 - i))
     queue.push(_c(10, run="short", rank=5))
@@ -220,7 +220,7 @@ def test_fair_share_waits_fair_share_seconds_before_overriding_rank() -> None:
 
 
 def test_a_run_that_comes_back_waits_fair_share_seconds_anew() -> None:
-    queue = ReadyQueue()  # default: 300 s
+    queue = ReadyQueue(PolicyConfig(fair_share_seconds=300))
     for i in range(6):
         queue.push(_c(i, run="long", rank=1000 - i))
     queue.push(_c(10, run="short", rank=5))
