@@ -186,3 +186,26 @@ def test_ctrl_c_pressed_twice_still_ends_the_run_cancelled(settings: Settings, t
     runs, steps, _ = _states(settings)
     assert list(runs.values()) == ["CANCELLED"], (runs, steps)
     assert ("slow", "CANCELLED") in steps and not [s for s in steps if s[1] == "RUNNING"], steps
+
+
+@pytest.mark.integration
+def test_a_run_stopped_by_a_signal_that_raises_system_exit_ends_cancelled(settings: Settings, tmp_path: Path) -> None:
+    # Ray's driver turns SIGTERM into SystemExit; that was recorded as "orchestrator error: SystemExit: 1" and
+    # the run FAILED. A stop it is, as Ctrl-C: CANCELLED, to be finished with `run --resume`.
+    (tmp_path / "chain.py").write_text(STEPS)
+    calls = tmp_path / "calls"
+    env = agent_env(settings.home, calls)
+    as_ray_does = ("import runpy, signal, sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(1)); "
+                   "sys.argv = ['skyloop', 'run', 'chain.py:chain', '--backend', 'local']; "
+                   "runpy.run_module('skyloop', run_name='__main__', alter_sys=True)")
+    command = subprocess.Popen([sys.executable, "-c", as_ray_does], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        until(lambda: "slow" in calls_made(calls))
+        command.send_signal(signal.SIGTERM)
+        out, _ = command.communicate(timeout=30)
+    finally:
+        reap(command)
+    runs, steps, _ = _states(settings)
+    assert list(runs.values()) == ["CANCELLED"], (runs, steps, out)
+    assert ("slow", "CANCELLED") in steps and not [s for s in steps if s[1] == "RUNNING"], steps

@@ -529,9 +529,12 @@ class Orchestrator:
             while run_id in self.runs:
                 self.turn(beat)
         except BaseException as exc:
-            status = "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            error = "cancelled by the user" if status == "CANCELLED" else \
-                f"orchestrator error: {type(exc).__name__}: {exc}"
+            # SystemExit here comes from a signal handler (Ray's driver turns SIGTERM into one): a stop, as
+            # Ctrl-C is, not a failure of the run (steps calling sys.exit() are caught by the backends).
+            stopped = isinstance(exc, KeyboardInterrupt | SystemExit)
+            status = "CANCELLED" if stopped else "FAILED"
+            error = (("cancelled by the user" if isinstance(exc, KeyboardInterrupt) else "stopped by a signal")
+                     if stopped else f"orchestrator error: {type(exc).__name__}: {exc}")
             self.abort(status, error)
             raise
         if self.finished.get(run_id, ("", None))[0] == "LOST":
