@@ -105,11 +105,44 @@ def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     if not host or not port.isdigit():
         return  # `auto`, or a form Ray resolves itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as exc:
         raise BackendError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
                            f"({exc.strerror or type(exc).__name__}); start it (`ray start --head`) or fix "
                            "--ray-address (SKYLOOP_EXECUTION__RAY_ADDRESS)") from None
+    with sock:
+        grpc = _speaks_grpc(sock, timeout)
+    if grpc is False:  # Ray would retry such an address for some 14 minutes (its GCS connect retries)
+        dashboard = " (8265 is Ray's dashboard)" if port == "8265" else ""
+        raise BackendError(f"cannot connect to the Ray cluster at {address}: what answers there is not a Ray "
+                           f"cluster{dashboard}, it does not speak gRPC; give the address of the head's GCS "
+                           "(`ray start --head --port PORT`, 6379 by default) in --ray-address "
+                           "(SKYLOOP_EXECUTION__RAY_ADDRESS)")
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+"""What a gRPC client sends first (RFC 9113, 3.4); a gRPC server (Ray's GCS, its client server) answers with
+a SETTINGS frame."""
+
+
+def _speaks_grpc(sock: socket.socket, timeout: float) -> bool | None:
+    """Whether the server on `sock` answers as gRPC servers do (HTTP/2, whose server preface is a SETTINGS
+    frame): True, False (it answers something else, HTTP/1 say, or hangs up), or None when it says nothing in
+    `timeout` (unknown: Ray is left to try)."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 4:  # up to the frame's type (a read may return less)
+            more = sock.recv(9 - len(head))
+            if not more:
+                break
+            head += more
+    except TimeoutError:
+        return None
+    except OSError:
+        return False  # reset at the preface: whatever listens is no HTTP/2 server
+    return len(head) >= 4 and head[3] == 0x04  # a frame header whose type is SETTINGS
 
 
 _INTERNAL_RESOURCES = ("node:", "accelerator_type:")
