@@ -523,9 +523,9 @@ class _Turn:
         floor = heads[bucket][2] + abs(heads[bucket][2]) * self.config.fit_window + EPS
         tied = []
         for other in siblings:
-            if other[2] <= room and other[0] == bucket[0] and other != bucket and self.may_fit(other):
+            if other[2] <= room and other[0] == bucket[0] and other != bucket:
                 place = heads.get(other)
-                if place is not None and place[2] <= floor:
+                if place is not None and place[2] <= floor and self.may_fit(other):
                     tied.append(other)
         if len(tied) > 1:
             tied.sort(key=heads.__getitem__)
