@@ -160,52 +160,45 @@ def test_a_run_an_agent_holds_is_cancelled_by_it_and_the_agent_goes_on(settings:
     assert calls_made(calls).count("slow") == 2  # one per run: the cancelled attempt was not run again
 
 
-@pytest.mark.integration
-def test_ctrl_c_pressed_twice_still_ends_the_run_cancelled(settings: Settings, tmp_path: Path) -> None:
-    # The first Ctrl-C cancels the attempts and waits (up to 5 s) for their ends; users press it again. That
-    # second one broke out of the cleanup: the run stayed RUNNING with its step, then was reaped as FAILED.
+def _run_stopped(settings: Settings, tmp_path: Path, backend: str, handler: str, signals: list[int]) -> int:
+    """`skyloop run chain.py:chain` in a child whose SIGINT/SIGTERM handling `handler` sets, sent `signals` (a
+    second apart) once its `slow` step runs; returns its exit code once it has ended, and checks that the run
+    ended CANCELLED with no attempt left RUNNING."""
     (tmp_path / "chain.py").write_text(STEPS)
     calls = tmp_path / "calls"
-    env = agent_env(settings.home, calls)
-    # As a terminal's foreground job starts it (see test_agent_leases); the inline backend runs the step in a
-    # thread, which a cancel cannot stop: the wait for its end lasts the whole 5 s.
-    foreground = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                  "sys.argv = ['skyloop', 'run', 'chain.py:chain', '--backend', 'inline']; "
-                  "runpy.run_module('skyloop', run_name='__main__', alter_sys=True)")
-    command = subprocess.Popen([sys.executable, "-c", foreground], cwd=tmp_path, env=env,
+    code = (f"import runpy, signal, sys; {handler}; "
+            f"sys.argv = ['skyloop', 'run', 'chain.py:chain', '--backend', '{backend}']; "
+            "runpy.run_module('skyloop', run_name='__main__', alter_sys=True)")
+    command = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=agent_env(settings.home, calls),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         until(lambda: "slow" in calls_made(calls))
-        command.send_signal(signal.SIGINT)
-        time.sleep(1)
-        command.send_signal(signal.SIGINT)
-        out, _ = command.communicate(timeout=30)
-    finally:
-        reap(command)
-    assert command.returncode == 130, out
-    runs, steps, _ = _states(settings)
-    assert list(runs.values()) == ["CANCELLED"], (runs, steps)
-    assert ("slow", "CANCELLED") in steps and not [s for s in steps if s[1] == "RUNNING"], steps
-
-
-@pytest.mark.integration
-def test_a_run_stopped_by_a_signal_that_raises_system_exit_ends_cancelled(settings: Settings, tmp_path: Path) -> None:
-    # Ray's driver turns SIGTERM into SystemExit; that was recorded as "orchestrator error: SystemExit: 1" and
-    # the run FAILED. A stop it is, as Ctrl-C: CANCELLED, to be finished with `run --resume`.
-    (tmp_path / "chain.py").write_text(STEPS)
-    calls = tmp_path / "calls"
-    env = agent_env(settings.home, calls)
-    as_ray_does = ("import runpy, signal, sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(1)); "
-                   "sys.argv = ['skyloop', 'run', 'chain.py:chain', '--backend', 'local']; "
-                   "runpy.run_module('skyloop', run_name='__main__', alter_sys=True)")
-    command = subprocess.Popen([sys.executable, "-c", as_ray_does], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        until(lambda: "slow" in calls_made(calls))
-        command.send_signal(signal.SIGTERM)
+        for index, signum in enumerate(signals):
+            if index:
+                time.sleep(1)
+            command.send_signal(signum)
         out, _ = command.communicate(timeout=30)
     finally:
         reap(command)
     runs, steps, _ = _states(settings)
     assert list(runs.values()) == ["CANCELLED"], (runs, steps, out)
     assert ("slow", "CANCELLED") in steps and not [s for s in steps if s[1] == "RUNNING"], steps
+    return command.returncode
+
+
+@pytest.mark.integration
+def test_ctrl_c_pressed_twice_still_ends_the_run_cancelled(settings: Settings, tmp_path: Path) -> None:
+    # The first Ctrl-C cancels the attempts and waits (up to 5 s) for their ends; users press it again. That
+    # second one broke out of the cleanup: the run stayed RUNNING with its step, then was reaped as FAILED.
+    # As a terminal's foreground job starts it (see test_agent_leases); the inline backend runs the step in a
+    # thread, which a cancel cannot stop: the wait for its end lasts the whole 5 s.
+    foreground = "signal.signal(signal.SIGINT, signal.default_int_handler)"
+    assert _run_stopped(settings, tmp_path, "inline", foreground, [signal.SIGINT, signal.SIGINT]) == 130
+
+
+@pytest.mark.integration
+def test_a_run_stopped_by_a_signal_that_raises_system_exit_ends_cancelled(settings: Settings, tmp_path: Path) -> None:
+    # Ray's driver turns SIGTERM into SystemExit; that was recorded as "orchestrator error: SystemExit: 1" and
+    # the run FAILED. A stop it is, as Ctrl-C: CANCELLED, to be finished with `run --resume`.
+    as_ray_does = "signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))"
+    assert _run_stopped(settings, tmp_path, "local", as_ray_does, [signal.SIGTERM]) == 1
