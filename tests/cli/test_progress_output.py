@@ -97,6 +97,18 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
         time.sleep(0.02)
 
 
+def _ctrl_c_after(marker: Path, proc: subprocess.Popen[str], what: str) -> tuple[str, str]:
+    """Once `marker` exists, Ctrl-C the process group as a terminal does; its stdout and stderr once it ended."""
+    try:
+        _wait_for(marker, proc, what)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _chain_steps(text: str) -> list[str]:
     """The step names a `pipeline graph` tree shows, one per line, in order."""
     found = []
@@ -149,14 +161,7 @@ def test_ctrl_c_says_the_run_was_cancelled_and_resume_finishes_it(cli, cli_env: 
     marker = tmp_path / "m"
     proc = _popen(cli_env, tmp_path, "run", "w.py:waits", "-p", f"marker={marker}", "--backend", "inline",
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _wait_for(Path(f"{marker}.started"), proc, "the step's start")
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = _ctrl_c_after(Path(f"{marker}.started"), proc, "the step's start")
     assert proc.returncode == 130
     said = re.search(r"interrupted: run ([0-9a-f]{32}) cancelled; finish it with: skyloop run --resume (\w+)", err)
     assert said and said.group(1) == said.group(2), err
@@ -173,14 +178,7 @@ def test_ctrl_c_before_the_run_starts_says_interrupted(cli_env: dict[str, str], 
     write(tmp_path / "slow_import.py", SLOW_IMPORT)
     proc = _popen(cli_env, tmp_path, "run", "slow_import.py:p", "--backend", "inline",
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _wait_for(tmp_path / "imported", proc, "the import")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = _ctrl_c_after(tmp_path / "imported", proc, "the import")
     assert proc.returncode == 130
     assert err.strip() == "interrupted" and out == ""
 
