@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from skyloop.spec.resources import Resources
 
-__all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig"]
+__all__ = ["BACKFILL_SCAN", "PLAIN", "Candidate", "PolicyConfig", "Shape", "request_shape"]
 
 BACKFILL_SCAN = 64
 """How many candidates that cannot launch are looked past, per call, to find ones that can."""
@@ -60,5 +60,18 @@ class PolicyConfig:
     """How long a run may hold less than its share before it goes first (0: at once, strict fair share). Half
     an hour, as fair-share schedulers judge shares over long horizons (Slurm's usage decays over days): for
     runs of hours, a short patience interleaves runs and delays every critical path (the benchmark's mixed
-    workloads: 1.25 of the lower bound at 300 s, 1.15 at 1,800 s), while aging (300 s) still bounds how
-    long a lower class waits."""
+    workloads, learned estimates: 1.25 of the lower bound at 300 s, 1.19 at 1,800 s), while aging (300 s)
+    still bounds how long a lower class waits."""
+
+
+Shape = tuple[str | None, int, tuple[tuple[str, float], ...]]
+"""(pool, GPUs, custom resources) of a request: what besides CPUs and memory it needs free to launch."""
+PLAIN: Shape = (None, 0, ())
+
+
+def request_shape(cand: Candidate) -> Shape:
+    """What a candidate needs besides CPUs and memory (`PLAIN`, one shared tuple, when nothing)."""
+    res = cand.resources
+    if cand.pool is None and not res.gpus and not res.custom:
+        return PLAIN
+    return (cand.pool, res.gpus, tuple(sorted(res.custom.items())))

@@ -44,7 +44,7 @@ from typing import TypeVar
 from skyloop.scheduling.aging import Aging
 from skyloop.scheduling.amounts import EPS, Amounts, Holdings
 from skyloop.scheduling.backfill import Reservation, reserve
-from skyloop.scheduling.candidates import BACKFILL_SCAN, Candidate, PolicyConfig
+from skyloop.scheduling.candidates import BACKFILL_SCAN, PLAIN, Candidate, PolicyConfig, Shape, request_shape
 from skyloop.scheduling.fairshare import Patience, entitlements
 from skyloop.spec.resources import Resources
 
@@ -52,10 +52,7 @@ __all__ = ["BACKFILL_SCAN", "Candidate", "PolicyConfig", "ReadyQueue", "select"]
 
 _T = TypeVar("_T")
 
-_Shape = tuple[str | None, int, tuple[tuple[str, float], ...]]
-"""(pool, GPUs, custom resources) of a request: what besides CPUs and memory it needs free to launch."""
-_PLAIN: _Shape = (None, 0, ())
-_Bucket = tuple[int, str, float, _Shape]
+_Bucket = tuple[int, str, float, Shape]
 """(class, run id, CPUs asked for, pool, GPUs and custom resources asked for): the candidates of one heap. The
 pool and the coarse resources are part of it, and each bucket knows its smallest memory request, so that a
 bucket whose pool is full, or whose GPUs, memory or custom resources are all taken, is passed over whole,
@@ -136,8 +133,8 @@ class ReadyQueue:
         if replaced is not None and replaced.cand.run_id == candidate.run_id:
             # The same attempt again (a new rank, say): it keeps the classes aging gave it, and its clock.
             klass, token = klass + max(0, replaced.bucket[0] - replaced.cand.priority), replaced.token
-        entry = _Entry(candidate, (klass, candidate.run_id, candidate.resources.cpus, _shape(candidate)), self._stamp,
-                       token)
+        bucket = (klass, candidate.run_id, candidate.resources.cpus, request_shape(candidate))
+        entry = _Entry(candidate, bucket, self._stamp, token)
         self._entries[candidate.key] = entry
         self._insert(entry)
         self._classes[candidate.priority] += 1
@@ -575,20 +572,12 @@ class _Turn:
         shape, avail = bucket[3], self.avail
         if bucket[2] > avail.cpus + EPS or self.queue._least_memory(bucket) > avail.memory:
             return False
-        if shape is _PLAIN:
+        if shape is PLAIN:
             return True
         pool, gpus, custom = shape
         if gpus > avail.gpus or not self.pool_free(pool):
             return False
         return all(amount <= avail.custom.get(name, 0.0) + EPS for name, amount in custom)
-
-
-def _shape(cand: Candidate) -> _Shape:
-    """The part of a candidate's bucket that says what it needs besides CPUs (one shared tuple when nothing)."""
-    res = cand.resources
-    if cand.pool is None and not res.gpus and not res.custom:
-        return _PLAIN
-    return (cand.pool, res.gpus, tuple(sorted(res.custom.items())))
 
 
 def _decrement(counter: Counter[_T], value: _T) -> None:
