@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -354,6 +355,25 @@ class RayReplicaHost(ReplicaHost):
             if replica.actor is not None:
                 await asyncio.to_thread(self._ray.wait, [replica.actor.stop.remote()], timeout=_STOP_GRACE + 5)
         self._kill([replica.actor])
+
+    async def kill_replica(self, index: int) -> int | None:
+        """Kill replica `index`'s actor (a hung one: see `liveness`); `refresh` then starts a new one in its place,
+        the other replicas serving meanwhile. Returns the pid it had (None: no such replica serving)."""
+        r = next((r for r in self._replicas if r.index == index and r.actor is not None), None)
+        if r is None or r.info is None:
+            return None
+        ray, pid, node = self._ray, int(r.info["pid"]), r.info.get("node")
+
+        def kill() -> None:
+            with contextlib.suppress(Exception):
+                ray.kill(r.actor, no_restart=True)
+            # A stopped process takes no message from Ray: one on this node gets SIGKILL as well.
+            with contextlib.suppress(Exception):
+                if node and node == ray.get_runtime_context().get_node_id():
+                    os.kill(pid, signal.SIGKILL)
+
+        await asyncio.to_thread(kill)
+        return pid
 
     def drop_pending(self) -> int:
         """Kill the replicas that do not serve yet (no room came for them); returns how many."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import psutil
 import yaml
 
 from skyloop.config import Settings
@@ -189,6 +190,22 @@ class ReplicaHost:
                 "replicas": [{**r, "inflight": inflight[r["index"]].inflight if r["index"] in inflight else 0,
                               "draining": inflight[r["index"]].draining if r["index"] in inflight else False}
                              for r in self.replicas()]}
+
+    async def kill_replica(self, index: int) -> int | None:
+        """SIGKILL replica `index`'s worker (a hung one: see `liveness`), which the host process replaces on the same
+        port; returns its pid (None: no such worker of this host)."""
+        pid = next((int(r["pid"]) for r in self.replicas() if r["index"] == index and r.get("pid")), None)
+        if pid is None or self.proc is None:
+            return None
+        if pid == self.proc.pid:  # one replica, served by the host process itself: the host dies and is restarted
+            self.proc.kill()
+            return pid
+        with contextlib.suppress(psutil.Error):  # the pid is still our host's worker: not one reused since
+            worker = psutil.Process(pid)
+            if worker.ppid() == self.proc.pid:
+                worker.send_signal(signal.SIGKILL)
+                return pid
+        return None
 
     async def stop(self) -> None:
         """SIGTERM (replicas finish their in-flight requests), then SIGKILL after a grace period."""

@@ -39,6 +39,7 @@ import uvicorn
 from skyloop.deploy.applying import apply_version, restore
 from skyloop.deploy.gateway import Gateway
 from skyloop.deploy.health import check_serving, restart_host
+from skyloop.deploy.liveness import Liveness
 from skyloop.deploy.pools import Endpoint, Pool
 from skyloop.deploy.ray_replicas import RayReplicaHost
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
@@ -108,6 +109,8 @@ class DeploymentRunner:
         self.down: list[str] = []
         """Predictors with no replica serving at the last tick (see `health.check_serving`)."""
         self.down_reason = ""
+        self.liveness = Liveness(self)
+        """Probes every replica's `/v2/health/live`; drains and kills one that hangs."""
         self.state_written = 0.0
         self.applied = 0
         """The spec version this runner has acted on (applied, or failed to)."""
@@ -182,6 +185,7 @@ class DeploymentRunner:
             busy.cancel()
             await asyncio.wait([busy])
         await self.restarts.cancel()
+        await self.liveness.close()
         for task in list(self.retiring):
             task.cancel()
         await asyncio.gather(*self.retiring, return_exceptions=True)
@@ -454,6 +458,7 @@ class DeploymentRunner:
             if not host.alive and self.restarts.due(name):
                 self.restarts.begin(name, restart_host(self, name, host))
         await check_serving(self)
+        await self.liveness.tick()
         now = time.monotonic()
         for command in commands:
             if self.rollout is None or self.rollout.done:
