@@ -6,7 +6,6 @@ that it shares the test's Ray (a controller process would start a Ray of its own
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,10 +20,9 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from deploy_support import Env, Load
+from deploy_support import Env, Load, in_process_controller
 from ray_support import local_ray
 
-from skyloop.config import Settings
 from skyloop.deploy.api import delete_deployment
 from skyloop.deploy.spec import load_deployment_spec
 from skyloop.errors import BackendError
@@ -51,30 +49,8 @@ class RayEnv(Env):
 @pytest.fixture(scope="module")
 def ray_env(ray_session: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayEnv]:
     """A home with `iris` version 1 and a controller running in this process (on a thread)."""
-    import uvloop
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from skyloop.deploy.controller import Controller
-    from skyloop.registry import log_model
-
-    root = tmp_path_factory.mktemp("raydeploy")
-    settings = Settings.for_home(root / "home")
-    X, y = load_iris(return_X_y=True)
-    clf = LogisticRegression(max_iter=500).fit(X, y)
-    log_model(clf, "iris", input_example=X[:5], settings=settings)
-    (root / "specs").mkdir()
-    controller = Controller(settings)
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
-    thread.start()
-    try:
-        yield RayEnv(settings, root / "specs", X, y, clf)
-    finally:
-        loop.call_soon_threadsafe(controller.stopping.set)
-        thread.join(60)
-        with contextlib.suppress(Exception):
-            loop.close()
+    with in_process_controller(tmp_path_factory.mktemp("raydeploy")) as (env, clf):
+        yield RayEnv(env.settings, env.folder, env.X, env.y, clf)
 
 
 def apply(env: Env, doc: dict[str, Any]) -> store.DeploymentInfo:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
-from deploy_support import Env, Load
+from deploy_support import Env, Load, in_process_controller
 from ray_support import local_ray
 
-from skyloop.config import Settings
 from skyloop.deploy.api import apply_deployment
 from skyloop.deploy.liveness import FAILURES, PROBE_EVERY, PROBE_TIMEOUT
 from skyloop.deploy.spec import load_deployment_spec
@@ -27,30 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """A local Ray, a home with `iris/1`, and a controller running in this process (on a thread)."""
-    import uvloop
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from skyloop.deploy.controller import Controller
-    from skyloop.registry import log_model
-
-    with local_ray():
-        root = tmp_path_factory.mktemp("rayhung")
-        settings = Settings.for_home(root / "home")
-        X, y = load_iris(return_X_y=True)
-        log_model(LogisticRegression(max_iter=500).fit(X, y), "iris", input_example=X[:5], settings=settings)
-        (root / "specs").mkdir()
-        controller = Controller(settings)
-        loop = uvloop.new_event_loop()
-        thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
-        thread.start()
-        try:
-            yield Env(settings, root / "specs", X, y)
-        finally:
-            loop.call_soon_threadsafe(controller.stopping.set)
-            thread.join(60)
-            with contextlib.suppress(Exception):
-                loop.close()
+    with local_ray(), in_process_controller(tmp_path_factory.mktemp("rayhung")) as (env, _):
+        yield env
 
 
 def replicas(env: Env, name: str) -> list[dict[str, Any]]:

@@ -4,11 +4,9 @@ as in `test_ray_deployments`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +14,9 @@ from typing import Any
 
 import psutil
 import pytest
-from deploy_support import Env, Load
+from deploy_support import Env, Load, in_process_controller
 from ray_support import local_ray
 
-from skyloop.config import Settings
 from skyloop.deploy.api import apply_deployment, delete_deployment
 from skyloop.deploy.spec import load_deployment_spec
 from skyloop.store import deployments as store
@@ -49,32 +46,10 @@ class Fickle:
 
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """A local Ray, a home with `iris/1`, and a controller running in this process (on a thread)."""
-    import uvloop
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from skyloop.deploy.controller import Controller
-    from skyloop.registry import log_model
-
-    with local_ray():
-        root = tmp_path_factory.mktemp("rayfail")
-        settings = Settings.for_home(root / "home")
-        X, y = load_iris(return_X_y=True)
-        log_model(LogisticRegression(max_iter=500).fit(X, y), "iris", input_example=X[:5], settings=settings)
-        (root / "specs").mkdir()
-        (root / "specs" / "fickle.py").write_text(FICKLE)
-        controller = Controller(settings)
-        loop = uvloop.new_event_loop()
-        thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
-        thread.start()
-        try:
-            yield Env(settings, root / "specs", X, y)
-        finally:
-            loop.call_soon_threadsafe(controller.stopping.set)
-            thread.join(60)
-            with contextlib.suppress(Exception):
-                loop.close()
+    """A local Ray, a home with `iris/1` and `fickle.py`, and a controller running in this process (on a thread)."""
+    with local_ray(), in_process_controller(tmp_path_factory.mktemp("rayfail")) as (env, _):
+        (env.folder / "fickle.py").write_text(FICKLE)
+        yield env
 
 
 def fickle(env: Env, name: str, replicas: int, crash: bool = False) -> tuple[dict[str, Any], Path, Path]:

@@ -259,3 +259,32 @@ def controller(env: Env) -> Iterator[None]:
         yield
     finally:
         stop_tree(proc)
+
+
+@contextlib.contextmanager
+def in_process_controller(root: Path) -> Iterator[tuple[Env, Any]]:
+    """A home under `root` with `iris/1` (the fitted classifier given back too), a `specs` folder, and a controller
+    running in this process on a thread (Ray deployments: the driver is this process), stopped on exit."""
+    import uvloop
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from skyloop.deploy.controller import Controller
+    from skyloop.registry import log_model
+
+    settings = Settings.for_home(root / "home")
+    X, y = load_iris(return_X_y=True)
+    clf = LogisticRegression(max_iter=500).fit(X, y)
+    log_model(clf, "iris", input_example=X[:5], settings=settings)
+    (root / "specs").mkdir()
+    controller = Controller(settings)
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(controller.run(),), daemon=True)
+    thread.start()
+    try:
+        yield Env(settings, root / "specs", X, y), clf
+    finally:
+        loop.call_soon_threadsafe(controller.stopping.set)
+        thread.join(60)
+        with contextlib.suppress(Exception):
+            loop.close()
