@@ -176,3 +176,64 @@ def test_feedback_must_name_an_answer_of_this_server(serve: Any, settings: Setti
         assert status == 404 and f"no inference with id {late!r} was answered by model 'iris'" in doc["error"]
     assert _stored(settings, "iris") == {(i, n % 3, 1.0 if n == 0 else None) for n, i in enumerate(ids[:10])}
     assert _stored(settings, "constant") == set()
+
+
+LEARNING_NODES = '''
+import os
+
+import numpy as np
+
+
+class Learner:
+    """ROUTER that learns: notes each reward it hears, with its process."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def route(self, X):
+        return 0
+
+    def send_feedback(self, features, reward, truth, routing):
+        with open(self.log, "a") as out:
+            out.write(f"{os.getpid()} {reward} {routing}\\n")
+
+
+class Pid:
+    """MODEL: answers the pid of the worker process that ran it."""
+
+    def predict(self, X):
+        return np.full(len(X), os.getpid(), dtype=np.int64)
+'''
+
+
+def test_feedback_reaches_the_nodes_of_the_worker_that_answered(serve: Any, settings: Settings,
+                                                                tmp_path: Path) -> None:
+    # With several workers, feedback that reached another worker than the one that answered was stored but told
+    # no node: a learning router heard the rewards for about half of its answers with 2 workers.
+    (tmp_path / "learning.py").write_text(LEARNING_NODES)
+    heard = tmp_path / "heard.txt"
+    spec = tmp_path / "learning.yaml"
+    spec.write_text(yaml.safe_dump({"name": "learning", "graph": {
+        "name": "learner", "type": "ROUTER", "implementation": "learning.py:Learner",
+        "parameters": {"log": str(heard)},
+        "children": [{"name": "pid", "type": "MODEL", "implementation": "learning.py:Pid"}]}}))
+
+    def answer(_: int) -> tuple[str, int]:
+        status, doc = _post(port, "/v2/models/learning/infer", {"inputs": [
+            {"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1.0]}]})
+        assert status == 200, doc
+        return str(doc["id"]), int(doc["outputs"][0]["data"][0])
+
+    with serve(settings, str(spec), workers=2) as (proc, port):
+        answers = [pair for _ in range(6) for pair in at_once(8, answer)]
+        workers = {c.pid for c in psutil.Process(proc.pid).children()}
+        assert {pid for _, pid in answers} == workers, "both workers must answer for this test to mean anything"
+        rewards = {inference_id: float(i) for i, (inference_id, _) in enumerate(answers)}
+        replies = at_once(len(answers), lambda i: _post(port, "/v2/models/learning/feedback",
+                                                         {"id": answers[i][0], "reward": rewards[answers[i][0]]}))
+        assert all(status == 200 and doc["nodes_told"] == 1 and doc["nodes_failed"] == {}
+                   for status, doc in replies), [doc for status, doc in replies if doc.get("nodes_told") != 1]
+    lines = [line.split() for line in heard.read_text().splitlines()]
+    # Every reward reached the router of the worker that gave that answer, once, with the route it chose.
+    assert sorted((int(pid), float(reward), int(route)) for pid, reward, route in lines) == \
+        sorted((pid, rewards[inference_id], 0) for inference_id, pid in answers)

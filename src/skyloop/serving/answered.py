@@ -74,8 +74,15 @@ class AnsweredIds:
     def rows(self, model: str, inference_id: str) -> int | None:
         """The rows of the answer some worker recorded for `model` and `inference_id` (0: not known), or None
         when none did."""
+        found = self.answer(model, inference_id)
+        return None if found is None else found[1]
+
+    def answer(self, model: str, inference_id: str) -> tuple[int, int] | None:
+        """(the part of the worker that recorded it, its rows) for `model` and `inference_id`, or None when no
+        worker did (the latest part, were it ever two)."""
         h = _hash(model, inference_id)
         found = np.flatnonzero(self._table[:, h % _BUCKETS, :] == h)
         if not found.size:
             return None
-        return int(self._rows_table[:, h % _BUCKETS, :].reshape(-1)[found[-1]])
+        at = int(found[-1])
+        return at // _WAYS, int(self._rows_table[:, h % _BUCKETS, :].reshape(-1)[at])

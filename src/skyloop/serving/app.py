@@ -240,9 +240,13 @@ def create_app(plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY, load: b
             task = asyncio.create_task(load_all())
         else:
             plane.start_batching()
+        if plane.relay is not None:  # a worker of several: feedback on its answers may come through another
+            await plane.relay.serve(plane.tell_here)
         try:
             yield
         finally:
+            if plane.relay is not None:
+                await plane.relay.aclose()
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -29,6 +29,7 @@ from skyloop.serving.protocol import (
     encode_response,
     output_tensor,
 )
+from skyloop.serving.relay import Relay, Told
 from skyloop.serving.spec import ServeSpec
 from skyloop.store.feedback import record_feedback, repeated_feedback
 
@@ -85,7 +86,7 @@ class DataPlane:
 
     def __init__(self, specs: list[ServeSpec], settings: Settings | None = None, metrics: ServingMetrics | None = None,
                  threads: int = 4, trace_cache: int = 10_000, answered: AnsweredIds | None = None,
-                 behind_router: bool = False, trace_bytes: int = TRACE_BYTES) -> None:
+                 behind_router: bool = False, trace_bytes: int = TRACE_BYTES, relay: Relay | None = None) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SpecError(f"two served models share a name: {names}; name them apart (a serving spec file each, "
@@ -93,6 +94,8 @@ class DataPlane:
         self.settings = settings
         self.answered = None if behind_router else answered or AnsweredIds()
         """Ids this server answered; None when a router in front checks feedback ids."""
+        self.relay = relay
+        """The other workers of this server, for feedback on their answers (None: one worker)."""
         self.metrics = metrics or ServingMetrics()
         self.models = {s.name: ServedModel(s) for s in specs}
         self.trace_cache = trace_cache
@@ -278,7 +281,8 @@ class DataPlane:
         inference_id, kinds = request.id, request.kinds
         remembered = served.traces.get(inference_id)
         # Answered by another worker: its rows are in the table the workers share (its inputs are not).
-        shared = None if remembered is not None or self.answered is None else self.answered.rows(name, inference_id)
+        found = None if remembered is not None or self.answered is None else self.answered.answer(name, inference_id)
+        shared = None if found is None else found[1]
         request.check_rows(remembered[3] if remembered is not None else shared or None)
         # Not remembered: too old, from before a restart, or never answered. Of these, only an answer that
         # took feedback before has left a record (its row in the DB, which `_store_feedback` requires).
@@ -302,16 +306,27 @@ class DataPlane:
             raise
         for kind in sorted(kinds):
             self.metrics.feedback.labels(name, kind).inc()
-        remembered = served.traces.get(inference_id)
-        told, failed = 0, dict[str, str]()
-        if remembered is not None:
-            features, trace, _, _ = remembered
-            x = graph.features(features)
-            told, failed = await loop.run_in_executor(self._executor, graph.send_feedback, x, request.reward,
-                                                      request.plain_truth, trace)
+        told, failed = await self._tell(served, request)
+        if not told and not failed and found is not None and self.relay is not None and found[0] != self.relay.part:
+            # The answering worker holds the inputs and the nodes that learn: it tells them.
+            told, failed = await self.relay.tell(found[0], name, version, body)
         for node, error in failed.items():  # stored all the same: the client must not send it again
             log.warning("model %s: node %r failed to take feedback for %r: %s", name, node, inference_id, error)
         return {"id": inference_id, "stored": True, "nodes_told": told, "nodes_failed": failed}
+
+    async def _tell(self, served: ServedModel, request: FeedbackRequest) -> Told:
+        """Tell the nodes on the path of the answer, if this process remembers it."""
+        remembered, graph = served.traces.get(request.id), served.graph
+        if remembered is None or graph is None:
+            return 0, {}
+        features, trace, _, _ = remembered
+        x = graph.features(features)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, graph.send_feedback, x, request.reward, request.plain_truth, trace)
+
+    async def tell_here(self, name: str, version: str | None, body: bytes) -> Told:
+        """Feedback another worker of this server took and stored, for an answer this one gave (`Relay`)."""
+        return await self._tell(self.model(name, version), decode_feedback(body))
 
     def _store_feedback(self, name: str, version: str, request: FeedbackRequest, known: bool) -> None:
         if self.settings is None:

@@ -14,7 +14,9 @@ parent wakes on SIGCHLD) its new connections wait in the listen backlog instead 
 state file tells the controller which pid serves which port.
 
 Feedback must name an answer: the workers of a server share a table of the ids they answered
-(`serving.answered`, made before the fork). Replicas take the word of the gateway in front of them, which
+(`serving.answered`, made before the fork), and a worker that takes feedback on another's answer passes it on
+to that one, whose graph heard the request (`serving.relay`: one Unix socket per worker slot, also made
+before the fork). Replicas take the word of the gateway in front of them, which
 checks ids against its own answers and may pass feedback on to another replica than the one that answered.
 """
 
@@ -437,6 +439,7 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
         from skyloop.serving.answered import AnsweredIds
         from skyloop.serving.app import create_app
         from skyloop.serving.dataplane import DataPlane
+        from skyloop.serving.relay import Relay
 
         with contextlib.ExitStack() as stack:
             socks = []
@@ -445,7 +448,12 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
                 stack.callback(socks[-1].close)
             # Replicas sit behind a deployment's gateway, which checks feedback ids against its answers.
             answered = None if replicas else AnsweredIds(parts=workers)
-            plane = DataPlane(specs, settings, threads=threads, answered=answered, behind_router=bool(replicas))
+            relay = None
+            if not replicas and workers > 1:
+                relay = Relay(workers)
+                stack.callback(relay.close)
+            plane = DataPlane(specs, settings, threads=threads, answered=answered, behind_router=bool(replicas),
+                              relay=relay)
             with _Loading(socks):
                 plane.load()
             failed = [m.failure for m in plane.models.values() if m.failure]
@@ -470,8 +478,14 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
                     _watch_parent(watched)
                 _run_uvicorn(app, socks[0], log_level)
             else:
-                _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level,
-                           parent=watched, in_worker=answered.use_part if answered else None)
+                def in_worker(index: int) -> None:
+                    if answered is not None:
+                        answered.use_part(index)
+                    if relay is not None:
+                        relay.use_part(index)
+
+                _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level, parent=watched,
+                           in_worker=in_worker)
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
