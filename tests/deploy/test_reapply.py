@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deploy_support import NODES, Env, Load, controller
+from deploy_support import NODES, Env, Load, controller, stop_pid
 from tests_support import write
 
 from skyloop.config import Settings
@@ -207,3 +207,29 @@ def test_a_promotion_does_not_wait_for_the_retired_predictor_to_drain(env: Env) 
         assert slow == [("stable", 0)]  # answered: drained, not cut off
         env.wait("drain", lambda i: set(i.state["predictors"]) == {"canary"}, 30, "the stable predictor stopped")
         env.delete("drain")
+
+
+def test_a_spec_applied_again_after_its_controller_was_killed_waits_for_a_live_one(env: Env) -> None:
+    # Before, `apply` returned at once what the killed controller had left (Healthy, applied by it: its lease
+    # still ran), while its gateway was gone and nothing would serve until a new controller took over.
+    import psutil
+
+    from skyloop.deploy.api import apply_deployment
+
+    doc = {"name": "orphan", "predictors": [{"name": "main", "graph": constant(0), "traffic": 100}]}
+    with controller(env) as proc:
+        first = env.apply(doc)
+        assert first.status == "Healthy", first.reason
+        proc.kill()
+        proc.wait()
+    ours = {child.pid for child in psutil.Process().children()}
+    try:
+        again = apply_deployment(env.spec(doc), env.settings, timeout=120)  # starts a controller, as the CLI does
+        owner = str(again.controller)
+        assert owner.split(":")[1] != str(proc.pid) and again.status == "Healthy", (owner, again.reason)
+        assert request(env, "orphan") == ("main", 0)
+        env.delete("orphan")
+    finally:  # the controller `apply` started (detached, but a child of this process): stopped by its pid
+        for child in psutil.Process().children():
+            if child.pid not in ours:
+                stop_pid(child.pid)

@@ -164,6 +164,15 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> None:
             child.kill()
 
 
+def stop_pid(pid: int) -> None:
+    """Kill the process `pid` (one this test did not start as a child, e.g. a detached controller) and its tree."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        for child in [*process.children(recursive=True), process]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
 @dataclass
 class Answer:
     """One request's outcome."""
@@ -250,13 +259,13 @@ class Load:
 
 
 @contextlib.contextmanager
-def controller(env: Env) -> Iterator[None]:
+def controller(env: Env) -> Iterator[subprocess.Popen[bytes]]:
     """One `skyloop deploy controller` process for the block, stopped (with its replicas) by PID after it."""
     argv = [sys.executable, "-m", "skyloop", "--home", str(env.settings.home), "deploy", "controller"]
     with open(env.folder.parent / "controller.log", "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield
+        yield proc
     finally:
         stop_tree(proc)
 

@@ -107,16 +107,24 @@ def controller_alive(workspace: Workspace) -> bool:
                    and not owner_is_dead(d.controller) for d in store.list_deployments(session))
 
 
+_started: list[subprocess.Popen[bytes]] = []
+"""Controllers this process started: kept (a Popen dropped while its process runs warns) and reaped once they end
+(a zombie would pass for a live controller to `owner_is_dead`)."""
+
+
 def start_controller(settings: Settings) -> subprocess.Popen[bytes]:
     """Start `skyloop deploy controller --exit-when-idle` detached from this process."""
+    _started[:] = [proc for proc in _started if proc.poll() is None]
     folder = settings.home / "deployments"
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SKYLOOP_DB_URL": settings.resolved_db_url,
            "SKYLOOP_ARTIFACTS_URL": settings.resolved_artifacts_url}
     argv = [sys.executable, "-m", "skyloop", "--home", str(settings.home), "deploy", "controller", "--exit-when-idle"]
     with open(folder / "controller.log", "ab") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
+    _started.append(proc)
+    return proc
 
 
 def wait_for(workspace: Workspace, name: str, done: Callable[[store.DeploymentInfo, list[store.DeploymentEvent]],
@@ -157,9 +165,11 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
                 return store.get_deployment(session, spec.name)
 
         def applied(info: store.DeploymentInfo, events: list[store.DeploymentEvent]) -> bool:
-            # Acted on by the controller holding it now (not a stale view left by one that stopped).
+            # Acted on by the controller holding it now (not a stale view left by one that stopped), and that one
+            # still lives: one killed moments ago still holds its lease, and its state says it applied this
+            # version (the same spec applied again), while nothing serves until the next controller takes over.
             return info.controller is not None and info.state.get("owner") == info.controller \
-                and info.state.get("applied") == version
+                and info.state.get("applied") == version and not owner_is_dead(info.controller)
 
         info = wait_for(workspace, spec.name, applied, timeout, f"applying spec version {version}")
         with workspace.db.read() as session:
