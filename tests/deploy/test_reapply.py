@@ -211,25 +211,26 @@ def test_a_promotion_does_not_wait_for_the_retired_predictor_to_drain(env: Env) 
 
 def test_a_spec_applied_again_after_its_controller_was_killed_waits_for_a_live_one(env: Env) -> None:
     # Before, `apply` returned at once what the killed controller had left (Healthy, applied by it: its lease
-    # still ran), while its gateway was gone and nothing would serve until a new controller took over.
+    # still ran), while its gateway was gone and nothing would serve until a new controller took over. The
+    # controllers here are the ones `apply` starts, as the CLI's are (detached, but children of this process:
+    # the killed one stays a zombie, which passes for alive, until this process reaps it).
     import psutil
 
     from skyloop.deploy.api import apply_deployment
 
     doc = {"name": "orphan", "predictors": [{"name": "main", "graph": constant(0), "traffic": 100}]}
-    with controller(env) as proc:
-        first = env.apply(doc)
-        assert first.status == "Healthy", first.reason
-        proc.kill()
-        proc.wait()
     ours = {child.pid for child in psutil.Process().children()}
     try:
-        again = apply_deployment(env.spec(doc), env.settings, timeout=120)  # starts a controller, as the CLI does
+        first = apply_deployment(env.spec(doc), env.settings, timeout=120)
+        assert first.status == "Healthy", first.reason
+        killed = str(first.controller).split(":")[1]
+        os.kill(int(killed), signal.SIGKILL)
+        again = apply_deployment(env.spec(doc), env.settings, timeout=120)
         owner = str(again.controller)
-        assert owner.split(":")[1] != str(proc.pid) and again.status == "Healthy", (owner, again.reason)
+        assert owner.split(":")[1] != killed and again.status == "Healthy", (owner, again.reason)
         assert request(env, "orphan") == ("main", 0)
         env.delete("orphan")
-    finally:  # the controller `apply` started (detached, but a child of this process): stopped by its pid
+    finally:  # the controllers `apply` started: stopped by their pids
         for child in psutil.Process().children():
             if child.pid not in ours:
                 stop_pid(child.pid)

@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from skyloop.errors import NotFound
 from skyloop.serving.relay import Relay, Told
@@ -39,6 +43,21 @@ def test_a_worker_is_told_over_its_socket_and_a_silent_one_is_named() -> None:
     assert told == (2, {"router": "ValueError: no arm 3"})
     assert heard == [("iris", "2", b'{"id": "a", "reward": 1}')]
     assert refused == (0, {"(relay)": "NotFound: no model 'gone'"})
-    assert silent == (0, {"(worker 1)": "the worker that gave the answer did not answer in 0.3 s; the feedback is "
-                                        "stored"})
+    assert silent == (0, {"(worker 1)": "the worker that gave the answer did not answer in 0.3 s (it may still tell "
+                                        "its nodes); the feedback is stored"})
     assert not os.path.exists(relay.folder)
+
+
+def test_a_temp_folder_too_long_for_a_socket_path_falls_back_to_tmp(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A $TMPDIR of 90 characters made every socket path longer than Linux takes (107): `serve --workers 2` died
+    # with "AF_UNIX path too long".
+    long = tmp_path / ("x" * max(1, 90 - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    relay = Relay(16)
+    try:
+        assert relay.folder.startswith("/tmp/skyloop-relay-") and len(relay.listeners) == 16
+    finally:
+        relay.close()
+    assert not os.path.exists(relay.folder) and not list(long.iterdir())

@@ -4,7 +4,9 @@ worker processes and restarts, and never counted twice; feedback must name an an
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -180,6 +182,8 @@ def test_feedback_must_name_an_answer_of_this_server(serve: Any, settings: Setti
 
 LEARNING_NODES = '''
 import os
+import re
+import socket
 
 import numpy as np
 
@@ -237,3 +241,61 @@ def test_feedback_reaches_the_nodes_of_the_worker_that_answered(serve: Any, sett
     # Every reward reached the router of the worker that gave that answer, once, with the route it chose.
     assert sorted((int(pid), float(reward), int(route)) for pid, reward, route in lines) == \
         sorted((pid, rewards[inference_id], 0) for inference_id, pid in answers)
+
+
+def _raw_request(path: str, doc: Any) -> bytes:
+    body = orjson.dumps(doc)
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _raw_response(sock: socket.socket) -> tuple[int, Any]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"content-length: *(\d+)", data.partition(b"\r\n\r\n")[0], re.I).group(1)):  # type: ignore[union-attr]
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection with no answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), orjson.loads(body)
+
+
+def test_feedback_taken_while_the_server_stops_is_answered_at_once(serve: Any, settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    # Worker A holds a request for feedback on worker B's answer as the server stops; B drains and exits first.
+    # The parent kept listening on B's relay socket: A waited for an answer that never came until it was killed,
+    # and its client got none. Now B's socket refuses A at once, and A answers (the feedback is stored).
+    (tmp_path / "learning.py").write_text(LEARNING_NODES)
+    spec = tmp_path / "learning.yaml"
+    spec.write_text(yaml.safe_dump({"name": "learning", "graph": {
+        "name": "learner", "type": "ROUTER", "implementation": "learning.py:Learner",
+        "parameters": {"log": str(tmp_path / "heard.txt")},
+        "children": [{"name": "pid", "type": "MODEL", "implementation": "learning.py:Pid"}]}}))
+    infer = _raw_request("/v2/models/learning/infer", {"inputs": [
+        {"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1.0]}]})
+    with serve(settings, str(spec), workers=2) as (proc, port):
+        connections: dict[int, tuple[socket.socket, str]] = {}
+        for _ in range(200):  # a kept-alive connection on each worker, with an answer of that worker
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(infer)
+            status, doc = _raw_response(sock)
+            assert status == 200, doc
+            pid = int(doc["outputs"][0]["data"][0])
+            if pid in connections:
+                sock.close()
+            else:
+                connections[pid] = (sock, str(doc["id"]))
+            if len(connections) == 2:
+                break
+        (a, _), (b, answered_by_b) = connections.values()
+        b.close()
+        feedback = _raw_request("/v2/models/learning/feedback", {"id": answered_by_b, "reward": 1.0})
+        a.sendall(feedback[:-3])  # A is handling a request as the stop begins
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # B, idle, has drained and exited
+        a.sendall(feedback[-3:])
+        status, doc = _raw_response(a)
+        a.close()
+        assert status == 200 and doc["stored"] and doc["nodes_told"] == 0, doc
+        assert "could not be reached" in next(iter(doc["nodes_failed"].values())), doc
+        assert proc.wait(timeout=30) == 0

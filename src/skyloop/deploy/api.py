@@ -101,6 +101,7 @@ def _check_drift_features(workspace: Workspace, spec: DeploymentSpec, info: Mode
 
 def controller_alive(workspace: Workspace) -> bool:
     """Whether some deployment is held by a controller whose lease is current and whose process lives."""
+    _reap_started()
     with workspace.db.read() as session:
         now = db_now(session)
         return any(d.controller and d.lease_expires_at and d.lease_expires_at > now
@@ -112,9 +113,13 @@ _started: list[subprocess.Popen[bytes]] = []
 (a zombie would pass for a live controller to `owner_is_dead`)."""
 
 
+def _reap_started() -> None:
+    _started[:] = [proc for proc in _started if proc.poll() is None]
+
+
 def start_controller(settings: Settings) -> subprocess.Popen[bytes]:
     """Start `skyloop deploy controller --exit-when-idle` detached from this process."""
-    _started[:] = [proc for proc in _started if proc.poll() is None]
+    _reap_started()
     folder = settings.home / "deployments"
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SKYLOOP_DB_URL": settings.resolved_db_url,
@@ -168,8 +173,11 @@ def apply_deployment(source: str | Path | dict[str, Any] | DeploymentSpec, setti
             # Acted on by the controller holding it now (not a stale view left by one that stopped), and that one
             # still lives: one killed moments ago still holds its lease, and its state says it applied this
             # version (the same spec applied again), while nothing serves until the next controller takes over.
-            return info.controller is not None and info.state.get("owner") == info.controller \
-                and info.state.get("applied") == version and not owner_is_dead(info.controller)
+            if info.controller is None or info.state.get("owner") != info.controller \
+                    or info.state.get("applied") != version:
+                return False
+            _reap_started()  # a controller this process started and that died since is a zombie until reaped
+            return not owner_is_dead(info.controller)
 
         info = wait_for(workspace, spec.name, applied, timeout, f"applying spec version {version}")
         with workspace.db.read() as session:

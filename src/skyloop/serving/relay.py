@@ -29,28 +29,35 @@ import orjson
 
 __all__ = ["RELAY_SECONDS", "Relay", "Told"]
 
-RELAY_SECONDS = 10.0
-"""How long the worker that takes feedback waits for the answering worker's nodes."""
+RELAY_SECONDS = 5.0
+"""How long the worker that takes feedback waits for the answering worker's nodes (well within the 10 s that
+workers are given to drain when the server stops)."""
 
 Told = tuple[int, dict[str, str]]
 """(nodes told, node -> error of those that failed)."""
 
 _LENGTH = struct.Struct(">I")
 _MAX_FRAME = 64 * 1024 * 1024
+_MAX_PATH = 107
+"""The longest path of a Unix socket on Linux (`sun_path` less its final NUL)."""
 
 
 class Relay:
     """One listening Unix socket per worker slot; `serve` in each worker, `tell` to reach another."""
 
     def __init__(self, workers: int) -> None:
-        self.folder = tempfile.mkdtemp(prefix="skyloop-relay-")  # mode 0700: no other user may connect
+        # Mode 0700: no other user may connect. Under /tmp when $TMPDIR is too long for a socket's path.
+        self.folder = tempfile.mkdtemp(prefix="skyloop-relay-")
+        if len(self._path(workers - 1)) > _MAX_PATH:
+            os.rmdir(self.folder)
+            self.folder = tempfile.mkdtemp(prefix="skyloop-relay-", dir="/tmp")
         self._listeners: list[socket.socket] = []
         try:
             for index in range(workers):
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._listeners.append(listener)
                 listener.bind(self._path(index))
-                listener.listen(64)
+                listener.listen(socket.SOMAXCONN)
         except BaseException:
             self.close()
             raise
@@ -60,6 +67,12 @@ class Relay:
 
     def _path(self, index: int) -> str:
         return os.path.join(self.folder, f"w{index}.sock")
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        """The listening sockets (the parent closes its copies as soon as it tells the workers to stop, so that a
+        worker relaying to one that has drained is refused at once instead of waiting)."""
+        return self._listeners
 
     def use_part(self, index: int) -> None:
         """This process is the worker of slot `index`: it keeps that slot's socket alone."""
@@ -100,7 +113,7 @@ class Relay:
                     writer.close()
             return int(doc["told"]), {str(k): str(v) for k, v in dict(doc["failed"]).items()}
         except TimeoutError:
-            reason = f"did not answer in {timeout:g} s"
+            reason = f"did not answer in {timeout:g} s (it may still tell its nodes)"
         except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, TypeError) as exc:
             reason = f"could not be reached ({type(exc).__name__}: {exc})"
         return 0, {f"(worker {part})": f"the worker that gave the answer {reason}; the feedback is stored"}

@@ -34,7 +34,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,11 +273,13 @@ def _write_state(path: Path, slots: list[_Slot]) -> None:
 
 def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | None = None,
                parent: int | None = None, on_started: Callable[[], object] | None = None,
-               in_worker: Callable[[int], object] | None = None) -> None:
+               in_worker: Callable[[int], object] | None = None,
+               also_listening: Iterable[socket.socket] = ()) -> None:
     """Fork a worker per slot, replace any that dies, and stop them all on SIGTERM/SIGINT, or once this
     process's parent is no longer `parent` (when given).
 
-    `in_worker(index)` runs in each forked worker (a replacement too) with its slot's index, before it serves."""
+    `in_worker(index)` runs in each forked worker (a replacement too) with its slot's index, before it serves.
+    `also_listening`: sockets besides the slots' that the parent closes with them when the workers stop."""
     # Imported once here rather than in every (re)started worker: a replacement serves sooner.
     import uvicorn.loops.uvloop
     import uvicorn.protocols.http.httptools_impl  # noqa: F401
@@ -342,7 +344,7 @@ def _supervise(app: Any, slots: list[_Slot], log_level: str, state_file: Path | 
                 while os.read(wakeup[0], 512):
                     pass
     finally:
-        _stop(set(by_pid), {slot.sock for slot in slots})
+        _stop(set(by_pid), {slot.sock for slot in slots} | set(also_listening))
         signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -485,7 +487,7 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
                         relay.use_part(index)
 
                 _supervise(app, [_Slot(i, socks[0]) for i in range(workers)], log_level, parent=watched,
-                           in_worker=in_worker)
+                           in_worker=in_worker, also_listening=relay.listeners if relay is not None else ())
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
