@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -109,6 +110,8 @@ class Controller:
             await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
             await asyncio.to_thread(self._release)
             self.workspace.close()
+            if (ray_hosts := sys.modules.get("skyloop.deploy.ray_replicas")) is not None:
+                await asyncio.to_thread(ray_hosts.shutdown_ray)
 
     async def _reconcile(self, infos: list[store.DeploymentInfo]) -> None:
         held = {i.name: i for i in infos}

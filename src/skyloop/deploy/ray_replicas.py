@@ -38,6 +38,8 @@ from skyloop.serving.spec import GraphNode
 __all__ = ["RayReplicaHost", "ReplicaServer"]
 
 _START_TIMEOUT = 180.0
+_owned: list[Any] = []
+"""The `ray` module, once a host of this process started (or connected) the Ray it uses: see `shutdown_ray`."""
 _STOP_GRACE = 15.0
 _PROBE_EVERY = 0.2
 _FIRST_WAIT = 1.0
@@ -145,7 +147,9 @@ class RayReplicaHost(ReplicaHost):
         from skyloop.execution.backends.ray_connect import connect_ray
 
         if self._ray is None:
-            self._ray, _ = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
+            self._ray, owns = await asyncio.to_thread(connect_ray, self.ray_address, self.settings.execution)
+            if owns:
+                _owned.append(self._ray)
         return self._ray
 
     def _asked(self) -> dict[str, float]:
@@ -404,3 +408,13 @@ def _cause(exc: BaseException) -> str:
             text = text[text.rindex(marker):]
             break
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def shutdown_ray() -> None:
+    """End the Ray connection the hosts of this process made (a local Ray started here stops): a controller's
+    local Ray otherwise outlived it for minutes (its agents, orphaned, holding ports). Not one this process had
+    before its first host (a test's, say): that belongs to whoever started it."""
+    while _owned:
+        ray = _owned.pop()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
