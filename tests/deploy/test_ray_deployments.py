@@ -163,6 +163,21 @@ def test_a_predictor_the_cluster_can_never_place_fails_at_once_naming_what_it_la
         apply(ray_env, doc)
     assert time.monotonic() - started < 60  # not the 180 s start timeout
     delete_deployment(ray_env.settings, "raygreedy")
+    # Replicas that each fit but could never all serve at once. Before, an update to them stopped old replicas
+    # to make room, waited 3 minutes for the rest, then said Healthy with fewer replicas than the spec.
+    many = {"name": "raymany", "backend": "ray", "predictors": [
+        {"name": "main", "model_uri": "models:/iris/1", "traffic": 100, "replicas": 2, "resources": {"cpus": 0.5}}]}
+    before = replicas(apply(ray_env, many))
+    many["predictors"][0]["replicas"] = 5
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=r"asks for 5 replicas of .*: \{'CPU': 2\.5\} in all, more than the whole "
+                                           r"Ray cluster has \(\{'CPU': 2\.0\}\), so they could never all serve"):
+        apply(ray_env, many)
+    assert time.monotonic() - started < 60
+    info = ray_env.info("raymany")
+    assert replicas(info) == before and info.state["spec_version"] == 1  # nothing was stopped
+    assert infer(ray_env.url("raymany"), ray_env.X[:5]) == ray_env.clf.predict(ray_env.X[:5]).tolist()
+    delete_deployment(ray_env.settings, "raymany")
     # A deployment naming another cluster than the one this controller is connected to is refused, not
     # served on the local one under the other's name.
     other = {"name": "rayelsewhere", "backend": "ray", "ray_address": "127.0.0.1:9",

@@ -152,6 +152,28 @@ class RayReplicaHost(ReplicaHost):
                 _owned.append(self._ray)
         return self._ray
 
+    def _wants(self) -> dict[str, Any]:
+        return {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
+
+    async def refuse_unplaceable(self) -> None:
+        """ModelLoadError, at once, when the whole cluster could never hold one replica, or all of them at the same
+        time (whatever else stopped): not after the start timeout, and before a rolling update stops anything."""
+        name, replicas = self.predictor.name, self.predictor.replicas
+        ray = await self._connect()
+        total: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
+        asked = self._asked()
+        short = sorted(k for k, v in asked.items() if v > total.get(k, 0.0) + 1e-9)
+        if short:
+            raise ModelLoadError(f"predictor {name!r} asks for {self._wants()} per replica, more {', '.join(short)} "
+                                 f"than the whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }); lower "
+                                 "the predictor's resources or add nodes")
+        short = sorted(k for k, v in asked.items() if v * replicas > total.get(k, 0.0) + 1e-9)
+        if short:
+            need = {k: round(asked[k] * replicas, 6) for k in short}
+            raise ModelLoadError(f"predictor {name!r} asks for {replicas} replicas of {self._wants()}: {need} in all, "
+                                 f"more than the whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }), "
+                                 "so they could never all serve; lower `replicas` or the resources, or add nodes")
+
     def _asked(self) -> dict[str, float]:
         res = self.predictor.resources
         return {"CPU": res.cpus, "GPU": res.gpus, "memory": res.memory, **res.custom}
@@ -179,13 +201,7 @@ class RayReplicaHost(ReplicaHost):
         replicas of a rolling update free) and join the endpoints through `refresh()`."""
         name = self.predictor.name
         ray = await self._connect()
-        wants = {k: v for k, v in self._options().items() if k in ("num_cpus", "num_gpus", "memory", "resources")}
-        total: dict[str, float] = await asyncio.to_thread(ray.cluster_resources)
-        short = sorted(k for k, v in self._asked().items() if v > total.get(k, 0.0) + 1e-9)
-        if short:  # it could never be placed: say so now, not after the start timeout
-            raise ModelLoadError(f"predictor {name!r} asks for {wants} per replica, more {', '.join(short)} than the "
-                                 f"whole Ray cluster has ({ {k: total.get(k, 0.0) for k in short} }); lower the "
-                                 "predictor's resources or add nodes")
+        wants = self._wants()
         doc = self.serve_doc()
         s = self.settings
         actor_class = ray.remote(ReplicaServer).options(**self._options())

@@ -236,6 +236,7 @@ class DeploymentRunner:
         self.started.add(host)
         try:
             if isinstance(host, RayReplicaHost):
+                await host.refuse_unplaceable()
                 first = None
                 if isinstance(replacing, RayReplicaHost) and replacing.alive:
                     first = await self._make_room(host, replacing)
