@@ -253,9 +253,9 @@ def test_deploy_status_stays_readable_on_80_columns(cli_env: dict[str, str], hom
     state = {"gateway": "http://127.0.0.1:41234", "predictors": {
         "champion": {"weight": 75.0, "version": "agent/1",
                      "replicas": [{"port": 34053, "pid": 123456, "restarts": 0},
-                                  {"port": 34054, "pid": 123457, "restarts": 2}]},
-        "challenger": {"weight": 25.0, "version": "agent/2",
-                       "replicas": [{"port": 34061, "pid": 123470, "restarts": 0}]}},
+                                  {"port": 34054, "pid": 123457, "restarts": 2, "down": True}]},
+        "challenger": {"weight": 25.0, "version": "agent/2", "pending": 2,
+                       "replicas": [{"port": 34061, "pid": 123470, "restarts": 0, "down": False}]}},
         "windows": {"champion": {"requests": 1200, "errors": 1, "latency_p99": 0.0043, "accuracy": 0.93},
                     "challenger": {"requests": 400, "errors": 0, "latency_p99": 0.0051, "accuracy": 0.95}}}
     workspace = Workspace.open(Settings.for_home(home))
@@ -270,6 +270,9 @@ def test_deploy_status_stays_readable_on_80_columns(cli_env: dict[str, str], hom
     text = shown.stdout
     assert max(len(line) for line in text.splitlines()) <= 80
     # Before, headers were cut (`predict…`, `accura…`) and so were the replicas' pids and restarts.
-    for whole in ("predictor", "accuracy", "34053/123456/0", "34054/123457/2", "34061/123470/0", "challenger", "0.950"):
+    # A Ray replica being replaced (its pid gone), and replicas waiting for room, were shown as if they served.
+    for whole in ("predictor", "accuracy", "34053/123456/0", "34054/down/2", "34061/123470/0", "+2 waiting",
+                  "challenger", "0.950"):
         assert whole in text, text
+    assert "123457" not in text, text
     assert "shadow" not in text  # no predictor mirrors traffic: no column for it

@@ -44,13 +44,17 @@ def _show(info: store.DeploymentInfo) -> None:
     windows, predictors = s.get("windows", {}), s.get("predictors", {})
     shadowed = any(p.get("shadow") for p in predictors.values())
     scored = any(windows.get(name, {}).get("accuracy") is not None for name in predictors)
-    table = Table(box=None, pad_edge=False, caption="replicas: port/pid/restarts", caption_justify="left")
+    table = Table(box=None, pad_edge=False, caption="replicas: port/pid/restarts; down: being replaced; +N: waiting "
+                  "for room", caption_justify="left")
     for column in ("predictor", "weight", *(["shadow"] if shadowed else []), "version", "replicas", "requests",
                    "errors", "p99 ms", *(["accuracy"] if scored else [])):
         table.add_column(column, overflow="fold", no_wrap=column in ("predictor", "weight", "version", "replicas"))
     for name, p in predictors.items():
         w = windows.get(name, {})
-        replicas = "\n".join(f"{r['port']}/{r['pid']}/{r['restarts']}" for r in p.get("replicas", []))
+        replicas = "\n".join(f"{r['port']}/{'down' if r.get('down') else r['pid']}/{r['restarts']}"
+                             for r in p.get("replicas", []))
+        if p.get("pending"):
+            replicas += f"\n+{p['pending']} waiting"
         p99 = w.get("latency_p99")
         acc = w.get("accuracy")
         table.add_row(name, f"{p.get('weight', 0):g}%", *([f"{p.get('shadow', 0):g}"] if shadowed else []),
