@@ -253,6 +253,29 @@ def test_a_deletion_does_not_wait_for_an_apply_in_flight_and_leaves_no_replica_b
     assert not alive, f"replica processes left running: {[p.pid for p in alive]}"
 
 
+def test_the_status_follows_the_replicas_while_an_apply_is_in_flight(env: Env) -> None:
+    # Before, nothing was written while an apply ran: `deploy status` said "Healthy, spec version 1 applied" for
+    # as long as a new predictor loaded, and a replica restarted meanwhile kept its dead pid there.
+    first = {"name": "inflight", "predictors": [{"name": "main", "model_uri": "models:/iris/1", "replicas": 1,
+                                                 "traffic": 100}]}
+    info = env.apply(first)
+    assert info.status == "Healthy", info.reason
+    victim = info.state["predictors"]["main"]["replicas"][0]["pid"]
+    slow = {"name": "slow", "type": "MODEL", "implementation": "nodes.py:Slow", "parameters": {"seconds": 600}}
+    second = {**first, "predictors": [*first["predictors"], {"name": "slow", "graph": slow, "traffic": 0}]}
+    apply_deployment(env.spec(second), env.settings, wait=False, start=False)
+    shown = env.wait("inflight", lambda i: i.status == "Progressing", 30, "the apply in flight shown")
+    assert shown.reason == "starting 1 predictor(s)", shown.reason
+    os.kill(victim, signal.SIGKILL)  # the host replaces it on the same port
+
+    def replaced(i: store.DeploymentInfo) -> bool:
+        return i.state["predictors"]["main"]["replicas"][0]["pid"] not in (None, victim)
+
+    moved = env.wait("inflight", replaced, 10, "the restarted replica shown")
+    assert moved.status == "Progressing" and psutil.pid_exists(moved.state["predictors"]["main"]["replicas"][0]["pid"])
+    delete_deployment(env.settings, "inflight", timeout=30)
+
+
 def test_a_predictor_whose_host_died_is_degraded_until_it_serves_again(env: Env) -> None:
     info = env.apply({"name": "hostdied", "predictors": [{"name": "main", "model_uri": "models:/iris/1",
                                                           "replicas": 1, "traffic": 100}]})

@@ -94,8 +94,9 @@ class Controller:
                         break
                 ready = [r for r in self.runners.values() if r.busy is None or r.busy.done()]
                 for runner in [r for r in self.runners.values() if r not in ready]:
-                    try:  # an apply in flight must not keep a restarted replica out of its pool
+                    try:  # an apply in flight must not keep a restarted replica out of its pool, nor hide it
                         await runner.refresh_hosts()
+                        await runner.write_state()  # the apply's progress, and replicas as they are (about 1/s)
                     except Exception:
                         log.exception("deployment %s: refreshing replicas failed", runner.name)
                 commands = await asyncio.to_thread(self._commands, [r.name for r in ready]) if ready else {}
