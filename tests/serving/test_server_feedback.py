@@ -210,17 +210,22 @@ class Pid:
 '''
 
 
-def test_feedback_reaches_the_nodes_of_the_worker_that_answered(serve: Any, settings: Settings,
-                                                                tmp_path: Path) -> None:
-    # With several workers, feedback that reached another worker than the one that answered was stored but told
-    # no node: a learning router heard the rewards for about half of its answers with 2 workers.
-    (tmp_path / "learning.py").write_text(LEARNING_NODES)
-    heard = tmp_path / "heard.txt"
-    spec = tmp_path / "learning.yaml"
+def _learning_graph(folder: Path) -> tuple[Path, Path]:
+    """(the spec of a learning router over a model that answers its worker's pid, the file the router notes in)."""
+    (folder / "learning.py").write_text(LEARNING_NODES)
+    heard, spec = folder / "heard.txt", folder / "learning.yaml"
     spec.write_text(yaml.safe_dump({"name": "learning", "graph": {
         "name": "learner", "type": "ROUTER", "implementation": "learning.py:Learner",
         "parameters": {"log": str(heard)},
         "children": [{"name": "pid", "type": "MODEL", "implementation": "learning.py:Pid"}]}}))
+    return spec, heard
+
+
+def test_feedback_reaches_the_nodes_of_the_worker_that_answered(serve: Any, settings: Settings,
+                                                                tmp_path: Path) -> None:
+    # With several workers, feedback that reached another worker than the one that answered was stored but told
+    # no node: a learning router heard the rewards for about half of its answers with 2 workers.
+    spec, heard = _learning_graph(tmp_path)
 
     def answer(_: int) -> tuple[str, int]:
         status, doc = _post(port, "/v2/models/learning/infer", {"inputs": [
@@ -265,12 +270,7 @@ def test_feedback_taken_while_the_server_stops_is_answered_at_once(serve: Any, s
     # Worker A holds a request for feedback on worker B's answer as the server stops; B drains and exits first.
     # The parent kept listening on B's relay socket: A waited for an answer that never came until it was killed,
     # and its client got none. Now B's socket refuses A at once, and A answers (the feedback is stored).
-    (tmp_path / "learning.py").write_text(LEARNING_NODES)
-    spec = tmp_path / "learning.yaml"
-    spec.write_text(yaml.safe_dump({"name": "learning", "graph": {
-        "name": "learner", "type": "ROUTER", "implementation": "learning.py:Learner",
-        "parameters": {"log": str(tmp_path / "heard.txt")},
-        "children": [{"name": "pid", "type": "MODEL", "implementation": "learning.py:Pid"}]}}))
+    spec, _ = _learning_graph(tmp_path)
     infer = _raw_request("/v2/models/learning/infer", {"inputs": [
         {"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [1.0]}]})
     with serve(settings, str(spec), workers=2) as (proc, port):
