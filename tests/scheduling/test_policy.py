@@ -178,6 +178,45 @@ def test_a_step_pushed_again_keeps_what_aging_gave_it() -> None:
     assert _keys(queue.take(Resources(cpus=1), now=20)) == [1]  # a second period: class 2, and served first
 
 
+def test_a_pool_member_whose_slot_is_refused_waits_on_with_what_aging_gave_it() -> None:
+    # Another process can take a pool's last slot between the read of the DB and the launch: the step
+    # must wait on as it was. Launched, ended and pushed anew, it started over in its own class, behind the
+    # urgent stream, and its run counted as served (its other step, 2, waits too).
+    queue = ReadyQueue(PolicyConfig(aging_seconds=10, fair_share_seconds=0, pools={"p": 1}))
+    queue.push(_c(1, run="batch", rank=1, ready_at=0, pool="p"))
+    queue.push(_c(2, cpus=2, run="batch", rank=1, ready_at=19))  # never fits here
+    for key in range(10, 30):
+        queue.push(_c(key, priority=2, run="urgent", rank=100, ready_at=0))
+    queue.occupy(_c(100, priority=2, run="urgent"), started_at=0)  # the urgent run holds the other CPU
+    asked: list[int] = []
+
+    def refuse(cand: Candidate) -> bool:
+        asked.append(cand.key)
+        return False
+
+    assert _keys(queue.take(Resources(cpus=1), now=10, claim=refuse)) == [10]  # 1 rose to class 1 of 2
+    assert queue.done(10)
+    assert _keys(queue.take(Resources(cpus=1), now=15, claim=refuse)) == [11]
+    assert queue.done(11)
+    # A second period: 1 is in class 2 and served first, but its slot is taken; the CPU goes to the next.
+    assert _keys(queue.take(Resources(cpus=1), now=20, claim=refuse)) == [12]
+    assert asked == [1]  # only pool members are asked, and only when they would launch
+    assert len(queue) == 19 and 1 not in _keys(queue.running)
+    assert queue.done(12)
+    assert _keys(queue.take(Resources(cpus=1), now=21, claim=lambda cand: True)) == [1]
+
+
+def test_a_refused_claim_holds_nothing_and_the_call_goes_on() -> None:
+    queue = ReadyQueue(PolicyConfig(pools={"p": 2}))
+    queue.push(_c(1, cpus=2, rank=10, pool="p"))
+    queue.push(_c(2, cpus=2, rank=5, pool="p"))
+    queue.push(_c(3, cpus=2, rank=1))
+    assert _keys(queue.take(Resources(cpus=4), claim=lambda cand: cand.key != 1)) == [2, 3]
+    assert _keys(queue.running) == [2, 3] and len(queue) == 1
+    assert queue.done(2) and queue.done(3)
+    assert _keys(queue.take(Resources(cpus=4), claim=lambda cand: True)) == [1]
+
+
 def test_aging_off_keeps_classes() -> None:
     queue = ReadyQueue(PolicyConfig(aging_seconds=0))
     queue.push(_c(1, priority=0, run="batch"))

@@ -275,14 +275,14 @@ class Orchestrator:
         if self.config.pools:
             self.slots.refresh(entry.unit.task.pool for entry in self.pending.values())
         launches = []
-        for cand in self.queue.take(self.admission - self.in_use, now=now):
+        # A member of a limited pool launches only with its slot in the DB; one whose slot another process
+        # took meanwhile stays queued as it was (its class and aging clock kept), and counts it as held elsewhere.
+        claim = self._claim_slot if self.config.pools else None
+        for cand in self.queue.take(self.admission - self.in_use, now=now, claim=claim):
             entry = self.pending.get(cand.key)
             if entry is None:  # of a run that failed at an earlier launch of this call
                 self.queue.done(cand.key)
-                continue
-            if self.slots.limited(cand.pool) and not self.slots.take(cand):
-                self.queue.done(cand.key)  # another process took the pool's last slot: it waits again
-                self.queue.push(cand)
+                self.slots.free([cand.key])
                 continue
             del self.pending[cand.key]
             with self._alone(entry.run, cand.key):
@@ -291,6 +291,9 @@ class Orchestrator:
                 self.running[launch.key] = entry
                 launches.append(launch)
         return self._unlaunch(launches, self._failing) if self._failing else launches
+
+    def _claim_slot(self, cand: Candidate) -> bool:
+        return not self.slots.limited(cand.pool) or self.slots.take(cand)
 
     def _finish(self, result: TaskResult) -> None:
         entry = self.running.get(result.key)

@@ -22,9 +22,8 @@ Packing: among candidates of the same standing (same class and run, rank within 
 best one; the first `fit_scan` of them in order) that can launch, the tightest fit wins: the one that
 uses the largest fraction of what is free of some resource it asks for (best fit; with CPUs alone,
 the largest request that fits). When the first candidate in order does not fit, it gets a reservation
-(EASY backfilling, see `backfill`): candidates behind it launch only if they are expected to end
-before it could start or fit in what will be spare then, so small work fills the gap without
-delaying it. Without estimates (all 0) this is plain greedy backfill.
+(EASY backfilling, see `backfill`): candidates behind it launch only if they are expected to end before it
+could start or fit in what will be spare then (small work fills the gap; all estimates 0: greedy backfill).
 
 Cost: candidates sit in heaps per bucket (class, run, CPU request), bucket heads in a heap kept between
 calls; only buckets touched since are placed again. Once the first candidate is settled, a call looks
@@ -38,7 +37,7 @@ import bisect
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from skyloop.scheduling.aging import Aging
@@ -150,12 +149,15 @@ class ReadyQueue:
         self._left(entry.cand.run_id)
         return True
 
-    def take(self, free: Resources, now: float = 0.0) -> list[Candidate]:
+    def take(self, free: Resources, now: float = 0.0,
+             claim: Callable[[Candidate], bool] | None = None) -> list[Candidate]:
         """Remove and return the attempts to launch now, in launch order; they count as running until `done`.
 
         `free` is what is free now. The running attempts' CPUs count for their runs' fair share, their
         pools for pool limits, their expected ends (start + estimate) for reservations. `now` is on
-        the clock of `Candidate.ready_at` and must not go backwards between calls.
+        the clock of `Candidate.ready_at` and must not go backwards between calls. `claim` is asked for
+        each member of a pool about to launch (e.g. to take its slot in a DB shared with other processes):
+        one it refuses stays queued as it was, with its class and aging clock, and is not launched.
         """
         if not self._entries:
             return []
@@ -165,7 +167,7 @@ class ReadyQueue:
             self._top = top
             self._shares = None
             self._dirty.update(self._heads)
-        turn = _Turn(self, free, now)
+        turn = _Turn(self, free, now, claim)
         for bucket in self._dirty:
             self._refresh(bucket)
         self._dirty.clear()
@@ -181,8 +183,7 @@ class ReadyQueue:
         """Count a candidate no longer queued as running since `started_at` (in place of a running one of its key)."""
         self.done(candidate.key)
         self._stamp += 1
-        end = started_at + candidate.estimate
-        self._running[candidate.key] = (candidate, end, self._stamp)
+        self._running[candidate.key] = (candidate, end := started_at + candidate.estimate, self._stamp)
         bisect.insort(self._ends, (end, self._stamp, candidate.key))
         self._holdings.hold(candidate.run_id, candidate.resources)
         self._aging.served(candidate.run_id, started_at)
@@ -195,8 +196,7 @@ class ReadyQueue:
         if held is None:
             return False
         cand, end, stamp = held
-        ends = self._ends
-        del ends[bisect.bisect_left(ends, (end, stamp, key))]
+        del self._ends[bisect.bisect_left(self._ends, (end, stamp, key))]
         self._holdings.release(cand.run_id, cand.resources)
         if cand.pool is not None:
             _decrement(self._in_pool, cand.pool)
@@ -344,8 +344,9 @@ class ReadyQueue:
 class _Turn:
     """One `take`: what is free, who uses what, who is starved, and the loop that launches."""
 
-    def __init__(self, queue: ReadyQueue, free: Resources, now: float) -> None:
-        self.queue, self.now, self.config = queue, now, queue.config
+    def __init__(self, queue: ReadyQueue, free: Resources, now: float,
+                 claim: Callable[[Candidate], bool] | None) -> None:
+        self.queue, self.now, self.config, self.claim = queue, now, queue.config, claim
         self.avail = Amounts.of(free)
         self.holdings, self.in_pool = queue._holdings, queue._in_pool  # launches below add to them (`occupy`)
         self.entitled: dict[str, float] = {}
@@ -421,7 +422,7 @@ class _Turn:
                 if not avail.fits(head.resources):
                     reserved = True
                     reservation = queue._reserve(head, avail, now)
-                elif not self.pool_ok(head):
+                elif not self.pool_free(head.pool):
                     reserved = True  # waits for a pool slot, not for resources: nothing to hold for it
             best = self.best_fit(group, reservation)
             touched = {bucket}
@@ -433,6 +434,9 @@ class _Turn:
                 short = queue._shortest(bucket)
                 if short is not None and short not in group and self.can_launch(short, reservation):
                     best = short
+            if best is not None and best.cand.pool is not None and self.claim is not None \
+                    and not self.claim(best.cand):
+                best, reserved = None, True  # another process took the slot: it waits as it was, holding nothing
             for entry in group:
                 touched.add(entry.bucket)
                 if entry is best:
@@ -551,13 +555,9 @@ class _Turn:
 
     def can_launch(self, entry: _Entry, reservation: Reservation | None) -> bool:
         """Whether it fits now, has a pool slot and keeps the reservation."""
-        res = entry.cand.resources
-        if not self.avail.fits(res) or not self.pool_ok(entry.cand):
-            return False
-        return reservation is None or reservation.allows(entry.cand, self.now)
-
-    def pool_ok(self, cand: Candidate) -> bool:
-        return self.pool_free(cand.pool)
+        cand = entry.cand
+        return self.avail.fits(cand.resources) and self.pool_free(cand.pool) and \
+            (reservation is None or reservation.allows(cand, self.now))
 
     def pool_free(self, pool: str | None) -> bool:
         """Whether a member of `pool` (None: of no pool) may start: the pool has a slot free."""
