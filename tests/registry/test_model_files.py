@@ -39,6 +39,10 @@ class Cache:
 if sys.argv[1] == "log":
     info = log_model(Cache(), "cache", input_example=np.zeros((2, 1)), extra_files={"weights.txt": sys.argv[2]})
     print(sorted(info.files))
+elif sys.argv[1] == "killed":
+    import os, signal
+    loaded = load_model("models:/cache/1")
+    os.kill(os.getpid(), signal.SIGKILL)
 else:
     for _ in range(2):
         loaded = load_model("models:/cache/1")
@@ -66,7 +70,17 @@ def test_a_python_model_whose_load_writes_a_cache_file_loads_every_time(settings
     listed = "['model.yaml', 'python_model.pkl', 'weights.txt']"
     for _ in range(2):  # two loads in a process, then again after a restart (was: "cache.bin ... not listed")
         assert python("load") == [f"[6] {listed}", f"[6] {listed}"]
-    assert not list(Path(tempfile.gettempdir()).glob("skyloop-model-1-*/cache.bin"))  # the copies are removed
+    assert not list(Path(tempfile.gettempdir()).glob("skyloop-model-1-*/model/cache.bin"))  # the copies are removed
+
+    # Killed, a process cannot remove its copy (as large as the model): the next one to make a copy does.
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    killed = subprocess.run([sys.executable, str(script), "killed"], env=env, cwd=tmp_path, timeout=120)
+    assert killed.returncode == -9
+    left = sorted(p.name for p in (tmp_path / "tmp").glob("skyloop-model-1-*/model/*"))
+    assert left == ["cache.bin", "model.yaml", "python_model.pkl", "weights.txt"]
+    assert python("load") == [f"[6] {listed}", f"[6] {listed}"]
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize(("model", "name"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -152,11 +153,14 @@ def serve() -> Any:
 
 
 @contextlib.contextmanager
-def serve_process(settings: Settings, *args: str, workers: int = 1) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`skyloop serve ARGS` as a real process on 127.0.0.1 and a free port; stopped (and its workers) by PID."""
+def serve_process(settings: Settings, *args: str, workers: int = 1,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`skyloop serve ARGS` as a real process on 127.0.0.1 and a free port (`env`: added to the environment);
+    stopped (and its workers) by PID."""
     cmd = [sys.executable, "-m", "skyloop", "--home", str(settings.home), "serve", *args,
            "--host", "127.0.0.1", "--port", "0", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     try:
         port = _announced_port(proc)
         _wait_ready(port, proc)

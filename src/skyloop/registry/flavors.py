@@ -12,12 +12,10 @@ import importlib
 import importlib.metadata
 import inspect
 import io
-import os
 import pickle
 import platform
 import shutil
 import sys
-import tempfile
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -30,6 +28,7 @@ import joblib
 import numpy as np
 
 from skyloop.errors import ModelLoadError, SpecError
+from skyloop.scratch import Scratch
 
 __all__ = ["FLAVORS", "Flavor", "Predictor", "detect_flavor", "get_flavor", "import_extra"]
 
@@ -238,7 +237,7 @@ class PythonFlavor(Flavor):
         (root / self.FILE).write_bytes(data)
 
     def load(self, root: Path) -> Predictor:
-        scratch: Path | None = None
+        scratch: Scratch | None = None
         try:
             obj = cloudpickle.loads((root / self.FILE).read_bytes())
             if isinstance(obj, type):
@@ -249,12 +248,12 @@ class PythonFlavor(Flavor):
                                 for p in inspect.signature(load).parameters.values())
                 if takes_dir:
                     scratch = _scratch_copy(root)
-                ready = load(scratch) if scratch is not None else load()
+                ready = load(Path(scratch.path) / "model") if scratch is not None else load()
                 if ready is False:
                     raise ModelLoadError(f"the python model in {root}: load() returned False")
         except BaseException as exc:
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.remove()
             if isinstance(exc, ModelLoadError) or not isinstance(exc, Exception):
                 raise
             raise _wrap_load_errors(self.name, root, exc) from exc
@@ -264,25 +263,25 @@ class PythonFlavor(Flavor):
         return model
 
 
-def _scratch_copy(root: Path) -> Path:
-    """A private, writable copy of the model directory `root` for a python model's `load(model_dir)`."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"skyloop-model-{root.name}-"))
-    shutil.copytree(root, scratch, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".tmp-*"))
+def _scratch_copy(root: Path) -> Scratch:
+    """A private, writable copy of the model directory `root` (as `model` in the scratch folder) for a python
+    model's `load(model_dir)`; removed even when this process is killed (by the next to make one)."""
+    scratch = Scratch(f"model-{root.name}")
+    try:
+        shutil.copytree(root, Path(scratch.path) / "model", ignore=shutil.ignore_patterns("__pycache__", ".tmp-*"))
+    except BaseException:
+        scratch.remove()
+        raise
     return scratch
 
 
-def _remove_scratch(path: str, owner: int) -> None:
-    # Only by the process that made it: a forked server worker inherits the finalizers of its parent.
-    if os.getpid() == owner:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_with(obj: object, scratch: Path) -> None:
-    """Remove `scratch` when `obj` is collected, or at the latest when this process exits."""
+def _remove_with(obj: object, scratch: Scratch) -> None:
+    """Remove `scratch` when `obj` is collected, or at the latest when this process exits (in the process that
+    made it: a forked server worker inherits the finalizers of its parent)."""
     try:
-        weakref.finalize(obj, _remove_scratch, str(scratch), os.getpid())  # also runs at exit
+        weakref.finalize(obj, scratch.remove)  # also runs at exit
     except TypeError:  # an object without weak references (a class with __slots__)
-        atexit.register(_remove_scratch, str(scratch), os.getpid())
+        atexit.register(scratch.remove)
 
 
 _ONNX_DTYPES: dict[str, Any] = {

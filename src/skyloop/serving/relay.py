@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import struct
-import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+
+from skyloop.scratch import Scratch
 
 __all__ = ["RELAY_SECONDS", "Relay", "Told"]
 
@@ -47,10 +47,12 @@ class Relay:
 
     def __init__(self, workers: int) -> None:
         # Mode 0700: no other user may connect. Under /tmp when $TMPDIR is too long for a socket's path.
-        self.folder = tempfile.mkdtemp(prefix="skyloop-relay-")
+        self._scratch = Scratch("relay")
+        self.folder = self._scratch.path
         if len(self._path(workers - 1)) > _MAX_PATH:
-            os.rmdir(self.folder)
-            self.folder = tempfile.mkdtemp(prefix="skyloop-relay-", dir="/tmp")
+            self._scratch.remove()
+            self._scratch = Scratch("relay", dir="/tmp")
+            self.folder = self._scratch.path
         self._listeners: list[socket.socket] = []
         try:
             for index in range(workers):
@@ -129,7 +131,7 @@ class Relay:
         """Close the sockets and remove their folder (the parent, once its workers are gone)."""
         for listener in self._listeners:
             listener.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._scratch.remove()
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:

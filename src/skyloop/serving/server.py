@@ -41,6 +41,7 @@ from typing import Any
 
 from skyloop.config import Settings
 from skyloop.errors import Conflict, ModelLoadError, SpecError
+from skyloop.scratch import Scratch
 from skyloop.serving.spec import GraphNode, NodeType, ServeSpec
 
 __all__ = ["bind", "serve", "spec_for_target"]
@@ -426,13 +427,13 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
     if state_file is not None and not state_file.parent.is_dir():
         raise SpecError(f"cannot write the state file {state_file}: no folder {state_file.parent}")
     workers = 1 if replicas else workers or os.cpu_count() or 1
-    metrics_dir: str | None = None
+    metrics_dir: Scratch | None = None
     if given := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _clear_metrics_dir(given)
     elif replicas or workers > 1:
         # Before prometheus_client is imported: it picks per-process files or memory at import time.
-        metrics_dir = tempfile.mkdtemp(prefix="skyloop-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        metrics_dir = Scratch("metrics")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.path
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import values
 
@@ -491,7 +492,7 @@ def serve(specs: list[ServeSpec], settings: Settings, host: str = "127.0.0.1", p
     finally:
         if metrics_dir is not None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.remove()
 
 
 def _clear_metrics_dir(path: str) -> None:
