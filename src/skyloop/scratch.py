@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["PREFIX", "Scratch", "sweep"]
+__all__ = ["PREFIX", "Scratch", "disown", "sweep"]
 
 PREFIX = "skyloop-"
 """Every scratch folder's name starts with it (and its kind: `skyloop-metrics-`, `skyloop-relay-`, ...)."""
@@ -34,24 +34,48 @@ class Scratch:
     process and its forked children live; `remove` (by the process that made it) deletes it."""
 
     def __init__(self, kind: str, dir: str | None = None) -> None:
-        parent = dir if dir is not None else tempfile.gettempdir()
-        if parent not in _swept:
-            _swept.add(parent)
-            sweep(parent)
-        self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=parent)
+        self.parent = dir if dir is not None else tempfile.gettempdir()
+        if self.parent not in _swept:
+            _swept.add(self.parent)
+            sweep(self.parent)
+        self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=self.parent)
         self._owner = os.getpid()
+        self._fd: int | None = None
         claiming = os.path.join(self.path, f"{LOCK}.new")
-        self._fd: int | None = os.open(claiming, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by exec
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.rename(claiming, os.path.join(self.path, LOCK))
+        try:
+            self._fd = os.open(claiming, os.O_CREAT | os.O_RDWR, 0o600)  # not inherited by exec
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a file system without locks: an unlocked folder, which no sweep removes
+                os.close(self._fd)
+                self._fd = None
+                os.unlink(claiming)
+                return
+            os.rename(claiming, os.path.join(self.path, LOCK))
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def remove(self) -> None:
-        """Delete the folder and let go of its lock; in a forked child, nothing (the folder is its parent's)."""
-        if os.getpid() != self._owner or self._fd is None:
+        """Delete the folder and let go of its lock, then sweep its parent again (the folders of a process killed
+        moments before this one started were still held by its workers then); in a forked child, nothing (the
+        folder is its parent's)."""
+        if os.getpid() != self._owner or not os.path.isdir(self.path):
             return
         shutil.rmtree(self.path, ignore_errors=True)
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        sweep(self.parent)
+
+
+def disown(folder: str) -> None:
+    """Make `folder` one that no sweep removes (a scratch folder given to a process as its own, by a user)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, LOCK))
 
 
 def sweep(parent: str) -> list[str]:
@@ -59,8 +83,11 @@ def sweep(parent: str) -> list[str]:
     removed: list[str] = []
     candidates: list[str] = []
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
-        candidates = [e.path for e in entries if e.name.startswith(PREFIX) and e.is_dir(follow_symlinks=False)
-                      and e.stat(follow_symlinks=False).st_uid == os.getuid()]  # only this user's
+        for entry in entries:
+            with contextlib.suppress(OSError):  # one that went meanwhile (a server stopping)
+                if entry.name.startswith(PREFIX) and entry.is_dir(follow_symlinks=False) \
+                        and entry.stat(follow_symlinks=False).st_uid == os.getuid():  # only this user's
+                    candidates.append(entry.path)
     for path in candidates:
         try:
             fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_NOFOLLOW)

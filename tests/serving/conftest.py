@@ -168,7 +168,8 @@ def serve_process(settings: Settings, *args: str, workers: int = 1,
     finally:
         children = []
         with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(proc.pid).children(recursive=True)
+            if proc.poll() is None:  # (a pid reaped already, by the test, may be another process's by now)
+                children = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
         try:
             proc.communicate(timeout=20)

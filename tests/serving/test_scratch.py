@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from skyloop.config import Settings
-from skyloop.scratch import Scratch, sweep
+from skyloop.scratch import Scratch, disown, sweep
 
 HOLD = """
 import os, sys, time
@@ -54,7 +54,8 @@ def _holders(parent: Path, *modes: str) -> Iterator[list[tuple[subprocess.Popen[
         yield procs
     finally:
         for proc, _ in procs:
-            _kill_tree(proc.pid)
+            if proc.poll() is None:  # (a pid reaped already may be another process's by now)
+                _kill_tree(proc.pid)
             proc.communicate()
 
 
@@ -70,28 +71,28 @@ def _kill_tree(pid: int) -> None:
 def test_the_folders_of_a_killed_process_go_with_the_next_scratch_and_live_ones_stay(short_tmp: Path) -> None:
     (short_tmp / "skyloop-unlocked").mkdir()  # not made by Scratch: not ours to judge
     (short_tmp / "other").mkdir()
-    with _holders(short_tmp, "alone", "alone", "fork") as ((live, live_dir), (killed, killed_dir),
-                                                           (forked, forked_dir)):
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        worker = psutil.Process(forked.pid).children()
-        assert len(worker) == 1
-        forked.send_signal(signal.SIGKILL)  # its forked worker lives on, and holds the folder
-        forked.wait()
-        assert Path(killed_dir).is_dir()  # nobody removed it: the leak
-        mine = Scratch("metrics", dir=str(short_tmp))  # the first in this folder sweeps it
+    with _holders(short_tmp, "alone", "alone", "fork", "alone") as procs:
+        (live, live_dir), (killed, killed_dir), (forked, forked_dir), (given, given_dir) = procs
+        (worker,) = psutil.Process(forked.pid).children()
         try:
+            for proc in (killed, forked, given):  # forked's worker lives on, and holds its folder
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+            disown(given_dir)  # given to a server as its PROMETHEUS_MULTIPROC_DIR: its own now
+            assert Path(killed_dir).is_dir()  # nobody removed it: the leak
+            mine = Scratch("metrics", dir=str(short_tmp))  # the first in this folder sweeps it
             assert not Path(killed_dir).exists()
             assert Path(live_dir).is_dir() and Path(forked_dir).is_dir()
             assert sweep(str(short_tmp)) == []  # this process's own folder is held too
             _kill_tree(live.pid)
             assert sweep(str(short_tmp)) == [live_dir]
-            _kill_tree(worker[0].pid)
-            assert sweep(str(short_tmp)) == [forked_dir]
         finally:
-            mine.remove()
-        assert not Path(mine.path).exists()
-    assert sorted(p.name for p in short_tmp.iterdir()) == ["other", "skyloop-unlocked"]
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()  # (by its psutil handle: not another process that took its pid)
+            psutil.wait_procs([worker], timeout=10)
+        mine.remove()  # and sweeps again: the worker is gone now
+        assert not Path(mine.path).exists() and not Path(forked_dir).exists()
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["other", Path(given_dir).name, "skyloop-unlocked"]
 
 
 def test_a_killed_servers_folders_are_removed_by_the_next_server(serve: Any, settings: Settings, iris_uri: str,
@@ -111,3 +112,22 @@ def test_a_killed_servers_folders_are_removed_by_the_next_server(serve: Any, set
         second = sorted(p.name for p in short_tmp.iterdir())
         assert not set(first) & set(second) and len(second) == 2
     assert list(short_tmp.iterdir()) == []  # stopped, it removed its own
+
+
+def test_without_file_locks_a_scratch_folder_still_works_and_no_sweep_takes_it(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a file system mounted without locks (Lustre's noflock), serving with workers and python models that
+    # load from a folder must go on working, as before scratch folders were locked.
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fcntl, "flock", no_locks)
+        scratch = Scratch("model", dir=str(short_tmp))
+    assert [p.name for p in Path(scratch.path).iterdir()] == []  # no lock file left half made
+    assert sweep(str(short_tmp)) == [] and Path(scratch.path).is_dir()
+    scratch.remove()
+    assert list(short_tmp.iterdir()) == []

@@ -41,7 +41,7 @@ from typing import Any
 
 from skyloop.config import Settings
 from skyloop.errors import Conflict, ModelLoadError, SpecError
-from skyloop.scratch import Scratch
+from skyloop.scratch import Scratch, disown
 from skyloop.serving.spec import GraphNode, NodeType, ServeSpec
 
 __all__ = ["bind", "serve", "spec_for_target"]
@@ -504,6 +504,7 @@ def _clear_metrics_dir(path: str) -> None:
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    disown(path)  # a killed server's scratch folder, given again: this server's now, whatever a sweep finds
     for stale in folder.glob("*.db"):
         stale.unlink(missing_ok=True)
     for replica in folder.glob("replica-*"):
