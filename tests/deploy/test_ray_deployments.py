@@ -272,3 +272,54 @@ def test_a_rolling_update_on_a_full_cluster_replaces_replicas_as_room_frees(ray_
         assert infer(url, ray_env.X[:5]) == ray_env.clf.predict(ray_env.X[:5]).tolist()
     finally:
         delete_deployment(ray_env.settings, name)
+
+
+WAIT_NODES = """
+import time
+
+
+class LoadsForAWhile:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def load(self):
+        time.sleep(self.seconds)
+
+    def transform_input(self, X):
+        return X
+"""
+
+
+def test_replicas_that_found_no_room_in_time_join_once_room_frees_and_the_status_says_so(
+        ray_env: RayEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rolling update on a full cluster waits a while for the room its old replicas free. Past that, the new
+    # replicas still waiting were killed: the deployment said Healthy and served with fewer replicas than its
+    # spec, for good. Now they keep their place in Ray's queue, join once room frees, and the status is
+    # Degraded (naming them) until they do.
+    from skyloop.deploy import runner
+
+    monkeypatch.setattr(runner, "_ROOM_TIMEOUT", 0.0)  # past the wait at once: the second new one still loads
+    name = "raywait"
+    doc: dict[str, Any] = {"name": name, "backend": "ray", "predictors": [
+        {"name": "main", "model_uri": "models:/iris/1", "replicas": 2, "traffic": 100}]}  # 2 x 1 CPU: full
+    assert apply(ray_env, doc).status == "Healthy"
+    nodes = ray_env.folder / "wait_nodes.py"
+    nodes.write_text(WAIT_NODES)
+    doc["predictors"][0].pop("model_uri")
+    doc["predictors"][0]["graph"] = {
+        "name": "wait", "type": "TRANSFORMER", "implementation": f"{nodes}:LoadsForAWhile",
+        "parameters": {"seconds": 3}, "children": [{"name": "model", "type": "MODEL", "model_uri": "models:/iris/1"}]}
+    try:
+        updated = apply(ray_env, doc)
+        assert updated.status == "Degraded", updated.reason
+        assert updated.reason == "main: 1 of 2 replica(s) wait for room on the Ray cluster (1 serve)"
+        assert updated.state["predictors"]["main"]["pending"] == 1
+        assert infer(ray_env.url(name), ray_env.X[:5]) == ray_env.clf.predict(ray_env.X[:5]).tolist()
+        healthy = ray_env.wait(name, lambda i: i.status == "Healthy", 60, "the waiting replica serving")
+        assert healthy.reason == "main: serving again"
+        assert len(replicas(healthy)) == 2 and healthy.state["predictors"]["main"]["pending"] == 0
+        kinds = [(e.kind, e.reason) for e in ray_env.history(name)]
+        assert any(k == "rolling_update" and "1 new replica(s) still wait for room" in r for k, r in kinds), kinds
+        assert [k for k, _ in kinds if k.startswith("replicas_")] == ["replicas_waiting", "replicas_recovered"]
+    finally:
+        delete_deployment(ray_env.settings, name)

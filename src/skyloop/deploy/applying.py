@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from skyloop.deploy.health import check_serving
 from skyloop.deploy.replicas import ReplicaHost, pin_graph
 from skyloop.deploy.rollout import Phase, Rollout
 from skyloop.deploy.spec import DeploymentSpec, PredictorSpec, Strategy
@@ -116,6 +117,8 @@ async def apply_version(runner: DeploymentRunner, doc: dict[str, Any], version: 
     await runner.event("reconciled", runner.reason)
     if runner.rollout is not None and runner.rollout.step < 0:
         await runner.transitions(runner.rollout.start(time.monotonic()))
+    runner.down = []  # the status was just set: what does not serve in full says so again (replicas waiting for room)
+    await check_serving(runner)
     runner.applied = version
     await runner.write_state(force=True)
 

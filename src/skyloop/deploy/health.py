@@ -1,5 +1,6 @@
 """A deployment's replicas coming and going: a dead host started again (with `restarts.Restarts` deciding when),
-and the status Degraded while a predictor has no replica serving, Healthy again once one serves."""
+and the status Degraded while a predictor has no replica serving (or replicas waiting for room on Ray), Healthy
+again once they serve."""
 
 from __future__ import annotations
 
@@ -51,21 +52,28 @@ async def restart_host(self: DeploymentRunner, name: str, dead: ReplicaHost) -> 
 
 
 async def check_serving(self: DeploymentRunner) -> None:
-    """Degraded while a predictor has no replica serving (its host died, or Ray restarts its only actors),
-    and back once one serves again: the status must not say Healthy while a predictor's requests fail."""
+    """Degraded while a predictor has no replica serving (its host died, or Ray restarts its only actors) or
+    has replicas waiting for room on its Ray cluster (a rolling update that found no room for all of them in
+    time), and back once they serve: the status must not say Healthy while requests fail or capacity is short."""
     down = sorted(n for n, h in self.hosts.items() if n not in self.swapping and not (h.alive and h.endpoints))
-    if down and down != self.down:
+    waiting = {n: h.pending for n, h in sorted(self.hosts.items())
+               if n not in self.swapping and n not in down and h.alive and h.pending}
+    short = down + [f"{n} ({k} waiting)" for n, k in waiting.items()]
+    if short and short != self.down:
+        reasons = [f"{', '.join(down)}: no replica serving; being restarted"] if down else []
+        reasons += [f"{n}: {k} of {self.hosts[n].predictor.replicas} replica(s) wait for room on the Ray cluster "
+                    f"({len(self.hosts[n].endpoints)} serve)" for n, k in waiting.items()]
         self.status = Phase.DEGRADED.value
-        self.reason = self.down_reason = f"{', '.join(down)}: no replica serving; being restarted"
-        await self.event("replicas_down", self.reason)
+        self.reason = self.down_reason = "; ".join(reasons)
+        await self.event("replicas_down" if down else "replicas_waiting", self.reason)
         await self.write_state(force=True)
     elif down and self.status == Phase.DEGRADED.value and self.down_reason and self.reason.startswith(self.down_reason):
         why = "; ".join(f"{n}: {t}" for n in down if (t := self.hosts[n].trouble))  # why, once the host knows
         self.reason = self.down_reason + (f" ({why})" if why else "")
-    elif not down and self.down and self.status == Phase.DEGRADED.value and self.down_reason \
+    elif not short and self.down and self.status == Phase.DEGRADED.value and self.down_reason \
             and self.reason.startswith(self.down_reason):
         self.status = Phase.HEALTHY.value if self.rollout is None else self.rollout.phase.value
-        self.reason = f"{', '.join(self.down)}: serving again"
+        self.reason = f"{', '.join(n.split(' ')[0] for n in self.down)}: serving again"
         await self.event("replicas_recovered", self.reason)
         await self.write_state(force=True)
-    self.down = down
+    self.down = short

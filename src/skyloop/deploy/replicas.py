@@ -173,6 +173,11 @@ class ReplicaHost:
         """Why some of its replicas are down now, as the host knows it ("": none, or it does not know)."""
         return ""
 
+    @property
+    def pending(self) -> int:
+        """Replicas that do not serve yet because they wait for room (on a Ray cluster; none here)."""
+        return 0
+
     def exit_description(self) -> str:
         """Why the host is gone (for the event that restarts it)."""
         code = self.proc.returncode if self.proc is not None else None

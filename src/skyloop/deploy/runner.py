@@ -60,7 +60,8 @@ log = logging.getLogger("skyloop.deploy")
 
 _STATE_EVERY = 1.0
 _ROOM_TIMEOUT = 180.0
-"""Seconds a rolling update on Ray waits for the room its old replicas free (as long as a replica may load)."""
+"""Seconds a rolling update on Ray waits for the room its old replicas free (as long as a replica may load), before
+it stops the rest of the old ones and goes on with the new ones that serve (the others join as room frees)."""
 
 class _GatewayServer(uvicorn.Server):
     """uvicorn in the controller's loop: the controller, not uvicorn, handles SIGTERM and SIGINT."""
@@ -107,7 +108,8 @@ class DeploymentRunner:
         self.restart_reason = ""
         """The status reason a failed restart set (a later successful one takes it back)."""
         self.down: list[str] = []
-        """Predictors with no replica serving at the last tick (see `health.check_serving`)."""
+        """Predictors with no replica serving, and "NAME (K waiting)" for those with replicas waiting for room, at
+        the last tick (see `health.check_serving`)."""
         self.down_reason = ""
         self.liveness = Liveness(self)
         """Probes every replica's `/v2/health/live`; drains and kills one that hangs."""
@@ -288,11 +290,10 @@ class DeploymentRunner:
                     await self._take_out(olds.pop(0), pool, old)
             if not host.pending or not host.alive:
                 break
-            if time.monotonic() > deadline:
-                dropped = host.drop_pending()
-                self.reason = f"{name}: {dropped} new replica(s) found no room on the Ray cluster within " \
-                              f"{_ROOM_TIMEOUT:g}s; serving with {len(host.endpoints)}"
-                await self.event("rolling_update", self.reason)
+            if time.monotonic() > deadline:  # they keep their place in Ray's queue and join once room frees
+                await self.event("rolling_update", f"{name}: {host.pending} new replica(s) still wait for room on the "
+                                 f"Ray cluster after {_ROOM_TIMEOUT:g}s; the old ones stop, and "
+                                 f"{len(host.endpoints)} serve meanwhile")
                 break
             await host.refresh()
             await asyncio.sleep(0.1)
