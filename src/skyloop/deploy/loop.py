@@ -24,8 +24,6 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from skyloop.deploy.analysis import SLACK, same_answer
 from skyloop.deploy.spec import DeploymentSpec, GateSpec, LoopSpec, RolloutSpec, Strategy
 from skyloop.errors import Conflict, SkyloopError
@@ -45,6 +43,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from skyloop.deploy.runner import DeploymentRunner
+    from skyloop.registry.api import LoadedModel
 
 __all__ = ["Loop", "gate_failures", "holdout_split"]
 
@@ -72,6 +71,18 @@ def gate_failures(gate: GateSpec, champion: float, challenger: float) -> list[st
     if challenger < champion + gate.min_delta - SLACK:
         failures.append(f"challenger accuracy {challenger:.3f} < champion {champion:.3f} + {gate.min_delta:g}")
     return failures
+
+
+def holdout_accuracy(model: LoadedModel, rows: pd.DataFrame, truth: list[Any]) -> float:
+    """The share of logged `rows` that `model` answers as `truth` says, given the rows and judged on its answers
+    as the server and live quality do (`monitoring.replay`): not on the columns in the order clients sent them."""
+    from skyloop.monitoring.replay import answered_rows, logged_inputs
+
+    name = model.uri or model.name
+    answer = model.predict(logged_inputs(rows, model.signature, name))
+    hits = [same_answer(p, t) for p, t in zip(answered_rows(answer, model.signature, len(rows), name), truth,
+                                              strict=True)]
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def holdout_split(data: pd.DataFrame, share: float, unseen_after: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -498,9 +509,7 @@ class Loop:
         truth = holdout["truth"].tolist()
         scores = {}
         for label, version in (("champion", champion), ("challenger", challenger)):
-            predicted = load_model(f"models:/{version}", settings).predict(holdout[features].rename(columns=input_name))
-            hits = [same_answer(p, t) for p, t in zip(np.asarray(predicted).tolist(), truth, strict=True)]
-            scores[label] = sum(hits) / len(hits) if hits else 0.0
+            scores[label] = holdout_accuracy(load_model(f"models:/{version}", settings), holdout[features], truth)
         gate = self.spec.gate
         reasons = gate_failures(gate, scores["champion"], scores["challenger"])
         blessed = not reasons

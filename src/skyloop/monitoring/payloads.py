@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["LogSpec", "PayloadLog", "UnwrittenPayloads", "count_feedback", "feature_column", "feature_rows",
-           "input_name", "labelled", "read_payloads"]
+           "input_name", "labelled", "predictions", "read_payloads"]
 
 META = ("id", "row", "at", "predictor", "version", "latency", "prediction")
 """The columns of a payload frame besides the features."""
@@ -115,7 +115,8 @@ def _flatten(data: Any) -> list[Any]:
     return data
 
 
-def _predictions(outputs: list[dict[str, Any]] | None, rows: int) -> list[Any]:
+def predictions(outputs: list[dict[str, Any]] | None, rows: int) -> list[Any]:
+    """The logged prediction of each of `rows` rows: the first output tensor's value, or its values, per row."""
     if not outputs or not isinstance(outputs[0], dict):
         return [None] * rows
     flat = _flatten(outputs[0].get("data") or [])
@@ -287,7 +288,7 @@ def _expand(frame: pd.DataFrame) -> pd.DataFrame:
         meta["predictor"].extend([predictor] * rows)
         meta["version"].extend([version] * rows)
         meta["latency"].extend([latency] * rows)
-        meta["prediction"].extend(_predictions(answer.get("outputs") if isinstance(answer, dict) else None, rows))
+        meta["prediction"].extend(predictions(answer.get("outputs") if isinstance(answer, dict) else None, rows))
         total += rows
     if any(isinstance(v, list) for v in meta["prediction"]):  # one type per column: vectors as text
         meta["prediction"] = [v if v is None else str(v) for v in meta["prediction"]]

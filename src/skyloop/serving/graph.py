@@ -36,7 +36,7 @@ from skyloop.registry.package import Signature
 from skyloop.serving.signature import check_inputs, model_features
 from skyloop.serving.spec import METHODS, GraphNode, NodeType, ServeSpec
 
-__all__ = ["Graph", "Node", "Observe", "load_graph"]
+__all__ = ["Graph", "Node", "Observe", "load_graph", "named_answer"]
 
 Observe = Callable[[str, float], None]
 """Called with a node's name and the seconds its own method took."""
@@ -257,18 +257,7 @@ class Graph:
         An answer that is no array the protocol carries (ragged rows, None, dicts or other objects) is a
         `NodeError` naming `node`, the node that answered (the root when not given).
         """
-        node = node or self.root.name
-        names = [s.name for s in self.signature.outputs] if self.signature else []
-        items: list[tuple[str, Any]]
-        if isinstance(result, Mapping):
-            items = [(str(k), v) for k, v in result.items()]
-        elif hasattr(result, "columns") and hasattr(result, "to_numpy"):
-            items = [(str(c), result[c].to_numpy()) for c in result.columns]
-        elif isinstance(result, tuple) and len(names) == len(result) > 1:
-            items = list(zip(names, result, strict=True))
-        else:
-            items = [(names[0] if len(names) == 1 else "predict", result)]
-        return {name: _answer_array(node, name, value) for name, value in items}
+        return named_answer(result, self.signature, node or self.root.name)
 
     def send_feedback(self, features: Any, reward: float | None, truth: Any,
                       trace: Trace | None) -> tuple[int, dict[str, str]]:
@@ -301,6 +290,21 @@ def _walk(node: Node) -> list[Node]:
 
 
 _MISSING = object()
+
+
+def named_answer(result: Any, signature: Signature | None, node: str) -> dict[str, np.ndarray[Any, Any]]:
+    """A model's answer as the server names it (see `Graph.outputs`); `node` is who answered, for the errors."""
+    names = [s.name for s in signature.outputs] if signature else []
+    items: list[tuple[str, Any]]
+    if isinstance(result, Mapping):
+        items = [(str(k), v) for k, v in result.items()]
+    elif hasattr(result, "columns") and hasattr(result, "to_numpy"):
+        items = [(str(c), result[c].to_numpy()) for c in result.columns]
+    elif isinstance(result, tuple) and len(names) == len(result) > 1:
+        items = list(zip(names, result, strict=True))
+    else:
+        items = [(names[0] if len(names) == 1 else "predict", result)]
+    return {name: _answer_array(node, name, value) for name, value in items}
 
 
 def _answer_array(node: str, output: str, value: Any) -> np.ndarray[Any, Any]:
