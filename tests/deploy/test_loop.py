@@ -432,3 +432,30 @@ def test_a_reference_that_names_no_logged_input_is_reported_not_taken_for_no_dri
     assert loop["dataset_drift"] is None and loop["drift"] == ""
     assert [e.kind for e in env.history("blind")].count("loop.measure_failed") == 1
     env.delete("blind")
+
+
+def test_labels_that_came_over_more_than_the_drift_horizon_all_train_the_challenger(env: Env) -> None:
+    # The retraining read only the drift horizon's labels (10 minutes by default): with labels coming slower
+    # than `min_rows` per horizon, the labelled-rows trigger fired, the iteration was skipped for want of rows,
+    # the count started again, and so on for ever; nothing was ever retrained.
+    write(env.folder / "retrain.py", WORSE)
+    spec = loop_spec("slowlabels", cooldown="1h")
+    spec["loop"]["drift"]["horizon"] = "1s"  # standing for 10 minutes, with labels 600 times slower
+    spec["loop"]["triggers"] = {"on": [{"labelled_rows": 80}], "cooldown": "1h"}
+    spec["loop"]["retrain"]["min_rows"] = 70
+    env.apply(spec)
+    labels = 0
+    for total in (60, 30):  # two bursts of labelled answers, the first out of the horizon once the second ends
+        with Load(env.url("slowlabels"), env.X, env.y, clients=2, total=total, feedback=True) as load:
+            load.wait()
+        assert load.feedbacks >= total
+        labels += load.feedbacks
+        time.sleep(2.0)
+    done = ("loop.skipped", "loop.rejected", "loop.failed")
+    env.wait("slowlabels", lambda _: any(e.kind in done for e in env.history("slowlabels")), 90, "an iteration")
+    events = {e.kind: e.reason for e in env.history("slowlabels")}
+    assert "loop.skipped" not in events and "loop.rejected" in events, events
+    held = labels - int(labels * 0.7)  # every label in hand, 30% held out
+    assert events["loop.retraining"].endswith(f"on {labels - held} labelled rows ({held} held out for the gate)"), \
+        events
+    env.delete("slowlabels")

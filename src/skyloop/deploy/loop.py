@@ -240,8 +240,8 @@ class Loop:
             self.triggers.finished(now)
 
     def _since(self) -> float:
-        """Where the logs the loop reads begin: `drift.horizon` ago, but never before the deployment was created
-        (a deployment deleted and created again under the same name does not inherit the old one's logs)."""
+        """Where the logs that the checks read begin: `drift.horizon` ago, but never before the deployment was
+        created (a deployment deleted and created again under the same name does not inherit the old one's logs)."""
         return max(time.time() - self.spec.drift.horizon, self.runner.created_at)
 
     def serving(self) -> str | None:
@@ -385,15 +385,17 @@ class Loop:
         assert retrain is not None
         champion = self.serving()
         await self._flush()  # the answers the labels that fired it are about may still be held, unwritten
-        since = self._since()
+        # The most recent `rows` labels, however long they took to come (not only those of the drift horizon, which
+        # a slow labelling rate would keep below `min_rows` at every firing, so that it never retrained).
+        since = self.runner.created_at
         if retrain.fresh:
             since = time.time()
             await self.runner.event("loop.collecting", f"waiting for {retrain.min_rows} rows labelled after the "
                                                        "firing (fresh data)")
             deadline = time.monotonic() + retrain.wait
             while time.monotonic() < deadline:
-                count = len(await asyncio.to_thread(labelled, self.workspace, self._name, since))
-                if count >= retrain.min_rows:
+                got = await asyncio.to_thread(labelled, self.workspace, self._name, since)
+                if got["truth"].notna().sum() >= retrain.min_rows:  # rewards alone train nothing
                     break
                 await asyncio.sleep(1.0)
         data = await asyncio.to_thread(labelled, self.workspace, self._name, since, None, retrain.rows)
