@@ -609,3 +609,19 @@ def test_a_segment_holds_at_most_flush_rows_requests(workspace: Workspace) -> No
     assert _flush(log) == 12
     assert [s.rows for s in _segments(workspace)] == [5, 5, 2]
     assert read_payloads(workspace, DEPLOYMENT)["x"].tolist() == [float(i) for i in range(12)]
+
+
+@pytest.mark.parametrize("last", [None, 10])
+def test_an_id_sent_again_takes_its_label_for_its_last_answer_only(workspace: Workspace, last: int | None) -> None:
+    # Two clients numbering their requests from "1" (or a retry): one label, for the answer the server gave last,
+    # was joined to every logged request of that id, training on a wrong label and counting it twice.
+    log = _log(workspace)
+    _add(log, "1", 1.0, 1.5)  # two rows
+    _add(log, "2", 5.0)
+    _flush(log)
+    _add(log, "1", 2.0)
+    _flush(log)
+    _feedback(workspace, "1", truth=1)
+    _feedback(workspace, "2", truth=0)
+    frame = labelled(workspace, DEPLOYMENT, last=last)
+    assert sorted(zip(frame["id"], frame["x"], frame["truth"], strict=True)) == [("1", 2.0, 1), ("2", 5.0, 0)]

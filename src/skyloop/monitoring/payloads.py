@@ -381,6 +381,10 @@ def labelled(workspace: Workspace, deployment: str, since: float | None = None, 
                              ids=None if last is None else set(feedback["id"]))
     if payloads.empty or feedback.empty:
         return payloads.iloc[0:0].assign(truth=[], reward=[])
+    # An id a client sent again (a retry, or ids counted from 1 by each client) names its last answer, the one
+    # its feedback was taken for: the older rows under it would get that answer's labels, wrongly and twice.
+    request = (payloads["row"] == 0).cumsum()  # which logged request each row is of (they come in log order)
+    payloads = payloads[request == request.groupby(payloads["id"]).transform("max")]
     joined = payloads.merge(feedback, on="id", how="inner")
     # A batched request's truth is a list: row i of the request gets element i.
     joined["truth"] = [t[r] if isinstance(t, list) and r < len(t) else t
