@@ -123,17 +123,22 @@ def test_a_run_of_a_dead_local_process_can_be_claimed_before_its_lease_ends(db: 
 def test_a_dead_pid_is_judged_only_by_a_process_that_sees_the_same_pids(db: Database) -> None:
     # Two containers sharing the host's name (host networking) each have their own PID namespace: a live agent
     # over there has a pid that does not exist here. Only its lease may say it is gone.
-    host, pid, nonce, namespace = dead_process_owner().split(":")
-    assert owner_is_dead(f"{host}:{pid}:{nonce}:{namespace}")
-    other_namespace = f"{host}:{pid}:{nonce}:{int(namespace or 0) + 1}"
-    before_namespaces = f"{host}:{pid}:{nonce}"  # an owner id of an older version: its namespace is not known
-    assert not owner_is_dead(other_namespace)
-    assert not owner_is_dead(before_namespaces) or not namespace
-    new_run(db, "theirs", owner=other_namespace, lease_seconds=600)
-    with db.read() as session:
-        assert "theirs" not in claimable_runs(session)
-    with pytest.raises(Conflict, match="live process"), db.session() as session:
-        claim_run(session, "theirs", "bob", lease_seconds=60)
+    # Nor can another machine of the same name judge it: the PID namespace of every machine's host processes has
+    # the same number (4026531836), so a live agent of another machine was taken for dead, its runs adopted and
+    # its steps run a second time, its pool slots given out again.
+    host, pid, nonce, namespace, boot = dead_process_owner().split(":")
+    assert boot and owner_is_dead(f"{host}:{pid}:{nonce}:{namespace}:{boot}")
+    other_namespace = f"{host}:{pid}:{nonce}:{int(namespace or 0) + 1}:{boot}"
+    other_machine = f"{host}:{pid}:{nonce}:{namespace}:{'0' * len(boot)}"
+    before = [f"{host}:{pid}:{nonce}", f"{host}:{pid}:{nonce}:{namespace}"]  # owner ids of older versions
+    for owner in (other_namespace, other_machine, *before):
+        assert not owner_is_dead(owner), owner
+    for i, owner in enumerate((other_namespace, other_machine)):
+        new_run(db, f"theirs{i}", owner=owner, lease_seconds=600)
+        with db.read() as session:
+            assert f"theirs{i}" not in claimable_runs(session)
+        with pytest.raises(Conflict, match="live process"), db.session() as session:
+            claim_run(session, f"theirs{i}", "bob", lease_seconds=60)
 
 
 def test_the_owner_may_claim_its_own_run(db: Database) -> None:

@@ -78,14 +78,25 @@ def _pid_namespace() -> str:
     return "".join(c for c in link if c.isdigit())
 
 
+def _boot_id() -> str:
+    """This machine's boot id (of its running kernel; shared by its containers), shortened, or "" where none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:12]
+    except OSError:
+        return ""
+
+
 _NAMESPACE = _pid_namespace()
+_BOOT = _boot_id()
 
 
 def process_owner() -> str:
-    """The owner id of this process for leases: `host:pid:nonce:pidns`. The PID namespace tells processes in
-    two containers that share a hostname apart (host networking): a pid is judged alive or dead only by a
-    process that sees the same pids."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}:{_NAMESPACE}"
+    """The owner id of this process for leases: `host:pid:nonce:pidns:boot`. A pid is judged alive or dead only by
+    a process that sees the same pids: on the same machine (the boot id: two machines may share a hostname, and
+    the PID namespace of every machine's host processes has the same number) and in the same PID namespace
+    (two containers that share a hostname, with host networking)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}:{_NAMESPACE}:{_BOOT}"
 
 
 def create_run(session: Session, *, run_id: str, pipeline: str, spec: dict[str, Any], params: dict[str, Any],
@@ -172,13 +183,13 @@ def renew_lease(session: Session, run_id: str, owner: str, lease_seconds: float)
 
 
 def owner_is_dead(owner: str) -> bool:
-    """Whether `owner` (`process_owner()`) is a process on this host, in this PID namespace, that no longer
-    exists. An owner in another namespace, or of a version that did not record it (`host:pid:nonce`), is never
+    """Whether `owner` (`process_owner()`) is a process of this machine, in this PID namespace, that no longer
+    exists. An owner of another machine (boot id) or namespace, or of a version that did not record them, is never
     judged dead here: its lease decides."""
-    host, pid_text, _, namespace = ([*owner.split(":", 3), "", "", ""])[:4]
+    host, pid_text, _, namespace, boot = ([*owner.split(":", 4), "", "", "", ""])[:5]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
-    if namespace != _NAMESPACE:
+    if namespace != _NAMESPACE or boot != _BOOT or not boot:
         return False
     try:
         os.kill(int(pid_text), 0)
