@@ -126,6 +126,32 @@ def test_record_artifacts_upserts_a_batch_with_repeats(pg_db: Database, tmp_path
         assert session.scalar(select(func.count()).select_from(Artifact)) == 2
 
 
+NUL_SOURCE = """
+from skyloop import pipeline, step
+
+
+@step(cache=False, retries=0)
+def parse() -> int:
+    raise RuntimeError("bad record: ab\\x00cd")  # text decoded from binary data
+
+
+@pipeline
+def nul():
+    return parse()
+"""
+
+
+def test_text_with_a_nul_character_is_stored_not_refused(write_module: Callable[[str, str], ModuleType],
+                                                          pg_settings: Settings) -> None:
+    # PostgreSQL refuses NUL in text: a step's error holding one made the write of its end fail, and an agent,
+    # which writes the ends of all its runs in one transaction, then failed every run it held, and stopped.
+    failed = run(write_module("nul_pipeline", NUL_SOURCE).nul, {}, backend="inline", settings=pg_settings)
+    assert failed.status == "FAILED"
+    assert "bad record: ab\ufffdcd" in (failed.error or "")
+    assert "ab\ufffdcd" in (failed.steps["parse"].error or "")
+    failed._ws.close()
+
+
 def test_leases_on_postgres(pg_db: Database) -> None:
     with pg_db.session() as session:
         create_run(session, run_id="r1", pipeline="p", spec={}, params={}, backend="local", owner="alice",

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, text
 from sqlalchemy.types import TypeEngine
 
-from skyloop.store.models import UTCDateTime
+from skyloop.store.models import CleanText, UTCDateTime
 from skyloop.store.serializers import RAW
 
 __all__ = ["INSERT_EDGE", "INSERT_STEP_RUN", "UPDATE_STEP_RUN", "UPSERT_ARTIFACT", "dbapi_cursor", "execute_many",
@@ -57,6 +57,7 @@ INSERT_STEP_RUN: TextClause = _statement(
     f"INSERT INTO step_runs ({', '.join(_STEP_RUN_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _STEP_RUN_COLUMNS)})",
     resources=JSON(), created_at=UTCDateTime(), started_at=UTCDateTime(), ended_at=UTCDateTime(),
+    error=CleanText(), traceback=CleanText(),
 )
 
 UPDATE_STEP_RUN: TextClause = _statement(
@@ -64,7 +65,7 @@ UPDATE_STEP_RUN: TextClause = _statement(
     "error = :error, traceback = :traceback, worker = :worker, max_rss = :max_rss, "
     "cached_from = COALESCE(:cached_from, cached_from), code_hash = COALESCE(:code_hash, code_hash), "
     "cache_key = CASE WHEN CAST(:code_hash AS TEXT) IS NULL THEN cache_key ELSE :cache_key END WHERE id = :id",
-    ended_at=UTCDateTime(), started_at=UTCDateTime(),
+    ended_at=UTCDateTime(), started_at=UTCDateTime(), error=CleanText(), traceback=CleanText(),
 )
 
 INSERT_EDGE: TextClause = _statement(

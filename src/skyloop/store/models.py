@@ -61,6 +61,17 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class CleanText(TypeDecorator[str]):
+    """Text that user code writes (an error, a traceback, a message): NUL, which PostgreSQL refuses in text, is
+    stored as U+FFFD. (Refused, one step's error failed the write of every run its agent held, and the agent.)"""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+
+
 class Base(DeclarativeBase):
     """Declarative base of every table."""
 
@@ -82,7 +93,7 @@ class RunRow(Base):
     created_at: Mapped[datetime] = mapped_column(index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(CleanText)
     owner: Mapped[str | None] = mapped_column(String(100))
     """Which orchestrator process holds the run (host:pid:nonce)."""
     lease_expires_at: Mapped[datetime | None] = mapped_column()
@@ -115,8 +126,8 @@ class StepRunRow(Base):
     created_at: Mapped[datetime] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
-    error: Mapped[str | None] = mapped_column(Text)
-    traceback: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(CleanText)
+    traceback: Mapped[str | None] = mapped_column(CleanText)
     log_path: Mapped[str | None] = mapped_column(String(1000))
     worker: Mapped[str | None] = mapped_column(String(100))
     max_rss: Mapped[int | None] = mapped_column(BigInteger)
@@ -201,7 +212,7 @@ class Event(Base):
     step_run_id: Mapped[str | None] = mapped_column(String(32))
     at: Mapped[datetime] = mapped_column()
     kind: Mapped[str] = mapped_column(String(50))
-    message: Mapped[str] = mapped_column(Text, default="")
+    message: Mapped[str] = mapped_column(CleanText, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
@@ -212,7 +223,7 @@ class ModelRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    description: Mapped[str] = mapped_column(Text, default="")
+    description: Mapped[str] = mapped_column(CleanText, default="")
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     latest_version: Mapped[int] = mapped_column(Integer, default=0)
     """The highest version number handed out (versions are never renumbered)."""
@@ -284,7 +295,7 @@ class DeploymentRow(Base):
     """`running`, or `deleted` (the controller stops it and drops the row)."""
     status: Mapped[str] = mapped_column(String(30))
     """Pending, Progressing, Paused, Healthy, Degraded, Stopped."""
-    reason: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(CleanText, default="")
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     """The controller's view: gateway address, predictors with weights, versions and replicas, the rollout."""
     controller: Mapped[str | None] = mapped_column(String(200))
@@ -308,7 +319,7 @@ class DeploymentEventRow(Base):
     weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     versions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    reason: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(CleanText, default="")
 
 
 class DeploymentCommandRow(Base):
