@@ -315,6 +315,10 @@ def test_an_agent_claims_the_runs_queued_for_its_backend_and_records_the_one_it_
         assert claimable_runs(session, backend="local") == ["for-local", "for-any", "orphan"]
         assert claimable_runs(session, backend="inline") == ["for-inline", "for-any", "orphan"]
         assert claimable_runs(session) == ["for-local", "for-inline", "for-any", "orphan"]
+        # Runs an agent gave up on (it could neither run them nor mark them FAILED) are not listed: they filled
+        # the `limit` it asks for (the runs it has room for), and the runs behind them waited for ever.
+        assert claimable_runs(session, limit=1, backend="local", exclude={"for-local"}) == ["for-any"]
+        assert claimable_runs(session, limit=2, exclude={"for-local", "for-inline", "orphan"}) == ["for-any"]
         assert claim_run(session, "orphan", "bob", lease_seconds=60, backend="inline").backend == "inline"
         assert claim_run(session, "for-local", "bob", lease_seconds=60).backend == "local"
         assert claim_run(session, "for-any", "bob", lease_seconds=60, backend="ray").backend == "ray"

@@ -65,8 +65,8 @@ class Agent:
         if room <= 0:
             return 0
         with self.workspace.db.read() as session:
-            candidates = [c for c in claimable_runs(session, limit=room, backend=self.backend.name)
-                          if c not in orch.runs and c not in self.refused]
+            candidates = claimable_runs(session, limit=room, backend=self.backend.name,
+                                        exclude=self.refused | set(orch.runs))
         taken = 0
         for run_id in candidates:
             # Each run on its own: one this agent cannot read or import (a module that raises on import here, a

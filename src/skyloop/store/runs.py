@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -220,20 +220,25 @@ def disown_runs(session: Session, run_ids: Sequence[str], owner: str) -> None:
             add_event(session, run_id, "run.disowned", f"{owner} stopped; the run waits for another agent")
 
 
-def claimable_runs(session: Session, limit: int = 10, backend: str | None = None) -> list[str]:
+def claimable_runs(session: Session, limit: int = 10, backend: str | None = None,
+                   exclude: Collection[str] = ()) -> list[str]:
     """Runs an agent may take, highest priority first, then oldest: queued ones, and RUNNING ones whose owner is
     gone (lease expired, let go of, or a dead process on this host). With `backend`, only runs queued for it or
-    for any backend (a run `skyloop run` started, then left: any)."""
+    for any backend (a run `skyloop run` started, then left: any); never those of `exclude` (runs the agent gave
+    up on: listed, they would take the places of the `limit` that others wait behind)."""
     query = select(RunRow.id, RunRow.priority, RunRow.created_at).where(RunRow.status == "QUEUED")
     if backend is not None:
         query = query.where(or_(RunRow.backend.is_(None), RunRow.backend == backend))
+    if exclude:
+        query = query.where(RunRow.id.not_in(list(exclude)))
     found = list(session.execute(query.order_by(RunRow.priority.desc(), RunRow.created_at).limit(limit)).tuples())
     now = db_now(session)
     # Only the columns needed: every RUNNING run is read at each poll (and one damaged row must not stop them).
     running = session.execute(select(RunRow.id, RunRow.priority, RunRow.created_at, RunRow.owner,
                                      RunRow.lease_expires_at).where(RunRow.status == "RUNNING")).tuples()
     orphans = [(run_id, priority, created) for run_id, priority, created, owner, expires in running
-               if owner is None or (expires is not None and expires < now) or owner_is_dead(owner)]
+               if run_id not in exclude and (owner is None or (expires is not None and expires < now)
+                                             or owner_is_dead(owner))]
     if backend is not None and orphans:
         asked = _queued_for(session, [run_id for run_id, _, _ in orphans])
         orphans = [orphan for orphan in orphans if asked.get(orphan[0]) in (None, backend)]
