@@ -98,6 +98,32 @@ def test_a_hashed_categorical_is_compared_hashed_and_a_hashed_numeric_is_left_ou
     assert moved.measure().dataset_drift is True  # a hashed categorical still drifts when it moves
 
 
+def test_hashed_codes_drift_only_when_they_move_whatever_the_references_dtype(workspace: Workspace) -> None:
+    # A column of codes with one missing is float (75001.0) and a float32 column holds 0.10000000149011612, while
+    # clients send 75001 and 0.1: every hash was one the reference never had, and the data drifted at every check.
+    rng = np.random.default_rng(0)
+    zips = rng.choice([75001, 75002, 75003], 2000).astype(float)
+    zips[:5] = np.nan
+    grades = rng.choice(np.array([0.1, 0.2, 0.3], dtype=np.float32), 2000)
+    reference = pd.DataFrame({"zip": zips, "grade": grades})
+    spec = {"log": {"mask": {"zip": "hash", "grade": "hash"}}, "drift": {"window": 300}}
+
+    def send(loop: Loop, zip_codes: Any) -> None:
+        for code, grade in zip(zip_codes, rng.choice([0.1, 0.2, 0.3], 300), strict=True):
+            inputs = [{"name": "zip", "shape": [1], "datatype": "INT64", "data": [int(code)]},
+                      {"name": "grade", "shape": [1], "datatype": "FP32", "data": [float(grade)]}]
+            loop.payloads.add(uuid.uuid4().hex, "main", VERSION, 0.01, orjson.dumps({"inputs": inputs}), None)
+        loop.payloads.write(loop.payloads.take())
+
+    same = _loop(workspace, spec, reference)
+    send(same, rng.choice([75001, 75002, 75003], 300))
+    assert same.measure().dataset_drift is False, same.last
+    assert same.last["drift"] == "0/2 features drift"
+    moved = _loop(workspace, spec, reference)
+    send(moved, np.full(300, 75001))
+    assert moved.measure().dataset_drift is True
+
+
 def test_what_is_left_out_is_said_once(workspace: Workspace) -> None:
     loop = _loop(workspace, {"log": {"mask": {"x0": "drop"}}, "drift": {"every": "10ms"}}, _reference())
     _log(loop, _reference().head(100))

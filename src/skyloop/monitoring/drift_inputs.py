@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from skyloop.monitoring.drift import DriftSpec, FeatureDriftSpec, feature_kind
 from skyloop.monitoring.payloads import feature_column, input_name
 
@@ -75,7 +77,10 @@ def drift_inputs(reference: pd.DataFrame, recent: pd.DataFrame, mask: Mapping[st
         if how == "hash":  # hashed as the log hashes a value a client sends: JSON's str, int, float or bool
             present = reference[name].notna()
             ref_columns[name] = reference[name].astype(object)
-            ref_columns[name][present] = hashed(reference[name][present].tolist())
+            values = reference[name][present].tolist()
+            if reference[name].dtype == np.float32:  # as a client writes them: 0.1, not 0.10000000149011612
+                values = [float(str(np.float32(v))) for v in values]
+            ref_columns[name][present] = hashed(values)
         cur_columns[name] = logged if logged is not None else pd.Series([None] * len(recent), dtype=object)
     current = pd.DataFrame({n: pd.Series(v).reset_index(drop=True) for n, v in cur_columns.items()},
                            index=range(len(recent)))

@@ -255,7 +255,17 @@ class PayloadLog:
     def hashed(self, values: list[Any]) -> list[str]:
         """`values` (as JSON gives them: str, int, float, bool, None) as a `hash` mask logs them: salted sha256
         prefixes, the same for the same value and deployment (drift compares a reference hashed so)."""
-        return [hashlib.sha256(f"{self._salt}:{v!r}".encode()).hexdigest()[:16] for v in values]
+        return [hashlib.sha256(f"{self._salt}:{_canonical(v)!r}".encode()).hexdigest()[:16] for v in values]
+
+
+def _canonical(value: Any) -> Any:
+    """One spelling per value for `hashed`: a client's `75001` and a reference's `75001.0` (a column of codes
+    with a missing one is float) are one value, as are a numpy scalar and its Python number."""
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _expand(frame: pd.DataFrame) -> pd.DataFrame:
