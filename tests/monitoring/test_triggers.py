@@ -341,3 +341,15 @@ def test_debounce_counts_only_drift_checks_whose_windows_do_not_overlap() -> Non
     rows = _triggers({"labelled_rows": 1}, debounce=2)
     assert rows.check(_signals(labelled=1), now=1.0) is None
     assert rows.check(_signals(labelled=1), now=2.0) is not None
+
+
+@pytest.mark.parametrize("mode", ["any", "all"])
+def test_with_mode_any_a_check_another_condition_meets_counts_whatever_the_drift_window(mode: str) -> None:
+    # With slow traffic the drift window hardly moves: adding a drift condition to `mode: any` held back a
+    # quality of 0.3 under a bar of 0.8 for good (the checks counted only as drift checks of overlapping windows).
+    # With `mode: all`, drift is needed, so its window must be new for a check to count.
+    triggers = _triggers({"drift": True}, {"quality_below": 0.8}, mode=mode, debounce=2)
+    slow = [Signals(dataset_drift=True, quality=0.3, labelled_rows=0, drift_window=(float(i), 100.0 + i),
+                    quality_samples=200) for i in range(5)]
+    fired = [triggers.check(signals, now=100.0 + i) is not None for i, signals in enumerate(slow)]
+    assert fired == ([False, True, False, True, False] if mode == "any" else [False] * 5)

@@ -143,7 +143,11 @@ class Triggers:
         results = {c.name: self._met(c, signals, now) for c in self.spec.on}
         combine = all if self.spec.mode == "all" else any
         met = combine(ok for ok, _ in results.values())
-        window = signals.drift_window if results.get("drift", (False, None))[0] else None
+        # A drift check counts in the streak only with a window of new rows, where the check is met by drift: with
+        # `mode: any`, one that another condition meets counts as it would without drift in the conditions.
+        others = any(ok for name, (ok, _) in results.items() if name != "drift")
+        by_drift = results.get("drift", (False, None))[0] and not (self.spec.mode == "any" and others)
+        window = signals.drift_window if by_drift else None
         if not met:
             self.streak, self.counted_until = 0, None
         elif window is None:
