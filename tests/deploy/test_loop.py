@@ -3,6 +3,7 @@ the cooldown holds, and the demo (the README's main command) runs the whole stor
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import subprocess
@@ -238,6 +239,13 @@ def test_the_retraining_file_keeps_every_input_and_refuses_one_named_as_the_labe
     assert frame.to_dict("list") == {"truth": [5, 6], "target": [7, 8], "label": [0, 1]}
     with pytest.raises(ValueError, match=r"input named 'target'.*loop\.retrain\.label_column"):
         training_frame(data, ["input.truth", "target"], "target")  # the default would overwrite the input
+    # Truths of two types (`same_answer` takes 1 and "1" as one answer) made the parquet write fail with
+    # "ArrowTypeError: Expected bytes, got a 'int' object"; numbers of several types are one column.
+    mixed = data.assign(truth=pd.Series([1, "1"], dtype=object))
+    with pytest.raises(ValueError, match=r"labels are of mixed types \(int, str\).*send every truth as one type"):
+        training_frame(mixed, ["target"], "label")
+    numbers = training_frame(data.assign(truth=pd.Series([1, 0.5], dtype=object)), ["target"], "label")
+    numbers.to_parquet(io.BytesIO())
 
 
 def test_no_data_never_triggers_and_a_worse_challenger_is_never_rolled_out(env: Env) -> None:

@@ -104,7 +104,12 @@ def training_frame(train: pd.DataFrame, features: list[str], label: str) -> pd.D
     if label in frame.columns:
         raise ValueError(f"the model has an input named {label!r}, the column the retraining data gives the labels "
                          "in: set loop.retrain.label_column to a name that is not an input")
-    return frame.assign(**{label: train["truth"].to_numpy()})
+    truths = train["truth"]
+    kinds = sorted({type(t).__name__ for t in truths if t is not None})
+    if len(kinds) > 1 and not set(kinds) <= {"int", "float", "bool"}:  # a parquet column holds one type
+        raise ValueError(f"the labels are of mixed types ({', '.join(kinds)}), which one column of the retraining "
+                         "data cannot hold: send every truth as one type (e.g. 1, not \"1\")")
+    return frame.assign(**{label: truths.to_numpy()})
 
 
 class Loop:
@@ -401,8 +406,9 @@ class Loop:
         data = await asyncio.to_thread(labelled, self.workspace, self._name, since, None, retrain.rows)
         data = data[data["truth"].notna()]
         if len(data) < retrain.min_rows or champion is None:
-            await self.runner.event("loop.skipped", f"{len(data)} labelled rows, {retrain.min_rows} needed to "
-                                                    "retrain; waiting for more feedback")
+            why = "no predictor serves traffic: no champion to retrain against" if champion is None else \
+                f"{len(data)} labelled rows, {retrain.min_rows} needed to retrain; waiting for more feedback"
+            await self.runner.event("loop.skipped", why)
             self._idle(time.monotonic())
             return
         features = [c for c in data.columns if c not in (*META, *_LABELS)]
