@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import TextClause, text
+from tests_support import lease_fence
 
 from skyloop.errors import StoreError
 from skyloop.execution.recorder import Recorder
@@ -158,3 +159,7 @@ def test_a_flush_drops_the_writes_of_runs_the_owner_no_longer_holds(db: Database
         assert {e.run_id for e in session.query(Event) if e.kind == "step.note"} == {"held"}
         assert {e.step_run_id for e in session.query(Lineage)} == {"a" * 32}
         assert session.get(Artifact, output.digest) is not None  # artifacts belong to no run
+
+
+def test_a_write_renews_the_lease_of_the_runs_it_is_for(db: Database) -> None:
+    lease_fence(db)

@@ -14,7 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
-from tests_support import age_blobs, replayed_database, schema_of
+from tests_support import age_blobs, lease_fence, replayed_database, schema_of
 
 from skyloop import Settings, run
 from skyloop.errors import Conflict
@@ -222,3 +222,7 @@ def test_an_attempt_sent_ahead_takes_the_code_it_ran_on_postgres(pg_db: Database
     with pg_db.session() as session:
         found = {row.id: (row.state, row.code_hash, row.cache_key) for row in session.scalars(select(StepRunRow))}
     assert found == {"a": ("SUCCEEDED", "new", "key-new"), "b": ("SUCCEEDED", "old", "key-b")}
+
+
+def test_a_write_renews_the_lease_of_the_runs_it_is_for_on_postgres(pg_db: Database) -> None:
+    lease_fence(pg_db)

@@ -235,3 +235,39 @@ def gone(pid: int, within: float = 5.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def lease_fence(db: Database) -> None:
+    """An agent back from a pause past its lease writes (launches) before anyone adopted its run: that write renews
+    the lease, so no agent adopts the run and launches the same steps again; one adopted first is not written."""
+    from datetime import timedelta
+
+    import pytest
+    from sqlalchemy import update
+
+    from skyloop.errors import Conflict
+    from skyloop.execution.recorder import Recorder
+    from skyloop.store.models import RunRow
+    from skyloop.store.runs import claim_run, claimable_runs, create_run, utcnow
+
+    with db.session() as session:
+        for run_id in ("paused", "adopted"):
+            create_run(session, run_id=run_id, pipeline="p", spec={}, params={}, backend="local", owner="me",
+                       lease_seconds=30)
+        session.execute(update(RunRow).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with db.session() as session:
+        assert sorted(claimable_runs(session)) == ["adopted", "paused"]
+        claim_run(session, "adopted", "other", lease_seconds=30)
+    recorder = Recorder(db, owner="me", lease_seconds=60)
+    for run_id in ("paused", "adopted"):
+        recorder.event(run_id, "step.launched", "a launch after the pause")
+    recorder.flush()
+    recorder.close()
+    assert recorder.lost == {"adopted"}
+    with db.session() as session:
+        assert claimable_runs(session) == []
+        with pytest.raises(Conflict, match="live process"):
+            claim_run(session, "paused", "other", lease_seconds=30)
+        lease = session.get(RunRow, "paused").lease_expires_at
+        assert lease is not None and timedelta(seconds=55) < lease - utcnow() <= timedelta(seconds=60)
+

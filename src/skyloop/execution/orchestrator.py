@@ -109,7 +109,7 @@ class Orchestrator:
         self.queue = ReadyQueue(self.config)
         self.slots = PoolSlots(db, self.owner, self.config)
         """The DB slots of limited pools (a pool's limit holds across every process on the DB)."""
-        self.recorder = Recorder(db, owner=self.owner)
+        self.recorder = Recorder(db, owner=self.owner, lease_seconds=execution.lease_seconds)
         self.capacity = backend.capacity()
         node_capacities = getattr(backend, "node_capacities", None)
         self.nodes: list[Resources] | None = node_capacities() if node_capacities is not None else None

@@ -52,6 +52,8 @@ class Recorder:
     db: Database
     owner: str | None = None
     """Who must hold a run for its writes to land (None: no check, for a process that owns no runs)."""
+    lease_seconds: float = 30.0
+    """The lease a flush renews on the runs it writes for (see `held_runs`)."""
     lost: set[str] = field(default_factory=set)
     """Runs whose writes a flush dropped because `owner` no longer held them (the caller lets them go)."""
     _runs: dict[str, str] = field(default_factory=dict)
@@ -164,7 +166,7 @@ class Recorder:
         runs = set(self._runs.values()) | {event[0] for event in self._events}
         if self.owner is None or not runs:
             return
-        gone = runs - held_runs(conn, runs, self.owner)
+        gone = runs - held_runs(conn, runs, self.owner, self.lease_seconds)
         if not gone:
             return
         self.lost |= gone

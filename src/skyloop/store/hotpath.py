@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, Connection, LargeBinary, TextClause, bindparam, text
@@ -105,17 +106,22 @@ def dbapi_cursor(conn: Connection) -> Iterator[Any]:
         cursor.close()
 
 
-_HELD = text("SELECT id FROM runs WHERE owner = :owner AND id IN :ids FOR UPDATE").bindparams(
-    bindparam("ids", expanding=True))
+_HELD = text("UPDATE runs SET lease_expires_at = now() + make_interval(secs => :lease) "
+             "WHERE owner = :owner AND id IN :ids RETURNING id").bindparams(bindparam("ids", expanding=True))
 
 
-def held_runs(conn: Connection, run_ids: Collection[str], owner: str) -> set[str]:
-    """Which of `run_ids` `owner` holds, checked in `conn`'s write transaction so that nobody adopts them before
-    it commits (SQLite: its write lock; PostgreSQL: the rows are locked FOR UPDATE)."""
-    if conn.dialect.name != "sqlite":
-        return {row[0] for row in conn.execute(_HELD, {"owner": owner, "ids": list(run_ids)})}
+def held_runs(conn: Connection, run_ids: Collection[str], owner: str, lease_seconds: float) -> set[str]:
+    """Which of `run_ids` `owner` holds, their leases renewed, in `conn`'s write transaction: nobody adopts them
+    before it commits (SQLite: its write lock; PostgreSQL: the rows it updates are locked), nor after, until the
+    leases end again. (Checking the owner alone let an agent back from a pause past its lease launch new steps,
+    that an agent adopting the run a moment later would launch again.)"""
     ids = list(run_ids)
+    if conn.dialect.name != "sqlite":
+        return {row[0] for row in conn.execute(_HELD, {"owner": owner, "ids": ids, "lease": lease_seconds})}
+    until = datetime.now(UTC) + timedelta(seconds=lease_seconds)  # SQLite: this host's clock (see `db_now`)
+    stored = UTCDateTime().bind_processor(conn.dialect)  # the column's own text form, which SQLite compares
+    marks = ", ".join("?" * len(ids))
     with dbapi_cursor(conn) as cursor:
-        rows = cursor.execute(f"SELECT id FROM runs WHERE owner = ? AND id IN ({', '.join('?' * len(ids))})",
-                              [owner, *ids]).fetchall()
+        rows = cursor.execute(f"UPDATE runs SET lease_expires_at = ? WHERE owner = ? AND id IN ({marks}) RETURNING id",
+                              [stored(until) if stored else until, owner, *ids]).fetchall()
     return {row[0] for row in rows}
