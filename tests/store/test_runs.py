@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +16,7 @@ from skyloop.store import runs as runs_module
 from skyloop.store.db import Database
 from skyloop.store.models import Event, RunRow, StepRunRow
 from skyloop.store.runs import (
+    cancel_requested,
     claim_run,
     claimable_runs,
     create_run,
@@ -229,49 +232,94 @@ def test_a_lease_renewed_between_the_reapers_read_and_write_keeps_the_run_and_it
 
 
 @pytest.mark.postgres
-def test_a_lease_renewed_between_a_claims_read_and_write_stays_its_owners(pg_url: str) -> None:
+def test_a_claim_and_a_renewal_of_an_expired_lease_take_turns(pg_url: str) -> None:
+    # A claim locks the run row as it reads it: a renewal by the old owner coming in between waits for the claim,
+    # then finds the run taken (and its owner lets it go), rather than landing between the claim's read and write.
     db = Database(pg_url)
     try:
         new_run(db, "busy", owner="alice")
         expire_lease(db, "busy")
-        with pytest.raises(Conflict, match="adopted by another process"), \
-                before_first_update(db, renew_from_elsewhere(pg_url, "busy", "alice")), \
-                db.session() as session:
-            claim_run(session, "busy", "bob", lease_seconds=60)
+        renewed: list[bool] = []
+
+        def renew() -> None:
+            other = Database(pg_url)
+            try:
+                with other.session() as session:
+                    renewed.append(renew_lease(session, "busy", "alice", lease_seconds=60))
+            finally:
+                other.dispose()
+
+        renewal = threading.Thread(target=renew)
+        with before_first_update(db, renewal.start), db.session() as session:
+            assert claim_run(session, "busy", "bob", lease_seconds=60).owner == "bob"
+            time.sleep(0.3)
+            assert renewal.is_alive()  # it waits for the claim's transaction
+        renewal.join(30)
+        assert renewed == [False]
         with db.session() as session:
-            assert get_run(session, "busy").owner == "alice"
-        assert "run.adopted" not in events(db, "busy")
+            assert get_run(session, "busy").owner == "bob"
     finally:
         db.dispose()
 
 
-def cancel_from_elsewhere(url: str, run_id: str) -> Callable[[], None]:
-    def cancel() -> None:
-        other = Database(url)
-        try:
-            with other.session() as session:
-                assert request_cancel(session, run_id) == (run_id, "CANCELLED")
-        finally:
-            other.dispose()
-    return cancel
+@pytest.mark.postgres
+def test_a_cancel_requested_as_an_agent_adopts_the_run_is_not_lost(pg_url: str) -> None:
+    # PostgreSQL numbers events at insert, not commit: an adoption that did not see a request still uncommitted,
+    # committed past it with a higher number, and the request counted as older than the adoption: ignored, while
+    # the CLI had said REQUESTED.
+    db = Database(pg_url)
+    try:
+        new_run(db, "r", owner="alice", lease_seconds=1)
+        claimed: list[str] = []
+
+        def adopt() -> None:  # an agent, once alice's lease has run out
+            with db.session() as session:
+                claimed.append(claim_run(session, "r", "bob", lease_seconds=60, resume=False).status)
+
+        agent = threading.Thread(target=adopt)
+        with db.session() as session:
+            assert request_cancel(session, "r")[1] == "REQUESTED"  # alice's lease holds yet
+            time.sleep(1.5)
+            agent.start()
+            time.sleep(0.5)  # the adoption runs now, before the request commits
+        agent.join(30)
+        assert claimed == ["CANCELLED"]
+        with db.read() as session:
+            assert get_run(session, "r").status == "CANCELLED"
+    finally:
+        db.dispose()
 
 
 @pytest.mark.postgres
-def test_a_run_cancelled_between_an_agents_read_and_claim_stays_cancelled(pg_url: str) -> None:
-    """Before: the claim's update only asked that nobody held the run, which a cancelled run satisfies too, so
-    the agent set it RUNNING again and ran it."""
+def test_a_cancel_coming_as_an_agent_claims_a_queued_run_waits_for_the_claim_and_reaches_the_agent(
+        pg_url: str) -> None:
+    """Before the claim locked the run row, a cancel landed between its read and its write, and the claim's update,
+    which only asked that nobody held the run, set the cancelled run RUNNING again and ran it. Now the cancel
+    waits for the claim, and asks the agent that holds the run to cancel it."""
     db = Database(pg_url)
     try:
         with db.session() as session:
             create_run(session, run_id="queued", pipeline="p", spec={}, params={}, backend=None, owner=None,
                        lease_seconds=0)
-        with pytest.raises(Conflict, match="ended CANCELLED just now; an agent does not run it again"), \
-                before_first_update(db, cancel_from_elsewhere(pg_url, "queued")), db.session() as session:
-            claim_run(session, "queued", "bob", lease_seconds=60, resume=False)
+        answers: list[tuple[str, str]] = []
+
+        def cancel() -> None:
+            other = Database(pg_url)
+            try:
+                with other.session() as session:
+                    answers.append(request_cancel(session, "queued"))
+            finally:
+                other.dispose()
+
+        canceller = threading.Thread(target=cancel)
+        with before_first_update(db, canceller.start), db.session() as session:
+            assert claim_run(session, "queued", "bob", lease_seconds=60, resume=False).status == "RUNNING"
+            time.sleep(0.3)
+            assert canceller.is_alive()  # it waits for the claim's transaction
+        canceller.join(30)
+        assert answers == [("queued", "REQUESTED")]
         with db.session() as session:
-            row = get_run(session, "queued")
-            assert (row.status, row.owner) == ("CANCELLED", None)
-        assert "run.adopted" not in events(db, "queued")
+            assert cancel_requested(session, ["queued"]) == {"queued"}  # bob's next heartbeat cancels it
     finally:
         db.dispose()
 

@@ -266,8 +266,9 @@ def claim_run(session: Session, run_id: str, owner: str, lease_seconds: float,
     whose cancel was requested while another process held it is ended CANCELLED instead (returned so: check
     `status`). A claim by the run's own holder records nothing new."""
     found = _run_id(session, run_id)
-    # Without the spec and parameters: a run whose stored JSON is damaged can still be claimed to be failed.
-    row = session.get(RunRow, found, options=[defer(RunRow.spec), defer(RunRow.params)])
+    # Without the spec and parameters: a run whose stored JSON is damaged can still be claimed to be failed. Locked
+    # (PostgreSQL; SQLite's writers take turns anyway): a cancel requested at this moment is seen, see below.
+    row = session.get(RunRow, found, options=[defer(RunRow.spec), defer(RunRow.params)], with_for_update=True)
     assert row is not None  # found just above, in the same transaction
     now = db_now(session)
     if row.status == "SUCCEEDED":
@@ -373,6 +374,11 @@ def request_cancel(session: Session, run_id: str) -> tuple[str, str]:
     holds gets a request, which its heartbeat reads (it cancels the attempts and ends the run). Returns the
     run's id and `CANCELLED` or `REQUESTED`; `Conflict` for a run that has ended."""
     row = get_run(session, run_id)
+    # The run row locked: a process adopting the run at this moment either adopted it first, and is the one that
+    # gets the request (recorded after its adoption), or finds the request when it adopts. (PostgreSQL numbers
+    # events at insert, not commit: unlocked, an adoption could commit past a request it never saw, and the
+    # request, older by its number, was ignored while the CLI said REQUESTED.)
+    session.refresh(row, with_for_update=True)
     now = db_now(session)
     if row.status == "QUEUED":
         done = session.execute(update(RunRow).where(RunRow.id == row.id, RunRow.status == "QUEUED")
