@@ -121,7 +121,8 @@ def held_runs(conn: Connection, run_ids: Collection[str], owner: str, lease_seco
     until = datetime.now(UTC) + timedelta(seconds=lease_seconds)  # SQLite: this host's clock (see `db_now`)
     stored = UTCDateTime().bind_processor(conn.dialect)  # the column's own text form, which SQLite compares
     marks = ", ".join("?" * len(ids))
-    with dbapi_cursor(conn) as cursor:
-        rows = cursor.execute(f"UPDATE runs SET lease_expires_at = ? WHERE owner = ? AND id IN ({marks}) RETURNING id",
-                              [stored(until) if stored else until, owner, *ids]).fetchall()
+    with dbapi_cursor(conn) as cursor:  # (no RETURNING: SQLite has it from 3.35 only)
+        cursor.execute(f"UPDATE runs SET lease_expires_at = ? WHERE owner = ? AND id IN ({marks})",
+                       [stored(until) if stored else until, owner, *ids])
+        rows = cursor.execute(f"SELECT id FROM runs WHERE owner = ? AND id IN ({marks})", [owner, *ids]).fetchall()
     return {row[0] for row in rows}
