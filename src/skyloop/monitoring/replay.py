@@ -51,10 +51,9 @@ def _tensor_columns(rows: pd.DataFrame, spec: TensorSpec, model: str) -> np.ndar
                 return rows[column].to_numpy()
         columns = [feature_column(spec.name)]
     else:
-        inner = spec.shape[1:]
+        inner, prefix = spec.shape[1:], f"{spec.name}_"
         width = math.prod(inner) if all(d > 0 for d in inner) else \
-            sum(1 for c in rows.columns if input_name(c).removeprefix(f"{spec.name}_").isdigit()
-                and input_name(c).startswith(f"{spec.name}_"))
+            sum(1 for c in map(input_name, rows.columns) if c.startswith(prefix) and c[len(prefix):].isdigit())
         columns = [feature_column(f"{spec.name}_{j}") for j in range(width)]
     missing = [c for c in columns if c not in rows]
     if missing or not columns:

@@ -48,11 +48,9 @@ class Relay:
     def __init__(self, workers: int) -> None:
         # Mode 0700: no other user may connect. Under /tmp when $TMPDIR is too long for a socket's path.
         self._scratch = Scratch("relay")
-        self.folder = self._scratch.path
         if len(self._path(workers - 1)) > _MAX_PATH:
             self._scratch.remove()
             self._scratch = Scratch("relay", dir="/tmp")
-            self.folder = self._scratch.path
         self._listeners: list[socket.socket] = []
         try:
             for index in range(workers):
@@ -66,6 +64,11 @@ class Relay:
         self.part = 0
         """The slot of this process (set in each forked worker by `use_part`)."""
         self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def folder(self) -> str:
+        """Where the sockets are."""
+        return self._scratch.path
 
     def _path(self, index: int) -> str:
         return os.path.join(self.folder, f"w{index}.sock")
